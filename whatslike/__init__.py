@@ -1,0 +1,3 @@
+"""Whatslike: outbound WhatsApp and Instagram messages whose statuses reach agents live."""
+
+__version__ = "0.1.0"

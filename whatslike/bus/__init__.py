@@ -1,0 +1,33 @@
+"""The bus port: keyed events on topics, consumed by groups with at-least-once delivery.
+
+A handler that returns has processed the event (the bus commits it). A handler that
+raises gets the event again with exponential back-off; after `consumer_max_attempts`
+failures, or at once for `MalformedEvent` (retrying cannot help), the event goes to
+`<topic>.dlq` with the reason. Events with the same key are handled in publish order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+Handler = Callable[[bytes], Awaitable[None]]
+
+
+class BusFull(Exception):  # noqa: N818 - reads as a condition, like trio's WouldBlock
+    """The bus could not take the event within the publish timeout. Retriable."""
+
+
+class Bus(Protocol):
+    def subscribe(self, topic: str, group: str, handler: Handler) -> None:
+        """Register a consumer group's handler; call before `start`."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Stop consuming; events being handled finish first."""
+
+    async def publish(self, topic: str, key: str, value: bytes) -> None:
+        """Hand an event to the bus; waits while the bus is full, then raises BusFull."""
+
+    async def ping(self) -> None: ...

@@ -1,0 +1,174 @@
+"""The bus events of protocol.md §2 and their JSON codec.
+
+Decoding is strict about what consumers need and lenient about what they do not: unknown
+fields are ignored, and `organizacao_id` (the original design's name) is read as `org_id`.
+A payload that cannot be decoded raises `MalformedEvent`, which the bus dead-letters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from whatslike.clock import format_time, parse_time
+from whatslike.errors import MalformedEvent
+from whatslike.status.rules import OBSERVABLE, Observation, ProviderError, Status
+
+TOPIC_MESSAGES = "messages"
+TOPIC_STATUS = "msg.status"
+CHANNELS = ("whatsapp", "instagram")
+
+
+def outbound_topic(channel: str) -> str:
+    return f"outbound.{channel}"
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+def status_channel(conversation_id: str) -> str:
+    """The fan-out channel of one conversation (protocol.md §3)."""
+    return f"status:{conversation_id}"
+
+
+def _load(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedEvent(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MalformedEvent("event is not a JSON object")
+    if "org_id" not in data and "organizacao_id" in data:
+        data["org_id"] = data["organizacao_id"]
+    return data
+
+
+def _text(data: dict[str, Any], name: str, *, optional: bool = False) -> str:
+    value = data.get(name)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str) or not value:
+        raise MalformedEvent(f"field {name!r} must be a non-empty string")
+    return value
+
+
+def _time(data: dict[str, Any], name: str) -> datetime:
+    try:
+        return parse_time(_text(data, name))
+    except ValueError as exc:
+        raise MalformedEvent(f"field {name!r} is not an RFC 3339 time") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """An outbound message the API accepted (topics `messages`, `outbound.<channel>`)."""
+
+    event_id: str
+    message_id: str
+    conversation_id: str
+    org_id: str
+    channel: str
+    to: str
+    text: str
+    client_message_id: str
+    created_at: datetime
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "event_id": self.event_id,
+                "message_id": self.message_id,
+                "conversation_id": self.conversation_id,
+                "org_id": self.org_id,
+                "channel": self.channel,
+                "to": self.to,
+                "text": self.text,
+                "client_message_id": self.client_message_id,
+                "created_at": format_time(self.created_at),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> OutboundMessage:
+        data = _load(raw)
+        channel = _text(data, "channel")
+        if channel not in CHANNELS:
+            raise MalformedEvent(f"unknown channel {channel!r}")
+        return cls(
+            event_id=_text(data, "event_id"),
+            message_id=_text(data, "message_id"),
+            conversation_id=_text(data, "conversation_id"),
+            org_id=_text(data, "org_id"),
+            channel=channel,
+            to=_text(data, "to"),
+            text=_text(data, "text"),
+            client_message_id=_text(data, "client_message_id", optional=True),
+            created_at=_time(data, "created_at"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """A status a connector observed for one of our messages (topic `msg.status`)."""
+
+    event_id: str
+    message_id: str
+    conversation_id: str
+    org_id: str
+    channel: str
+    status: Status
+    provider_message_id: str
+    occurred_at: datetime
+    error: ProviderError | None = None
+
+    @property
+    def observation(self) -> Observation:
+        return Observation(self.status, self.occurred_at, self.error)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "event_id": self.event_id,
+                "message_id": self.message_id,
+                "conversation_id": self.conversation_id,
+                "org_id": self.org_id,
+                "channel": self.channel,
+                "status": self.status.value,
+                "provider_message_id": self.provider_message_id,
+                "occurred_at": format_time(self.occurred_at),
+                "error": (
+                    {"code": self.error.code, "title": self.error.title} if self.error else None
+                ),
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> StatusEvent:
+        data = _load(raw)
+        try:
+            status = Status(_text(data, "status"))
+        except ValueError as exc:
+            raise MalformedEvent(f"unknown status {data.get('status')!r}") from exc
+        if status not in OBSERVABLE:
+            raise MalformedEvent(f"status {status.value} cannot be observed")
+        error = data.get("error")
+        if error is not None and not (
+            isinstance(error, dict) and {"code", "title"} <= error.keys()
+        ):
+            raise MalformedEvent("field 'error' must be null or {code, title}")
+        return cls(
+            event_id=_text(data, "event_id"),
+            message_id=_text(data, "message_id"),
+            conversation_id=_text(data, "conversation_id"),
+            org_id=_text(data, "org_id"),
+            channel=_text(data, "channel"),
+            status=status,
+            provider_message_id=_text(data, "provider_message_id", optional=True),
+            occurred_at=_time(data, "occurred_at"),
+            error=ProviderError(str(error["code"]), str(error["title"])) if error else None,
+        )

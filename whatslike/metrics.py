@@ -1,0 +1,65 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.bus_published = Counter(
+            "whatslike_bus_published_total", "Events published", ["topic"], registry=r
+        )
+        self.bus_handled = Counter(
+            "whatslike_bus_handled_total", "Events handled", ["topic", "group"], registry=r
+        )
+        self.bus_retries = Counter(
+            "whatslike_bus_retries_total", "Handler failures retried", ["topic", "group"],
+            registry=r,
+        )
+        self.bus_dead_letters = Counter(
+            "whatslike_bus_dead_letters_total", "Events sent to a DLQ", ["topic", "group"],
+            registry=r,
+        )
+        self.bus_queue_depth = Gauge(
+            "whatslike_bus_queue_depth", "Events waiting", ["topic", "group"], registry=r
+        )
+        self.status_applied = Counter(
+            "whatslike_status_applied_total", "apply_status outcomes", ["effect"], registry=r
+        )
+        self.status_anomalies = Counter(
+            "whatslike_status_anomalies_total", "FAILED after delivery, recorded not applied",
+            registry=r,
+        )
+        self.status_latency = Histogram(
+            "whatslike_status_fanout_seconds",
+            "From the provider's occurred_at to fan-out publish",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.ws_connections = Gauge(
+            "whatslike_ws_connections", "Open WebSocket connections", registry=r
+        )
+        self.ws_frames_sent = Counter(
+            "whatslike_ws_frames_sent_total", "Frames written to sockets", registry=r
+        )
+        self.ws_closes = Counter(
+            "whatslike_ws_closes_total", "Server-initiated closes", ["code"], registry=r
+        )
+        self.ws_bad_frames = Counter(
+            "whatslike_ws_bad_frames_total", "Client frames answered with error", ["code"],
+            registry=r,
+        )
+        self.webhooks = Counter(
+            "whatslike_webhooks_total", "Provider webhooks", ["channel", "outcome"], registry=r
+        )
+        self.sends = Counter(
+            "whatslike_provider_sends_total", "Provider send calls", ["channel", "outcome"],
+            registry=r,
+        )
+        self.parked_statuses = Counter(
+            "whatslike_parked_statuses_total", "Statuses that arrived before their send answer",
+            ["channel"], registry=r,
+        )

@@ -1,0 +1,45 @@
+"""What a role is: routes to serve, and background work to start and stop.
+
+Roles are composed by `whatslike.app.build_app` from the settings; each is built with the
+ports it needs (store, bus, fan-out, HTTP client, metrics) and subscribes its bus
+handlers in its constructor, before the bus starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+from starlette.routing import BaseRoute
+
+from whatslike.bus import Bus
+from whatslike.fanout import Fanout
+from whatslike.metrics import Metrics
+from whatslike.settings import Settings
+from whatslike.store.base import Store
+
+
+@dataclass(frozen=True)
+class Deps:
+    """The ports and shared objects a role is built with."""
+
+    settings: Settings
+    store: Store
+    bus: Bus
+    fanout: Fanout
+    http: httpx.AsyncClient
+    metrics: Metrics
+    jwt_secret: str
+
+
+class Role(Protocol):
+    name: str
+
+    def routes(self) -> list[BaseRoute]: ...
+
+    async def start(self) -> None:
+        """Start background work; called after the store opened, before the bus starts."""
+
+    async def stop(self) -> None:
+        """Stop background work; called after the bus stopped."""

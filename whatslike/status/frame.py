@@ -1,0 +1,36 @@
+"""The `status` frame of protocol.md §4, serialized once where the change is made.
+
+The worker publishes these exact bytes on the fan-out and the hub forwards them without
+re-encoding; `changes_since` returns the same text from the store.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from whatslike.clock import format_time
+from whatslike.status.rules import ProviderError, Status
+
+
+def status_frame(
+    *,
+    conversation_id: str,
+    message_id: str,
+    status: Status,
+    seq: int,
+    occurred_at: datetime,
+    error: ProviderError | None,
+) -> str:
+    return json.dumps(
+        {
+            "type": "status",
+            "conversation_id": conversation_id,
+            "message_id": message_id,
+            "status": status.value,
+            "seq": seq,
+            "occurred_at": format_time(occurred_at),
+            "error": {"code": error.code, "title": error.title} if error else None,
+        },
+        separators=(",", ":"),
+    )
