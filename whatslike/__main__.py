@@ -1,0 +1,7 @@
+"""`python -m whatslike` is the `whatslike` command."""
+
+import sys
+
+from whatslike.cli import main
+
+sys.exit(main())

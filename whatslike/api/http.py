@@ -1,0 +1,207 @@
+"""The HTTP API of protocol.md §5: conversations, messages and changes, tenant-scoped.
+
+The organization always comes from the token, never from the request; another
+organization's conversation answers 404 exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from whatslike.api.errors import ApiError
+from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
+from whatslike.bus import BusFull
+from whatslike.clock import format_time, new_id
+from whatslike.events import TOPIC_MESSAGES, OutboundMessage
+from whatslike.roles import Deps
+from whatslike.status.rules import Status
+from whatslike.store.base import Conversation, Message
+
+log = logging.getLogger(__name__)
+
+
+class NewConversation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    channel: Literal["whatsapp", "instagram"]
+    contact: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^\S+$")]
+
+
+class NewMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: Annotated[str, Field(min_length=1, max_length=4096)]
+    client_message_id: Annotated[str, Field(max_length=128)] = ""
+
+
+def conversation_json(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "id": conversation.id,
+        "org_id": conversation.org_id,
+        "channel": conversation.channel,
+        "contact": conversation.contact,
+        "last_seq": conversation.last_seq,
+        "created_at": format_time(conversation.created_at),
+    }
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    state = message.state
+
+    def when(value: Any) -> str | None:
+        return format_time(value) if value is not None else None
+
+    return {
+        "id": message.id,
+        "conversation_id": message.conversation_id,
+        "text": message.text,
+        "client_message_id": message.client_message_id,
+        "status": state.status.value,
+        "seq": message.seq,
+        "created_at": format_time(message.created_at),
+        "sent_at": when(state.sent_at),
+        "delivered_at": when(state.delivered_at),
+        "read_at": when(state.read_at),
+        "failed_at": when(state.failed_at),
+        "error": {"code": state.error.code, "title": state.error.title} if state.error else None,
+    }
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[ModelT]) -> ModelT:
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = f"field {where!r}: {first['msg']}" if where else first["msg"]
+        raise ApiError(400, "bad_request", message) from exc
+
+
+class HttpApi:
+    """Routes of the api role's HTTP side (the hub lives in `whatslike.hub.server`)."""
+
+    name = "api"
+
+    def __init__(self, deps: Deps) -> None:
+        self._store = deps.store
+        self._bus = deps.bus
+        self._settings = deps.settings
+        self._tokens = TokenService(
+            deps.jwt_secret, deps.settings.jwt_issuer, deps.settings.jwt_audience
+        )
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/api/conversations", self.create_conversation, methods=["POST"]),
+            Route("/api/conversations/{id}", self.get_conversation, methods=["GET"]),
+            Route("/api/conversations/{id}/messages", self.send_message, methods=["POST"]),
+            Route("/api/conversations/{id}/messages", self.list_messages, methods=["GET"]),
+            Route("/api/conversations/{id}/changes", self.changes, methods=["GET"]),
+        ]
+
+    def _identity(self, request: Request) -> Identity:
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise ApiError(401, "unauthorized", "an Authorization: Bearer token is required")
+        try:
+            return self._tokens.verify(token)
+        except InvalidToken as exc:
+            raise ApiError(401, "unauthorized", str(exc)) from exc
+
+    async def _conversation(self, request: Request, identity: Identity) -> Conversation:
+        conversation = await self._store.get_conversation(
+            identity.org_id, request.path_params["id"]
+        )
+        if conversation is None:
+            raise ApiError(404, "not_found", "no such conversation")
+        return conversation
+
+    async def create_conversation(self, request: Request) -> Response:
+        identity = self._identity(request)
+        body = await _body(request, NewConversation)
+        await self._store.ensure_organization(identity.org_id)
+        conversation = await self._store.create_conversation(
+            identity.org_id, body.channel, body.contact
+        )
+        return JSONResponse(conversation_json(conversation), status_code=201)
+
+    async def get_conversation(self, request: Request) -> Response:
+        identity = self._identity(request)
+        return JSONResponse(conversation_json(await self._conversation(request, identity)))
+
+    async def send_message(self, request: Request) -> Response:
+        identity = self._identity(request)
+        conversation = await self._conversation(request, identity)
+        body = await _body(request, NewMessage)
+        message, created = await self._store.create_message(
+            conversation, body.text, body.client_message_id
+        )
+        # A retried request (same client_message_id) re-publishes a message that is still
+        # PENDING: its first publish may have failed with 503. The connector skips a
+        # message that already has a provider id, so a double send needs a narrow race.
+        if created or message.status is Status.PENDING:
+            event = OutboundMessage(
+                event_id=new_id("evt"),
+                message_id=message.id,
+                conversation_id=conversation.id,
+                org_id=conversation.org_id,
+                channel=conversation.channel,
+                to=conversation.contact,
+                text=message.text,
+                client_message_id=message.client_message_id,
+                created_at=message.created_at,
+            )
+            try:
+                await self._bus.publish(TOPIC_MESSAGES, conversation.id, event.to_json())
+            except BusFull as exc:
+                log.warning("message %s accepted but not queued: %s", message.id, exc)
+                raise ApiError(
+                    503, "unavailable", "the message was stored but could not be queued; "
+                    "retry with the same client_message_id"
+                ) from exc
+        return JSONResponse(
+            {"message_id": message.id, "status": message.status.value},
+            status_code=202,
+        )
+
+    async def list_messages(self, request: Request) -> Response:
+        identity = self._identity(request)
+        messages = await self._store.list_messages(identity.org_id, request.path_params["id"])
+        if messages is None:
+            raise ApiError(404, "not_found", "no such conversation")
+        return JSONResponse({"messages": [message_json(m) for m in messages]})
+
+    async def changes(self, request: Request) -> Response:
+        identity = self._identity(request)
+        conversation = await self._conversation(request, identity)
+        raw_since = request.query_params.get("since", "0")
+        if not raw_since.isdigit():
+            raise ApiError(400, "bad_request", "query 'since' must be a non-negative integer")
+        changes = await self._store.changes_since(
+            conversation.id, int(raw_since), self._settings.replay_limit
+        )
+        # The frames are stored as JSON text; splice them in rather than re-encoding.
+        head = json.dumps(
+            {
+                "conversation_id": conversation.id,
+                "last_seq": changes.last_seq,
+                "complete": changes.complete,
+            }
+        )[:-1]
+        body = f'{head}, "frames": [{",".join(changes.frames)}]}}'
+        return Response(body, media_type="application/json")

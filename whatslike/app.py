@@ -1,0 +1,151 @@
+"""Assembly: the runtime builds the ports from the settings, composes the chosen roles,
+and exposes one Starlette app. No globals, no import-time side effects."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from whatslike.api.errors import ApiError, on_api_error, on_http_exception, on_unexpected
+from whatslike.api.http import HttpApi
+from whatslike.bus.memory import MemoryBus
+from whatslike.connectors.instagram import InstagramConnector
+from whatslike.connectors.whatsapp import WhatsAppConnector
+from whatslike.errors import ConfigError, WhatslikeError
+from whatslike.fanout.memory import MemoryFanout
+from whatslike.hub.server import Hub
+from whatslike.metrics import Metrics
+from whatslike.roles import Deps, Role
+from whatslike.roles.router import Router
+from whatslike.roles.status_worker import StatusWorker
+from whatslike.settings import Settings, resolve_jwt_secret
+from whatslike.simulator.app import Simulator
+from whatslike.store import open_store
+
+log = logging.getLogger(__name__)
+
+#: Roles that talk only through the bus; with the in-process bus they must share a process.
+PIPELINE_ROLES = ("api", "router", "connector", "status-worker")
+
+
+def check_wiring(settings: Settings) -> None:
+    """Refuse role sets that cannot work with the configured backends."""
+    if settings.bus_url == "memory://":
+        present = [role for role in PIPELINE_ROLES if role in settings.roles]
+        if present and len(present) != len(PIPELINE_ROLES):
+            missing = ", ".join(r for r in PIPELINE_ROLES if r not in settings.roles)
+            raise ConfigError(
+                f"invalid setting roles (WHATSLIKE_ROLES): the in-process bus (bus_url "
+                f"memory://) joins roles inside one process; add {missing} or use a shared bus"
+            )
+
+
+def build_roles(deps: Deps) -> list[Role]:
+    chosen = deps.settings.roles
+    roles: list[Role] = []
+    if "api" in chosen:
+        roles += [HttpApi(deps), Hub(deps)]
+    if "router" in chosen:
+        roles.append(Router(deps))
+    if "connector" in chosen:
+        roles += [WhatsAppConnector(deps), InstagramConnector(deps)]
+    if "status-worker" in chosen:
+        roles.append(StatusWorker(deps))
+    if "simulator" in chosen:
+        roles.append(Simulator(deps))
+    return roles
+
+
+class Runtime:
+    """Everything one process runs: ports, roles and the ASGI app serving their routes."""
+
+    def __init__(self, settings: Settings) -> None:
+        check_wiring(settings)
+        self.settings = settings
+        self.metrics = Metrics()
+        self.deps = Deps(
+            settings=settings,
+            store=open_store(settings.effective_database_url),
+            bus=MemoryBus(settings, self.metrics),
+            fanout=MemoryFanout(),
+            http=httpx.AsyncClient(timeout=settings.send_timeout_s),
+            metrics=self.metrics,
+            jwt_secret=resolve_jwt_secret(settings),
+        )
+        self.roles = build_roles(self.deps)
+        self._opened = False
+        self.app = Starlette(
+            routes=self._routes(),
+            lifespan=self._lifespan,
+            exception_handlers={
+                ApiError: on_api_error,
+                HTTPException: on_http_exception,
+                Exception: on_unexpected,
+            },
+        )
+
+    async def open(self) -> None:
+        """Reach the backends; raises WhatslikeError with a one-line reason."""
+        if not self._opened:
+            await self.deps.store.open()
+            self._opened = True
+
+    @asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.open()
+        for role in self.roles:
+            await role.start()
+        await self.deps.fanout.start()
+        await self.deps.bus.start()
+        try:
+            yield
+        finally:
+            await self.deps.bus.stop()
+            await self.deps.fanout.stop()
+            for role in reversed(self.roles):
+                await role.stop()
+            await self.deps.http.aclose()
+            await self.deps.store.close()
+
+    def _routes(self) -> list[BaseRoute]:
+        routes: list[BaseRoute] = [
+            Route("/healthz", self._healthz, methods=["GET"]),
+            Route("/readyz", self._readyz, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+        ]
+        for role in self.roles:
+            routes += role.routes()
+        return routes
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "roles": list(self.settings.roles)})
+
+    async def _readyz(self, request: Request) -> Response:
+        checks: dict[str, str] = {}
+        for name, ping in (
+            ("store", self.deps.store.ping),
+            ("bus", self.deps.bus.ping),
+            ("fanout", self.deps.fanout.ping),
+        ):
+            try:
+                await ping()
+                checks[name] = "ok"
+            except WhatslikeError as exc:
+                checks[name] = str(exc)
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "unavailable", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,177 @@
+"""The in-process bus: every topic's consumer groups get their own bounded partitions.
+
+Like Kafka, a key always lands on the same partition and one task drains each
+partition in order, so one conversation's events are handled in publish order; a handler
+being retried holds its partition (later events of that key wait — order over speed).
+Full partitions make `publish` wait up to `bus_publish_timeout_s`, then raise `BusFull`:
+the caller (an HTTP request, a webhook) answers 503 and the sender retries; nothing is
+dropped silently. Events still queued when the process exits are lost: the embedded
+mode trades that for having no servers to run (see README, "Durability").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import zlib
+from dataclasses import dataclass, field
+
+from whatslike.bus import BusFull, Handler
+from whatslike.errors import MalformedEvent
+from whatslike.events import dlq_topic
+from whatslike.metrics import Metrics
+from whatslike.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential back-off with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def dead_letter(topic: str, group: str, value: bytes, reason: str, attempts: int) -> bytes:
+    """The DLQ record: the original event verbatim (as text, or base64 if not UTF-8)."""
+    record: dict[str, object] = {
+        "topic": topic,
+        "group": group,
+        "reason": reason,
+        "attempts": attempts,
+    }
+    try:
+        record["event"] = value.decode()
+    except UnicodeDecodeError:
+        record["event_b64"] = base64.b64encode(value).decode()
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+@dataclass
+class _Group:
+    topic: str
+    name: str
+    handler: Handler
+    partitions: list[asyncio.Queue[tuple[str, bytes]]] = field(default_factory=list)
+
+
+class MemoryBus:
+    def __init__(self, settings: Settings, metrics: Metrics, *, seed: int | None = None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._groups: dict[str, list[_Group]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rng = random.Random(seed)
+        self._started = False
+
+    def subscribe(self, topic: str, group: str, handler: Handler) -> None:
+        if self._started:
+            raise RuntimeError("subscribe before the bus starts")
+        size = self._settings.bus_queue_size
+        entry = _Group(topic, group, handler)
+        entry.partitions = [
+            asyncio.Queue(maxsize=size) for _ in range(self._settings.bus_partitions)
+        ]
+        self._groups.setdefault(topic, []).append(entry)
+
+    async def start(self) -> None:
+        self._started = True
+        for groups in self._groups.values():
+            for group in groups:
+                for partition in group.partitions:
+                    self._tasks.append(asyncio.create_task(self._consume(group, partition)))
+
+    async def stop(self) -> None:
+        """Let the consumers drain what is queued (bounded by the publish timeout), then
+        cancel them."""
+        queues = [p for groups in self._groups.values() for g in groups for p in g.partitions]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(q.join() for q in queues)),
+                timeout=self._settings.bus_publish_timeout_s,
+            )
+        except TimeoutError:
+            left = sum(q.qsize() for q in queues)
+            log.error("bus stopped with %d events still queued; they are lost", left)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._started = False
+
+    async def ping(self) -> None:
+        return None
+
+    async def publish(self, topic: str, key: str, value: bytes) -> None:
+        groups = self._groups.get(topic)
+        if not groups:
+            # In one process every topic has its consumers; none means a wiring bug.
+            raise BusFull(f"no consumer group for topic {topic!r} in this process")
+        index = zlib.crc32(key.encode()) % self._settings.bus_partitions
+        for group in groups:
+            try:
+                await asyncio.wait_for(
+                    group.partitions[index].put((key, value)),
+                    timeout=self._settings.bus_publish_timeout_s,
+                )
+            except TimeoutError as exc:
+                raise BusFull(f"topic {topic!r} group {group.name!r} is full") from exc
+            self._metrics.bus_queue_depth.labels(topic, group.name).inc()
+        self._metrics.bus_published.labels(topic).inc()
+
+    async def _consume(self, group: _Group, partition: asyncio.Queue[tuple[str, bytes]]) -> None:
+        settings = self._settings
+        while True:
+            key, value = await partition.get()
+            self._metrics.bus_queue_depth.labels(group.topic, group.name).dec()
+            try:
+                await self._handle(group, key, value, settings.consumer_max_attempts)
+            finally:
+                partition.task_done()
+
+    async def _handle(self, group: _Group, key: str, value: bytes, max_attempts: int) -> None:
+        labels = (group.topic, group.name)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await group.handler(value)
+            except asyncio.CancelledError:
+                raise
+            except MalformedEvent as exc:
+                await self._dead_letter(group, key, value, f"malformed: {exc}", attempt)
+                return
+            except Exception as exc:
+                if attempt >= max_attempts:
+                    reason = f"failed {attempt} times, last: {type(exc).__name__}: {exc}"
+                    await self._dead_letter(group, key, value, reason, attempt)
+                    return
+                self._metrics.bus_retries.labels(*labels).inc()
+                log.warning(
+                    "handler %s on %s failed (attempt %d/%d): %s",
+                    group.name, group.topic, attempt, max_attempts, exc,
+                )
+                await asyncio.sleep(
+                    backoff_delay(
+                        attempt,
+                        self._settings.consumer_backoff_base_s,
+                        self._settings.consumer_backoff_cap_s,
+                        self._rng,
+                    )
+                )
+            else:
+                self._metrics.bus_handled.labels(*labels).inc()
+                return
+
+    async def _dead_letter(
+        self, group: _Group, key: str, value: bytes, reason: str, attempts: int
+    ) -> None:
+        self._metrics.bus_dead_letters.labels(group.topic, group.name).inc()
+        log.error("dead-lettering an event of %s (group %s): %s", group.topic, group.name, reason)
+        record = dead_letter(group.topic, group.name, value, reason, attempts)
+        try:
+            await self.publish(dlq_topic(group.topic), key, record)
+        except BusFull:
+            # The last place the event exists: put it in the log whole rather than lose it.
+            log.critical("DLQ unavailable; event follows: %s", record.decode())

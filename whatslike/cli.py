@@ -1,0 +1,119 @@
+"""The `whatslike` command line: `serve` runs roles, `token` prints a signed JWT.
+
+Settings come from `WHATSLIKE_*` variables; flags win. A start that cannot succeed exits
+non-zero with one line on stderr naming the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from whatslike import __version__
+from whatslike.app import Runtime
+from whatslike.auth import TokenService
+from whatslike.errors import WhatslikeError
+from whatslike.settings import ROLES, Settings, load_settings, resolve_jwt_secret
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="whatslike",
+        description="Whatslike: outbound WhatsApp/Instagram messages with live statuses.",
+        epilog="Every setting can also be given as a WHATSLIKE_<NAME> variable; see README.",
+    )
+    parser.add_argument("--version", action="version", version=f"whatslike {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run roles (default: all, embedded backends, simulator on)",
+        description="Run Whatslike's roles in this process. With no options: every role, "
+        "a SQLite store under --data-dir, the in-process bus and fan-out, and the "
+        "built-in Meta simulator.",
+    )
+    serve.add_argument("--roles", help=f"comma-separated, from: {','.join(ROLES)}")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000; 0 = any)")
+    serve.add_argument("--data-dir", type=Path, help="where the SQLite file lives (./data)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    token = commands.add_parser(
+        "token",
+        help="print a signed JWT for a user of an organization",
+        description="Print a JWT signed with the configured secret (the same settings and "
+        "data directory as serve), for tests and demos.",
+    )
+    token.add_argument("--org", required=True, help="organization id (claim org_id)")
+    token.add_argument("--user", required=True, help="user id (claim sub)")
+    token.add_argument("--ttl", type=int, help="seconds until it expires (default 3600)")
+    token.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+    return parser
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise WhatslikeError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
+    return sock
+
+
+async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
+    runtime = Runtime(settings)
+    await runtime.open()
+    config = uvicorn.Config(
+        runtime.app, log_level=log_level, lifespan="on", ws_max_size=settings.max_frame_bytes
+    )
+    server = uvicorn.Server(config)
+    print(f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})",
+          flush=True)
+    await server.serve(sockets=[sock])
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        roles=args.roles, host=args.host, port=args.port, data_dir=args.data_dir
+    )
+    sock = _bind(settings)
+    bound_port = sock.getsockname()[1]
+    if bound_port != settings.port:
+        settings = settings.model_copy(update={"port": bound_port})
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(_serve(settings, sock, args.log_level))
+    return 0
+
+
+def token(args: argparse.Namespace) -> int:
+    settings = load_settings(data_dir=args.data_dir, token_ttl_s=args.ttl)
+    service = TokenService(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience)
+    print(service.mint(args.user, args.org, settings.token_ttl_s))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return serve(args) if args.command == "serve" else token(args)
+    except WhatslikeError as exc:
+        print(f"whatslike: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The status-worker role: applies `msg.status` events to the store and fans out the
+resulting status frames; it also keeps every dead-lettered event in the store.
+
+Publishing happens after the store committed. If it fails, the bus redelivers the event
+and `apply_status` returns the same frames again (matched by event_id), so a
+notification is never lost; clients drop the duplicate by seq.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.routing import BaseRoute
+
+from whatslike.clock import utcnow
+from whatslike.errors import MalformedEvent
+from whatslike.events import (
+    TOPIC_MESSAGES,
+    TOPIC_STATUS,
+    StatusEvent,
+    dlq_topic,
+    outbound_topic,
+    status_channel,
+)
+from whatslike.roles import Deps
+from whatslike.status.rules import Effect
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_SOURCES = (
+    TOPIC_MESSAGES,
+    TOPIC_STATUS,
+    outbound_topic("whatsapp"),
+    outbound_topic("instagram"),
+)
+
+
+class StatusWorker:
+    name = "status-worker"
+
+    def __init__(self, deps: Deps) -> None:
+        self._store = deps.store
+        self._fanout = deps.fanout
+        self._metrics = deps.metrics
+        deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
+        for topic in DEAD_LETTER_SOURCES:
+            deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
+
+    def routes(self) -> list[BaseRoute]:
+        return []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def apply(self, raw: bytes) -> None:
+        event = StatusEvent.from_json(raw)
+        result = await self._store.apply_status(event)
+        if result.unknown_message or result.message is None:
+            raise MalformedEvent(f"no message {event.message_id!r}")
+        self._metrics.status_applied.labels(result.effect.value).inc()
+        if result.effect is Effect.ANOMALY:
+            self._metrics.status_anomalies.inc()
+            log.warning(
+                "message %s: %s after %s recorded, not applied",
+                event.message_id, event.status.value, result.message.status.value,
+            )
+        channel = status_channel(result.message.conversation_id)
+        for frame in result.frames:
+            await self._fanout.publish(channel, frame.encode())
+        if result.frames:
+            lag = (utcnow() - event.occurred_at).total_seconds()
+            self._metrics.status_latency.observe(max(lag, 0.0))
+
+    async def record_dead_letter(self, raw: bytes) -> None:
+        try:
+            record = json.loads(raw)
+            topic, reason = str(record["topic"]), str(record["reason"])
+        except (ValueError, KeyError, TypeError):
+            topic, reason = "unknown", "unreadable dead letter"
+        await self._store.record_dead_letter(topic, raw, reason)
