@@ -1,0 +1,31 @@
+"""The store port and its adapters, and `open_store`, which picks the adapter from the
+configured database URL (WHATSLIKE_DATABASE_URL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from whatslike.errors import ConfigError
+from whatslike.store.base import Store
+from whatslike.store.postgres import PostgresStore
+from whatslike.store.sqlite import SQLiteStore
+
+_SQLITE_PREFIX = "sqlite:///"
+
+
+def open_store(url: str) -> Store:
+    """An unopened store for ``sqlite:///relative.db``, ``sqlite:////abs.db`` or
+    ``postgresql://…`` (``postgres://…``); call `open()` on it before use."""
+    if url.startswith(_SQLITE_PREFIX) and len(url) > len(_SQLITE_PREFIX):
+        return SQLiteStore(Path(url[len(_SQLITE_PREFIX) :]))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    # Only the scheme is echoed: the rest of a URL may hold a password.
+    scheme = url.split(":", 1)[0] if ":" in url else "(none)"
+    raise ConfigError(
+        f"WHATSLIKE_DATABASE_URL: unsupported database URL (scheme {scheme!r});"
+        " expected sqlite:///path/to/file.db or postgresql://user@host:port/dbname"
+    )
+
+
+__all__ = ["PostgresStore", "SQLiteStore", "Store", "open_store"]

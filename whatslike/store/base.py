@@ -112,7 +112,9 @@ class Store(Protocol):
     ) -> list[ParkedStatus]:
         """Index a provider id; return (and forget) statuses parked for it."""
 
-    async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None: ...
+    async def find_by_provider_id(
+        self, channel: str, provider_message_id: str
+    ) -> Message | None: ...
 
     async def park_status(self, parked: ParkedStatus) -> Message | None:
         """Keep a status whose provider id is not yet known. Atomic with

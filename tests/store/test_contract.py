@@ -1,0 +1,466 @@
+"""The contract every `Store` adapter keeps, run against SQLite and the local PostgreSQL.
+Real databases, no mocks: the seqs, idempotency and races are the database's job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from whatslike.clock import new_id
+from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.events import StatusEvent
+from whatslike.status import rules
+from whatslike.status.rules import (
+    OBSERVABLE,
+    Effect,
+    MessageState,
+    Observation,
+    ProviderError,
+    Status,
+)
+from whatslike.store import PostgresStore, SQLiteStore, open_store
+from whatslike.store.base import ApplyResult, Changes, Message, ParkedStatus, Store
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+ERROR = ProviderError("131026", "Message undeliverable")
+
+StoreFactory = Callable[[], Store]
+
+
+def at(ms: int) -> datetime:
+    return T0 + timedelta(milliseconds=ms)
+
+
+def status_event(
+    message: Message,
+    status: Status,
+    when: datetime,
+    *,
+    event_id: str | None = None,
+    error: ProviderError | None = None,
+) -> StatusEvent:
+    return StatusEvent(
+        event_id=event_id or new_id("evt"),
+        message_id=message.id,
+        conversation_id=message.conversation_id,
+        org_id=message.org_id,
+        channel=message.channel,
+        status=status,
+        provider_message_id=f"wamid.{message.id}",
+        occurred_at=when,
+        error=error,
+    )
+
+
+def decoded(frames: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [json.loads(frame) for frame in frames]
+
+
+def seqs(frames: tuple[str, ...]) -> list[int]:
+    return [frame["seq"] for frame in decoded(frames)]
+
+
+async def new_message(store: Store, org_id: str = "org_a") -> Message:
+    conversation = await store.create_conversation(org_id, "whatsapp", "+5511999990000")
+    message, created = await store.create_message(conversation, "hello", "")
+    assert created
+    return message
+
+
+async def current(store: Store, message: Message) -> Message:
+    found = await store.get_message(message.id)
+    assert found is not None
+    return found
+
+
+def expected_state(observations: list[Observation]) -> MessageState:
+    state = MessageState()
+    for observation in observations:
+        state = rules.apply(state, observation).state
+    return state
+
+
+async def test_schema_is_idempotent(store_factory: StoreFactory, store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+    await store.open()
+    again = store_factory()
+    await again.open()
+    try:
+        assert await again.get_conversation("org_a", conversation.id) == conversation
+        await again.ping()
+    finally:
+        await again.close()
+
+
+async def test_conversations_are_scoped_by_organization(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "instagram", "igsid_1")
+    assert conversation.last_seq == 0
+    assert conversation.created_at.utcoffset() == timedelta(0)
+    assert await store.get_conversation("org_a", conversation.id) == conversation
+    assert await store.get_conversation("org_b", conversation.id) is None
+    assert await store.get_conversation("org_a", "conv_missing") is None
+    assert await store.list_messages("org_b", conversation.id) is None
+    assert await store.list_messages("org_a", conversation.id) == []
+    await store.ensure_organization("org_b")
+    await store.ensure_organization("org_b")
+    assert await store.get_conversation("org_b", conversation.id) is None
+
+
+async def test_client_message_id_is_idempotent_per_conversation(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+    other = await store.create_conversation("org_a", "whatsapp", "+2")
+    first, created = await store.create_message(conversation, "hi", "c-1")
+    assert created
+    assert first.status is Status.PENDING
+    assert first.seq is None
+    assert (first.org_id, first.channel) == ("org_a", "whatsapp")
+    repeated, created = await store.create_message(conversation, "hi again", "c-1")
+    assert (repeated, created) == (first, False)
+    elsewhere, created = await store.create_message(other, "hi", "c-1")
+    assert created
+    assert elsewhere.id != first.id
+    unkeyed = [await store.create_message(conversation, "x", "") for _ in range(2)]
+    assert all(created for _, created in unkeyed)
+    assert unkeyed[0][0].id != unkeyed[1][0].id
+    raced = await asyncio.gather(
+        *(store.create_message(conversation, "race", "c-race") for _ in range(10))
+    )
+    assert len({message.id for message, _ in raced}) == 1
+    assert sum(created for _, created in raced) == 1
+    listed = await store.list_messages("org_a", conversation.id)
+    assert listed is not None
+    assert first in listed
+    assert len(listed) == 4
+
+
+async def test_sent_delivered_read_take_seqs_one_two_three(store: Store) -> None:
+    message = await new_message(store)
+    results = [
+        await store.apply_status(status_event(message, status, at(ms)))
+        for status, ms in ((Status.SENT, 1000), (Status.DELIVERED, 2000), (Status.READ, 3000))
+    ]
+    assert [result.effect for result in results] == [Effect.CHANGED] * 3
+    frames = tuple(frame for result in results for frame in result.frames)
+    assert decoded(frames) == [
+        {
+            "type": "status",
+            "conversation_id": message.conversation_id,
+            "message_id": message.id,
+            "status": status,
+            "seq": seq,
+            "occurred_at": occurred_at,
+            "error": None,
+        }
+        for seq, status, occurred_at in (
+            (1, "SENT", "2026-01-01T12:00:01.000Z"),
+            (2, "DELIVERED", "2026-01-01T12:00:02.000Z"),
+            (3, "READ", "2026-01-01T12:00:03.000Z"),
+        )
+    ]
+    assert await store.changes_since(message.conversation_id, 0, 100) == Changes(frames, 3, True)
+    assert await store.changes_since(message.conversation_id, 2, 100) == Changes(
+        frames[2:], 3, True
+    )
+    assert await store.changes_since(message.conversation_id, 3, 100) == Changes((), 3, True)
+    stored = await current(store, message)
+    assert stored == results[-1].message
+    assert stored.seq == 3
+    assert stored.state == MessageState(Status.READ, at(1000), at(2000), at(3000))
+    assert stored.state.read_at is not None
+    assert stored.state.read_at.utcoffset() == timedelta(0)
+    conversation = await store.get_conversation("org_a", message.conversation_id)
+    assert conversation is not None
+    assert conversation.last_seq == 3
+
+
+async def test_times_are_kept_to_the_millisecond(store: Store) -> None:
+    message = await new_message(store)
+    precise = T0.replace(microsecond=123_456)
+    result = await store.apply_status(status_event(message, Status.SENT, precise))
+    assert result.message is not None
+    assert result.message.state.sent_at == T0.replace(microsecond=123_000)
+    assert (await current(store, message)).state == result.message.state
+
+
+async def test_a_duplicate_takes_no_seq_and_a_redelivery_repeats_its_frames(
+    store: Store,
+) -> None:
+    message = await new_message(store)
+    sent = status_event(message, Status.SENT, at(1000))
+    first = await store.apply_status(sent)
+    assert (first.effect, seqs(first.frames)) == (Effect.CHANGED, [1])
+    redelivered = await store.apply_status(sent)
+    assert redelivered.effect is Effect.NOOP
+    assert redelivered.frames == first.frames
+    assert redelivered.message == first.message
+    resent = await store.apply_status(status_event(message, Status.SENT, at(1000)))
+    assert (resent.effect, resent.frames) == (Effect.NOOP, ())
+    changes = await store.changes_since(message.conversation_id, 0, 100)
+    assert changes == Changes(first.frames, 1, True)
+
+
+async def test_a_late_delivered_after_read_only_fills_its_time(store: Store) -> None:
+    message = await new_message(store)
+    read = await store.apply_status(status_event(message, Status.READ, at(3000)))
+    assert (read.effect, seqs(read.frames)) == (Effect.CHANGED, [1])
+    late = await store.apply_status(status_event(message, Status.DELIVERED, at(2000)))
+    assert (late.effect, late.frames) == (Effect.FILLED, ())
+    stored = await current(store, message)
+    assert stored == late.message
+    assert stored.seq == 1
+    assert stored.state == MessageState(Status.READ, at(2000), at(2000), at(3000))
+    later = await store.apply_status(status_event(message, Status.DELIVERED, at(2500)))
+    assert later.effect is Effect.NOOP
+    assert (await store.changes_since(message.conversation_id, 0, 100)).last_seq == 1
+
+
+async def test_failed_after_delivered_is_an_anomaly(store: Store) -> None:
+    message = await new_message(store)
+    await store.apply_status(status_event(message, Status.SENT, at(1000)))
+    await store.apply_status(status_event(message, Status.DELIVERED, at(2000)))
+    failed = await store.apply_status(status_event(message, Status.FAILED, at(2500), error=ERROR))
+    assert (failed.effect, failed.frames) == (Effect.ANOMALY, ())
+    stored = await current(store, message)
+    assert stored == failed.message
+    assert stored.status is Status.DELIVERED
+    assert stored.seq == 2
+    assert (stored.state.failed_at, stored.state.error) == (at(2500), ERROR)
+    assert (await store.changes_since(message.conversation_id, 0, 100)).last_seq == 2
+
+
+async def test_delivered_after_failed_moves_the_message_on(store: Store) -> None:
+    message = await new_message(store)
+    await store.apply_status(status_event(message, Status.SENT, at(1000)))
+    failed = await store.apply_status(status_event(message, Status.FAILED, at(1500), error=ERROR))
+    assert failed.effect is Effect.CHANGED
+    [frame] = decoded(failed.frames)
+    assert (frame["status"], frame["seq"]) == ("FAILED", 2)
+    assert frame["error"] == {"code": ERROR.code, "title": ERROR.title}
+    delivered = await store.apply_status(status_event(message, Status.DELIVERED, at(2000)))
+    assert (delivered.effect, seqs(delivered.frames)) == (Effect.CHANGED, [3])
+    assert decoded(delivered.frames)[0]["error"] is None
+    stored = await current(store, message)
+    assert (stored.status, stored.seq) == (Status.DELIVERED, 3)
+
+
+async def test_an_unknown_message_is_reported(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+    ghost = Message(
+        id="msg_missing",
+        conversation_id=conversation.id,
+        org_id="org_a",
+        channel="whatsapp",
+        text="",
+        client_message_id="",
+        created_at=T0,
+        state=MessageState(),
+        seq=None,
+    )
+    result = await store.apply_status(status_event(ghost, Status.SENT, at(1000)))
+    assert result == ApplyResult(effect=Effect.NOOP, unknown_message=True)
+    assert await store.get_message("msg_missing") is None
+
+
+async def test_a_status_parked_before_the_link_is_returned_once(store: Store) -> None:
+    message = await new_message(store)
+    parked = ParkedStatus("whatsapp", "wamid.1", b'{"status":"sent"}')
+    assert await store.park_status(parked) is None
+    assert await store.park_status(ParkedStatus("whatsapp", "wamid.1", b"second")) is None
+    assert await store.find_by_provider_id("whatsapp", "wamid.1") is None
+    linked = await store.link_provider_id("whatsapp", "wamid.1", message.id)
+    assert linked == [parked, ParkedStatus("whatsapp", "wamid.1", b"second")]
+    assert linked[0].payload == b'{"status":"sent"}'
+    assert await store.link_provider_id("whatsapp", "wamid.1", message.id) == []
+    found = await store.find_by_provider_id("whatsapp", "wamid.1")
+    assert found is not None
+    assert (found.id, found.provider_message_id) == (message.id, "wamid.1")
+    assert await store.find_by_provider_id("instagram", "wamid.1") is None
+
+
+async def test_a_status_after_the_link_is_not_parked(store: Store) -> None:
+    message = await new_message(store)
+    assert await store.link_provider_id("whatsapp", "wamid.2", message.id) == []
+    found = await store.park_status(ParkedStatus("whatsapp", "wamid.2", b"late"))
+    assert found is not None
+    assert found.id == message.id
+    assert await store.link_provider_id("whatsapp", "wamid.2", message.id) == []
+
+
+async def test_park_and_link_racing_hand_over_each_status_exactly_once(store: Store) -> None:
+    message = await new_message(store)
+    keys = [f"wamid.race.{n}" for n in range(20)]
+    outcomes = await asyncio.gather(
+        *(
+            asyncio.gather(
+                store.park_status(ParkedStatus("whatsapp", key, key.encode())),
+                store.link_provider_id("whatsapp", key, message.id),
+            )
+            for key in keys
+        )
+    )
+    for key, (found, handed_over) in zip(keys, outcomes, strict=True):
+        if found is None:
+            assert handed_over == [ParkedStatus("whatsapp", key, key.encode())]
+        else:
+            assert (found.id, handed_over) == (message.id, [])
+        assert await store.link_provider_id("whatsapp", key, message.id) == []
+
+
+async def test_concurrent_changes_of_one_conversation_take_gap_free_seqs(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+    messages = [(await store.create_message(conversation, f"m{n}", ""))[0] for n in range(10)]
+    plan = [
+        (Status.SENT, at(1000), None),
+        (Status.DELIVERED, at(2000), None),
+        (Status.READ, at(3000), None),
+        (Status.SENT, at(1000), None),
+        (Status.FAILED, at(1500), ERROR),
+    ]
+    events = [
+        status_event(message, status, when, error=error)
+        for message in messages
+        for status, when, error in plan
+    ]
+    assert len(events) == 50
+    results = await asyncio.gather(*(store.apply_status(event) for event in events))
+    taken = sorted(seq for result in results for seq in seqs(result.frames))
+    assert taken == list(range(1, len(taken) + 1))
+    assert len(taken) == sum(result.effect is Effect.CHANGED for result in results)
+    changes = await store.changes_since(conversation.id, 0, 1000)
+    assert seqs(changes.frames) == taken
+    assert (changes.last_seq, changes.complete) == (len(taken), True)
+    final = expected_state([Observation(status, when, error) for status, when, error in plan])
+    for message in messages:
+        stored = await current(store, message)
+        assert stored.state == final
+        assert stored.seq == max(
+            frame["seq"] for frame in decoded(changes.frames) if frame["message_id"] == message.id
+        )
+
+
+OBSERVATIONS = st.lists(
+    st.builds(
+        Observation,
+        status=st.sampled_from(OBSERVABLE),
+        occurred_at=st.integers(0, 5_000).map(at),
+        error=st.sampled_from([None, ERROR, ProviderError("130472", "User's number is part")]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(observations=OBSERVATIONS, data=st.data())
+async def test_any_order_with_duplicates_ends_in_the_same_state(
+    store: Store, observations: list[Observation], data: st.DataObject
+) -> None:
+    message = await new_message(store)
+    originals = [
+        status_event(message, obs.status, obs.occurred_at, error=obs.error) for obs in observations
+    ]
+    duplicates = data.draw(st.lists(st.tuples(st.sampled_from(originals), st.booleans())))
+    events = data.draw(st.permutations(originals)) + [
+        # A redelivery keeps its event id; a provider's resend of the webhook does not.
+        original
+        if redelivery
+        else status_event(message, original.status, original.occurred_at, error=original.error)
+        for original, redelivery in duplicates
+    ]
+    shuffled = data.draw(st.permutations(events))
+    results = [await store.apply_status(event) for event in shuffled]
+    stored = await current(store, message)
+    assert stored.state == expected_state(observations)
+    changes = await store.changes_since(message.conversation_id, 0, 1000)
+    changed = sum(result.effect is Effect.CHANGED for result in results)
+    assert seqs(changes.frames) == list(range(1, changed + 1))
+    assert changes.last_seq == changed
+    assert stored.seq == (changed or None)
+    if changes.frames:
+        assert decoded(changes.frames)[-1]["status"] == stored.status.value
+
+
+async def test_changes_since_says_when_it_cannot_answer_in_full(store: Store) -> None:
+    message = await new_message(store)
+    for status, ms in ((Status.SENT, 1000), (Status.DELIVERED, 2000), (Status.READ, 3000)):
+        await store.apply_status(status_event(message, status, at(ms)))
+    conversation_id = message.conversation_id
+    assert await store.changes_since(conversation_id, 0, 2) == Changes((), 3, False)
+    assert seqs((await store.changes_since(conversation_id, 1, 2)).frames) == [2, 3]
+    assert await store.changes_since(conversation_id, 4, 100) == Changes((), 3, False)
+    assert await store.changes_since("conv_missing", 0, 100) == Changes((), 0, True)
+    assert await store.changes_since("conv_missing", 5, 100) == Changes((), 0, False)
+
+
+async def test_messages_up_to_is_the_read_watermark(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "instagram", "igsid_1")
+    created = []
+    for n in range(3):
+        created.append((await store.create_message(conversation, f"m{n}", ""))[0])
+        # Distinct creation times, so the watermark falls between messages.
+        await asyncio.sleep(0.005)
+    assert await store.messages_up_to(created[1].id) == created[:2]
+    assert await store.messages_up_to(created[2].id) == created
+    assert await store.list_messages("org_a", conversation.id) == created
+    assert await store.messages_up_to("msg_missing") == []
+
+
+async def test_dead_letters_are_counted(store: Store) -> None:
+    assert await store.dead_letter_count() == 0
+    await store.record_dead_letter("msg.status", b"\xff not json", "not JSON")
+    await store.record_dead_letter("messages", b"{}", "field 'event_id' missing")
+    assert await store.dead_letter_count() == 2
+
+
+async def test_ping_answers_while_open_only(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    with pytest.raises(BackendUnavailable):
+        await store.ping()
+    await store.open()
+    await store.ping()
+    await store.close()
+    with pytest.raises(BackendUnavailable):
+        await store.ping()
+
+
+async def test_an_unreachable_postgres_is_backend_unavailable() -> None:
+    store = PostgresStore("postgresql://alice:s3cret@127.0.0.1:1/whatslike")
+    with pytest.raises(BackendUnavailable) as caught:
+        await store.open()
+    assert "127.0.0.1:1/whatslike" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+async def test_an_unopenable_sqlite_file_is_backend_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    store = SQLiteStore(blocker / "whatslike.db")
+    with pytest.raises(BackendUnavailable, match="not-a-dir"):
+        await store.open()
+
+
+def test_open_store_picks_the_adapter_from_the_url() -> None:
+    relative = open_store("sqlite:///data/whatslike.db")
+    assert isinstance(relative, SQLiteStore)
+    assert relative.path == Path("data/whatslike.db")
+    absolute = open_store("sqlite:////var/lib/whatslike/w.db")
+    assert isinstance(absolute, SQLiteStore)
+    assert absolute.path == Path("/var/lib/whatslike/w.db")
+    assert isinstance(open_store("postgresql://u@db:5432/w"), PostgresStore)
+    assert isinstance(open_store("postgres://u@db/w"), PostgresStore)
+    for bad in ("mysql://u:pw@db/w", "sqlite://", "sqlite:///", "", "whatslike.db"):
+        with pytest.raises(ConfigError, match="WHATSLIKE_DATABASE_URL") as caught:
+            open_store(bad)
+        assert "pw" not in str(caught.value)

@@ -1,0 +1,505 @@
+"""The shared store: the `Store` port on PostgreSQL through an asyncpg pool, for many
+processes. Row locks serialize a message's statuses; the conversation row hands out seqs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime
+from typing import TypeAlias
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from whatslike.clock import new_id, utcnow
+from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.events import StatusEvent
+from whatslike.status import rules
+from whatslike.status.frame import status_frame
+from whatslike.status.rules import Effect, MessageState, Observation, ProviderError, Status
+from whatslike.store.base import (
+    ApplyResult,
+    Changes,
+    Conversation,
+    Message,
+    ParkedStatus,
+)
+
+_Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+
+#: Serializes schema migrations of processes starting together (an arbitrary constant).
+_MIGRATION_LOCK = 7_310_224_681
+
+#: Migration n (1-based) brings the schema from version n-1 to n.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE organizations (
+            id text PRIMARY KEY,
+            created_at timestamptz NOT NULL
+        )""",
+        """CREATE TABLE conversations (
+            id text PRIMARY KEY,
+            org_id text NOT NULL REFERENCES organizations (id),
+            channel text NOT NULL,
+            contact text NOT NULL,
+            last_seq bigint NOT NULL DEFAULT 0,
+            created_at timestamptz NOT NULL
+        )""",
+        "CREATE INDEX conversations_org ON conversations (org_id)",
+        """CREATE TABLE messages (
+            id text PRIMARY KEY,
+            conversation_id text NOT NULL REFERENCES conversations (id),
+            org_id text NOT NULL,
+            channel text NOT NULL,
+            text text NOT NULL,
+            client_message_id text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL,
+            status text NOT NULL,
+            seq bigint,
+            sent_at timestamptz,
+            delivered_at timestamptz,
+            read_at timestamptz,
+            failed_at timestamptz,
+            error_code text,
+            error_title text,
+            provider_message_id text
+        )""",
+        """CREATE UNIQUE INDEX messages_client_message_id
+            ON messages (conversation_id, client_message_id) WHERE client_message_id <> ''""",
+        """CREATE INDEX messages_conversation
+            ON messages (conversation_id, created_at, id COLLATE "C")""",
+        """CREATE TABLE provider_ids (
+            channel text NOT NULL,
+            provider_message_id text NOT NULL,
+            message_id text NOT NULL REFERENCES messages (id),
+            PRIMARY KEY (channel, provider_message_id)
+        )""",
+        """CREATE TABLE parked_statuses (
+            id bigserial PRIMARY KEY,
+            channel text NOT NULL,
+            provider_message_id text NOT NULL,
+            payload bytea NOT NULL,
+            parked_at timestamptz NOT NULL
+        )""",
+        "CREATE INDEX parked_statuses_key ON parked_statuses (channel, provider_message_id)",
+        """CREATE TABLE changes (
+            conversation_id text NOT NULL REFERENCES conversations (id),
+            seq bigint NOT NULL,
+            message_id text NOT NULL REFERENCES messages (id),
+            event_id text NOT NULL,
+            frame text NOT NULL,
+            PRIMARY KEY (conversation_id, seq)
+        )""",
+        "CREATE INDEX changes_event_id ON changes (event_id)",
+        """CREATE TABLE dead_letters (
+            id bigserial PRIMARY KEY,
+            topic text NOT NULL,
+            payload bytea NOT NULL,
+            reason text NOT NULL,
+            at timestamptz NOT NULL
+        )""",
+    ),
+)
+
+_MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
+    m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
+    m.error_code, m.error_title, m.provider_message_id"""
+
+#: Ids compare byte-wise, as in SQLite, whatever the database's collation.
+_MESSAGE_ORDER = 'ORDER BY m.created_at, m.id COLLATE "C"'
+
+_PROVIDER_KEY_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1 || ':' || $2))"
+
+_CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _ms(at: datetime) -> datetime:
+    """Truncate to the stored resolution, so a returned state equals the one read back."""
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
+def _where(dsn: str) -> str:
+    """The server and database of a DSN, for messages: never the password."""
+    try:
+        parts = urlsplit(dsn)
+        port = parts.port or 5432
+    except ValueError:
+        return "(unparsable PostgreSQL URL)"
+    return f"{parts.hostname or 'localhost'}:{port}{parts.path or '/'}"
+
+
+def _conversation(row: asyncpg.Record) -> Conversation:
+    return Conversation(
+        id=row["id"],
+        org_id=row["org_id"],
+        channel=row["channel"],
+        contact=row["contact"],
+        last_seq=row["last_seq"],
+        created_at=row["created_at"],
+    )
+
+
+def _message(row: asyncpg.Record) -> Message:
+    error = None
+    if row["error_code"] is not None:
+        error = ProviderError(row["error_code"], row["error_title"])
+    return Message(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        org_id=row["org_id"],
+        channel=row["channel"],
+        text=row["text"],
+        client_message_id=row["client_message_id"],
+        created_at=row["created_at"],
+        state=MessageState(
+            status=Status(row["status"]),
+            sent_at=row["sent_at"],
+            delivered_at=row["delivered_at"],
+            read_at=row["read_at"],
+            failed_at=row["failed_at"],
+            error=error,
+        ),
+        seq=row["seq"],
+        provider_message_id=row["provider_message_id"],
+    )
+
+
+class PostgresStore:
+    """The `Store` port on PostgreSQL; `dsn` is a ``postgresql://`` URL."""
+
+    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10) -> None:
+        self._dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+
+    async def open(self) -> None:
+        if self._pool is None:
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn, min_size=self._min_size, max_size=self._max_size, timeout=10
+                )
+            except _CONNECTION_ERRORS as exc:
+                raise BackendUnavailable(
+                    f"cannot connect to PostgreSQL at {_where(self._dsn)}: {exc}"
+                ) from exc
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def ping(self) -> None:
+        try:
+            async with self._connection() as conn:
+                await conn.fetchval("SELECT 1")
+        except _CONNECTION_ERRORS as exc:
+            raise BackendUnavailable(
+                f"PostgreSQL at {_where(self._dsn)} does not answer: {exc}"
+            ) from exc
+
+    async def _migrate(self) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
+            )
+            version: int = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+            if version > len(_MIGRATIONS):
+                raise ConfigError(
+                    f"WHATSLIKE_DATABASE_URL: schema version {version} at {_where(self._dsn)}"
+                    f" is newer than this Whatslike supports ({len(_MIGRATIONS)})"
+                )
+            for number, statements in enumerate(_MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Connection]:
+        if self._pool is None:
+            raise BackendUnavailable(f"PostgreSQL at {_where(self._dsn)} is not open")
+        async with self._pool.acquire(timeout=10) as conn:
+            yield conn
+
+    async def ensure_organization(self, org_id: str) -> None:
+        async with self._connection() as conn:
+            await _ensure_organization(conn, org_id)
+
+    async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
+        conversation = Conversation(new_id("conv"), org_id, channel, contact, 0, utcnow())
+        async with self._connection() as conn, conn.transaction():
+            await _ensure_organization(conn, org_id)
+            await conn.execute(
+                "INSERT INTO conversations (id, org_id, channel, contact, last_seq, created_at)"
+                " VALUES ($1, $2, $3, $4, 0, $5)",
+                conversation.id,
+                org_id,
+                channel,
+                contact,
+                conversation.created_at,
+            )
+        return conversation
+
+    async def get_conversation(self, org_id: str, conversation_id: str) -> Conversation | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM conversations WHERE id = $1 AND org_id = $2",
+                conversation_id,
+                org_id,
+            )
+        return _conversation(row) if row else None
+
+    async def create_message(
+        self, conversation: Conversation, text: str, client_message_id: str
+    ) -> tuple[Message, bool]:
+        message = Message(
+            id=new_id("msg"),
+            conversation_id=conversation.id,
+            org_id=conversation.org_id,
+            channel=conversation.channel,
+            text=text,
+            client_message_id=client_message_id,
+            created_at=utcnow(),
+            state=MessageState(),
+            seq=None,
+        )
+        async with self._connection() as conn:
+            # A concurrent insert of the same key waits for the first one to commit, then
+            # does nothing; the following read (a new snapshot) sees that first message.
+            inserted = await conn.fetchval(
+                "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
+                " client_message_id, created_at, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
+                " DO NOTHING RETURNING id",
+                message.id,
+                message.conversation_id,
+                message.org_id,
+                message.channel,
+                text,
+                client_message_id,
+                message.created_at,
+                message.status.value,
+            )
+            if inserted is not None:
+                return message, True
+            row = await conn.fetchrow(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                " WHERE m.conversation_id = $1 AND m.client_message_id = $2",
+                conversation.id,
+                client_message_id,
+            )
+        assert row is not None, "a conflicting message exists"
+        return _message(row), False
+
+    async def get_message(self, message_id: str) -> Message | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1", message_id
+            )
+        return _message(row) if row else None
+
+    async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
+        async with self._connection() as conn:
+            owned = await conn.fetchval(
+                "SELECT 1 FROM conversations WHERE id = $1 AND org_id = $2",
+                conversation_id,
+                org_id,
+            )
+            if owned is None:
+                return None
+            rows = await conn.fetch(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = $1"
+                f" {_MESSAGE_ORDER}",
+                conversation_id,
+            )
+        return [_message(row) for row in rows]
+
+    async def messages_up_to(self, message_id: str) -> list[Message]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = $1"
+                " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
+                f" {_MESSAGE_ORDER}",
+                message_id,
+            )
+        return [_message(row) for row in rows]
+
+    async def link_provider_id(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> list[ParkedStatus]:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_PROVIDER_KEY_LOCK, channel, provider_message_id)
+            # The first link of a provider id wins; a conflicting later one changes nothing.
+            await conn.execute(
+                "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                channel,
+                provider_message_id,
+                message_id,
+            )
+            await conn.execute(
+                "UPDATE messages SET provider_message_id = $2 WHERE id = (SELECT message_id"
+                " FROM provider_ids WHERE channel = $1 AND provider_message_id = $2)",
+                channel,
+                provider_message_id,
+            )
+            rows = await conn.fetch(
+                "DELETE FROM parked_statuses WHERE channel = $1 AND provider_message_id = $2"
+                " RETURNING id, payload",
+                channel,
+                provider_message_id,
+            )
+        return [
+            ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
+            for row in sorted(rows, key=lambda row: int(row["id"]))
+        ]
+
+    async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
+        async with self._connection() as conn:
+            return await _by_provider_id(conn, channel, provider_message_id)
+
+    async def park_status(self, parked: ParkedStatus) -> Message | None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_PROVIDER_KEY_LOCK, parked.channel, parked.provider_message_id)
+            linked = await _by_provider_id(conn, parked.channel, parked.provider_message_id)
+            if linked is not None:
+                return linked
+            await conn.execute(
+                "INSERT INTO parked_statuses (channel, provider_message_id, payload, parked_at)"
+                " VALUES ($1, $2, $3, $4)",
+                parked.channel,
+                parked.provider_message_id,
+                parked.payload,
+                utcnow(),
+            )
+        return None
+
+    async def apply_status(self, event: StatusEvent) -> ApplyResult:
+        async with self._connection() as conn, conn.transaction():
+            # The row lock serializes the statuses of one message; the conversation row
+            # (updated below, always after the message row) serializes its seqs.
+            row = await conn.fetchrow(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
+                event.message_id,
+            )
+            if row is None:
+                return ApplyResult(effect=Effect.NOOP, unknown_message=True)
+            message = _message(row)
+            earlier = await conn.fetch(
+                "SELECT frame FROM changes WHERE event_id = $1 AND message_id = $2 ORDER BY seq",
+                event.event_id,
+                message.id,
+            )
+            if earlier:
+                again = tuple(str(change["frame"]) for change in earlier)
+                return ApplyResult(effect=Effect.NOOP, frames=again, message=message)
+            observation = Observation(event.status, _ms(event.occurred_at), event.error)
+            transition = rules.apply(message.state, observation)
+            if transition.effect is Effect.NOOP:
+                return ApplyResult(effect=Effect.NOOP, message=message)
+            state, seq = transition.state, message.seq
+            frames: tuple[str, ...] = ()
+            if transition.effect is Effect.CHANGED:
+                seq = int(
+                    await conn.fetchval(
+                        "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1"
+                        " RETURNING last_seq",
+                        message.conversation_id,
+                    )
+                )
+                frame = status_frame(
+                    conversation_id=message.conversation_id,
+                    message_id=message.id,
+                    status=state.status,
+                    seq=seq,
+                    occurred_at=event.occurred_at,
+                    error=state.error if state.status is Status.FAILED else None,
+                )
+                frames = (frame,)
+                await conn.execute(
+                    "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
+                    " VALUES ($1, $2, $3, $4, $5)",
+                    message.conversation_id,
+                    seq,
+                    message.id,
+                    event.event_id,
+                    frame,
+                )
+            await conn.execute(
+                "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
+                " read_at = $6, failed_at = $7, error_code = $8, error_title = $9 WHERE id = $1",
+                message.id,
+                state.status.value,
+                seq,
+                state.sent_at,
+                state.delivered_at,
+                state.read_at,
+                state.failed_at,
+                state.error.code if state.error else None,
+                state.error.title if state.error else None,
+            )
+        return ApplyResult(
+            effect=transition.effect,
+            frames=frames,
+            message=replace(message, state=state, seq=seq),
+        )
+
+    async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
+        async with self._connection() as conn:
+            last_seq: int | None = await conn.fetchval(
+                "SELECT last_seq FROM conversations WHERE id = $1", conversation_id
+            )
+            if last_seq is None:
+                return Changes((), 0, since == 0)
+            wanted = last_seq - since
+            if since > last_seq or wanted > limit:
+                return Changes((), last_seq, False)
+            # Bounded by the last_seq read above: changes committed since then are left
+            # for the next call, so `frames` and `last_seq` always agree.
+            rows = await conn.fetch(
+                "SELECT frame FROM changes WHERE conversation_id = $1 AND seq > $2"
+                " AND seq <= $3 ORDER BY seq",
+                conversation_id,
+                since,
+                last_seq,
+            )
+        if len(rows) != wanted:
+            return Changes((), last_seq, False)
+        return Changes(tuple(str(row["frame"]) for row in rows), last_seq, True)
+
+    async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO dead_letters (topic, payload, reason, at) VALUES ($1, $2, $3, $4)",
+                topic,
+                payload,
+                reason,
+                utcnow(),
+            )
+
+    async def dead_letter_count(self) -> int:
+        async with self._connection() as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
+
+
+async def _ensure_organization(conn: _Connection, org_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO organizations (id, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        org_id,
+        utcnow(),
+    )
+
+
+async def _by_provider_id(
+    conn: _Connection, channel: str, provider_message_id: str
+) -> Message | None:
+    row = await conn.fetchrow(
+        f"SELECT {_MESSAGE_COLUMNS} FROM provider_ids p JOIN messages m ON m.id = p.message_id"
+        " WHERE p.channel = $1 AND p.provider_message_id = $2",
+        channel,
+        provider_message_id,
+    )
+    return _message(row) if row else None

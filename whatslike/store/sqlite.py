@@ -1,0 +1,500 @@
+"""The embedded store: the `Store` port on one SQLite file (WAL), for a single process.
+Every call runs under one asyncio.Lock, and writes in `BEGIN IMMEDIATE` transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from whatslike.clock import format_time, new_id, parse_time, utcnow
+from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.events import StatusEvent
+from whatslike.status import rules
+from whatslike.status.frame import status_frame
+from whatslike.status.rules import Effect, MessageState, Observation, ProviderError, Status
+from whatslike.store.base import (
+    ApplyResult,
+    Changes,
+    Conversation,
+    Message,
+    ParkedStatus,
+)
+
+#: Migration n (1-based) brings the schema from version n-1 to n.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE organizations (
+            id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL REFERENCES organizations (id),
+            channel TEXT NOT NULL,
+            contact TEXT NOT NULL,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX conversations_org ON conversations (org_id)",
+        """CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations (id),
+            org_id TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            text TEXT NOT NULL,
+            client_message_id TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            status TEXT NOT NULL,
+            seq INTEGER,
+            sent_at TEXT,
+            delivered_at TEXT,
+            read_at TEXT,
+            failed_at TEXT,
+            error_code TEXT,
+            error_title TEXT,
+            provider_message_id TEXT
+        )""",
+        """CREATE UNIQUE INDEX messages_client_message_id
+            ON messages (conversation_id, client_message_id) WHERE client_message_id <> ''""",
+        "CREATE INDEX messages_conversation ON messages (conversation_id, created_at, id)",
+        """CREATE TABLE provider_ids (
+            channel TEXT NOT NULL,
+            provider_message_id TEXT NOT NULL,
+            message_id TEXT NOT NULL REFERENCES messages (id),
+            PRIMARY KEY (channel, provider_message_id)
+        )""",
+        """CREATE TABLE parked_statuses (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            channel TEXT NOT NULL,
+            provider_message_id TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            parked_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX parked_statuses_key ON parked_statuses (channel, provider_message_id)",
+        """CREATE TABLE changes (
+            conversation_id TEXT NOT NULL REFERENCES conversations (id),
+            seq INTEGER NOT NULL,
+            message_id TEXT NOT NULL REFERENCES messages (id),
+            event_id TEXT NOT NULL,
+            frame TEXT NOT NULL,
+            PRIMARY KEY (conversation_id, seq)
+        )""",
+        "CREATE INDEX changes_event_id ON changes (event_id)",
+        """CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            reason TEXT NOT NULL,
+            at TEXT NOT NULL
+        )""",
+    ),
+)
+
+_MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
+    m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
+    m.error_code, m.error_title, m.provider_message_id"""
+
+_Rows = list[sqlite3.Row]
+
+
+def _ms(at: datetime) -> datetime:
+    """Truncate to the stored resolution, so a returned state equals the one read back."""
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else parse_time(value)
+
+
+def _stored(at: datetime | None) -> str | None:
+    return None if at is None else format_time(at)
+
+
+def _conversation(row: sqlite3.Row) -> Conversation:
+    return Conversation(
+        id=row["id"],
+        org_id=row["org_id"],
+        channel=row["channel"],
+        contact=row["contact"],
+        last_seq=row["last_seq"],
+        created_at=parse_time(row["created_at"]),
+    )
+
+
+def _message(row: sqlite3.Row) -> Message:
+    error = None
+    if row["error_code"] is not None:
+        error = ProviderError(row["error_code"], row["error_title"])
+    return Message(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        org_id=row["org_id"],
+        channel=row["channel"],
+        text=row["text"],
+        client_message_id=row["client_message_id"],
+        created_at=parse_time(row["created_at"]),
+        state=MessageState(
+            status=Status(row["status"]),
+            sent_at=_time(row["sent_at"]),
+            delivered_at=_time(row["delivered_at"]),
+            read_at=_time(row["read_at"]),
+            failed_at=_time(row["failed_at"]),
+            error=error,
+        ),
+        seq=row["seq"],
+        provider_message_id=row["provider_message_id"],
+    )
+
+
+class SQLiteStore:
+    """The `Store` port on a SQLite file; the parent directory is created at `open()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        # One connection is shared; the lock also keeps reads from seeing another
+        # coroutine's uncommitted transaction on that same connection.
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = await aiosqlite.connect(self.path, isolation_level=None)
+            except (OSError, sqlite3.Error) as exc:
+                raise BackendUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
+            db.row_factory = sqlite3.Row
+            try:
+                await db.execute("PRAGMA journal_mode = WAL")
+                await db.execute("PRAGMA foreign_keys = ON")
+                # Another process on the same file (e.g. the CLI) waits instead of failing.
+                await db.execute("PRAGMA busy_timeout = 5000")
+            except sqlite3.Error as exc:
+                await db.close()
+                raise BackendUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
+            self._db = db
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            async with self._lock:
+                await db.close()
+
+    async def ping(self) -> None:
+        try:
+            await self._read("SELECT 1")
+        except (sqlite3.Error, ValueError) as exc:
+            raise BackendUnavailable(f"SQLite database {self.path} does not answer: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            rows = await _fetch(db, "SELECT max(version) AS version FROM schema_version")
+            version: int = rows[0]["version"] or 0
+            if version > len(_MIGRATIONS):
+                raise ConfigError(
+                    f"WHATSLIKE_DATABASE_URL: schema version {version} of {self.path} is newer "
+                    f"than this Whatslike supports ({len(_MIGRATIONS)})"
+                )
+            for number, statements in enumerate(_MIGRATIONS[version:], start=version + 1):
+                for statement in statements:
+                    await db.execute(statement)
+                await db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise BackendUnavailable(f"SQLite database {self.path} is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            db = self._connection()
+            # IMMEDIATE takes the write lock up front, so a read-then-write never fails
+            # halfway with SQLITE_BUSY against another process.
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def _read(self, sql: str, parameters: Iterable[Any] = ()) -> _Rows:
+        async with self._lock:
+            return await _fetch(self._connection(), sql, parameters)
+
+    async def ensure_organization(self, org_id: str) -> None:
+        async with self._transaction() as db:
+            await _ensure_organization(db, org_id)
+
+    async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
+        conversation = Conversation(new_id("conv"), org_id, channel, contact, 0, utcnow())
+        async with self._transaction() as db:
+            await _ensure_organization(db, org_id)
+            await db.execute(
+                "INSERT INTO conversations (id, org_id, channel, contact, last_seq, created_at)"
+                " VALUES (?, ?, ?, ?, 0, ?)",
+                (conversation.id, org_id, channel, contact, format_time(conversation.created_at)),
+            )
+        return conversation
+
+    async def get_conversation(self, org_id: str, conversation_id: str) -> Conversation | None:
+        rows = await self._read(
+            "SELECT * FROM conversations WHERE id = ? AND org_id = ?", (conversation_id, org_id)
+        )
+        return _conversation(rows[0]) if rows else None
+
+    async def create_message(
+        self, conversation: Conversation, text: str, client_message_id: str
+    ) -> tuple[Message, bool]:
+        message = Message(
+            id=new_id("msg"),
+            conversation_id=conversation.id,
+            org_id=conversation.org_id,
+            channel=conversation.channel,
+            text=text,
+            client_message_id=client_message_id,
+            created_at=utcnow(),
+            state=MessageState(),
+            seq=None,
+        )
+        async with self._transaction() as db:
+            inserted = await _fetch(
+                db,
+                "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
+                " client_message_id, created_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
+                " DO NOTHING RETURNING id",
+                (
+                    message.id,
+                    message.conversation_id,
+                    message.org_id,
+                    message.channel,
+                    text,
+                    client_message_id,
+                    format_time(message.created_at),
+                    message.status.value,
+                ),
+            )
+            if inserted:
+                return message, True
+            rows = await _fetch(
+                db,
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                " WHERE m.conversation_id = ? AND m.client_message_id = ?",
+                (conversation.id, client_message_id),
+            )
+        return _message(rows[0]), False
+
+    async def get_message(self, message_id: str) -> Message | None:
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
+        )
+        return _message(rows[0]) if rows else None
+
+    async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
+        async with self._lock:
+            db = self._connection()
+            owned = await _fetch(
+                db,
+                "SELECT 1 FROM conversations WHERE id = ? AND org_id = ?",
+                (conversation_id, org_id),
+            )
+            if not owned:
+                return None
+            rows = await _fetch(
+                db,
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = ?"
+                " ORDER BY m.created_at, m.id",
+                (conversation_id,),
+            )
+        return [_message(row) for row in rows]
+
+    async def messages_up_to(self, message_id: str) -> list[Message]:
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = ?"
+            " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
+            " ORDER BY m.created_at, m.id",
+            (message_id,),
+        )
+        return [_message(row) for row in rows]
+
+    async def link_provider_id(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> list[ParkedStatus]:
+        key = (channel, provider_message_id)
+        async with self._transaction() as db:
+            # The first link of a provider id wins; a conflicting later one changes nothing.
+            await db.execute(
+                "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
+                " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (*key, message_id),
+            )
+            await db.execute(
+                "UPDATE messages SET provider_message_id = ? WHERE id = (SELECT message_id"
+                " FROM provider_ids WHERE channel = ? AND provider_message_id = ?)",
+                (provider_message_id, *key),
+            )
+            rows = await _fetch(
+                db,
+                "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?"
+                " RETURNING id, payload",
+                key,
+            )
+        return [
+            ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
+            for row in sorted(rows, key=lambda row: int(row["id"]))
+        ]
+
+    async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
+        async with self._lock:
+            return await _by_provider_id(self._connection(), channel, provider_message_id)
+
+    async def park_status(self, parked: ParkedStatus) -> Message | None:
+        async with self._transaction() as db:
+            linked = await _by_provider_id(db, parked.channel, parked.provider_message_id)
+            if linked is not None:
+                return linked
+            await db.execute(
+                "INSERT INTO parked_statuses (channel, provider_message_id, payload, parked_at)"
+                " VALUES (?, ?, ?, ?)",
+                (
+                    parked.channel,
+                    parked.provider_message_id,
+                    parked.payload,
+                    format_time(utcnow()),
+                ),
+            )
+        return None
+
+    async def apply_status(self, event: StatusEvent) -> ApplyResult:
+        async with self._transaction() as db:
+            rows = await _fetch(
+                db,
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?",
+                (event.message_id,),
+            )
+            if not rows:
+                return ApplyResult(effect=Effect.NOOP, unknown_message=True)
+            message = _message(rows[0])
+            earlier = await _fetch(
+                db,
+                "SELECT frame FROM changes WHERE event_id = ? AND message_id = ? ORDER BY seq",
+                (event.event_id, message.id),
+            )
+            if earlier:
+                again = tuple(str(row["frame"]) for row in earlier)
+                return ApplyResult(effect=Effect.NOOP, frames=again, message=message)
+            observation = Observation(event.status, _ms(event.occurred_at), event.error)
+            transition = rules.apply(message.state, observation)
+            if transition.effect is Effect.NOOP:
+                return ApplyResult(effect=Effect.NOOP, message=message)
+            state, seq = transition.state, message.seq
+            frames: tuple[str, ...] = ()
+            if transition.effect is Effect.CHANGED:
+                bumped = await _fetch(
+                    db,
+                    "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ?"
+                    " RETURNING last_seq",
+                    (message.conversation_id,),
+                )
+                seq = int(bumped[0]["last_seq"])
+                frame = status_frame(
+                    conversation_id=message.conversation_id,
+                    message_id=message.id,
+                    status=state.status,
+                    seq=seq,
+                    occurred_at=event.occurred_at,
+                    error=state.error if state.status is Status.FAILED else None,
+                )
+                frames = (frame,)
+                await db.execute(
+                    "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (message.conversation_id, seq, message.id, event.event_id, frame),
+                )
+            await db.execute(
+                "UPDATE messages SET status = ?, seq = ?, sent_at = ?, delivered_at = ?,"
+                " read_at = ?, failed_at = ?, error_code = ?, error_title = ? WHERE id = ?",
+                (
+                    state.status.value,
+                    seq,
+                    _stored(state.sent_at),
+                    _stored(state.delivered_at),
+                    _stored(state.read_at),
+                    _stored(state.failed_at),
+                    state.error.code if state.error else None,
+                    state.error.title if state.error else None,
+                    message.id,
+                ),
+            )
+        return ApplyResult(
+            effect=transition.effect,
+            frames=frames,
+            message=replace(message, state=state, seq=seq),
+        )
+
+    async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
+        async with self._lock:
+            db = self._connection()
+            rows = await _fetch(
+                db, "SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)
+            )
+            if not rows:
+                return Changes((), 0, since == 0)
+            last_seq = int(rows[0]["last_seq"])
+            wanted = last_seq - since
+            if since > last_seq or wanted > limit:
+                return Changes((), last_seq, False)
+            frames = await _fetch(
+                db,
+                "SELECT frame FROM changes WHERE conversation_id = ? AND seq > ? ORDER BY seq",
+                (conversation_id, since),
+            )
+        if len(frames) != wanted:
+            return Changes((), last_seq, False)
+        return Changes(tuple(str(row["frame"]) for row in frames), last_seq, True)
+
+    async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO dead_letters (topic, payload, reason, at) VALUES (?, ?, ?, ?)",
+                (topic, payload, reason, format_time(utcnow())),
+            )
+
+    async def dead_letter_count(self) -> int:
+        rows = await self._read("SELECT count(*) AS n FROM dead_letters")
+        return int(rows[0]["n"])
+
+
+async def _fetch(db: aiosqlite.Connection, sql: str, parameters: Iterable[Any] = ()) -> _Rows:
+    return list(await db.execute_fetchall(sql, parameters))
+
+
+async def _ensure_organization(db: aiosqlite.Connection, org_id: str) -> None:
+    await db.execute(
+        "INSERT INTO organizations (id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (org_id, format_time(utcnow())),
+    )
+
+
+async def _by_provider_id(
+    db: aiosqlite.Connection, channel: str, provider_message_id: str
+) -> Message | None:
+    rows = await _fetch(
+        db,
+        f"SELECT {_MESSAGE_COLUMNS} FROM provider_ids p JOIN messages m ON m.id = p.message_id"
+        " WHERE p.channel = ? AND p.provider_message_id = ?",
+        (channel, provider_message_id),
+    )
+    return _message(rows[0]) if rows else None
