@@ -48,7 +48,7 @@ def _load(raw: bytes) -> dict[str, Any]:
 
 def _text(data: dict[str, Any], name: str, *, optional: bool = False) -> str:
     value = data.get(name)
-    if value is None and optional:
+    if optional and value in (None, ""):
         return ""
     if not isinstance(value, str) or not value:
         raise MalformedEvent(f"field {name!r} must be a non-empty string")

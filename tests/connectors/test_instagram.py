@@ -1,0 +1,212 @@
+"""The Instagram connector: seen webhooks as read watermarks, SENT on Meta's answer,
+parked reads that beat the send answer, and refused sends."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.connectors.test_whatsapp import SECRET, Harness, open_harness
+from whatslike.clock import utcnow
+from whatslike.connectors.base import ProviderUnavailable
+from whatslike.connectors.instagram import InstagramConnector, parse_reads
+from whatslike.connectors.meta import WebhookPayloadError, sign
+from whatslike.events import TOPIC_STATUS, StatusEvent
+from whatslike.status.rules import Status
+from whatslike.store.base import Message
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
+ACCOUNT = "17841400000000001"
+USER = "7000000000000042"
+SEEN_AT_MS = 1764072300120
+
+
+def fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_bytes())
+    return data
+
+
+def seen(mid: str, at_ms: int = SEEN_AT_MS, account: str = ACCOUNT) -> dict[str, Any]:
+    payload = fixture("instagram-seen.json")
+    payload["entry"][0]["id"] = account
+    item = payload["entry"][0]["messaging"][0]
+    item["read"]["mid"] = mid
+    item["timestamp"] = at_ms
+    return payload
+
+
+def answer_with(mid: str) -> Any:
+    answer = fixture("instagram-send-response.json")
+    answer["message_id"] = mid
+    return lambda request: httpx.Response(200, json=answer)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with open_harness(tmp_path, InstagramConnector) as harness:
+        yield harness
+
+
+async def sent_message(harness: Harness, mid: str, text: str) -> Message:
+    """A message Meta accepted as `mid`, in the one conversation with USER."""
+    await asyncio.sleep(0.002)  # distinct created_at: the watermark orders by it
+    message = await harness.message(text, contact=USER)
+    harness.send_handler = answer_with(mid)
+    await harness.send(message, to=USER)
+    return message
+
+
+def reads(harness: Harness) -> list[str]:
+    return [e.message_id for e in harness.bus.statuses() if e.status is Status.READ]
+
+
+# -- parsing ---------------------------------------------------------------------------
+
+
+def test_parse_seen_fixture() -> None:
+    [read] = parse_reads(fixture("instagram-seen.json"))
+    assert read.account_id == ACCOUNT
+    assert read.provider_message_id == fixture("instagram-send-response.json")["message_id"]
+    assert read.occurred_at == datetime(2025, 11, 25, 12, 5, 0, 120000, tzinfo=UTC)
+    assert json.loads(read.payload)["read"]["mid"] == read.provider_message_id
+
+
+def test_parse_skips_other_messaging_events_and_objects() -> None:
+    payload = fixture("instagram-seen.json")
+    message_event = {"sender": {"id": USER}, "timestamp": 1, "message": {"mid": "m", "text": "oi"}}
+    payload["entry"][0]["messaging"].insert(0, message_event)
+    second = copy.deepcopy(payload["entry"][0])
+    second["messaging"] = [second["messaging"][1]]
+    second["messaging"][0]["read"]["mid"] = "other"
+    payload["entry"].append(second)
+    assert [r.provider_message_id for r in parse_reads(payload)][1:] == ["other"]
+    assert len(parse_reads(payload)) == 2
+    assert parse_reads({"object": "page", "entry": []}) == []
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda p: p.update(entry=3),
+        lambda p: p["entry"][0].pop("id"),
+        lambda p: p["entry"][0]["messaging"][0].update(timestamp="yesterday"),
+        lambda p: p["entry"][0]["messaging"][0].update(read={"watermark": 1}),
+        lambda p: p["entry"][0]["messaging"][0].update(read=None),
+    ],
+)
+def test_malformed_payloads_raise(breakage: Any) -> None:
+    payload = fixture("instagram-seen.json")
+    breakage(payload)
+    with pytest.raises(WebhookPayloadError):
+        parse_reads(payload)
+
+
+# -- sending ---------------------------------------------------------------------------
+
+
+async def test_send_shape_then_sent_published(harness: Harness) -> None:
+    before = utcnow()
+    message = await sent_message(harness, "mid.1", "Seu pedido foi enviado")
+    [request] = harness.requests
+    assert str(request.url) == "http://127.0.0.1:8123/simulator/v21.0/me/messages"
+    assert request.headers["authorization"] == "Bearer whatslike-dev-access-token"
+    assert json.loads(request.content) == fixture("instagram-send-request.json")
+    [(topic, key, _)] = harness.bus.published
+    assert (topic, key) == (TOPIC_STATUS, message.conversation_id)
+    [event] = harness.bus.statuses()
+    assert (event.status, event.provider_message_id) == (Status.SENT, "mid.1")
+    assert event.occurred_at >= before
+    linked = await harness.store.find_by_provider_id("instagram", "mid.1")
+    assert linked is not None and linked.id == message.id
+
+
+async def test_send_refused_publishes_failed_and_5xx_raises(harness: Harness) -> None:
+    message = await harness.message("x", contact=USER)
+    harness.send_handler = lambda request: httpx.Response(502)
+    with pytest.raises(ProviderUnavailable):
+        await harness.send(message, to=USER)
+    refusal = {"error": {"message": "(#551) This person isn't available right now.", "code": 551}}
+    harness.send_handler = lambda request: httpx.Response(400, json=refusal)
+    await harness.send(message, to=USER)
+    [event] = harness.bus.statuses()
+    assert event.status is Status.FAILED
+    assert event.error is not None and event.error.code == "551"
+
+
+# -- webhooks --------------------------------------------------------------------------
+
+
+async def test_signature_and_handshake(harness: Harness) -> None:
+    raw = (FIXTURES / "instagram-seen.json").read_bytes()
+    assert (await harness.post(raw, None)).status_code == 403
+    assert (
+        await harness.post(json.dumps(json.loads(raw)).encode(), sign(SECRET, raw))
+    ).status_code == 403
+    assert (await harness.post(raw, sign(SECRET, raw))).status_code == 200
+    params = {
+        "hub.mode": "subscribe",
+        "hub.verify_token": "whatslike-dev-verify-token",
+        "hub.challenge": "c",
+    }
+    assert (await harness.client.get("/webhooks/instagram", params=params)).text == "c"
+
+
+async def test_seen_is_a_watermark_for_earlier_messages(harness: Harness) -> None:
+    first = await sent_message(harness, "mid.1", "one")
+    refused = await harness.message("two", contact=USER)  # never accepted: no provider id
+    second = await sent_message(harness, "mid.3", "three")
+    later = await sent_message(harness, "mid.4", "four")
+    already_read = StatusEvent(
+        "evt_r", first.id, first.conversation_id, "org1", "instagram",
+        Status.READ, "mid.1", utcnow(),
+    )  # fmt: skip
+    await harness.store.apply_status(already_read)
+    harness.bus.published.clear()
+
+    assert (await harness.post(seen("mid.3"))).status_code == 200
+    events = harness.bus.statuses()
+    assert [e.message_id for e in events] == [second.id]  # first is READ already
+    assert refused.id not in reads(harness) and later.id not in reads(harness)
+    assert events[0].occurred_at == datetime.fromtimestamp(SEEN_AT_MS / 1000, UTC)
+
+    harness.bus.published.clear()
+    assert (await harness.post(seen("mid.4"))).status_code == 200
+    assert sorted(reads(harness)) == sorted([second.id, later.id])
+
+
+async def test_seen_before_send_answer_is_parked_then_applied(harness: Harness) -> None:
+    first = await sent_message(harness, "mid.1", "one")
+    await asyncio.sleep(0.002)
+    second = await harness.message("two", contact=USER)
+    harness.bus.published.clear()
+
+    assert (await harness.post(seen("mid.2"))).status_code == 200
+    assert harness.bus.published == []  # mid.2 unknown yet: parked
+
+    harness.send_handler = answer_with("mid.2")
+    await harness.send(second, to=USER)
+    events = [(e.message_id, e.status) for e in harness.bus.statuses()]
+    assert events[0] == (second.id, Status.SENT)
+    assert sorted(events[1:]) == sorted([(second.id, Status.READ), (first.id, Status.READ)])
+
+
+async def test_seen_for_another_account_is_skipped(harness: Harness) -> None:
+    await sent_message(harness, "mid.1", "one")
+    harness.bus.published.clear()
+    assert (await harness.post(seen("mid.1", account="999"))).status_code == 200
+    assert harness.bus.published == []
+
+
+async def test_store_failure_answers_503(harness: Harness) -> None:
+    await harness.store.close()
+    response = await harness.post(seen("mid.1"))
+    assert response.status_code == 503
+    assert response.json() == {"error": {"code": "unavailable", "message": "try again later"}}

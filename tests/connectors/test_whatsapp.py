@@ -1,0 +1,487 @@
+"""The WhatsApp connector: status parsing on Meta's payloads, the signed webhook route,
+parking statuses that beat the send answer, and sending through the Graph API."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from whatslike.clock import utcnow
+from whatslike.connectors.base import MetaConnector, ProviderUnavailable
+from whatslike.connectors.meta import WebhookPayloadError, sign
+from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
+from whatslike.errors import MalformedEvent
+from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
+from whatslike.fanout.memory import MemoryFanout
+from whatslike.metrics import Metrics
+from whatslike.roles import Deps
+from whatslike.settings import load_settings
+from whatslike.status.rules import ProviderError, Status
+from whatslike.store.base import Conversation, Message
+from whatslike.store.sqlite import SQLiteStore
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
+PHONE = "109876543210987"
+SECRET = "test-app-secret"
+WAMID = "wamid.HBgNNTUxMTk4ODg3NzY2NRUCABEYEjRBMkQ3QjE5QzA1RDk4RTFBAA=="
+
+SendHandler = Callable[[httpx.Request], httpx.Response]
+
+
+def fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_bytes())
+    return data
+
+
+def status_webhook(*statuses: dict[str, Any], phone: str = PHONE) -> dict[str, Any]:
+    payload = fixture("whatsapp-status-sent.json")
+    value = payload["entry"][0]["changes"][0]["value"]
+    value["metadata"]["phone_number_id"] = phone
+    value["statuses"] = list(statuses)
+    return payload
+
+
+def status(wamid: str, name: str, callback: str = "", at: str = "1764072000") -> dict[str, Any]:
+    item: dict[str, Any] = {"id": wamid, "status": name, "timestamp": at, "recipient_id": "55"}
+    if callback:
+        item["biz_opaque_callback_data"] = callback
+    return item
+
+
+class RecordingBus:
+    """Keeps what is published; `fail` makes publish raise, like a full bus."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, bytes]] = []
+        self.fail = False
+
+    def subscribe(self, topic: str, group: str, handler: Callable[[bytes], Any]) -> None:
+        self.subscribed = (topic, group)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def publish(self, topic: str, key: str, value: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("bus down")
+        self.published.append((topic, key, value))
+
+    def statuses(self) -> list[StatusEvent]:
+        return [StatusEvent.from_json(v) for t, _, v in self.published if t == TOPIC_STATUS]
+
+
+class Harness:
+    """A connector on a real SQLite store, a recording bus and a scripted Graph API."""
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        http: httpx.AsyncClient,
+        connector_type: Callable[[Deps], MetaConnector[Any]],
+    ) -> None:
+        self.store = store
+        self.bus = RecordingBus()
+        self.send_handler: SendHandler = lambda request: httpx.Response(500)
+        self.requests: list[httpx.Request] = []
+        self.settings = load_settings(meta_app_secret=SECRET, port=8123)
+        self.connector = connector_type(
+            Deps(
+                settings=self.settings,
+                store=store,
+                bus=self.bus,
+                fanout=MemoryFanout(),
+                http=http,
+                metrics=Metrics(),
+                jwt_secret="x",
+            )
+        )
+        self.channel = self.connector.channel
+        self.conversations: dict[str, Conversation] = {}
+        app = Starlette(routes=self.connector.routes())
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        )
+
+    async def message(self, text: str = "Seu pedido foi enviado", contact: str = "") -> Message:
+        """A new PENDING message, in a new conversation unless `contact` names one."""
+        conversation = self.conversations.get(contact)
+        if conversation is None:
+            conversation = await self.store.create_conversation("org1", self.channel, contact)
+            self.conversations[contact] = conversation
+        message, _ = await self.store.create_message(conversation, text, f"client-{text}")
+        return message
+
+    async def post(
+        self, payload: dict[str, Any] | bytes, signature: str | None = ""
+    ) -> httpx.Response:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if signature is not None:
+            headers["X-Hub-Signature-256"] = signature or sign(SECRET, body)
+        return await self.client.post(f"/webhooks/{self.channel}", content=body, headers=headers)
+
+    async def send(self, message: Message, to: str = "+5511988877665") -> None:
+        outbound = OutboundMessage(
+            event_id="evt_1",
+            message_id=message.id,
+            conversation_id=message.conversation_id,
+            org_id=message.org_id,
+            channel=self.channel,
+            to=to,
+            text=message.text,
+            client_message_id=message.client_message_id,
+            created_at=message.created_at,
+        )
+        await self.connector.send(outbound.to_json())
+
+
+@asynccontextmanager
+async def open_harness(
+    tmp_path: Path, connector_type: Callable[[Deps], MetaConnector[Any]]
+) -> AsyncIterator[Harness]:
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    holder: list[Harness] = []
+
+    def graph_api(request: httpx.Request) -> httpx.Response:
+        holder[0].requests.append(request)
+        return holder[0].send_handler(request)
+
+    try:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(graph_api)) as http:
+            harness = Harness(store, http, connector_type)
+            holder.append(harness)
+            async with harness.client:
+                yield harness
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with open_harness(tmp_path, WhatsAppConnector) as harness:
+        yield harness
+
+
+def answer_with(wamid: str) -> SendHandler:
+    answer = fixture("whatsapp-send-response.json")
+    answer["messages"][0]["id"] = wamid
+    return lambda request: httpx.Response(200, json=answer)
+
+
+# -- parsing ---------------------------------------------------------------------------
+
+
+def test_parse_sent_fixture() -> None:
+    [sent] = parse_statuses(fixture("whatsapp-status-sent.json"))
+    assert sent.phone_number_id == PHONE
+    assert sent.provider_message_id == WAMID
+    assert sent.status is Status.SENT
+    assert sent.occurred_at == datetime.fromtimestamp(1764072000, UTC)
+    assert sent.error is None
+    assert sent.callback_data == "msg_01JCXZ7Q3W"
+    assert json.loads(sent.payload)["id"] == WAMID
+
+
+def test_parse_delivered_fixture_without_callback_data() -> None:
+    [delivered] = parse_statuses(fixture("whatsapp-status-delivered.json"))
+    assert delivered.status is Status.DELIVERED
+    assert delivered.callback_data == ""
+
+
+def test_parse_failed_fixture_keeps_the_first_error() -> None:
+    [failed] = parse_statuses(fixture("whatsapp-status-failed.json"))
+    assert failed.status is Status.FAILED
+    assert failed.error == ProviderError("131026", "Message undeliverable")
+    assert failed.occurred_at == datetime.fromtimestamp(1764072130, UTC)
+
+
+def test_parse_inbound_text_has_no_statuses() -> None:
+    assert parse_statuses(fixture("whatsapp-inbound-text.json")) == []
+
+
+def test_parse_read_and_failed_without_errors() -> None:
+    payload = status_webhook(status("w1", "read"), status("w2", "failed"))
+    read, failed = parse_statuses(payload)
+    assert read.status is Status.READ
+    assert failed.error is not None and failed.error.code == "unknown"
+
+
+def test_parse_every_entry_change_and_status() -> None:
+    payload = status_webhook(status("w1", "sent"), status("w2", "delivered"))
+    second = copy.deepcopy(payload["entry"][0])
+    second["changes"][0]["value"]["statuses"] = [status("w3", "read")]
+    second["changes"].append({"field": "account_update", "value": {"anything": 1}})
+    second["changes"].append(copy.deepcopy(second["changes"][0]))
+    second["changes"][2]["value"]["statuses"] = [status("w1", "read")]
+    payload["entry"].append(second)
+    parsed = [(s.provider_message_id, s.status) for s in parse_statuses(payload)]
+    assert parsed == [
+        ("w1", Status.SENT),
+        ("w2", Status.DELIVERED),
+        ("w3", Status.READ),
+        ("w1", Status.READ),
+    ]
+
+
+def test_unknown_status_is_skipped() -> None:
+    payload = status_webhook(status("w1", "deleted"), status("w2", "sent"), status("w3", "warning"))
+    assert [s.provider_message_id for s in parse_statuses(payload)] == ["w2"]
+
+
+def test_other_objects_are_ignored() -> None:
+    assert parse_statuses({"object": "page", "entry": "whatever"}) == []
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda p: p.update(entry={"not": "a list"}),
+        lambda p: p["entry"][0].update(changes=[1]),
+        lambda p: p["entry"][0]["changes"][0].update(value=None),
+        lambda p: p["entry"][0]["changes"][0]["value"].pop("metadata"),
+        lambda p: p["entry"][0]["changes"][0]["value"]["statuses"][0].pop("id"),
+        lambda p: p["entry"][0]["changes"][0]["value"]["statuses"][0].update(timestamp="soon"),
+        lambda p: p["entry"][0]["changes"][0]["value"].update(statuses={"id": "x"}),
+    ],
+)
+def test_malformed_payloads_raise(breakage: Callable[[dict[str, Any]], None]) -> None:
+    payload = fixture("whatsapp-status-sent.json")
+    breakage(payload)
+    with pytest.raises(WebhookPayloadError):
+        parse_statuses(payload)
+
+
+# -- webhook route ---------------------------------------------------------------------
+
+
+async def test_handshake(harness: Harness) -> None:
+    params = {"hub.mode": "subscribe", "hub.challenge": "42"}
+    good = await harness.client.get(
+        "/webhooks/whatsapp", params={**params, "hub.verify_token": "whatslike-dev-verify-token"}
+    )
+    assert (good.status_code, good.text) == (200, "42")
+    bad = await harness.client.get(
+        "/webhooks/whatsapp", params={**params, "hub.verify_token": "guess"}
+    )
+    assert bad.status_code == 403
+    assert bad.json()["error"]["code"] == "forbidden"
+
+
+async def test_signature_checked_on_raw_bytes_before_parsing(harness: Harness) -> None:
+    raw = (FIXTURES / "whatsapp-status-sent.json").read_bytes()
+    reserialized = json.dumps(json.loads(raw)).encode()
+    for body, signature in (
+        (raw, None),
+        (raw, "sha256=" + "0" * 64),
+        (reserialized, sign(SECRET, raw)),
+        (b"not json at all", None),
+    ):
+        response = await harness.post(body, signature)
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "forbidden"
+    assert harness.bus.published == []
+    assert (await harness.post(raw, sign(SECRET, raw))).status_code == 200
+
+
+async def test_malformed_signed_body_is_400(harness: Harness) -> None:
+    for body in (b"not json", b"[1, 2]", b'{"object":"whatsapp_business_account","entry":7}'):
+        response = await harness.post(body)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "bad_request"
+
+
+async def test_status_resolved_by_callback_data(harness: Harness) -> None:
+    message = await harness.message()
+    response = await harness.post(status_webhook(status(WAMID, "sent", callback=message.id)))
+    assert response.status_code == 200
+    [(topic, key, _)] = harness.bus.published
+    assert (topic, key) == (TOPIC_STATUS, message.conversation_id)
+    [event] = harness.bus.statuses()
+    assert event.message_id == message.id
+    assert event.org_id == "org1"
+    assert event.conversation_id == message.conversation_id
+    assert event.channel == "whatsapp"
+    assert event.status is Status.SENT
+    assert event.provider_message_id == WAMID
+    assert event.occurred_at == datetime.fromtimestamp(1764072000, UTC)
+    assert event.event_id.startswith("evt_")
+
+
+async def test_batched_post_for_several_messages(harness: Harness) -> None:
+    first, second = await harness.message("one"), await harness.message("two")
+    await harness.store.link_provider_id("whatsapp", "wamid.A", first.id)
+    await harness.store.link_provider_id("whatsapp", "wamid.B", second.id)
+    payload = status_webhook(
+        status("wamid.A", "delivered", at="1764072001"),
+        status("wamid.B", "sent", callback=second.id),
+        status("wamid.A", "read", at="1764072005"),
+        status("wamid.B", "failed"),
+        status("wamid.B", "played"),
+    )
+    assert (await harness.post(payload)).status_code == 200
+    events = [(e.message_id, e.status) for e in harness.bus.statuses()]
+    assert events == [
+        (first.id, Status.DELIVERED),
+        (second.id, Status.SENT),
+        (first.id, Status.READ),
+        (second.id, Status.FAILED),
+    ]
+
+
+async def test_status_of_another_phone_number_is_skipped(harness: Harness) -> None:
+    message = await harness.message()
+    payload = status_webhook(status(WAMID, "sent", callback=message.id), phone="999")
+    assert (await harness.post(payload)).status_code == 200
+    assert harness.bus.published == []
+
+
+async def test_bus_failure_answers_503_so_meta_retries(harness: Harness) -> None:
+    message = await harness.message()
+    harness.bus.fail = True
+    response = await harness.post(status_webhook(status(WAMID, "sent", callback=message.id)))
+    assert response.status_code == 503
+    assert set(response.json()["error"]) == {"code", "message"}
+    assert "Traceback" not in response.text
+
+
+# -- statuses that beat the send answer ------------------------------------------------
+
+
+async def test_webhook_before_send_answer_is_parked_then_applied(harness: Harness) -> None:
+    message = await harness.message()
+    early = status_webhook(status(WAMID, "delivered"), status(WAMID, "sent"))
+    assert (await harness.post(early)).status_code == 200
+    assert harness.bus.published == []  # nothing to say yet: parked
+
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    events = harness.bus.statuses()
+    assert [(e.message_id, e.status) for e in events] == [
+        (message.id, Status.DELIVERED),
+        (message.id, Status.SENT),
+    ]
+    assert all(e.provider_message_id == WAMID for e in events)
+    linked = await harness.store.find_by_provider_id("whatsapp", WAMID)
+    assert linked is not None and linked.id == message.id
+
+
+async def test_webhook_after_send_answer_resolves_by_provider_id(harness: Harness) -> None:
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    assert harness.bus.published == []
+    assert (await harness.post(status_webhook(status(WAMID, "read")))).status_code == 200
+    [event] = harness.bus.statuses()
+    assert (event.message_id, event.status) == (message.id, Status.READ)
+
+
+# -- sending ---------------------------------------------------------------------------
+
+
+async def test_send_request_shape(harness: Harness) -> None:
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    [request] = harness.requests
+    assert str(request.url) == "http://127.0.0.1:8123/simulator/v21.0/109876543210987/messages"
+    assert request.headers["authorization"] == "Bearer whatslike-dev-access-token"
+    expected = fixture("whatsapp-send-request.json")
+    expected["biz_opaque_callback_data"] = message.id
+    expected["to"] = "+5511988877665"
+    assert json.loads(request.content) == expected
+
+
+async def test_send_refused_by_meta_publishes_failed(harness: Harness) -> None:
+    message = await harness.message()
+    refusal = {
+        "error": {
+            "message": "(#131030) Recipient phone number not in allowed list",
+            "type": "OAuthException",
+            "code": 131030,
+            "fbtrace_id": "Az8or2yhqkZfEZ-_4Qn_Bam",
+        }
+    }
+    harness.send_handler = lambda request: httpx.Response(400, json=refusal)
+    await harness.send(message)
+    [event] = harness.bus.statuses()
+    assert event.status is Status.FAILED
+    assert event.error == ProviderError(
+        "131030", "(#131030) Recipient phone number not in allowed list"
+    )
+    assert event.provider_message_id == ""
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        lambda request: httpx.Response(500, json={"error": {"code": 2, "message": "down"}}),
+        lambda request: httpx.Response(503, text="<html>busy</html>"),
+        lambda request: httpx.Response(
+            429, json={"error": {"code": 4, "message": "(#4) Application request limit"}}
+        ),
+        lambda request: httpx.Response(
+            400, json={"error": {"code": 130429, "message": "Rate limit hit"}}
+        ),
+        lambda request: httpx.Response(
+            400, json={"error": {"code": 1, "message": "try later", "is_transient": True}}
+        ),
+    ],
+)
+async def test_send_retriable_answers_raise(harness: Harness, handler: SendHandler) -> None:
+    message = await harness.message()
+    harness.send_handler = handler
+    with pytest.raises(ProviderUnavailable):
+        await harness.send(message)
+    assert harness.bus.published == []
+
+
+async def test_send_network_error_raises(harness: Harness) -> None:
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    message = await harness.message()
+    harness.send_handler = unreachable
+    with pytest.raises(ProviderUnavailable):
+        await harness.send(message)
+
+
+async def test_redelivered_send_is_not_sent_twice(harness: Harness) -> None:
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    await harness.send(message)  # the bus redelivers after a crash: already linked
+    sent = StatusEvent(
+        "evt_x", message.id, message.conversation_id, "org1", "whatsapp",
+        Status.SENT, WAMID, utcnow(),
+    )  # fmt: skip
+    await harness.store.apply_status(sent)
+    await harness.send(message)  # no longer PENDING
+    assert len(harness.requests) == 1
+
+
+async def test_send_of_unknown_message_is_dead_lettered(harness: Harness) -> None:
+    ghost = OutboundMessage(
+        "evt_2", "msg_ghost", "conv", "org1", "whatsapp", "+55", "hi", "c", utcnow()
+    )
+    with pytest.raises(MalformedEvent):
+        await harness.connector.send(ghost.to_json())
+
+
+async def test_subscribes_to_its_topic_as_its_group(harness: Harness) -> None:
+    assert harness.bus.subscribed == (outbound_topic("whatsapp"), "connector-whatsapp")

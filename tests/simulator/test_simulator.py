@@ -1,0 +1,385 @@
+"""The Meta simulator: payload shapes against Meta's fixtures, Graph API answers and
+errors, runtime controls, and signed webhooks delivered to a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from tests.connectors.test_whatsapp import RecordingBus
+from whatslike.connectors.instagram import parse_reads
+from whatslike.connectors.meta import signature_valid
+from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
+from whatslike.events import OutboundMessage
+from whatslike.fanout.memory import MemoryFanout
+from whatslike.metrics import Metrics
+from whatslike.roles import Deps
+from whatslike.settings import Settings, load_settings
+from whatslike.simulator import payloads
+from whatslike.simulator.app import Controls, Simulator, changed_controls
+from whatslike.status.rules import Status
+from whatslike.store.sqlite import SQLiteStore
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
+SECRET = "sim-secret"
+TOKEN = "sim-token"
+PHONE = "109876543210987"
+ACCOUNT = "17841400000000001"
+WA_SEND = f"/simulator/v21.0/{PHONE}/messages"
+IG_SEND = "/simulator/v21.0/me/messages"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_bytes())
+    return data
+
+
+def settings(port: int = 8123, **overrides: Any) -> Settings:
+    return load_settings(
+        meta_app_secret=SECRET, meta_access_token=TOKEN, port=port, sim_seed=7, **overrides
+    )
+
+
+def deps(config: Settings, http: httpx.AsyncClient, store: Any = None) -> Deps:
+    return Deps(
+        settings=config,
+        store=store,
+        bus=RecordingBus(),
+        fanout=MemoryFanout(),
+        http=http,
+        metrics=Metrics(),
+        jwt_secret="x",
+    )
+
+
+def shape(value: Any) -> Any:
+    """The keys of nested objects (values dropped), to compare shapes with fixtures."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape(item) for item in value]
+    return type(value).__name__
+
+
+# -- payload builders against the fixtures ---------------------------------------------
+
+
+def test_status_webhooks_have_the_fixture_shapes() -> None:
+    for name, callback in (("sent", "msg_01JCXZ7Q3W"), ("delivered", None), ("failed", None)):
+        expected = fixture(f"whatsapp-status-{name}.json")
+        wamid = expected["entry"][0]["changes"][0]["value"]["statuses"][0]["id"]
+        recipient = expected["entry"][0]["changes"][0]["value"]["statuses"][0]["recipient_id"]
+        status = payloads.whatsapp_status(wamid, name, 1764072000, recipient, callback)
+        built = payloads.whatsapp_status_webhook(PHONE, [status])
+        assert shape(built) == shape(expected)
+    failed = payloads.whatsapp_status("w", "failed", 1, "55", None)
+    assert (
+        failed["errors"]
+        == fixture("whatsapp-status-failed.json")["entry"][0]["changes"][0]["value"]["statuses"][0][
+            "errors"
+        ]
+    )
+
+
+def test_built_webhooks_parse_back() -> None:
+    statuses = [
+        payloads.whatsapp_status("w1", "sent", 1764072000, "55", "msg_1"),
+        payloads.whatsapp_status("w1", "read", 1764072003, "55", None),
+    ]
+    parsed = parse_statuses(payloads.whatsapp_status_webhook(PHONE, statuses))
+    assert [(s.status, s.callback_data) for s in parsed] == [
+        (Status.SENT, "msg_1"),
+        (Status.READ, ""),
+    ]
+    seen = payloads.instagram_seen(ACCOUNT, "7000000000000042", "mid.1", 1764072300120)
+    webhook = payloads.instagram_webhook(ACCOUNT, [seen], 1764072300500)
+    assert shape(webhook) == shape(fixture("instagram-seen.json"))
+    [read] = parse_reads(webhook)
+    assert (read.account_id, read.provider_message_id) == (ACCOUNT, "mid.1")
+
+
+def test_send_answers_have_the_fixture_shapes() -> None:
+    wamid = payloads.new_wamid()
+    assert wamid.startswith("wamid.") and wamid != payloads.new_wamid()
+    answer = payloads.whatsapp_send_answer("+5511988877665", wamid)
+    expected = fixture("whatsapp-send-response.json")
+    expected["messages"][0]["id"] = wamid
+    assert answer == expected
+    mid = payloads.new_instagram_mid()
+    assert payloads.instagram_send_answer("7000000000000042", mid) == {
+        "recipient_id": "7000000000000042",
+        "message_id": mid,
+    }
+    assert payloads.whatsapp_send_problem(fixture("whatsapp-send-request.json")) is None
+    assert payloads.instagram_send_problem(fixture("instagram-send-request.json")) is None
+
+
+def test_controls_validation() -> None:
+    start = Controls(disorder=False, failure_rate=0.0, delay_ms=300)
+    assert changed_controls(start, {"disorder": True, "failure_rate": 1}) == Controls(
+        True, 1.0, 300
+    )
+    bad: Any
+    for bad in (
+        [],
+        {"disorder": "yes"},
+        {"failure_rate": 1.5},
+        {"failure_rate": True},
+        {"delay_ms": -1},
+        {"delay_ms": 2.5},
+        {"delay": 3},
+    ):
+        with pytest.raises(ValueError):
+            changed_controls(start, bad)
+
+
+# -- Graph API answers, in-process -----------------------------------------------------
+
+
+@asynccontextmanager
+async def in_process(**overrides: Any) -> AsyncIterator[tuple[Simulator, httpx.AsyncClient]]:
+    """A simulator without delivery workers: webhooks stay queued."""
+    async with httpx.AsyncClient() as http:
+        simulator = Simulator(deps(settings(**overrides), http))
+        app = Starlette(routes=simulator.routes())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+            yield simulator, client
+
+
+async def test_whatsapp_send_answers_like_meta() -> None:
+    async with in_process() as (simulator, client):
+        response = await client.post(
+            WA_SEND, json=fixture("whatsapp-send-request.json"), headers=AUTH
+        )
+        assert response.status_code == 200
+        body = response.json()
+        assert shape(body) == shape(fixture("whatsapp-send-response.json"))
+        assert body["messages"][0]["id"].startswith("wamid.")
+        assert body["contacts"][0]["wa_id"] == "5511988877665"
+        assert simulator.schedule.pending == 3  # sent, delivered, read
+
+
+async def test_instagram_send_answers_like_meta() -> None:
+    async with in_process() as (simulator, client):
+        response = await client.post(
+            IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
+        )
+        assert response.status_code == 200
+        assert shape(response.json()) == shape(fixture("instagram-send-response.json"))
+        assert simulator.schedule.pending == 1
+
+
+def assert_meta_error(response: httpx.Response, status: int, code: int) -> None:
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"] and error["type"] == "OAuthException" and error["fbtrace_id"]
+
+
+async def test_graph_api_errors() -> None:
+    good = fixture("whatsapp-send-request.json")
+    async with in_process() as (_, client):
+        assert_meta_error(await client.post(WA_SEND, json=good), 401, 190)
+        wrong = {"Authorization": "Bearer guess"}
+        assert_meta_error(await client.post(IG_SEND, json=good, headers=wrong), 401, 190)
+        for bad in ({**good, "to": ""}, {**good, "text": {}}, {"messaging_product": "sms"}):
+            assert_meta_error(await client.post(WA_SEND, json=bad, headers=AUTH), 400, 100)
+        not_json = await client.post(WA_SEND, content=b"{", headers=AUTH)
+        assert_meta_error(not_json, 400, 100)
+        other_phone = await client.post("/simulator/v21.0/1/messages", json=good, headers=AUTH)
+        assert_meta_error(other_phone, 400, 100)
+        no_text = {"recipient": {"id": "1"}, "message": {}}
+        assert_meta_error(await client.post(IG_SEND, json=no_text, headers=AUTH), 400, 100)
+
+
+async def test_full_queue_answers_429() -> None:
+    async with in_process(sim_queue_size=4) as (simulator, client):
+        request = fixture("whatsapp-send-request.json")
+        assert (await client.post(WA_SEND, json=request, headers=AUTH)).status_code == 200
+        refused = await client.post(WA_SEND, json=request, headers=AUTH)
+        assert_meta_error(refused, 429, 4)
+        assert simulator.schedule.pending == 3
+
+
+async def test_instagram_failure_is_a_refused_send() -> None:
+    async with in_process(sim_failure_rate=1.0) as (_, client):
+        response = await client.post(
+            IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
+        )
+        assert_meta_error(response, 400, 551)
+
+
+async def test_control_reads_and_changes_at_runtime() -> None:
+    async with in_process(sim_delay_ms=50) as (simulator, client):
+        state = (await client.get("/simulator/control")).json()
+        assert state == {"disorder": False, "failure_rate": 0.0, "delay_ms": 50}
+        changed = await client.post("/simulator/control", json={"disorder": True})
+        assert changed.json() == {"disorder": True, "failure_rate": 0.0, "delay_ms": 50}
+        assert simulator.controls.disorder
+        bad = await client.post("/simulator/control", json={"failure_rate": 7})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["code"] == "bad_request"
+        assert (await client.post("/simulator/control", content=b"nope")).status_code == 400
+        assert (await client.get("/simulator/control")).json()["disorder"] is True
+
+
+# -- webhooks over real HTTP -----------------------------------------------------------
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 10) -> None:
+    """Poll: uvicorn and the simulator's workers offer no event to wait on."""
+    for _ in range(int(timeout_s / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached in time")
+
+
+class Receiver:
+    """Stands where the connectors' webhook routes would be; records every POST."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, bytes, str | None]] = []
+        self.answers: list[int] = []  # statuses to answer first, then 200
+
+    def routes(self) -> list[BaseRoute]:
+        return [Route("/webhooks/{channel}", self.receive, methods=["POST"])]
+
+    async def receive(self, request: Request) -> Response:
+        body = await request.body()
+        header = request.headers.get("X-Hub-Signature-256")
+        self.posts.append((request.path_params["channel"], body, header))
+        return Response(status_code=self.answers.pop(0) if self.answers else 200)
+
+
+@asynccontextmanager
+async def served(
+    build: Callable[[Settings, httpx.AsyncClient], list[BaseRoute]],
+    roles: Callable[[], list[Simulator]],
+    **overrides: Any,
+) -> AsyncIterator[Settings]:
+    """A real uvicorn server on a free port, with the routes `build` returns."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = settings(port=sock.getsockname()[1], **overrides)
+    async with httpx.AsyncClient() as http:
+        app = Starlette(routes=build(config, http))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        for role in roles():
+            await role.start()
+        try:
+            await eventually(lambda: server.started)
+            yield config
+        finally:
+            for role in roles():
+                await role.stop()
+            server.should_exit = True
+            await task
+            sock.close()
+
+
+async def test_whatsapp_webhooks_signed_in_order() -> None:
+    receiver = Receiver()
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[0].routes() + receiver.routes()
+
+    async with served(build, lambda: sims, sim_delay_ms=20) as config:
+        async with httpx.AsyncClient(base_url=config.base_url) as client:
+            response = await client.post(
+                WA_SEND, json=fixture("whatsapp-send-request.json"), headers=AUTH
+            )
+        wamid = response.json()["messages"][0]["id"]
+        await eventually(lambda: len(receiver.posts) == 3)
+    statuses = []
+    for channel, body, header in receiver.posts:
+        assert channel == "whatsapp"
+        assert signature_valid(SECRET, body, header)
+        statuses += parse_statuses(json.loads(body))
+    assert [s.status for s in statuses] == [Status.SENT, Status.DELIVERED, Status.READ]
+    assert {s.provider_message_id for s in statuses} == {wamid}
+    assert {s.callback_data for s in statuses} == {"msg_01JCXZ7Q3W"}
+    times = [s.occurred_at for s in statuses]
+    assert times == sorted(times)
+
+
+async def test_instagram_seen_webhook_and_retries() -> None:
+    receiver = Receiver()
+    receiver.answers = [500, 503]
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http), retry_base_s=0.01))
+        return sims[0].routes() + receiver.routes()
+
+    async with served(build, lambda: sims, sim_delay_ms=10) as config:
+        async with httpx.AsyncClient(base_url=config.base_url) as client:
+            response = await client.post(
+                IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
+            )
+        mid = response.json()["message_id"]
+        await eventually(lambda: sims[0].schedule.pending == 0)
+        assert len(receiver.posts) == 3
+    bodies = {body for _, body, _ in receiver.posts}
+    assert len(bodies) == 1  # a retry resends the very same bytes
+    [(channel, body, header)] = receiver.posts[-1:]
+    assert channel == "instagram" and signature_valid(SECRET, body, header)
+    [read] = parse_reads(json.loads(body))
+    assert (read.account_id, read.provider_message_id) == (ACCOUNT, mid)
+
+
+async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
+    """Duplicates, reorders, missing callback data and webhooks that beat the send answer:
+    every message still ends with SENT and READ events (the status rules do the rest)."""
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    sims: list[Simulator] = []
+    connectors: list[WhatsAppConnector] = []
+
+    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http), retry_base_s=0.01))
+        connectors.append(WhatsAppConnector(deps(config, http, store)))
+        return sims[0].routes() + connectors[0].routes()
+
+    async with served(build, lambda: sims, sim_delay_ms=5, sim_disorder=True) as config:
+        conversation = await store.create_conversation("org1", "whatsapp", "+5511988877665")
+        messages = [
+            (await store.create_message(conversation, f"text {n}", f"c{n}"))[0] for n in range(12)
+        ]
+        for message in messages:
+            outbound = OutboundMessage(
+                "evt", message.id, conversation.id, "org1", "whatsapp",
+                "+5511988877665", message.text, message.client_message_id, message.created_at,
+            )  # fmt: skip
+            await connectors[0].send(outbound.to_json())
+        await eventually(lambda: sims[0].schedule.pending == 0)
+        assert config.sim_disorder
+    await store.close()
+    bus = connectors[0]._bus
+    assert isinstance(bus, RecordingBus)
+    seen: dict[str, set[Status]] = {}
+    for event in bus.statuses():
+        seen.setdefault(event.message_id, set()).add(event.status)
+    for message in messages:
+        assert {Status.SENT, Status.READ} <= seen[message.id], message.id
+    registry = connectors[0]._metrics.registry
+    parked = registry.get_sample_value("whatslike_parked_statuses_total", {"channel": "whatsapp"})
+    assert parked  # some webhooks beat the send answer and were applied from the park

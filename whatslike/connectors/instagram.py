@@ -1,0 +1,130 @@
+"""The Instagram Messaging connector: sends through `/me/messages` (SENT once Meta answers)
+and turns `messaging_seen` webhooks, read watermarks, into READ events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from whatslike.clock import from_unix, utcnow
+from whatslike.connectors.base import MetaConnector
+from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
+from whatslike.events import OutboundMessage
+from whatslike.status.rules import Status
+from whatslike.store.base import Message, ParkedStatus
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_OBJECT = "instagram"
+
+
+@dataclass(frozen=True, slots=True)
+class InstagramRead:
+    """The recipient saw `provider_message_id` and everything we sent before it."""
+
+    account_id: str
+    provider_message_id: str
+    occurred_at: datetime
+    payload: bytes = field(repr=False)  # this `messaging[]` item alone: what gets parked
+
+
+def parse_reads(payload: dict[str, Any]) -> list[InstagramRead]:
+    """Every `read` of every messaging item of every entry; other events (inbound
+    messages, echoes, reactions) are skipped. Raises WebhookPayloadError on a body not
+    shaped like Meta's."""
+    if payload.get("object") != WEBHOOK_OBJECT:
+        log.warning("Instagram webhook for object %r ignored", payload.get("object"))
+        return []
+    reads: list[InstagramRead] = []
+    for i, entry_value in enumerate(json_list(payload.get("entry"), "entry")):
+        entry = json_object(entry_value, f"entry[{i}]")
+        account_id = json_text(entry.get("id"), f"entry[{i}].id")
+        for j, item in enumerate(json_list(entry.get("messaging"), f"entry[{i}].messaging")):
+            read = parse_messaging(item, account_id, f"entry[{i}].messaging[{j}]")
+            if read is not None:
+                reads.append(read)
+    return reads
+
+
+def parse_messaging(raw: Any, account_id: str, where: str = "messaging") -> InstagramRead | None:
+    """One `messaging[]` item; None when it is not a read."""
+    obj = json_object(raw, where)
+    if "read" not in obj:
+        return None
+    read = json_object(obj["read"], f"{where}.read")
+    timestamp = obj.get("timestamp")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
+        raise WebhookPayloadError(f"{where}.timestamp must be Unix milliseconds")
+    try:
+        occurred_at = from_unix(timestamp / 1000)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise WebhookPayloadError(f"{where}.timestamp must be Unix milliseconds") from exc
+    return InstagramRead(
+        account_id=account_id,
+        provider_message_id=json_text(read.get("mid"), f"{where}.read.mid"),
+        occurred_at=occurred_at,
+        payload=json.dumps(obj, separators=(",", ":")).encode(),
+    )
+
+
+def send_body(recipient_id: str, text: str) -> dict[str, Any]:
+    return {"recipient": {"id": recipient_id}, "message": {"text": text}}
+
+
+class InstagramConnector(MetaConnector[InstagramRead]):
+    name = "connector-instagram"
+    channel = "instagram"
+
+    def send_url(self) -> str:
+        s = self._settings
+        return f"{s.effective_graph_url}/{s.graph_api_version}/me/messages"
+
+    def send_body(self, message: OutboundMessage) -> dict[str, Any]:
+        return send_body(message.to, message.text)
+
+    def provider_id_of(self, answer: Any) -> str:
+        provider_id = answer["message_id"]
+        if not isinstance(provider_id, str) or not provider_id:
+            raise TypeError("message_id is not a string")
+        return provider_id
+
+    async def accepted(self, message: Message, provider_message_id: str) -> None:
+        # Instagram sends no sent/delivered webhooks: Meta's answer is the SENT.
+        await self.publish(message, Status.SENT, provider_message_id, utcnow())
+
+    def parse(self, payload: dict[str, Any]) -> list[InstagramRead]:
+        return parse_reads(payload)
+
+    async def handle(self, item: InstagramRead) -> None:
+        if item.account_id != self._settings.instagram_account_id:
+            self._metrics.webhooks.labels(self.channel, "foreign_account").inc()
+            log.warning("Instagram read for account %s ignored", item.account_id)
+            return
+        message = await self.resolve(item.provider_message_id, item.payload)
+        if message is not None:
+            await self._mark_read_up_to(message, item)
+
+    async def replay(self, parked: ParkedStatus, message: Message) -> None:
+        try:
+            item = parse_messaging(json.loads(parked.payload), self._settings.instagram_account_id)
+        except (ValueError, WebhookPayloadError):
+            log.error("unreadable parked Instagram read for %s", parked.provider_message_id)
+            return
+        if item is not None:
+            await self._mark_read_up_to(message, item)
+
+    async def _mark_read_up_to(self, seen: Message, item: InstagramRead) -> None:
+        """READ for the seen message and every earlier one Meta accepted: the watermark.
+        Messages never accepted (no provider id) were not delivered, so they stay."""
+        await self.publish(seen, Status.READ, item.provider_message_id, item.occurred_at)
+        for earlier in await self._store.messages_up_to(seen.id):
+            if earlier.id == seen.id or earlier.status is Status.READ:
+                continue
+            if earlier.provider_message_id:
+                await self.publish(
+                    earlier, Status.READ, earlier.provider_message_id, item.occurred_at
+                )

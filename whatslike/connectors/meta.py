@@ -1,0 +1,97 @@
+"""What WhatsApp and Instagram webhooks share: Meta's `X-Hub-Signature-256` scheme and the
+subscription handshake, plus the JSON error answer every webhook route gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from whatslike.errors import WhatslikeError
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+_PREFIX = "sha256="
+
+
+class WebhookPayloadError(WhatslikeError):
+    """A signed webhook body is not shaped like Meta's: their error, answered with 400."""
+
+
+def sign(app_secret: str, body: bytes) -> str:
+    """The `X-Hub-Signature-256` value Meta sends for this exact body."""
+    digest = hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+    return _PREFIX + digest
+
+
+def signature_valid(app_secret: str, body: bytes, header: str | None) -> bool:
+    """True when `header` is the HMAC-SHA256 of the raw bytes as received. Re-serialized
+    JSON would differ in spacing or escaping, so callers must pass the bytes untouched."""
+    if not header or not header.startswith(_PREFIX):
+        return False
+    # Hex digests compare case-insensitively; compare_digest keeps the time constant.
+    given = header[len(_PREFIX) :].strip().lower()
+    return hmac.compare_digest(given.encode(), sign(app_secret, body)[len(_PREFIX) :].encode())
+
+
+def error_response(status_code: int, code: str, message: str) -> JSONResponse:
+    """The project's error shape (protocol.md §5); never a stack trace."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code)
+
+
+def verification_response(request: Request, verify_token: str) -> Response:
+    """Meta's subscription handshake: echo `hub.challenge` when the token is ours."""
+    params = request.query_params
+    token = params.get("hub.verify_token", "")
+    challenge = params.get("hub.challenge", "")
+    token_ok = hmac.compare_digest(token.encode(), verify_token.encode())
+    if params.get("hub.mode") != "subscribe" or not token_ok or not challenge:
+        return error_response(403, "forbidden", "verification token mismatch")
+    return PlainTextResponse(challenge)
+
+
+def load_object(body: bytes) -> dict[str, Any]:
+    """The webhook body as a JSON object, or WebhookPayloadError."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WebhookPayloadError(f"body is not JSON: {exc}") from exc
+    return json_object(payload, "body")
+
+
+def json_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise WebhookPayloadError(f"{where} must be a JSON object")
+    return value
+
+
+def json_list(value: Any, where: str) -> list[Any]:
+    """A list field; Meta leaves out empty lists, so a missing one reads as empty."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise WebhookPayloadError(f"{where} must be a JSON array")
+    return value
+
+
+def json_text(value: Any, where: str) -> str:
+    # Meta sends ids as strings, but a number is accepted rather than dropping a status.
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise WebhookPayloadError(f"{where} must be a non-empty string")
+    return str(value)
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The raw body as received, or None once it passes `limit` bytes (read no further)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,166 @@
+"""The WhatsApp Cloud API connector: sends through `/{phone_number_id}/messages` and turns
+status webhooks (sent, delivered, read, failed) into `msg.status` events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from whatslike.clock import from_unix
+from whatslike.connectors.base import MetaConnector
+from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
+from whatslike.events import OutboundMessage
+from whatslike.status.rules import ProviderError, Status
+from whatslike.store.base import Message, ParkedStatus
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_OBJECT = "whatsapp_business_account"
+
+STATUS_OF: dict[str, Status] = {
+    "sent": Status.SENT,
+    "delivered": Status.DELIVERED,
+    "read": Status.READ,
+    "failed": Status.FAILED,
+}
+
+#: protocol.md §1: FAILED always carries an error, even when Meta left `errors` out.
+UNKNOWN_FAILURE = ProviderError("unknown", "Failed without error details")
+
+
+@dataclass(frozen=True, slots=True)
+class WhatsAppStatus:
+    """One entry of a webhook's `statuses[]`."""
+
+    phone_number_id: str
+    provider_message_id: str
+    status: Status
+    occurred_at: datetime
+    error: ProviderError | None
+    callback_data: str
+    payload: bytes = field(repr=False)  # this status alone, as JSON: what gets parked
+
+
+def parse_statuses(payload: dict[str, Any]) -> list[WhatsAppStatus]:
+    """Every status of every change of every entry; inbound messages and unknown
+    statuses are skipped. Raises WebhookPayloadError on a body not shaped like Meta's."""
+    if payload.get("object") != WEBHOOK_OBJECT:
+        log.warning("WhatsApp webhook for object %r ignored", payload.get("object"))
+        return []
+    statuses: list[WhatsAppStatus] = []
+    for i, entry_value in enumerate(json_list(payload.get("entry"), "entry")):
+        entry = json_object(entry_value, f"entry[{i}]")
+        for j, change_value in enumerate(json_list(entry.get("changes"), f"entry[{i}].changes")):
+            where = f"entry[{i}].changes[{j}]"
+            change = json_object(change_value, where)
+            if change.get("field") != "messages":
+                continue
+            value = json_object(change.get("value"), f"{where}.value")
+            metadata = json_object(value.get("metadata"), f"{where}.value.metadata")
+            phone_number_id = json_text(metadata.get("phone_number_id"), f"{where}.metadata")
+            raw_statuses = json_list(value.get("statuses"), f"{where}.value.statuses")
+            for k, raw in enumerate(raw_statuses):
+                status = parse_status(raw, phone_number_id, f"{where}.value.statuses[{k}]")
+                if status is not None:
+                    statuses.append(status)
+    return statuses
+
+
+def parse_status(raw: Any, phone_number_id: str, where: str = "status") -> WhatsAppStatus | None:
+    """One status object; None (logged) for a status we do not track."""
+    obj = json_object(raw, where)
+    provider_message_id = json_text(obj.get("id"), f"{where}.id")
+    name = obj.get("status")
+    status = STATUS_OF.get(name) if isinstance(name, str) else None
+    if status is None:
+        log.info("WhatsApp status %r of %s ignored", name, provider_message_id)
+        return None
+    callback_data = obj.get("biz_opaque_callback_data")
+    return WhatsAppStatus(
+        phone_number_id=phone_number_id,
+        provider_message_id=provider_message_id,
+        status=status,
+        occurred_at=_unix_seconds(obj.get("timestamp"), f"{where}.timestamp"),
+        error=_first_error(obj, where) if status is Status.FAILED else None,
+        callback_data=callback_data if isinstance(callback_data, str) else "",
+        payload=json.dumps(obj, separators=(",", ":")).encode(),
+    )
+
+
+def _unix_seconds(value: Any, where: str) -> datetime:
+    try:
+        return from_unix(int(json_text(value, where)))
+    except (ValueError, OverflowError, OSError) as exc:
+        raise WebhookPayloadError(f"{where} must be Unix seconds") from exc
+
+
+def _first_error(obj: dict[str, Any], where: str) -> ProviderError:
+    errors = json_list(obj.get("errors"), f"{where}.errors")
+    if not errors or not isinstance(errors[0], dict) or "code" not in errors[0]:
+        return UNKNOWN_FAILURE
+    first = errors[0]
+    return ProviderError(str(first["code"]), str(first.get("title") or first.get("message", "")))
+
+
+def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:
+    """The send request; our message id rides along as callback data, so every status
+    webhook names our message even before Meta's answer was stored."""
+    return {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "text",
+        "text": {"preview_url": False, "body": text},
+        "biz_opaque_callback_data": message_id,
+    }
+
+
+class WhatsAppConnector(MetaConnector[WhatsAppStatus]):
+    name = "connector-whatsapp"
+    channel = "whatsapp"
+
+    def send_url(self) -> str:
+        s = self._settings
+        return (
+            f"{s.effective_graph_url}/{s.graph_api_version}/{s.whatsapp_phone_number_id}/messages"
+        )
+
+    def send_body(self, message: OutboundMessage) -> dict[str, Any]:
+        return send_body(message.to, message.text, message.message_id)
+
+    def provider_id_of(self, answer: Any) -> str:
+        provider_id = answer["messages"][0]["id"]
+        if not isinstance(provider_id, str) or not provider_id:
+            raise TypeError("messages[0].id is not a string")
+        return provider_id
+
+    def parse(self, payload: dict[str, Any]) -> list[WhatsAppStatus]:
+        return parse_statuses(payload)
+
+    async def handle(self, item: WhatsAppStatus) -> None:
+        if item.phone_number_id != self._settings.whatsapp_phone_number_id:
+            # Another number on the same Meta app: not a tenant of this deployment.
+            self._metrics.webhooks.labels(self.channel, "foreign_number").inc()
+            log.warning("WhatsApp status for phone number %s ignored", item.phone_number_id)
+            return
+        message = await self.resolve(item.provider_message_id, item.payload, item.callback_data)
+        if message is not None:
+            await self._publish_status(message, item)
+
+    async def replay(self, parked: ParkedStatus, message: Message) -> None:
+        try:
+            item = parse_status(json.loads(parked.payload), self._settings.whatsapp_phone_number_id)
+        except (ValueError, WebhookPayloadError):
+            log.error("unreadable parked WhatsApp status for %s", parked.provider_message_id)
+            return
+        if item is not None:
+            await self._publish_status(message, item)
+
+    async def _publish_status(self, message: Message, item: WhatsAppStatus) -> None:
+        await self.publish(
+            message, item.status, item.provider_message_id, item.occurred_at, item.error
+        )

@@ -1,0 +1,390 @@
+"""The simulator role: a stand-in for Meta's Graph API. It answers sends like Meta, then
+POSTs signed status webhooks back, with delays, failures and (on request) disorder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import hmac
+import itertools
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_body, sign
+from whatslike.roles import Deps
+from whatslike.simulator import payloads
+
+log = logging.getLogger(__name__)
+
+WORKERS = 4
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_DELIVERY_ATTEMPTS = 6
+RETRY_BASE_S = 0.25
+RETRY_CAP_S = 10.0
+MAX_DELAY_MS = 600_000
+
+# How often each kind of disorder happens when disorder is on.
+P_EARLY_WEBHOOK = 0.25
+P_DUPLICATE = 0.3
+P_REORDER = 0.5
+P_SKIP_DELIVERED = 0.25
+P_NO_CALLBACK_DATA = 0.3
+P_BATCH = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class Controls:
+    """What `/simulator/control` reads and changes at runtime."""
+
+    disorder: bool
+    failure_rate: float
+    delay_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "disorder": self.disorder,
+            "failure_rate": self.failure_rate,
+            "delay_ms": self.delay_ms,
+        }
+
+
+def changed_controls(current: Controls, data: Any) -> Controls:
+    """The controls after a `POST /simulator/control` body; ValueError names a bad field."""
+    if not isinstance(data, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = sorted(set(data) - {"disorder", "failure_rate", "delay_ms"})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    controls = current
+    if "disorder" in data:
+        if not isinstance(data["disorder"], bool):
+            raise ValueError("disorder must be true or false")
+        controls = replace(controls, disorder=data["disorder"])
+    if "failure_rate" in data:
+        rate = data["failure_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise ValueError("failure_rate must be a number from 0 to 1")
+        controls = replace(controls, failure_rate=float(rate))
+    if "delay_ms" in data:
+        delay = data["delay_ms"]
+        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_DELAY_MS:
+            raise ValueError(f"delay_ms must be an integer from 0 to {MAX_DELAY_MS}")
+        controls = replace(controls, delay_ms=delay)
+    return controls
+
+
+@dataclass(order=True)
+class Delivery:
+    """One webhook POST, due at `due` (event-loop time); `order` keeps plan order on ties."""
+
+    due: float
+    order: int
+    channel: str = field(compare=False)
+    body: bytes = field(compare=False, repr=False)
+    attempts: int = field(default=0, compare=False)
+
+
+class WebhookSchedule:
+    """Webhooks waiting for their time, earliest first. Bounded: a send whose webhooks do
+    not fit is refused with Meta's 429 before it is accepted, so none is ever dropped."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._heap: list[Delivery] = []
+        self._pending = 0  # reserved: waiting, being delivered, or waiting for a retry
+        self._wakeup = asyncio.Event()
+        self._order = itertools.count()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def reserve(self, count: int) -> bool:
+        if self._pending + count > self.capacity:
+            return False
+        self._pending += count
+        return True
+
+    def new(self, due: float, channel: str, body: bytes) -> Delivery:
+        return Delivery(due, next(self._order), channel, body)
+
+    def put(self, delivery: Delivery) -> None:
+        """Queue a reserved delivery (first time or retry)."""
+        heapq.heappush(self._heap, delivery)
+        self._wakeup.set()
+
+    def done(self) -> None:
+        """A reserved delivery succeeded or was given up: its place is free again."""
+        self._pending -= 1
+
+    async def take(self) -> Delivery:
+        """The earliest delivery, once it is due."""
+        loop = asyncio.get_running_loop()
+        while True:
+            wait: float | None = None
+            if self._heap:
+                wait = self._heap[0].due - loop.time()
+                if wait <= 0:
+                    return heapq.heappop(self._heap)
+            # No await between the check above and clear(): a put() cannot be missed.
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+
+
+class Simulator:
+    name = "simulator"
+
+    def __init__(self, deps: Deps, *, retry_base_s: float = RETRY_BASE_S) -> None:
+        self._settings = deps.settings
+        self._http = deps.http
+        self._rng = random.Random(deps.settings.sim_seed)
+        self._retry_base_s = retry_base_s
+        self.controls = Controls(
+            disorder=deps.settings.sim_disorder,
+            failure_rate=deps.settings.sim_failure_rate,
+            delay_ms=deps.settings.sim_delay_ms,
+        )
+        self.schedule = WebhookSchedule(deps.settings.sim_queue_size)
+        self._workers: list[asyncio.Task[None]] = []
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/simulator/control", self.control, methods=["GET", "POST"]),
+            # Before the WhatsApp route, which would otherwise take "me" for a phone id.
+            Route("/simulator/{version}/me/messages", self.instagram_send, methods=["POST"]),
+            Route(
+                "/simulator/{version}/{phone_number_id}/messages",
+                self.whatsapp_send,
+                methods=["POST"],
+            ),
+        ]
+
+    async def start(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._deliver_forever(), name=f"simulator-webhooks-{n}")
+            for n in range(WORKERS)
+        ]
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        if self.schedule.pending:
+            log.warning("simulator stopped with %d webhooks undelivered", self.schedule.pending)
+
+    # -- control ----------------------------------------------------------------------
+
+    async def control(self, request: Request) -> Response:
+        if request.method == "POST":
+            body = await read_body(request, MAX_REQUEST_BYTES)
+            try:
+                if body is None:
+                    raise ValueError("body too large")
+                self.controls = changed_controls(self.controls, json.loads(body))
+            except ValueError as exc:  # JSONDecodeError is a ValueError too
+                return error_response(400, "bad_request", str(exc))
+            log.info("simulator controls now %s", self.controls)
+        return JSONResponse(self.controls.to_json())
+
+    # -- Graph API --------------------------------------------------------------------
+
+    async def whatsapp_send(self, request: Request) -> Response:
+        body, refusal = await self._accept(request)
+        if refusal is not None:
+            return refusal
+        phone_number_id = request.path_params["phone_number_id"]
+        if phone_number_id != self._settings.whatsapp_phone_number_id:
+            return _graph_error(
+                400,
+                100,
+                f"Unsupported post request. Object with ID '{phone_number_id}' does not exist,"
+                " cannot be loaded due to missing permissions, or does not support this"
+                " operation.",
+                subcode=33,
+            )
+        problem = payloads.whatsapp_send_problem(body)
+        if problem is not None:
+            return _graph_error(400, 100, problem)
+        wamid = payloads.new_wamid()
+        plan = self._plan_whatsapp(wamid, body["to"], body.get("biz_opaque_callback_data", ""))
+        return await self._answer(payloads.whatsapp_send_answer(body["to"], wamid), plan)
+
+    async def instagram_send(self, request: Request) -> Response:
+        body, refusal = await self._accept(request)
+        if refusal is not None:
+            return refusal
+        problem = payloads.instagram_send_problem(body)
+        if problem is not None:
+            return _graph_error(400, 100, problem)
+        recipient_id = body["recipient"]["id"]
+        # Instagram has no failure webhooks: a failure is a refused send.
+        if self._rng.random() < self.controls.failure_rate:
+            return _graph_error(
+                400, 551, "(#551) This person isn't available right now.", subcode=1545041
+            )
+        mid = payloads.new_instagram_mid()
+        plan = self._plan_instagram(mid, recipient_id)
+        return await self._answer(payloads.instagram_send_answer(recipient_id, mid), plan)
+
+    async def _accept(self, request: Request) -> tuple[Any, Response | None]:
+        """The JSON body of an authorized send, or the refusal Meta would give."""
+        expected = f"Bearer {self._settings.meta_access_token}".encode()
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return None, _graph_error(
+                401, 190, "Invalid OAuth access token - Cannot parse access token"
+            )
+        raw = await read_body(request, MAX_REQUEST_BYTES)
+        if raw is None:
+            return None, _graph_error(413, 100, "(#100) The request body is too large")
+        try:
+            return json.loads(raw), None
+        except ValueError:
+            return None, _graph_error(400, 100, "(#100) The request body must be JSON")
+
+    async def _answer(self, answer: dict[str, Any], plan: list[tuple[str, bytes]]) -> Response:
+        if not self.schedule.reserve(len(plan)):
+            return _graph_error(429, 4, "(#4) Application request limit reached", transient=True)
+        step = self.controls.delay_ms / 1000
+        now = asyncio.get_running_loop().time()
+        deliveries = [
+            self.schedule.new(now + offset * step, channel, body)
+            for offset, (channel, body) in zip(
+                _offsets(plan, self._rng, self.controls), plan, strict=True
+            )
+        ]
+        early = None
+        if self.controls.disorder and self._rng.random() < P_EARLY_WEBHOOK:
+            early = deliveries.pop(0)
+        for delivery in deliveries:
+            self.schedule.put(delivery)
+        if early is not None:
+            # Before the answer, like Meta under load: the connector has no provider id yet.
+            await self._attempt(early, wait_s=min(2.0, self._settings.send_timeout_s / 2))
+        return JSONResponse(answer)
+
+    # -- plans: what webhooks one send produces ---------------------------------------
+
+    def _plan_whatsapp(self, wamid: str, to: str, callback_data: str) -> list[tuple[str, bytes]]:
+        controls, rng = self.controls, self._rng
+        names = ["sent"]
+        if rng.random() < controls.failure_rate:
+            names.append("failed")
+        else:
+            if not (controls.disorder and rng.random() < P_SKIP_DELIVERED):
+                names.append("delivered")
+            names.append("read")
+        now, step = time.time(), controls.delay_ms / 1000
+        recipient_id = "".join(ch for ch in to if ch.isdigit())
+        statuses = []
+        for position, name in enumerate(names, start=1):
+            omit = controls.disorder and rng.random() < P_NO_CALLBACK_DATA
+            at = int(now + position * step)
+            statuses.append(
+                payloads.whatsapp_status(
+                    wamid, name, at, recipient_id, None if omit else callback_data
+                )
+            )
+        if controls.disorder:
+            statuses += [dict(s) for s in statuses if rng.random() < P_DUPLICATE]
+            if rng.random() < P_REORDER:
+                rng.shuffle(statuses)
+        batches: list[list[dict[str, Any]]] = []
+        for status in statuses:
+            if batches and controls.disorder and rng.random() < P_BATCH:
+                batches[-1].append(status)
+            else:
+                batches.append([status])
+        phone_number_id = self._settings.whatsapp_phone_number_id
+        return [
+            ("whatsapp", _encode(payloads.whatsapp_status_webhook(phone_number_id, batch)))
+            for batch in batches
+        ]
+
+    def _plan_instagram(self, mid: str, recipient_id: str) -> list[tuple[str, bytes]]:
+        account_id = self._settings.instagram_account_id
+        seen_ms = int((time.time() + self.controls.delay_ms / 1000) * 1000)
+        seen = payloads.instagram_seen(account_id, recipient_id, mid, seen_ms)
+        body = _encode(payloads.instagram_webhook(account_id, [seen], seen_ms + 300))
+        copies = 2 if self.controls.disorder and self._rng.random() < P_DUPLICATE else 1
+        return [("instagram", body)] * copies
+
+    # -- delivery ---------------------------------------------------------------------
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            await self._attempt(await self.schedule.take())
+
+    async def _attempt(self, delivery: Delivery, wait_s: float | None = None) -> None:
+        """POST once; on failure queue a retry with back-off, or give up after the last."""
+        if await self._post(delivery, wait_s or self._settings.send_timeout_s):
+            self.schedule.done()
+            return
+        delivery.attempts += 1
+        if delivery.attempts >= MAX_DELIVERY_ATTEMPTS:
+            log.error(
+                "simulator gave up a %s webhook after %d attempts",
+                delivery.channel,
+                delivery.attempts,
+            )
+            self.schedule.done()
+            return
+        backoff = min(RETRY_CAP_S, self._retry_base_s * 2 ** (delivery.attempts - 1))
+        delivery.due = asyncio.get_running_loop().time() + backoff
+        self.schedule.put(delivery)
+
+    async def _post(self, delivery: Delivery, wait_s: float) -> bool:
+        url = f"{self._settings.base_url}/webhooks/{delivery.channel}"
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "facebookexternalua",
+            SIGNATURE_HEADER: sign(self._settings.meta_app_secret, delivery.body),
+        }
+        try:
+            response = await self._http.post(
+                url, content=delivery.body, headers=headers, timeout=wait_s
+            )
+        except httpx.HTTPError as exc:
+            log.warning("simulator webhook to %s failed: %r", url, exc)
+            return False
+        if not response.is_success:
+            log.warning("simulator webhook to %s answered %s", url, response.status_code)
+            return False
+        return True
+
+
+def _offsets(plan: list[tuple[str, bytes]], rng: random.Random, controls: Controls) -> list[float]:
+    """When each planned webhook goes out, in steps of the delay: one step apart, with
+    jitter in disorder mode so duplicates and batches interleave."""
+    if not controls.disorder:
+        return [float(n + 1) for n in range(len(plan))]
+    return [n + 1 + rng.uniform(-0.5, 0.5) for n in range(len(plan))]
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _graph_error(
+    status_code: int,
+    code: int,
+    message: str,
+    *,
+    subcode: int | None = None,
+    transient: bool | None = None,
+) -> JSONResponse:
+    body = payloads.meta_error(code, message, subcode=subcode, transient=transient)
+    return JSONResponse(body, status_code=status_code)

@@ -1,0 +1,204 @@
+"""Pure builders and checks of the payloads the simulator exchanges, in Meta's shapes
+(see shared/fixtures/meta): send answers, errors, status and seen webhooks, fresh ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import string
+from typing import Any
+
+#: Made-up account data the simulator reports about "its" WhatsApp Business Account.
+WABA_ID = "880011223344556"
+DISPLAY_PHONE_NUMBER = "5511999990000"
+
+#: Meta's limits on a text message body.
+WHATSAPP_TEXT_LIMIT = 4096
+INSTAGRAM_TEXT_LIMIT = 1000
+CALLBACK_DATA_LIMIT = 512
+
+UNDELIVERABLE = {
+    "code": 131026,
+    "title": "Message undeliverable",
+    "message": "Message undeliverable",
+    "error_data": {"details": "Message Undeliverable."},
+    "href": "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/",
+}
+
+_TRACE_ALPHABET = string.ascii_letters + string.digits + "_-"
+
+
+# Ids come from the OS, not the seeded generator: a restarted simulator with the same seed
+# must not hand out provider ids that a persistent store already knows.
+def new_wamid() -> str:
+    return "wamid." + base64.b64encode(secrets.token_bytes(30)).decode()
+
+
+def new_instagram_mid() -> str:
+    return base64.b64encode(secrets.token_bytes(48)).decode()
+
+
+def new_fbtrace_id() -> str:
+    return "".join(secrets.choice(_TRACE_ALPHABET) for _ in range(11))
+
+
+def meta_error(
+    code: int,
+    message: str,
+    *,
+    error_type: str = "OAuthException",
+    subcode: int | None = None,
+    transient: bool | None = None,
+) -> dict[str, Any]:
+    """Graph API's error answer; `message` carries the `(#code)` prefix as Meta's does."""
+    error: dict[str, Any] = {"message": message, "type": error_type, "code": code}
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    if transient is not None:
+        error["is_transient"] = transient
+    error["fbtrace_id"] = new_fbtrace_id()
+    return {"error": error}
+
+
+def whatsapp_send_answer(to: str, wamid: str) -> dict[str, Any]:
+    wa_id = "".join(ch for ch in to if ch.isdigit())
+    return {
+        "messaging_product": "whatsapp",
+        "contacts": [{"input": to, "wa_id": wa_id}],
+        "messages": [{"id": wamid, "message_status": "accepted"}],
+    }
+
+
+def instagram_send_answer(recipient_id: str, message_id: str) -> dict[str, Any]:
+    return {"recipient_id": recipient_id, "message_id": message_id}
+
+
+def whatsapp_send_problem(body: Any) -> str | None:
+    """Why Meta would refuse this send request (a `(#100)` message), or None."""
+    if not isinstance(body, dict):
+        return "(#100) The request body must be a JSON object"
+    if body.get("messaging_product") != "whatsapp":
+        return "(#100) The parameter messaging_product is required."
+    to = body.get("to")
+    if not isinstance(to, str) or not any(ch.isdigit() for ch in to):
+        return "(#100) The parameter to is required."
+    if body.get("type", "text") != "text":
+        return "(#100) Param type must be one of {TEXT} in this simulator"
+    text = body.get("text")
+    text_body = text.get("body") if isinstance(text, dict) else None
+    if not isinstance(text_body, str) or not text_body.strip():
+        return "(#100) The parameter text['body'] is required."
+    if len(text_body) > WHATSAPP_TEXT_LIMIT:
+        return f"(#100) Param text['body'] must be at most {WHATSAPP_TEXT_LIMIT} characters long."
+    callback = body.get("biz_opaque_callback_data", "")
+    if not isinstance(callback, str) or len(callback) > CALLBACK_DATA_LIMIT:
+        return (
+            "(#100) Param biz_opaque_callback_data must be a string of at most"
+            f" {CALLBACK_DATA_LIMIT} characters."
+        )
+    return None
+
+
+def instagram_send_problem(body: Any) -> str | None:
+    """Why Meta would refuse this Instagram send request, or None."""
+    if not isinstance(body, dict):
+        return "(#100) The request body must be a JSON object"
+    recipient = body.get("recipient")
+    recipient_id = recipient.get("id") if isinstance(recipient, dict) else None
+    if not isinstance(recipient_id, str) or not recipient_id:
+        return "(#100) The parameter recipient is required"
+    message = body.get("message")
+    text = message.get("text") if isinstance(message, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        return "(#100) The parameter message['text'] is required"
+    if len(text) > INSTAGRAM_TEXT_LIMIT:
+        return (
+            "(#100) Length of param message[text] must be less than or equal to"
+            f" {INSTAGRAM_TEXT_LIMIT}"
+        )
+    return None
+
+
+def whatsapp_status(
+    wamid: str,
+    status: str,
+    timestamp: int,
+    recipient_id: str,
+    callback_data: str | None,
+) -> dict[str, Any]:
+    """One `statuses[]` item. Like Meta: conversation and pricing on sent and delivered,
+    `errors[]` on failed, callback data echoed when the send carried it."""
+    item: dict[str, Any] = {
+        "id": wamid,
+        "status": status,
+        "timestamp": str(timestamp),
+        "recipient_id": recipient_id,
+    }
+    if callback_data:
+        item["biz_opaque_callback_data"] = callback_data
+    if status in ("sent", "delivered"):
+        conversation: dict[str, Any] = {"id": _conversation_id(recipient_id)}
+        if status == "sent":
+            conversation["expiration_timestamp"] = str(timestamp + 24 * 3600)
+        conversation["origin"] = {"type": "service"}
+        item["conversation"] = conversation
+        item["pricing"] = {
+            "billable": False,
+            "pricing_model": "PMP",
+            "type": "free_customer_service",
+            "category": "service",
+        }
+    if status == "failed":
+        item["errors"] = [dict(UNDELIVERABLE)]
+    return item
+
+
+def _conversation_id(recipient_id: str) -> str:
+    return hashlib.sha256(recipient_id.encode()).hexdigest()[:32]
+
+
+def whatsapp_status_webhook(phone_number_id: str, statuses: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": WABA_ID,
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": DISPLAY_PHONE_NUMBER,
+                                "phone_number_id": phone_number_id,
+                            },
+                            "statuses": statuses,
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def instagram_seen(
+    account_id: str, reader_id: str, message_id: str, timestamp_ms: int
+) -> dict[str, Any]:
+    """One `messaging[]` item: `reader_id` saw `message_id` (and all before it)."""
+    return {
+        "sender": {"id": reader_id},
+        "recipient": {"id": account_id},
+        "timestamp": timestamp_ms,
+        "read": {"mid": message_id},
+    }
+
+
+def instagram_webhook(
+    account_id: str, messaging: list[dict[str, Any]], time_ms: int
+) -> dict[str, Any]:
+    return {
+        "object": "instagram",
+        "entry": [{"id": account_id, "time": time_ms, "messaging": messaging}],
+    }
