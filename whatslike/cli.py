@@ -77,8 +77,10 @@ async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> Non
         runtime.app, log_level=log_level, lifespan="on", ws_max_size=settings.max_frame_bytes
     )
     server = uvicorn.Server(config)
-    print(f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})",
-          flush=True)
+    print(
+        f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})",
+        flush=True,
+    )
     await server.serve(sockets=[sock])
 
 

@@ -16,11 +16,15 @@ class Metrics:
             "whatslike_bus_handled_total", "Events handled", ["topic", "group"], registry=r
         )
         self.bus_retries = Counter(
-            "whatslike_bus_retries_total", "Handler failures retried", ["topic", "group"],
+            "whatslike_bus_retries_total",
+            "Handler failures retried",
+            ["topic", "group"],
             registry=r,
         )
         self.bus_dead_letters = Counter(
-            "whatslike_bus_dead_letters_total", "Events sent to a DLQ", ["topic", "group"],
+            "whatslike_bus_dead_letters_total",
+            "Events sent to a DLQ",
+            ["topic", "group"],
             registry=r,
         )
         self.bus_queue_depth = Gauge(
@@ -30,7 +34,8 @@ class Metrics:
             "whatslike_status_applied_total", "apply_status outcomes", ["effect"], registry=r
         )
         self.status_anomalies = Counter(
-            "whatslike_status_anomalies_total", "FAILED after delivery, recorded not applied",
+            "whatslike_status_anomalies_total",
+            "FAILED after delivery, recorded not applied",
             registry=r,
         )
         self.status_latency = Histogram(
@@ -49,17 +54,23 @@ class Metrics:
             "whatslike_ws_closes_total", "Server-initiated closes", ["code"], registry=r
         )
         self.ws_bad_frames = Counter(
-            "whatslike_ws_bad_frames_total", "Client frames answered with error", ["code"],
+            "whatslike_ws_bad_frames_total",
+            "Client frames answered with error",
+            ["code"],
             registry=r,
         )
         self.webhooks = Counter(
             "whatslike_webhooks_total", "Provider webhooks", ["channel", "outcome"], registry=r
         )
         self.sends = Counter(
-            "whatslike_provider_sends_total", "Provider send calls", ["channel", "outcome"],
+            "whatslike_provider_sends_total",
+            "Provider send calls",
+            ["channel", "outcome"],
             registry=r,
         )
         self.parked_statuses = Counter(
-            "whatslike_parked_statuses_total", "Statuses that arrived before their send answer",
-            ["channel"], registry=r,
+            "whatslike_parked_statuses_total",
+            "Statuses that arrived before their send answer",
+            ["channel"],
+            registry=r,
         )

@@ -77,9 +77,7 @@ def test_late_delivered_with_a_later_time_changes_nothing() -> None:
 
 
 def test_failed_from_sent_applies_with_its_error() -> None:
-    state, effects = run(
-        Observation(Status.SENT, at(0)), Observation(Status.FAILED, at(1), ERR)
-    )
+    state, effects = run(Observation(Status.SENT, at(0)), Observation(Status.FAILED, at(1), ERR))
     assert effects == [Effect.CHANGED, Effect.CHANGED]
     assert state.status is Status.FAILED
     assert state.error == ERR
@@ -147,7 +145,7 @@ def test_any_order_and_duplication_ends_in_the_same_state(
 ) -> None:
     events, arrival = case
     reference, _ = run(*events)
-    final, effects = run(*arrival)
+    final, _ = run(*arrival)
     assert final == reference
     assert final.status is expected_status(events)
 

@@ -269,7 +269,7 @@ async def test_an_unknown_message_is_reported(store: Store) -> None:
     assert await store.get_message("msg_missing") is None
 
 
-async def test_a_status_parked_before_the_link_is_returned_once(store: Store) -> None:
+async def test_a_parked_status_is_returned_by_every_link_until_forgotten(store: Store) -> None:
     message = await new_message(store)
     parked = ParkedStatus("whatsapp", "wamid.1", b'{"status":"sent"}')
     assert await store.park_status(parked) is None
@@ -278,6 +278,9 @@ async def test_a_status_parked_before_the_link_is_returned_once(store: Store) ->
     linked = await store.link_provider_id("whatsapp", "wamid.1", message.id)
     assert linked == [parked, ParkedStatus("whatsapp", "wamid.1", b"second")]
     assert linked[0].payload == b'{"status":"sent"}'
+    # A crash before they were handed on must not lose them: the next link returns them.
+    assert await store.link_provider_id("whatsapp", "wamid.1", message.id) == linked
+    await store.forget_parked("whatsapp", "wamid.1")
     assert await store.link_provider_id("whatsapp", "wamid.1", message.id) == []
     found = await store.find_by_provider_id("whatsapp", "wamid.1")
     assert found is not None
@@ -309,6 +312,7 @@ async def test_park_and_link_racing_hand_over_each_status_exactly_once(store: St
     for key, (found, handed_over) in zip(keys, outcomes, strict=True):
         if found is None:
             assert handed_over == [ParkedStatus("whatsapp", key, key.encode())]
+            await store.forget_parked("whatsapp", key)
         else:
             assert (found.id, handed_over) == (message.id, [])
         assert await store.link_provider_id("whatsapp", key, message.id) == []

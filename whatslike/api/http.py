@@ -171,8 +171,10 @@ class HttpApi:
             except BusFull as exc:
                 log.warning("message %s accepted but not queued: %s", message.id, exc)
                 raise ApiError(
-                    503, "unavailable", "the message was stored but could not be queued; "
-                    "retry with the same client_message_id"
+                    503,
+                    "unavailable",
+                    "the message was stored but could not be queued; "
+                    "retry with the same client_message_id",
                 ) from exc
         return JSONResponse(
             {"message_id": message.id, "status": message.status.value},

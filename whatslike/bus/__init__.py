@@ -14,7 +14,7 @@ from typing import Protocol
 Handler = Callable[[bytes], Awaitable[None]]
 
 
-class BusFull(Exception):  # noqa: N818 - reads as a condition, like trio's WouldBlock
+class BusFull(Exception):
     """The bus could not take the event within the publish timeout. Retriable."""
 
 

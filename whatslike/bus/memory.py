@@ -150,7 +150,11 @@ class MemoryBus:
                 self._metrics.bus_retries.labels(*labels).inc()
                 log.warning(
                     "handler %s on %s failed (attempt %d/%d): %s",
-                    group.name, group.topic, attempt, max_attempts, exc,
+                    group.name,
+                    group.topic,
+                    attempt,
+                    max_attempts,
+                    exc,
                 )
                 await asyncio.sleep(
                     backoff_delay(

@@ -124,23 +124,35 @@ class MetaConnector(ABC, Generic[T]):
         stored = await self._store.get_message(outbound.message_id)
         if stored is None:
             raise MalformedEvent(f"no message {outbound.message_id!r}")
-        # Best effort against sending twice: a redelivery after a crash finds the message
-        # linked or already moved on. A crash between Meta's answer and the link still
+        if stored.provider_message_id is not None:
+            # A redelivery after Meta accepted the send: never send again, but finish what
+            # the first attempt may not have (its SENT, the parked statuses).
+            announce = stored.status is Status.PENDING
+            await self._link(stored, stored.provider_message_id, announce=announce)
+            return
+        # Best effort against sending twice: a message that moved on (a refused send is
+        # FAILED) is not sent again. A crash between Meta's answer and the link still
         # sends twice; the Graph API has no idempotency key that could close that gap.
         if stored.status is not Status.PENDING:
             self._metrics.sends.labels(self.channel, "skipped").inc()
             log.info("%s: message %s is %s, not sent again", self.name, stored.id, stored.status)
             return
-        provider_id = stored.provider_message_id
-        parked: list[ParkedStatus] = []
+        provider_id = await self._post(outbound, stored)
         if provider_id is None:
-            provider_id = await self._post(outbound, stored)
-            if provider_id is None:
-                return
-            parked = await self._store.link_provider_id(self.channel, provider_id, stored.id)
-        await self.accepted(stored, provider_id)
+            return
+        await self._link(stored, provider_id, announce=True)
+
+    async def _link(self, stored: Message, provider_id: str, *, announce: bool) -> None:
+        """Link the provider id first (so a retry never sends again), then announce the
+        acceptance and replay the statuses that arrived before the link. Parked statuses
+        are forgotten only once all were handed on, so a failure here retries them."""
+        parked = await self._store.link_provider_id(self.channel, provider_id, stored.id)
+        if announce:
+            await self.accepted(stored, provider_id)
         for item in parked:
             await self.replay(item, stored)
+        if parked:
+            await self._store.forget_parked(self.channel, provider_id)
 
     async def _post(self, outbound: OutboundMessage, stored: Message) -> str | None:
         """Meta's provider id, or None when Meta refused for good (FAILED published)."""

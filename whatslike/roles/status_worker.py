@@ -66,7 +66,9 @@ class StatusWorker:
             self._metrics.status_anomalies.inc()
             log.warning(
                 "message %s: %s after %s recorded, not applied",
-                event.message_id, event.status.value, result.message.status.value,
+                event.message_id,
+                event.status.value,
+                result.message.status.value,
             )
         channel = status_channel(result.message.conversation_id)
         for frame in result.frames:

@@ -110,7 +110,12 @@ class Store(Protocol):
     async def link_provider_id(
         self, channel: str, provider_message_id: str, message_id: str
     ) -> list[ParkedStatus]:
-        """Index a provider id; return (and forget) statuses parked for it."""
+        """Index a provider id (idempotent; the first link wins) and return the statuses
+        parked for it, oldest first. They stay parked until `forget_parked`, so a crash
+        before they were handed on loses nothing: the next link returns them again."""
+
+    async def forget_parked(self, channel: str, provider_message_id: str) -> None:
+        """Drop the parked statuses of a provider id once they were handed on."""
 
     async def find_by_provider_id(
         self, channel: str, provider_message_id: str

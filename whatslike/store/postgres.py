@@ -347,8 +347,8 @@ class PostgresStore:
                 provider_message_id,
             )
             rows = await conn.fetch(
-                "DELETE FROM parked_statuses WHERE channel = $1 AND provider_message_id = $2"
-                " RETURNING id, payload",
+                "SELECT id, payload FROM parked_statuses"
+                " WHERE channel = $1 AND provider_message_id = $2",
                 channel,
                 provider_message_id,
             )
@@ -356,6 +356,14 @@ class PostgresStore:
             ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
             for row in sorted(rows, key=lambda row: int(row["id"]))
         ]
+
+    async def forget_parked(self, channel: str, provider_message_id: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "DELETE FROM parked_statuses WHERE channel = $1 AND provider_message_id = $2",
+                channel,
+                provider_message_id,
+            )
 
     async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
         async with self._connection() as conn:

@@ -347,14 +347,21 @@ class SQLiteStore:
             )
             rows = await _fetch(
                 db,
-                "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?"
-                " RETURNING id, payload",
+                "SELECT id, payload FROM parked_statuses"
+                " WHERE channel = ? AND provider_message_id = ?",
                 key,
             )
         return [
             ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
             for row in sorted(rows, key=lambda row: int(row["id"]))
         ]
+
+    async def forget_parked(self, channel: str, provider_message_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
+                (channel, provider_message_id),
+            )
 
     async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
         async with self._lock:

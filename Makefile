@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint install install-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+
+## Install and run Whatslike on the embedded default (one process, SQLite, simulator).
+run: install
+	$(BIN)/whatslike serve
+
+## Install what the tests need, start the local servers they use, run every check.
+test: install-test
+	./scripts/services.sh
+	$(BIN)/ruff check whatslike tests bench
+	$(BIN)/ruff format --check whatslike tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest

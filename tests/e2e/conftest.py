@@ -1,0 +1,174 @@
+"""A real `whatslike serve` subprocess on a free port, and clients that talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import ClientConnection, connect
+
+STARTUP_TIMEOUT_S = 30
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    process: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/ws/status"
+
+    def token(self, org: str, user: str = "agent-1", ttl: int | None = None) -> str:
+        """Mint a token the way a person would: with the `whatslike token` command."""
+        command = [
+            sys.executable,
+            "-m",
+            "whatslike",
+            "token",
+            "--org",
+            org,
+            "--user",
+            user,
+            "--data-dir",
+            str(self.data_dir),
+        ]
+        if ttl is not None:
+            command += ["--ttl", str(ttl)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
+        return done.stdout.strip()
+
+
+def start_server(data_dir: Path, env: dict[str, str] | None = None) -> Server:
+    """Start `whatslike serve --port 0` and read the address it prints."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "whatslike",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    output: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            server = Server(match.group(1), data_dir, process, output)
+            wait_healthy(server)
+            return server
+    process.kill()
+    raise AssertionError("whatslike serve did not start:\n" + "".join(output))
+
+
+def wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("whatslike serve never became ready")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("serve"), {"WHATSLIKE_SIM_DELAY_MS": "30"})
+    yield running
+    stop_server(running)
+
+
+class Socket:
+    """A WebSocket client that reads frames (unwrapping `batch`) with a timeout."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+        self.pending: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.connection.send(json.dumps(frame))
+
+    async def next(self, wait_s: float = 10) -> dict[str, Any]:
+        if not self.pending:
+            raw = await asyncio.wait_for(self.connection.recv(), wait_s)
+            frame = json.loads(raw)
+            self.pending = frame["frames"] if frame["type"] == "batch" else [frame]
+        return self.pending.pop(0)
+
+    async def next_of(self, kind: str, wait_s: float = 10) -> dict[str, Any]:
+        frame = await self.next(wait_s)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def ping_barrier(self, ts: int = 1) -> list[dict[str, Any]]:
+        """Send a ping and return every frame that arrived before its pong: frames on
+        one connection are ordered, so this proves what was (not) sent up to now."""
+        await self.send({"type": "ping", "ts": ts})
+        before = []
+        while (frame := await self.next())["type"] != "pong":
+            before.append(frame)
+        assert frame["ts"] == ts
+        return before
+
+
+@pytest_asyncio.fixture
+async def open_socket() -> AsyncIterator[Any]:
+    opened: list[ClientConnection] = []
+
+    async def _open(server: Server, token: str) -> Socket:
+        connection = await connect(f"{server.ws_url}?access_token={token}")
+        opened.append(connection)
+        socket = Socket(connection)
+        hello = await socket.next_of("connected")
+        assert hello["token_exp"] > time.time()
+        return socket
+
+    yield _open
+    for connection in opened:
+        await connection.close()
+
+
+def api(server: Server, token: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )

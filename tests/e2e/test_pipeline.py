@@ -1,0 +1,242 @@
+"""End to end through a real `whatslike serve`: HTTP in, simulator webhooks, store,
+fan-out, WebSocket out; tenant isolation, auth and webhook signatures at the edges."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.e2e.conftest import Server, Socket, api, start_server, stop_server
+
+OpenSocket = Callable[[Server, str], Awaitable[Socket]]
+
+
+async def new_conversation(client: httpx.AsyncClient, channel: str = "whatsapp") -> str:
+    response = await client.post(
+        "/api/conversations", json={"channel": channel, "contact": "5511988877665"}
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def send(client: httpx.AsyncClient, conversation: str, text: str = "Seu pedido") -> str:
+    response = await client.post(
+        f"/api/conversations/{conversation}/messages",
+        json={"text": text, "client_message_id": uuid.uuid4().hex},
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "PENDING"
+    return str(response.json()["message_id"])
+
+
+async def statuses_until_final(
+    socket: Socket, messages: set[str], final: str = "READ"
+) -> list[dict[str, Any]]:
+    """Collect status frames until every given message reached `final`."""
+    frames: list[dict[str, Any]] = []
+    waiting = set(messages)
+    while waiting:
+        frame = await socket.next_of("status", wait_s=20)
+        frames.append(frame)
+        if frame["status"] == final:
+            waiting.discard(frame["message_id"])
+    return frames
+
+
+async def test_a_message_goes_sent_delivered_read_with_seq_1_2_3(
+    server: Server, open_socket: OpenSocket
+) -> None:
+    token = server.token("org-a")
+    async with api(server, token) as client:
+        conversation = await new_conversation(client)
+        socket = await open_socket(server, token)
+        await socket.send({"type": "subscribe", "conversation_id": conversation, "ref": "r1"})
+        subscribed = await socket.next_of("subscribed")
+        assert subscribed["ref"] == "r1"
+        assert subscribed["seq"] == 0
+        message = await send(client, conversation)
+
+        frames = await statuses_until_final(socket, {message})
+        assert [(f["status"], f["seq"]) for f in frames] == [
+            ("SENT", 1),
+            ("DELIVERED", 2),
+            ("READ", 3),
+        ]
+        assert all(f["message_id"] == message for f in frames)
+        assert all(f["conversation_id"] == conversation for f in frames)
+
+        listed = (await client.get(f"/api/conversations/{conversation}/messages")).json()
+        (row,) = listed["messages"]
+        assert row["status"] == "READ"
+        assert row["seq"] == 3
+        assert row["sent_at"] <= row["delivered_at"] <= row["read_at"]
+
+        # Resubscribing with `since` gives exactly the frames after it, then live ones.
+        late = await open_socket(server, token)
+        await late.send({"type": "subscribe", "conversation_id": conversation, "since": 1})
+        again = await late.next_of("subscribed")
+        assert (again["seq"], again["recovered"]) == (3, True)
+        replayed = [await late.next_of("status"), await late.next_of("status")]
+        assert replayed == frames[1:]
+        assert await late.ping_barrier() == []
+
+        changes = (await client.get(f"/api/conversations/{conversation}/changes?since=2")).json()
+        assert changes["frames"] == frames[2:]
+        assert changes["last_seq"] == 3
+
+
+async def test_another_organization_gets_forbidden_and_sees_nothing(
+    server: Server, open_socket: OpenSocket
+) -> None:
+    token_a, token_b = server.token("org-a"), server.token("org-b", "intruder")
+    async with api(server, token_a) as client_a, api(server, token_b) as client_b:
+        conversation = await new_conversation(client_a)
+        owner = await open_socket(server, token_a)
+        await owner.send({"type": "subscribe", "conversation_id": conversation})
+        await owner.next_of("subscribed")
+        intruder = await open_socket(server, token_b)
+        await intruder.send({"type": "subscribe", "conversation_id": conversation, "ref": 7})
+        refused = await intruder.next_of("error")
+        assert (refused["code"], refused["ref"]) == ("forbidden", 7)
+        await intruder.send({"type": "subscribe", "conversation_id": "conv_does_not_exist"})
+        assert (await intruder.next_of("error"))["code"] == "forbidden"
+
+        message = await send(client_a, conversation)
+        await statuses_until_final(owner, {message})
+        assert await intruder.ping_barrier() == []
+
+        assert (await client_b.get(f"/api/conversations/{conversation}")).status_code == 404
+        assert (
+            await client_b.get(f"/api/conversations/{conversation}/messages")
+        ).status_code == 404
+        sneaky = await client_b.post(
+            f"/api/conversations/{conversation}/messages", json={"text": "hi"}
+        )
+        assert sneaky.status_code == 404
+
+
+def _expired_token(server: Server) -> str:
+    secret = (server.data_dir / "jwt-secret").read_text().strip()
+    past = int(time.time()) - 7200
+    claims = {"sub": "u", "org_id": "org-a", "iat": past, "nbf": past, "exp": past + 60}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+@pytest.mark.parametrize("kind", ["garbage", "wrong-secret", "expired", "missing"])
+async def test_a_bad_token_cannot_open_the_socket(server: Server, kind: str) -> None:
+    tokens = {
+        "garbage": "not-a-jwt",
+        "wrong-secret": jwt.encode(
+            {"sub": "u", "org_id": "org-a", "exp": int(time.time()) + 600}, "x" * 32, "HS256"
+        ),
+        "expired": _expired_token(server),
+        "missing": "",
+    }
+    url = server.ws_url + (f"?access_token={tokens[kind]}" if tokens[kind] else "")
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url):
+            pass
+    assert refused.value.response.status_code == 401
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        headers = {"Authorization": f"Bearer {tokens[kind]}"} if tokens[kind] else {}
+        response = await client.get("/api/conversations/x", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+
+
+async def test_a_webhook_with_a_wrong_signature_gets_403_and_changes_nothing(
+    server: Server, open_socket: OpenSocket
+) -> None:
+    token = server.token("org-a")
+    async with api(server, token) as client:
+        conversation = await new_conversation(client)
+        socket = await open_socket(server, token)
+        await socket.send({"type": "subscribe", "conversation_id": conversation})
+        await socket.next_of("subscribed")
+        message = await send(client, conversation)
+        await statuses_until_final(socket, {message})
+        before = (await client.get(f"/api/conversations/{conversation}/messages")).json()
+
+        fixture = (
+            Path(__file__).parents[2]
+            / "tests"
+            / "fixtures"
+            / "meta"
+            / "whatsapp-status-failed.json"
+        )
+        payload = json.loads(fixture.read_text())
+        payload["entry"][0]["changes"][0]["value"]["statuses"][0]["biz_opaque_callback_data"] = (
+            message
+        )
+        body = json.dumps(payload).encode()
+        wrong = hmac.new(b"not-the-app-secret", body, hashlib.sha256).hexdigest()
+        for headers in ({"X-Hub-Signature-256": f"sha256={wrong}"}, {}):
+            response = await client.post(
+                "/webhooks/whatsapp",
+                content=body,
+                headers={**headers, "Content-Type": "application/json"},
+            )
+            assert response.status_code == 403
+            assert "error" in response.json()
+
+        assert await socket.ping_barrier() == []
+        after = (await client.get(f"/api/conversations/{conversation}/messages")).json()
+        assert after == before
+
+
+async def test_disorder_still_ends_every_message_right_with_gap_free_seqs(
+    tmp_path: Path, open_socket: Callable[[Server, str], Awaitable[Socket]]
+) -> None:
+    disorderly = start_server(
+        tmp_path,
+        {
+            "WHATSLIKE_SIM_DISORDER": "true",
+            "WHATSLIKE_SIM_DELAY_MS": "20",
+            "WHATSLIKE_SIM_SEED": "7",
+        },
+    )
+    try:
+        token = disorderly.token("org-d")
+        async with api(disorderly, token) as client:
+            conversations = [
+                await new_conversation(client, "whatsapp"),
+                await new_conversation(client, "whatsapp"),
+                await new_conversation(client, "instagram"),
+            ]
+            socket = await open_socket(disorderly, token)
+            for conversation in conversations:
+                await socket.send({"type": "subscribe", "conversation_id": conversation})
+                await socket.next_of("subscribed")
+            sent = {
+                await send(client, conversation, f"message {i}")
+                for conversation in conversations
+                for i in range(5)
+            }
+            frames = await statuses_until_final(socket, sent)
+
+            for conversation in conversations:
+                live = [f["seq"] for f in frames if f["conversation_id"] == conversation]
+                assert live == list(range(1, len(live) + 1)), live
+                stored = (
+                    await client.get(f"/api/conversations/{conversation}/changes?since=0")
+                ).json()
+                assert [f["seq"] for f in stored["frames"]] == live
+                listed = (await client.get(f"/api/conversations/{conversation}/messages")).json()
+                for row in listed["messages"]:
+                    assert row["status"] == "READ", row
+                    assert row["read_at"] is not None
+                    assert row["delivered_at"] is not None
+    finally:
+        stop_server(disorderly)

@@ -1,0 +1,209 @@
+"""The WebSocket frames of protocol.md §4: a sans-I/O parser of client frames that never
+raises, and builders of the server's frames as JSON text."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+#: What a client may put in `ref` to match answers to its requests.
+Ref = str | int | None
+
+BAD_REQUEST: Final = "bad_request"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    conversation_id: str
+    since: int | None = None
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    conversation_id: str
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ts: object = None  # any JSON value; the pong carries it back
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    token: str
+    ref: Ref = None
+
+
+ClientFrame = Subscribe | Unsubscribe | Ping | Auth
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """A frame the client got wrong. `too_large` frames close the connection (1009);
+    the others are answered with an `error` frame carrying `code`, `message` and `ref`."""
+
+    message: str
+    ref: Ref = None
+    code: str = BAD_REQUEST
+    too_large: bool = False
+
+
+class _Invalid(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _reject_constant(name: str) -> object:
+    # NaN and Infinity are not JSON: a pong echoing them would not be JSON either.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999 parses as infinity; see _reject_constant
+        raise ValueError(f"{literal} is out of range")
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        raise _Invalid(f"field {name!r} is required")
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"field {name!r} must be a non-empty string")
+    return value
+
+
+def _since(data: dict[str, Any]) -> int | None:
+    value = data.get("since")
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise _Invalid("field 'since' must be a non-negative integer")
+    return int(value)
+
+
+def _ref(data: dict[str, Any]) -> Ref:
+    value = data.get("ref")
+    if value is None or isinstance(value, str):
+        return value
+    if _is_int(value):
+        return int(value)
+    raise _Invalid("field 'ref' must be a string or an integer")
+
+
+def _decode(raw: str | bytes, max_bytes: int) -> str | FrameError:
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return FrameError(f"frame is {size} bytes; the limit is {max_bytes}", too_large=True)
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return FrameError("frame is not valid UTF-8")
+
+
+def _frame(data: dict[str, Any], ref: Ref) -> ClientFrame:
+    kind = data.get("type")
+    if kind is None:
+        raise _Invalid("field 'type' is required")
+    if not isinstance(kind, str):
+        raise _Invalid("field 'type' must be a string")
+    if kind == "subscribe":
+        return Subscribe(_text(data, "conversation_id"), _since(data), ref)
+    if kind == "unsubscribe":
+        return Unsubscribe(_text(data, "conversation_id"), ref)
+    if kind == "ping":
+        return Ping(data.get("ts"))
+    if kind == "auth":
+        return Auth(_text(data, "token"), ref)
+    raise _Invalid(f"unknown frame type {kind!r}")
+
+
+def parse_client_frame(raw: str | bytes, max_bytes: int) -> ClientFrame | FrameError:
+    """Parse one client message (binary messages are read as UTF-8 text). Never raises:
+    anything the client got wrong comes back as a FrameError with a precise message."""
+    text = _decode(raw, max_bytes)
+    if isinstance(text, FrameError):
+        return text
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        # ValueError covers bad JSON, NaN/Infinity and integers too long to convert;
+        # RecursionError a frame nested deeper than the parser allows.
+        return FrameError("frame is not valid JSON")
+    if not isinstance(data, dict):
+        return FrameError("frame must be a JSON object")
+    try:
+        ref = _ref(data)
+    except _Invalid as exc:
+        return FrameError(exc.message)
+    try:
+        return _frame(data, ref)
+    except _Invalid as exc:
+        return FrameError(exc.message, ref)
+
+
+def _dump(frame: dict[str, object], ref: Ref = None) -> str:
+    if ref is not None:
+        frame["ref"] = ref
+    return json.dumps(frame, separators=(",", ":"))
+
+
+def connected(
+    *, connection_id: str, user_id: str, org_id: str, heartbeat_s: int, token_exp: int
+) -> str:
+    return _dump(
+        {
+            "type": "connected",
+            "connection_id": connection_id,
+            "user_id": user_id,
+            "org_id": org_id,
+            "heartbeat_s": heartbeat_s,
+            "token_exp": token_exp,
+        }
+    )
+
+
+def subscribed(conversation_id: str, seq: int, recovered: bool, ref: Ref = None) -> str:
+    return _dump(
+        {
+            "type": "subscribed",
+            "conversation_id": conversation_id,
+            "seq": seq,
+            "recovered": recovered,
+        },
+        ref,
+    )
+
+
+def unsubscribed(conversation_id: str, ref: Ref = None) -> str:
+    return _dump({"type": "unsubscribed", "conversation_id": conversation_id}, ref)
+
+
+def pong(ts: object) -> str:
+    return _dump({"type": "pong", "ts": ts})
+
+
+def auth_ok(token_exp: int, ref: Ref = None) -> str:
+    return _dump({"type": "auth_ok", "token_exp": token_exp}, ref)
+
+
+def error(code: str, message: str, ref: Ref = None) -> str:
+    return _dump({"type": "error", "code": code, "message": message}, ref)
+
+
+def batch(status_frames: Sequence[str]) -> str:
+    """Wrap already-serialized status frames; they are joined, never decoded again."""
+    return '{"type":"batch","frames":[' + ",".join(status_frames) + "]}"

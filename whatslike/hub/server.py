@@ -1,0 +1,469 @@
+"""The WebSocket hub of protocol.md §4: authenticates `/ws/status` upgrades, answers client
+frames and forwards fan-out status frames to each subscribed connection, in seq order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
+from whatslike.clock import new_id
+from whatslike.hub import frames
+from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
+from whatslike.hub.registry import SubscriptionRegistry
+from whatslike.roles import Deps
+from whatslike.settings import Settings
+from whatslike.store.base import Store
+
+logger = logging.getLogger(__name__)
+
+# Close codes (protocol.md §4).
+NORMAL: Final = 1000
+GOING_AWAY: Final = 1001
+POLICY: Final = 1008
+TOO_BIG: Final = 1009
+INTERNAL_ERROR: Final = 1011
+TOKEN_EXPIRED: Final = 4001
+SLOW_CONSUMER: Final = 4009
+
+#: A client that sent nothing (not even a ping) for this many heartbeats is gone. It is
+#: closed with 1000 "idle": 1001 would tell a live client that the server is going away,
+#: and a silent client is not broken enough for a policy code; one that is still there
+#: reconnects as after any close.
+IDLE_HEARTBEATS: Final = 3
+
+#: How long a close frame may wait behind a socket that does not drain (a slow consumer)
+#: before the connection is abandoned to the server's own timeouts.
+CLOSE_TIMEOUT_S: Final = 5.0
+
+#: Most status frames in one `batch`, so one message stays well under clients' size limits
+#: (websockets defaults to 1 MiB) even after a long replay.
+MAX_BATCH: Final = 256
+
+_STATUS_PREFIX: Final = "status:"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A frame answering the client, and the status frames that must follow it (a
+    replay). Queued as one item so a replay never counts against the live-frame bound."""
+
+    text: str
+    replay: tuple[str, ...] = ()
+
+
+#: A connection's outgoing queue holds live status frames (the fan-out's very str
+#: objects) and replies; the writer sends them in queue order.
+Outgoing = str | Reply
+
+
+@dataclass(slots=True)
+class _Subscription:
+    #: Highest seq queued to the client; anything not above it is a duplicate or stale.
+    high_seq: int
+    #: Live frames held back while the replay is read from the store; None once live.
+    held: list[tuple[int, str]] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Connection:
+    id: str
+    websocket: WebSocket
+    identity: Identity
+    queue: asyncio.Queue[Outgoing]
+    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
+    bad_frames: int = 0
+    last_heard: float = field(default_factory=time.monotonic)
+    close_code: int | None = None
+    close_reason: str = ""
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Ask the connection's task to close; the first reason given wins."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self.closing.set()
+
+    def offer(self, conversation_id: str, seq: int, frame: str) -> bool:
+        """Queue a live status frame unless it is a duplicate; False when full."""
+        subscription = self.subscriptions.get(conversation_id)
+        if subscription is None:  # unsubscribed while this frame was on its way
+            return True
+        if subscription.held is not None:
+            if len(subscription.held) >= self.queue.maxsize:
+                return False
+            subscription.held.append((seq, frame))
+            return True
+        if seq <= subscription.high_seq:
+            return True
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            return False
+        subscription.high_seq = seq
+        return True
+
+
+def status_seq(frame: str | bytes) -> int | None:
+    """The `seq` of a serialized status frame, or None when it has none."""
+    try:
+        seq = json.loads(frame)["seq"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if isinstance(seq, int) and not isinstance(seq, bool):
+        return seq
+    return None
+
+
+def _batches(status_frames: list[str]) -> Iterator[str]:
+    for start in range(0, len(status_frames), MAX_BATCH):
+        chunk = status_frames[start : start + MAX_BATCH]
+        yield chunk[0] if len(chunk) == 1 else frames.batch(chunk)
+
+
+def coalesce(items: list[Outgoing]) -> list[str]:
+    """The messages to send for queued items, in order: each run of status frames becomes
+    one frame or one `batch`; replies stay on their own (a batch holds status frames)."""
+    messages: list[str] = []
+    run: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            run.append(item)
+            continue
+        messages.extend(_batches(run))
+        run = list(item.replay)
+        messages.append(item.text)
+    messages.extend(_batches(run))
+    return messages
+
+
+class Hub:
+    """The `/ws/status` endpoint. One task per connection reads client frames; one writer
+    task per connection sends its queue; `on_fanout` only ever queues without waiting."""
+
+    name = "hub"
+
+    def __init__(self, deps: Deps) -> None:
+        self._settings: Settings = deps.settings
+        self._store: Store = deps.store
+        self._metrics = deps.metrics
+        self._tokens = TokenService(
+            deps.jwt_secret,
+            issuer=deps.settings.jwt_issuer,
+            audience=deps.settings.jwt_audience,
+        )
+        self._registry = SubscriptionRegistry(deps.settings.max_subscriptions)
+        self._connections: dict[str, _Connection] = {}
+        self._stopping = False
+        deps.fanout.listen(self.on_fanout)
+
+    def routes(self) -> list[BaseRoute]:
+        return [WebSocketRoute("/ws/status", self._serve)]
+
+    async def start(self) -> None:
+        self._stopping = False
+
+    async def stop(self) -> None:
+        """Close every connection with 1001 and wait (bounded) until they are gone."""
+        self._stopping = True
+        connections = list(self._connections.values())
+        for conn in connections:
+            conn.request_close(GOING_AWAY, "server shutting down")
+        if not connections:
+            return
+        waits = [asyncio.create_task(conn.done.wait()) for conn in connections]
+        _, pending = await asyncio.wait(waits, timeout=CLOSE_TIMEOUT_S + 1)
+        for wait in pending:
+            wait.cancel()
+        if pending:
+            logger.warning("hub stopped with %d connections still closing", len(pending))
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # The hot path.
+
+    def on_fanout(self, channel: str, payload: bytes) -> None:
+        """Queue one status frame for every subscriber, without waiting: the same str
+        object goes to every queue, and a full queue closes only its own connection."""
+        try:
+            if not channel.startswith(_STATUS_PREFIX):
+                return
+            conversation_id = channel[len(_STATUS_PREFIX) :]
+            listeners = self._registry.subscribers(conversation_id)
+            if not listeners:
+                return
+            seq = status_seq(payload)
+            if seq is None:
+                logger.warning("fan-out frame on %s has no seq; dropped", channel)
+                return
+            frame = payload.decode("utf-8")
+            for conn_id in listeners:
+                conn = self._connections.get(conn_id)
+                if conn is not None and not conn.offer(conversation_id, seq, frame):
+                    self._evict(conn, SLOW_CONSUMER, "slow consumer")
+        except Exception:
+            # The fan-out adapter must keep delivering to everyone else.
+            logger.exception("fan-out frame on %s could not be dispatched", channel)
+
+    def _evict(self, conn: _Connection, code: int, reason: str) -> None:
+        self._registry.drop(conn.id)
+        conn.subscriptions.clear()
+        conn.request_close(code, reason)
+
+    # The connection's life.
+
+    async def _serve(self, websocket: WebSocket) -> None:
+        identity = await self._admit(websocket)
+        if identity is None:
+            return
+        await websocket.accept()
+        conn = _Connection(
+            id=new_id("conn"),
+            websocket=websocket,
+            identity=identity,
+            queue=asyncio.Queue(self._settings.connection_queue_size),
+        )
+        self._connections[conn.id] = conn
+        self._metrics.ws_connections.inc()
+        try:
+            await self._run(conn)
+        except Exception:
+            logger.exception("connection %s failed", conn.id)
+            conn.request_close(INTERNAL_ERROR, "internal error")
+            await self._close(conn)
+        finally:
+            self._registry.drop(conn.id)
+            del self._connections[conn.id]
+            self._metrics.ws_connections.dec()
+            conn.done.set()
+
+    async def _admit(self, websocket: WebSocket) -> Identity | None:
+        """The identity of an acceptable upgrade; otherwise refuse it and answer None."""
+        if self._stopping:
+            await _refuse(websocket, 503, "unavailable", "the server is shutting down")
+            return None
+        origin = websocket.headers.get("origin")
+        allowed = self._settings.allowed_origins
+        # Only browsers send Origin, and only browsers can be tricked into connecting.
+        if allowed and origin is not None and origin not in allowed:
+            await _refuse(websocket, 403, "forbidden_origin", f"origin {origin!r} is not allowed")
+            return None
+        token = websocket.query_params.get("access_token") or bearer_token(
+            websocket.headers.get("authorization")
+        )
+        if not token:
+            await _refuse(websocket, 401, "unauthorized", "a token is required")
+            return None
+        try:
+            return self._tokens.verify(token)
+        except InvalidToken as exc:
+            await _refuse(websocket, 401, "unauthorized", exc.reason)
+            return None
+
+    async def _run(self, conn: _Connection) -> None:
+        try:
+            await conn.websocket.send_text(
+                frames.connected(
+                    connection_id=conn.id,
+                    user_id=conn.identity.user_id,
+                    org_id=conn.identity.org_id,
+                    heartbeat_s=self._settings.heartbeat_s,
+                    token_exp=conn.identity.exp,
+                )
+            )
+        except WebSocketDisconnect:
+            return
+        tasks = [
+            asyncio.create_task(self._read(conn)),
+            asyncio.create_task(self._write(conn)),
+            asyncio.create_task(self._watch(conn)),
+            asyncio.create_task(conn.closing.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            failure = task.exception()
+            if failure is not None and not isinstance(failure, WebSocketDisconnect):
+                logger.error("connection %s failed", conn.id, exc_info=failure)
+                conn.request_close(INTERNAL_ERROR, "internal error")
+        if conn.close_code is not None:
+            await self._close(conn)
+
+    async def _close(self, conn: _Connection) -> None:
+        code = conn.close_code if conn.close_code is not None else NORMAL
+        self._metrics.ws_closes.labels(code=str(code)).inc()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await conn.websocket.close(code, conn.close_reason)
+        except (TimeoutError, WebSocketDisconnect, RuntimeError):
+            # Already gone, or a close was sent: nothing more is owed to this client.
+            pass
+
+    async def _watch(self, conn: _Connection) -> None:
+        """Close on token expiry (4001) or silence (idle); re-reads both deadlines after
+        each wake, so a refreshed token or a new frame simply moves them."""
+        idle_s = IDLE_HEARTBEATS * self._settings.heartbeat_s
+        while True:
+            until_expiry = conn.identity.exp - time.time()
+            if until_expiry <= 0:
+                conn.request_close(TOKEN_EXPIRED, "token expired")
+                return
+            until_idle = conn.last_heard + idle_s - time.monotonic()
+            if until_idle <= 0:
+                conn.request_close(NORMAL, "idle")
+                return
+            await asyncio.sleep(min(until_expiry, until_idle))
+
+    async def _write(self, conn: _Connection) -> None:
+        queue = conn.queue
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for message in coalesce(items):
+                await conn.websocket.send_text(message)
+                self._metrics.ws_frames_sent.inc()
+
+    async def _read(self, conn: _Connection) -> None:
+        limit = self._settings.max_frame_bytes
+        while conn.close_code is None:
+            message = await conn.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            conn.last_heard = time.monotonic()
+            text = message.get("text")
+            raw = text if text is not None else message.get("bytes") or b""
+            frame = frames.parse_client_frame(raw, limit)
+            if isinstance(frame, FrameError):
+                self._reject(conn, frame)
+            else:
+                await self._handle(conn, frame)
+
+    def _reject(self, conn: _Connection, error: FrameError) -> None:
+        if error.too_large:
+            conn.request_close(TOO_BIG, error.message)
+            return
+        conn.bad_frames += 1
+        self._metrics.ws_bad_frames.labels(code=error.code).inc()
+        if conn.bad_frames > self._settings.bad_frame_tolerance:
+            conn.request_close(POLICY, "too many malformed frames")
+            return
+        self._answer(conn, Reply(frames.error(error.code, error.message, error.ref)))
+
+    def _refuse_request(self, conn: _Connection, code: str, message: str, ref: frames.Ref) -> None:
+        self._metrics.ws_bad_frames.labels(code=code).inc()
+        self._answer(conn, Reply(frames.error(code, message, ref)))
+
+    def _answer(self, conn: _Connection, reply: Reply) -> None:
+        try:
+            conn.queue.put_nowait(reply)
+        except asyncio.QueueFull:
+            self._evict(conn, SLOW_CONSUMER, "slow consumer")
+
+    async def _handle(self, conn: _Connection, frame: ClientFrame) -> None:
+        match frame:
+            case Subscribe():
+                await self._subscribe(conn, frame)
+            case Unsubscribe():
+                self._registry.unsubscribe(conn.id, frame.conversation_id)
+                conn.subscriptions.pop(frame.conversation_id, None)
+                self._answer(conn, Reply(frames.unsubscribed(frame.conversation_id, frame.ref)))
+            case Ping():
+                self._answer(conn, Reply(frames.pong(frame.ts)))
+            case Auth():
+                self._refresh(conn, frame)
+
+    async def _subscribe(self, conn: _Connection, frame: Subscribe) -> None:
+        conversation_id = frame.conversation_id
+        conversation = await self._store.get_conversation(conn.identity.org_id, conversation_id)
+        if conversation is None:
+            self._refuse_request(
+                conn, "forbidden", f"conversation {conversation_id!r} is not available", frame.ref
+            )
+            return
+        if conn.close_code is not None:
+            return
+        if not self._registry.subscribe(conn.id, conversation_id):
+            self._refuse_request(
+                conn,
+                "too_many_subscriptions",
+                f"a connection may follow at most {self._settings.max_subscriptions} conversations",
+                frame.ref,
+            )
+            return
+        if frame.since is None:
+            # No replay asked: the client loaded the conversation itself; only changes
+            # after the current seq are news to it.
+            conn.subscriptions[conversation_id] = _Subscription(conversation.last_seq)
+            self._answer(
+                conn,
+                Reply(frames.subscribed(conversation_id, conversation.last_seq, True, frame.ref)),
+            )
+            return
+        # Registered before the store is read, so nothing published meanwhile is missed:
+        # such frames are held and merged with the replay by seq.
+        subscription = _Subscription(frame.since, held=[])
+        conn.subscriptions[conversation_id] = subscription
+        changes = await self._store.changes_since(
+            conversation_id, frame.since, self._settings.replay_limit
+        )
+        if conn.subscriptions.get(conversation_id) is not subscription:
+            return  # evicted, or unsubscribed by a later frame: the answer is moot
+        replayed = [(status_seq(text), text) for text in changes.frames]
+        held, subscription.held = subscription.held or [], None
+        following: list[str] = []
+        for seq, text in [*replayed, *sorted(held, key=lambda pair: pair[0])]:
+            if seq is not None and seq > subscription.high_seq:
+                following.append(text)
+                subscription.high_seq = seq
+        self._answer(
+            conn,
+            Reply(
+                frames.subscribed(conversation_id, changes.last_seq, changes.complete, frame.ref),
+                tuple(following),
+            ),
+        )
+
+    def _refresh(self, conn: _Connection, frame: Auth) -> None:
+        try:
+            identity = self._tokens.verify(frame.token)
+        except InvalidToken as exc:
+            self._refuse_request(conn, frames.BAD_REQUEST, exc.reason, frame.ref)
+            return
+        if (identity.user_id, identity.org_id) != (conn.identity.user_id, conn.identity.org_id):
+            self._refuse_request(
+                conn,
+                frames.BAD_REQUEST,
+                "the token is for a different user or organization",
+                frame.ref,
+            )
+            return
+        conn.identity = identity
+        self._answer(conn, Reply(frames.auth_ok(identity.exp, frame.ref)))
+
+
+async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse an upgrade with an HTTP answer; no socket is opened."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        response = JSONResponse({"error": {"code": code, "message": message}}, status)
+        await websocket.send_denial_response(response)
+    else:
+        # Servers without the denial-response extension can only answer 403.
+        await websocket.close(POLICY)
