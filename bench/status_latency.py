@@ -1,7 +1,7 @@
 """How fast a status reaches a browser: a real `whatslike serve` (simulator delay 0),
 one WebSocket subscriber, N messages; prints latency percentiles and throughput.
 
-    .venv/bin/python -m bench.status_latency --messages 300 [--database-url postgresql://…]
+    .venv/bin/python -m bench.status_latency --messages 300 [--rate 20] [--database-url …]
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-async def run(url: str, ws_url: str, token: str, messages: int, concurrency: int) -> None:
+async def run(
+    url: str, ws_url: str, token: str, *, messages: int, concurrency: int, rate: float
+) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
         conversation = (
@@ -56,6 +58,8 @@ async def run(url: str, ws_url: str, token: str, messages: int, concurrency: int
             limit = asyncio.Semaphore(concurrency)
 
             async def post(i: int) -> None:
+                if rate:
+                    await asyncio.sleep(i / rate)
                 async with limit:
                     started = time.perf_counter()
                     response = await client.post(
@@ -71,8 +75,9 @@ async def run(url: str, ws_url: str, token: str, messages: int, concurrency: int
 
     to_sent = [(sent_at[m] - posted[m]) * 1000 for m in posted if m in sent_at]
     to_read = [(read_at[m] - posted[m]) * 1000 for m in posted]
+    pace = f"{rate:.0f}/s" if rate else "as fast as possible"
     print(
-        f"messages: {messages}, concurrency: {concurrency}, wall: {elapsed:.2f} s, "
+        f"messages: {messages}, posted {pace}, concurrency: {concurrency}, wall: {elapsed:.2f} s, "
         f"{messages / elapsed:.0f} messages/s to READ"
     )
     for name, values in (("POST→SENT frame", to_sent), ("POST→READ frame", to_read)):
@@ -86,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=0, help="messages per second (0: max)")
     parser.add_argument("--database-url", default="")
     args = parser.parse_args()
     env = {"WHATSLIKE_SIM_DELAY_MS": "0"}
@@ -95,7 +101,16 @@ def main() -> None:
         server = start_server(Path(data_dir), env)
         try:
             token = server.token("bench-org")
-            asyncio.run(run(server.url, server.ws_url, token, args.messages, args.concurrency))
+            asyncio.run(
+                run(
+                    server.url,
+                    server.ws_url,
+                    token,
+                    messages=args.messages,
+                    concurrency=args.concurrency,
+                    rate=args.rate,
+                )
+            )
         finally:
             stop_server(server)
 

@@ -99,6 +99,12 @@ class Runtime:
             await self.deps.store.open()
             self._opened = True
 
+    async def close_connections(self) -> None:
+        """Close every WebSocket with 1001 before the server stops taking requests."""
+        for role in self.roles:
+            if isinstance(role, Hub):
+                await role.stop()
+
     @asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.open()

@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bind(settings: Settings) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on sockets that say they are TCP,
+    # and without it every keep-alive response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((settings.host, settings.port))
@@ -70,13 +72,26 @@ def _bind(settings: Settings) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but WebSockets are closed by the hub (1001, "server shutting down") before
+    uvicorn would fail them with its own 1012."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self._runtime = runtime
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._runtime.close_connections()
+        await super().shutdown(sockets)
+
+
 async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
     runtime = Runtime(settings)
     await runtime.open()
     config = uvicorn.Config(
         runtime.app, log_level=log_level, lifespan="on", ws_max_size=settings.max_frame_bytes
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, runtime)
     print(
         f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})",
         flush=True,

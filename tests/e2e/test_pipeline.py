@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ import httpx
 import jwt
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.e2e.conftest import Server, Socket, api, start_server, stop_server
 
@@ -240,3 +241,20 @@ async def test_disorder_still_ends_every_message_right_with_gap_free_seqs(
                     assert row["delivered_at"] is not None
     finally:
         stop_server(disorderly)
+
+
+async def test_stopping_the_server_closes_sockets_with_1001(
+    tmp_path: Path, open_socket: OpenSocket
+) -> None:
+    stopping = start_server(tmp_path)
+    try:
+        socket = await open_socket(stopping, stopping.token("org-s"))
+        stopping.process.terminate()
+        with pytest.raises(ConnectionClosed) as closed:
+            await socket.next(wait_s=20)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1001
+    finally:
+        stop_server(stopping)
+    # uvicorn re-raises the SIGTERM it handled once shut down; -9 would mean it hung.
+    assert stopping.process.returncode in (0, -signal.SIGTERM)
