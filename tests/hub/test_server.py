@@ -424,6 +424,20 @@ async def test_replay_beyond_the_limit_is_not_recovered(tmp_path: Path) -> None:
             assert seqs(await statuses_until_pong(ws)) == [6]
 
 
+async def test_since_beyond_the_store_is_not_recovered_and_live_frames_follow(
+    hub: Harness,
+) -> None:
+    conversation = await hub.conversation()
+    await hub.changes(conversation, 2)
+    async with hub.client() as ws:
+        await connected(ws)
+        await send(ws, type="subscribe", conversation_id=conversation.id, since=50)
+        subscribed = await receive(ws)
+        assert (subscribed["seq"], subscribed["recovered"]) == (2, False)
+        await hub.publish(conversation, *await hub.changes(conversation, 1))
+        assert seqs(await statuses_until_pong(ws)) == [3]
+
+
 async def test_unsubscribe_stops_delivery(hub: Harness) -> None:
     conversation = await hub.conversation()
     async with hub.client() as ws:

@@ -426,6 +426,10 @@ class Hub:
         )
         if conn.subscriptions.get(conversation_id) is not subscription:
             return  # evicted, or unsubscribed by a later frame: the answer is moot
+        if not changes.complete:
+            # The client must reload over HTTP; live frames go on from the store's seq,
+            # which may be below `since` (a client that outlived a store reset).
+            subscription.high_seq = changes.last_seq
         replayed = [(status_seq(text), text) for text in changes.frames]
         held, subscription.held = subscription.held or [], None
         following: list[str] = []
