@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from datetime import datetime
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import asyncpg
 
-from whatslike.clock import new_id, utcnow
-from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.clock import utcnow
+from whatslike.errors import BackendUnavailable
 from whatslike.events import StatusEvent
 from whatslike.status import rules
-from whatslike.status.frame import status_frame
-from whatslike.status.rules import Effect, MessageState, Observation, ProviderError, Status
+from whatslike.status.rules import Effect
+from whatslike.store import common
 from whatslike.store.base import (
     ApplyResult,
     Changes,
@@ -25,6 +24,7 @@ from whatslike.store.base import (
     Message,
     ParkedStatus,
 )
+from whatslike.store.common import MESSAGE_COLUMNS
 
 _Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
@@ -102,21 +102,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-_MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
-    m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
-    m.error_code, m.error_title, m.provider_message_id"""
-
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
 _MESSAGE_ORDER = 'ORDER BY m.created_at, m.id COLLATE "C"'
 
 _PROVIDER_KEY_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1 || ':' || $2))"
 
 _CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
-def _ms(at: datetime) -> datetime:
-    """Truncate to the stored resolution, so a returned state equals the one read back."""
-    return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
 
 def _where(dsn: str) -> str:
@@ -129,40 +120,17 @@ def _where(dsn: str) -> str:
     return f"{parts.hostname or 'localhost'}:{port}{parts.path or '/'}"
 
 
+def _time(value: datetime) -> datetime:
+    # asyncpg already reads timestamptz as an aware datetime.
+    return value
+
+
 def _conversation(row: asyncpg.Record) -> Conversation:
-    return Conversation(
-        id=row["id"],
-        org_id=row["org_id"],
-        channel=row["channel"],
-        contact=row["contact"],
-        last_seq=row["last_seq"],
-        created_at=row["created_at"],
-    )
+    return common.conversation_of(row, _time)
 
 
 def _message(row: asyncpg.Record) -> Message:
-    error = None
-    if row["error_code"] is not None:
-        error = ProviderError(row["error_code"], row["error_title"])
-    return Message(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        org_id=row["org_id"],
-        channel=row["channel"],
-        text=row["text"],
-        client_message_id=row["client_message_id"],
-        created_at=row["created_at"],
-        state=MessageState(
-            status=Status(row["status"]),
-            sent_at=row["sent_at"],
-            delivered_at=row["delivered_at"],
-            read_at=row["read_at"],
-            failed_at=row["failed_at"],
-            error=error,
-        ),
-        seq=row["seq"],
-        provider_message_id=row["provider_message_id"],
-    )
+    return common.message_of(row, _time)
 
 
 class PostgresStore:
@@ -207,12 +175,8 @@ class PostgresStore:
                 "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
             )
             version: int = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
-            if version > len(_MIGRATIONS):
-                raise ConfigError(
-                    f"WHATSLIKE_DATABASE_URL: schema version {version} at {_where(self._dsn)}"
-                    f" is newer than this Whatslike supports ({len(_MIGRATIONS)})"
-                )
-            for number, statements in enumerate(_MIGRATIONS[version:], start=version + 1):
+            pending = common.pending_migrations(version, _MIGRATIONS, f"at {_where(self._dsn)}")
+            for number, statements in pending:
                 for statement in statements:
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
@@ -229,7 +193,7 @@ class PostgresStore:
             await _ensure_organization(conn, org_id)
 
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
-        conversation = Conversation(new_id("conv"), org_id, channel, contact, 0, utcnow())
+        conversation = common.new_conversation(org_id, channel, contact)
         async with self._connection() as conn, conn.transaction():
             await _ensure_organization(conn, org_id)
             await conn.execute(
@@ -255,17 +219,7 @@ class PostgresStore:
     async def create_message(
         self, conversation: Conversation, text: str, client_message_id: str
     ) -> tuple[Message, bool]:
-        message = Message(
-            id=new_id("msg"),
-            conversation_id=conversation.id,
-            org_id=conversation.org_id,
-            channel=conversation.channel,
-            text=text,
-            client_message_id=client_message_id,
-            created_at=utcnow(),
-            state=MessageState(),
-            seq=None,
-        )
+        message = common.new_message(conversation, text, client_message_id)
         async with self._connection() as conn:
             # A concurrent insert of the same key waits for the first one to commit, then
             # does nothing; the following read (a new snapshot) sees that first message.
@@ -286,7 +240,7 @@ class PostgresStore:
             if inserted is not None:
                 return message, True
             row = await conn.fetchrow(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m"
                 " WHERE m.conversation_id = $1 AND m.client_message_id = $2",
                 conversation.id,
                 client_message_id,
@@ -297,7 +251,7 @@ class PostgresStore:
     async def get_message(self, message_id: str) -> Message | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1", message_id
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1", message_id
             )
         return _message(row) if row else None
 
@@ -311,7 +265,7 @@ class PostgresStore:
             if owned is None:
                 return None
             rows = await conn.fetch(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = $1"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = $1"
                 f" {_MESSAGE_ORDER}",
                 conversation_id,
             )
@@ -320,7 +274,7 @@ class PostgresStore:
     async def messages_up_to(self, message_id: str) -> list[Message]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = $1"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = $1"
                 " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
                 f" {_MESSAGE_ORDER}",
                 message_id,
@@ -352,10 +306,7 @@ class PostgresStore:
                 channel,
                 provider_message_id,
             )
-        return [
-            ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
-            for row in sorted(rows, key=lambda row: int(row["id"]))
-        ]
+        return common.parked_of(channel, provider_message_id, rows)
 
     async def forget_parked(self, channel: str, provider_message_id: str) -> None:
         async with self._connection() as conn:
@@ -390,11 +341,11 @@ class PostgresStore:
             # The row lock serializes the statuses of one message; the conversation row
             # (updated below, always after the message row) serializes its seqs.
             row = await conn.fetchrow(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
                 event.message_id,
             )
             if row is None:
-                return ApplyResult(effect=Effect.NOOP, unknown_message=True)
+                return common.UNKNOWN_MESSAGE
             message = _message(row)
             earlier = await conn.fetch(
                 "SELECT frame FROM changes WHERE event_id = $1 AND message_id = $2 ORDER BY seq",
@@ -402,10 +353,8 @@ class PostgresStore:
                 message.id,
             )
             if earlier:
-                again = tuple(str(change["frame"]) for change in earlier)
-                return ApplyResult(effect=Effect.NOOP, frames=again, message=message)
-            observation = Observation(event.status, _ms(event.occurred_at), event.error)
-            transition = rules.apply(message.state, observation)
+                return common.replayed(message, common.frames_of(earlier))
+            transition = rules.apply(message.state, common.observation_of(event))
             if transition.effect is Effect.NOOP:
                 return ApplyResult(effect=Effect.NOOP, message=message)
             state, seq = transition.state, message.seq
@@ -418,14 +367,7 @@ class PostgresStore:
                         message.conversation_id,
                     )
                 )
-                frame = status_frame(
-                    conversation_id=message.conversation_id,
-                    message_id=message.id,
-                    status=state.status,
-                    seq=seq,
-                    occurred_at=event.occurred_at,
-                    error=state.error if state.status is Status.FAILED else None,
-                )
+                frame = common.change_frame(message, state, seq, event.occurred_at)
                 frames = (frame,)
                 await conn.execute(
                     "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
@@ -449,22 +391,20 @@ class PostgresStore:
                 state.error.code if state.error else None,
                 state.error.title if state.error else None,
             )
-        return ApplyResult(
-            effect=transition.effect,
-            frames=frames,
-            message=replace(message, state=state, seq=seq),
-        )
+        return common.applied(message, transition, seq, frames)
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
         async with self._connection() as conn:
-            last_seq: int | None = await conn.fetchval(
-                "SELECT last_seq FROM conversations WHERE id = $1", conversation_id
+            # An unknown conversation answers as one without changes yet.
+            last_seq: int = (
+                await conn.fetchval(
+                    "SELECT last_seq FROM conversations WHERE id = $1", conversation_id
+                )
+                or 0
             )
-            if last_seq is None:
-                return Changes((), 0, since == 0)
-            wanted = last_seq - since
-            if since > last_seq or wanted > limit:
-                return Changes((), last_seq, False)
+            answer = common.changes_window(last_seq, since, limit)
+            if answer is not None:
+                return answer
             # Bounded by the last_seq read above: changes committed since then are left
             # for the next call, so `frames` and `last_seq` always agree.
             rows = await conn.fetch(
@@ -474,9 +414,7 @@ class PostgresStore:
                 since,
                 last_seq,
             )
-        if len(rows) != wanted:
-            return Changes((), last_seq, False)
-        return Changes(tuple(str(row["frame"]) for row in rows), last_seq, True)
+        return common.changes(last_seq, since, common.frames_of(rows))
 
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._connection() as conn:
@@ -505,7 +443,7 @@ async def _by_provider_id(
     conn: _Connection, channel: str, provider_message_id: str
 ) -> Message | None:
     row = await conn.fetchrow(
-        f"SELECT {_MESSAGE_COLUMNS} FROM provider_ids p JOIN messages m ON m.id = p.message_id"
+        f"SELECT {MESSAGE_COLUMNS} FROM provider_ids p JOIN messages m ON m.id = p.message_id"
         " WHERE p.channel = $1 AND p.provider_message_id = $2",
         channel,
         provider_message_id,

@@ -7,19 +7,18 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from whatslike.clock import format_time, new_id, parse_time, utcnow
-from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.clock import format_time, parse_time, utcnow
+from whatslike.errors import BackendUnavailable
 from whatslike.events import StatusEvent
 from whatslike.status import rules
-from whatslike.status.frame import status_frame
-from whatslike.status.rules import Effect, MessageState, Observation, ProviderError, Status
+from whatslike.status.rules import Effect
+from whatslike.store import common
 from whatslike.store.base import (
     ApplyResult,
     Changes,
@@ -27,6 +26,7 @@ from whatslike.store.base import (
     Message,
     ParkedStatus,
 )
+from whatslike.store.common import MESSAGE_COLUMNS
 
 #: Migration n (1-based) brings the schema from version n-1 to n.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -98,20 +98,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-_MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
-    m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
-    m.error_code, m.error_title, m.provider_message_id"""
-
 _Rows = list[sqlite3.Row]
-
-
-def _ms(at: datetime) -> datetime:
-    """Truncate to the stored resolution, so a returned state equals the one read back."""
-    return at.replace(microsecond=at.microsecond // 1000 * 1000)
-
-
-def _time(value: str | None) -> datetime | None:
-    return None if value is None else parse_time(value)
 
 
 def _stored(at: datetime | None) -> str | None:
@@ -119,39 +106,11 @@ def _stored(at: datetime | None) -> str | None:
 
 
 def _conversation(row: sqlite3.Row) -> Conversation:
-    return Conversation(
-        id=row["id"],
-        org_id=row["org_id"],
-        channel=row["channel"],
-        contact=row["contact"],
-        last_seq=row["last_seq"],
-        created_at=parse_time(row["created_at"]),
-    )
+    return common.conversation_of(row, parse_time)
 
 
 def _message(row: sqlite3.Row) -> Message:
-    error = None
-    if row["error_code"] is not None:
-        error = ProviderError(row["error_code"], row["error_title"])
-    return Message(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        org_id=row["org_id"],
-        channel=row["channel"],
-        text=row["text"],
-        client_message_id=row["client_message_id"],
-        created_at=parse_time(row["created_at"]),
-        state=MessageState(
-            status=Status(row["status"]),
-            sent_at=_time(row["sent_at"]),
-            delivered_at=_time(row["delivered_at"]),
-            read_at=_time(row["read_at"]),
-            failed_at=_time(row["failed_at"]),
-            error=error,
-        ),
-        seq=row["seq"],
-        provider_message_id=row["provider_message_id"],
-    )
+    return common.message_of(row, parse_time)
 
 
 class SQLiteStore:
@@ -200,12 +159,8 @@ class SQLiteStore:
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             rows = await _fetch(db, "SELECT max(version) AS version FROM schema_version")
             version: int = rows[0]["version"] or 0
-            if version > len(_MIGRATIONS):
-                raise ConfigError(
-                    f"WHATSLIKE_DATABASE_URL: schema version {version} of {self.path} is newer "
-                    f"than this Whatslike supports ({len(_MIGRATIONS)})"
-                )
-            for number, statements in enumerate(_MIGRATIONS[version:], start=version + 1):
+            pending = common.pending_migrations(version, _MIGRATIONS, f"of {self.path}")
+            for number, statements in pending:
                 for statement in statements:
                     await db.execute(statement)
                 await db.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
@@ -238,7 +193,7 @@ class SQLiteStore:
             await _ensure_organization(db, org_id)
 
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
-        conversation = Conversation(new_id("conv"), org_id, channel, contact, 0, utcnow())
+        conversation = common.new_conversation(org_id, channel, contact)
         async with self._transaction() as db:
             await _ensure_organization(db, org_id)
             await db.execute(
@@ -257,17 +212,7 @@ class SQLiteStore:
     async def create_message(
         self, conversation: Conversation, text: str, client_message_id: str
     ) -> tuple[Message, bool]:
-        message = Message(
-            id=new_id("msg"),
-            conversation_id=conversation.id,
-            org_id=conversation.org_id,
-            channel=conversation.channel,
-            text=text,
-            client_message_id=client_message_id,
-            created_at=utcnow(),
-            state=MessageState(),
-            seq=None,
-        )
+        message = common.new_message(conversation, text, client_message_id)
         async with self._transaction() as db:
             inserted = await _fetch(
                 db,
@@ -290,7 +235,7 @@ class SQLiteStore:
                 return message, True
             rows = await _fetch(
                 db,
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m"
                 " WHERE m.conversation_id = ? AND m.client_message_id = ?",
                 (conversation.id, client_message_id),
             )
@@ -298,7 +243,7 @@ class SQLiteStore:
 
     async def get_message(self, message_id: str) -> Message | None:
         rows = await self._read(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
         )
         return _message(rows[0]) if rows else None
 
@@ -314,7 +259,7 @@ class SQLiteStore:
                 return None
             rows = await _fetch(
                 db,
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = ?"
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = ?"
                 " ORDER BY m.created_at, m.id",
                 (conversation_id,),
             )
@@ -322,7 +267,7 @@ class SQLiteStore:
 
     async def messages_up_to(self, message_id: str) -> list[Message]:
         rows = await self._read(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = ?"
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = ?"
             " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
             " ORDER BY m.created_at, m.id",
             (message_id,),
@@ -351,10 +296,7 @@ class SQLiteStore:
                 " WHERE channel = ? AND provider_message_id = ?",
                 key,
             )
-        return [
-            ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
-            for row in sorted(rows, key=lambda row: int(row["id"]))
-        ]
+        return common.parked_of(channel, provider_message_id, rows)
 
     async def forget_parked(self, channel: str, provider_message_id: str) -> None:
         async with self._transaction() as db:
@@ -388,11 +330,11 @@ class SQLiteStore:
         async with self._transaction() as db:
             rows = await _fetch(
                 db,
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?",
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?",
                 (event.message_id,),
             )
             if not rows:
-                return ApplyResult(effect=Effect.NOOP, unknown_message=True)
+                return common.UNKNOWN_MESSAGE
             message = _message(rows[0])
             earlier = await _fetch(
                 db,
@@ -400,10 +342,8 @@ class SQLiteStore:
                 (event.event_id, message.id),
             )
             if earlier:
-                again = tuple(str(row["frame"]) for row in earlier)
-                return ApplyResult(effect=Effect.NOOP, frames=again, message=message)
-            observation = Observation(event.status, _ms(event.occurred_at), event.error)
-            transition = rules.apply(message.state, observation)
+                return common.replayed(message, common.frames_of(earlier))
+            transition = rules.apply(message.state, common.observation_of(event))
             if transition.effect is Effect.NOOP:
                 return ApplyResult(effect=Effect.NOOP, message=message)
             state, seq = transition.state, message.seq
@@ -416,14 +356,7 @@ class SQLiteStore:
                     (message.conversation_id,),
                 )
                 seq = int(bumped[0]["last_seq"])
-                frame = status_frame(
-                    conversation_id=message.conversation_id,
-                    message_id=message.id,
-                    status=state.status,
-                    seq=seq,
-                    occurred_at=event.occurred_at,
-                    error=state.error if state.status is Status.FAILED else None,
-                )
+                frame = common.change_frame(message, state, seq, event.occurred_at)
                 frames = (frame,)
                 await db.execute(
                     "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
@@ -445,11 +378,7 @@ class SQLiteStore:
                     message.id,
                 ),
             )
-        return ApplyResult(
-            effect=transition.effect,
-            frames=frames,
-            message=replace(message, state=state, seq=seq),
-        )
+        return common.applied(message, transition, seq, frames)
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
         async with self._lock:
@@ -457,20 +386,17 @@ class SQLiteStore:
             rows = await _fetch(
                 db, "SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)
             )
-            if not rows:
-                return Changes((), 0, since == 0)
-            last_seq = int(rows[0]["last_seq"])
-            wanted = last_seq - since
-            if since > last_seq or wanted > limit:
-                return Changes((), last_seq, False)
+            # An unknown conversation answers as one without changes yet.
+            last_seq = int(rows[0]["last_seq"]) if rows else 0
+            answer = common.changes_window(last_seq, since, limit)
+            if answer is not None:
+                return answer
             frames = await _fetch(
                 db,
                 "SELECT frame FROM changes WHERE conversation_id = ? AND seq > ? ORDER BY seq",
                 (conversation_id, since),
             )
-        if len(frames) != wanted:
-            return Changes((), last_seq, False)
-        return Changes(tuple(str(row["frame"]) for row in frames), last_seq, True)
+        return common.changes(last_seq, since, common.frames_of(frames))
 
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._transaction() as db:
@@ -500,7 +426,7 @@ async def _by_provider_id(
 ) -> Message | None:
     rows = await _fetch(
         db,
-        f"SELECT {_MESSAGE_COLUMNS} FROM provider_ids p JOIN messages m ON m.id = p.message_id"
+        f"SELECT {MESSAGE_COLUMNS} FROM provider_ids p JOIN messages m ON m.id = p.message_id"
         " WHERE p.channel = ? AND p.provider_message_id = ?",
         (channel, provider_message_id),
     )

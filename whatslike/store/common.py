@@ -1,0 +1,183 @@
+"""What the store adapters share: the rules around their SQL, as pure functions.
+Each adapter keeps only its queries and transactions, and builds its answers here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Protocol
+
+from whatslike.clock import new_id, utcnow
+from whatslike.errors import ConfigError
+from whatslike.events import StatusEvent
+from whatslike.status.frame import status_frame
+from whatslike.status.rules import (
+    Effect,
+    MessageState,
+    Observation,
+    ProviderError,
+    Status,
+    Transition,
+)
+from whatslike.store.base import ApplyResult, Changes, Conversation, Message, ParkedStatus
+
+
+class Row(Protocol):
+    """A result row by column name: a `sqlite3.Row` or an `asyncpg.Record`."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+#: The columns `message_of` reads, from a query that names the messages table `m`.
+MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
+    m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
+    m.error_code, m.error_title, m.provider_message_id"""
+
+#: Turns a stored, non-null time into a datetime (SQLite keeps text, PostgreSQL datetimes).
+TimeOf = Callable[[Any], datetime]
+
+#: The answer to a status for a message this store does not have.
+UNKNOWN_MESSAGE = ApplyResult(effect=Effect.NOOP, unknown_message=True)
+
+
+def _ms(at: datetime) -> datetime:
+    """Truncate to the stored resolution, so a returned state equals the one read back."""
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
+def _optional(value: Any, time_of: TimeOf) -> datetime | None:
+    return None if value is None else time_of(value)
+
+
+def pending_migrations(
+    version: int, migrations: Sequence[tuple[str, ...]], where: str
+) -> list[tuple[int, tuple[str, ...]]]:
+    """The migrations a schema at `version` still needs, each with the version it brings
+    the schema to. `where` names the database in the error, e.g. "of /data/whatslike.db"."""
+    if version > len(migrations):
+        # An older release must not run on a schema it does not know.
+        raise ConfigError(
+            f"WHATSLIKE_DATABASE_URL: schema version {version} {where} is newer "
+            f"than this Whatslike supports ({len(migrations)})"
+        )
+    return list(enumerate(migrations[version:], start=version + 1))
+
+
+def new_conversation(org_id: str, channel: str, contact: str) -> Conversation:
+    return Conversation(new_id("conv"), org_id, channel, contact, 0, utcnow())
+
+
+def new_message(conversation: Conversation, text: str, client_message_id: str) -> Message:
+    """A PENDING message, not yet stored."""
+    return Message(
+        id=new_id("msg"),
+        conversation_id=conversation.id,
+        org_id=conversation.org_id,
+        channel=conversation.channel,
+        text=text,
+        client_message_id=client_message_id,
+        created_at=utcnow(),
+        state=MessageState(),
+        seq=None,
+    )
+
+
+def conversation_of(row: Row, time_of: TimeOf) -> Conversation:
+    return Conversation(
+        row["id"],
+        row["org_id"],
+        row["channel"],
+        row["contact"],
+        row["last_seq"],
+        time_of(row["created_at"]),
+    )
+
+
+def message_of(row: Row, time_of: TimeOf) -> Message:
+    """The message of a row with the columns of `messages`."""
+    error = None
+    if row["error_code"] is not None:
+        error = ProviderError(row["error_code"], row["error_title"])
+    state = MessageState(
+        status=Status(row["status"]),
+        sent_at=_optional(row["sent_at"], time_of),
+        delivered_at=_optional(row["delivered_at"], time_of),
+        read_at=_optional(row["read_at"], time_of),
+        failed_at=_optional(row["failed_at"], time_of),
+        error=error,
+    )
+    return Message(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        org_id=row["org_id"],
+        channel=row["channel"],
+        text=row["text"],
+        client_message_id=row["client_message_id"],
+        created_at=time_of(row["created_at"]),
+        state=state,
+        seq=row["seq"],
+        provider_message_id=row["provider_message_id"],
+    )
+
+
+def parked_of(channel: str, provider_message_id: str, rows: Iterable[Row]) -> list[ParkedStatus]:
+    """The parked statuses of rows with `id` and `payload`, oldest first."""
+    return [
+        ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
+        for row in sorted(rows, key=lambda row: int(row["id"]))
+    ]
+
+
+def frames_of(rows: Iterable[Row]) -> tuple[str, ...]:
+    return tuple(str(row["frame"]) for row in rows)
+
+
+def observation_of(event: StatusEvent) -> Observation:
+    # At the stored resolution, so the state we return equals the one read back later.
+    return Observation(event.status, _ms(event.occurred_at), event.error)
+
+
+def replayed(message: Message, frames: tuple[str, ...]) -> ApplyResult:
+    """The answer to an event applied before: its frames again, the message as stored."""
+    return ApplyResult(effect=Effect.NOOP, frames=frames, message=message)
+
+
+def change_frame(message: Message, state: MessageState, seq: int, occurred_at: datetime) -> str:
+    """The status frame of a change of `message` to `state`, numbered `seq`."""
+    return status_frame(
+        conversation_id=message.conversation_id,
+        message_id=message.id,
+        status=state.status,
+        seq=seq,
+        occurred_at=occurred_at,
+        error=state.error if state.status is Status.FAILED else None,
+    )
+
+
+def applied(
+    message: Message, transition: Transition, seq: int | None, frames: tuple[str, ...]
+) -> ApplyResult:
+    """The answer to a status that updated `message` to the transition's state."""
+    return ApplyResult(
+        effect=transition.effect,
+        frames=frames,
+        message=replace(message, state=transition.state, seq=seq),
+    )
+
+
+def changes_window(last_seq: int, since: int, limit: int) -> Changes | None:
+    """The answer when no frame needs reading, else None: then read the frames after
+    `since`, up to `last_seq`, and answer with `changes`."""
+    if since > last_seq or last_seq - since > limit:
+        return Changes((), last_seq, False)
+    if since == last_seq:
+        return Changes((), last_seq, True)
+    return None
+
+
+def changes(last_seq: int, since: int, frames: tuple[str, ...]) -> Changes:
+    """The frames read after `since`, or none when history was trimmed."""
+    if len(frames) != last_seq - since:
+        return Changes((), last_seq, False)
+    return Changes(frames, last_seq, True)
