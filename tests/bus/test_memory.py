@@ -12,7 +12,7 @@ from whatslike.bus import BusFull
 from whatslike.bus.memory import MemoryBus, backoff_delay
 from whatslike.errors import MalformedEvent
 from whatslike.metrics import Metrics
-from whatslike.settings import Settings
+from whatslike.settings import load_settings
 
 
 def make_bus(**overrides: object) -> MemoryBus:
@@ -24,7 +24,7 @@ def make_bus(**overrides: object) -> MemoryBus:
         "bus_publish_timeout_s": 1.0,
     }
     values.update(overrides)
-    return MemoryBus(Settings(**values), Metrics(), seed=1)  # type: ignore[arg-type]
+    return MemoryBus(load_settings(**values), Metrics(), seed=1)
 
 
 class Collector:
