@@ -323,6 +323,18 @@ async def test_status_resolved_by_callback_data(harness: Harness) -> None:
     assert event.event_id.startswith("evt_")
 
 
+async def test_a_redelivered_webhook_carries_the_same_event_id(harness: Harness) -> None:
+    message = await harness.message()
+    webhook = status_webhook(status(WAMID, "delivered", callback=message.id))
+    for _ in range(2):
+        assert (await harness.post(webhook)).status_code == 200
+    first, again = harness.bus.statuses()
+    assert first.event_id == again.event_id
+    read = status_webhook(status(WAMID, "read", callback=message.id))
+    assert (await harness.post(read)).status_code == 200
+    assert harness.bus.statuses()[-1].event_id != first.event_id
+
+
 async def test_batched_post_for_several_messages(harness: Harness) -> None:
     first, second = await harness.message("one"), await harness.message("two")
     await harness.store.link_provider_id("whatsapp", "wamid.A", first.id)

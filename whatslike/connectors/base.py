@@ -4,6 +4,7 @@ Graph API, the signed webhook routes, resolving provider ids, parking and publis
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from whatslike.clock import new_id, utcnow
+from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
     SIGNATURE_HEADER,
     WebhookPayloadError,
@@ -41,6 +42,15 @@ MAX_WEBHOOK_BYTES = 4 * 1024 * 1024
 THROTTLING_CODES = frozenset({4, 17, 32, 613, 80007, 130429, 131048, 131056})
 
 T = TypeVar("T")
+
+
+def observation_id(channel: str, message_id: str, status: Status, occurred_at: datetime) -> str:
+    """The same provider observation always gets the same event id, so a webhook that
+    Meta redelivers (after we failed to answer 200) is recognised by the store, which
+    then hands back the frames it made the first time: a crash between the store's commit
+    and the fan-out publish loses no notification."""
+    key = f"{channel}|{message_id}|{status.value}|{format_time(occurred_at)}"
+    return "evt_" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 class ProviderUnavailable(WhatslikeError):
@@ -262,7 +272,7 @@ class MetaConnector(ABC, Generic[T]):
         error: ProviderError | None = None,
     ) -> None:
         event = StatusEvent(
-            event_id=new_id("evt"),
+            event_id=observation_id(self.channel, message.id, status, occurred_at),
             message_id=message.id,
             conversation_id=message.conversation_id,
             org_id=message.org_id,

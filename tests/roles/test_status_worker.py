@@ -1,0 +1,126 @@
+"""The status worker on a real SQLite store and the in-process bus: a fan-out failure
+after the store committed is retried, and the notification still goes out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from whatslike.bus.memory import MemoryBus
+from whatslike.events import TOPIC_STATUS, StatusEvent
+from whatslike.metrics import Metrics
+from whatslike.roles import Deps
+from whatslike.roles.status_worker import StatusWorker
+from whatslike.settings import load_settings
+from whatslike.status.rules import Status
+from whatslike.store.base import Message
+from whatslike.store.sqlite import SQLiteStore
+
+
+class FlakyFanout:
+    """Fails its first `failures` publishes, like a Redis that blinked."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.published: list[tuple[str, bytes]] = []
+        self.arrived = asyncio.Event()
+
+    def listen(self, listener: object) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("fan-out down")
+        self.published.append((channel, payload))
+        self.arrived.set()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "w.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def deps(store: SQLiteStore, fanout: FlakyFanout, metrics: Metrics) -> Deps:
+    settings = load_settings(consumer_backoff_base_s=0.001, consumer_backoff_cap_s=0.005)
+    return Deps(
+        settings=settings,
+        store=store,
+        bus=MemoryBus(settings, metrics, seed=3),
+        fanout=fanout,
+        http=httpx.AsyncClient(),
+        metrics=metrics,
+        jwt_secret="x",
+    )
+
+
+def sent(message: Message) -> StatusEvent:
+    return StatusEvent(
+        event_id="evt_sent",
+        message_id=message.id,
+        conversation_id=message.conversation_id,
+        org_id=message.org_id,
+        channel="whatsapp",
+        status=Status.SENT,
+        provider_message_id="wamid.1",
+        occurred_at=datetime(2026, 11, 25, 12, tzinfo=UTC),
+    )
+
+
+async def test_a_failed_fanout_after_commit_is_retried_and_the_frame_goes_out(
+    store: SQLiteStore,
+) -> None:
+    conversation = await store.create_conversation("org1", "whatsapp", "+55")
+    message, _ = await store.create_message(conversation, "hi", "")
+    fanout, metrics = FlakyFanout(failures=2), Metrics()
+    wiring = deps(store, fanout, metrics)
+    StatusWorker(wiring)
+    await wiring.bus.start()
+    await wiring.bus.publish(TOPIC_STATUS, conversation.id, sent(message).to_json())
+    await asyncio.wait_for(fanout.arrived.wait(), 5)
+    await wiring.bus.stop()
+    await wiring.http.aclose()
+
+    [(channel, payload)] = fanout.published
+    assert channel == f"status:{conversation.id}"
+    frame = json.loads(payload)
+    assert (frame["status"], frame["seq"], frame["message_id"]) == ("SENT", 1, message.id)
+    stored = await store.get_message(message.id)
+    assert stored is not None
+    assert (stored.status, stored.seq) == (Status.SENT, 1)
+    labels = {"topic": TOPIC_STATUS, "group": "status-worker"}
+    assert metrics.registry.get_sample_value("whatslike_bus_retries_total", labels) == 2
+
+
+async def test_an_event_for_no_message_is_dead_lettered_and_kept(store: SQLiteStore) -> None:
+    conversation = await store.create_conversation("org1", "whatsapp", "+55")
+    message, _ = await store.create_message(conversation, "hi", "")
+    ghost = replace(sent(message), event_id="evt_ghost", message_id="msg_nobody")
+    fanout, metrics = FlakyFanout(failures=0), Metrics()
+    wiring = deps(store, fanout, metrics)
+    StatusWorker(wiring)
+    await wiring.bus.start()
+    await wiring.bus.publish(TOPIC_STATUS, conversation.id, ghost.to_json())
+    await wiring.bus.stop()
+    await wiring.http.aclose()
+    assert await store.dead_letter_count() == 1
+    assert fanout.published == []
