@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     sim_failure_rate: float = Field(0.0, ge=0, le=1)
     sim_seed: int | None = None
     sim_queue_size: int = Field(10_000, ge=1)
+    #: Where the simulator posts webhooks (the connector's process). Default: this one.
+    sim_webhook_url: str = ""
 
     @field_validator("roles", mode="before")
     @classmethod
@@ -118,6 +120,10 @@ class Settings(BaseSettings):
     @property
     def effective_graph_url(self) -> str:
         return (self.graph_url or f"{self.base_url}/simulator").rstrip("/")
+
+    @property
+    def effective_sim_webhook_url(self) -> str:
+        return (self.sim_webhook_url or self.base_url).rstrip("/")
 
     @property
     def effective_database_url(self) -> str:

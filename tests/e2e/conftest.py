@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -53,21 +54,17 @@ class Server:
         return done.stdout.strip()
 
 
-def start_server(data_dir: Path, env: dict[str, str] | None = None) -> Server:
-    """Start `whatslike serve --port 0` and read the address it prints."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server(data_dir: Path, env: dict[str, str] | None = None, port: int = 0) -> Server:
+    """Start `whatslike serve` (on any free port by default); read the address it prints."""
+    command = [sys.executable, "-m", "whatslike", "serve", "--port", str(port)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "whatslike",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
+        [*command, "--data-dir", str(data_dir), "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -347,7 +347,7 @@ class Simulator:
         self.schedule.put(delivery)
 
     async def _post(self, delivery: Delivery, wait_s: float) -> bool:
-        url = f"{self._settings.base_url}/webhooks/{delivery.channel}"
+        url = f"{self._settings.effective_sim_webhook_url}/webhooks/{delivery.channel}"
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "facebookexternalua",
