@@ -20,7 +20,7 @@ from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.bus import BusFull
 from whatslike.clock import format_time, new_id
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage
-from whatslike.roles import Deps
+from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
 
@@ -86,7 +86,7 @@ async def _body(request: Request, model: type[ModelT]) -> ModelT:
         raise ApiError(400, "bad_request", message) from exc
 
 
-class HttpApi:
+class HttpApi(RoleDefaults):
     """Routes of the api role's HTTP side (the hub lives in `whatslike.hub.server`)."""
 
     name = "api"
@@ -98,12 +98,6 @@ class HttpApi:
         self._tokens = TokenService(
             deps.jwt_secret, deps.settings.jwt_issuer, deps.settings.jwt_audience
         )
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
 
     def routes(self) -> list[BaseRoute]:
         return [

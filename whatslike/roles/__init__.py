@@ -43,3 +43,16 @@ class Role(Protocol):
 
     async def stop(self) -> None:
         """Stop background work; called after the bus stopped."""
+
+
+class RoleDefaults:
+    """What a role without routes or background work of its own answers."""
+
+    def routes(self) -> list[BaseRoute]:
+        return []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None

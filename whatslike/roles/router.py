@@ -5,27 +5,16 @@ The event is forwarded byte for byte (after checking it decodes), keyed by conve
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
-
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage, outbound_topic
-from whatslike.roles import Deps
+from whatslike.roles import Deps, RoleDefaults
 
 
-class Router:
+class Router(RoleDefaults):
     name = "router"
 
     def __init__(self, deps: Deps) -> None:
         self._bus = deps.bus
         deps.bus.subscribe(TOPIC_MESSAGES, "router", self.route)
-
-    def routes(self) -> list[BaseRoute]:
-        return []
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
 
     async def route(self, raw: bytes) -> None:
         message = OutboundMessage.from_json(raw)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 
-from starlette.routing import BaseRoute
-
 from whatslike.clock import utcnow
 from whatslike.errors import MalformedEvent
 from whatslike.events import (
@@ -23,7 +21,7 @@ from whatslike.events import (
     outbound_topic,
     status_channel,
 )
-from whatslike.roles import Deps
+from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.rules import Effect
 
 log = logging.getLogger(__name__)
@@ -36,7 +34,7 @@ DEAD_LETTER_SOURCES = (
 )
 
 
-class StatusWorker:
+class StatusWorker(RoleDefaults):
     name = "status-worker"
 
     def __init__(self, deps: Deps) -> None:
@@ -46,15 +44,6 @@ class StatusWorker:
         deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
         for topic in DEAD_LETTER_SOURCES:
             deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
-
-    def routes(self) -> list[BaseRoute]:
-        return []
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
 
     async def apply(self, raw: bytes) -> None:
         event = StatusEvent.from_json(raw)
