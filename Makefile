@@ -22,7 +22,9 @@ run: install
 ## Install what the tests need, start the local servers they use, run every check.
 test: install-test
 	./scripts/services.sh
+	./scripts/browser.sh
 	$(BIN)/ruff check whatslike tests bench
 	$(BIN)/ruff format --check whatslike tests bench
 	$(BIN)/mypy
+	node --test tests/js/
 	$(BIN)/pytest

@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Route
 
 from whatslike.api.errors import ApiError, on_api_error, on_http_exception, on_unexpected
 from whatslike.api.http import HttpApi
+from whatslike.api.web import WebAssets
 from whatslike.bus.memory import MemoryBus
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
@@ -53,7 +54,7 @@ def build_roles(deps: Deps) -> list[Role]:
     chosen = deps.settings.roles
     roles: list[Role] = []
     if "api" in chosen:
-        roles += [HttpApi(deps), Hub(deps)]
+        roles += [HttpApi(deps), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
         roles.append(Router(deps))
     if "connector" in chosen:
@@ -98,6 +99,13 @@ class Runtime:
         if not self._opened:
             await self.deps.store.open()
             self._opened = True
+
+    def demo_url(self) -> str | None:
+        """The demo page with a development token, in the embedded mode only."""
+        for role in self.roles:
+            if isinstance(role, WebAssets) and self.settings.embedded:
+                return f"{self.settings.base_url}/demo#token={role.demo_token()}"
+        return None
 
     async def close_connections(self) -> None:
         """Close every WebSocket with 1001 before the server stops taking requests."""

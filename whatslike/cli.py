@@ -92,10 +92,11 @@ async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> Non
         runtime.app, log_level=log_level, lifespan="on", ws_max_size=settings.max_frame_bytes
     )
     server = _Server(config, runtime)
-    print(
-        f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})",
-        flush=True,
-    )
+    print(f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})")
+    demo = runtime.demo_url()
+    if demo is not None:
+        print(f"Demo (development token, embedded mode only): {demo}")
+    sys.stdout.flush()
     await server.serve(sockets=[sock])
 
 

@@ -1,0 +1,60 @@
+"""The browser side of the api role: the client, the demo, and development tokens that
+exist only in the embedded mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import jwt
+
+from whatslike.app import Runtime
+from whatslike.settings import load_settings, resolve_jwt_secret
+
+
+def client_for(runtime: Runtime) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app), base_url="http://t")
+
+
+async def test_the_client_library_and_the_demo_are_served(tmp_path: Path) -> None:
+    runtime = Runtime(load_settings(data_dir=tmp_path))
+    async with client_for(runtime) as client:
+        script = await client.get("/client/websocket-client.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"].startswith("text/javascript")
+        assert "export class ChatStatusClient" in script.text
+        types = await client.get("/client/websocket-client.d.ts")
+        assert "export declare class ChatStatusClient" in types.text
+        page = await client.get("/demo")
+        assert page.headers["content-type"].startswith("text/html")
+        assert "/client/websocket-client.js" in page.text
+
+
+async def test_embedded_mode_hands_out_demo_tokens(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    runtime = Runtime(settings)
+    async with client_for(runtime) as client:
+        config = (await client.get("/demo/config")).json()
+        assert config == {"embedded": True, "simulator": True, "heartbeat_s": 25}
+        answer = (await client.post("/demo/token")).json()
+    claims = jwt.decode(answer["token"], resolve_jwt_secret(settings), algorithms=["HS256"])
+    assert (claims["org_id"], claims["sub"]) == ("demo", "demo-agent")
+    url = runtime.demo_url()
+    assert url is not None
+    assert url.startswith(f"{settings.base_url}/demo#token=")
+
+
+async def test_no_demo_tokens_outside_the_embedded_mode(tmp_path: Path) -> None:
+    settings = load_settings(
+        data_dir=tmp_path,
+        roles="api,router,connector,status-worker",
+        graph_url="http://127.0.0.1:9/simulator",
+    )
+    runtime = Runtime(settings)
+    async with client_for(runtime) as client:
+        config = (await client.get("/demo/config")).json()
+        assert (config["embedded"], config["simulator"]) == (False, False)
+        refused = await client.post("/demo/token")
+        assert refused.status_code == 404
+        assert refused.json()["error"]["code"] == "not_found"
+    assert runtime.demo_url() is None

@@ -1,0 +1,337 @@
+"""The demo page in a real Chromium against real `whatslike serve` processes: ticks that
+move live, a restart of the pipeline survived with every status seen once, in order, and
+a phone-width layout that does not overflow."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from playwright.sync_api import Locator, Page, expect
+
+from tests.browser.conftest import ARTIFACTS, NewPage, printed_demo_url, screenshot
+from tests.e2e.conftest import Server, free_port, start_server, stop_server
+
+PIPELINE_ROLES = "api,router,connector,status-worker"
+
+
+def start_chat(page: Page, channel: str, contact: str) -> str:
+    """Create a conversation from the page; wait until it is followed live."""
+    before = page.get_by_test_id("conversation").count()
+    page.get_by_test_id("channel").select_option(channel)
+    page.get_by_test_id("contact").fill(contact)
+    page.get_by_test_id("create-conversation").click()
+    conversations = page.get_by_test_id("conversation")
+    expect(conversations).to_have_count(before + 1)
+    row = conversations.last
+    expect(row).to_have_attribute("aria-selected", "true")
+    # Sending before the subscription is answered could let the first status pass by.
+    expect(row).to_have_attribute("data-sub", "live")
+    conversation_id = row.get_attribute("data-conversation-id")
+    assert conversation_id
+    return conversation_id
+
+
+def send(page: Page, text: str) -> Locator:
+    """Send a message from the composer; its row in the message list."""
+    messages = page.get_by_test_id("message")
+    before = messages.count()
+    page.get_by_test_id("composer-text").fill(text)
+    page.get_by_test_id("send").click()
+    expect(messages).to_have_count(before + 1)
+    message = messages.last
+    expect(message).to_contain_text(text)
+    return message
+
+
+def assert_no_horizontal_overflow(page: Page) -> None:
+    widths = page.evaluate(
+        "({scroll: document.documentElement.scrollWidth, inner: window.innerWidth})"
+    )
+    assert widths["scroll"] <= widths["inner"], widths
+
+
+def page_statuses(page: Page, conversation_id: str) -> list[dict[str, Any]]:
+    statuses: list[dict[str, Any]] = page.evaluate(
+        "(id) => window.demo.statuses.filter((s) => s.conversation_id === id)",
+        conversation_id,
+    )
+    return statuses
+
+
+def recovery_report(
+    page: Page, conversation_id: str, stopped_at: float, restart_at: float, ready_at: float
+) -> dict[str, Any]:
+    """What the page went through around a restart, from its `window.demo` records: when it
+    was open again, and which statuses came replayed (seq up to the resubscribe's answer)
+    or live on the last connection."""
+    demo: dict[str, Any] = page.evaluate(
+        "({states: window.demo.states, subscriptions: window.demo.subscriptions,"
+        " connections: window.demo.connections})"
+    )
+    statuses = page_statuses(page, conversation_id)
+    opened_at = next(
+        s["at"] / 1000
+        for s in demo["states"]
+        if s["state"] == "open" and s["at"] / 1000 > stopped_at
+    )
+    last_connection = demo["connections"]
+    resubscribed = [
+        s
+        for s in demo["subscriptions"]
+        if s["conversationId"] == conversation_id and s["connection"] == last_connection
+    ]
+    assert len(resubscribed) == 1, demo["subscriptions"]
+    assert resubscribed[0]["recovered"] is True
+    on_last = [s for s in statuses if s["connection"] == last_connection]
+    replayed = [s for s in on_last if s["seq"] <= resubscribed[0]["seq"]]
+    return {
+        "reconnect_s_after_ready": round(opened_at - ready_at, 3),
+        "reconnect_s_after_restart_began": round(opened_at - restart_at, 3),
+        "pipeline_down_s": round(ready_at - stopped_at, 3),  # stop, start, until ready
+        "replayed_status_frames": len(replayed),
+        "live_status_frames_after_reconnect": len(on_last) - len(replayed),
+        "statuses": [
+            {key: s[key] for key in ("seq", "status", "message_id", "connection")} for s in statuses
+        ],
+        "states": [s["state"] for s in demo["states"]],
+    }
+
+
+def test_demo_link_shows_ticks_moving_live(embedded_server: Server, new_page: NewPage) -> None:
+    url = printed_demo_url(embedded_server)
+    assert url.startswith(f"{embedded_server.url}/demo#token=")
+    page = new_page(1440, 900)
+    page.goto(url)
+
+    state = page.get_by_test_id("conn-state")
+    expect(state).to_have_text("open")  # a token in the link: it connects by itself
+    page.get_by_test_id("disconnect").click()
+    expect(state).to_have_text("closed")
+    page.get_by_test_id("connect").click()
+    expect(state).to_have_text("open")
+    expect(page.get_by_test_id("disorder")).to_be_visible()  # the simulator runs here
+
+    conversation_id = start_chat(page, "whatsapp", "5511988877665")
+    message = send(page, "Olá Ana! Seu pedido #4821 saiu para entrega")
+    expect(message).to_have_attribute("data-status", "READ")
+    statuses = page_statuses(page, conversation_id)
+    assert [(s["status"], s["seq"]) for s in statuses] == [
+        ("SENT", 1),
+        ("DELIVERED", 2),
+        ("READ", 3),
+    ]
+    assert {s["message_id"] for s in statuses} == {message.get_attribute("data-message-id")}
+
+    # The log shows both directions, as highlighted JSON with the markup escaped.
+    log = page.get_by_test_id("event-log")
+    expect(log.locator('[data-kind="out"]').first).to_contain_text('"type": "subscribe"')
+    expect(log.locator('[data-kind="in"]').first).to_contain_text('"status": "READ"')
+    expect(log.locator(".j-key").first).to_be_visible()
+    expect(log.locator(".j-num").first).to_be_visible()
+
+    # The simulator's controls: disorder on and off, then a failure with its reason.
+    simulator = f"{embedded_server.url}/simulator/control"
+    with page.expect_response(lambda r: r.url == simulator and r.request.method == "POST"):
+        page.get_by_test_id("disorder").check()
+    assert httpx.get(simulator).json()["disorder"] is True
+    with page.expect_response(lambda r: r.url == simulator and r.request.method == "POST"):
+        page.get_by_test_id("disorder").uncheck()
+    assert httpx.get(simulator).json()["disorder"] is False
+    with page.expect_response(lambda r: r.url == simulator and r.request.method == "POST"):
+        page.get_by_test_id("failure-rate").fill("100")
+    try:
+        failed = send(page, "Este número não existe <b>não</b>")
+        expect(failed).to_have_attribute("data-status", "FAILED")
+        expect(failed.get_by_test_id("message-error")).to_contain_text("Not delivered: ")
+        expect(failed).to_contain_text("<b>não</b>")  # text, never markup
+        with page.expect_response(lambda r: r.url == simulator and r.request.method == "POST"):
+            page.get_by_test_id("failure-rate").fill("0")
+    finally:
+        httpx.post(simulator, json={"failure_rate": 0})
+    send(page, "Qualquer dúvida, é só responder aqui.")
+    expect(page.get_by_test_id("message").last).to_have_attribute("data-status", "READ")
+    expect(message).to_have_attribute("data-status", "READ")
+
+    assert_no_horizontal_overflow(page)
+    print(f"\nscreenshot: {screenshot(page, 'demo-desktop')}")
+
+
+@dataclass
+class Split:
+    """The simulator in one process, the pipeline (api, router, connector, status-worker)
+    in another on a fixed port, so the pipeline can stop and come back where it was."""
+
+    simulator: Server
+    pipeline: Server
+    data_dir: Path
+    env: dict[str, str]
+    port: int
+
+    def restart_pipeline(self) -> None:
+        self.pipeline = start_server(self.data_dir, self.env, port=self.port)
+
+
+@contextmanager
+def split_deployment(tmp_path: Path) -> Iterator[Split]:
+    port = free_port()
+    simulator = start_server(
+        tmp_path / "simulator",
+        {
+            "WHATSLIKE_ROLES": "simulator",
+            "WHATSLIKE_SIM_DELAY_MS": "1500",
+            "WHATSLIKE_SIM_WEBHOOK_URL": f"http://127.0.0.1:{port}",
+        },
+    )
+    env = {"WHATSLIKE_ROLES": PIPELINE_ROLES, "WHATSLIKE_GRAPH_URL": f"{simulator.url}/simulator"}
+    try:
+        pipeline = start_server(tmp_path / "pipeline", env, port=port)
+        split = Split(simulator, pipeline, tmp_path / "pipeline", env, port)
+        try:
+            yield split
+        finally:
+            stop_server(split.pipeline)
+    finally:
+        stop_server(simulator)
+
+
+def wait_for_last_seq(split: Split, token: str, conversation_id: str, seq: int) -> None:
+    """Poll the server (bounded) until the conversation's history reaches `seq`."""
+    deadline = time.monotonic() + 30
+    url = f"{split.pipeline.url}/api/conversations/{conversation_id}"
+    while time.monotonic() < deadline:
+        answer = httpx.get(url, headers={"Authorization": f"Bearer {token}"}).json()
+        if answer["last_seq"] >= seq:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the server never reached seq {seq}")
+
+
+def test_statuses_applied_while_the_page_was_away_are_replayed(
+    tmp_path: Path, new_page: NewPage
+) -> None:
+    """Deterministic recovery: the page stays offline until the restarted pipeline has
+    applied DELIVERED and READ, so both must come back through `subscribe … since`."""
+    with split_deployment(tmp_path) as split:
+        token = split.pipeline.token("acme", "ana")
+        page = new_page(1280, 860)
+        page.goto(f"{split.pipeline.url}/demo#token={token}")
+        state = page.get_by_test_id("conn-state")
+        expect(state).to_have_text("open")
+        conversation_id = start_chat(page, "whatsapp", "5521955554444")
+        message = send(page, "Chegou a segunda via do boleto")
+        expect(message).to_have_attribute("data-status", "SENT")
+
+        stopped_at = time.time()
+        stop_server(split.pipeline)
+        expect(state).to_have_text("reconnecting")
+        page.context.set_offline(True)
+        restart_at = time.time()
+        split.restart_pipeline()
+        ready_at = time.time()
+        wait_for_last_seq(split, token, conversation_id, 3)
+        expect(message).to_have_attribute("data-status", "SENT")
+        page.context.set_offline(False)
+        online_at = time.time()
+        expect(state).to_have_text("open", timeout=30_000)
+        expect(message).to_have_attribute("data-status", "READ")
+
+        result = recovery_report(page, conversation_id, stopped_at, restart_at, ready_at)
+        assert [(s["seq"], s["status"]) for s in result["statuses"]] == [
+            (1, "SENT"),
+            (2, "DELIVERED"),
+            (3, "READ"),
+        ]
+        assert result["replayed_status_frames"] == 2
+        assert result["live_status_frames_after_reconnect"] == 0
+        result["reconnect_s_after_online"] = round(
+            result["reconnect_s_after_ready"] - (online_at - ready_at), 3
+        )
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "browser-replay.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            f"\nreplay: {result['replayed_status_frames']} status frames replayed; page open"
+            f" {result['reconnect_s_after_online']} s after the network came back"
+        )
+
+
+def test_page_recovers_every_status_across_a_pipeline_restart(
+    tmp_path: Path, new_page: NewPage
+) -> None:
+    with split_deployment(tmp_path) as split:
+        token = split.pipeline.token("acme", "ana")
+        page = new_page(1280, 860)
+        page.goto(f"{split.pipeline.url}/demo#token={token}")
+        state = page.get_by_test_id("conn-state")
+        expect(state).to_have_text("open")
+        expect(page.get_by_test_id("disorder")).to_be_hidden()  # no simulator in this process
+
+        conversation_id = start_chat(page, "whatsapp", "5521977776666")
+        message = send(page, "Sua consulta está confirmada para amanhã às 9h")
+        expect(message).to_have_attribute("data-status", "SENT")
+        # DELIVERED and READ are 1.5 s and 3 s away: stop the pipeline now.
+        stopped_at = time.time()
+        stop_server(split.pipeline)
+        expect(state).to_have_text("reconnecting")
+        seen_before = page_statuses(page, conversation_id)
+        assert [s["status"] for s in seen_before][:1] == ["SENT"]
+        assert "READ" not in [s["status"] for s in seen_before]
+
+        restart_at = time.time()
+        split.restart_pipeline()
+        ready_at = time.time()
+        expect(state).to_have_text("open", timeout=30_000)
+        expect(message).to_have_attribute("data-status", "READ", timeout=30_000)
+
+        result = recovery_report(page, conversation_id, stopped_at, restart_at, ready_at)
+        statuses = result["statuses"]
+        # Every seq exactly once, in order, and the same as the server's history.
+        assert [s["seq"] for s in statuses] == list(range(1, len(statuses) + 1))
+        history = httpx.get(
+            f"{split.pipeline.url}/api/conversations/{conversation_id}/changes",
+            params={"since": 0},
+            headers={"Authorization": f"Bearer {token}"},
+        ).json()
+        assert history["complete"] is True
+        assert [(f["message_id"], f["status"], f["seq"]) for f in history["frames"]] == [
+            (s["message_id"], s["status"], s["seq"]) for s in statuses
+        ]
+        assert [s["status"] for s in statuses] == ["SENT", "DELIVERED", "READ"]
+        assert result["replayed_status_frames"] + result["live_status_frames_after_reconnect"]
+        expect(state).to_have_text("open")
+        expect(page.get_by_test_id("conversation")).to_have_attribute("data-sub", "live")
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "browser-reconnect.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            f"\nreconnect: page open {result['reconnect_s_after_ready']} s after the pipeline"
+            f" was ready ({result['reconnect_s_after_restart_began']} s after the restart"
+            f" began); {result['replayed_status_frames']} status frames replayed, "
+            f"{result['live_status_frames_after_reconnect']} live after the reconnect"
+        )
+        print(f"screenshot: {screenshot(page, 'demo-reconnected')}")
+
+
+def test_phone_width_layout_fits_and_ticks_reach_read(
+    embedded_server: Server, new_page: NewPage
+) -> None:
+    page = new_page(390, 844)
+    page.goto(f"{embedded_server.url}/demo#token={embedded_server.token('demo', 'demo-agent')}")
+    expect(page.get_by_test_id("conn-state")).to_have_text("open")
+    assert_no_horizontal_overflow(page)
+
+    start_chat(page, "instagram", "17841400000000001")
+    start_chat(page, "whatsapp", "5531966665555")
+    first = send(page, "Oi! Seu cartão chega amanhã entre 8h e 12h. Qualquer coisa, me chame.")
+    expect(first).to_have_attribute("data-status", "READ")
+    second = send(page, "Obrigado por comprar com a gente!")
+    expect(second).to_have_attribute("data-status", "READ")
+
+    assert_no_horizontal_overflow(page)
+    print(f"\nscreenshot: {screenshot(page, 'demo-phone')}")

@@ -1,0 +1,133 @@
+/**
+ * Whatslike's browser client for `/ws/status` (docs/protocol.md §4): live message statuses
+ * per conversation, with reconnection, recovery by `seq`, heartbeats and token renewal.
+ */
+
+export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
+
+export type MessageStatus = "PENDING" | "SENT" | "DELIVERED" | "READ" | "FAILED";
+
+export interface StatusFrame {
+  type: "status";
+  conversation_id: string;
+  message_id: string;
+  status: MessageStatus;
+  seq: number;
+  occurred_at: string;
+  error: { code: string; title: string } | null;
+}
+
+export interface ClientError {
+  /** The server's code (`forbidden`, `bad_request`, `rate_limited`, `too_many_subscriptions`)
+   * or the client's own: `token_expired`, `token_renewal_failed`, `reconnect_failed`,
+   * `heartbeat_timeout`, `protocol`. */
+  code: string;
+  message: string;
+  conversationId?: string;
+  ref?: string | number | null;
+}
+
+export interface ClientEvents {
+  /** Every change of connection state. */
+  state: { state: ConnectionState; previous: ConnectionState };
+  /** The server's `connected` frame. */
+  connected: { connection_id: string; user_id: string; org_id: string; heartbeat_s: number; token_exp: number };
+  /** A status, once per `seq`, in `seq` order per conversation (batches are unwrapped). */
+  status: StatusFrame;
+  /** The answer to a subscribe (also after each automatic resubscribe). */
+  subscribed: { conversationId: string; seq: number; recovered: boolean };
+  unsubscribed: { conversationId: string };
+  /** The history could not be replayed (`recovered: false`): reload the conversation over
+   * HTTP (`GET /api/conversations/{id}/messages`); live statuses continue after `seq`. */
+  reload: { conversationId: string; seq: number };
+  /** A missing `seq` was noticed on a live subscription and is being repaired. */
+  gap: { conversationId: string; expected: number; received: number };
+  /** Errors are events, never thrown. */
+  error: ClientError;
+  /** A socket closed; `willReconnect` tells whether the client will try again. */
+  close: { code: number; reason: string; willReconnect: boolean };
+  /** Every frame as received, before any processing (for logs and debugging). */
+  frame: Record<string, unknown>;
+  /** Every frame sent. */
+  sent: Record<string, unknown>;
+}
+
+export interface ReconnectOptions {
+  /** First back-off ceiling in ms (default 500). */
+  baseMs?: number;
+  /** Largest back-off in ms (default 15000). */
+  capMs?: number;
+  /** Attempts before giving up (default Infinity). */
+  maxAttempts?: number;
+  /** A connection open this long resets the attempt count (default 10000). */
+  stableMs?: number;
+}
+
+export interface HeartbeatOptions {
+  /** Ping interval in ms (default: the server's `heartbeat_s`). */
+  intervalMs?: number;
+  /** No frame for this long after a ping means the socket is dead (default 10000). */
+  timeoutMs?: number;
+}
+
+export interface ChatStatusClientOptions {
+  /** `ws://host/ws/status` (or `wss://`). */
+  url: string;
+  /** A token to start with; optional when `getToken` is given. */
+  token?: string;
+  /** Returns a fresh token; called before `token_exp`, after a 4001 close, and when a
+   * connection attempt fails before opening (a refused upgrade looks like that). */
+  getToken?: () => Promise<string> | string;
+  /** Seconds before `token_exp` to renew (default 60). */
+  renewBeforeS?: number;
+  reconnect?: ReconnectOptions;
+  heartbeat?: HeartbeatOptions;
+  /** For tests: a WebSocket constructor (default `globalThis.WebSocket`). */
+  WebSocket?: unknown;
+  /** For tests: the random source for jitter (default Math.random). */
+  random?: () => number;
+  /** For tests: timer functions (default the global ones, and Date.now). */
+  timers?: {
+    setTimeout: (fn: () => void, ms: number) => unknown;
+    clearTimeout: (handle: unknown) => void;
+    now: () => number;
+  };
+}
+
+/** Close codes of docs/protocol.md §4. */
+export declare const CloseCode: {
+  readonly NORMAL: 1000;
+  readonly GOING_AWAY: 1001;
+  readonly POLICY: 1008;
+  readonly TOO_BIG: 1009;
+  readonly TOKEN_EXPIRED: 4001;
+  readonly RATE_LIMITED: 4008;
+  readonly SLOW_CONSUMER: 4009;
+};
+
+/** Exponential back-off with full jitter: uniform in [0, min(capMs, baseMs * 2^attempt)). */
+export declare function backoffDelay(
+  attempt: number,
+  baseMs: number,
+  capMs: number,
+  random?: () => number,
+): number;
+
+export declare class ChatStatusClient {
+  constructor(options: ChatStatusClientOptions);
+  readonly state: ConnectionState;
+  /** Highest `seq` delivered per conversation. */
+  lastSeq(conversationId: string): number | undefined;
+  /** Opens the socket; resolves when `connected` arrives (or when the client gives up
+   * for good: check `state`), rejects never (errors are events); a no-op when already
+   * open or connecting. */
+  connect(): Promise<void>;
+  /** Follows a conversation; `since` asks for the frames after it. Kept across
+   * reconnects, which resubscribe with `since` = the last seq seen. */
+  subscribe(conversationId: string, options?: { since?: number }): void;
+  unsubscribe(conversationId: string): void;
+  on<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
+  off<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
+  /** Closes with 1000 and stops reconnecting. */
+  disconnect(): void;
+}
