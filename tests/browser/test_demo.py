@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +13,7 @@ import httpx
 from playwright.sync_api import Locator, Page, expect
 
 from tests.browser.conftest import ARTIFACTS, NewPage, printed_demo_url, screenshot
-from tests.e2e.conftest import Server, free_port, start_server, stop_server
-
-PIPELINE_ROLES = "api,router,connector,status-worker"
+from tests.e2e.conftest import Server, Split, split_deployment, stop_server
 
 
 def start_chat(page: Page, channel: str, contact: str) -> str:
@@ -163,44 +158,6 @@ def test_demo_link_shows_ticks_moving_live(embedded_server: Server, new_page: Ne
     print(f"\nscreenshot: {screenshot(page, 'demo-desktop')}")
 
 
-@dataclass
-class Split:
-    """The simulator in one process, the pipeline (api, router, connector, status-worker)
-    in another on a fixed port, so the pipeline can stop and come back where it was."""
-
-    simulator: Server
-    pipeline: Server
-    data_dir: Path
-    env: dict[str, str]
-    port: int
-
-    def restart_pipeline(self) -> None:
-        self.pipeline = start_server(self.data_dir, self.env, port=self.port)
-
-
-@contextmanager
-def split_deployment(tmp_path: Path) -> Iterator[Split]:
-    port = free_port()
-    simulator = start_server(
-        tmp_path / "simulator",
-        {
-            "WHATSLIKE_ROLES": "simulator",
-            "WHATSLIKE_SIM_DELAY_MS": "1500",
-            "WHATSLIKE_SIM_WEBHOOK_URL": f"http://127.0.0.1:{port}",
-        },
-    )
-    env = {"WHATSLIKE_ROLES": PIPELINE_ROLES, "WHATSLIKE_GRAPH_URL": f"{simulator.url}/simulator"}
-    try:
-        pipeline = start_server(tmp_path / "pipeline", env, port=port)
-        split = Split(simulator, pipeline, tmp_path / "pipeline", env, port)
-        try:
-            yield split
-        finally:
-            stop_server(split.pipeline)
-    finally:
-        stop_server(simulator)
-
-
 def wait_for_last_seq(split: Split, token: str, conversation_id: str, seq: int) -> None:
     """Poll the server (bounded) until the conversation's history reaches `seq`."""
     deadline = time.monotonic() + 30
@@ -218,7 +175,7 @@ def test_statuses_applied_while_the_page_was_away_are_replayed(
 ) -> None:
     """Deterministic recovery: the page stays offline until the restarted pipeline has
     applied DELIVERED and READ, so both must come back through `subscribe … since`."""
-    with split_deployment(tmp_path) as split:
+    with split_deployment(tmp_path, sim_delay_ms=1500) as split:
         token = split.pipeline.token("acme", "ana")
         page = new_page(1280, 860)
         page.goto(f"{split.pipeline.url}/demo#token={token}")
@@ -264,7 +221,7 @@ def test_statuses_applied_while_the_page_was_away_are_replayed(
 def test_page_recovers_every_status_across_a_pipeline_restart(
     tmp_path: Path, new_page: NewPage
 ) -> None:
-    with split_deployment(tmp_path) as split:
+    with split_deployment(tmp_path, sim_delay_ms=1500) as split:
         token = split.pipeline.token("acme", "ana")
         page = new_page(1280, 860)
         page.goto(f"{split.pipeline.url}/demo#token={token}")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,47 @@ def stop_server(server: Server) -> None:
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+
+
+@dataclass
+class Split:
+    """The simulator in one process, the pipeline (api, router, connector, status-worker)
+    in another on a fixed port, so the pipeline can stop and come back where it was."""
+
+    simulator: Server
+    pipeline: Server
+    data_dir: Path
+    env: dict[str, str]
+    port: int
+
+    def restart_pipeline(self) -> None:
+        self.pipeline = start_server(self.data_dir, self.env, port=self.port)
+
+
+@contextmanager
+def split_deployment(tmp_path: Path, sim_delay_ms: int) -> Iterator[Split]:
+    port = free_port()
+    simulator = start_server(
+        tmp_path / "simulator",
+        {
+            "WHATSLIKE_ROLES": "simulator",
+            "WHATSLIKE_SIM_DELAY_MS": str(sim_delay_ms),
+            "WHATSLIKE_SIM_WEBHOOK_URL": f"http://127.0.0.1:{port}",
+        },
+    )
+    env = {
+        "WHATSLIKE_ROLES": "api,router,connector,status-worker",
+        "WHATSLIKE_GRAPH_URL": f"{simulator.url}/simulator",
+    }
+    try:
+        pipeline = start_server(tmp_path / "pipeline", env, port=port)
+        split = Split(simulator, pipeline, tmp_path / "pipeline", env, port)
+        try:
+            yield split
+        finally:
+            stop_server(split.pipeline)
+    finally:
+        stop_server(simulator)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,14 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.e2e.conftest import Server, Socket, api, free_port, start_server, stop_server
+from tests.e2e.conftest import (
+    Server,
+    Socket,
+    api,
+    split_deployment,
+    start_server,
+    stop_server,
+)
 
 OpenSocket = Callable[[Server, str], Awaitable[Socket]]
 
@@ -264,38 +271,16 @@ async def test_the_simulator_can_run_as_its_own_process(
     tmp_path: Path, open_socket: OpenSocket
 ) -> None:
     """Roles split over two processes joined only by HTTP, as Meta and we would be."""
-    pipeline_port = free_port()
-    meta = start_server(
-        tmp_path / "meta",
-        {
-            "WHATSLIKE_ROLES": "simulator",
-            "WHATSLIKE_SIM_DELAY_MS": "20",
-            "WHATSLIKE_SIM_WEBHOOK_URL": f"http://127.0.0.1:{pipeline_port}",
-        },
-    )
-    try:
-        pipeline = start_server(
-            tmp_path / "pipeline",
-            {
-                "WHATSLIKE_ROLES": "api,router,connector,status-worker",
-                "WHATSLIKE_GRAPH_URL": f"{meta.url}/simulator",
-            },
-            port=pipeline_port,
-        )
-        try:
-            token = pipeline.token("org-split")
-            async with api(pipeline, token) as client:
-                conversation = await new_conversation(client)
-                socket = await open_socket(pipeline, token)
-                await socket.send({"type": "subscribe", "conversation_id": conversation})
-                await socket.next_of("subscribed")
-                message = await send(client, conversation)
-                frames = await statuses_until_final(socket, {message})
-                assert [f["seq"] for f in frames] == [1, 2, 3]
-            async with httpx.AsyncClient(base_url=meta.url) as plain:
-                assert (await plain.get("/api/conversations/x")).status_code == 404
-                assert (await plain.get("/healthz")).json()["roles"] == ["simulator"]
-        finally:
-            stop_server(pipeline)
-    finally:
-        stop_server(meta)
+    with split_deployment(tmp_path, sim_delay_ms=20) as split:
+        token = split.pipeline.token("org-split")
+        async with api(split.pipeline, token) as client:
+            conversation = await new_conversation(client)
+            socket = await open_socket(split.pipeline, token)
+            await socket.send({"type": "subscribe", "conversation_id": conversation})
+            await socket.next_of("subscribed")
+            message = await send(client, conversation)
+            frames = await statuses_until_final(socket, {message})
+            assert [f["seq"] for f in frames] == [1, 2, 3]
+        async with httpx.AsyncClient(base_url=split.simulator.url) as plain:
+            assert (await plain.get("/api/conversations/x")).status_code == 404
+            assert (await plain.get("/healthz")).json()["roles"] == ["simulator"]
