@@ -45,9 +45,11 @@ class Settings(BaseSettings):
     bus_partitions: int = Field(4, ge=1, le=256)
     bus_queue_size: int = Field(10_000, ge=1)
     bus_publish_timeout_s: float = Field(5.0, gt=0)
-    consumer_max_attempts: int = Field(5, ge=1)
-    consumer_backoff_base_s: float = Field(0.05, gt=0)
-    consumer_backoff_cap_s: float = Field(2.0, gt=0)
+    # About 40 s of retries (worst case ~90 s) before a dead letter: enough to ride out a
+    # database failover or a provider blip while holding the partition's order.
+    consumer_max_attempts: int = Field(12, ge=1)
+    consumer_backoff_base_s: float = Field(0.1, gt=0)
+    consumer_backoff_cap_s: float = Field(15.0, gt=0)
 
     # Hub.
     heartbeat_s: int = Field(25, ge=1)
@@ -56,7 +58,6 @@ class Settings(BaseSettings):
     connection_queue_size: int = Field(256, ge=1)
     bad_frame_tolerance: int = Field(10, ge=1)
     replay_limit: int = Field(1000, ge=1)
-    fanout_queue_size: int = Field(10_000, ge=1)
 
     # Meta (WhatsApp Cloud API / Instagram Messaging); default: the built-in simulator.
     graph_url: str = ""  # default: <public_url>/simulator

@@ -284,3 +284,15 @@ async def test_the_simulator_can_run_as_its_own_process(
         async with httpx.AsyncClient(base_url=split.simulator.url) as plain:
             assert (await plain.get("/api/conversations/x")).status_code == 404
             assert (await plain.get("/healthz")).json()["roles"] == ["simulator"]
+
+
+@pytest.mark.parametrize("since", ["-1", "abc", "²", "9" * 5000])
+async def test_a_bad_since_is_a_400_not_a_crash(server: Server, since: str) -> None:
+    token = server.token("org-a")
+    async with api(server, token) as client:
+        conversation = await new_conversation(client)
+        answer = await client.get(
+            f"/api/conversations/{conversation}/changes", params={"since": since}
+        )
+        assert answer.status_code == 400
+        assert answer.json()["error"]["code"] == "bad_request"

@@ -40,19 +40,25 @@ Frame = dict[str, Any]
 
 
 class GatedStore(SQLiteStore):
-    """SQLite, with a way to hold `changes_since` open (to publish during a replay) and
-    to make `get_conversation` fail like a broken backend."""
+    """SQLite, with ways to hold `changes_since` or `get_conversation` open (to publish
+    meanwhile) and to make `get_conversation` fail like a broken backend."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.gate: asyncio.Event | None = None
         self.replay_started = asyncio.Event()
+        self.lookup_gate: asyncio.Event | None = None
+        self.lookup_done = asyncio.Event()
         self.broken = False
 
     async def get_conversation(self, org_id: str, conversation_id: str) -> Conversation | None:
         if self.broken:
             raise RuntimeError("secret internal detail")
-        return await super().get_conversation(org_id, conversation_id)
+        found = await super().get_conversation(org_id, conversation_id)
+        self.lookup_done.set()
+        if self.lookup_gate is not None:
+            await self.lookup_gate.wait()
+        return found
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
         self.replay_started.set()
@@ -391,6 +397,23 @@ async def test_frames_published_during_the_replay_are_sent_once_in_order(
         subscribed = await receive(ws)
         assert (subscribed["seq"], subscribed["recovered"]) == (4, True)
         assert seqs(await statuses_until_pong(ws)) == [1, 2, 3, 4]
+
+
+async def test_a_frame_published_while_a_plain_subscribe_looks_up_is_not_lost(
+    hub: Harness,
+) -> None:
+    conversation = await hub.conversation()
+    hub.store.lookup_gate = asyncio.Event()
+    async with hub.client() as ws:
+        await connected(ws)
+        await send(ws, type="subscribe", conversation_id=conversation.id)
+        await asyncio.wait_for(hub.store.lookup_done.wait(), TIMEOUT_S)
+        # The hub read last_seq 0; seq 1 is committed and fanned out before it registers.
+        await hub.publish(conversation, *await hub.changes(conversation, 1))
+        hub.store.lookup_gate.set()
+        subscribed = await receive(ws)
+        assert (subscribed["seq"], subscribed["recovered"]) == (1, True)
+        assert seqs(await statuses_until_pong(ws)) == [1]
 
 
 async def test_frames_after_the_replay_snapshot_follow_it(hub: Harness) -> None:

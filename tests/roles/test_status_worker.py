@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from whatslike.bus.memory import MemoryBus
-from whatslike.events import TOPIC_STATUS, StatusEvent
+from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.roles.status_worker import StatusWorker
@@ -61,7 +61,9 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 def deps(store: SQLiteStore, fanout: FlakyFanout, metrics: Metrics) -> Deps:
-    settings = load_settings(consumer_backoff_base_s=0.001, consumer_backoff_cap_s=0.005)
+    settings = load_settings(
+        consumer_max_attempts=3, consumer_backoff_base_s=0.001, consumer_backoff_cap_s=0.005
+    )
     return Deps(
         settings=settings,
         store=store,
@@ -124,3 +126,40 @@ async def test_an_event_for_no_message_is_dead_lettered_and_kept(store: SQLiteSt
     await wiring.http.aclose()
     assert await store.dead_letter_count() == 1
     assert fanout.published == []
+
+
+async def test_a_message_the_provider_never_got_becomes_failed(store: SQLiteStore) -> None:
+    conversation = await store.create_conversation("org1", "whatsapp", "+55")
+    message, _ = await store.create_message(conversation, "hi", "")
+    fanout, metrics = FlakyFanout(failures=0), Metrics()
+    wiring = deps(store, fanout, metrics)
+    StatusWorker(wiring)
+
+    async def unreachable_provider(raw: bytes) -> None:
+        raise ConnectionError("graph.facebook.com unreachable")
+
+    wiring.bus.subscribe(outbound_topic("whatsapp"), "connector-whatsapp", unreachable_provider)
+    await wiring.bus.start()
+    outbound = OutboundMessage(
+        event_id="evt_out",
+        message_id=message.id,
+        conversation_id=conversation.id,
+        org_id="org1",
+        channel="whatsapp",
+        to="+55",
+        text="hi",
+        client_message_id="",
+        created_at=message.created_at,
+    )
+    await wiring.bus.publish(outbound_topic("whatsapp"), conversation.id, outbound.to_json())
+    await asyncio.wait_for(fanout.arrived.wait(), 5)
+    await wiring.bus.stop()
+    await wiring.http.aclose()
+
+    frame = json.loads(fanout.published[0][1])
+    assert (frame["status"], frame["seq"]) == ("FAILED", 1)
+    assert frame["error"] == {"code": "send_failed", "title": "Could not be handed to the provider"}
+    stored = await store.get_message(message.id)
+    assert stored is not None
+    assert stored.status is Status.FAILED
+    assert await store.dead_letter_count() == 1

@@ -109,8 +109,7 @@ async def test_conversations_are_scoped_by_organization(store: Store) -> None:
     assert await store.get_conversation("org_a", "conv_missing") is None
     assert await store.list_messages("org_b", conversation.id) is None
     assert await store.list_messages("org_a", conversation.id) == []
-    await store.ensure_organization("org_b")
-    await store.ensure_organization("org_b")
+    await store.create_conversation("org_b", "whatsapp", "+1")
     assert await store.get_conversation("org_b", conversation.id) is None
 
 

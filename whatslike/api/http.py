@@ -128,7 +128,6 @@ class HttpApi(RoleDefaults):
     async def create_conversation(self, request: Request) -> Response:
         identity = self._identity(request)
         body = await _body(request, NewConversation)
-        await self._store.ensure_organization(identity.org_id)
         conversation = await self._store.create_conversation(
             identity.org_id, body.channel, body.contact
         )
@@ -186,7 +185,8 @@ class HttpApi(RoleDefaults):
         identity = self._identity(request)
         conversation = await self._conversation(request, identity)
         raw_since = request.query_params.get("since", "0")
-        if not raw_since.isdigit():
+        # isdigit() alone admits "²" and digit strings int() refuses to convert.
+        if not (raw_since.isascii() and raw_since.isdigit() and len(raw_since) <= 18):
             raise ApiError(400, "bad_request", "query 'since' must be a non-negative integer")
         changes = await self._store.changes_since(
             conversation.id, int(raw_since), self._settings.replay_limit

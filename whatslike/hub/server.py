@@ -238,6 +238,8 @@ class Hub:
         )
         self._connections[conn.id] = conn
         self._metrics.ws_connections.inc()
+        if self._stopping:  # stop() ran while this socket was being accepted
+            conn.request_close(GOING_AWAY, "server shutting down")
         try:
             await self._run(conn)
         except Exception:
@@ -408,21 +410,16 @@ class Hub:
                 frame.ref,
             )
             return
-        if frame.since is None:
-            # No replay asked: the client loaded the conversation itself; only changes
-            # after the current seq are news to it.
-            conn.subscriptions[conversation_id] = _Subscription(conversation.last_seq)
-            self._answer(
-                conn,
-                Reply(frames.subscribed(conversation_id, conversation.last_seq, True, frame.ref)),
-            )
-            return
+        # Without `since` the client loaded the conversation itself: only changes after
+        # the seq it was read at are news. Those made while it was being read (the await
+        # above) are still owed, so both cases go through the store read below.
+        since = frame.since if frame.since is not None else conversation.last_seq
         # Registered before the store is read, so nothing published meanwhile is missed:
         # such frames are held and merged with the replay by seq.
-        subscription = _Subscription(frame.since, held=[])
+        subscription = _Subscription(since, held=[])
         conn.subscriptions[conversation_id] = subscription
         changes = await self._store.changes_since(
-            conversation_id, frame.since, self._settings.replay_limit
+            conversation_id, since, self._settings.replay_limit
         )
         if conn.subscriptions.get(conversation_id) is not subscription:
             return  # evicted, or unsubscribed by a later frame: the answer is moot

@@ -1,5 +1,6 @@
 """The status-worker role: applies `msg.status` events to the store and fans out the
-resulting status frames; it also keeps every dead-lettered event in the store.
+resulting status frames; it also keeps every dead-lettered event in the store, and turns
+a message that could not be handed to the provider into a FAILED status.
 
 Publishing happens after the store committed. If it fails, the bus redelivers the event
 and `apply_status` returns the same frames again (matched by event_id), so a
@@ -16,22 +17,21 @@ from whatslike.errors import MalformedEvent
 from whatslike.events import (
     TOPIC_MESSAGES,
     TOPIC_STATUS,
+    OutboundMessage,
     StatusEvent,
     dlq_topic,
     outbound_topic,
     status_channel,
 )
 from whatslike.roles import Deps, RoleDefaults
-from whatslike.status.rules import Effect
+from whatslike.status.rules import Effect, ProviderError, Status
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_SOURCES = (
-    TOPIC_MESSAGES,
-    TOPIC_STATUS,
-    outbound_topic("whatsapp"),
-    outbound_topic("instagram"),
-)
+#: Topics whose dead letters are messages that never reached the provider.
+UNSENT_SOURCES = (TOPIC_MESSAGES, outbound_topic("whatsapp"), outbound_topic("instagram"))
+DEAD_LETTER_SOURCES = (*UNSENT_SOURCES, TOPIC_STATUS)
+SEND_FAILED = ProviderError("send_failed", "Could not be handed to the provider")
 
 
 class StatusWorker(RoleDefaults):
@@ -41,6 +41,7 @@ class StatusWorker(RoleDefaults):
         self._store = deps.store
         self._fanout = deps.fanout
         self._metrics = deps.metrics
+        self._bus = deps.bus
         deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
         for topic in DEAD_LETTER_SOURCES:
             deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
@@ -71,5 +72,27 @@ class StatusWorker(RoleDefaults):
             record = json.loads(raw)
             topic, reason = str(record["topic"]), str(record["reason"])
         except (ValueError, KeyError, TypeError):
-            topic, reason = "unknown", "unreadable dead letter"
+            record, topic, reason = {}, "unknown", "unreadable dead letter"
         await self._store.record_dead_letter(topic, raw, reason)
+        if topic in UNSENT_SOURCES and isinstance(record.get("event"), str):
+            await self._fail_unsent(record["event"].encode())
+
+    async def _fail_unsent(self, raw: bytes) -> None:
+        """A message that could not be handed to the provider must not sit PENDING for
+        ever: it becomes FAILED (`send_failed`), which the agent sees like any failure."""
+        try:
+            message = OutboundMessage.from_json(raw)
+        except MalformedEvent:
+            return  # nothing to fail: the dead letter itself is kept
+        failed = StatusEvent(
+            event_id=f"evt_unsent_{message.message_id}",
+            message_id=message.message_id,
+            conversation_id=message.conversation_id,
+            org_id=message.org_id,
+            channel=message.channel,
+            status=Status.FAILED,
+            provider_message_id="",
+            occurred_at=utcnow(),
+            error=SEND_FAILED,
+        )
+        await self._bus.publish(TOPIC_STATUS, message.conversation_id, failed.to_json())

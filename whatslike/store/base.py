@@ -84,8 +84,6 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise BackendUnavailable if the store cannot answer."""
 
-    async def ensure_organization(self, org_id: str) -> None: ...
-
     async def create_conversation(
         self, org_id: str, channel: str, contact: str
     ) -> Conversation: ...

@@ -188,10 +188,6 @@ class PostgresStore:
         async with self._pool.acquire(timeout=10) as conn:
             yield conn
 
-    async def ensure_organization(self, org_id: str) -> None:
-        async with self._connection() as conn:
-            await _ensure_organization(conn, org_id)
-
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
         async with self._connection() as conn, conn.transaction():

@@ -188,10 +188,6 @@ class SQLiteStore:
         async with self._lock:
             return await _fetch(self._connection(), sql, parameters)
 
-    async def ensure_organization(self, org_id: str) -> None:
-        async with self._transaction() as db:
-            await _ensure_organization(db, org_id)
-
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
         async with self._transaction() as db:
