@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_subscriptions: int = Field(200, ge=1)
     connection_queue_size: int = Field(256, ge=1)
     bad_frame_tolerance: int = Field(10, ge=1)
+    client_frames_per_s: float = Field(20.0, gt=0)
+    client_frame_burst: int = Field(40, ge=1)
+    rate_limit_strikes: int = Field(10, ge=1)
     replay_limit: int = Field(1000, ge=1)
 
     # Meta (WhatsApp Cloud API / Instagram Messaging); default: the built-in simulator.
@@ -68,6 +71,8 @@ class Settings(BaseSettings):
     whatsapp_phone_number_id: str = "109876543210987"
     instagram_account_id: str = "17841400000000001"
     send_timeout_s: float = Field(10.0, gt=0)
+    #: How long a status waits for its send answer before it is taken for someone else's.
+    parked_ttl_s: int = Field(86_400, gt=0)
 
     # Simulator.
     sim_delay_ms: int = Field(300, ge=0)

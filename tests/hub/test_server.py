@@ -632,6 +632,27 @@ async def test_bad_frames_are_answered_then_closed_past_the_tolerance(tmp_path: 
         assert bad == 3
 
 
+async def test_a_flood_is_rate_limited_then_closed_with_4008(tmp_path: Path) -> None:
+    # A rate so low that no token comes back while the test runs.
+    limits = {"client_frame_burst": 2, "client_frames_per_s": 0.001, "rate_limit_strikes": 2}
+    async with running_hub(tmp_path, **limits) as harness, harness.client() as ws:
+        await connected(ws)
+        for ts in (1, 2):
+            await send(ws, type="ping", ts=ts)
+            assert await receive(ws) == {"type": "pong", "ts": ts}
+        await send(ws, type="unsubscribe", conversation_id="c", ref="u1")
+        assert await receive(ws) == {
+            "type": "error",
+            "code": "rate_limited",
+            "message": "too many frames; slow down",
+            "ref": "u1",
+        }
+        await send(ws, type="ping", ts=3)
+        assert (await receive(ws))["code"] == "rate_limited"
+        await send(ws, type="ping", ts=4)
+        assert await closed(ws) == (4008, "rate limit exceeded repeatedly")
+
+
 async def test_oversized_frame_closes_with_1009(hub: Harness) -> None:
     async with hub.client() as ws:
         await connected(ws)

@@ -287,6 +287,15 @@ async def test_a_parked_status_is_returned_by_every_link_until_forgotten(store: 
     assert await store.find_by_provider_id("instagram", "wamid.1") is None
 
 
+async def test_parked_statuses_nobody_claims_expire(store: Store) -> None:
+    await store.park_status(ParkedStatus("whatsapp", "wamid.old", b"old"))
+    cutoff = datetime.now(UTC) + timedelta(seconds=1)
+    assert await store.expire_parked(cutoff - timedelta(hours=1)) == 0
+    assert await store.expire_parked(cutoff) == 1
+    message = await new_message(store)
+    assert await store.link_provider_id("whatsapp", "wamid.old", message.id) == []
+
+
 async def test_a_status_after_the_link_is_not_parked(store: Store) -> None:
     message = await new_message(store)
     assert await store.link_provider_id("whatsapp", "wamid.2", message.id) == []

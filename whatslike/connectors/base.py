@@ -8,7 +8,7 @@ import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -261,6 +261,16 @@ class MetaConnector(ABC, Generic[T]):
             if message is None:
                 self._metrics.parked_statuses.labels(self.channel).inc()
                 log.info("%s: parked a status for %s", self.name, provider_message_id)
+                # Parking is rare, so it is also when the never-claimed ones are dropped.
+                horizon = utcnow() - timedelta(seconds=self._settings.parked_ttl_s)
+                expired = await self._store.expire_parked(horizon)
+                if expired:
+                    log.warning(
+                        "%s: dropped %d statuses parked since before %s",
+                        self.name,
+                        expired,
+                        format_time(horizon),
+                    )
         return message
 
     async def publish(

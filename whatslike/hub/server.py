@@ -19,6 +19,7 @@ from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import new_id
 from whatslike.hub import frames
 from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
+from whatslike.hub.ratelimit import FrameBudget
 from whatslike.hub.registry import SubscriptionRegistry
 from whatslike.roles import Deps
 from whatslike.settings import Settings
@@ -33,6 +34,7 @@ POLICY: Final = 1008
 TOO_BIG: Final = 1009
 INTERNAL_ERROR: Final = 1011
 TOKEN_EXPIRED: Final = 4001
+RATE_LIMITED: Final = 4008
 SLOW_CONSUMER: Final = 4009
 
 #: A client that sent nothing (not even a ping) for this many heartbeats is gone. It is
@@ -80,6 +82,7 @@ class _Connection:
     websocket: WebSocket
     identity: Identity
     queue: asyncio.Queue[Outgoing]
+    budget: FrameBudget
     subscriptions: dict[str, _Subscription] = field(default_factory=dict)
     bad_frames: int = 0
     last_heard: float = field(default_factory=time.monotonic)
@@ -235,6 +238,11 @@ class Hub:
             websocket=websocket,
             identity=identity,
             queue=asyncio.Queue(self._settings.connection_queue_size),
+            budget=FrameBudget(
+                self._settings.client_frames_per_s,
+                self._settings.client_frame_burst,
+                self._settings.rate_limit_strikes,
+            ),
         )
         self._connections[conn.id] = conn
         self._metrics.ws_connections.inc()
@@ -353,10 +361,19 @@ class Hub:
             text = message.get("text")
             raw = text if text is not None else message.get("bytes") or b""
             frame = frames.parse_client_frame(raw, limit)
-            if isinstance(frame, FrameError):
+            if not conn.budget.take(conn.last_heard):
+                self._limit(conn, frame)
+            elif isinstance(frame, FrameError):
                 self._reject(conn, frame)
             else:
                 await self._handle(conn, frame)
+
+    def _limit(self, conn: _Connection, frame: ClientFrame | FrameError) -> None:
+        if conn.budget.exhausted:
+            conn.request_close(RATE_LIMITED, "rate limit exceeded repeatedly")
+            return
+        ref = frame.ref if not isinstance(frame, Ping) else None
+        self._refuse_request(conn, "rate_limited", "too many frames; slow down", ref)
 
     def _reject(self, conn: _Connection, error: FrameError) -> None:
         if error.too_large:

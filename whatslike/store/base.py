@@ -115,6 +115,10 @@ class Store(Protocol):
     async def forget_parked(self, channel: str, provider_message_id: str) -> None:
         """Drop the parked statuses of a provider id once they were handed on."""
 
+    async def expire_parked(self, before: datetime) -> int:
+        """Drop statuses parked before this time (provider ids that never became ours:
+        messages sent by another tool on the same number); answer how many."""
+
     async def find_by_provider_id(
         self, channel: str, provider_message_id: str
     ) -> Message | None: ...

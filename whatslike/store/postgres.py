@@ -83,6 +83,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             parked_at timestamptz NOT NULL
         )""",
         "CREATE INDEX parked_statuses_key ON parked_statuses (channel, provider_message_id)",
+        "CREATE INDEX parked_statuses_age ON parked_statuses (parked_at)",
         """CREATE TABLE changes (
             conversation_id text NOT NULL REFERENCES conversations (id),
             seq bigint NOT NULL,
@@ -311,6 +312,11 @@ class PostgresStore:
                 channel,
                 provider_message_id,
             )
+
+    async def expire_parked(self, before: datetime) -> int:
+        async with self._connection() as conn:
+            done = await conn.execute("DELETE FROM parked_statuses WHERE parked_at < $1", before)
+        return int(done.split()[-1])
 
     async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
         async with self._connection() as conn:

@@ -79,6 +79,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             parked_at TEXT NOT NULL
         )""",
         "CREATE INDEX parked_statuses_key ON parked_statuses (channel, provider_message_id)",
+        "CREATE INDEX parked_statuses_age ON parked_statuses (parked_at)",
         """CREATE TABLE changes (
             conversation_id TEXT NOT NULL REFERENCES conversations (id),
             seq INTEGER NOT NULL,
@@ -300,6 +301,13 @@ class SQLiteStore:
                 "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
                 (channel, provider_message_id),
             )
+
+    async def expire_parked(self, before: datetime) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM parked_statuses WHERE parked_at < ?", (format_time(before),)
+            )
+            return cursor.rowcount
 
     async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
         async with self._lock:

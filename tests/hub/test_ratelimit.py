@@ -1,0 +1,44 @@
+"""The frame budget: a burst, then the rate; refusals in a row end the connection."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from whatslike.hub.ratelimit import FrameBudget
+
+
+def test_a_burst_then_the_rate() -> None:
+    budget = FrameBudget(rate=10, burst=3, strikes=2)
+    assert [budget.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert budget.take(0.05) is False  # half a token back
+    assert budget.take(0.1) is True  # one full token
+    assert budget.take(10.0) and budget.take(10.0) and budget.take(10.0)
+    assert budget.take(10.0) is False  # refills only up to the burst
+
+
+def test_refusals_in_a_row_exhaust_it_and_an_allowed_frame_resets() -> None:
+    budget = FrameBudget(rate=1, burst=1, strikes=2)
+    assert budget.take(0.0)
+    assert not budget.take(0.1) and not budget.take(0.2)
+    assert not budget.exhausted
+    assert not budget.take(0.3)
+    assert budget.exhausted
+    assert budget.take(5.0)
+    assert not budget.exhausted
+
+
+@given(
+    st.floats(0.5, 100),
+    st.integers(1, 50),
+    st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=200),
+)
+def test_never_more_than_burst_plus_rate_times_elapsed(
+    rate: float, burst: int, gaps: list[float]
+) -> None:
+    budget = FrameBudget(rate=rate, burst=burst, strikes=3)
+    now, allowed = 0.0, 0
+    for gap in gaps:
+        now += gap
+        allowed += budget.take(now)
+    assert allowed <= burst + rate * now + 1e-9
