@@ -177,6 +177,108 @@ describe("connection", () => {
   });
 });
 
+describe("handlers and the connection's life", () => {
+  test("disconnect() from a `close` handler stops the reconnect", () => {
+    const t = setup();
+    t.client.on("close", () => t.client.disconnect());
+    t.client.connect();
+    t.accept();
+    t.last().serverClose(1006);
+    assert.equal(t.client.state, "closed");
+    assert.equal(t.clock.pending, 0);
+    t.clock.advance(60_000);
+    assert.equal(t.sockets.length, 1);
+    assert.deepEqual(t.of("state").map((s) => s.state), ["connecting", "open", "closed"]);
+  });
+
+  test("disconnect() from an `error` handler on heartbeat timeout stops the reconnect", () => {
+    const t = setup();
+    t.client.on("error", (e) => { if (e.code === "heartbeat_timeout") t.client.disconnect(); });
+    t.client.connect();
+    const ws = t.accept();
+    t.clock.advance(25_000 + 10_000);
+    assert.equal(t.client.state, "closed");
+    assert.equal(t.clock.pending, 0);
+    assert.deepEqual(ws.closedWith, { code: 1000, reason: "client disconnect" });
+    assert.deepEqual(t.of("close"), [{ code: 1000, reason: "client disconnect", willReconnect: false }]);
+    t.clock.advance(60_000);
+    assert.equal(t.sockets.length, 1);
+  });
+
+  test("disconnect() then connect() from a `close` handler leaves exactly one new attempt", async () => {
+    const t = setup();
+    let once = true;
+    t.client.on("close", () => { if (once) { once = false; t.client.disconnect(); t.client.connect(); } });
+    t.client.connect();
+    t.accept();
+    t.last().serverClose(1006);
+    await flush();
+    assert.equal(t.sockets.length, 2);
+    assert.equal(t.client.state, "connecting");
+    assert.equal(t.clock.pending, 1, "only the new attempt's handshake timer");
+    t.accept();
+    assert.equal(t.client.state, "open");
+    t.client.disconnect();
+  });
+
+  test("`close` says willReconnect:false when maxAttempts is exhausted", () => {
+    const t = setup({ reconnect: { maxAttempts: 1 } });
+    t.client.connect();
+    t.accept();
+    t.last().serverClose(1006);
+    t.clock.advance(t.clock.pendingDelays()[0]);
+    t.last().fail();
+    assert.deepEqual(t.of("close").map((c) => c.willReconnect), [true, false]);
+    assert.deepEqual(t.of("error").map((e) => e.code), ["reconnect_failed"]);
+    assert.equal(t.client.state, "closed");
+    assert.deepEqual(t.of("state").map((x) => x.state), ["connecting", "open", "reconnecting", "closed"]);
+    assert.equal(t.clock.pending, 0);
+  });
+
+  test("a socket that opens but never sends `connected` times out after heartbeat.timeoutMs", async () => {
+    const t = setup({ heartbeat: { timeoutMs: 3_000 } });
+    const p = t.client.connect();
+    const ws = t.last();
+    ws.open();
+    t.clock.advance(2_999);
+    assert.equal(t.client.state, "connecting");
+    t.clock.advance(1);
+    assert.deepEqual(t.of("error").map((e) => e.code), ["heartbeat_timeout"]);
+    assert.equal(ws.closedWith.code, 4000);
+    assert.deepEqual(t.of("close"), [{ code: 4000, reason: "handshake timeout", willReconnect: true }]);
+    assert.equal(t.client.state, "reconnecting");
+    t.clock.advance(t.clock.pendingDelays()[0]);
+    t.accept();
+    await p;
+    assert.equal(t.client.state, "open");
+    t.clock.advance(3_000);
+    assert.equal(t.of("error").length, 1, "cleared once connected");
+    t.client.disconnect();
+  });
+
+  test("a getToken that never settles times out, and its late token opens no second socket", async () => {
+    const resolvers = [];
+    const t = setup({ getToken: () => new Promise((resolve) => resolvers.push(resolve)), tokenTtlS: null, heartbeat: { timeoutMs: 3_000 } });
+    t.client.connect();
+    await flush();
+    t.clock.advance(3_000);
+    assert.deepEqual(t.of("error").map((e) => e.code), ["heartbeat_timeout"]);
+    assert.equal(t.client.state, "reconnecting");
+    t.clock.advance(t.clock.pendingDelays()[0]);
+    await flush();
+    assert.equal(resolvers.length, 2);
+    resolvers[0](makeJwt({ exp: 2_000_000_000 })); // the abandoned call answers late
+    await flush();
+    assert.equal(t.sockets.length, 0);
+    resolvers[1](makeJwt({ exp: 2_000_000_000 }));
+    await flush();
+    assert.equal(t.sockets.length, 1);
+    t.accept();
+    assert.equal(t.client.state, "open");
+    t.client.disconnect();
+  });
+});
+
 describe("close codes", () => {
   const cases = [
     { code: 1000, reason: "idle", retry: true },
@@ -416,6 +518,24 @@ describe("subscriptions and seq", () => {
     t.client.disconnect();
   });
 
+  test("a late `unsubscribed` after subscribing again (off/on) is not emitted", () => {
+    const t = setup();
+    t.client.connect();
+    const ws = t.accept();
+    t.client.subscribe("c1");
+    t.answer(ws, "c1", 3);
+    t.client.unsubscribe("c1");
+    t.client.subscribe("c1");
+    const [request] = ws.sentOf("unsubscribe");
+    ws.message({ type: "unsubscribed", conversation_id: "c1", ref: request.ref });
+    t.answer(ws, "c1", 3);
+    assert.deepEqual(t.of("unsubscribed"), []);
+    assert.equal(t.of("subscribed").length, 2);
+    ws.message(t.status("c1", 4));
+    assert.deepEqual(t.seqs("c1"), [4]);
+    t.client.disconnect();
+  });
+
   test("unsubscribe stops delivery and restoration", () => {
     const t = setup();
     t.client.connect();
@@ -548,26 +668,155 @@ describe("tokens", () => {
     assert.equal(t.sockets.length, 1);
   });
 
-  test("getToken throwing is terminal: token_renewal_failed, as an event", async () => {
-    const t = setup({ getToken: () => { throw new Error("login required"); }, tokenTtlS: 120, renewBeforeS: 60, heartbeat: { intervalMs: 1e9 } });
+  test("a failed renewal keeps the connection and retries at half the remaining life; 4001 takes over", async () => {
+    let fail = true;
+    let calls = 0;
+    const fresh = makeJwt({ exp: 2_000_000_000 });
+    const getToken = async () => {
+      calls++;
+      if (fail) throw new Error("token endpoint 503");
+      return fresh;
+    };
+    const t = setup({ getToken, tokenTtlS: 120, renewBeforeS: 60, heartbeat: { intervalMs: 1e9 } });
     t.client.connect();
-    const ws = t.accept();
+    const ws = t.accept(); // exp = now + 120
     t.clock.advance(60_000);
     await flush();
+    assert.equal(calls, 1);
     assert.deepEqual(t.of("error").map((e) => e.code), ["token_renewal_failed"]);
-    assert.equal(t.client.state, "closed");
-    assert.equal(ws.closedWith.code, 1000);
-    assert.equal(t.clock.pending, 0);
+    assert.equal(t.client.state, "open");
+    assert.equal(ws.closedWith, null, "the socket is kept: its token is valid 60 s more");
+    // The next try: half of the 60 s left.
+    assert.ok(t.clock.pendingDelays().includes(30_000), String(t.clock.pendingDelays()));
+    t.clock.advance(30_000);
+    await flush();
+    assert.equal(calls, 2);
+    t.clock.advance(15_000);
+    await flush();
+    assert.equal(calls, 3);
+    // 15 s left: at least RENEW_RETRY_MIN_MS (5 s) between tries, none once too late.
+    t.clock.advance(7_500);
+    await flush();
+    t.clock.advance(5_000);
+    await flush();
+    const before = calls;
+    t.clock.advance(10_000);
+    await flush();
+    assert.equal(calls, before, "no tries past exp");
+    assert.equal(t.client.state, "open");
+    // The server ends it with 4001; the reconnect asks for a token again, which now works.
+    fail = false;
+    ws.serverClose(4001, "token expired");
+    t.clock.advance(0);
+    await flush();
+    assert.equal(new URL(t.last().url).searchParams.get("access_token"), fresh);
+    t.client.disconnect();
+  });
 
-    const t2 = setup({ getToken: async () => { throw new Error("offline"); } });
+  test("a rejected getToken before connecting is retried with back-off, within maxAttempts", async () => {
+    let fail = true;
+    let calls = 0;
+    const fresh = makeJwt({ exp: 2_000_000_000 });
+    const getToken = async () => {
+      calls++;
+      if (fail) throw new TypeError("Failed to fetch"); // the token server is restarting
+      return fresh;
+    };
+    const t = setup({ getToken, tokenTtlS: null });
+    const p = t.client.connect();
+    await flush();
+    assert.deepEqual(t.of("error").map((e) => e.code), ["token_renewal_failed"]);
+    assert.equal(t.client.state, "reconnecting");
+    assert.equal(t.sockets.length, 0);
+    assert.deepEqual(t.clock.pendingDelays(), [backoffDelay(0, 500, 15000, () => 0.5)]);
+    t.clock.advance(t.clock.pendingDelays()[0]);
+    await flush();
+    assert.equal(calls, 2);
+    fail = false;
+    t.clock.advance(t.clock.pendingDelays()[0]);
+    await flush();
+    assert.equal(calls, 3);
+    assert.equal(new URL(t.last().url).searchParams.get("access_token"), fresh);
+    t.accept();
+    await p;
+    assert.equal(t.client.state, "open");
+    t.client.disconnect();
+
+    // After 4001 too; and maxAttempts still ends it.
+    const t2 = setup({ getToken: async () => { throw new Error("offline"); }, reconnect: { maxAttempts: 2 } });
     t2.client.connect();
     t2.accept();
     t2.last().serverClose(4001, "token expired");
-    t2.clock.advance(0);
-    await flush();
-    assert.deepEqual(t2.of("error").map((e) => e.code), ["token_renewal_failed"]);
+    for (let i = 0; i < 3; i++) {
+      t2.clock.advance(t2.clock.pendingDelays()[0]);
+      await flush();
+    }
+    assert.deepEqual(t2.of("error").map((e) => e.code), ["token_renewal_failed", "token_renewal_failed", "token_renewal_failed", "reconnect_failed"]);
     assert.equal(t2.client.state, "closed");
     assert.equal(t2.clock.pending, 0);
+    assert.equal(t2.sockets.length, 1);
+  });
+
+  test("a token living longer than setTimeout's ~24.8-day limit is renewed on time, not at once", async () => {
+    let calls = 0;
+    const ttl = 30 * 24 * 3600;
+    const t = setup({ getToken: () => (calls++, makeJwt({ exp: 2_000_000_000 })), tokenTtlS: ttl, renewBeforeS: 60, heartbeat: { intervalMs: 2e9, timeoutMs: 2e9 } });
+    t.client.connect();
+    t.accept();
+    assert.ok(t.clock.pendingDelays().every((d) => d <= 2 ** 31 - 1), String(t.clock.pendingDelays()));
+    t.clock.advance(2 ** 31 - 1); // the capped timer fires early: it re-arms instead
+    await flush();
+    assert.equal(calls, 0);
+    t.clock.advance((ttl - 60) * 1000 - (2 ** 31 - 1) - 1);
+    await flush();
+    assert.equal(calls, 0);
+    t.clock.advance(1);
+    await flush();
+    assert.equal(calls, 1);
+    assert.equal(t.last().sentOf("auth").length, 1);
+    t.client.disconnect();
+  });
+
+  test("a renewal interrupted by disconnect()/connect() keeps its token, and the new connection renews", async () => {
+    const resolvers = [];
+    const getToken = () => new Promise((resolve) => resolvers.push(resolve));
+    const t = setup({ getToken, tokenTtlS: 120, renewBeforeS: 60, heartbeat: { intervalMs: 1e9 } });
+    const oldExp = Math.floor(t.clock.now() / 1000) + 120;
+    t.client.connect();
+    t.accept();
+    t.clock.advance(61_000);
+    await flush();
+    assert.equal(resolvers.length, 1, "renewal started");
+    t.client.disconnect();
+    t.client.connect(); // still the old token: the fresh one has not come yet
+    await flush();
+    assert.equal(new URL(t.last().url).searchParams.get("access_token"), t.token);
+    const fresh = makeJwt({ exp: 2_000_000_000 });
+    resolvers[0](fresh);
+    await flush();
+    t.accept({ token_exp: oldExp });
+    t.clock.advance(0);
+    await flush();
+    assert.equal(resolvers.length, 2, "the new connection renews its old token at once");
+    const renewed = makeJwt({ exp: 2_000_000_001 });
+    resolvers[1](renewed);
+    await flush();
+    assert.deepEqual(t.last().sentOf("auth").map((f) => f.token), [renewed]);
+    // And a later connection starts with the fresh token.
+    t.client.disconnect();
+    const t2 = setup({ getToken, tokenTtlS: 120, renewBeforeS: 60, heartbeat: { intervalMs: 1e9 } });
+    resolvers.length = 0;
+    t2.client.connect();
+    t2.accept();
+    t2.clock.advance(61_000);
+    await flush();
+    t2.client.disconnect();
+    resolvers[0](fresh);
+    await flush();
+    t2.client.connect();
+    await flush();
+    assert.equal(new URL(t2.last().url).searchParams.get("access_token"), fresh);
+    t2.client.disconnect();
   });
 
   test("a refused auth (bad_request) is an error event and keeps the connection", async () => {
@@ -653,6 +902,32 @@ describe("errors never throw", () => {
     assert.deepEqual(t.seqs("c1"), [1, 2], "the client's state survives a throwing handler");
     assert.equal(logged.length, 2);
     t.client.disconnect();
+  });
+
+  test("a batch whose frames is not an array is ignored without throwing", () => {
+    const t = setup();
+    t.client.connect();
+    const ws = t.accept();
+    t.client.subscribe("c1");
+    t.answer(ws, "c1", 0);
+    for (const frames of [5, "abc", { 0: t.status("c1", 1) }, null]) {
+      assert.doesNotThrow(() => ws.message({ type: "batch", frames }));
+    }
+    ws.message(t.status("c1", 1));
+    assert.deepEqual(t.seqs("c1"), [1]);
+    t.client.disconnect();
+  });
+
+  test("an invalid or relative url is a terminal `protocol` error event, and connect() resolves", async () => {
+    for (const url of ["/ws/status", "not a url"]) {
+      const t = setup({ url });
+      await t.client.connect();
+      assert.deepEqual(t.of("error").map((e) => e.code), ["protocol"]);
+      assert.match(t.of("error")[0].message, /invalid url/);
+      assert.equal(t.client.state, "closed");
+      assert.equal(t.clock.pending, 0);
+      assert.equal(t.sockets.length, 0);
+    }
   });
 
   test("no token and no getToken is an error event, not an exception", async () => {

@@ -19,8 +19,10 @@ export interface StatusFrame {
 
 export interface ClientError {
   /** The server's code (`forbidden`, `bad_request`, `rate_limited`, `too_many_subscriptions`)
-   * or the client's own: `token_expired`, `token_renewal_failed`, `reconnect_failed`,
-   * `heartbeat_timeout`, `protocol`. */
+   * or the client's own: `token_expired`, `token_renewal_failed` (getToken rejected; not
+   * terminal, see `getToken`), `reconnect_failed`, `heartbeat_timeout` (no frame after a
+   * ping, or no `connected` within `heartbeat.timeoutMs` of an attempt's start), `protocol`
+   * (also a `url` that cannot be parsed: terminal). */
   code: string;
   message: string;
   conversationId?: string;
@@ -36,6 +38,8 @@ export interface ClientEvents {
   status: StatusFrame;
   /** The answer to a subscribe (also after each automatic resubscribe). */
   subscribed: { conversationId: string; seq: number; recovered: boolean };
+  /** The answer to an unsubscribe; not emitted when the conversation was subscribed again
+   * before the answer came. */
   unsubscribed: { conversationId: string };
   /** The history could not be replayed (`recovered: false`): reload the conversation over
    * HTTP (`GET /api/conversations/{id}/messages`); live statuses continue after `seq`. */
@@ -66,7 +70,8 @@ export interface ReconnectOptions {
 export interface HeartbeatOptions {
   /** Ping interval in ms (default: the server's `heartbeat_s`). */
   intervalMs?: number;
-  /** No frame for this long after a ping means the socket is dead (default 10000). */
+  /** No frame for this long after a ping means the socket is dead (default 10000). Also
+   * the time an attempt (getToken, upgrade, `connected`) may take before it is retried. */
   timeoutMs?: number;
 }
 
@@ -76,7 +81,11 @@ export interface ChatStatusClientOptions {
   /** A token to start with; optional when `getToken` is given. */
   token?: string;
   /** Returns a fresh token; called before `token_exp`, after a 4001 close, and when a
-   * connection attempt fails before opening (a refused upgrade looks like that). */
+   * connection attempt fails before opening (a refused upgrade looks like that). A rejection
+   * is a `token_renewal_failed` error event, not the end: before connecting, the attempt is
+   * retried with back-off (within `reconnect.maxAttempts`); while connected, the connection
+   * is kept and the renewal retried at half the token's remaining life (at least 5 s apart),
+   * and if none succeeds the server's 4001 close leads to a reconnect. */
   getToken?: () => Promise<string> | string;
   /** Seconds before `token_exp` to renew (default 60). */
   renewBeforeS?: number;

@@ -18,6 +18,13 @@ const HEARTBEAT_CLOSE = 4000;
 // Codes after which trying again cannot help: the same frames or origin fail again.
 const TERMINAL_CODES = new Set([CloseCode.POLICY, CloseCode.TOO_BIG]);
 const OPEN = 1; // WebSocket.OPEN, spelled out so fakes without the constant still work.
+// setTimeout keeps its delay in a signed 32-bit int: anything longer (~24.8 days, e.g. a
+// long-lived token's renewal) overflows and fires at once. #timer caps delays at this, so a
+// longer wait fires early instead; the renewal, the one wait that can be that long, re-arms.
+const MAX_TIMER_MS = 2 ** 31 - 1;
+// After a failed renewal, the next try waits half the token's remaining life, but at least
+// this long, so a token endpoint that is down is not hammered in the last seconds.
+const RENEW_RETRY_MIN_MS = 5000;
 
 /**
  * Exponential back-off with full jitter: uniform in [0, min(capMs, baseMs * 2^attempt)).
@@ -66,7 +73,7 @@ export class ChatStatusClient {
   #refs = new Map(); // ref → {kind, conversationId?, since?} of requests in flight
   #nextRef = 1;
   #subs = new Map(); // conversationId → {since, last, repairRef}: the restore set
-  #t = { reconnect: null, ping: null, pingTimeout: null, renew: null };
+  #t = { reconnect: null, handshake: null, ping: null, pingTimeout: null, renew: null };
   #heartbeatMs = 25000;
   #renewedExp; // the exp a renewal was already tried for (stops a tight renew loop)
   #waiters = [];
@@ -183,7 +190,8 @@ export class ChatStatusClient {
 
   #timer(name, ms, fn) {
     this.#cancel(name);
-    this.#t[name] = this.#timers.setTimeout(() => { this.#t[name] = null; fn(); }, Math.max(0, ms));
+    const delay = Math.min(Math.max(0, ms), MAX_TIMER_MS);
+    this.#t[name] = this.#timers.setTimeout(() => { this.#t[name] = null; fn(); }, delay);
   }
 
   #cancel(name) {
@@ -220,16 +228,21 @@ export class ChatStatusClient {
 
   /** One connection attempt: a token first when needed, then the socket. */
   async #start(epoch) {
+    // Until `connected` arrives nothing else watches the attempt: a getToken that never
+    // settles or an upgrade that stalls would leave the client `connecting` for ever.
+    this.#timer("handshake", this.#o.heartbeat.timeoutMs, () => this.#onHandshakeTimeout());
     const getToken = this.#o.getToken;
     if (getToken && (this.#freshToken || !this.#token || this.#expired())) {
       let token;
       try {
         token = await getToken();
       } catch (err) {
-        if (epoch === this.#epoch) this.#fail("token_renewal_failed", `getToken failed: ${err?.message ?? err}`);
+        // Often transient (the token endpoint restarts with the server): retry with back-off,
+        // within maxAttempts, like a failed socket.
+        if (epoch === this.#epoch) this.#retryWithoutSocket("token_renewal_failed", `getToken failed: ${err?.message ?? err}`);
         return;
       }
-      if (epoch !== this.#epoch) return; // disconnected while the token was fetched
+      if (epoch !== this.#epoch) return; // disconnected (or timed out) while the token was fetched
       this.#freshToken = false;
       this.#setToken(token);
     }
@@ -237,7 +250,13 @@ export class ChatStatusClient {
       this.#fail("token_expired", this.#token ? "the token has expired and there is no getToken" : "no token and no getToken");
       return;
     }
-    const url = new URL(this.#o.url);
+    let url;
+    try {
+      url = new URL(this.#o.url); // throws on a relative or malformed url
+    } catch (err) {
+      this.#fail("protocol", `invalid url ${JSON.stringify(this.#o.url)}: ${err?.message ?? err}`);
+      return;
+    }
     url.searchParams.set("access_token", this.#token); // browsers cannot set headers here
     let ws;
     try {
@@ -260,7 +279,7 @@ export class ChatStatusClient {
     this.#ws = null;
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     for (const sub of this.#subs.values()) sub.repairRef = null;
-    this.#cancel("ping"); this.#cancel("pingTimeout"); this.#cancel("renew");
+    this.#cancel("handshake"); this.#cancel("ping"); this.#cancel("pingTimeout"); this.#cancel("renew");
     return ws;
   }
 
@@ -279,7 +298,12 @@ export class ChatStatusClient {
 
   #fail(code, message) { this.#shutdown(CloseCode.NORMAL, code, { code, message }); }
 
+  // Event handlers may call disconnect() (or disconnect() then connect()), which bumps the
+  // epoch. The paths below check it after every emit, so that they do not override the
+  // app's decision with a reconnect scheduled for a life that has ended.
+
   #onClose(code, reason) {
+    const epoch = this.#epoch;
     const opened = this.#opened;
     const stable = opened && this.#timers.now() - this.#openedAt >= this.#o.reconnect.stableMs;
     this.#detach();
@@ -290,16 +314,18 @@ export class ChatStatusClient {
     else if (code === CloseCode.NORMAL && reason !== "idle") terminal = { code: "closed", message: `closed by the server: ${reason}` };
     else if ((code === CloseCode.TOKEN_EXPIRED || (!opened && this.#expired())) && !getToken) {
       terminal = { code: "token_expired", message: "the token has expired and there is no getToken" };
+    } else if (code !== CloseCode.TOKEN_EXPIRED && this.#attemptsExhausted()) {
+      // Decided before `close` is emitted, so that its willReconnect tells the truth.
+      terminal = this.#gaveUp();
     }
     this.#emit("close", { code, reason, willReconnect: !terminal });
+    if (epoch !== this.#epoch) return;
     if (terminal) {
-      this.#epoch++;
-      this.#clearTimers();
-      if (terminal.code !== "closed") this.#error(terminal.code, terminal.message);
-      this.#setState("closed");
+      this.#stop(terminal.code === "closed" ? null : terminal);
       return;
     }
     this.#setState("reconnecting");
+    if (epoch !== this.#epoch) return;
     if (code === CloseCode.TOKEN_EXPIRED) {
       // Nothing was wrong with the server or network: renew and come straight back.
       this.#freshToken = true;
@@ -310,15 +336,37 @@ export class ChatStatusClient {
     this.#scheduleReconnect();
   }
 
-  #scheduleReconnect() {
-    const { baseMs, capMs, maxAttempts } = this.#o.reconnect;
-    if (this.#attempt >= maxAttempts) {
-      this.#epoch++;
-      this.#clearTimers();
-      this.#error("reconnect_failed", `gave up after ${this.#attempt} attempts`);
-      this.#setState("closed");
+  /** An attempt failed before it had a socket (getToken failed or never answered). */
+  #retryWithoutSocket(code, message) {
+    const epoch = this.#epoch;
+    this.#cancel("handshake");
+    this.#freshToken = true;
+    this.#error(code, message);
+    if (epoch !== this.#epoch) return;
+    if (this.#attemptsExhausted()) {
+      this.#stop(this.#gaveUp());
       return;
     }
+    this.#setState("reconnecting");
+    if (epoch !== this.#epoch) return;
+    this.#scheduleReconnect();
+  }
+
+  #attemptsExhausted() { return this.#attempt >= this.#o.reconnect.maxAttempts; }
+
+  #gaveUp() { return { code: "reconnect_failed", message: `gave up after ${this.#attempt} attempts` }; }
+
+  /** Stops for good without a socket to close (it is gone already). */
+  #stop(error) {
+    this.#epoch++;
+    this.#clearTimers();
+    if (error) this.#error(error.code, error.message);
+    this.#setState("closed");
+  }
+
+  /** Callers have checked #attemptsExhausted() first. */
+  #scheduleReconnect() {
+    const { baseMs, capMs } = this.#o.reconnect;
     const delay = backoffDelay(this.#attempt, baseMs, capMs, this.#random);
     this.#attempt++;
     this.#timer("reconnect", delay, () => this.#start(this.#epoch));
@@ -341,9 +389,12 @@ export class ChatStatusClient {
     switch (frame.type) {
       case "connected": return this.#onConnected(frame);
       case "status": return this.#onStatus(frame);
-      case "batch": for (const f of frame.frames ?? []) this.#onStatus(f); return;
+      case "batch":
+        // A malformed batch must not throw out of onmessage.
+        if (Array.isArray(frame.frames)) for (const f of frame.frames) this.#onStatus(f);
+        return;
       case "subscribed": return this.#onSubscribed(frame);
-      case "unsubscribed": this.#refs.delete(frame.ref); return this.#emit("unsubscribed", { conversationId: frame.conversation_id });
+      case "unsubscribed": return this.#onUnsubscribed(frame);
       case "auth_ok": return this.#onAuthOk(frame);
       case "error": return this.#onServerError(frame);
       default: return; // pong, and frame types of later versions
@@ -351,7 +402,10 @@ export class ChatStatusClient {
   }
 
   #onConnected(frame) {
+    this.#cancel("handshake");
     if (typeof frame.token_exp === "number") this.#exp = frame.token_exp; // the server knows best
+    // A new connection may renew even the exp an interrupted renewal was tried for.
+    this.#renewedExp = undefined;
     if (typeof frame.heartbeat_s === "number" && frame.heartbeat_s > 0) this.#heartbeatMs = frame.heartbeat_s * 1000;
     this.#setState("open");
     this.#emit("connected", frame);
@@ -400,6 +454,14 @@ export class ChatStatusClient {
     this.#emit("subscribed", { conversationId, seq: frame.seq, recovered: true });
   }
 
+  #onUnsubscribed(frame) {
+    this.#refs.delete(frame.ref);
+    const conversationId = frame.conversation_id;
+    // A late answer after the app subscribed again (a quick off/on) must not read as "off".
+    if (this.#subs.has(conversationId)) return;
+    this.#emit("unsubscribed", { conversationId });
+  }
+
   #onServerError(frame) {
     const request = frame.ref != null ? this.#refs.get(frame.ref) : undefined;
     if (request) this.#refs.delete(frame.ref);
@@ -430,10 +492,29 @@ export class ChatStatusClient {
 
   #onHeartbeatTimeout() {
     // A half-open TCP connection may never fire `close`; stop waiting for it.
-    this.#error("heartbeat_timeout", `no frame for ${this.#o.heartbeat.timeoutMs} ms after a ping`);
+    this.#dropSocket("heartbeat timeout", `no frame for ${this.#o.heartbeat.timeoutMs} ms after a ping`);
+  }
+
+  #onHandshakeTimeout() {
+    const message = `no connected frame ${this.#o.heartbeat.timeoutMs} ms after the attempt began`;
+    if (this.#ws) {
+      this.#dropSocket("handshake timeout", message);
+      return;
+    }
+    // Still waiting for getToken: abandon that call, so that a late token cannot open a
+    // second socket next to the retry's.
+    this.#epoch++;
+    this.#retryWithoutSocket("heartbeat_timeout", message);
+  }
+
+  /** Declares the current socket dead: close 4000 and reconnect, as if the server had. */
+  #dropSocket(reason, message) {
+    const epoch = this.#epoch;
+    this.#error("heartbeat_timeout", message);
+    if (epoch !== this.#epoch) return; // an error handler called disconnect()
     const ws = this.#ws;
-    this.#onClose(HEARTBEAT_CLOSE, "heartbeat timeout"); // detaches before closing
-    try { ws?.close(HEARTBEAT_CLOSE, "heartbeat timeout"); } catch { /* already closing */ }
+    this.#onClose(HEARTBEAT_CLOSE, reason); // detaches before closing
+    try { ws?.close(HEARTBEAT_CLOSE, reason); } catch { /* already closing */ }
   }
 
   // --- token renewal ---
@@ -441,9 +522,11 @@ export class ChatStatusClient {
   #scheduleRenewal() {
     this.#cancel("renew");
     if (!this.#o.getToken || this.#exp === undefined) return;
-    const delay = (this.#exp - this.#o.renewBeforeS) * 1000 - this.#timers.now();
+    const renewAt = (this.#exp - this.#o.renewBeforeS) * 1000;
+    const delay = renewAt - this.#timers.now();
     if (delay <= 0 && this.#renewedExp === this.#exp) return; // the server closes 4001 then
-    this.#timer("renew", delay, () => this.#renew());
+    // #timer caps the delay (MAX_TIMER_MS): a timer that fires before renewAt re-arms.
+    this.#timer("renew", delay, () => (this.#timers.now() < renewAt ? this.#scheduleRenewal() : this.#renew()));
   }
 
   async #renew() {
@@ -454,12 +537,22 @@ export class ChatStatusClient {
     try {
       token = await this.#o.getToken();
     } catch (err) {
-      if (epoch === this.#epoch) this.#fail("token_renewal_failed", `getToken failed: ${err?.message ?? err}`);
+      if (epoch !== this.#epoch || ws !== this.#ws) return; // that connection is gone anyway
+      // The connection is still valid until exp: keep it and try again later. If no try
+      // succeeds, the server closes 4001 and the reconnect fetches a token with back-off.
+      this.#error("token_renewal_failed", `getToken failed: ${err?.message ?? err}`);
+      if (epoch !== this.#epoch || ws !== this.#ws) return;
+      const left = this.#exp * 1000 - this.#timers.now();
+      if (left > RENEW_RETRY_MIN_MS) this.#timer("renew", Math.max(RENEW_RETRY_MIN_MS, left / 2), () => this.#renew());
       return;
     }
-    if (epoch !== this.#epoch) return;
-    this.#token = token; // the next connection uses it even if this one is gone
-    if (ws !== this.#ws) return;
+    // Keep the fresh token even if this connection is gone (disconnect(), connect()): the
+    // next connection starts with it rather than with the one about to expire.
+    this.#token = token;
+    if (epoch !== this.#epoch || ws !== this.#ws) {
+      this.#exp = tokenExp(token) ?? this.#exp;
+      return;
+    }
     this.#send({ type: "auth", token, ref: this.#ref({ kind: "auth" }) });
   }
 
