@@ -416,17 +416,21 @@ async def test_changes_since_says_when_it_cannot_answer_in_full(store: Store) ->
     assert await store.changes_since("conv_missing", 5, 100) == Changes((), 0, False)
 
 
-async def test_messages_up_to_is_the_read_watermark(store: Store) -> None:
+async def test_unread_up_to_is_the_read_watermark(store: Store) -> None:
     conversation = await store.create_conversation("org_a", "instagram", "igsid_1")
     created = []
-    for n in range(3):
-        created.append((await store.create_message(conversation, f"m{n}", ""))[0])
+    for n in range(4):
+        message = (await store.create_message(conversation, f"m{n}", ""))[0]
+        created.append(message)
         # Distinct creation times, so the watermark falls between messages.
         await asyncio.sleep(0.005)
-    assert await store.messages_up_to(created[1].id) == created[:2]
-    assert await store.messages_up_to(created[2].id) == created
-    assert await store.list_messages("org_a", conversation.id) == created
-    assert await store.messages_up_to("msg_missing") == []
+    for n in (0, 1, 2):  # m3 was never accepted by the provider: no provider id
+        await store.link_provider_id("instagram", f"mid.{n}", created[n].id)
+    await store.apply_status(status_event(created[0], Status.READ, at(1000)))
+    ids = [m.id for m in created]
+    assert [m.id for m in await store.unread_up_to(created[1].id)] == ids[1:2]
+    assert [m.id for m in await store.unread_up_to(created[3].id)] == ids[1:3]
+    assert await store.unread_up_to("msg_missing") == []
 
 
 async def test_dead_letters_are_counted(store: Store) -> None:

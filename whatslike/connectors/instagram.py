@@ -121,10 +121,8 @@ class InstagramConnector(MetaConnector[InstagramRead]):
         """READ for the seen message and every earlier one Meta accepted: the watermark.
         Messages never accepted (no provider id) were not delivered, so they stay."""
         await self.publish(seen, Status.READ, item.provider_message_id, item.occurred_at)
-        for earlier in await self._store.messages_up_to(seen.id):
-            if earlier.id == seen.id or earlier.status is Status.READ:
-                continue
-            if earlier.provider_message_id:
+        for earlier in await self._store.unread_up_to(seen.id):
+            if earlier.id != seen.id and earlier.provider_message_id:
                 await self.publish(
                     earlier, Status.READ, earlier.provider_message_id, item.occurred_at
                 )

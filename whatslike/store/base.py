@@ -101,9 +101,11 @@ class Store(Protocol):
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
         """Oldest first; None when the conversation is not this organization's."""
 
-    async def messages_up_to(self, message_id: str) -> list[Message]:
-        """The messages of the same conversation created no later than this one, oldest
-        first (Instagram's read watermark)."""
+    async def unread_up_to(self, message_id: str) -> list[Message]:
+        """The messages of the same conversation created no later than this one that the
+        provider accepted (a provider id) and are not READ, oldest first: what Instagram's
+        read watermark marks READ. Filtered here, not by the caller, so a long
+        conversation does not load its whole history on every read receipt."""
 
     async def link_provider_id(
         self, channel: str, provider_message_id: str, message_id: str

@@ -268,11 +268,12 @@ class PostgresStore:
             )
         return [_message(row) for row in rows]
 
-    async def messages_up_to(self, message_id: str) -> list[Message]:
+    async def unread_up_to(self, message_id: str) -> list[Message]:
         async with self._connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = $1"
                 " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
+                " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
                 f" {_MESSAGE_ORDER}",
                 message_id,
             )

@@ -262,10 +262,11 @@ class SQLiteStore:
             )
         return [_message(row) for row in rows]
 
-    async def messages_up_to(self, message_id: str) -> list[Message]:
+    async def unread_up_to(self, message_id: str) -> list[Message]:
         rows = await self._read(
             f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = ?"
             " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
+            " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
             " ORDER BY m.created_at, m.id",
             (message_id,),
         )
