@@ -11,16 +11,14 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.e2e.conftest import start_server, stop_server
+from bench.serving import temporary_server
 
 
 class Arrivals:
@@ -94,21 +92,17 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=500)
     parser.add_argument("--messages", type=int, default=20)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = start_server(Path(data_dir), {"WHATSLIKE_SIM_DELAY_MS": "20"})
-        try:
-            token = server.token("bench-org")
-            asyncio.run(
-                run(
-                    server.url,
-                    server.ws_url,
-                    token,
-                    subscribers=args.subscribers,
-                    messages=args.messages,
-                )
+    with temporary_server({"WHATSLIKE_SIM_DELAY_MS": "20"}) as server:
+        token = server.token("bench-org")
+        asyncio.run(
+            run(
+                server.url,
+                server.ws_url,
+                token,
+                subscribers=args.subscribers,
+                messages=args.messages,
             )
-        finally:
-            stop_server(server)
+        )
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 from websockets.asyncio.client import connect
 
-from tests.e2e.conftest import start_server, stop_server
+from bench.serving import temporary_server
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -97,22 +95,18 @@ def main() -> None:
     env = {"WHATSLIKE_SIM_DELAY_MS": "0"}
     if args.database_url:
         env["WHATSLIKE_DATABASE_URL"] = args.database_url
-    with tempfile.TemporaryDirectory() as data_dir:
-        server = start_server(Path(data_dir), env)
-        try:
-            token = server.token("bench-org")
-            asyncio.run(
-                run(
-                    server.url,
-                    server.ws_url,
-                    token,
-                    messages=args.messages,
-                    concurrency=args.concurrency,
-                    rate=args.rate,
-                )
+    with temporary_server(env) as server:
+        token = server.token("bench-org")
+        asyncio.run(
+            run(
+                server.url,
+                server.ws_url,
+                token,
+                messages=args.messages,
+                concurrency=args.concurrency,
+                rate=args.rate,
             )
-        finally:
-            stop_server(server)
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,20 @@
+"""A throwaway `whatslike serve` for a benchmark: its own data directory, stopped after."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.e2e.conftest import Server, start_server, stop_server
+
+
+@contextmanager
+def temporary_server(env: dict[str, str]) -> Iterator[Server]:
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = start_server(Path(data_dir), env)
+        try:
+            yield server
+        finally:
+            stop_server(server)
