@@ -179,6 +179,11 @@ class Socket:
         assert frame["type"] == kind, frame
         return frame
 
+    async def subscribe(self, conversation_id: str, **extra: Any) -> dict[str, Any]:
+        """Subscribe and return the `subscribed` answer."""
+        await self.send({"type": "subscribe", "conversation_id": conversation_id, **extra})
+        return await self.next_of("subscribed")
+
     async def ping_barrier(self, ts: int = 1) -> list[dict[str, Any]]:
         """Send a ping and return every frame that arrived before its pong: frames on
         one connection are ordered, so this proves what was (not) sent up to now."""

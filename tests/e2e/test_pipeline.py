@@ -70,8 +70,7 @@ async def test_a_message_goes_sent_delivered_read_with_seq_1_2_3(
     async with api(server, token) as client:
         conversation = await new_conversation(client)
         socket = await open_socket(server, token)
-        await socket.send({"type": "subscribe", "conversation_id": conversation, "ref": "r1"})
-        subscribed = await socket.next_of("subscribed")
+        subscribed = await socket.subscribe(conversation, ref="r1")
         assert subscribed["ref"] == "r1"
         assert subscribed["seq"] == 0
         message = await send(client, conversation)
@@ -93,8 +92,7 @@ async def test_a_message_goes_sent_delivered_read_with_seq_1_2_3(
 
         # Resubscribing with `since` gives exactly the frames after it, then live ones.
         late = await open_socket(server, token)
-        await late.send({"type": "subscribe", "conversation_id": conversation, "since": 1})
-        again = await late.next_of("subscribed")
+        again = await late.subscribe(conversation, since=1)
         assert (again["seq"], again["recovered"]) == (3, True)
         replayed = [await late.next_of("status"), await late.next_of("status")]
         assert replayed == frames[1:]
@@ -112,8 +110,7 @@ async def test_another_organization_gets_forbidden_and_sees_nothing(
     async with api(server, token_a) as client_a, api(server, token_b) as client_b:
         conversation = await new_conversation(client_a)
         owner = await open_socket(server, token_a)
-        await owner.send({"type": "subscribe", "conversation_id": conversation})
-        await owner.next_of("subscribed")
+        await owner.subscribe(conversation)
         intruder = await open_socket(server, token_b)
         await intruder.send({"type": "subscribe", "conversation_id": conversation, "ref": 7})
         refused = await intruder.next_of("error")
@@ -171,8 +168,7 @@ async def test_a_webhook_with_a_wrong_signature_gets_403_and_changes_nothing(
     async with api(server, token) as client:
         conversation = await new_conversation(client)
         socket = await open_socket(server, token)
-        await socket.send({"type": "subscribe", "conversation_id": conversation})
-        await socket.next_of("subscribed")
+        await socket.subscribe(conversation)
         message = await send(client, conversation)
         await statuses_until_final(socket, {message})
         before = (await client.get(f"/api/conversations/{conversation}/messages")).json()
@@ -225,8 +221,7 @@ async def test_disorder_still_ends_every_message_right_with_gap_free_seqs(
             ]
             socket = await open_socket(disorderly, token)
             for conversation in conversations:
-                await socket.send({"type": "subscribe", "conversation_id": conversation})
-                await socket.next_of("subscribed")
+                await socket.subscribe(conversation)
             sent = {
                 await send(client, conversation, f"message {i}")
                 for conversation in conversations
@@ -276,8 +271,7 @@ async def test_the_simulator_can_run_as_its_own_process(
         async with api(split.pipeline, token) as client:
             conversation = await new_conversation(client)
             socket = await open_socket(split.pipeline, token)
-            await socket.send({"type": "subscribe", "conversation_id": conversation})
-            await socket.next_of("subscribed")
+            await socket.subscribe(conversation)
             message = await send(client, conversation)
             frames = await statuses_until_final(socket, {message})
             assert [f["seq"] for f in frames] == [1, 2, 3]
