@@ -18,15 +18,19 @@ from whatslike.store.base import Store
 from whatslike.store.postgres import PostgresStore
 from whatslike.store.sqlite import SQLiteStore
 
-POSTGRES_URL = os.environ.get(
-    "WHATSLIKE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+#: Set by scripts/services.sh (through .services/postgres.env) or by hand.
+POSTGRES_URL = os.environ.get("WHATSLIKE_TEST_POSTGRES_URL", "")
 
 #: Builds another, unopened store on the same database as the test's `store`.
 StoreFactory = Callable[[], Store]
 
 
 async def _admin() -> asyncpg.Connection[asyncpg.Record]:
+    if not POSTGRES_URL:
+        pytest.fail(
+            "WHATSLIKE_TEST_POSTGRES_URL is not set: run scripts/services.sh (make test does)",
+            pytrace=False,
+        )
     try:
         return await asyncpg.connect(POSTGRES_URL, timeout=10)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
@@ -35,7 +39,7 @@ async def _admin() -> asyncpg.Connection[asyncpg.Record]:
     where = urlsplit(POSTGRES_URL)
     pytest.fail(
         f"PostgreSQL at {where.hostname}:{where.port or 5432} is unreachable ({failure}); "
-        "start it or set WHATSLIKE_TEST_POSTGRES_URL",
+        "run scripts/services.sh or set WHATSLIKE_TEST_POSTGRES_URL",
         pytrace=False,
     )
 
