@@ -1,8 +1,10 @@
 """Fixtures of the store contract suite: every adapter behind one `store` fixture.
-PostgreSQL gets a fresh database per test on the local server, and fails when it is down."""
+PostgreSQL gets a fresh database per test on the local server, Cassandra a fresh keyspace;
+each fails when its server is down."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -13,13 +15,17 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 import pytest_asyncio
+from cassandra.cluster import Cluster, NoHostAvailable
 
 from whatslike.store.base import Store
+from whatslike.store.cassandra import CassandraAddress, CassandraStore
 from whatslike.store.postgres import PostgresStore
 from whatslike.store.sqlite import SQLiteStore
 
 #: Set by scripts/services.sh (through .services/postgres.env) or by hand.
 POSTGRES_URL = os.environ.get("WHATSLIKE_TEST_POSTGRES_URL", "")
+#: Set by scripts/services/cassandra.sh (through .services/cassandra.env) or by hand.
+CASSANDRA_URL = os.environ.get("WHATSLIKE_TEST_CASSANDRA_URL", "")
 
 #: Builds another, unopened store on the same database as the test's `store`.
 StoreFactory = Callable[[], Store]
@@ -63,13 +69,59 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
             await admin.close()
 
 
-@pytest_asyncio.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def _drop_keyspace(address: CassandraAddress) -> None:
+    cluster = Cluster(list(address.hosts), port=address.port, connect_timeout=10)
+    try:
+        cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {address.keyspace}", timeout=60)
+    finally:
+        cluster.shutdown()
+
+
+@asynccontextmanager
+async def fresh_cassandra_keyspace() -> AsyncIterator[str]:
+    """The URL of a fresh keyspace (the store creates it on open), dropped afterwards."""
+    if not CASSANDRA_URL:
+        pytest.fail(
+            "WHATSLIKE_TEST_CASSANDRA_URL is not set: run scripts/services.sh cassandra",
+            pytrace=False,
+        )
+    url = urlsplit(CASSANDRA_URL)._replace(path=f"/whatslike_t_{uuid.uuid4().hex}").geturl()
+    address = CassandraAddress.parse(url)
+    try:
+        yield url
+    finally:
+        try:
+            await asyncio.to_thread(_drop_keyspace, address)
+        except NoHostAvailable as exc:
+            failure = exc
+        else:
+            failure = None
+        if failure is not None:
+            pytest.fail(
+                f"Cassandra at {address} is unreachable ({failure}); run"
+                " scripts/services.sh cassandra or set WHATSLIKE_TEST_CASSANDRA_URL",
+                pytrace=False,
+            )
+
+
+@pytest_asyncio.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("cassandra", marks=pytest.mark.cassandra),
+    ]
+)
 async def store_factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[StoreFactory]:
     if request.param == "sqlite":
         path = tmp_path / "data" / "whatslike.db"
         yield lambda: SQLiteStore(path)
+        return
+    if request.param == "cassandra":
+        async with fresh_cassandra_keyspace() as url:
+            # Small buckets, so the suite crosses partitions of the change log.
+            yield lambda: CassandraStore(url, bucket_size=4)
         return
     async with fresh_postgres_database() as url:
         yield lambda: PostgresStore(url)
