@@ -33,7 +33,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cassandra import ConsistencyLevel, DriverException
-from cassandra.cluster import Cluster, NoHostAvailable, ResponseFuture, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement, SimpleStatement, dict_factory
 
@@ -148,8 +155,7 @@ _CQL = {
     "drop_unread": "DELETE FROM unread WHERE conversation_id = ? AND created_at = ? AND id = ?",
     "unread": "SELECT id FROM unread WHERE conversation_id = ? AND created_at <= ?",
     "last_change": (
-        "SELECT seq FROM changes WHERE conversation_id = ? AND bucket = ?"
-        " ORDER BY seq DESC LIMIT 1"
+        "SELECT seq FROM changes WHERE conversation_id = ? AND bucket = ? ORDER BY seq DESC LIMIT 1"
     ),
     "claim_seq": (
         "INSERT INTO changes (conversation_id, bucket, seq, message_id, event_id, frame)"
@@ -164,9 +170,7 @@ _CQL = {
         "INSERT INTO message_changes (message_id, event_id, seq, frame) VALUES (?, ?, ?, ?)"
     ),
     "message_changes": "SELECT frame FROM message_changes WHERE message_id = ? AND event_id = ?",
-    "update_state": (
-        f"UPDATE messages SET {_STATE}, version = ? WHERE id = ? IF version = ?"
-    ),
+    "update_state": (f"UPDATE messages SET {_STATE}, version = ? WHERE id = ? IF version = ?"),
     "begin_change": (
         f"UPDATE messages SET {_STATE}, version = ?, pending_event = ?, pending_at = ?,"
         " pending_floor = ?, pending_since = ? WHERE id = ? IF version = ?"
@@ -184,20 +188,17 @@ _CQL = {
         " IF message_id = null"
     ),
     "linked": (
-        "SELECT message_id FROM provider_keys WHERE channel = ? AND provider_message_id = ?"
-        " LIMIT 1"
+        "SELECT message_id FROM provider_keys WHERE channel = ? AND provider_message_id = ? LIMIT 1"
     ),
     "parked": (
-        "SELECT parked_id, payload FROM provider_keys"
-        " WHERE channel = ? AND provider_message_id = ?"
+        "SELECT parked_id, payload FROM provider_keys WHERE channel = ? AND provider_message_id = ?"
     ),
     "park": (
         "UPDATE provider_keys SET payload = ?, parked_at = ? WHERE channel = ?"
         " AND provider_message_id = ? AND parked_id = ? IF message_id = null"
     ),
     "unpark": (
-        "DELETE FROM provider_keys WHERE channel = ? AND provider_message_id = ?"
-        " AND parked_id = ?"
+        "DELETE FROM provider_keys WHERE channel = ? AND provider_message_id = ? AND parked_id = ?"
     ),
     "parked_row": (
         "SELECT parked_id FROM provider_keys WHERE channel = ? AND provider_message_id = ?"
@@ -271,6 +272,16 @@ class CassandraAddress:
         return f"{','.join(self.hosts)}:{self.port}/{self.keyspace}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A status change written to its message but not yet numbered: the event, the time
+    of its frame, and a seq the conversation had already reached before it."""
+
+    event_id: str
+    occurred_at: datetime
+    floor: int
+
+
 def _time(value: datetime) -> datetime:
     # The driver reads a timestamp as a naive datetime in UTC.
     return value.replace(tzinfo=UTC)
@@ -338,10 +349,17 @@ class CassandraStore:
         self._prepared = await asyncio.to_thread(self._prepare_all)
 
     def _connect(self) -> Session:
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+            consistency_level=ConsistencyLevel.QUORUM,
+            serial_consistency_level=ConsistencyLevel.SERIAL,
+            request_timeout=self._timeout,
+            row_factory=dict_factory,
+        )
         cluster = Cluster(
             list(self.address.hosts),
             port=self.address.port,
-            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
             connect_timeout=self._timeout,
         )
         try:
@@ -349,10 +367,6 @@ class CassandraStore:
         except BaseException:
             cluster.shutdown()
             raise
-        session.row_factory = dict_factory
-        session.default_timeout = self._timeout
-        session.default_consistency_level = ConsistencyLevel.QUORUM
-        session.default_serial_consistency_level = ConsistencyLevel.SERIAL
         self._cluster = cluster
         return session
 
@@ -528,9 +542,7 @@ class CassandraStore:
         month = _month(message.created_at)
         await asyncio.gather(
             self._run("add_month", message.conversation_id, month),
-            self._run(
-                "list_entry", message.conversation_id, month, message.created_at, message.id
-            ),
+            self._run("list_entry", message.conversation_id, month, message.created_at, message.id),
         )
 
     async def _claimed_message(self, mine: Message, claimed_id: str) -> tuple[Message, bool]:
@@ -718,9 +730,8 @@ class CassandraStore:
             )
             if not applied:
                 continue
-            seq, frame = await self._complete(
-                updated, version + 1, event.event_id, observation.occurred_at, floor, False
-            )
+            pending = _Pending(event.event_id, observation.occurred_at, floor)
+            seq, frame = await self._complete(updated, version + 1, pending, recovering=False)
             await self._after_state(updated)
             return common.applied(message, transition, seq, (frame,))
 
@@ -735,57 +746,53 @@ class CassandraStore:
         applied, _ = await self._lwt("take_over", version + 1, utcnow(), row["id"], version)
         if applied:
             message = _message(row)
-            await self._complete(
-                message,
-                version + 1,
-                row["pending_event"],
-                _time(row["pending_at"]),
-                int(row["pending_floor"]),
-                True,
+            pending = _Pending(
+                row["pending_event"], _time(row["pending_at"]), int(row["pending_floor"])
             )
+            await self._complete(message, version + 1, pending, recovering=True)
             await self._after_state(message)
 
     async def _complete(
-        self,
-        message: Message,
-        version: int,
-        event_id: str,
-        occurred_at: datetime,
-        floor: int,
-        recovering: bool,
+        self, message: Message, version: int, pending: _Pending, *, recovering: bool
     ) -> tuple[int, str]:
-        """Claim the seq of the pending change (or find the one claimed before a crash),
-        record it for redeliveries, and clear the marker."""
-        claimed = await self._claimed_change(message, event_id, floor) if recovering else None
+        """Claim the seq of the pending change (or, `recovering`, find the one claimed
+        before a crash), record it for redeliveries, and clear the marker."""
+        claimed = await self._claimed_change(message, pending) if recovering else None
         if claimed is None:
-            claimed = await self._claim_seq(message, event_id, occurred_at, floor)
+            claimed = await self._claim_seq(message, pending)
         seq, frame = claimed
-        await self._run("record_change", message.id, event_id, seq, frame)
+        await self._run("record_change", message.id, pending.event_id, seq, frame)
         await self._run("set_hint", seq, seq, message.conversation_id)
         await self._lwt("end_change", seq, version + 1, message.id, version)
         return seq, frame
 
-    async def _claimed_change(
-        self, message: Message, event_id: str, floor: int
-    ) -> tuple[int, str] | None:
-        last = await self._last_seq(message.conversation_id)
+    async def _claimed_change(self, message: Message, pending: _Pending) -> tuple[int, str] | None:
+        """The change claimed for `pending` after its floor, if its writer got that far."""
+        last, floor = await self._last_seq(message.conversation_id), pending.floor
         for bucket in range(self._bucket(floor + 1), self._bucket(last) + 1):
-            for row in await self._run("changes_after", message.conversation_id, bucket, floor, last):
-                if (row["message_id"], row["event_id"]) == (message.id, event_id):
+            for row in await self._run(
+                "changes_after", message.conversation_id, bucket, floor, last
+            ):
+                if (row["message_id"], row["event_id"]) == (message.id, pending.event_id):
                     return int(row["seq"]), str(row["frame"])
         return None
 
-    async def _claim_seq(
-        self, message: Message, event_id: str, occurred_at: datetime, floor: int
-    ) -> tuple[int, str]:
+    async def _claim_seq(self, message: Message, pending: _Pending) -> tuple[int, str]:
+        """Insert the change as seq last + 1 if nobody took it, else retry after it:
+        the row is the claim, so no seq is ever taken without its change."""
         conversation_id = message.conversation_id
-        last = floor
+        last = pending.floor
         while True:
             seq = last + 1
-            frame = common.change_frame(message, message.state, seq, occurred_at)
-            bucket = self._bucket(seq)
+            frame = common.change_frame(message, message.state, seq, pending.occurred_at)
             applied, _ = await self._lwt(
-                "claim_seq", conversation_id, bucket, seq, message.id, event_id, frame
+                "claim_seq",
+                conversation_id,
+                self._bucket(seq),
+                seq,
+                message.id,
+                pending.event_id,
+                frame,
             )
             if applied:
                 return seq, frame
