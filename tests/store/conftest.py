@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 import pytest_asyncio
-from cassandra.cluster import Cluster, NoHostAvailable
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
+from cassandra.policies import RoundRobinPolicy
 
 from whatslike.store.base import Store
 from whatslike.store.cassandra import CassandraAddress, CassandraStore
@@ -70,7 +71,15 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
 
 
 def _drop_keyspace(address: CassandraAddress) -> None:
-    cluster = Cluster(list(address.hosts), port=address.port, connect_timeout=10)
+    cluster = Cluster(
+        list(address.hosts),
+        port=address.port,
+        connect_timeout=10,
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+        },
+        protocol_version=5,
+    )
     try:
         cluster.connect().execute(f"DROP KEYSPACE IF EXISTS {address.keyspace}", timeout=60)
     finally:

@@ -61,6 +61,8 @@ from whatslike.store.base import (
 Row = dict[str, Any]
 
 _DEFAULT_PORT = 9042
+#: Cassandra 4.0 and later speak native protocol v5 (per-statement keyspaces).
+_PROTOCOL_VERSION = 5
 _KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
 
 #: Migration n (1-based) brings the schema from version n-1 to n.
@@ -360,6 +362,7 @@ class CassandraStore:
             list(self.address.hosts),
             port=self.address.port,
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            protocol_version=_PROTOCOL_VERSION,
             connect_timeout=self._timeout,
         )
         try:
@@ -374,7 +377,8 @@ class CassandraStore:
         session = self._live()
         prepared = {}
         for name, cql in _CQL.items():
-            statement = session.prepare(cql)
+            # The keyspace goes with each statement (protocol v5), not with the session.
+            statement = session.prepare(cql, keyspace=self.address.keyspace)
             if name in _SERIAL_READS:
                 statement.consistency_level = ConsistencyLevel.SERIAL
             prepared[name] = statement
@@ -383,11 +387,12 @@ class CassandraStore:
     async def _migrate(self) -> None:
         keyspace = self.address.keyspace
         factor = self.address.replication_factor
-        await self._ddl(
+        await self._cql(
             f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication ="
-            f" {{'class': 'SimpleStrategy', 'replication_factor': {factor}}}"
+            f" {{'class': 'SimpleStrategy', 'replication_factor': {factor}}}",
+            [],
+            in_keyspace=False,
         )
-        await asyncio.to_thread(self._live().set_keyspace, keyspace)
         await self._ddl(
             "CREATE TABLE IF NOT EXISTS schema_version (one int PRIMARY KEY, version int)"
         )
@@ -436,11 +441,14 @@ class CassandraStore:
             raise BackendUnavailable(f"Cassandra at {self.address} is not open")
         return await self._execute(self._session.execute_async(statement, params))
 
-    async def _cql(self, cql: str, params: Sequence[Any], *, serial: bool = False) -> list[Row]:
+    async def _cql(
+        self, cql: str, params: Sequence[Any], *, serial: bool = False, in_keyspace: bool = True
+    ) -> list[Row]:
         """Every row of an unprepared statement (schema work)."""
         session = self._live()
         level = ConsistencyLevel.SERIAL if serial else None
-        statement = SimpleStatement(cql, consistency_level=level)
+        keyspace = self.address.keyspace if in_keyspace else None
+        statement = SimpleStatement(cql, consistency_level=level, keyspace=keyspace)
         return await self._execute(session.execute_async(statement, list(params)))
 
     async def _execute(self, future: ResponseFuture) -> list[Row]:
