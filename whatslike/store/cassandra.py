@@ -182,8 +182,9 @@ _CQL = {
         " pending_floor = null, pending_since = null WHERE id = ? IF version = ?"
     ),
     "take_over": "UPDATE messages SET version = ?, pending_since = ? WHERE id = ? IF version = ?",
+    # Not versioned: it would make a status change under way fail its last step.
     "set_provider_id": (
-        "UPDATE messages SET provider_message_id = ?, version = ? WHERE id = ? IF version = ?"
+        "UPDATE messages SET provider_message_id = ? WHERE id = ? IF provider_message_id = null"
     ),
     "link": (
         "UPDATE provider_keys SET message_id = ? WHERE channel = ? AND provider_message_id = ?"
@@ -616,22 +617,9 @@ class CassandraStore:
         ]
 
     async def _set_provider_id(self, message: Message, provider_message_id: str) -> None:
-        while message.provider_message_id is None:
-            version = await self._version(message.id)
-            applied, _ = await self._lwt(
-                "set_provider_id", provider_message_id, version + 1, message.id, version
-            )
-            if applied:
-                break
-            found = await self.get_message(message.id)
-            assert found is not None, "messages are never deleted"
-            message = found
+        await self._lwt("set_provider_id", provider_message_id, message.id)
         if message.status is not Status.READ:
             await self._run("add_unread", message.conversation_id, message.created_at, message.id)
-
-    async def _version(self, message_id: str) -> int:
-        rows = await self._run("message", message_id)
-        return int(rows[0]["version"])
 
     async def forget_parked(self, channel: str, provider_message_id: str) -> None:
         rows = await self._run("parked", channel, provider_message_id)
