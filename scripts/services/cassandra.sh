@@ -61,12 +61,15 @@ POM
   rm -rf "$libs" && mv "$libs.tmp" "$libs"
 fi
 
-# A node that was started but does not answer (yet, or any more): stop it, start afresh.
+# A node of this checkout that runs but does not answer (yet, or any more): stop it and
+# start afresh. The pid must still be our CassandraDaemon, not a process that reused it.
 pidfile=$dir/cassandra.pid
-if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-  echo "services: stopping Cassandra pid $(cat "$pidfile"), it does not answer on its CQL port"
-  kill "$(cat "$pidfile")"
-  wait_for 30 sh -c "! kill -0 $(cat "$pidfile")" || kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+if [ -f "$pidfile" ] && tr '\0' ' ' < "/proc/$(cat "$pidfile")/cmdline" 2>/dev/null |
+  grep -q -- "-Dcassandra.config=file://$dir/cassandra.yaml"; then
+  pid=$(cat "$pidfile")
+  echo "services: stopping Cassandra pid $pid, it does not answer on its CQL port"
+  kill "$pid"
+  wait_for 30 sh -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
 fi
 
 port=$(free_port)
