@@ -163,7 +163,6 @@ _CQL = {
         "INSERT INTO changes (conversation_id, bucket, seq, message_id, event_id, frame)"
         " VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
     ),
-    "change": "SELECT * FROM changes WHERE conversation_id = ? AND bucket = ? AND seq = ?",
     "changes_after": (
         "SELECT seq, message_id, event_id, frame FROM changes"
         " WHERE conversation_id = ? AND bucket = ? AND seq > ? AND seq <= ?"
@@ -231,7 +230,7 @@ _CQL = {
 }
 
 #: Reads that must see the outcome of every lightweight transaction before them.
-_SERIAL_READS = frozenset({"message", "linked", "parked", "last_change", "change"})
+_SERIAL_READS = frozenset({"message", "linked", "parked", "last_change"})
 
 
 @dataclass(frozen=True, slots=True)
