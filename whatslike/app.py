@@ -11,23 +11,34 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from whatslike.api.errors import ApiError, on_api_error, on_http_exception, on_unexpected
+from whatslike.api.errors import (
+    ApiError,
+    error_response,
+    on_api_error,
+    on_http_exception,
+    on_unexpected,
+    unavailable_handler,
+)
 from whatslike.api.http import HttpApi
 from whatslike.api.web import WebAssets
 from whatslike.bus.memory import MemoryBus
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
-from whatslike.errors import ConfigError, WhatslikeError
+from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.hub.server import Hub
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
+from whatslike.roles.relay import OutboxRelay
 from whatslike.roles.router import Router
 from whatslike.roles.status_worker import StatusWorker
+from whatslike.roles.watchdog import Watchdog
 from whatslike.settings import Settings, resolve_jwt_secret
 from whatslike.simulator.app import Simulator
 from whatslike.store import open_store
@@ -36,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Roles that talk only through the bus; with the in-process bus they must share a process.
 PIPELINE_ROLES = ("api", "router", "connector", "status-worker")
+#: Roles that add to the store's outbox: their process runs a relay.
+HANDOFF_ROLES = ("api", "connector", "status-worker")
 
 
 def check_wiring(settings: Settings) -> None:
@@ -53,6 +66,8 @@ def check_wiring(settings: Settings) -> None:
 def build_roles(deps: Deps) -> list[Role]:
     chosen = deps.settings.roles
     roles: list[Role] = []
+    if any(role in chosen for role in HANDOFF_ROLES):
+        roles.append(OutboxRelay(deps))
     if "api" in chosen:
         roles += [HttpApi(deps), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
@@ -60,7 +75,7 @@ def build_roles(deps: Deps) -> list[Role]:
     if "connector" in chosen:
         roles += [WhatsAppConnector(deps), InstagramConnector(deps)]
     if "status-worker" in chosen:
-        roles.append(StatusWorker(deps))
+        roles += [StatusWorker(deps), Watchdog(deps)]
     if "simulator" in chosen:
         roles.append(Simulator(deps))
     return roles
@@ -84,12 +99,16 @@ class Runtime:
         )
         self.roles = build_roles(self.deps)
         self._opened = False
+        #: Set when a stop began: new requests are answered 503 (see `_DrainGuard`).
+        self.draining = False
         self.app = Starlette(
             routes=self._routes(),
             lifespan=self._lifespan,
+            middleware=[Middleware(_DrainGuard, runtime=self)],
             exception_handlers={
                 ApiError: on_api_error,
                 HTTPException: on_http_exception,
+                BackendUnavailable: unavailable_handler(settings.retry_after_s),
                 Exception: on_unexpected,
             },
         )
@@ -108,7 +127,9 @@ class Runtime:
         return None
 
     async def close_connections(self) -> None:
-        """Close every WebSocket with 1001 before the server stops taking requests."""
+        """Stop taking work (new requests answer 503) and close every WebSocket with 1001,
+        before the server stops taking requests."""
+        self.draining = True
         for role in self.roles:
             if isinstance(role, Hub):
                 await role.stop()
@@ -123,6 +144,11 @@ class Runtime:
         try:
             yield
         finally:
+            # Nothing more is handed to the bus; what the bus does not finish in time is
+            # still in the outbox and is relayed again at the next start.
+            for role in self.roles:
+                if isinstance(role, OutboxRelay):
+                    await role.stop()
             await self.deps.bus.stop()
             await self.deps.fanout.stop()
             for role in reversed(self.roles):
@@ -163,3 +189,26 @@ class Runtime:
 
     async def _metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _DrainGuard:
+    """While the process stops, requests that were not under way yet are answered 503
+    with a Retry-After, so clients retry elsewhere or later and nothing half-done is
+    acknowledged; health probes still answer."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self._app = app
+        self._runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self._runtime.draining
+            and scope["type"] == "http"
+            and scope["path"] not in ("/healthz", "/readyz")
+        ):
+            response = error_response(503, "unavailable", "shutting down; retry later")
+            response.headers["Retry-After"] = str(self._runtime.settings.retry_after_s)
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+        await self._app(scope, receive, send)

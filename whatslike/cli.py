@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import socket
 import sys
@@ -19,8 +20,11 @@ import uvicorn
 from whatslike import __version__
 from whatslike.app import Runtime
 from whatslike.auth import TokenService
+from whatslike.clock import format_time, utcnow
 from whatslike.errors import WhatslikeError
+from whatslike.roles.watchdog import find_stuck
 from whatslike.settings import ROLES, Settings, load_settings, resolve_jwt_secret
+from whatslike.store import open_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True, help="user id (claim sub)")
     token.add_argument("--ttl", type=int, help="seconds until it expires (default 3600)")
     token.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+
+    stuck = commands.add_parser(
+        "stuck",
+        help="list messages that stopped moving (for operators)",
+        description="List the messages the watchdog counts as stuck, from the configured "
+        "store: PENDING with no send under way, PENDING with a send of unknown outcome, "
+        "SENT with no provider news — by the thresholds in the settings "
+        "(STUCK_PENDING_S, SEND_UNKNOWN_FAIL_S, STUCK_SENT_S) or --older-than.",
+    )
+    stuck.add_argument("--older-than", type=float, help="seconds, for every kind")
+    stuck.add_argument("--json", action="store_true", help="one JSON object per line")
+    stuck.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
     return parser
 
 
@@ -122,10 +138,53 @@ def token(args: argparse.Namespace) -> int:
     return 0
 
 
+def stuck(args: argparse.Namespace) -> int:
+    settings = load_settings(data_dir=args.data_dir)
+    return asyncio.run(_print_stuck(settings, args.older_than, as_json=args.json))
+
+
+async def _print_stuck(settings: Settings, older_than_s: float | None, *, as_json: bool) -> int:
+    store = open_store(settings.effective_database_url)
+    await store.open()
+    try:
+        found = await find_stuck(store, settings, utcnow(), older_than_s)
+    finally:
+        await store.close()
+    rows = [
+        (kind, message)
+        for kind, messages in (
+            ("pending", found.pending),
+            ("unknown", found.unknown),
+            ("sent", found.sent),
+        )
+        for message in messages
+    ]
+    for kind, message in rows:
+        since = message.send_started_at if kind == "unknown" else message.updated_at
+        fields = {
+            "kind": kind,
+            "message_id": message.id,
+            "conversation_id": message.conversation_id,
+            "org_id": message.org_id,
+            "channel": message.channel,
+            "status": message.status.value,
+            "provider_message_id": message.provider_message_id,
+            "since": format_time(since) if since else None,
+        }
+        if as_json:
+            print(json.dumps(fields))
+        else:
+            print("  ".join(str(value) for value in fields.values()))
+    if not as_json:
+        print(f"{len(rows)} stuck", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"serve": serve, "token": token, "stuck": stuck}
     try:
-        return serve(args) if args.command == "serve" else token(args)
+        return commands[args.command](args)
     except WhatslikeError as exc:
         print(f"whatslike: {exc}", file=sys.stderr)
         return 1

@@ -51,6 +51,20 @@ class Settings(BaseSettings):
     consumer_backoff_base_s: float = Field(0.1, gt=0)
     consumer_backoff_cap_s: float = Field(15.0, gt=0)
 
+    # Durability: the outbox relay, the stuck-message watchdog, outages.
+    #: How often the relay looks for hand-offs made by other processes.
+    relay_poll_s: float = Field(1.0, gt=0)
+    watchdog_interval_s: float = Field(10.0, gt=0)
+    #: PENDING with no send under way for this long: listed, counted and handed off again.
+    stuck_pending_s: float = Field(60.0, gt=0)
+    #: SENT with no provider news for this long: listed and counted.
+    stuck_sent_s: float = Field(3600.0, gt=0)
+    #: A send whose outcome is unknown (crash or timeout between the provider call and
+    #: its answer) becomes FAILED `send_outcome_unknown` when no webhook settled it.
+    send_unknown_fail_s: float = Field(600.0, gt=0)
+    #: The Retry-After of a 503 answered while the store is out of reach or on shutdown.
+    retry_after_s: int = Field(5, ge=1)
+
     # Hub.
     heartbeat_s: int = Field(25, ge=1)
     max_frame_bytes: int = Field(4096, ge=256)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -46,6 +47,19 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _CODES.get(exc.status_code, "error")
     return error_response(exc.status_code, code, str(exc.detail))
+
+
+def unavailable_handler(retry_after_s: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """A backend out of reach answers 503 with a Retry-After: nothing was acknowledged,
+    and the same request (the same client_message_id, the same webhook) is safe to retry."""
+
+    async def on_unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("%s %s: 503, %s", request.method, request.url.path, exc)
+        response = error_response(503, "unavailable", "temporarily unavailable; retry later")
+        response.headers["Retry-After"] = str(retry_after_s)
+        return response
+
+    return on_unavailable
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

@@ -17,11 +17,8 @@ from starlette.routing import BaseRoute, Route
 
 from whatslike.api.errors import ApiError
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
-from whatslike.bus import BusFull
-from whatslike.clock import format_time, new_id
-from whatslike.events import TOPIC_MESSAGES, OutboundMessage
+from whatslike.clock import format_time
 from whatslike.roles import Deps, RoleDefaults
-from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
 
 log = logging.getLogger(__name__)
@@ -61,6 +58,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "conversation_id": message.conversation_id,
         "text": message.text,
         "client_message_id": message.client_message_id,
+        "provider_message_id": message.provider_message_id,
         "status": state.status.value,
         "seq": message.seq,
         "created_at": format_time(message.created_at),
@@ -93,7 +91,7 @@ class HttpApi(RoleDefaults):
 
     def __init__(self, deps: Deps) -> None:
         self._store = deps.store
-        self._bus = deps.bus
+        self._handoffs = deps.handoffs
         self._settings = deps.settings
         self._tokens = TokenService(
             deps.jwt_secret, deps.settings.jwt_issuer, deps.settings.jwt_audience
@@ -141,34 +139,14 @@ class HttpApi(RoleDefaults):
         identity = self._identity(request)
         conversation = await self._conversation(request, identity)
         body = await _body(request, NewMessage)
+        # The message and the work of sending it (an outbox entry) are stored in one
+        # transaction before the 202; a retry with the same client_message_id answers the
+        # same message and adds no work. The relay hands the entry to the bus.
         message, created = await self._store.create_message(
             conversation, body.text, body.client_message_id
         )
-        # A retried request (same client_message_id) re-publishes a message that is still
-        # PENDING: its first publish may have failed with 503. The connector skips a
-        # message that already has a provider id, so a double send needs a narrow race.
-        if created or message.status is Status.PENDING:
-            event = OutboundMessage(
-                event_id=new_id("evt"),
-                message_id=message.id,
-                conversation_id=conversation.id,
-                org_id=conversation.org_id,
-                channel=conversation.channel,
-                to=conversation.contact,
-                text=message.text,
-                client_message_id=message.client_message_id,
-                created_at=message.created_at,
-            )
-            try:
-                await self._bus.publish(TOPIC_MESSAGES, conversation.id, event.to_json())
-            except BusFull as exc:
-                log.warning("message %s accepted but not queued: %s", message.id, exc)
-                raise ApiError(
-                    503,
-                    "unavailable",
-                    "the message was stored but could not be queued; "
-                    "retry with the same client_message_id",
-                ) from exc
+        if created:
+            self._handoffs.set()
         return JSONResponse(
             {"message_id": message.id, "status": message.status.value},
             status_code=202,
