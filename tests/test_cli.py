@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import jwt
 import pytest
 
 from whatslike.settings import load_settings
+from whatslike.store.sqlite import SQLiteStore
 
 
 def whatslike(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -24,7 +26,7 @@ def whatslike(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["token"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["token"], ["stuck"]])
 def test_help_everywhere(command: list[str]) -> None:
     done = whatslike(*command, "--help")
     assert done.returncode == 0
@@ -73,3 +75,23 @@ def test_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().port == 9001
     assert load_settings(port=9002).port == 9002
     assert load_settings(port=None).port == 9001
+
+
+async def test_stuck_lists_what_stopped_moving(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    conversation = await store.create_conversation("acme", "whatsapp", "+55")
+    waiting, _ = await store.create_message(conversation, "waiting", "")
+    unknown, _ = await store.create_message(conversation, "unknown", "")
+    await store.begin_send(unknown.id)
+    await store.close()
+    done = whatslike("stuck", "--older-than", "0", "--json", "--data-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["kind"], r["message_id"], r["status"]) for r in rows] == [
+        ("pending", waiting.id, "PENDING"),
+        ("unknown", unknown.id, "PENDING"),
+    ]
+    assert all(r["org_id"] == "acme" and r["since"] for r in rows)
+    quiet = whatslike("stuck", "--data-dir", str(tmp_path))  # default thresholds: minutes
+    assert (quiet.returncode, quiet.stdout, quiet.stderr.strip()) == (0, "", "0 stuck")

@@ -19,7 +19,7 @@ from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
 from whatslike.connectors.meta import WebhookPayloadError, sign
 from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
-from whatslike.errors import MalformedEvent
+from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
     TOPIC_MESSAGES,
     TOPIC_STATUS,
@@ -32,7 +32,7 @@ from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
 from whatslike.status.rules import ProviderError, Status
-from whatslike.store.base import Conversation, Message
+from whatslike.store.base import Conversation, Message, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
@@ -97,7 +97,9 @@ class Harness:
         self.bus = RecordingBus()
         self.send_handler: SendHandler = lambda request: httpx.Response(500)
         self.requests: list[httpx.Request] = []
-        self.settings = load_settings(meta_app_secret=SECRET, port=8123)
+        self.settings = load_settings(
+            meta_app_secret=SECRET, port=8123, consumer_backoff_base_s=0.001
+        )
         self.connector = connector_type(
             Deps(
                 settings=self.settings,
@@ -498,7 +500,7 @@ async def test_send_retriable_answers_raise(harness: Harness, handler: SendHandl
     assert await harness.handed() == []
 
 
-async def test_send_network_error_raises(harness: Harness) -> None:
+async def test_a_send_that_never_left_is_made_again(harness: Harness) -> None:
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
 
@@ -506,6 +508,57 @@ async def test_send_network_error_raises(harness: Harness) -> None:
     harness.send_handler = unreachable
     with pytest.raises(ProviderUnavailable):
         await harness.send(message)
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)  # the bus's retry
+    assert len(harness.requests) == 2
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None and stored.provider_message_id == WAMID
+    assert await harness.store.outbox_size() == 0  # the send's hand-off is done
+
+
+async def test_a_send_of_unknown_outcome_is_never_made_again(harness: Harness) -> None:
+    """A timeout after the request left may mean Meta sent it: the Graph API has no
+    idempotency key, so the message is not sent again; WhatsApp's status webhook, which
+    carries our id as callback data, settles it."""
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    message = await harness.message()
+    harness.send_handler = slow
+    await harness.send(message)  # settled as unknown: nothing for the bus to retry
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)  # a redelivery (e.g. after a crash)
+    assert len(harness.requests) == 1
+    assert await harness.store.outbox_size() == 0
+    webhook = status_webhook(status(WAMID, "delivered", callback=message.id))
+    assert (await harness.post(webhook)).status_code == 200
+    [event] = await harness.statuses()
+    assert (event.message_id, event.status) == (message.id, Status.DELIVERED)
+    linked = await harness.store.find_by_provider_id("whatsapp", WAMID)
+    assert linked is not None and linked.id == message.id
+
+
+async def test_a_failed_link_is_retried_without_sending_again(harness: Harness) -> None:
+    """The provider accepted the send, then the store failed: only the link is retried."""
+    link = harness.store.link_provider_id
+    failures = iter([BackendUnavailable("store down"), BackendUnavailable("still down")])
+
+    async def flaky_link(
+        channel: str, provider_message_id: str, message_id: str
+    ) -> list[ParkedStatus]:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return await link(channel, provider_message_id, message_id)
+
+    harness.store.link_provider_id = flaky_link  # type: ignore[method-assign]
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    assert len(harness.requests) == 1
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None and stored.provider_message_id == WAMID
 
 
 async def test_redelivered_send_is_not_sent_twice(harness: Harness) -> None:
