@@ -668,6 +668,15 @@ async def test_unexpected_failure_closes_with_1011_without_details(hub: Harness)
         assert await closed(ws) == (1011, "internal error")
 
 
+async def test_a_store_outage_closes_with_1013_so_the_client_comes_back(hub: Harness) -> None:
+    conversation = await hub.conversation()
+    await hub.store.close()  # the database is out of reach
+    async with hub.client() as ws:
+        await connected(ws)
+        await send(ws, type="subscribe", conversation_id=conversation.id)
+        assert await closed(ws) == (1013, "store unavailable")
+
+
 async def test_stop_closes_every_connection_with_1001(hub: Harness) -> None:
     async with hub.client() as first, hub.client() as second:
         await connected(first)

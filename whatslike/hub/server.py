@@ -17,6 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import new_id
+from whatslike.errors import BackendUnavailable
 from whatslike.hub import frames
 from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
 from whatslike.hub.ratelimit import FrameBudget
@@ -33,6 +34,7 @@ GOING_AWAY: Final = 1001
 POLICY: Final = 1008
 TOO_BIG: Final = 1009
 INTERNAL_ERROR: Final = 1011
+TRY_AGAIN_LATER: Final = 1013
 TOKEN_EXPIRED: Final = 4001
 RATE_LIMITED: Final = 4008
 SLOW_CONSUMER: Final = 4009
@@ -366,7 +368,14 @@ class Hub:
             elif isinstance(frame, FrameError):
                 self._reject(conn, frame)
             else:
-                await self._handle(conn, frame)
+                try:
+                    await self._handle(conn, frame)
+                except BackendUnavailable as exc:
+                    # The store is out: the client reconnects (with back-off) and
+                    # resubscribes with `since`, missing nothing; no traceback for this.
+                    logger.warning("connection %s: %s", conn.id, exc)
+                    conn.request_close(TRY_AGAIN_LATER, "store unavailable")
+                    return
 
     def _limit(self, conn: _Connection, frame: ClientFrame | FrameError) -> None:
         if conn.budget.exhausted:

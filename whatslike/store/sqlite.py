@@ -155,6 +155,8 @@ class SQLiteStore:
             db.row_factory = sqlite3.Row
             try:
                 await db.execute("PRAGMA journal_mode = WAL")
+                # Every commit reaches the disk before it returns: a 202 survives a power loss.
+                await db.execute("PRAGMA synchronous = FULL")
                 await db.execute("PRAGMA foreign_keys = ON")
                 # Another process on the same file (e.g. the CLI) waits instead of failing.
                 await db.execute("PRAGMA busy_timeout = 5000")
