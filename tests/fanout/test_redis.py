@@ -17,15 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import redis.asyncio
+from websockets.asyncio.client import connect as ws_connect
 
+from tests.e2e import test_pipeline as pipeline
+from tests.e2e.conftest import Socket, api, start_server, stop_server
 from tests.hub.test_server import TIMEOUT_S, connected, eventually, receive, running_hub, send
 from whatslike.clock import new_id
-from whatslike.errors import BackendUnavailable
+from whatslike.errors import BackendUnavailable, ConfigError
 from whatslike.events import status_channel
+from whatslike.fanout.factory import open_fanout
+from whatslike.fanout.memory import MemoryFanout
 from whatslike.fanout.redis import RedisFanout, redis_address
+from whatslike.settings import load_settings
 
 
 def fast_fanout(url: str) -> RedisFanout:
@@ -205,7 +212,6 @@ async def test_ten_thousand_conversations(redis_url: str) -> None:
             )
         finally:
             await check.aclose()
-        assert hub.conversation_count == 5_000
 
 
 async def test_publish_and_ping_while_redis_is_down_raise_backend_unavailable(
@@ -269,6 +275,42 @@ async def numsub(url: str, conversation_id: str) -> int:
         return int(count)
     finally:
         await client.aclose()
+
+
+def test_the_fanout_url_selects_the_adapter(tmp_path: Path) -> None:
+    def chosen(url: str) -> object:
+        return open_fanout(load_settings(fanout_url=url, data_dir=tmp_path))
+
+    assert isinstance(chosen("memory://"), MemoryFanout)
+    assert isinstance(chosen("redis://127.0.0.1:6379/0"), RedisFanout)
+    with pytest.raises(ConfigError, match="fanout_url"):
+        load_settings(fanout_url="nats://127.0.0.1:4222")
+
+
+async def test_whatslike_serve_fans_out_through_redis(redis_url: str, tmp_path: Path) -> None:
+    env = {"WHATSLIKE_FANOUT_URL": redis_url, "WHATSLIKE_SIM_DELAY_MS": "10"}
+    server = start_server(tmp_path, env)
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as probe:
+            ready = (await probe.get("/readyz")).json()
+        assert ready["checks"]["fanout"] == "ok"
+        token = server.token("org-a")
+        url = f"{server.ws_url}?access_token={token}"
+        async with api(server, token) as client, ws_connect(url) as ws:
+            socket = Socket(ws)
+            await socket.next_of("connected")
+            conversation = await pipeline.new_conversation(client)
+            await socket.subscribe(conversation)
+            assert await numsub(redis_url, conversation) == 1  # heard through Redis
+            message = await pipeline.send(client, conversation)
+            frames = await pipeline.statuses_until_final(socket, {message})
+        assert [(f["status"], f["seq"]) for f in frames] == [
+            ("SENT", 1),
+            ("DELIVERED", 2),
+            ("READ", 3),
+        ]
+    finally:
+        stop_server(server)
 
 
 # The hub on a real uvicorn server, hearing Redis.

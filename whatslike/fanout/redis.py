@@ -186,11 +186,6 @@ class RedisFanout:
         if self._link is not None:
             self._link.want(conversation_id, False)
 
-    @property
-    def conversation_count(self) -> int:
-        """Conversations heard (or to be heard once the link is back)."""
-        return len(self._wanted)
-
     async def start(self) -> None:
         """Start the reader and wait (at most `timeout_s`) for its first link; when Redis
         is not there yet the reader keeps trying in the background and `ping` says so."""
