@@ -90,6 +90,14 @@ class OwnRedis:
                     pytest.fail(f"redis-server did not come up on 127.0.0.1:{self.port}")
                 time.sleep(0.02)
 
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self.process is not None:
             self.process.send_signal(signal.SIGKILL)
@@ -253,6 +261,26 @@ async def test_reconnects_resubscribes_and_announces_the_gap(own_redis: OwnRedis
             (status_channel(during), b"3"),
         ]
         assert heard.gaps == 1
+
+
+async def test_a_redis_that_stops_answering_is_left_and_found_again(
+    own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP: the TCP connection stays open but nothing answers (a half-open link)."""
+    conversation = unique("c")
+    async with hub_fanout(own_redis.url) as (hub, heard), publisher(own_redis.url) as pub:
+        await hub.add(conversation)
+        own_redis.pause()
+        try:
+            await eventually(
+                lambda: "no PONG for 2 s" in caplog.text, "the silent link is given up"
+            )
+        finally:
+            own_redis.resume()
+        await eventually(lambda: heard.gaps == 1, "the gap is announced")
+        await pub.publish(status_channel(conversation), b"after")
+        expected = [(status_channel(conversation), b"after")]
+        await eventually(lambda: heard.messages == expected, "heard after the pause")
 
 
 async def link_down(fanout: RedisFanout) -> None:

@@ -151,10 +151,11 @@ class RedisFanout:
                 retry=Retry(NoBackoff(), 1),
             )
         )
-        # The reader's connections, one per link: no retries and no read timeout (liveness
-        # is the PINGs'); the pool only builds them from the URL.
+        # The reader's connections, one per link: RESP2 (the reader parses its replies), no
+        # retries and no read timeout (liveness is the PINGs'); the pool only builds them.
         self._new_connection: Callable[[], AbstractConnection] = ConnectionPool.from_url(
             url,
+            protocol=2,
             socket_connect_timeout=timeout_s,
             socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
@@ -250,7 +251,9 @@ class RedisFanout:
         link: _Link | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            await conn.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
+            # Bounded: a server that accepts but never answers the handshake is an outage.
+            async with asyncio.timeout(self._timeout_s):
+                await conn.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it bare
             # From here to the write, nothing yields: an `add` or `discard` either made it
             # into `_wanted` before the snapshot, or finds the link and queues a change.
             link = _Link(conn, self._wanted)
