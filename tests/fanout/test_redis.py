@@ -247,7 +247,7 @@ async def test_reconnects_resubscribes_and_announces_the_gap(own_redis: OwnRedis
 
         own_redis.kill()
         await link_down(hub)
-        await hub.add(during)  # returns at once: there is no link to wait for
+        await hub.add(during)  # while Redis is down: subscribed once the link is back
         own_redis.start()
         await eventually(lambda: heard.gaps == 1, "the gap is announced")
         await hub.ping()
