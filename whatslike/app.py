@@ -31,7 +31,7 @@ from whatslike.bus.memory import MemoryBus
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
-from whatslike.fanout.memory import MemoryFanout
+from whatslike.fanout.factory import open_fanout
 from whatslike.hub.server import Hub
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
@@ -92,7 +92,7 @@ class Runtime:
             settings=settings,
             store=open_store(settings.effective_database_url),
             bus=MemoryBus(settings, self.metrics),
-            fanout=MemoryFanout(),
+            fanout=open_fanout(settings),
             http=httpx.AsyncClient(timeout=settings.send_timeout_s),
             metrics=self.metrics,
             jwt_secret=resolve_jwt_secret(settings),

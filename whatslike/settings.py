@@ -123,11 +123,18 @@ class Settings(BaseSettings):
             raise ValueError("must start with sqlite:, postgresql: or postgres:")
         return value
 
-    @field_validator("bus_url", "fanout_url")
+    @field_validator("bus_url")
     @classmethod
     def _known_transport(cls, value: str) -> str:
         if value != "memory://":
             raise ValueError("only memory:// is available in this version")
+        return value
+
+    @field_validator("fanout_url")
+    @classmethod
+    def _known_fanout(cls, value: str) -> str:
+        if value != "memory://" and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be memory:// or redis://host:port/db (rediss:// for TLS)")
         return value
 
     @property

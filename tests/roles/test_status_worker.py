@@ -15,6 +15,7 @@ import pytest
 
 from whatslike.bus.memory import MemoryBus
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
+from whatslike.fanout.memory import MemoryFanout
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.roles.relay import OutboxRelay
@@ -25,25 +26,14 @@ from whatslike.store.base import Message
 from whatslike.store.sqlite import SQLiteStore
 
 
-class FlakyFanout:
+class FlakyFanout(MemoryFanout):
     """Fails its first `failures` publishes, like a Redis that blinked."""
 
     def __init__(self, failures: int) -> None:
+        super().__init__()
         self.failures = failures
         self.published: list[tuple[str, bytes]] = []
         self.arrived = asyncio.Event()
-
-    def listen(self, listener: object) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
 
     async def publish(self, channel: str, payload: bytes) -> None:
         if self.failures:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -53,6 +53,9 @@ CLOSE_TIMEOUT_S: Final = 5.0
 #: (websockets defaults to 1 MiB) even after a long replay.
 MAX_BATCH: Final = 256
 
+#: Store reads in flight at once while re-reading subscriptions after a fan-out gap.
+RECOVERY_READS: Final = 8
+
 _STATUS_PREFIX: Final = "status:"
 
 
@@ -76,6 +79,8 @@ class _Subscription:
     high_seq: int
     #: Live frames held back while the replay is read from the store; None once live.
     held: list[tuple[int, str]] | None = None
+    #: A fan-out gap ended while the store was being read: read it again afterwards.
+    gap: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -131,6 +136,19 @@ def status_seq(frame: str | bytes) -> int | None:
     return None
 
 
+def _settle(subscription: _Subscription, replayed: Iterable[str]) -> list[str]:
+    """End a store read: the replayed and the held live frames to send, in seq order,
+    each once; the subscription is live again."""
+    pairs = [(status_seq(text), text) for text in replayed]
+    held, subscription.held = subscription.held or [], None
+    following: list[str] = []
+    for seq, text in [*pairs, *sorted(held, key=lambda pair: pair[0])]:
+        if seq is not None and seq > subscription.high_seq:
+            following.append(text)
+            subscription.high_seq = seq
+    return following
+
+
 def _batches(status_frames: list[str]) -> Iterator[str]:
     for start in range(0, len(status_frames), MAX_BATCH):
         chunk = status_frames[start : start + MAX_BATCH]
@@ -171,7 +189,10 @@ class Hub:
         self._registry = SubscriptionRegistry(deps.settings.max_subscriptions)
         self._connections: dict[str, _Connection] = {}
         self._stopping = False
+        self._fanout = deps.fanout
+        self._recoveries: set[asyncio.Task[None]] = set()
         deps.fanout.listen(self.on_fanout)
+        deps.fanout.on_gap(self.on_gap)
 
     def routes(self) -> list[BaseRoute]:
         return [WebSocketRoute("/ws/status", self._serve)]
@@ -182,6 +203,8 @@ class Hub:
     async def stop(self) -> None:
         """Close every connection with 1001 and wait (bounded) until they are gone."""
         self._stopping = True
+        for recovery in self._recoveries:
+            recovery.cancel()
         connections = list(self._connections.values())
         for conn in connections:
             conn.request_close(GOING_AWAY, "server shutting down")
@@ -224,9 +247,15 @@ class Hub:
             logger.exception("fan-out frame on %s could not be dispatched", channel)
 
     def _evict(self, conn: _Connection, code: int, reason: str) -> None:
-        self._registry.drop(conn.id)
+        self._release(self._registry.drop(conn.id))
         conn.subscriptions.clear()
         conn.request_close(code, reason)
+
+    def _release(self, conversation_ids: Iterable[str]) -> None:
+        """Tell the fan-out which of these conversations nobody here follows any more."""
+        for conversation_id in conversation_ids:
+            if not self._registry.subscribers(conversation_id):
+                self._fanout.discard(conversation_id)
 
     # The connection's life.
 
@@ -257,7 +286,7 @@ class Hub:
             conn.request_close(INTERNAL_ERROR, "internal error")
             await self._close(conn)
         finally:
-            self._registry.drop(conn.id)
+            self._release(self._registry.drop(conn.id))
             del self._connections[conn.id]
             self._metrics.ws_connections.dec()
             conn.done.set()
@@ -410,7 +439,8 @@ class Hub:
             case Subscribe():
                 await self._subscribe(conn, frame)
             case Unsubscribe():
-                self._registry.unsubscribe(conn.id, frame.conversation_id)
+                if self._registry.unsubscribe(conn.id, frame.conversation_id):
+                    self._release((frame.conversation_id,))
                 conn.subscriptions.pop(frame.conversation_id, None)
                 self._answer(conn, Reply(frames.unsubscribed(frame.conversation_id, frame.ref)))
             case Ping():
@@ -444,6 +474,8 @@ class Hub:
         # such frames are held and merged with the replay by seq.
         subscription = _Subscription(since, held=[])
         conn.subscriptions[conversation_id] = subscription
+        # Heard from here on (or a gap is announced later), so the read below is enough.
+        await self._fanout.add(conversation_id)
         changes = await self._store.changes_since(
             conversation_id, since, self._settings.replay_limit
         )
@@ -453,13 +485,7 @@ class Hub:
             # The client must reload over HTTP; live frames go on from the store's seq,
             # which may be below `since` (a client that outlived a store reset).
             subscription.high_seq = changes.last_seq
-        replayed = [(status_seq(text), text) for text in changes.frames]
-        held, subscription.held = subscription.held or [], None
-        following: list[str] = []
-        for seq, text in [*replayed, *sorted(held, key=lambda pair: pair[0])]:
-            if seq is not None and seq > subscription.high_seq:
-                following.append(text)
-                subscription.high_seq = seq
+        following = _settle(subscription, changes.frames)
         self._answer(
             conn,
             Reply(
@@ -467,6 +493,63 @@ class Hub:
                 tuple(following),
             ),
         )
+        if subscription.gap:
+            self._spawn(self._recover(conn, conversation_id))
+
+    # Fan-out gaps: the link to the fan-out broke, so statuses may have been missed.
+
+    def on_gap(self) -> None:
+        """Re-read every live subscription from the store and send what it missed."""
+        pending = [(conn, cid) for conn in self._connections.values() for cid in conn.subscriptions]
+        self._spawn(self._recover_all(pending))
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    async def _recover_all(self, pending: list[tuple[_Connection, str]]) -> None:
+        async def reader() -> None:
+            while pending:
+                conn, conversation_id = pending.pop()
+                await self._recover(conn, conversation_id)
+
+        await asyncio.gather(*(reader() for _ in range(RECOVERY_READS)))
+
+    async def _recover(self, conn: _Connection, conversation_id: str) -> None:
+        """Send one subscription what the store has after its last frame, merged with the
+        live frames that come meanwhile; when that cannot be complete, tell the client to
+        reload (`subscribed` with `recovered: false`, as for a `since` beyond the store)."""
+        subscription = conn.subscriptions.get(conversation_id)
+        if subscription is None:
+            return
+        if subscription.held is not None:
+            subscription.gap = True  # the read in flight may predate the gap: it calls back
+            return
+        while True:
+            subscription.gap = False
+            subscription.held = []
+            try:
+                changes = await self._store.changes_since(
+                    conversation_id, subscription.high_seq, self._settings.replay_limit
+                )
+            except Exception:
+                logger.exception("connection %s: store read after a fan-out gap failed", conn.id)
+                # The client reconnects and recovers with `since`.
+                self._evict(conn, INTERNAL_ERROR, "internal error")
+                return
+            if conn.subscriptions.get(conversation_id) is not subscription:
+                return  # unsubscribed or evicted meanwhile
+            if not changes.complete:
+                subscription.high_seq = changes.last_seq
+                reload = frames.subscribed(conversation_id, changes.last_seq, False)
+                self._answer(conn, Reply(reload, tuple(_settle(subscription, ()))))
+            else:
+                missed = _settle(subscription, changes.frames)
+                if missed:  # a Reply, so a long catch-up does not count against the bound
+                    self._answer(conn, Reply(missed[0], tuple(missed[1:])))
+            if not subscription.gap:
+                return
 
     def _refresh(self, conn: _Connection, frame: Auth) -> None:
         try:
