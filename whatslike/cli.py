@@ -19,7 +19,7 @@ import uvicorn
 from whatslike import __version__
 from whatslike.app import Runtime
 from whatslike.auth import TokenService
-from whatslike.errors import WhatslikeError
+from whatslike.errors import ConfigError, WhatslikeError
 from whatslike.settings import ROLES, Settings, load_settings, resolve_jwt_secret
 
 
@@ -117,8 +117,11 @@ def serve(args: argparse.Namespace) -> int:
 
 def token(args: argparse.Namespace) -> int:
     settings = load_settings(data_dir=args.data_dir, token_ttl_s=args.ttl)
-    service = TokenService(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience)
-    print(service.mint(args.user, args.org, settings.token_ttl_s))
+    service = TokenService.from_settings(settings, resolve_jwt_secret(settings))
+    try:
+        print(service.mint(args.user, args.org, settings.token_ttl_s))
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting token_ttl_s (--ttl): {exc}") from exc
     return 0
 
 

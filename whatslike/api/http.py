@@ -95,9 +95,7 @@ class HttpApi(RoleDefaults):
         self._store = deps.store
         self._bus = deps.bus
         self._settings = deps.settings
-        self._tokens = TokenService(
-            deps.jwt_secret, deps.settings.jwt_issuer, deps.settings.jwt_audience
-        )
+        self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
 
     def routes(self) -> list[BaseRoute]:
         return [

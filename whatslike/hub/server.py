@@ -161,11 +161,7 @@ class Hub:
         self._settings: Settings = deps.settings
         self._store: Store = deps.store
         self._metrics = deps.metrics
-        self._tokens = TokenService(
-            deps.jwt_secret,
-            issuer=deps.settings.jwt_issuer,
-            audience=deps.settings.jwt_audience,
-        )
+        self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
         self._registry = SubscriptionRegistry(deps.settings.max_subscriptions)
         self._connections: dict[str, _Connection] = {}
         self._stopping = False
