@@ -3,6 +3,7 @@ and exposes one Starlette app. No globals, no import-time side effects."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from whatslike.api.errors import ApiError, on_api_error, on_http_exception, on_unexpected
@@ -28,7 +29,7 @@ from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
 from whatslike.roles.router import Router
 from whatslike.roles.status_worker import StatusWorker
-from whatslike.settings import Settings, resolve_jwt_secret
+from whatslike.settings import Settings, check_safety, resolve_jwt_secret, secure_data_dir
 from whatslike.simulator.app import Simulator
 from whatslike.store import open_store
 
@@ -71,6 +72,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         check_wiring(settings)
+        check_safety(settings)
+        secure_data_dir(settings)
         self.settings = settings
         self.metrics = Metrics()
         self.deps = Deps(
@@ -132,6 +135,7 @@ class Runtime:
 
     def _routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [
+            Route("/", self._index, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
@@ -161,5 +165,21 @@ class Runtime:
             status_code=200 if ready else 503,
         )
 
+    async def _index(self, request: Request) -> Response:
+        """The address `serve` prints: the demo in the embedded mode, else a short map."""
+        if self.settings.embedded and "api" in self.settings.roles:
+            return RedirectResponse("/demo", status_code=303)
+        endpoints = ["/healthz", "/readyz", "/metrics"]
+        if "api" in self.settings.roles:
+            endpoints += ["/api/conversations", "/ws/status", "/client/websocket-client.js"]
+        return JSONResponse(
+            {"service": "whatslike", "roles": list(self.settings.roles), "endpoints": endpoints}
+        )
+
     async def _metrics(self, request: Request) -> Response:
+        token = self.settings.metrics_token
+        if token:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+                raise ApiError(401, "unauthorized", "/metrics needs the metrics token")
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -255,10 +255,38 @@ def resolve_jwt_secret(settings: Settings) -> str:
     try:
         if path.exists():
             return path.read_text().strip()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(settings.data_dir)
         secret = secrets.token_urlsafe(32)
-        path.write_text(secret)
-        path.chmod(0o600)
+        # Created 0600 from the start: no moment where another user could read it.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret)
     except OSError as exc:
         raise ConfigError(f"invalid setting data_dir (WHATSLIKE_DATA_DIR): {exc}") from exc
     return secret
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def secure_data_dir(settings: Settings) -> None:
+    """The data directory 0700 and the SQLite file (with its -wal and -shm, which SQLite
+    creates with the file's mode) 0600, created so before SQLite opens it."""
+    url = settings.effective_database_url
+    try:
+        _private_dir(settings.data_dir)
+        if not url.startswith(SQLITE_PREFIX) or len(url) == len(SQLITE_PREFIX):
+            return
+        database = Path(url[len(SQLITE_PREFIX) :])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+            if path.exists():
+                path.chmod(0o600)
+    except OSError as exc:
+        raise ConfigError(f"invalid setting data_dir (WHATSLIKE_DATA_DIR): {exc}") from exc

@@ -573,4 +573,3 @@ class Hub:
             return
         conn.identity = identity
         self._answer(conn, Reply(frames.auth_ok(identity.exp, frame.ref)))
-
