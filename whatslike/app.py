@@ -104,10 +104,11 @@ class Runtime:
             self._opened = True
 
     def demo_url(self) -> str | None:
-        """The demo page with a development token, in the embedded mode only."""
+        """The demo page, in the embedded mode only. No token in it: the page asks for a
+        development token itself, and a printed token would end up in logs."""
         for role in self.roles:
             if isinstance(role, WebAssets) and self.settings.embedded:
-                return f"{self.settings.base_url}/demo#token={role.demo_token()}"
+                return f"{self.settings.base_url}/demo"
         return None
 
     async def close_connections(self) -> None:

@@ -102,7 +102,7 @@ def _announce(runtime: Runtime) -> None:
     print(f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})")
     demo = runtime.demo_url()
     if demo is not None:
-        print(f"Demo (development token, embedded mode only): {demo}")
+        print(f"Demo (embedded mode only): {demo}")
     sys.stdout.flush()
 
 

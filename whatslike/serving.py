@@ -71,6 +71,18 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class QuietDenials(logging.Filter):
+    """uvicorn's WebSocket protocol logs an ERROR after every upgrade the app refused with
+    an HTTP answer (it counts the refusal as a handshake never completed): one per bad
+    token would let anyone flood the log. The hub logs refusals itself, at INFO, at most
+    once per interval, so this line is dropped."""
+
+    NOISE = "ASGI callable returned without completing handshake."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.NOISE
+
+
 def secrets_of(settings: Settings, jwt_secret: str) -> list[str]:
     return [
         jwt_secret,
@@ -86,6 +98,9 @@ def redact_logs(secrets: Iterable[str]) -> RedactSecrets:
     """Put the filter on every handler of the root and uvicorn loggers (handlers see the
     records their loggers' children propagate, which logger filters would miss)."""
     redactor = RedactSecrets(secrets)
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, QuietDenials) for f in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(QuietDenials())
     for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, RedactSecrets) for f in handler.filters):

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     metrics_token: str = ""
 
     # HTTP server limits.
-    max_header_bytes: int = Field(16_384, ge=1024)
+    max_header_bytes: int = Field(8192, ge=1024)
     header_timeout_s: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(65_536, ge=1024)
     org_requests_per_s: float = Field(50.0, gt=0)
