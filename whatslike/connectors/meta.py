@@ -67,7 +67,8 @@ def load_object(body: bytes) -> dict[str, Any]:
     """The webhook body as a JSON object, or WebhookPayloadError."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and integers past the digit limit.
         raise WebhookPayloadError(f"body is not JSON: {exc}") from exc
     return json_object(payload, "body")
 
@@ -91,7 +92,12 @@ def json_text(value: Any, where: str) -> str:
     # Meta sends ids as strings, but a number is accepted rather than dropping a status.
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise WebhookPayloadError(f"{where} must be a non-empty string")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no store or log could take it
+        raise WebhookPayloadError(f"{where} is not valid Unicode") from exc
+    return text
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:
