@@ -17,7 +17,7 @@ import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
-from websockets.typing import Subprotocol
+from websockets.typing import Origin, Subprotocol
 
 from tests.hub.test_server import (
     SECRET,
@@ -291,3 +291,14 @@ async def test_refused_upgrades_are_logged_at_info_at_most_once_per_interval(
     assert len(lines) == 1
     assert lines[0].levelno == logging.INFO
     assert "forged" not in lines[0].getMessage()
+
+
+async def test_the_embedded_mode_allows_only_the_served_origin_by_default(hub: Harness) -> None:
+    """Settings() here is the embedded mode (SQLite, in-process bus, simulator role), whose
+    served origin is http://127.0.0.1:8000: a page elsewhere cannot open a socket."""
+    url = f"{hub.url}?access_token={hub.token()}"
+    for evil in ("https://evil.example", "http://127.0.0.1:8001", "null"):
+        assert await _status_of_upgrade(url, origin=Origin(evil)) == 403, evil
+    for served in ("http://127.0.0.1:8000", "http://localhost:8000"):
+        async with connect(url, origin=Origin(served)) as ws:
+            await connected(ws)
