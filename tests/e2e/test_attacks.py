@@ -134,3 +134,6 @@ def test_after_the_attacks_no_log_line_carries_a_token_or_a_secret(tmp_path: Pat
     logged = "".join(server.output)
     assert "access_token=[redacted]" in logged  # the access log was on, and redacted
     assert "hub.verify_token=[redacted]" in logged
+    # The refused upgrade is one INFO line of ours, not an ERROR per refusal.
+    assert "refused a WebSocket upgrade: 401 unauthorized" in logged
+    assert not [line for line in server.output if "ERROR" in line]
