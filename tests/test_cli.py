@@ -96,6 +96,11 @@ def test_help_everywhere(command: list[str]) -> None:
             {"WHATSLIKE_DATABASE_URL": POSTGRES_NOBODY, "WHATSLIKE_ROLES": f"{PIPELINE},simulator"},
             "the development value is accepted only in the embedded mode",
         ),
+        (
+            ["serve", "--port", "0", "--host", "0.0.0.0"],
+            {},
+            "the development value is accepted only in the embedded mode on a loopback address",
+        ),
     ],
 )
 def test_a_start_that_cannot_succeed_says_why_in_one_line(

@@ -187,6 +187,13 @@ class Settings(BaseSettings):
         return tuple(dict.fromkeys(origins))
 
     @property
+    def development(self) -> bool:
+        """The embedded mode listening on a loopback address only: where the published
+        development credentials may be used, since nothing else can reach them."""
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        return self.embedded and loopback
+
+    @property
     def embedded(self) -> bool:
         """True when nothing outside this process is used: demo conveniences allowed."""
         return (
@@ -198,10 +205,15 @@ class Settings(BaseSettings):
 
 def check_safety(settings: Settings) -> None:
     """Outside the embedded mode, refuse the development secrets and a simulator nobody
-    asked for by name (ConfigError, one line)."""
-    if settings.embedded:
+    asked for by name; in it, refuse the development secrets on an address other
+    machines can reach (ConfigError, one line)."""
+    if settings.development:
         return
-    if "simulator" in settings.roles and "roles" not in settings.model_fields_set:
+    if (
+        not settings.embedded
+        and "simulator" in settings.roles
+        and "roles" not in settings.model_fields_set
+    ):
         raise ConfigError(
             "invalid setting roles (WHATSLIKE_ROLES): outside the embedded mode the "
             "simulator (a stand-in for Meta open to its callers) runs only when named; "
@@ -213,7 +225,8 @@ def check_safety(settings: Settings) -> None:
         if dev_value in (getattr(settings, name), *settings.meta_previous_app_secrets):
             raise ConfigError(
                 f"invalid setting {name} (WHATSLIKE_{name.upper()}): the development value "
-                "is accepted only in the embedded mode; set a secret of your own"
+                "is accepted only in the embedded mode on a loopback address; set a secret "
+                "of your own"
             )
 
 

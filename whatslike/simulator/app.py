@@ -158,11 +158,11 @@ class Simulator:
         )
         self.schedule = WebhookSchedule(deps.settings.sim_queue_size)
         self._workers: list[asyncio.Task[None]] = []
-        # The control changes every tenant's statuses: it needs its own token, except in
-        # the embedded mode, where nothing but this process's own demo can reach it.
+        # The control changes every tenant's statuses: it needs its own token, except for
+        # the demo's switch in the embedded mode on a loopback address.
         token = deps.settings.sim_control_token
         self._control_auth = f"Bearer {token}".encode() if token else None
-        self._control_open = not token and deps.settings.embedded
+        self._control_open = not token and deps.settings.development
 
     def routes(self) -> list[BaseRoute]:
         return [
