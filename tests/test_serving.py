@@ -235,6 +235,7 @@ async def test_an_organization_past_its_budget_gets_429_and_others_do_not(
         assert codes == [404, 404, 404]
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "rate_limited"
+        assert refused.headers["retry-after"] == "100"  # one request per 100 s
         assert (await client.get("/api/conversations/c1", headers=calm)).status_code == 404
     await runtime.deps.store.close()
 

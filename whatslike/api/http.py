@@ -120,11 +120,12 @@ class HttpApi(RoleDefaults):
         except InvalidToken as exc:
             raise ApiError(401, "unauthorized", str(exc)) from exc
         if not self._org_limit.allow(identity.org_id):
+            wait_s = self._org_limit.retry_after_s()
             raise ApiError(
                 429,
                 "rate_limited",
-                "too many requests for this organization; retry after "
-                f"{self._org_limit.retry_after_s()} s",
+                f"too many requests for this organization; retry after {wait_s} s",
+                headers={"Retry-After": str(wait_s)},
             )
         conversation_id = request.path_params.get("id")
         if conversation_id is not None and not valid_id(conversation_id):
