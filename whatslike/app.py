@@ -3,6 +3,7 @@ and exposes one Starlette app. No globals, no import-time side effects."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -39,7 +40,7 @@ from whatslike.roles.relay import OutboxRelay
 from whatslike.roles.router import Router
 from whatslike.roles.status_worker import StatusWorker
 from whatslike.roles.watchdog import Watchdog
-from whatslike.settings import Settings, resolve_jwt_secret
+from whatslike.settings import Settings, check_safety, resolve_jwt_secret, secure_data_dir
 from whatslike.simulator.app import Simulator
 from whatslike.store import open_store
 
@@ -86,6 +87,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         check_wiring(settings)
+        check_safety(settings)
+        secure_data_dir(settings)
         self.settings = settings
         self.metrics = Metrics()
         self.deps = Deps(
@@ -120,10 +123,11 @@ class Runtime:
             self._opened = True
 
     def demo_url(self) -> str | None:
-        """The demo page with a development token, in the embedded mode only."""
+        """The demo page, in the embedded mode only. No token in it: the page asks for a
+        development token itself, and a printed token would end up in logs."""
         for role in self.roles:
             if isinstance(role, WebAssets) and self.settings.embedded:
-                return f"{self.settings.base_url}/demo#token={role.demo_token()}"
+                return f"{self.settings.base_url}/demo"
         return None
 
     async def close_connections(self) -> None:
@@ -158,6 +162,7 @@ class Runtime:
 
     def _routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [
+            Route("/", self._index, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
@@ -187,7 +192,23 @@ class Runtime:
             status_code=200 if ready else 503,
         )
 
+    async def _index(self, request: Request) -> Response:
+        """The address `serve` prints: the demo in the embedded mode, else a short map."""
+        if self.settings.embedded and "api" in self.settings.roles:
+            return RedirectResponse("/demo", status_code=303)
+        endpoints = ["/healthz", "/readyz", "/metrics"]
+        if "api" in self.settings.roles:
+            endpoints += ["/api/conversations", "/ws/status", "/client/websocket-client.js"]
+        return JSONResponse(
+            {"service": "whatslike", "roles": list(self.settings.roles), "endpoints": endpoints}
+        )
+
     async def _metrics(self, request: Request) -> Response:
+        token = self.settings.metrics_token
+        if token:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+                raise ApiError(401, "unauthorized", "/metrics needs the metrics token")
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

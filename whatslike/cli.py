@@ -17,13 +17,20 @@ from pathlib import Path
 
 import uvicorn
 
-from whatslike import __version__
-from whatslike.app import Runtime
+from whatslike import __version__, serving
+from whatslike.app import Runtime, check_wiring
 from whatslike.auth import TokenService
 from whatslike.clock import format_time, utcnow
-from whatslike.errors import WhatslikeError
+from whatslike.errors import ConfigError, WhatslikeError
 from whatslike.roles.watchdog import find_stuck
-from whatslike.settings import ROLES, Settings, load_settings, resolve_jwt_secret
+from whatslike.settings import (
+    ROLES,
+    Settings,
+    check_safety,
+    load_settings,
+    resolve_jwt_secret,
+    unknown_variables,
+)
 from whatslike.store import open_store
 
 
@@ -96,23 +103,31 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._runtime = runtime
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the socket accepts from now on: only now say where it listens
+            _announce(self._runtime)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self._runtime.close_connections()
         await super().shutdown(sockets)
 
 
-async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
-    runtime = Runtime(settings)
-    await runtime.open()
-    config = uvicorn.Config(
-        runtime.app, log_level=log_level, lifespan="on", ws_max_size=settings.max_frame_bytes
-    )
-    server = _Server(config, runtime)
+def _announce(runtime: Runtime) -> None:
+    settings = runtime.settings
     print(f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})")
     demo = runtime.demo_url()
     if demo is not None:
-        print(f"Demo (development token, embedded mode only): {demo}")
+        print(f"Demo (embedded mode only): {demo}")
     sys.stdout.flush()
+
+
+async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
+    runtime = Runtime(settings)
+    await runtime.open()
+    config = serving.server_config(runtime.app, settings, log_level)
+    serving.redact_logs(serving.secrets_of(settings, runtime.deps.jwt_secret))
+    server = _Server(config, runtime)
     await server.serve(sockets=[sock])
 
 
@@ -120,6 +135,11 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings(
         roles=args.roles, host=args.host, port=args.port, data_dir=args.data_dir
     )
+    for warning in unknown_variables():
+        print(f"whatslike: warning: {warning}", file=sys.stderr)
+    # Before the port is taken: a start that cannot succeed says why, whatever the port.
+    check_wiring(settings)
+    check_safety(settings)
     sock = _bind(settings)
     bound_port = sock.getsockname()[1]
     if bound_port != settings.port:
@@ -133,8 +153,11 @@ def serve(args: argparse.Namespace) -> int:
 
 def token(args: argparse.Namespace) -> int:
     settings = load_settings(data_dir=args.data_dir, token_ttl_s=args.ttl)
-    service = TokenService(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience)
-    print(service.mint(args.user, args.org, settings.token_ttl_s))
+    service = TokenService.from_settings(settings, resolve_jwt_secret(settings))
+    try:
+        print(service.mint(args.user, args.org, settings.token_ttl_s))
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting token_ttl_s (--ttl): {exc}") from exc
     return 0
 
 

@@ -16,8 +16,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from whatslike.api.errors import ApiError
+from whatslike.api.ratelimit import OrgRateLimit
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import format_time
+from whatslike.hub.frames import valid_id
 from whatslike.roles import Deps, RoleDefaults
 from whatslike.store.base import Conversation, Message
 
@@ -93,8 +95,9 @@ class HttpApi(RoleDefaults):
         self._store = deps.store
         self._handoffs = deps.handoffs
         self._settings = deps.settings
-        self._tokens = TokenService(
-            deps.jwt_secret, deps.settings.jwt_issuer, deps.settings.jwt_audience
+        self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
+        self._org_limit = OrgRateLimit(
+            deps.settings.org_requests_per_s, deps.settings.org_request_burst
         )
 
     def routes(self) -> list[BaseRoute]:
@@ -111,9 +114,21 @@ class HttpApi(RoleDefaults):
         if token is None:
             raise ApiError(401, "unauthorized", "an Authorization: Bearer token is required")
         try:
-            return self._tokens.verify(token)
+            identity = self._tokens.verify(token)
         except InvalidToken as exc:
             raise ApiError(401, "unauthorized", str(exc)) from exc
+        if not self._org_limit.allow(identity.org_id):
+            wait_s = self._org_limit.retry_after_s()
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many requests for this organization; retry after {wait_s} s",
+                headers={"Retry-After": str(wait_s)},
+            )
+        conversation_id = request.path_params.get("id")
+        if conversation_id is not None and not valid_id(conversation_id):
+            raise ApiError(400, "bad_request", "a conversation id is 1-128 of A-Z a-z 0-9 _ . : -")
+        return identity
 
     async def _conversation(self, request: Request, identity: Identity) -> Conversation:
         conversation = await self._store.get_conversation(

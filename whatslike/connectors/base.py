@@ -296,7 +296,7 @@ class MetaConnector(ABC, Generic[T]):
             self._count_webhook("too_large")
             return error_response(413, "too_large", "webhook body too large")
         header = request.headers.get(SIGNATURE_HEADER)
-        if not signature_valid(self._settings.meta_app_secret, body, header):
+        if not signature_valid(self._settings.meta_app_secrets, body, header):
             self._count_webhook("bad_signature")
             return error_response(403, "forbidden", f"missing or wrong {SIGNATURE_HEADER}")
         try:

@@ -86,7 +86,12 @@ def parse_status(raw: Any, phone_number_id: str, where: str = "status") -> Whats
         status=status,
         occurred_at=_unix_seconds(obj.get("timestamp"), f"{where}.timestamp"),
         error=_first_error(obj, where) if status is Status.FAILED else None,
-        callback_data=callback_data if isinstance(callback_data, str) else "",
+        # Only a hint (our message id, echoed back): anything but clean text is dropped.
+        callback_data=callback_data
+        if isinstance(callback_data, str)
+        and callback_data.isprintable()
+        and callback_data.isascii()
+        else "",
         payload=json.dumps(obj, separators=(",", ":")).encode(),
     )
 

@@ -19,6 +19,7 @@ from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import new_id
 from whatslike.errors import BackendUnavailable
 from whatslike.hub import frames
+from whatslike.hub.caps import ConnectionCaps
 from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
 from whatslike.hub.ratelimit import FrameBudget
 from whatslike.hub.registry import SubscriptionRegistry
@@ -57,6 +58,49 @@ MAX_BATCH: Final = 256
 RECOVERY_READS: Final = 8
 
 _STATUS_PREFIX: Final = "status:"
+
+_CAP_MESSAGES: Final = {
+    "total": "the server holds as many connections as it may; retry later",
+    "user": "this user holds as many connections as one user may",
+    "ip": "this address holds as many connections as one address may",
+}
+
+#: The subprotocol a client offers to carry its token outside the URL, next to
+#: SUBPROTOCOL (which the server selects: it never echoes the token back):
+#: `Sec-WebSocket-Protocol: whatslike.v1, access_token.<JWT>`.
+SUBPROTOCOL: Final = "whatslike.v1"
+TOKEN_SUBPROTOCOL_PREFIX: Final = "access_token."
+
+#: Refused upgrades are logged at INFO at most once per this many seconds; the ones in
+#: between are counted into the next line (an attacker cannot flood the log).
+REFUSAL_LOG_INTERVAL_S: Final = 10.0
+
+
+@dataclass(slots=True)
+class _RefusalLog:
+    last: float = float("-inf")
+    suppressed: int = 0
+
+    def note(self, status: int, code: str) -> None:
+        now = time.monotonic()
+        if now - self.last < REFUSAL_LOG_INTERVAL_S:
+            self.suppressed += 1
+            return
+        logger.info(
+            "refused a WebSocket upgrade: %d %s (%d more refused since the last such line)",
+            status,
+            code,
+            self.suppressed,
+        )
+        self.last, self.suppressed = now, 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    identity: Identity
+    user: tuple[str, str]
+    ip: str
+    subprotocol: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,13 +225,15 @@ class Hub:
         self._settings: Settings = deps.settings
         self._store: Store = deps.store
         self._metrics = deps.metrics
-        self._tokens = TokenService(
-            deps.jwt_secret,
-            issuer=deps.settings.jwt_issuer,
-            audience=deps.settings.jwt_audience,
-        )
+        self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
         self._registry = SubscriptionRegistry(deps.settings.max_subscriptions)
         self._connections: dict[str, _Connection] = {}
+        self._caps = ConnectionCaps(
+            deps.settings.max_connections,
+            deps.settings.max_connections_per_user,
+            deps.settings.max_connections_per_ip,
+        )
+        self._refusals = _RefusalLog()
         self._stopping = False
         self._fanout = deps.fanout
         self._recoveries: set[asyncio.Task[None]] = set()
@@ -260,19 +306,26 @@ class Hub:
     # The connection's life.
 
     async def _serve(self, websocket: WebSocket) -> None:
-        identity = await self._admit(websocket)
-        if identity is None:
+        admission = await self._admit(websocket)
+        if admission is None:
             return
-        await websocket.accept()
+        try:
+            await self._connect(websocket, admission)
+        finally:
+            self._caps.release(admission.user, admission.ip)
+
+    async def _connect(self, websocket: WebSocket, admission: _Admission) -> None:
+        await websocket.accept(subprotocol=admission.subprotocol)
         conn = _Connection(
             id=new_id("conn"),
             websocket=websocket,
-            identity=identity,
+            identity=admission.identity,
             queue=asyncio.Queue(self._settings.connection_queue_size),
             budget=FrameBudget(
                 self._settings.client_frames_per_s,
                 self._settings.client_frame_burst,
                 self._settings.rate_limit_strikes,
+                self._settings.rate_limit_window_s,
             ),
         )
         self._connections[conn.id] = conn
@@ -291,28 +344,66 @@ class Hub:
             self._metrics.ws_connections.dec()
             conn.done.set()
 
-    async def _admit(self, websocket: WebSocket) -> Identity | None:
-        """The identity of an acceptable upgrade; otherwise refuse it and answer None."""
+    async def _admit(self, websocket: WebSocket) -> _Admission | None:
+        """The identity of an acceptable upgrade, its connection counted against the caps;
+        otherwise refuse it and answer None."""
         if self._stopping:
-            await _refuse(websocket, 503, "unavailable", "the server is shutting down")
+            await self._refuse(websocket, 503, "unavailable", "the server is shutting down")
             return None
         origin = websocket.headers.get("origin")
-        allowed = self._settings.allowed_origins
+        allowed = self._settings.effective_allowed_origins
         # Only browsers send Origin, and only browsers can be tricked into connecting.
         if allowed and origin is not None and origin not in allowed:
-            await _refuse(websocket, 403, "forbidden_origin", f"origin {origin!r} is not allowed")
+            await self._refuse(websocket, 403, "forbidden_origin", "this origin is not allowed")
             return None
-        token = websocket.query_params.get("access_token") or bearer_token(
-            websocket.headers.get("authorization")
+        offered: list[str] = list(websocket.scope.get("subprotocols") or [])
+        token = (
+            next(
+                (
+                    name[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+                    for name in offered
+                    if name.startswith(TOKEN_SUBPROTOCOL_PREFIX)
+                ),
+                None,
+            )
+            or bearer_token(websocket.headers.get("authorization"))
+            or websocket.query_params.get("access_token")
         )
         if not token:
-            await _refuse(websocket, 401, "unauthorized", "a token is required")
+            await self._refuse(websocket, 401, "unauthorized", "a token is required")
             return None
         try:
-            return self._tokens.verify(token)
+            identity = self._tokens.verify(token)
         except InvalidToken as exc:
-            await _refuse(websocket, 401, "unauthorized", exc.reason)
+            await self._refuse(websocket, 401, "unauthorized", exc.reason)
             return None
+        client = websocket.client
+        admission = _Admission(
+            identity,
+            (identity.org_id, identity.user_id),
+            client.host if client is not None else "",
+            SUBPROTOCOL if SUBPROTOCOL in offered else None,
+        )
+        refused_by = self._caps.claim(admission.user, admission.ip)
+        if refused_by is not None:
+            await self._refuse(
+                websocket,
+                503 if refused_by == "total" else 429,
+                "too_many_connections",
+                _CAP_MESSAGES[refused_by],
+            )
+            return None
+        return admission
+
+    async def _refuse(self, websocket: WebSocket, status: int, code: str, message: str) -> None:
+        """Refuse an upgrade with an HTTP answer; no socket is opened."""
+        self._refusals.note(status, code)
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            response = JSONResponse({"error": {"code": code, "message": message}}, status)
+            await websocket.send_denial_response(response)
+        else:
+            # Servers without the denial-response extension can only answer 403.
+            await websocket.close(POLICY)
 
     async def _run(self, conn: _Connection) -> None:
         try:
@@ -379,7 +470,14 @@ class Hub:
             while not queue.empty():
                 items.append(queue.get_nowait())
             for message in coalesce(items):
-                await conn.websocket.send_text(message)
+                try:
+                    # A client that stops reading fills the socket's buffers and the
+                    # send waits: past the write timeout it is a slow consumer (4009).
+                    async with asyncio.timeout(self._settings.write_timeout_s):
+                        await conn.websocket.send_text(message)
+                except TimeoutError:
+                    self._evict(conn, SLOW_CONSUMER, "slow consumer")
+                    return
                 self._metrics.ws_frames_sent.inc()
 
     async def _read(self, conn: _Connection) -> None:
@@ -567,13 +665,3 @@ class Hub:
             return
         conn.identity = identity
         self._answer(conn, Reply(frames.auth_ok(identity.exp, frame.ref)))
-
-
-async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
-    """Refuse an upgrade with an HTTP answer; no socket is opened."""
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        response = JSONResponse({"error": {"code": code, "message": message}}, status)
-        await websocket.send_denial_response(response)
-    else:
-        # Servers without the denial-response extension can only answer 403.
-        await websocket.close(POLICY)

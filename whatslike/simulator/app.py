@@ -158,6 +158,11 @@ class Simulator:
         )
         self.schedule = WebhookSchedule(deps.settings.sim_queue_size)
         self._workers: list[asyncio.Task[None]] = []
+        # The control changes every tenant's statuses: it needs its own token, except for
+        # the demo's switch in the embedded mode on a loopback address.
+        token = deps.settings.sim_control_token
+        self._control_auth = f"Bearer {token}".encode() if token else None
+        self._control_open = not token and deps.settings.development
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -188,6 +193,12 @@ class Simulator:
     # -- control ----------------------------------------------------------------------
 
     async def control(self, request: Request) -> Response:
+        if not self._control_open:
+            given = request.headers.get("authorization", "").encode()
+            if self._control_auth is None or not hmac.compare_digest(given, self._control_auth):
+                return error_response(
+                    403, "forbidden", "the simulator's control needs WHATSLIKE_SIM_CONTROL_TOKEN"
+                )
         if request.method == "POST":
             body = await read_body(request, MAX_REQUEST_BYTES)
             try:
