@@ -101,7 +101,10 @@ class Fault:
 
 
 def plan_faults(config: ChaosConfig) -> tuple[float, float, list[Fault]]:
-    """The fault window (s), the load rate (msg/s) and the faults, all from the seed."""
+    """The fault window (s), the load rate (msg/s) and the faults, all from the seed.
+    No process is killed during the first half of a database cut, so the pipeline is up
+    and answering while its store is unreachable (a kill in the second half then checks
+    a start against a missing database)."""
     rng = random.Random(f"faults-{config.seed}")
     kills: list[FaultKind] = ["kill-pipeline"] * config.pipeline_kills
     kills += ["kill-simulator"] * config.simulator_kills
@@ -110,18 +113,24 @@ def plan_faults(config: ChaosConfig) -> tuple[float, float, list[Fault]]:
     needed = MIN_FAULT_SPACING_S * len(kills) + config.cut_s * cuts + 2
     window = max(needed, config.messages / config.rate if config.rate else 0.0)
     rate = config.rate or config.messages / window
-    faults: list[Fault] = []
-    if kills:
-        width = window / len(kills)
-        faults += [
-            Fault(round(n * width + rng.uniform(0.25, 0.75) * width, 2), kind)
-            for n, kind in enumerate(kills)
-        ]
+    cut_starts: list[float] = []
     if cuts:
         width = (window - config.cut_s) / cuts
+        cut_starts = [round(n * width + rng.uniform(0.15, 0.6) * width, 2) for n in range(cuts)]
+    quiet = config.cut_s / 2
+
+    def skip_quiet(at: float) -> float:
+        for start in cut_starts:
+            if at >= start:
+                at += quiet
+        return round(at, 2)
+
+    faults = [Fault(at, "cut-database") for at in cut_starts]
+    if kills:
+        width = (window - quiet * cuts) / len(kills)
         faults += [
-            Fault(round(n * width + rng.uniform(0.15, 0.6) * width, 2), "cut-database")
-            for n in range(cuts)
+            Fault(skip_quiet(n * width + rng.uniform(0.25, 0.75) * width), kind)
+            for n, kind in enumerate(kills)
         ]
     return window, rate, sorted(faults, key=lambda fault: fault.at)
 
@@ -296,6 +305,8 @@ class WebhookTap:
         self.answers: Counter[str] = Counter()
         #: (message id from biz_opaque_callback_data, status) of WhatsApp statuses answered 200.
         self.whatsapp_acked: list[tuple[str, str]] = []
+        #: The WhatsApp statuses of every message that were posted at all, answered or not.
+        self.whatsapp_posted: dict[str, set[str]] = {}
         self.instagram_reads_acked = 0
 
     async def start(self) -> None:
@@ -332,6 +343,9 @@ class WebhookTap:
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, bytes]:
         kept = ("content-type", "user-agent", "x-hub-signature-256")
+        statuses, reads = _webhook_contents(path, body)
+        for message_id, status in statuses:
+            self.whatsapp_posted.setdefault(message_id, set()).add(status)
         try:
             response = await self._http.request(
                 method,
@@ -344,21 +358,25 @@ class WebhookTap:
             return 502, b'{"error":{"code":"unreachable","message":"pipeline down"}}'
         self.answers[str(response.status_code)] += 1
         if response.status_code == 200:
-            self._acked(path, body)
+            self.whatsapp_acked += statuses
+            self.instagram_reads_acked += reads
         return response.status_code, response.content
 
-    def _acked(self, path: str, body: bytes) -> None:
-        payload = json.loads(body)
-        for entry in payload.get("entry", []):
-            if path.endswith("/whatsapp"):
-                for change in entry.get("changes", []):
-                    for item in change.get("value", {}).get("statuses", []):
-                        message_id = item.get("biz_opaque_callback_data", "")
-                        self.whatsapp_acked.append((message_id, item["status"].upper()))
-            else:
-                self.instagram_reads_acked += sum(
-                    1 for item in entry.get("messaging", []) if "read" in item
-                )
+
+def _webhook_contents(path: str, body: bytes) -> tuple[list[tuple[str, str]], int]:
+    """The (message id, STATUS) pairs of a WhatsApp webhook (the message id is our own,
+    echoed in biz_opaque_callback_data), and the number of reads in an Instagram one."""
+    statuses: list[tuple[str, str]] = []
+    reads = 0
+    for entry in json.loads(body).get("entry", []):
+        if path.endswith("/whatsapp"):
+            for change in entry.get("changes", []):
+                for item in change.get("value", {}).get("statuses", []):
+                    message_id = item.get("biz_opaque_callback_data", "")
+                    statuses.append((message_id, item["status"].upper()))
+        else:
+            reads += sum(1 for item in entry.get("messaging", []) if "read" in item)
+    return statuses, reads
 
 
 # -- clients --------------------------------------------------------------------------
@@ -388,6 +406,7 @@ class Sent:
 
     index: int
     conversation: str
+    channel: str
     client_message_id: str
     text: str
     message_id: str | None = None
@@ -587,7 +606,6 @@ class Run:
         secret = uuid.uuid4().hex
         self.token = TokenService(secret).mint("chaos-agent", ORG, 4 * 3600)
         self.proxy: DatabaseProxy | None = None
-        self.database_url = ""
         self.pipeline = Service("pipeline", PIPELINE_ROLES, workdir / "pipeline", {})
         self.tap = WebhookTap(self.pipeline.url)
         self.simulator = Service("simulator", "simulator", workdir / "simulator", {})
@@ -635,9 +653,10 @@ class Run:
                 await asyncio.sleep(max(0.0, self.began + fault.at - time.monotonic()))
                 await self.fault(fault)
 
-    async def create_conversations(self) -> list[str]:
+    async def create_conversations(self) -> dict[str, str]:
+        """Conversation id → channel, half of them WhatsApp, half Instagram."""
         rng = random.Random(f"contacts-{self.config.seed}")
-        ids = []
+        ids = {}
         for n in range(self.config.conversations):
             channel = "whatsapp" if n % 2 == 0 else "instagram"
             contact = (
@@ -650,15 +669,17 @@ class Run:
             )
             if response.status_code != 201:
                 raise ChaosSetupError(f"creating a conversation answered {response.text}")
-            ids.append(str(response.json()["id"]))
+            ids[str(response.json()["id"])] = channel
         return ids
 
-    def load_plan(self, conversations: list[str]) -> list[Sent]:
+    def load_plan(self, conversations: dict[str, str]) -> list[Sent]:
         rng = random.Random(f"load-{self.config.seed}")
         plan = []
         for n in range(self.config.messages):
-            cmid = f"chaos-{self.config.seed}-{n:05d}-{uuid.uuid4().hex[:6]}"
-            plan.append(Sent(n, rng.choice(conversations), cmid, f"chaos message {cmid}"))
+            cmid = f"chaos-{self.config.seed}-{n:05d}"
+            conversation = rng.choice(sorted(conversations))
+            channel = conversations[conversation]
+            plan.append(Sent(n, conversation, channel, cmid, f"chaos message {cmid}"))
         return plan
 
     async def get(self, path: str) -> httpx.Response | None:
@@ -794,7 +815,8 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
     try:
         await run.simulator.start()
         await run.pipeline.start()
-        conversations = await run.create_conversations()
+        channels = await run.create_conversations()
+        conversations = sorted(channels)
         watcher = Watcher(
             run.pipeline.url.replace("http://", "ws://") + f"/ws/status?access_token={run.token}",
             conversations,
@@ -803,7 +825,7 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
         load = Load(run.api, run.http_log, config.send_deadline_s)
         run.began = time.monotonic()
         await asyncio.gather(
-            load.run(run.load_plan(conversations), rate),
+            load.run(run.load_plan(channels), rate),
             run.faults(schedule, ("kill-pipeline", "kill-simulator")),
             run.faults(schedule, ("cut-database",)),
         )
@@ -861,6 +883,7 @@ def _terminal(sent: list[Sent], seen: Observed, tap: WebhookTap) -> Check:
     for message_id, status in tap.whatsapp_acked:
         acked.setdefault(message_id, []).append(status)
     statuses: Counter[str] = Counter()
+    causes: Counter[str] = Counter()
     stuck = []
     for s in sent:
         if s.message_id is None:
@@ -870,16 +893,36 @@ def _terminal(sent: list[Sent], seen: Observed, tap: WebhookTap) -> Check:
         bad_failure = status == "FAILED" and not (message or {}).get("error")
         statuses[status + (" without error" if bad_failure else "")] += 1
         if status not in TERMINAL or bad_failure:
+            posted = tap.whatsapp_posted.get(s.message_id, set())
+            cause = _why_stuck(s.channel, status, posted, set(acked.get(s.message_id, [])))
+            causes[f"{status}: {cause}"] += 1
             stuck.append(
-                f"{s.message_id} ({s.client_message_id}) {status}; "
-                f"webhooks answered 200: {acked.get(s.message_id, [])}"
+                f"{s.message_id} ({s.client_message_id}, {s.channel}) {status}; webhooks "
+                f"posted {sorted(posted)}, answered 200 {acked.get(s.message_id, [])}"
             )
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+    if causes:
+        detail += "; stuck: " + "; ".join(f"{v} {k}" for k, v in sorted(causes.items()))
     return Check(
         "every 202 reached READ or FAILED (with its error); none stuck",
         not stuck,
-        ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
+        detail,
         stuck[:EXAMPLES],
     )
+
+
+def _why_stuck(channel: str, status: str, posted: set[str], acked: set[str]) -> str:
+    """Where a message stopped, as far as the webhooks seen at the tap tell."""
+    if channel != "whatsapp":
+        return "instagram (webhooks carry no message id of ours)"
+    later = {s for s in posted if s == "FAILED" or RANK.get(s, 0) > RANK.get(status, 0)}
+    if later & acked:
+        return "a later status was answered 200 but is not in the store"
+    if later:
+        return "a later webhook was posted but never answered 200"
+    if status == "PENDING":
+        return "no webhook at all (never sent, or sent and its webhooks lost)"
+    return "the simulator never posted a later webhook"
 
 
 def _idempotent(sent: list[Sent], seen: Observed) -> Check:

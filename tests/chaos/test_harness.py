@@ -26,11 +26,12 @@ from bench.chaos import (
 )
 
 
-def test_the_fault_plan_is_a_function_of_the_seed() -> None:
-    config = ChaosConfig(seed=7, database="postgres", messages=150, pipeline_kills=5)
+@pytest.mark.parametrize("seed", range(20))
+def test_the_fault_plan_is_a_function_of_the_seed(seed: int) -> None:
+    config = ChaosConfig(seed=seed, database="postgres", messages=150, pipeline_kills=5)
     window, rate, faults = plan_faults(config)
     assert plan_faults(config) == (window, rate, faults)
-    assert plan_faults(ChaosConfig(seed=8, database="postgres", messages=150))[2] != faults
+    assert plan_faults(ChaosConfig(seed=seed + 1, database="postgres", messages=150))[2] != faults
     kinds = [fault.kind for fault in faults]
     assert (kinds.count("kill-pipeline"), kinds.count("kill-simulator")) == (5, 2)
     assert kinds.count("cut-database") == 1
@@ -39,7 +40,9 @@ def test_the_fault_plan_is_a_function_of_the_seed() -> None:
     assert kills == sorted(kills)
     assert all(0 < at < window for at in kills)
     assert min(b - a for a, b in itertools.pairwise(kills)) > 1.0
-    sqlite = plan_faults(ChaosConfig(seed=7, database="sqlite"))[2]
+    cut = next(fault.at for fault in faults if fault.kind == "cut-database")
+    assert not [at for at in kills if cut <= at < cut + config.cut_s / 2]
+    sqlite = plan_faults(ChaosConfig(seed=seed, database="sqlite"))[2]
     assert "cut-database" not in [fault.kind for fault in sqlite]
 
 
@@ -87,7 +90,7 @@ def _world() -> tuple[list[Sent], Observed, Watcher, WebhookTap]:
     """One conversation, one message that went SENT → DELIVERED → READ, seen by all."""
     frames = [_frame("c1", "m1", s, n) for n, s in enumerate(["SENT", "DELIVERED", "READ"], 1)]
     message = {"id": "m1", "client_message_id": "k1", "status": "READ", "seq": 3, "error": None}
-    sent = [Sent(0, "c1", "k1", "chaos message k1", message_id="m1", attempts=1)]
+    sent = [Sent(0, "c1", "whatsapp", "k1", "chaos message k1", message_id="m1", attempts=1)]
     observed = Observed(
         messages={"m1": message},
         stored={"c1": [message]},
