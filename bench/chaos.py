@@ -45,7 +45,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from whatslike.auth import TokenService
 
 Database = Literal["sqlite", "postgres"]
-FaultKind = Literal["kill-pipeline", "kill-simulator", "cut-database"]
+FaultKind = Literal["kill-pipeline", "stop-pipeline", "kill-simulator", "cut-database"]
 Output = Callable[[str], None]
 
 PIPELINE_ROLES = "api,router,connector,status-worker"
@@ -73,6 +73,8 @@ class ChaosConfig:
     #: Messages per second; default: spread the messages over the fault window.
     rate: float | None = None
     pipeline_kills: int = 5
+    #: Graceful stops (SIGTERM) of the pipeline under load, restarted at once.
+    pipeline_stops: int = 1
     simulator_kills: int = 2
     #: Database outages (PostgreSQL only; SQLite is a file inside the pipeline).
     database_cuts: int = 1
@@ -107,6 +109,7 @@ def plan_faults(config: ChaosConfig) -> tuple[float, float, list[Fault]]:
     a start against a missing database)."""
     rng = random.Random(f"faults-{config.seed}")
     kills: list[FaultKind] = ["kill-pipeline"] * config.pipeline_kills
+    kills += ["stop-pipeline"] * config.pipeline_stops
     kills += ["kill-simulator"] * config.simulator_kills
     rng.shuffle(kills)
     cuts = config.database_cuts if config.database == "postgres" else 0
@@ -212,14 +215,16 @@ class Service:
         await self.process.wait()
         return pid
 
-    async def stop(self) -> None:
+    async def stop(self) -> int:
+        """SIGTERM, and `kill -9` if it has not exited after 20 s; the pid it stopped."""
         if self.process is None or self.process.returncode is not None:
-            return
+            return 0
         self.process.terminate()
         try:
             await asyncio.wait_for(self.process.wait(), 20)
         except TimeoutError:
             await self.kill()
+        return self.process.pid
 
     def log_text(self) -> str:
         try:
@@ -640,9 +645,15 @@ class Run:
             self.say("database back")
             self.fault_log.append(f"cut-database {self.config.cut_s:.0f}s")
             return
-        service = self.pipeline if fault.kind == "kill-pipeline" else self.simulator
-        pid = await service.kill()
-        self.say(f"kill -9 {service.name} (pid {pid})")
+        service = self.simulator if fault.kind == "kill-simulator" else self.pipeline
+        if fault.kind == "stop-pipeline":
+            self.say(f"SIGTERM {service.name}")
+            began = time.monotonic()
+            pid = await service.stop()
+            self.say(f"{service.name} (pid {pid}) exited after {time.monotonic() - began:.1f} s")
+        else:
+            pid = await service.kill()
+            self.say(f"kill -9 {service.name} (pid {pid})")
         took = await service.start()
         self.say(f"{service.name} serving again after {took:.1f} s")
         self.fault_log.append(f"{fault.kind} restart {took:.1f}s")
@@ -826,7 +837,7 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
         run.began = time.monotonic()
         await asyncio.gather(
             load.run(run.load_plan(channels), rate),
-            run.faults(schedule, ("kill-pipeline", "kill-simulator")),
+            run.faults(schedule, ("kill-pipeline", "stop-pipeline", "kill-simulator")),
             run.faults(schedule, ("cut-database",)),
         )
         accepted = {s.message_id for s in load.sent if s.message_id}
@@ -965,6 +976,9 @@ def _provider_sends(sent: list[Sent], seen: Observed) -> Check:
     )
     if undercounted:
         detail += " (fewer keys than that: the simulator's counts did not survive its restarts)"
+    extra = {k: v for k, v in seen.sends.items() if k not in ("sends", "keys", "duplicates")}
+    if extra:
+        detail += f"; the simulator also says {json.dumps(extra)}"
     return Check(
         "0 messages sent twice to the provider",
         not duplicates and not undercounted,
@@ -1111,7 +1125,8 @@ def replay_command(config: ChaosConfig) -> str:
         "python -m bench.chaos",
         f"--seed {config.seed} --database {config.database} --messages {config.messages}",
         f"--conversations {config.conversations} --kills {config.pipeline_kills}",
-        f"--sim-kills {config.simulator_kills} --cuts {config.database_cuts}",
+        f"--stops {config.pipeline_stops} --sim-kills {config.simulator_kills}",
+        f"--cuts {config.database_cuts}",
         f"--cut-s {config.cut_s:g} --settle-s {config.settle_s:g} --quiesce-s {config.quiesce_s:g}",
     ]
     if config.rate:
@@ -1154,6 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conversations", type=int, default=20)
     parser.add_argument("--rate", type=float, default=None, help="msg/s (default: fit window)")
     parser.add_argument("--kills", type=int, default=5, help="kill -9 of the pipeline")
+    parser.add_argument("--stops", type=int, default=1, help="SIGTERM of the pipeline")
     parser.add_argument("--sim-kills", type=int, default=None, help="default max(2, kills/4)")
     parser.add_argument("--cuts", type=int, default=1, help="database cuts (PostgreSQL)")
     parser.add_argument("--cut-s", type=float, default=10.0)
@@ -1171,6 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
         conversations=args.conversations,
         rate=args.rate,
         pipeline_kills=args.kills,
+        pipeline_stops=args.stops,
         simulator_kills=args.sim_kills if args.sim_kills is not None else max(2, args.kills // 4),
         database_cuts=args.cuts,
         cut_s=args.cut_s,
@@ -1184,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
     except ChaosSetupError as exc:
         print(f"chaos: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the processes were stopped on the way out
+        return 130
     return 0 if result.passed else 1
 
 

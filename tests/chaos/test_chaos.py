@@ -37,6 +37,7 @@ async def test_nothing_acknowledged_is_lost_under_kills_and_outages(
         messages=150,
         conversations=6,
         pipeline_kills=5,
+        pipeline_stops=1,
         simulator_kills=2,
         database_cuts=1,
         cut_s=10,
