@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from whatslike.auth import TokenService
 
@@ -487,6 +487,9 @@ class Watcher:
                     self.connects += 1
                     backoff = 0.1
                     await self._follow(ws)
+            except InvalidStatus as exc:  # 503 while it stops is fine, a 500 is not
+                if exc.response.status_code == 500:
+                    self.errors.append(f"websocket upgrade answered 500: {exc}")
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
                 pass  # the pipeline is down or restarting: reconnect
             except Exception as exc:  # anything else is reported, and the client goes on
@@ -1175,6 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cut-s", type=float, default=10.0)
     parser.add_argument("--quiesce-s", type=float, default=90.0)
     parser.add_argument("--settle-s", type=float, default=30.0)
+    parser.add_argument("--workdir", type=Path, help="keep data and logs here (default: temp)")
     parser.add_argument("--postgres-url", default="", help="default: WHATSLIKE_TEST_POSTGRES_URL")
     parser.add_argument(
         "--pipeline-env", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
@@ -1194,6 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
         quiesce_s=args.quiesce_s,
         settle_s=args.settle_s,
         postgres_url=args.postgres_url or postgres_url_from_services(),
+        workdir=args.workdir,
         pipeline_env=dict(item.split("=", 1) for item in args.pipeline_env),
     )
     try:
