@@ -59,6 +59,17 @@ EXAMPLES = 5
 ORG = "chaos-org"
 
 
+#: The pipeline's watchdog, fast enough for a run of minutes (ignored by a pipeline without
+#: one): a PENDING message with no send under way is handed off again after 5 s, and a send
+#: whose outcome is unknown (a kill between the provider call and its answer) that no
+#: webhook settled becomes FAILED `send_outcome_unknown` after 15 s.
+WATCHDOG_ENV = {
+    "WHATSLIKE_WATCHDOG_INTERVAL_S": "1",
+    "WHATSLIKE_STUCK_PENDING_S": "5",
+    "WHATSLIKE_SEND_UNKNOWN_FAIL_S": "15",
+}
+
+
 class ChaosSetupError(Exception):
     """The harness could not set up what it runs (a server missing, a process that never
     starts); the message says what."""
@@ -92,8 +103,8 @@ class ChaosConfig:
     postgres_url: str = ""
     #: Where processes keep their data and logs; default: a temporary directory.
     workdir: Path | None = None
-    #: Extra WHATSLIKE_* settings for the pipeline (e.g. a watchdog's threshold).
-    pipeline_env: dict[str, str] = field(default_factory=dict)
+    #: WHATSLIKE_* settings of the pipeline.
+    pipeline_env: dict[str, str] = field(default_factory=lambda: dict(WATCHDOG_ENV))
 
 
 @dataclass(frozen=True)
@@ -1134,7 +1145,11 @@ def replay_command(config: ChaosConfig) -> str:
     ]
     if config.rate:
         words.append(f"--rate {config.rate:g}")
-    words += [f"--pipeline-env {name}={value}" for name, value in config.pipeline_env.items()]
+    words += [
+        f"--pipeline-env {name}={value}"
+        for name, value in config.pipeline_env.items()
+        if WATCHDOG_ENV.get(name) != value
+    ]
     return " ".join(words)
 
 
@@ -1181,7 +1196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep data and logs here (default: temp)")
     parser.add_argument("--postgres-url", default="", help="default: WHATSLIKE_TEST_POSTGRES_URL")
     parser.add_argument(
-        "--pipeline-env", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
+        "--pipeline-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline setting (repeatable; WATCHDOG_ENV by default)",
     )
     args = parser.parse_args(argv)
     config = ChaosConfig(
@@ -1199,7 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
         settle_s=args.settle_s,
         postgres_url=args.postgres_url or postgres_url_from_services(),
         workdir=args.workdir,
-        pipeline_env=dict(item.split("=", 1) for item in args.pipeline_env),
+        pipeline_env={**WATCHDOG_ENV, **dict(item.split("=", 1) for item in args.pipeline_env)},
     )
     try:
         result = asyncio.run(run_chaos(config, out=lambda line: print(line, flush=True)))
