@@ -909,14 +909,18 @@ def _terminal(sent: list[Sent], seen: Observed, tap: WebhookTap) -> Check:
         acked.setdefault(message_id, []).append(status)
     statuses: Counter[str] = Counter()
     causes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
     stuck = []
     for s in sent:
         if s.message_id is None:
             continue
         message = seen.messages.get(s.message_id)
         status = message["status"] if message else "MISSING"
-        bad_failure = status == "FAILED" and not (message or {}).get("error")
+        error = (message or {}).get("error")
+        bad_failure = status == "FAILED" and not error
         statuses[status + (" without error" if bad_failure else "")] += 1
+        if status == "FAILED" and error:
+            errors[f"{s.channel} {error['code']}"] += 1
         if status not in TERMINAL or bad_failure:
             posted = tap.whatsapp_posted.get(s.message_id, set())
             cause = _why_stuck(s.channel, status, posted, set(acked.get(s.message_id, [])))
@@ -926,6 +930,8 @@ def _terminal(sent: list[Sent], seen: Observed, tap: WebhookTap) -> Check:
                 f"posted {sorted(posted)}, answered 200 {acked.get(s.message_id, [])}"
             )
     detail = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+    if errors:
+        detail += " (FAILED: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) + ")"
     if causes:
         detail += "; stuck: " + "; ".join(f"{v} {k}" for k, v in sorted(causes.items()))
     return Check(
