@@ -986,16 +986,20 @@ def _provider_sends(sent: list[Sent], seen: Observed) -> Check:
         who = message["client_message_id"] if message else (found or "unknown")
         examples.append(f"{key} sent {count} times ({who})")
     duplicates = len(seen.sends.get("duplicates", {}))
-    # A lower bound: FAILED ones may have been refused by the provider without a send.
-    reached = sum(1 for m in seen.messages.values() if m["status"] in ("SENT", "DELIVERED", "READ"))
-    undercounted = int(seen.sends.get("keys", 0)) < reached
+    keys = int(seen.sends.get("keys", 0))
+    known = _known_sent(sent, seen)
+    undercounted = keys < known
     detail = (
-        f"simulator: {seen.sends.get('sends')} sends of {seen.sends.get('keys')} messages, "
-        f"{duplicates} sent more than once; {reached} messages reached the provider "
-        "by the store"
+        f"simulator: {seen.sends.get('sends')} sends of {keys} messages, {duplicates} sent "
+        f"more than once; the store knows {known} messages as sent"
     )
     if undercounted:
-        detail += " (fewer keys than that: the simulator's counts did not survive its restarts)"
+        detail += " (more than the simulator counted: its counts did not survive its restarts)"
+    elif keys > known:
+        detail += (
+            f" ({keys - known} sent that the store lost track of: shown FAILED "
+            "send_outcome_unknown or still PENDING)"
+        )
     extra = {k: v for k, v in seen.sends.items() if k not in ("sends", "keys", "duplicates")}
     if extra:
         detail += f"; the simulator also says {json.dumps(extra)}"
@@ -1005,6 +1009,22 @@ def _provider_sends(sent: list[Sent], seen: Observed) -> Check:
         detail,
         examples,
     )
+
+
+def _known_sent(sent: list[Sent], seen: Observed) -> int:
+    """Messages the store knows reached the provider: SENT or later, or a WhatsApp
+    FAILED with the provider's error (an Instagram failure is a refused send)."""
+    channel = {s.message_id: s.channel for s in sent}
+    known = 0
+    for message in seen.messages.values():
+        code = str((message["error"] or {}).get("code", ""))
+        failed_after_send = (
+            message["status"] == "FAILED"
+            and channel.get(message["id"]) == "whatsapp"
+            and not code.startswith("send_")
+        )
+        known += message["status"] in ("SENT", "DELIVERED", "READ") or failed_after_send
+    return known
 
 
 def _acked_webhooks(seen: Observed, tap: WebhookTap) -> Check:
