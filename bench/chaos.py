@@ -115,9 +115,9 @@ class Fault:
 
 def plan_faults(config: ChaosConfig) -> tuple[float, float, list[Fault]]:
     """The fault window (s), the load rate (msg/s) and the faults, all from the seed.
-    No process is killed during the first half of a database cut, so the pipeline is up
-    and answering while its store is unreachable (a kill in the second half then checks
-    a start against a missing database)."""
+    No process is killed shortly before or during the first half of a database cut, so
+    the pipeline is up and answering while its store is unreachable (a kill in the second
+    half then checks a start against a missing database)."""
     rng = random.Random(f"faults-{config.seed}")
     kills: list[FaultKind] = ["kill-pipeline"] * config.pipeline_kills
     kills += ["stop-pipeline"] * config.pipeline_stops
@@ -131,11 +131,11 @@ def plan_faults(config: ChaosConfig) -> tuple[float, float, list[Fault]]:
     if cuts:
         width = (window - config.cut_s) / cuts
         cut_starts = [round(n * width + rng.uniform(0.15, 0.6) * width, 2) for n in range(cuts)]
-    quiet = config.cut_s / 2
+    quiet = MIN_FAULT_SPACING_S + config.cut_s / 2  # from this long before a cut starts
 
     def skip_quiet(at: float) -> float:
         for start in cut_starts:
-            if at >= start:
+            if at >= start - MIN_FAULT_SPACING_S:
                 at += quiet
         return round(at, 2)
 
