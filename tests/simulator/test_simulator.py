@@ -48,9 +48,14 @@ def fixture(name: str) -> dict[str, Any]:
     return data
 
 
-def settings(port: int = 8123, **overrides: Any) -> Settings:
+def settings(data_dir: Path, port: int = 8123, **overrides: Any) -> Settings:
     return load_settings(
-        meta_app_secret=SECRET, meta_access_token=TOKEN, port=port, sim_seed=7, **overrides
+        meta_app_secret=SECRET,
+        meta_access_token=TOKEN,
+        port=port,
+        sim_seed=7,
+        data_dir=data_dir,
+        **overrides,
     )
 
 
@@ -151,18 +156,24 @@ def test_controls_validation() -> None:
 
 
 @asynccontextmanager
-async def in_process(**overrides: Any) -> AsyncIterator[tuple[Simulator, httpx.AsyncClient]]:
-    """A simulator without delivery workers: webhooks stay queued."""
+async def in_process(
+    data_dir: Path, **overrides: Any
+) -> AsyncIterator[tuple[Simulator, httpx.AsyncClient]]:
+    """A simulator with its schedule open but no delivery workers: webhooks stay queued."""
     async with httpx.AsyncClient() as http:
-        simulator = Simulator(deps(settings(**overrides), http))
+        simulator = Simulator(deps(settings(data_dir, **overrides), http))
+        await simulator.schedule.open()
         app = Starlette(routes=simulator.routes())
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
-            yield simulator, client
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+                yield simulator, client
+        finally:
+            await simulator.schedule.close()
 
 
-async def test_whatsapp_send_answers_like_meta() -> None:
-    async with in_process() as (simulator, client):
+async def test_whatsapp_send_answers_like_meta(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as (simulator, client):
         response = await client.post(
             WA_SEND, json=fixture("whatsapp-send-request.json"), headers=AUTH
         )
@@ -174,8 +185,8 @@ async def test_whatsapp_send_answers_like_meta() -> None:
         assert simulator.schedule.pending == 3  # sent, delivered, read
 
 
-async def test_instagram_send_answers_like_meta() -> None:
-    async with in_process() as (simulator, client):
+async def test_instagram_send_answers_like_meta(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as (simulator, client):
         response = await client.post(
             IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
         )
@@ -191,9 +202,9 @@ def assert_meta_error(response: httpx.Response, status: int, code: int) -> None:
     assert error["message"] and error["type"] == "OAuthException" and error["fbtrace_id"]
 
 
-async def test_graph_api_errors() -> None:
+async def test_graph_api_errors(tmp_path: Path) -> None:
     good = fixture("whatsapp-send-request.json")
-    async with in_process() as (_, client):
+    async with in_process(tmp_path) as (_, client):
         assert_meta_error(await client.post(WA_SEND, json=good), 401, 190)
         wrong = {"Authorization": "Bearer guess"}
         assert_meta_error(await client.post(IG_SEND, json=good, headers=wrong), 401, 190)
@@ -207,8 +218,8 @@ async def test_graph_api_errors() -> None:
         assert_meta_error(await client.post(IG_SEND, json=no_text, headers=AUTH), 400, 100)
 
 
-async def test_full_queue_answers_429() -> None:
-    async with in_process(sim_queue_size=4) as (simulator, client):
+async def test_full_queue_answers_429(tmp_path: Path) -> None:
+    async with in_process(tmp_path, sim_queue_size=4) as (simulator, client):
         request = fixture("whatsapp-send-request.json")
         assert (await client.post(WA_SEND, json=request, headers=AUTH)).status_code == 200
         refused = await client.post(WA_SEND, json=request, headers=AUTH)
@@ -216,16 +227,16 @@ async def test_full_queue_answers_429() -> None:
         assert simulator.schedule.pending == 3
 
 
-async def test_instagram_failure_is_a_refused_send() -> None:
-    async with in_process(sim_failure_rate=1.0) as (_, client):
+async def test_instagram_failure_is_a_refused_send(tmp_path: Path) -> None:
+    async with in_process(tmp_path, sim_failure_rate=1.0) as (_, client):
         response = await client.post(
             IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
         )
         assert_meta_error(response, 400, 551)
 
 
-async def test_control_reads_and_changes_at_runtime() -> None:
-    async with in_process(sim_delay_ms=50) as (simulator, client):
+async def test_control_reads_and_changes_at_runtime(tmp_path: Path) -> None:
+    async with in_process(tmp_path, sim_delay_ms=50) as (simulator, client):
         state = (await client.get("/simulator/control")).json()
         assert state == {"disorder": False, "failure_rate": 0.0, "delay_ms": 50}
         changed = await client.post("/simulator/control", json={"disorder": True})
@@ -251,11 +262,14 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 10) -> None:
 
 
 class Receiver:
-    """Stands where the connectors' webhook routes would be; records every POST."""
+    """Stands where the connectors' webhook routes would be; records every POST and the
+    status it answered."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[str, bytes, str | None]] = []
+        self.answered: list[int] = []  # the status of each post, in order
         self.answers: list[int] = []  # statuses to answer first, then 200
+        self.down = False  # answer 503 to everything
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/webhooks/{channel}", self.receive, methods=["POST"])]
@@ -264,19 +278,32 @@ class Receiver:
         body = await request.body()
         header = request.headers.get("X-Hub-Signature-256")
         self.posts.append((request.path_params["channel"], body, header))
-        return Response(status_code=self.answers.pop(0) if self.answers else 200)
+        if self.down:
+            status = 503
+        else:
+            status = self.answers.pop(0) if self.answers else 200
+        self.answered.append(status)
+        return Response(status_code=status)
+
+    def answers_by_body(self) -> dict[bytes, list[int]]:
+        """The statuses answered to each distinct body, in order."""
+        by_body: dict[bytes, list[int]] = {}
+        for (_, body, _), status in zip(self.posts, self.answered, strict=True):
+            by_body.setdefault(body, []).append(status)
+        return by_body
 
 
 @asynccontextmanager
 async def served(
     build: Callable[[Settings, httpx.AsyncClient], list[BaseRoute]],
     roles: Callable[[], list[Simulator]],
+    data_dir: Path,
     **overrides: Any,
 ) -> AsyncIterator[Settings]:
     """A real uvicorn server on a free port, with the routes `build` returns."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = settings(port=sock.getsockname()[1], **overrides)
+    config = settings(data_dir, port=sock.getsockname()[1], **overrides)
     async with httpx.AsyncClient() as http:
         app = Starlette(routes=build(config, http))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -294,7 +321,7 @@ async def served(
             sock.close()
 
 
-async def test_whatsapp_webhooks_signed_in_order() -> None:
+async def test_whatsapp_webhooks_signed_in_order(tmp_path: Path) -> None:
     receiver = Receiver()
     sims: list[Simulator] = []
 
@@ -302,7 +329,7 @@ async def test_whatsapp_webhooks_signed_in_order() -> None:
         sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
-    async with served(build, lambda: sims, sim_delay_ms=20) as config:
+    async with served(build, lambda: sims, tmp_path, sim_delay_ms=20) as config:
         async with httpx.AsyncClient(base_url=config.base_url) as client:
             response = await client.post(
                 WA_SEND, json=fixture("whatsapp-send-request.json"), headers=AUTH
@@ -321,16 +348,18 @@ async def test_whatsapp_webhooks_signed_in_order() -> None:
     assert times == sorted(times)
 
 
-async def test_instagram_seen_webhook_and_retries() -> None:
+async def test_instagram_seen_webhook_and_retries(tmp_path: Path) -> None:
     receiver = Receiver()
     receiver.answers = [500, 503]
     sims: list[Simulator] = []
 
     def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
-        sims.append(Simulator(deps(config, http), retry_base_s=0.01))
+        sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
-    async with served(build, lambda: sims, sim_delay_ms=10) as config:
+    async with served(
+        build, lambda: sims, tmp_path, sim_delay_ms=10, sim_time_scale=0.02
+    ) as config:
         async with httpx.AsyncClient(base_url=config.base_url) as client:
             response = await client.post(
                 IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
@@ -355,11 +384,18 @@ async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
     connectors: list[WhatsAppConnector] = []
 
     def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
-        sims.append(Simulator(deps(config, http), retry_base_s=0.01))
+        sims.append(Simulator(deps(config, http)))
         connectors.append(WhatsAppConnector(deps(config, http, store)))
         return sims[0].routes() + connectors[0].routes()
 
-    async with served(build, lambda: sims, sim_delay_ms=5, sim_disorder=True) as config:
+    async with served(
+        build,
+        lambda: sims,
+        tmp_path / "sim",
+        sim_delay_ms=5,
+        sim_disorder=True,
+        sim_time_scale=0.02,
+    ) as config:
         conversation = await store.create_conversation("org1", "whatsapp", "+5511988877665")
         messages = [
             (await store.create_message(conversation, f"text {n}", f"c{n}"))[0] for n in range(12)
