@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +31,7 @@ from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings, load_settings
 from whatslike.simulator import payloads
-from whatslike.simulator.app import Controls, Simulator, changed_controls
+from whatslike.simulator.app import MAX_DELAY_MS, Controls, Simulator, changed_controls
 from whatslike.status.rules import Status
 from whatslike.store.sqlite import SQLiteStore
 
@@ -278,10 +280,7 @@ class Receiver:
         body = await request.body()
         header = request.headers.get("X-Hub-Signature-256")
         self.posts.append((request.path_params["channel"], body, header))
-        if self.down:
-            status = 503
-        else:
-            status = self.answers.pop(0) if self.answers else 200
+        status = 503 if self.down else (self.answers.pop(0) if self.answers else 200)
         self.answered.append(status)
         return Response(status_code=status)
 
@@ -293,9 +292,12 @@ class Receiver:
         return by_body
 
 
+Builder = Callable[[Settings, httpx.AsyncClient], list[BaseRoute]]
+
+
 @asynccontextmanager
 async def served(
-    build: Callable[[Settings, httpx.AsyncClient], list[BaseRoute]],
+    build: Builder,
     roles: Callable[[], list[Simulator]],
     data_dir: Path,
     **overrides: Any,
@@ -419,3 +421,120 @@ async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
     registry = connectors[0]._metrics.registry
     parked = registry.get_sample_value("whatslike_parked_statuses_total", {"channel": "whatsapp"})
     assert parked  # some webhooks beat the send answer and were applied from the park
+
+
+def stored_deliveries(data_dir: Path) -> list[tuple[bytes, int]]:
+    """The deliveries on the simulator's disk: body and failed attempts."""
+    with sqlite3.connect(data_dir / "simulator.db") as db:
+        rows = db.execute("SELECT body, failures FROM deliveries ORDER BY id").fetchall()
+    return [(bytes(body), failures) for body, failures in rows]
+
+
+def simulator_with(receiver: Receiver, sims: list[Simulator]) -> Builder:
+    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[-1].routes() + receiver.routes()
+
+    return build
+
+
+async def send_messages(config: Settings, whatsapp: int, instagram: int) -> None:
+    """Distinct WhatsApp (by callback data) and Instagram (by text) sends, all accepted."""
+    requests = [
+        (WA_SEND, {**fixture("whatsapp-send-request.json"), "biz_opaque_callback_data": f"m{n}"})
+        for n in range(whatsapp)
+    ]
+    instagram_request = fixture("instagram-send-request.json")
+    requests += [
+        (IG_SEND, {**instagram_request, "message": {"text": f"text {n}"}}) for n in range(instagram)
+    ]
+    async with httpx.AsyncClient(base_url=config.base_url) as client:
+        for path, request in requests:
+            assert (await client.post(path, json=request, headers=AUTH)).status_code == 200
+
+
+async def test_the_schedule_survives_a_restart(tmp_path: Path) -> None:
+    """A simulator whose connector refuses stops with its webhooks pending; a new one on the
+    same data directory delivers them, the very same bytes, signed, to one that accepts."""
+    refusing = Receiver()
+    refusing.down = True
+    first: list[Simulator] = []
+    async with served(simulator_with(refusing, first), lambda: first, tmp_path) as config:
+        await send_messages(config, whatsapp=2, instagram=1)
+        # Every one of the 7 webhooks was tried and refused at least once.
+        await eventually(lambda: len(refusing.answers_by_body()) == 7)
+    assert {answer for answers in refusing.answers_by_body().values() for answer in answers} == {
+        503
+    }
+    assert {body for body, _ in stored_deliveries(tmp_path)} == set(refusing.answers_by_body())
+
+    accepting = Receiver()
+    second: list[Simulator] = []
+    async with served(simulator_with(accepting, second), lambda: second, tmp_path):
+        await eventually(lambda: second[0].schedule.pending == 0)
+    assert accepting.answers_by_body() == {body: [200] for body in refusing.answers_by_body()}
+    for _, body, header in accepting.posts:
+        assert signature_valid(SECRET, body, header)
+    assert stored_deliveries(tmp_path) == []
+
+
+async def test_retries_outlast_an_outage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The connector answers 503 until every webhook has failed 8 times (the old schedule
+    gave up after 6); once it is back, each arrives and is answered 2xx exactly once."""
+    caplog.set_level(logging.WARNING, logger="whatslike.simulator.app")
+    receiver = Receiver()
+    receiver.down = True
+    sims: list[Simulator] = []
+    build = simulator_with(receiver, sims)
+    async with served(build, lambda: sims, tmp_path, sim_delay_ms=5, sim_time_scale=0.02) as config:
+        await send_messages(config, whatsapp=5, instagram=2)
+        expected = 5 * 3 + 2
+
+        def refused_long_enough() -> bool:
+            by_body = receiver.answers_by_body()
+            return len(by_body) == expected and all(len(a) >= 8 for a in by_body.values())
+
+        await eventually(refused_long_enough, timeout_s=30)
+        receiver.down = False
+        await eventually(lambda: sims[0].schedule.pending == 0, timeout_s=30)
+    by_body = receiver.answers_by_body()
+    assert len(by_body) == expected
+    for answers in by_body.values():
+        assert answers == [503] * (len(answers) - 1) + [200]
+    assert stored_deliveries(tmp_path) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("failed (HTTP 503)" in w for w in warnings)
+    assert len(warnings) < len(receiver.posts) - expected  # rate-limited, not one per failure
+    assert not any(config.base_url in w or SECRET in w for w in warnings)
+
+
+async def test_an_early_webhook_that_fails_is_retried_like_any_other(tmp_path: Path) -> None:
+    """Disorder mode posts some webhooks before the send is answered; one that fails is
+    stored as a retry and arrives once the connector is back. The planned webhooks are
+    minutes away, so every POST seen here is an early one or its retry."""
+    receiver = Receiver()
+    receiver.down = True
+    sims: list[Simulator] = []
+    build = simulator_with(receiver, sims)
+    async with served(
+        build,
+        lambda: sims,
+        tmp_path,
+        sim_delay_ms=MAX_DELAY_MS,
+        sim_disorder=True,
+        sim_time_scale=0.02,
+    ) as config:
+        await send_messages(config, whatsapp=12, instagram=0)
+        early = set(receiver.answers_by_body())
+        assert early  # seed 7 makes some
+        retries = {body for body, failures in stored_deliveries(tmp_path) if failures}
+        assert retries == early
+        pending = sims[0].schedule.pending
+        receiver.down = False
+        await eventually(lambda: sims[0].schedule.pending == pending - len(early))
+        assert receiver.answers_by_body().keys() == early
+        assert all(answers[-1] == 200 for answers in receiver.answers_by_body().values())
+    # The early ones are gone from the disk; the planned ones (never tried) wait there.
+    left = stored_deliveries(tmp_path)
+    assert len(left) == sims[0].schedule.pending > 0
+    assert all(failures == 0 for _, failures in left)

@@ -203,13 +203,15 @@ class WebhookSchedule:
 
     async def settle(self, delivery: Delivery) -> None:
         """The delivery is done (answered 2xx, or given up): delete it, free its place."""
-        self._pending -= 1
         try:
             async with self._transaction() as db:
                 await db.execute("DELETE FROM deliveries WHERE id = ?", (delivery.id,))
         except BackendUnavailable as exc:
             # At least once: the row stays and is posted again after a restart.
             log.error("simulator could not delete a delivered webhook: %s", exc)
+        finally:
+            # After the write: no pending delivery means none left on disk either.
+            self._pending -= 1
 
     async def retry(self, delivery: Delivery) -> None:
         """Store the delivery's new due time and failure count, and queue it again."""
@@ -245,23 +247,17 @@ class WebhookSchedule:
             db = self._db
             try:
                 await db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise BackendUnavailable(f"simulator database {self.path}: {exc}") from exc
-            try:
                 yield db
-            except sqlite3.Error as exc:
-                await _rollback(db)
-                raise BackendUnavailable(f"simulator database {self.path}: {exc}") from exc
-            except BaseException:
-                await _rollback(db)
-                raise
-            try:
                 await db.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException as exc:
+                # Also when cancelled: a BEGIN still queued in aiosqlite's thread runs
+                # first, and no later transaction finds this one open.
                 await _rollback(db)
-                raise BackendUnavailable(f"simulator database {self.path}: {exc}") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise BackendUnavailable(f"simulator database {self.path}: {exc}") from exc
+                raise
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
-    with contextlib.suppress(sqlite3.Error):  # already rolled back by SQLite itself
+    with contextlib.suppress(sqlite3.Error):  # none open: SQLite undid it, or it committed
         await db.execute("ROLLBACK")
