@@ -179,7 +179,7 @@ class Simulator:
 
     async def sends(self, request: Request) -> Response:
         """The accepted sends, for a test oracle: how many, under how many keys, and the
-        keys sent more than once (see `send_key_*`)."""
+        keys sent more than once (keys: `payloads.whatsapp_send_key`, `instagram_send_key`)."""
         try:
             return JSONResponse(await self.schedule.sends())
         except BackendUnavailable as exc:
