@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     sim_failure_rate: float = Field(0.0, ge=0, le=1)
     sim_seed: int | None = None
     sim_queue_size: int = Field(10_000, ge=1)
+    #: Multiplies the webhook retry schedule (back-off from 0.5 s doubling up to 60 s, for
+    #: up to 7 days, like Meta): below 1 for tests.
+    sim_time_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     #: Where the simulator posts webhooks (the connector's process). Default: this one.
     sim_webhook_url: str = ""
     #: Needed as `Authorization: Bearer …` by /simulator/control; unset, the control is
