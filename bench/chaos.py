@@ -628,13 +628,21 @@ class Run:
         self.pipeline = Service("pipeline", PIPELINE_ROLES, workdir / "pipeline", {})
         self.tap = WebhookTap(self.pipeline.url)
         self.simulator = Service("simulator", "simulator", workdir / "simulator", {})
+        # Outside the embedded mode the development Meta credentials are refused: this
+        # run's own, shared by the simulator and the pipeline.
+        meta = {
+            f"WHATSLIKE_META_{name}": uuid.uuid4().hex
+            for name in ("APP_SECRET", "VERIFY_TOKEN", "ACCESS_TOKEN")
+        }
         self.pipeline.env = {
             "WHATSLIKE_JWT_SECRET": secret,
             "WHATSLIKE_GRAPH_URL": f"{self.simulator.url}/simulator",
+            **meta,
             **config.pipeline_env,
         }
         self.simulator.env = {
             "WHATSLIKE_JWT_SECRET": secret,
+            **meta,
             "WHATSLIKE_SIM_DELAY_MS": str(config.sim_delay_ms),
             "WHATSLIKE_SIM_FAILURE_RATE": str(config.sim_failure_rate),
             "WHATSLIKE_SIM_SEED": str(config.seed),
