@@ -5,6 +5,7 @@ same request is safe to repeat."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -12,8 +13,9 @@ import pytest
 
 from whatslike.app import Runtime
 from whatslike.auth import TokenService
-from whatslike.events import TOPIC_MESSAGES, OutboundMessage
+from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent
 from whatslike.settings import load_settings, resolve_jwt_secret
+from whatslike.status.rules import Status
 
 
 @pytest.fixture
@@ -85,3 +87,59 @@ async def test_a_stopping_process_takes_no_new_work(runtime: Runtime) -> None:
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "7"
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_operators_find_a_message_by_id_or_provider_id(runtime: Runtime) -> None:
+    store = runtime.deps.store
+    async with await client_for(runtime) as client:
+        conversation = (
+            await client.post("/api/conversations", json={"channel": "whatsapp", "contact": "+55"})
+        ).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        message_id = (await client.post(url, json={"text": "oi"})).json()["message_id"]
+        await store.link_provider_id("whatsapp", "wamid.HBgL", message_id)
+        message = await store.get_message(message_id)
+        assert message is not None
+        for status, second in ((Status.SENT, 1), (Status.DELIVERED, 2)):
+            await store.apply_status(
+                StatusEvent(
+                    f"evt_{status.value}",
+                    message_id,
+                    message.conversation_id,
+                    "acme",
+                    "whatsapp",
+                    status,
+                    "wamid.HBgL",
+                    datetime(2026, 12, 1, 12, 0, second, tzinfo=UTC),
+                )
+            )
+        by_id = await client.get(f"/api/messages/{message_id}")
+        by_provider = await client.get("/api/messages?provider_message_id=wamid.HBgL")
+        on_channel = await client.get(
+            "/api/messages", params={"provider_message_id": "wamid.HBgL", "channel": "whatsapp"}
+        )
+        assert by_id.status_code == by_provider.status_code == on_channel.status_code == 200
+        assert by_id.json() == by_provider.json() == on_channel.json()
+        found = by_id.json()
+        assert (found["status"], found["provider_message_id"]) == ("DELIVERED", "wamid.HBgL")
+        assert [(f["status"], f["seq"]) for f in found["history"]] == [
+            ("SENT", 1),
+            ("DELIVERED", 2),
+        ]
+        elsewhere = await client.get(
+            "/api/messages", params={"provider_message_id": "wamid.HBgL", "channel": "instagram"}
+        )
+        assert elsewhere.status_code == 404
+        assert (await client.get("/api/messages")).status_code == 400
+        assert (await client.get("/api/messages/msg_nope")).status_code == 404
+    # Another organization's operator cannot tell it exists.
+    token = TokenService(resolve_jwt_secret(runtime.settings), "", "").mint("eve", "other", 600)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=runtime.app),
+        base_url="http://t",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as foreign:
+        for path in (f"/api/messages/{message_id}", "/api/messages?provider_message_id=wamid.HBgL"):
+            refused = await foreign.get(path)
+            assert refused.status_code == 404
+            assert refused.json()["error"]["code"] == "not_found"

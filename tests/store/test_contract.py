@@ -587,6 +587,17 @@ async def test_a_lost_hand_off_is_made_again_only_while_pending(store: Store) ->
     assert not await store.redrive("msg_missing")
 
 
+async def test_a_message_history_is_its_changes_in_order(store: Store) -> None:
+    message = await new_message(store)
+    other = await new_message(store)
+    await store.apply_status(status_event(message, Status.SENT, at(1)))
+    await store.apply_status(status_event(other, Status.SENT, at(2)))
+    await store.apply_status(status_event(message, Status.READ, at(3)))
+    history = decoded(await store.message_history(message.id))
+    assert [(f["status"], f["seq"]) for f in history] == [("SENT", 1), ("READ", 2)]
+    assert await store.message_history("msg_missing") == ()
+
+
 async def test_dead_letters_are_counted(store: Store) -> None:
     assert await store.dead_letter_count() == 0
     await store.record_dead_letter("msg.status", b"\xff not json", "not JSON")

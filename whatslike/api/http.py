@@ -19,6 +19,7 @@ from whatslike.api.errors import ApiError
 from whatslike.api.ratelimit import OrgRateLimit
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import format_time
+from whatslike.events import CHANNELS
 from whatslike.hub.frames import valid_id
 from whatslike.roles import Deps, RoleDefaults
 from whatslike.store.base import Conversation, Message
@@ -107,6 +108,8 @@ class HttpApi(RoleDefaults):
             Route("/api/conversations/{id}/messages", self.send_message, methods=["POST"]),
             Route("/api/conversations/{id}/messages", self.list_messages, methods=["GET"]),
             Route("/api/conversations/{id}/changes", self.changes, methods=["GET"]),
+            Route("/api/messages/{message_id}", self.get_message, methods=["GET"]),
+            Route("/api/messages", self.find_message, methods=["GET"]),
         ]
 
     def _identity(self, request: Request) -> Identity:
@@ -165,6 +168,42 @@ class HttpApi(RoleDefaults):
         return JSONResponse(
             {"message_id": message.id, "status": message.status.value},
             status_code=202,
+        )
+
+    async def get_message(self, request: Request) -> Response:
+        """One message of the caller's organization, with its status history."""
+        identity = self._identity(request)
+        message_id = request.path_params["message_id"]
+        if not valid_id(message_id):
+            raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")
+        return await self._with_history(identity, await self._store.get_message(message_id))
+
+    async def find_message(self, request: Request) -> Response:
+        """The caller's message the provider knows by `provider_message_id` (a WhatsApp
+        wamid or an Instagram mid), on `channel` or on either."""
+        identity = self._identity(request)
+        provider_id = request.query_params.get("provider_message_id", "")
+        channel = request.query_params.get("channel")
+        if not provider_id or len(provider_id) > 512 or not provider_id.isprintable():
+            raise ApiError(400, "bad_request", "query 'provider_message_id' is required")
+        if channel is not None and channel not in CHANNELS:
+            raise ApiError(400, "bad_request", f"query 'channel' is one of {', '.join(CHANNELS)}")
+        found = None
+        for name in [channel] if channel else CHANNELS:
+            found = await self._store.find_by_provider_id(name, provider_id)
+            if found is not None and found.org_id == identity.org_id:
+                break
+        return await self._with_history(identity, found)
+
+    async def _with_history(self, identity: Identity, message: Message | None) -> Response:
+        # Another organization's message answers exactly like one that does not exist.
+        if message is None or message.org_id != identity.org_id:
+            raise ApiError(404, "not_found", "no such message")
+        history = await self._store.message_history(message.id)
+        # The frames are stored as JSON text; splice them in rather than re-encoding.
+        head = json.dumps(message_json(message))[:-1]
+        return Response(
+            f'{head}, "history": [{",".join(history)}]}}', media_type="application/json"
         )
 
     async def list_messages(self, request: Request) -> Response:

@@ -239,6 +239,9 @@ class Store(Protocol):
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes: ...
 
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        """The status frames of one message's changes, oldest first (for operators)."""
+
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None: ...
 
     async def dead_letter_count(self) -> int: ...

@@ -122,6 +122,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
+    ("CREATE INDEX changes_message ON changes (message_id, seq)",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -582,6 +583,13 @@ class PostgresStore:
                 last_seq,
             )
         return common.changes(last_seq, since, common.frames_of(rows))
+
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT frame FROM changes WHERE message_id = $1 ORDER BY seq", message_id
+            )
+        return common.frames_of(rows)
 
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._connection() as conn:

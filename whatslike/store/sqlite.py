@@ -118,6 +118,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
+    ("CREATE INDEX changes_message ON changes (message_id, seq)",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -558,6 +559,12 @@ class SQLiteStore:
                 (conversation_id, since),
             )
         return common.changes(last_seq, since, common.frames_of(frames))
+
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        rows = await self._read(
+            "SELECT frame FROM changes WHERE message_id = ? ORDER BY seq", (message_id,)
+        )
+        return common.frames_of(rows)
 
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._transaction() as db:
