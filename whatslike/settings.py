@@ -311,19 +311,27 @@ def _private_dir(path: Path) -> None:
 SQLITE_PREFIX = "sqlite:///"
 
 
+def simulator_database(settings: Settings) -> Path:
+    """Where the simulator keeps its webhook schedule and send counts."""
+    return settings.data_dir / "simulator.db"
+
+
 def secure_data_dir(settings: Settings) -> None:
-    """The data directory 0700 and the SQLite file (with its -wal and -shm, which SQLite
-    creates with the file's mode) 0600, created so before SQLite opens it."""
+    """The data directory 0700 and the SQLite files (with their -wal and -shm, which SQLite
+    creates with the file's mode) 0600, created so before SQLite opens them."""
     url = settings.effective_database_url
+    databases = []
+    if url.startswith(SQLITE_PREFIX) and len(url) > len(SQLITE_PREFIX):
+        databases.append(Path(url[len(SQLITE_PREFIX) :]))
+    if "simulator" in settings.roles:
+        databases.append(simulator_database(settings))
     try:
         _private_dir(settings.data_dir)
-        if not url.startswith(SQLITE_PREFIX) or len(url) == len(SQLITE_PREFIX):
-            return
-        database = Path(url[len(SQLITE_PREFIX) :])
-        database.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
-        for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
-            if path.exists():
-                path.chmod(0o600)
+        for database in databases:
+            database.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+            for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+                if path.exists():
+                    path.chmod(0o600)
     except OSError as exc:
         raise ConfigError(f"invalid setting data_dir (WHATSLIKE_DATA_DIR): {exc}") from exc

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_body, sign
 from whatslike.errors import BackendUnavailable
 from whatslike.roles import Deps
+from whatslike.settings import simulator_database
 from whatslike.simulator import payloads
 from whatslike.simulator.schedule import Backoff, Delivery, Planned, WebhookSchedule
 
@@ -122,7 +123,7 @@ class Simulator:
             delay_ms=deps.settings.sim_delay_ms,
         )
         self.schedule = WebhookSchedule(
-            deps.settings.data_dir / "simulator.db", deps.settings.sim_queue_size
+            simulator_database(deps.settings), deps.settings.sim_queue_size
         )
         self._backoff = Backoff(scale=deps.settings.sim_time_scale)
         self._failures = FailureLog()
