@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 from whatslike.api.errors import ApiError, on_api_error, on_http_exception, on_unexpected
 from whatslike.api.http import HttpApi
 from whatslike.api.web import WebAssets
-from whatslike.bus.memory import MemoryBus
+from whatslike.bus.factory import open_bus
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.errors import ConfigError, WhatslikeError
@@ -76,7 +76,7 @@ class Runtime:
         self.deps = Deps(
             settings=settings,
             store=open_store(settings.effective_database_url),
-            bus=MemoryBus(settings, self.metrics),
+            bus=open_bus(settings, self.metrics),
             fanout=MemoryFanout(),
             http=httpx.AsyncClient(timeout=settings.send_timeout_s),
             metrics=self.metrics,
