@@ -10,12 +10,15 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from websockets.asyncio.client import connect
 
+from tests.e2e.conftest import Server, Socket, api, start_server, stop_server
 from whatslike.bus import BusFull
 from whatslike.bus.factory import open_bus
 from whatslike.bus.kafka import KafkaBus, bootstrap_servers
@@ -358,3 +361,37 @@ async def test_publishing_to_a_topic_the_broker_lacks_raises_busfull(
     async with running(KafkaBus(settings, Metrics())) as bus:
         with pytest.raises(BusFull, match="in time"):
             await bus.publish("no-such-topic", "c1", b"{}")
+
+
+@pytest.fixture
+def kafka_server(kafka_url: str, prefix: str, tmp_path: Path) -> Iterator[Server]:
+    env = {
+        "WHATSLIKE_BUS_URL": kafka_url,
+        "WHATSLIKE_KAFKA_TOPIC_PREFIX": prefix,
+        "WHATSLIKE_SIM_DELAY_MS": "0",
+    }
+    server = start_server(tmp_path, env)
+    yield server
+    stop_server(server)
+
+
+async def test_whatslike_serve_on_kafka_takes_a_message_to_read(kafka_server: Server) -> None:
+    token = kafka_server.token("org-a")
+    async with (
+        api(kafka_server, token) as client,
+        connect(f"{kafka_server.ws_url}?access_token={token}") as connection,
+    ):
+        socket = Socket(connection)
+        await socket.next_of("connected")
+        created = await client.post(
+            "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
+        )
+        conversation = created.json()["id"]
+        await socket.subscribe(conversation)
+        sent = await client.post(
+            f"/api/conversations/{conversation}/messages",
+            json={"text": "Seu pedido", "client_message_id": "k1"},
+        )
+        assert sent.status_code == 202, sent.text
+        frames = [await socket.next_of("status", wait_s=WAIT_S) for _ in range(3)]
+    assert [(f["status"], f["seq"]) for f in frames] == [("SENT", 1), ("DELIVERED", 2), ("READ", 3)]

@@ -137,14 +137,13 @@ class KafkaBus:
                 client_id="whatslike-producer",
                 enable_idempotence=True,
                 acks="all",
-                linger_ms=2,
                 request_timeout_ms=timeout_ms,
             )
             await asyncio.wait_for(self._producer.start(), settings.bus_publish_timeout_s)
             for group in self._groups.values():
                 await self._start_group(group)
         except (KafkaError, OSError, TimeoutError) as exc:
-            await self._close_clients()
+            await self.stop()
             raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
         self._started = True
 
