@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -15,6 +16,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from websockets.asyncio.client import connect
 
@@ -40,9 +43,20 @@ def kafka_url() -> str:
     return url
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:10]}."
+@pytest_asyncio.fixture
+async def prefix(kafka_url: str) -> AsyncIterator[str]:
+    """A topic prefix of the test's own; its topics are deleted afterwards (a broker with
+    thousands of partitions left over starts slowly)."""
+    name = f"test-{uuid.uuid4().hex[:10]}."
+    yield name
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka_url))
+    try:
+        await admin.start()
+        leftovers = [topic for topic in await admin.list_topics() if topic.startswith(name)]
+        if leftovers:
+            await admin.delete_topics(leftovers)
+    finally:
+        await admin.close()
 
 
 def kafka_settings(url: str, prefix: str, **overrides: object) -> Settings:
@@ -395,3 +409,63 @@ async def test_whatslike_serve_on_kafka_takes_a_message_to_read(kafka_server: Se
         assert sent.status_code == 202, sent.text
         frames = [await socket.next_of("status", wait_s=WAIT_S) for _ in range(3)]
     assert [(f["status"], f["seq"]) for f in frames] == [("SENT", 1), ("DELIVERED", 2), ("READ", 3)]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def restart_broker(kafka_url: str) -> None:
+    """Crash the broker this checkout started (kill -9) and start it again on its port."""
+    pid_file = REPO / ".services" / "kafka" / "kafka.pid"
+    port = kafka_url.rsplit(":", 1)[1]
+    if not pid_file.exists() or f"PORT={port}" not in (REPO / ".services/kafka.env").read_text():
+        pytest.fail(f"{kafka_url} is not the broker of scripts/services.sh kafka: cannot restart")
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    script = await asyncio.create_subprocess_exec(
+        str(REPO / "scripts/services/kafka.sh"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await script.communicate()
+    assert script.returncode == 0, output.decode()
+    assert f"127.0.0.1:{port}" in output.decode()  # the same address again
+
+
+async def test_a_broker_crash_mid_stream_loses_no_acknowledged_event(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=2.0)
+    seen = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", seen)
+    acked: list[bytes] = []
+    refused: list[Exception] = []
+    crashed = asyncio.Event()
+    after_restart = 0
+
+    async def publish_steadily() -> None:
+        nonlocal after_restart
+        i = 0
+        while after_restart < 50:
+            value = f"c{i % 8}/{i}".encode()
+            i += 1
+            try:
+                await bus.publish(TOPIC, key_of(value), value)
+            except (BusFull, BackendUnavailable) as exc:
+                refused.append(exc)
+                await asyncio.sleep(0.1)
+                continue
+            acked.append(value)
+            if crashed.is_set():
+                after_restart += 1
+            await asyncio.sleep(0.002)
+
+    async with running(bus):
+        publisher = asyncio.create_task(publish_steadily())
+        await seen.until(lambda items: len(items) >= 50)
+        await restart_broker(kafka_url)
+        crashed.set()
+        await asyncio.wait_for(publisher, WAIT_S)
+        await seen.until(lambda items: set(items) >= set(acked))
+        await bus.ping()
+    assert refused  # the outage was seen by publishers, as errors they can retry

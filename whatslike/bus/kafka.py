@@ -36,7 +36,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from whatslike.bus import BusFull, Handler
@@ -52,6 +58,13 @@ log = logging.getLogger(__name__)
 #: a publisher may start before the process that consumes the topic.
 PROTOCOL_TOPICS = (TOPIC_MESSAGES, *(outbound_topic(c) for c in CHANNELS), TOPIC_STATUS)
 _TOPIC_ALREADY_EXISTS = 36
+#: Errors after which an idempotent producer refuses every later record: it is replaced.
+_PRODUCER_BROKEN = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
 #: Put in a released partition's buffer: its task ends there.
 _END = object()
 
@@ -104,6 +117,7 @@ class KafkaBus:
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(seed)
         self._producer: Any = None  # AIOKafkaProducer
+        self._replacing = asyncio.Lock()
         self._admin: Any = None  # AIOKafkaAdminClient
         self._started = False
         self._stopping = False
@@ -123,23 +137,15 @@ class KafkaBus:
 
     async def start(self) -> None:
         settings = self._settings
-        timeout_ms = int(settings.bus_publish_timeout_s * 1000)
         try:
             self._admin = AIOKafkaAdminClient(
                 bootstrap_servers=self._servers,
                 client_id="whatslike-admin",
-                request_timeout_ms=timeout_ms,
+                request_timeout_ms=int(settings.bus_publish_timeout_s * 1000),
             )
             await asyncio.wait_for(self._admin.start(), settings.bus_publish_timeout_s)
             await self._create_topics()
-            self._producer = AIOKafkaProducer(
-                bootstrap_servers=self._servers,
-                client_id="whatslike-producer",
-                enable_idempotence=True,
-                acks="all",
-                request_timeout_ms=timeout_ms,
-            )
-            await asyncio.wait_for(self._producer.start(), settings.bus_publish_timeout_s)
+            self._producer = await self._new_producer()
             for group in self._groups.values():
                 await self._start_group(group)
         except (KafkaError, OSError, TimeoutError) as exc:
@@ -178,17 +184,54 @@ class KafkaBus:
             raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
 
     async def publish(self, topic: str, key: str, value: bytes) -> None:
-        if self._producer is None:
+        producer = self._producer
+        if producer is None:
             raise BackendUnavailable("the Kafka bus is not started")
         name = self.topic_name(topic)
         try:
             async with asyncio.timeout(self._settings.bus_publish_timeout_s):
-                await self._producer.send_and_wait(name, value, key=key.encode())
+                await producer.send_and_wait(name, value, key=key.encode())
         except TimeoutError as exc:
             raise BusFull(f"Kafka did not acknowledge an event on {name!r} in time") from exc
         except KafkaError as exc:
+            if isinstance(exc, _PRODUCER_BROKEN) or producer._sender.sender_task.done():
+                await self._replace_producer(producer)
             raise BackendUnavailable(f"Kafka refused an event on {name!r}: {exc!r}") from exc
         self._metrics.bus_published.labels(topic).inc()
+
+    async def _new_producer(self) -> Any:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._servers,
+            client_id="whatslike-producer",
+            enable_idempotence=True,
+            acks="all",
+            request_timeout_ms=int(self._settings.bus_publish_timeout_s * 1000),
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self._settings.bus_publish_timeout_s)
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    async def _replace_producer(self, dead: Any) -> None:
+        """An idempotent producer out of step with the broker (OutOfOrderSequenceNumber: a
+        batch expired while the broker was away, leaving a gap in its sequence numbers) or
+        whose sender stopped takes no more records; the next one gets a new producer id.
+        Its unacknowledged records were reported to their publishers, who retry: nothing
+        acknowledged is lost."""
+        async with self._replacing:
+            if self._producer is not dead:
+                return  # another publisher replaced it already
+            log.warning("the Kafka producer is out of step with the broker; starting a new one")
+            try:
+                fresh = await self._new_producer()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                log.warning("no new Kafka producer yet: %r", exc)
+                return  # the next failing publish tries again
+            self._producer = fresh
+            with contextlib.suppress(KafkaError):
+                await dead.stop()
 
     def assignment(self, group: str) -> list[tuple[str, int]]:
         """The partitions this process consumes for `group` now, as (topic, partition)."""
