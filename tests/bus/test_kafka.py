@@ -469,3 +469,30 @@ async def test_a_broker_crash_mid_stream_loses_no_acknowledged_event(
         await seen.until(lambda items: set(items) >= set(acked))
         await bus.ping()
     assert refused  # the outage was seen by publishers, as errors they can retry
+
+
+async def test_a_stuck_partition_buffers_at_most_its_bound_and_the_broker_keeps_the_rest(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_partition_buffer=5)
+    metrics = Metrics()
+    release = asyncio.Event()
+    seen = Collector()
+
+    async def stuck(value: bytes) -> None:
+        await release.wait()
+        await seen(value)
+
+    bus = KafkaBus(settings, metrics)
+    bus.subscribe(TOPIC, "g", stuck)
+    depth = metrics.bus_queue_depth.labels(TOPIC, "g")
+    sent = [f"c1/{i}".encode() for i in range(200)]
+    async with running(bus):
+        for value in sent:
+            await bus.publish(TOPIC, "c1", value)
+        # Five wait in the buffer (one more is at the handler); the rest stays in Kafka.
+        await eventually(lambda: depth._value.get() == 5)
+        release.set()
+        await seen.until(lambda items: len(items) == len(sent))
+        await bus.ping()  # the consumer loop never overfilled a buffer (it would have died)
+    assert seen.items == sent

@@ -11,9 +11,9 @@ assigned partition gets its own task that handles its records one after the othe
 by hand, only up to records whose handler returned (or that were dead-lettered), every
 `kafka_commit_interval_s`, on rebalance and on stop: at-least-once, as in memory.py.
 
-Bounds: each partition buffers at most `kafka_partition_buffer` fetched records; a full
-partition is not fetched again until its task catches up, so the broker keeps the
-backlog and nothing is dropped. The producer's buffer is aiokafka's per-partition batch
+Bounds: each partition buffers at most `kafka_partition_buffer` fetched records (plus
+the one at work); a full partition is not fetched again until its task catches up, so the
+broker keeps the backlog and nothing is dropped. The producer's buffer is aiokafka's per-partition batch
 (`max_batch_size`); a publisher waits for room, up to the publish timeout, then BusFull.
 
 Rebalance: aiokafka revokes every partition before a rebalance and waits for the
@@ -176,6 +176,9 @@ class KafkaBus:
     async def ping(self) -> None:
         if self._admin is None:
             raise BackendUnavailable("the Kafka bus is not started")
+        for group in self._groups.values():
+            if group.poller is not None and group.poller.done():
+                raise BackendUnavailable(f"the Kafka consumer of group {group.name!r} stopped")
         try:
             await asyncio.wait_for(
                 self._admin.describe_cluster(), self._settings.bus_publish_timeout_s
@@ -300,6 +303,7 @@ class KafkaBus:
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
         await group.consumer.start()
         group.poller = asyncio.create_task(self._poll(group), name=f"kafka-poll-{group.name}")
+        group.poller.add_done_callback(_report_poller_end)
 
     async def _poll(self, group: _Group) -> None:
         settings = self._settings
@@ -485,6 +489,13 @@ class KafkaBus:
                 log.warning("closing a Kafka client failed: %r", exc)
         self._producer = None
         self._admin = None
+
+
+def _report_poller_end(task: asyncio.Task[None]) -> None:
+    """A consumer loop ends only when cancelled; anything else is a bug that `ping` (and
+    so /readyz) reports from then on."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped consuming", task.get_name(), exc_info=task.exception())
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
