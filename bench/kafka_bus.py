@@ -15,7 +15,9 @@ import time
 import uuid
 from pathlib import Path
 
-from whatslike.bus.kafka import KafkaBus
+from aiokafka.admin import AIOKafkaAdminClient
+
+from whatslike.bus.kafka import KafkaBus, bootstrap_servers
 from whatslike.events import TOPIC_STATUS
 from whatslike.metrics import Metrics
 from whatslike.settings import load_settings
@@ -31,12 +33,18 @@ def default_url() -> str:
     return os.environ.get("WHATSLIKE_TEST_KAFKA_URL", "")
 
 
+async def delete_topics(url: str, prefix: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(url))
+    try:
+        await admin.start()
+        await admin.delete_topics([t for t in await admin.list_topics() if t.startswith(prefix)])
+    finally:
+        await admin.close()
+
+
 async def run(url: str, events: int, keys: int, partitions: int, concurrency: int) -> None:
-    settings = load_settings(
-        bus_url=url,
-        kafka_topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.",
-        kafka_partitions=partitions,
-    )
+    prefix = f"bench-{uuid.uuid4().hex[:8]}."
+    settings = load_settings(bus_url=url, kafka_topic_prefix=prefix, kafka_partitions=partitions)
     bus = KafkaBus(settings, Metrics())
     handled = 0
     all_handled = asyncio.Event()
@@ -66,6 +74,7 @@ async def run(url: str, events: int, keys: int, partitions: int, concurrency: in
         total = time.perf_counter() - start
     finally:
         await bus.stop()
+        await delete_topics(url, prefix)
     print(
         f"{events} events, {keys} keys, {partitions} partitions, {concurrency} publishes in flight"
     )
