@@ -12,9 +12,10 @@ by hand, only up to records whose handler returned (or that were dead-lettered),
 `kafka_commit_interval_s`, on rebalance and on stop: at-least-once, as in memory.py.
 
 Bounds: each partition buffers at most `kafka_partition_buffer` fetched records (plus
-the one at work); a full partition is not fetched again until its task catches up, so the
-broker keeps the backlog and nothing is dropped. The producer's buffer is aiokafka's per-partition batch
-(`max_batch_size`); a publisher waits for room, up to the publish timeout, then BusFull.
+the one at work); a full partition is not fetched again until its task catches up, so
+the broker keeps the backlog and nothing is dropped. The producer holds at most a batch
+(`max_batch_size`, 16 KiB) per partition beside the ones in flight; a publisher waits
+for room, up to the publish timeout, then gets BusFull.
 
 Rebalance: aiokafka revokes every partition before a rebalance and waits for the
 listener. Ours stops feeding the revoked partitions, drops what they buffered (still
@@ -104,6 +105,7 @@ class _Group:
     partitions: dict[TopicPartition, _Partition] = field(default_factory=dict)
     poller: asyncio.Task[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)
+    releasing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class KafkaBus:
@@ -157,18 +159,20 @@ class KafkaBus:
         """Stop fetching, let the handlers at work finish (up to `kafka_handler_grace_s`),
         commit what is done, leave the groups, then flush and close the producer."""
         self._stopping = True
-        for group in self._groups.values():
-            if group.poller is not None:
-                group.poller.cancel()
-                await asyncio.gather(group.poller, return_exceptions=True)
-                group.poller = None
-            if group.consumer is not None:
-                await self._release(group, list(group.partitions))
-                try:
-                    await group.consumer.stop()
-                except KafkaError as exc:
-                    log.warning("Kafka consumer %s did not leave cleanly: %r", group.name, exc)
-                group.consumer = None
+        pollers = [g.poller for g in self._groups.values() if g.poller is not None]
+        for poller in pollers:
+            poller.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+        groups = [g for g in self._groups.values() if g.consumer is not None]
+        # Every group's handlers get the same grace, at the same time.
+        await asyncio.gather(*(self._release(g, list(g.partitions)) for g in groups))
+        for group in groups:
+            group.poller = None
+            try:
+                await group.consumer.stop()
+            except KafkaError as exc:
+                log.warning("Kafka consumer %s did not leave cleanly: %r", group.name, exc)
+            group.consumer = None
         await self._close_clients()
         self._started = False
         self._stopping = False
@@ -361,7 +365,12 @@ class KafkaBus:
 
     async def _release(self, group: _Group, revoked: Iterable[TopicPartition]) -> None:
         """Finish (within the grace) or abandon the work of these partitions, commit what
-        is done, and forget them."""
+        is done, and forget them. One release at a time per group: a revoke that comes
+        while `stop` releases waits for it, so no partition leaves with work running."""
+        async with group.releasing:
+            await self._release_now(group, revoked)
+
+    async def _release_now(self, group: _Group, revoked: Iterable[TopicPartition]) -> None:
         leaving = [group.partitions.pop(tp) for tp in revoked if tp in group.partitions]
         for partition in leaving:
             dropped = partition.buffer.qsize()
