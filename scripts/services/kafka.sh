@@ -16,6 +16,22 @@ dir=$PWD/.services/kafka
 libs=$dir/libs
 mkdir -p "$dir"
 
+# port_free PORT: nobody listens on 127.0.0.1:PORT (connections of a broker that ended,
+# still in TIME_WAIT, do not count: Kafka binds with SO_REUSEADDR too).
+port_free() {
+  python3 - "$1" 2>/dev/null <<'PY'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+PY
+}
+
+# alive PID: the process runs (a killed one waiting to be reaped does not count).
+alive() {
+  ps -o stat= -p "$1" 2>/dev/null | grep -qv Z
+}
+
 # kafka_answers PORT: the broker answers an ApiVersions request (not just an open socket).
 kafka_answers() {
   python3 - "$1" <<'EOF'
@@ -70,21 +86,26 @@ EOF
     touch "$libs/.complete-$KAFKA_VERSION"
   fi
 
-  # A stale broker of ours (its env file lost or its port taken) is stopped first.
-  if [ -f "$dir/kafka.pid" ] && kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; then
-    echo "services: stopping the unresponsive Kafka (pid $(cat "$dir/kafka.pid"))"
-    kill "$(cat "$dir/kafka.pid")"
-    wait_for 30 sh -c "! kill -0 $(cat "$dir/kafka.pid")" || kill -9 "$(cat "$dir/kafka.pid")" || true
+  # A stale broker of ours (not answering, or its env file lost) is stopped first.
+  if [ -f "$dir/kafka.pid" ] && alive "$(cat "$dir/kafka.pid")"; then
+    pid=$(cat "$dir/kafka.pid")
+    echo "services: stopping the unresponsive Kafka (pid $pid)"
+    kill "$pid"
+    wait_for 30 sh -c "! ps -o stat= -p $pid | grep -qv Z" || kill -9 "$pid" || true
   fi
-  # Ports are chosen once and kept in server.properties, with the formatted storage.
+  # Ports are chosen once and kept in server.properties, with the formatted storage (so a
+  # restart keeps its address and its data); taken by someone else since, new ones.
+  port="" controller=""
   if [ -f "$dir/server.properties" ] && [ -f "$dir/data/meta.properties" ]; then
     port=$(sed -n 's#^listeners=PLAINTEXT://127.0.0.1:\([0-9]*\),.*#\1#p' "$dir/server.properties")
     controller=$(sed -n 's#.*CONTROLLER://127.0.0.1:\([0-9]*\)$#\1#p' "$dir/server.properties")
   else
-    port=$(free_port)
+    rm -rf "$dir/data"
+  fi
+  if [ -z "$port" ] || ! port_free "$port"; then port=$(free_port); fi
+  if [ -z "$controller" ] || ! port_free "$controller" || [ "$controller" = "$port" ]; then
     controller=$(free_port)
     while [ "$controller" = "$port" ]; do controller=$(free_port); done
-    rm -rf "$dir/data"
   fi
   cat > "$dir/server.properties" <<EOF
 process.roles=broker,controller
@@ -111,11 +132,17 @@ EOF
   cat > "$dir/log4j2.properties" <<EOF
 rootLogger.level=INFO
 rootLogger.appenderRef.file.ref=file
-appender.file.type=File
+appender.file.type=RollingFile
 appender.file.name=file
 appender.file.fileName=$dir/kafka.log
+appender.file.filePattern=$dir/kafka.log.%i
 appender.file.layout.type=PatternLayout
 appender.file.layout.pattern=[%d] %p %m (%c)%n
+appender.file.policies.type=Policies
+appender.file.policies.size.type=SizeBasedTriggeringPolicy
+appender.file.policies.size.size=20MB
+appender.file.strategy.type=DefaultRolloverStrategy
+appender.file.strategy.max=2
 logger.state.name=state.change.logger
 logger.state.level=WARN
 EOF
@@ -128,6 +155,8 @@ EOF
       -t "$cluster_id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 ||
       { cat "$dir/format.log" >&2; exit 1; }
   fi
+  # Logs of deleted topics (the tests delete theirs) would each be loaded at start first.
+  find "$dir/data" -maxdepth 1 -name '*-delete' -exec rm -rf {} +
   echo "services: starting Kafka $KAFKA_VERSION on 127.0.0.1:$port (controller :$controller)"
   setsid nohup "$JAVA" "${jvm[@]}" -cp "$libs/*" kafka.Kafka "$dir/server.properties" \
     >"$dir/kafka.out" 2>&1 </dev/null &
