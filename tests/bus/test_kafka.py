@@ -496,3 +496,39 @@ async def test_a_stuck_partition_buffers_at_most_its_bound_and_the_broker_keeps_
         await seen.until(lambda items: len(items) == len(sent))
         await bus.ping()  # the consumer loop never overfilled a buffer (it would have died)
     assert seen.items == sent
+
+
+async def test_stop_lets_the_handler_at_work_finish_and_commits_its_event(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1)
+    entered, release = asyncio.Event(), asyncio.Event()
+    finished: list[bytes] = []
+
+    async def slow(value: bytes) -> None:
+        entered.set()
+        await release.wait()
+        finished.append(value)
+
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", slow)
+    try:
+        await bus.start()
+    except BackendUnavailable as exc:
+        pytest.fail(f"Kafka does not answer at {kafka_url}: {exc}")
+    await bus.publish(TOPIC, "c1", b"e1")
+    await asyncio.wait_for(entered.wait(), WAIT_S)
+    stopping = asyncio.create_task(bus.stop())
+    await eventually(lambda: not bus.assignment("g"))  # stop let the partition go...
+    assert not stopping.done()  # ...and waits for the handler
+    release.set()
+    await asyncio.wait_for(stopping, WAIT_S)
+    assert finished == [b"e1"]
+
+    again = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", again)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"end")
+        await again.until(lambda items: b"end" in items)
+    assert again.items == [b"end"]  # e1 was committed at stop
