@@ -8,9 +8,11 @@ cd "$(dirname "$0")/../.."
 . scripts/services/lib.sh
 
 KAFKA_VERSION=4.1.1
-JAVA=${JAVA:-/usr/bin/java}
 
 apt_install maven openjdk-17-jre-headless
+# Java 17 by its own path: /usr/bin/java may be switched to another JDK on the machine.
+JAVA=${JAVA:-/usr/lib/jvm/java-17-openjdk-amd64/bin/java}
+[ -x "$JAVA" ] || JAVA=/usr/bin/java
 
 dir=$PWD/.services/kafka
 libs=$dir/libs
