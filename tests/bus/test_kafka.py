@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -391,8 +392,14 @@ def kafka_server(kafka_url: str, prefix: str, tmp_path: Path) -> Iterator[Server
         "WHATSLIKE_SIM_DELAY_MS": "0",
     }
     server = start_server(tmp_path, env)
+    # Keep reading what it prints: a full pipe would stall the server (aiokafka logs while
+    # the new topics get their leaders).
+    drain = threading.Thread(target=server.output.extend, args=(server.process.stdout,))
+    drain.start()
     yield server
     stop_server(server)
+    drain.join()
+    print("".join(server.output[-200:]))  # shown by pytest when the test failed
 
 
 async def test_whatslike_serve_on_kafka_takes_a_message_to_read(kafka_server: Server) -> None:
