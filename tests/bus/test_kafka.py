@@ -427,16 +427,23 @@ async def test_whatslike_serve_on_kafka_takes_a_message_to_read(kafka_server: Se
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def restart_broker(kafka_url: str) -> None:
-    """Crash the broker this checkout started (kill -9) and start it again on its port."""
+def broker_pid(kafka_url: str) -> int:
+    """The process of the broker this checkout started (scripts/services.sh kafka)."""
     pid_file = REPO / ".services" / "kafka" / "kafka.pid"
+    env_file = REPO / ".services" / "kafka.env"
     port = kafka_url.rsplit(":", 1)[1]
-    if not pid_file.exists() or f"PORT={port}" not in (REPO / ".services/kafka.env").read_text():
+    if not pid_file.exists() or f"PORT={port}\n" not in env_file.read_text():
         pytest.fail(
-            f"{kafka_url} is not the broker of scripts/services.sh kafka: cannot restart",
+            f"{kafka_url} is not the broker of scripts/services.sh kafka: cannot stop it",
             pytrace=False,
         )
-    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    return int(pid_file.read_text())
+
+
+async def restart_broker(kafka_url: str) -> None:
+    """Crash the broker this checkout started (kill -9) and start it again on its port."""
+    port = kafka_url.rsplit(":", 1)[1]
+    os.kill(broker_pid(kafka_url), signal.SIGKILL)
     script = await asyncio.create_subprocess_exec(
         str(REPO / "scripts/services/kafka.sh"),
         stdout=asyncio.subprocess.PIPE,
@@ -548,3 +555,26 @@ async def test_stop_lets_the_handler_at_work_finish_and_commits_its_event(
         await bus.publish(TOPIC, "c1", b"end")
         await again.until(lambda items: b"end" in items)
     assert again.items == [b"end"]  # e1 was committed at stop
+
+
+async def test_stop_is_bounded_when_the_broker_hangs(kafka_url: str, prefix: str) -> None:
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=1.0)
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", Collector())
+    try:
+        await bus.start()
+    except BackendUnavailable as exc:
+        pytest.fail(f"Kafka does not answer at {kafka_url}: {exc}", pytrace=False)
+    await bus.publish(TOPIC, "c1", b"e1")
+    pid = broker_pid(kafka_url)
+    os.kill(pid, signal.SIGSTOP)  # the broker stops answering, its sockets stay open
+    try:
+        with pytest.raises(BusFull):
+            await bus.publish(TOPIC, "c1", b"e2")
+        with pytest.raises(BackendUnavailable):
+            await bus.ping()
+        # Leaving the group and flushing the producer each wait at most the publish
+        # timeout (the handler grace is not needed: nothing is being handled).
+        await asyncio.wait_for(bus.stop(), 4 * settings.bus_publish_timeout_s + 2)
+    finally:
+        os.kill(pid, signal.SIGCONT)

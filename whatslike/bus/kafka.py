@@ -31,7 +31,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,10 +168,7 @@ class KafkaBus:
         await asyncio.gather(*(self._release(g, list(g.partitions)) for g in groups))
         for group in groups:
             group.poller = None
-            try:
-                await group.consumer.stop()
-            except KafkaError as exc:
-                log.warning("Kafka consumer %s did not leave cleanly: %r", group.name, exc)
+            await self._bounded(f"consumer {group.name} leaving its group", group.consumer.stop())
             group.consumer = None
         await self._close_clients()
         self._started = False
@@ -305,7 +302,7 @@ class KafkaBus:
             max_poll_records=self._settings.kafka_partition_buffer,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
-        await group.consumer.start()
+        await asyncio.wait_for(group.consumer.start(), self._settings.bus_publish_timeout_s)
         group.poller = asyncio.create_task(self._poll(group), name=f"kafka-poll-{group.name}")
         group.poller.add_done_callback(_report_poller_end)
 
@@ -398,12 +395,11 @@ class KafkaBus:
         }
         if not offsets or group.consumer is None:
             return
-        try:
-            await group.consumer.commit(offsets)
-        except KafkaError as exc:
-            # The partitions moved on (a rebalance): their next owner handles these events
-            # again, which at-least-once allows and idempotent handlers absorb.
-            log.warning("Kafka commit for group %s failed: %r", group.name, exc)
+        # Failing (the partitions moved on in a rebalance, or the broker is away), their
+        # next owner handles these events again: at-least-once allows it, and idempotent
+        # handlers absorb it.
+        committing = group.consumer.commit(offsets)
+        if not await self._bounded(f"commit for group {group.name}", committing):
             return
         for partition in partitions:
             if partition.tp in offsets:
@@ -489,15 +485,24 @@ class KafkaBus:
         return name.removeprefix(self._prefix)
 
     async def _close_clients(self) -> None:
-        for client in (self._producer, self._admin):
-            if client is None:
-                continue
-            try:
-                await (client.stop() if client is self._producer else client.close())
-            except KafkaError as exc:
-                log.warning("closing a Kafka client failed: %r", exc)
+        if self._producer is not None:
+            # Records still unacknowledged after this were reported to their publishers
+            # (BusFull): dropping them loses nothing anyone was told is stored.
+            await self._bounded("producer flush", self._producer.stop())
+        if self._admin is not None:
+            await self._bounded("admin client close", self._admin.close())
         self._producer = None
         self._admin = None
+
+    async def _bounded(self, what: str, step: Awaitable[Any]) -> bool:
+        """Await a step that talks to the broker, for at most the publish timeout: an
+        unresponsive broker must not hold a stop (or a rebalance) forever."""
+        try:
+            await asyncio.wait_for(step, self._settings.bus_publish_timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("Kafka %s did not complete: %r", what, exc)
+            return False
+        return True
 
 
 def _report_poller_end(task: asyncio.Task[None]) -> None:
