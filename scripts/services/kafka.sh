@@ -130,6 +130,9 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 log.retention.hours=24
+# After a crash the node re-registers only once its previous session expired (default 9 s).
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=500
 EOF
   cat > "$dir/log4j2.properties" <<EOF
 rootLogger.level=INFO
