@@ -28,7 +28,7 @@ from whatslike.api.errors import (
 )
 from whatslike.api.http import HttpApi
 from whatslike.api.web import WebAssets
-from whatslike.bus.memory import MemoryBus
+from whatslike.bus.factory import open_bus
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
@@ -94,7 +94,7 @@ class Runtime:
         self.deps = Deps(
             settings=settings,
             store=open_store(settings.effective_database_url),
-            bus=MemoryBus(settings, self.metrics),
+            bus=open_bus(settings, self.metrics),
             fanout=open_fanout(settings),
             http=httpx.AsyncClient(timeout=settings.send_timeout_s),
             metrics=self.metrics,

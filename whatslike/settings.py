@@ -90,6 +90,18 @@ class Settings(BaseSettings):
     #: The Retry-After of a 503 answered while the store is out of reach or on shutdown.
     retry_after_s: int = Field(5, ge=1)
 
+    # Kafka bus (bus_url kafka://host:port[,host:port]).
+    #: Partitions of each topic the bus creates (at most this many consumers of a group work).
+    kafka_partitions: int = Field(8, ge=1, le=1024)
+    kafka_replication_factor: int = Field(1, ge=1, le=16)
+    #: Put before every topic name (tests use it to keep their topics apart).
+    kafka_topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$", max_length=100)
+    #: Records fetched ahead per partition; a full partition is not fetched until it drains.
+    kafka_partition_buffer: int = Field(500, ge=1)
+    kafka_commit_interval_s: float = Field(1.0, gt=0)
+    #: How long handlers at work may finish when their partitions are revoked or on stop.
+    kafka_handler_grace_s: float = Field(10.0, gt=0)
+
     # Hub.
     heartbeat_s: int = Field(25, ge=1)
     max_frame_bytes: int = Field(4096, ge=256)
@@ -164,9 +176,16 @@ class Settings(BaseSettings):
 
     @field_validator("bus_url")
     @classmethod
-    def _known_transport(cls, value: str) -> str:
-        if value != "memory://":
-            raise ValueError("only memory:// is available in this version")
+    def _known_bus(cls, value: str) -> str:
+        if value == "memory://":
+            return value
+        if not value.startswith("kafka://"):
+            raise ValueError("must be memory:// or kafka://host:port[,host:port]")
+        servers = value.removeprefix("kafka://").split(",")
+        for server in servers:
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"kafka:// needs host:port[,host:port], not {server!r}")
         return value
 
     @field_validator("fanout_url")
