@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import socket
-import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from websockets.asyncio.client import connect
 
-from tests.e2e.conftest import Server, Socket, api, start_server, stop_server
+from tests.e2e.conftest import OWN_SECRETS, Server, Socket, api, start_server, stop_server
 from whatslike.bus import BusFull
 from whatslike.bus.factory import open_bus
 from whatslike.bus.kafka import KafkaBus, bootstrap_servers
@@ -387,19 +386,15 @@ async def test_publishing_to_a_topic_the_broker_lacks_raises_busfull(
 @pytest.fixture
 def kafka_server(kafka_url: str, prefix: str, tmp_path: Path) -> Iterator[Server]:
     env = {
+        "WHATSLIKE_ROLES": "api,router,connector,status-worker,simulator",
         "WHATSLIKE_BUS_URL": kafka_url,
         "WHATSLIKE_KAFKA_TOPIC_PREFIX": prefix,
         "WHATSLIKE_SIM_DELAY_MS": "30",
+        **OWN_SECRETS,
     }
-    server = start_server(tmp_path, env)
-    # Keep reading what it prints: a full pipe would stall the server (aiokafka logs while
-    # the new topics get their leaders).
-    drain = threading.Thread(target=server.output.extend, args=(server.process.stdout,))
-    drain.start()
+    server = start_server(tmp_path, env)  # its output is read all along (no full pipe)
     yield server
     stop_server(server)
-    drain.join()
-    print("".join(server.output[-200:]))  # shown by pytest when the test failed
 
 
 async def test_whatslike_serve_on_kafka_takes_a_message_to_read(kafka_server: Server) -> None:

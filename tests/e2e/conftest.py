@@ -200,7 +200,9 @@ def split_deployment(tmp_path: Path, sim_delay_ms: int) -> Iterator[Split]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("serve"), {"WHATSLIKE_SIM_DELAY_MS": "30"})
+    # 100 ms between a message's webhooks, so that a loaded machine does not let one
+    # overtake the other (the tests of exact seqs 1, 2, 3 rely on the order).
+    running = start_server(tmp_path_factory.mktemp("serve"), {"WHATSLIKE_SIM_DELAY_MS": "100"})
     yield running
     stop_server(running)
 
