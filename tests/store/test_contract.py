@@ -492,6 +492,34 @@ async def test_relayed_entries_on_a_durable_bus_are_deleted(store: Store) -> Non
     assert await store.outbox_size() == 1
 
 
+async def test_relays_share_the_outbox_by_claims_that_lapse(
+    store_factory: StoreFactory, store: Store
+) -> None:
+    for _ in range(4):
+        await new_message(store)
+    other = store_factory()
+    await other.open()
+    try:
+        mine, theirs = await asyncio.gather(
+            store.claim_outbox(3, lease_s=60), other.claim_outbox(3, lease_s=60)
+        )
+        assert len(mine) + len(theirs) == 4  # each entry claimed once
+        assert not {i.id for i in mine} & {i.id for i in theirs}
+        assert await store.claim_outbox(3, lease_s=60) == []
+        # A relay that died with its claim: the entries come back once the lease lapses.
+        await store.delete_outbox([i.id for i in mine])
+        await asyncio.sleep(0.05)
+        assert await other.claim_outbox(10, lease_s=0.01) == []  # still leased for 60 s
+    finally:
+        await other.close()
+    lapsing = await new_message(store)
+    [claimed] = await store.claim_outbox(10, lease_s=0.01)
+    await asyncio.sleep(0.05)
+    [again] = await store.claim_outbox(10, lease_s=60)
+    assert claimed.id == again.id
+    assert OutboundMessage.from_json(again.payload).message_id == lapsing.id
+
+
 async def test_applying_a_status_completes_its_hand_off(store: Store) -> None:
     message = await new_message(store)
     await store.handoff(done=[(TOPIC_MESSAGES, message.id)])

@@ -3,8 +3,9 @@
 Whatever the API answered 202 for and whatever a webhook answered 200 for is an outbox
 entry in the store before the answer. The relay publishes each entry; then
 
-- on a durable bus (Kafka: `publish` returns once the broker stored it) the entry is
-  deleted: the bus keeps it from there on;
+- on a durable bus (Kafka: `publish` returns once the broker stored it) the relays of
+  all processes claim entries with a lease (so each is published by one of them), and an
+  entry is deleted once published: the bus keeps it from there on;
 - on the in-process bus, which keeps nothing across a crash, the entry is only marked as
   relayed by this run, and stays until the work it stands for is stored downstream (the
   connector finished with the send, the status worker applied the status). A process
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: Entries read and published per round trip to the store.
 BATCH = 200
+#: How long a relay's claim on entries holds (durable bus): another process's relay takes
+#: them over after that, should this one have died between the claim and the publish.
+CLAIM_LEASE_S = 30.0
 
 
 class OutboxRelay(RoleDefaults):
@@ -59,7 +63,10 @@ class OutboxRelay(RoleDefaults):
 
     async def relay_once(self) -> int:
         """Relay one batch; answer how many entries were handed to the bus."""
-        items = await self._store.outbox_batch(self._run, BATCH)
+        if self._bus.durable:
+            items = await self._store.claim_outbox(BATCH, CLAIM_LEASE_S)
+        else:
+            items = await self._store.outbox_batch(self._run, BATCH)
         handed: list[int] = []
         try:
             for item in items:

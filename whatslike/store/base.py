@@ -203,6 +203,12 @@ class Store(Protocol):
         """Outbox entries not yet relayed by the relay run `run` (a process's lifetime),
         oldest first, at most `limit`: after a restart, every entry left is relayed again."""
 
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        """For a durable bus: claim up to `limit` entries, oldest first, that nobody has
+        claimed for the last `lease_s` seconds, so the relays of several processes share
+        the outbox instead of each publishing everything; a relay that dies with a claim
+        lets it lapse and another takes the entries over."""
+
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
         """Entries handed to a bus that keeps nothing: they stay until their work is
         done downstream, and are relayed again by the next run."""

@@ -118,7 +118,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             payload bytea NOT NULL,
             done_key text NOT NULL,
             created_at timestamptz NOT NULL,
-            relayed_run text
+            relayed_run text,
+            claimed_until timestamptz
         )""",
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
@@ -468,6 +469,19 @@ class PostgresStore:
                 limit,
             )
         return common.outbox_items(rows)
+
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        async with self._connection() as conn:
+            # SKIP LOCKED: relays of several processes claim different entries at once.
+            rows = await conn.fetch(
+                "UPDATE outbox SET claimed_until = now() + make_interval(secs => $2)"
+                " WHERE id IN (SELECT id FROM outbox WHERE claimed_until IS NULL"
+                " OR claimed_until < now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, topic, key, payload",
+                limit,
+                lease_s,
+            )
+        return sorted(common.outbox_items(rows), key=lambda item: item.id)
 
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
         async with self._connection() as conn:

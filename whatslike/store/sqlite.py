@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             payload BLOB NOT NULL,
             done_key TEXT NOT NULL,
             created_at TEXT NOT NULL,
-            relayed_run TEXT
+            relayed_run TEXT,
+            claimed_until TEXT
         )""",
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
@@ -452,6 +453,18 @@ class SQLiteStore:
             (run, limit),
         )
         return common.outbox_items(rows)
+
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        now = utcnow()
+        async with self._transaction() as db:
+            rows = await _fetch(
+                db,
+                "UPDATE outbox SET claimed_until = ? WHERE id IN (SELECT id FROM outbox"
+                " WHERE claimed_until IS NULL OR claimed_until < ? ORDER BY id LIMIT ?)"
+                " RETURNING id, topic, key, payload",
+                (format_time(now + timedelta(seconds=lease_s)), format_time(now), limit),
+            )
+        return sorted(common.outbox_items(rows), key=lambda item: item.id)
 
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
         async with self._transaction() as db:
