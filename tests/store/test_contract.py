@@ -506,6 +506,9 @@ async def test_relays_share_the_outbox_by_claims_that_lapse(
         assert len(mine) + len(theirs) == 4  # each entry claimed once
         assert not {i.id for i in mine} & {i.id for i in theirs}
         assert await store.claim_outbox(3, lease_s=60) == []
+        # Entries the bus did not take are given back at once.
+        await other.unclaim_outbox([i.id for i in theirs])
+        assert [i.id for i in await store.claim_outbox(10, lease_s=60)] == [i.id for i in theirs]
         # A relay that died with its claim: the entries come back once the lease lapses.
         await store.delete_outbox([i.id for i in mine])
         await asyncio.sleep(0.05)

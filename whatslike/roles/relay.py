@@ -79,6 +79,8 @@ class OutboxRelay(RoleDefaults):
                     await self._store.delete_outbox(handed)
                 else:
                     await self._store.mark_relayed(handed, self._run)
+            if self._bus.durable and len(handed) < len(items):
+                await self._store.unclaim_outbox([item.id for item in items[len(handed) :]])
         return len(handed)
 
     async def _run_forever(self) -> None:

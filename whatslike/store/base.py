@@ -209,6 +209,9 @@ class Store(Protocol):
         the outbox instead of each publishing everything; a relay that dies with a claim
         lets it lapse and another takes the entries over."""
 
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        """Give claimed entries back at once (the bus did not take them)."""
+
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
         """Entries handed to a bus that keeps nothing: they stay until their work is
         done downstream, and are relayed again by the next run."""

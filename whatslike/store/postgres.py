@@ -483,6 +483,12 @@ class PostgresStore:
             )
         return sorted(common.outbox_items(rows), key=lambda item: item.id)
 
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[])", list(ids)
+            )
+
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
         async with self._connection() as conn:
             await conn.execute(

@@ -466,6 +466,12 @@ class SQLiteStore:
             )
         return sorted(common.outbox_items(rows), key=lambda item: item.id)
 
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE outbox SET claimed_until = NULL WHERE id = ?", [(i,) for i in ids]
+            )
+
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
         async with self._transaction() as db:
             await db.executemany(
