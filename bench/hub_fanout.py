@@ -18,7 +18,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from bench.serving import temporary_server
+from bench.serving import UNCAPPED, temporary_server
 
 
 class Arrivals:
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=500)
     parser.add_argument("--messages", type=int, default=20)
     args = parser.parse_args()
-    with temporary_server({"WHATSLIKE_SIM_DELAY_MS": "20"}) as server:
+    with temporary_server({"WHATSLIKE_SIM_DELAY_MS": "20", **UNCAPPED}) as server:
         token = server.token("bench-org")
         asyncio.run(
             run(

@@ -9,6 +9,16 @@ from pathlib import Path
 
 from tests.e2e.conftest import Server, start_server, stop_server
 
+#: Benchmarks measure speed, not the caps: one user holds every socket, one organization
+#: sends every message.
+UNCAPPED = {
+    "WHATSLIKE_MAX_CONNECTIONS_PER_USER": "1000000",
+    "WHATSLIKE_MAX_CONNECTIONS_PER_IP": "1000000",
+    "WHATSLIKE_MAX_CONNECTIONS": "1000000",
+    "WHATSLIKE_ORG_REQUESTS_PER_S": "1000000",
+    "WHATSLIKE_ORG_REQUEST_BURST": "1000000",
+}
+
 
 @contextmanager
 def temporary_server(env: dict[str, str]) -> Iterator[Server]:

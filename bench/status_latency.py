@@ -15,7 +15,8 @@ import time
 import httpx
 from websockets.asyncio.client import connect
 
-from bench.serving import temporary_server
+from bench.serving import UNCAPPED, temporary_server
+from tests.e2e.conftest import OWN_SECRETS
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -92,9 +93,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0, help="messages per second (0: max)")
     parser.add_argument("--database-url", default="")
     args = parser.parse_args()
-    env = {"WHATSLIKE_SIM_DELAY_MS": "0"}
+    env = {"WHATSLIKE_SIM_DELAY_MS": "0", **UNCAPPED}
     if args.database_url:
+        # Not the embedded mode: the simulator is named, and the credentials are our own.
         env["WHATSLIKE_DATABASE_URL"] = args.database_url
+        env["WHATSLIKE_ROLES"] = "api,router,connector,status-worker,simulator"
+        env.update(OWN_SECRETS)
     with temporary_server(env) as server:
         token = server.token("bench-org")
         asyncio.run(

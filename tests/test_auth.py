@@ -12,10 +12,12 @@ from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 NOW = 1_800_000_000
+#: An expiry within the maximum lifetime of a token, for hand-made claims.
+SOON = int(time.time()) + 600
 
 
-def _raw(claims: dict[str, Any], secret: str = SECRET) -> str:
-    return jwt.encode(claims, secret, algorithm="HS256")
+def _raw(claims: dict[str, Any], secret: str = SECRET, **header: Any) -> str:
+    return jwt.encode(claims, secret, algorithm="HS256", headers=header or None)
 
 
 def _reason(service: TokenService, token: str) -> str:
@@ -78,7 +80,7 @@ def test_garbage_is_refused() -> None:
 
 
 def test_unsigned_token_is_refused() -> None:
-    token = jwt.encode({"sub": "u", "org_id": "o", "exp": NOW * 2}, None, algorithm="none")
+    token = jwt.encode({"sub": "u", "org_id": "o", "exp": SOON}, None, algorithm="none")
     assert _reason(TokenService(SECRET), token) == "token algorithm is not accepted"
 
 
@@ -92,33 +94,93 @@ def test_configured_issuer_and_audience_are_enforced() -> None:
     assert _reason(strict, TokenService(SECRET).mint("u", "o", 60)) == "token has no 'iss' claim"
 
 
-def test_audience_is_ignored_when_not_configured() -> None:
-    token = TokenService(SECRET, audience="someone").mint("u", "o", 60)
-    assert TokenService(SECRET).verify(token).org_id == "o"
+def test_an_audience_that_is_not_ours_is_refused_even_when_none_is_configured() -> None:
+    token = TokenService(SECRET, audience="billing-service").mint("u", "o", 60)
+    assert _reason(TokenService(SECRET), token) == "token audience is not accepted"
+    assert _reason(TokenService(SECRET, audience="agents"), token) == (
+        "token audience is not accepted"
+    )
+    listed = _raw({"sub": "u", "org_id": "o", "exp": SOON, "aud": ["agents", "billing"]})
+    assert TokenService(SECRET, audience="agents").verify(listed).user_id == "u"
+
+
+def test_minted_tokens_are_typed_and_the_type_is_checked() -> None:
+    token = TokenService(SECRET).mint("u", "o", 60)
+    assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+    claims = {"sub": "u", "org_id": "o", "exp": SOON}
+    for accepted in ("JWT", "jwt", "at+jwt", "application/at+jwt"):
+        assert TokenService(SECRET).verify(_raw(claims, typ=accepted)).user_id == "u"
+    for refused in ("dpop+jwt", "logout+jwt", "", 7):
+        token = _raw(claims, typ=refused)
+        assert _reason(TokenService(SECRET), token) == "token type ('typ') is not accepted"
+    untyped = _raw(claims, typ=None)
+    assert "typ" not in jwt.get_unverified_header(untyped)
+    assert _reason(TokenService(SECRET), untyped) == "token type ('typ') is not accepted"
+
+
+@pytest.mark.parametrize(
+    ("exp", "reason"),
+    [
+        ("9999999999", "token claim 'exp' must be a number of seconds"),
+        (str(SOON), "token claim 'exp' must be a number of seconds"),
+        (True, "token expired"),  # PyJWT reads it as 1
+        (95_617_584_000, "token lives longer than 86400 s"),  # the year 5000
+        (SOON + 86_400, "token lives longer than 86400 s"),
+    ],
+)
+def test_exp_is_a_number_within_the_maximum_lifetime(exp: object, reason: str) -> None:
+    token = _raw({"sub": "u", "org_id": "o", "exp": exp})
+    assert _reason(TokenService(SECRET), token) == reason
+
+
+def test_nbf_and_iat_must_be_numbers_when_present() -> None:
+    for name in ("nbf", "iat"):
+        token = _raw({"sub": "u", "org_id": "o", "exp": SOON, name: "0"})
+        assert _reason(TokenService(SECRET), token) in (
+            f"token claim {name!r} must be a number of seconds",
+            "token is malformed",
+        )
+
+
+def test_the_maximum_lifetime_binds_minting_too() -> None:
+    service = TokenService(SECRET, max_ttl_s=600)
+    assert service.verify(service.mint("u", "o", 600)).user_id == "u"
+    with pytest.raises(ValueError, match="1 to 600 seconds"):
+        service.mint("u", "o", 601)
+
+
+def test_leeway_is_small_and_applies_to_exp() -> None:
+    with pytest.raises(ValueError, match="0 to 60"):
+        TokenService(SECRET, leeway_s=61)
+    service = TokenService(SECRET, leeway_s=30)
+    just_expired = service.mint("u", "o", 60, now=int(time.time()) - 70)
+    assert service.verify(just_expired).user_id == "u"
+    long_expired = service.mint("u", "o", 60, now=int(time.time()) - 100)
+    assert _reason(service, long_expired) == "token expired"
 
 
 def test_original_claim_names_are_accepted() -> None:
-    token = _raw({"userId": 42, "organizacaoId": "org-7", "exp": NOW * 2})
-    assert TokenService(SECRET).verify(token) == Identity("42", "org-7", NOW * 2)
+    token = _raw({"userId": 42, "organizacaoId": "org-7", "exp": SOON})
+    assert TokenService(SECRET).verify(token) == Identity("42", "org-7", SOON)
 
 
 def test_standard_names_win_over_aliases() -> None:
-    token = _raw({"sub": "a", "userId": "b", "org_id": "o", "organizacaoId": "p", "exp": NOW * 2})
-    assert TokenService(SECRET).verify(token) == Identity("a", "o", NOW * 2)
+    token = _raw({"sub": "a", "userId": "b", "org_id": "o", "organizacaoId": "p", "exp": SOON})
+    assert TokenService(SECRET).verify(token) == Identity("a", "o", SOON)
 
 
 @pytest.mark.parametrize(
     ("claims", "reason"),
     [
-        ({"org_id": "o", "exp": NOW * 2}, "token has no user id ('sub' or 'userId')"),
-        ({"sub": "", "org_id": "o", "exp": NOW * 2}, "token has no user id ('sub' or 'userId')"),
+        ({"org_id": "o", "exp": SOON}, "token has no user id ('sub' or 'userId')"),
+        ({"sub": "", "org_id": "o", "exp": SOON}, "token has no user id ('sub' or 'userId')"),
         (
-            {"userId": True, "org_id": "o", "exp": NOW * 2},
+            {"userId": True, "org_id": "o", "exp": SOON},
             "token has no user id ('sub' or 'userId')",
         ),
-        ({"sub": 7, "org_id": "o", "exp": NOW * 2}, "token is malformed"),  # PyJWT: str only
+        ({"sub": 7, "org_id": "o", "exp": SOON}, "token is malformed"),  # PyJWT: str only
         (
-            {"sub": "u", "exp": NOW * 2},
+            {"sub": "u", "exp": SOON},
             "token has no organization id ('org_id' or 'organizacaoId')",
         ),
         ({"sub": "u", "org_id": "o"}, "token has no 'exp' claim"),

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 
-from whatslike.settings import load_settings
+from tests.e2e.conftest import start_server, stop_server
+from whatslike.settings import load_settings, unknown_variables
+from whatslike.store.sqlite import SQLiteStore
+
+OWN_SECRETS = {
+    "WHATSLIKE_META_APP_SECRET": "app-secret-of-this-deployment",
+    "WHATSLIKE_META_VERIFY_TOKEN": "verify-token-of-this-deployment",
+    "WHATSLIKE_META_ACCESS_TOKEN": "access-token-of-this-deployment",
+}
+PIPELINE = "api,router,connector,status-worker"
+POSTGRES_NOBODY = "postgresql://nobody@127.0.0.1:1/none"
 
 
 def whatslike(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -24,7 +38,7 @@ def whatslike(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["token"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["token"], ["stuck"]])
 def test_help_everywhere(command: list[str]) -> None:
     done = whatslike(*command, "--help")
     assert done.returncode == 0
@@ -35,14 +49,59 @@ def test_help_everywhere(command: list[str]) -> None:
     ("args", "env", "named"),
     [
         (["serve", "--port", "70000"], {}, "invalid setting port (WHATSLIKE_PORT)"),
-        (["serve"], {"WHATSLIKE_ROLES": "api,gateway"}, "invalid setting roles"),
-        (["serve"], {"WHATSLIKE_ROLES": "api"}, "add router, connector, status-worker"),
-        (["serve"], {"WHATSLIKE_DATABASE_URL": "mysql://x"}, "invalid setting database_url"),
-        (["serve"], {"WHATSLIKE_HEARTBEAT_S": "soon"}, "invalid setting heartbeat_s"),
+        (["serve", "--port", "0"], {"WHATSLIKE_ROLES": "api,gateway"}, "invalid setting roles"),
+        (["serve", "--port", "0"], {"WHATSLIKE_ROLES": "api"}, "add router, connector"),
         (
             ["serve", "--port", "0"],
-            {"WHATSLIKE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+            {"WHATSLIKE_DATABASE_URL": "mysql://x"},
+            "invalid setting database_url",
+        ),
+        (
+            ["serve", "--port", "0"],
+            {"WHATSLIKE_HEARTBEAT_S": "soon"},
+            "invalid setting heartbeat_s",
+        ),
+        (
+            ["serve", "--port", "0"],
+            {"WHATSLIKE_DATABASE_URL": POSTGRES_NOBODY, "WHATSLIKE_ROLES": PIPELINE, **OWN_SECRETS},
             "127.0.0.1",
+        ),
+        # Outside the embedded mode: no development secret, no simulator nobody named.
+        (
+            ["serve", "--port", "0"],
+            {"WHATSLIKE_DATABASE_URL": POSTGRES_NOBODY},
+            "invalid setting roles (WHATSLIKE_ROLES): outside the embedded mode the simulator",
+        ),
+        *[
+            (
+                ["serve", "--port", "0"],
+                {
+                    "WHATSLIKE_ROLES": PIPELINE,
+                    **OWN_SECRETS,
+                    f"WHATSLIKE_{name}": f"whatslike-dev-{name[5:].lower().replace('_', '-')}",
+                },
+                f"invalid setting {name.lower()} (WHATSLIKE_{name}): the development value",
+            )
+            for name in ("META_APP_SECRET", "META_VERIFY_TOKEN", "META_ACCESS_TOKEN")
+        ],
+        (
+            ["serve", "--port", "0"],
+            {
+                "WHATSLIKE_ROLES": PIPELINE,
+                **OWN_SECRETS,
+                "WHATSLIKE_META_PREVIOUS_APP_SECRETS": "old-one,whatslike-dev-app-secret",
+            },
+            "invalid setting meta_app_secret",
+        ),
+        (
+            ["serve", "--port", "0"],
+            {"WHATSLIKE_DATABASE_URL": POSTGRES_NOBODY, "WHATSLIKE_ROLES": f"{PIPELINE},simulator"},
+            "the development value is accepted only in the embedded mode",
+        ),
+        (
+            ["serve", "--port", "0", "--host", "0.0.0.0"],
+            {},
+            "the development value is accepted only in the embedded mode on a loopback address",
         ),
     ],
 )
@@ -68,8 +127,88 @@ def test_token_is_signed_with_the_secret_serve_uses(tmp_path: Path) -> None:
     assert claims["exp"] - claims["iat"] == 120
 
 
+def test_a_token_past_the_maximum_lifetime_is_not_minted(tmp_path: Path) -> None:
+    done = whatslike(
+        "token", "--org", "o", "--user", "u", "--ttl", "90000", "--data-dir", str(tmp_path)
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("whatslike: invalid setting token_ttl_s (--ttl): a token lives")
+
+
+def test_unknown_variables_are_named_with_the_closest_setting() -> None:
+    warnings = unknown_variables(
+        {"WHATSLIKE_PROT": "1", "WHATSLIKE_PORT": "1", "WHATSLIKE_TEST_X": "1", "HOME": "/"}
+    )
+    assert warnings == ["unknown setting WHATSLIKE_PROT is ignored; did you mean WHATSLIKE_PORT?"]
+
+
+def test_serve_warns_about_a_misspelled_variable_and_listens_once_it_accepts(
+    tmp_path: Path,
+) -> None:
+    """The first request right after the "listening" line is served: no retry here."""
+    for attempt in range(3):
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "whatslike", "serve", "--port", "0"),
+                *("--data-dir", str(tmp_path / str(attempt)), "--log-level", "warning"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "WHATSLIKE_SIM_DELAY": "5"},
+        )
+        assert process.stdout is not None
+        try:
+            seen: list[str] = []
+            while not (
+                match := re.search(r"listening on (http://\S+)", line := process.stdout.readline())
+            ):
+                assert line, "".join(seen)
+                seen.append(line)
+            assert httpx.get(match.group(1) + "/healthz", timeout=5).status_code == 200
+            assert any("unknown setting WHATSLIKE_SIM_DELAY is ignored" in x for x in seen), seen
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+def test_the_data_directory_is_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    done = whatslike("token", "--org", "o", "--user", "u", "--data-dir", str(data))
+    assert done.returncode == 0
+    server = start_server(data)
+    try:
+        modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in [data, *data.iterdir()]}
+    finally:
+        stop_server(server)
+    assert modes[data.name] == 0o700
+    assert modes["jwt-secret"] == 0o600
+    assert modes["whatslike.db"] == 0o600
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
 def test_flags_win_over_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WHATSLIKE_PORT", "9001")
     assert load_settings().port == 9001
     assert load_settings(port=9002).port == 9002
     assert load_settings(port=None).port == 9001
+
+
+async def test_stuck_lists_what_stopped_moving(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    conversation = await store.create_conversation("acme", "whatsapp", "+55")
+    waiting, _ = await store.create_message(conversation, "waiting", "")
+    unknown, _ = await store.create_message(conversation, "unknown", "")
+    await store.begin_send(unknown.id)
+    await store.close()
+    done = whatslike("stuck", "--older-than", "0", "--json", "--data-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["kind"], r["message_id"], r["status"]) for r in rows] == [
+        ("pending", waiting.id, "PENDING"),
+        ("unknown", unknown.id, "PENDING"),
+    ]
+    assert all(r["org_id"] == "acme" and r["since"] for r in rows)
+    quiet = whatslike("stuck", "--data-dir", str(tmp_path))  # default thresholds: minutes
+    assert (quiet.returncode, quiet.stdout, quiet.stderr.strip()) == (0, "", "0 stuck")

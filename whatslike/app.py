@@ -3,6 +3,7 @@ and exposes one Starlette app. No globals, no import-time side effects."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,24 +12,35 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from whatslike.api.errors import ApiError, on_api_error, on_http_exception, on_unexpected
+from whatslike.api.errors import (
+    ApiError,
+    error_response,
+    on_api_error,
+    on_http_exception,
+    on_unexpected,
+    unavailable_handler,
+)
 from whatslike.api.http import HttpApi
 from whatslike.api.web import WebAssets
-from whatslike.bus.memory import MemoryBus
+from whatslike.bus.factory import open_bus
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
-from whatslike.errors import ConfigError, WhatslikeError
-from whatslike.fanout.memory import MemoryFanout
+from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
+from whatslike.fanout.factory import open_fanout
 from whatslike.hub.server import Hub
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
+from whatslike.roles.relay import OutboxRelay
 from whatslike.roles.router import Router
 from whatslike.roles.status_worker import StatusWorker
-from whatslike.settings import Settings, resolve_jwt_secret
+from whatslike.roles.watchdog import Watchdog
+from whatslike.settings import Settings, check_safety, resolve_jwt_secret, secure_data_dir
 from whatslike.simulator.app import Simulator
 from whatslike.store import open_store
 
@@ -36,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Roles that talk only through the bus; with the in-process bus they must share a process.
 PIPELINE_ROLES = ("api", "router", "connector", "status-worker")
+#: Roles that add to the store's outbox: their process runs a relay.
+HANDOFF_ROLES = ("api", "connector", "status-worker")
 
 
 def check_wiring(settings: Settings) -> None:
@@ -53,6 +67,8 @@ def check_wiring(settings: Settings) -> None:
 def build_roles(deps: Deps) -> list[Role]:
     chosen = deps.settings.roles
     roles: list[Role] = []
+    if any(role in chosen for role in HANDOFF_ROLES):
+        roles.append(OutboxRelay(deps))
     if "api" in chosen:
         roles += [HttpApi(deps), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
@@ -60,7 +76,7 @@ def build_roles(deps: Deps) -> list[Role]:
     if "connector" in chosen:
         roles += [WhatsAppConnector(deps), InstagramConnector(deps)]
     if "status-worker" in chosen:
-        roles.append(StatusWorker(deps))
+        roles += [StatusWorker(deps), Watchdog(deps)]
     if "simulator" in chosen:
         roles.append(Simulator(deps))
     return roles
@@ -71,25 +87,31 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         check_wiring(settings)
+        check_safety(settings)
+        secure_data_dir(settings)
         self.settings = settings
         self.metrics = Metrics()
         self.deps = Deps(
             settings=settings,
             store=open_store(settings.effective_database_url),
-            bus=MemoryBus(settings, self.metrics),
-            fanout=MemoryFanout(),
+            bus=open_bus(settings, self.metrics),
+            fanout=open_fanout(settings),
             http=httpx.AsyncClient(timeout=settings.send_timeout_s),
             metrics=self.metrics,
             jwt_secret=resolve_jwt_secret(settings),
         )
         self.roles = build_roles(self.deps)
         self._opened = False
+        #: Set when a stop began: new requests are answered 503 (see `_DrainGuard`).
+        self.draining = False
         self.app = Starlette(
             routes=self._routes(),
             lifespan=self._lifespan,
+            middleware=[Middleware(_DrainGuard, runtime=self)],
             exception_handlers={
                 ApiError: on_api_error,
                 HTTPException: on_http_exception,
+                BackendUnavailable: unavailable_handler(settings.retry_after_s),
                 Exception: on_unexpected,
             },
         )
@@ -101,14 +123,17 @@ class Runtime:
             self._opened = True
 
     def demo_url(self) -> str | None:
-        """The demo page with a development token, in the embedded mode only."""
+        """The demo page, in the embedded mode only. No token in it: the page asks for a
+        development token itself, and a printed token would end up in logs."""
         for role in self.roles:
             if isinstance(role, WebAssets) and self.settings.embedded:
-                return f"{self.settings.base_url}/demo#token={role.demo_token()}"
+                return f"{self.settings.base_url}/demo"
         return None
 
     async def close_connections(self) -> None:
-        """Close every WebSocket with 1001 before the server stops taking requests."""
+        """Stop taking work (new requests answer 503) and close every WebSocket with 1001,
+        before the server stops taking requests."""
+        self.draining = True
         for role in self.roles:
             if isinstance(role, Hub):
                 await role.stop()
@@ -123,6 +148,11 @@ class Runtime:
         try:
             yield
         finally:
+            # Nothing more is handed to the bus; what the bus does not finish in time is
+            # still in the outbox and is relayed again at the next start.
+            for role in self.roles:
+                if isinstance(role, OutboxRelay):
+                    await role.stop()
             await self.deps.bus.stop()
             await self.deps.fanout.stop()
             for role in reversed(self.roles):
@@ -132,6 +162,7 @@ class Runtime:
 
     def _routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [
+            Route("/", self._index, methods=["GET"]),
             Route("/healthz", self._healthz, methods=["GET"]),
             Route("/readyz", self._readyz, methods=["GET"]),
             Route("/metrics", self._metrics, methods=["GET"]),
@@ -161,5 +192,44 @@ class Runtime:
             status_code=200 if ready else 503,
         )
 
+    async def _index(self, request: Request) -> Response:
+        """The address `serve` prints: the demo in the embedded mode, else a short map."""
+        if self.settings.embedded and "api" in self.settings.roles:
+            return RedirectResponse("/demo", status_code=303)
+        endpoints = ["/healthz", "/readyz", "/metrics"]
+        if "api" in self.settings.roles:
+            endpoints += ["/api/conversations", "/ws/status", "/client/websocket-client.js"]
+        return JSONResponse(
+            {"service": "whatslike", "roles": list(self.settings.roles), "endpoints": endpoints}
+        )
+
     async def _metrics(self, request: Request) -> Response:
+        token = self.settings.metrics_token
+        if token:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+                raise ApiError(401, "unauthorized", "/metrics needs the metrics token")
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _DrainGuard:
+    """While the process stops, requests that were not under way yet are answered 503
+    with a Retry-After, so clients retry elsewhere or later and nothing half-done is
+    acknowledged; health probes still answer."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self._app = app
+        self._runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self._runtime.draining
+            and scope["type"] == "http"
+            and scope["path"] not in ("/healthz", "/readyz")
+        ):
+            response = error_response(503, "unavailable", "shutting down; retry later")
+            response.headers["Retry-After"] = str(self._runtime.settings.retry_after_s)
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+        await self._app(scope, receive, send)

@@ -1,19 +1,36 @@
 """Token logic of protocol.md §4-5: mint and verify the HS256 JWTs that name a user and
-an organization. Pure: no I/O; the clock is read only when the caller gives no time."""
+an organization. Pure: no I/O; the clock is read only when the caller gives no time.
+
+Verification follows RFC 8725 and OWASP's JWT advice: one algorithm (HS256, never
+`none`), an explicit `typ`, `exp` required and numeric, a maximum lifetime, `aud` refused
+when it names anyone but us, and a small leeway for clock skew.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
 from whatslike.errors import WhatslikeError
 
+if TYPE_CHECKING:
+    from whatslike.settings import Settings
+
 #: Claim names accepted for each id, preferred first (the original design's names last).
 _USER_CLAIMS = ("sub", "userId")
 _ORG_CLAIMS = ("org_id", "organizacaoId")
+
+#: The `typ` we mint (RFC 9068's access-token type), and the ones we accept: plain `JWT`
+#: is what most libraries write, kept for tokens of the original design.
+TOKEN_TYPE = "at+jwt"
+_ACCEPTED_TYPES = frozenset({"at+jwt", "application/at+jwt", "jwt"})
+
+#: RFC 8725 §3.10 asks for little clock skew; more than this is refused by the settings.
+MAX_LEEWAY_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +85,33 @@ class TokenService:
     when configured (non-empty)."""
 
     def __init__(
-        self, secret: str, issuer: str = "", audience: str = "", algorithm: str = "HS256"
+        self,
+        secret: str,
+        issuer: str = "",
+        audience: str = "",
+        algorithm: str = "HS256",
+        *,
+        leeway_s: int = 30,
+        max_ttl_s: int = 86_400,
     ) -> None:
+        if not 0 <= leeway_s <= MAX_LEEWAY_S:
+            raise ValueError(f"leeway must be 0 to {MAX_LEEWAY_S} seconds")
         self._secret = secret
         self._issuer = issuer
         self._audience = audience
         self._algorithm = algorithm
+        self._leeway_s = leeway_s
+        self.max_ttl_s = max_ttl_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings, secret: str) -> TokenService:
+        return cls(
+            secret,
+            settings.jwt_issuer,
+            settings.jwt_audience,
+            leeway_s=settings.jwt_leeway_s,
+            max_ttl_s=settings.token_max_ttl_s,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -82,6 +120,9 @@ class TokenService:
         )
 
     def mint(self, user_id: str, org_id: str, ttl_s: int, now: int | None = None) -> str:
+        """A token for the user; ValueError when `ttl_s` is past the maximum lifetime."""
+        if not 0 < ttl_s <= self.max_ttl_s:
+            raise ValueError(f"a token lives 1 to {self.max_ttl_s} seconds, not {ttl_s}")
         issued = int(time.time()) if now is None else now
         claims: dict[str, Any] = {
             "sub": user_id,
@@ -94,22 +135,39 @@ class TokenService:
             claims["iss"] = self._issuer
         if self._audience:
             claims["aud"] = self._audience
-        return jwt.encode(claims, self._secret, algorithm=self._algorithm)
+        return jwt.encode(
+            claims, self._secret, algorithm=self._algorithm, headers={"typ": TOKEN_TYPE}
+        )
 
-    def verify(self, token: str) -> Identity:
+    def verify(self, token: str, now: float | None = None) -> Identity:
         """The identity of a valid token; raises InvalidToken with the reason otherwise."""
         try:
+            header = jwt.get_unverified_header(token)
             claims: dict[str, Any] = jwt.decode(
                 token,
                 self._secret,
                 algorithms=[self._algorithm],
                 issuer=self._issuer or None,
+                # None: a token naming any audience is refused (it is meant for someone
+                # else); a token without `aud` is accepted unless an audience is set.
                 audience=self._audience or None,
-                # Without a configured audience a token's `aud` is not ours to judge.
-                options={"require": ["exp"], "verify_aud": bool(self._audience)},
+                leeway=self._leeway_s,
+                options={"require": ["exp"], "verify_aud": True},
             )
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(_reason(exc)) from exc
+        except (UnicodeError, ValueError, TypeError) as exc:  # odd bytes PyJWT lets through
+            raise InvalidToken("token is malformed") from exc
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
+            raise InvalidToken("token type ('typ') is not accepted")
+        for name in ("exp", "nbf", "iat"):
+            value = claims.get(name)
+            if value is not None and not _is_time(value):
+                raise InvalidToken(f"token claim {name!r} must be a number of seconds")
+        current = time.time() if now is None else now
+        if claims["exp"] - current > self.max_ttl_s + self._leeway_s:
+            raise InvalidToken(f"token lives longer than {self.max_ttl_s} s")
         user_id = _claimed_id(claims, _USER_CLAIMS)
         if user_id is None:
             raise InvalidToken("token has no user id ('sub' or 'userId')")
@@ -117,6 +175,13 @@ class TokenService:
         if org_id is None:
             raise InvalidToken("token has no organization id ('org_id' or 'organizacaoId')")
         return Identity(user_id=user_id, org_id=org_id, exp=int(claims["exp"]))
+
+
+def _is_time(value: object) -> bool:
+    """NumericDate of RFC 7519: a JSON number (PyJWT alone also takes "123" strings)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value)
 
 
 def bearer_token(authorization_header: str | None) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import socket
 import sys
@@ -16,11 +17,21 @@ from pathlib import Path
 
 import uvicorn
 
-from whatslike import __version__
-from whatslike.app import Runtime
+from whatslike import __version__, serving
+from whatslike.app import Runtime, check_wiring
 from whatslike.auth import TokenService
-from whatslike.errors import WhatslikeError
-from whatslike.settings import ROLES, Settings, load_settings, resolve_jwt_secret
+from whatslike.clock import format_time, utcnow
+from whatslike.errors import ConfigError, WhatslikeError
+from whatslike.roles.watchdog import find_stuck
+from whatslike.settings import (
+    ROLES,
+    Settings,
+    check_safety,
+    load_settings,
+    resolve_jwt_secret,
+    unknown_variables,
+)
+from whatslike.store import open_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--user", required=True, help="user id (claim sub)")
     token.add_argument("--ttl", type=int, help="seconds until it expires (default 3600)")
     token.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+
+    stuck = commands.add_parser(
+        "stuck",
+        help="list messages that stopped moving (for operators)",
+        description="List the messages the watchdog counts as stuck, from the configured "
+        "store: PENDING with no send under way, PENDING with a send of unknown outcome, "
+        "SENT with no provider news — by the thresholds in the settings "
+        "(STUCK_PENDING_S, SEND_UNKNOWN_FAIL_S, STUCK_SENT_S) or --older-than.",
+    )
+    stuck.add_argument("--older-than", type=float, help="seconds, for every kind")
+    stuck.add_argument("--json", action="store_true", help="one JSON object per line")
+    stuck.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
     return parser
 
 
@@ -80,23 +103,31 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._runtime = runtime
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the socket accepts from now on: only now say where it listens
+            _announce(self._runtime)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self._runtime.close_connections()
         await super().shutdown(sockets)
 
 
-async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
-    runtime = Runtime(settings)
-    await runtime.open()
-    config = uvicorn.Config(
-        runtime.app, log_level=log_level, lifespan="on", ws_max_size=settings.max_frame_bytes
-    )
-    server = _Server(config, runtime)
+def _announce(runtime: Runtime) -> None:
+    settings = runtime.settings
     print(f"Whatslike listening on {settings.base_url} (roles: {','.join(settings.roles)})")
     demo = runtime.demo_url()
     if demo is not None:
-        print(f"Demo (development token, embedded mode only): {demo}")
+        print(f"Demo (embedded mode only): {demo}")
     sys.stdout.flush()
+
+
+async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
+    runtime = Runtime(settings)
+    await runtime.open()
+    config = serving.server_config(runtime.app, settings, log_level)
+    serving.redact_logs(serving.secrets_of(settings, runtime.deps.jwt_secret))
+    server = _Server(config, runtime)
     await server.serve(sockets=[sock])
 
 
@@ -104,6 +135,11 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings(
         roles=args.roles, host=args.host, port=args.port, data_dir=args.data_dir
     )
+    for warning in unknown_variables():
+        print(f"whatslike: warning: {warning}", file=sys.stderr)
+    # Before the port is taken: a start that cannot succeed says why, whatever the port.
+    check_wiring(settings)
+    check_safety(settings)
     sock = _bind(settings)
     bound_port = sock.getsockname()[1]
     if bound_port != settings.port:
@@ -117,15 +153,61 @@ def serve(args: argparse.Namespace) -> int:
 
 def token(args: argparse.Namespace) -> int:
     settings = load_settings(data_dir=args.data_dir, token_ttl_s=args.ttl)
-    service = TokenService(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience)
-    print(service.mint(args.user, args.org, settings.token_ttl_s))
+    service = TokenService.from_settings(settings, resolve_jwt_secret(settings))
+    try:
+        print(service.mint(args.user, args.org, settings.token_ttl_s))
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting token_ttl_s (--ttl): {exc}") from exc
+    return 0
+
+
+def stuck(args: argparse.Namespace) -> int:
+    settings = load_settings(data_dir=args.data_dir)
+    return asyncio.run(_print_stuck(settings, args.older_than, as_json=args.json))
+
+
+async def _print_stuck(settings: Settings, older_than_s: float | None, *, as_json: bool) -> int:
+    store = open_store(settings.effective_database_url)
+    await store.open()
+    try:
+        found = await find_stuck(store, settings, utcnow(), older_than_s)
+    finally:
+        await store.close()
+    rows = [
+        (kind, message)
+        for kind, messages in (
+            ("pending", found.pending),
+            ("unknown", found.unknown),
+            ("sent", found.sent),
+        )
+        for message in messages
+    ]
+    for kind, message in rows:
+        since = message.send_started_at if kind == "unknown" else message.updated_at
+        fields = {
+            "kind": kind,
+            "message_id": message.id,
+            "conversation_id": message.conversation_id,
+            "org_id": message.org_id,
+            "channel": message.channel,
+            "status": message.status.value,
+            "provider_message_id": message.provider_message_id,
+            "since": format_time(since) if since else None,
+        }
+        if as_json:
+            print(json.dumps(fields))
+        else:
+            print("  ".join(str(value) for value in fields.values()))
+    if not as_json:
+        print(f"{len(rows)} stuck", file=sys.stderr)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"serve": serve, "token": token, "stuck": stuck}
     try:
-        return serve(args) if args.command == "serve" else token(args)
+        return commands[args.command](args)
     except WhatslikeError as exc:
         print(f"whatslike: {exc}", file=sys.stderr)
         return 1

@@ -124,6 +124,9 @@ class StatusEvent:
     provider_message_id: str
     occurred_at: datetime
     error: ProviderError | None = None
+    #: When we received the provider's news (the webhook, or the send answer): the start
+    #: of our own latency, apart from the provider's clock (WhatsApp's is whole seconds).
+    received_at: datetime | None = None
 
     @property
     def observation(self) -> Observation:
@@ -143,6 +146,7 @@ class StatusEvent:
                 "error": (
                     {"code": self.error.code, "title": self.error.title} if self.error else None
                 ),
+                "received_at": format_time(self.received_at) if self.received_at else None,
             },
             separators=(",", ":"),
         ).encode()
@@ -171,4 +175,5 @@ class StatusEvent:
             provider_message_id=_text(data, "provider_message_id", optional=True),
             occurred_at=_time(data, "occurred_at"),
             error=ProviderError(str(error["code"]), str(error["title"])) if error else None,
+            received_at=_time(data, "received_at") if data.get("received_at") else None,
         )

@@ -40,8 +40,15 @@ class Metrics:
         )
         self.status_latency = Histogram(
             "whatslike_status_fanout_seconds",
-            "From the provider's occurred_at to fan-out publish",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            "From our receipt of the provider's news to the fan-out publish",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.provider_lag = Histogram(
+            "whatslike_status_provider_lag_seconds",
+            "From the provider's own time of a status (whole seconds on WhatsApp) to its"
+            " fan-out publish",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=r,
         )
         self.ws_connections = Gauge(
@@ -67,6 +74,18 @@ class Metrics:
             "Provider send calls",
             ["channel", "outcome"],
             registry=r,
+        )
+        self.outbox_relayed = Counter(
+            "whatslike_outbox_relayed_total", "Outbox hand-offs handed to the bus", registry=r
+        )
+        self.stuck_messages = Gauge(
+            "whatslike_stuck_messages",
+            "Messages that have not moved for a while, by kind (pending, unknown, sent)",
+            ["kind"],
+            registry=r,
+        )
+        self.redriven = Counter(
+            "whatslike_redriven_total", "PENDING messages handed off again", registry=r
         )
         self.parked_statuses = Counter(
             "whatslike_parked_statuses_total",

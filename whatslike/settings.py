@@ -5,7 +5,10 @@ module reads `os.environ`. A bad value stops the start with one line naming the 
 
 from __future__ import annotations
 
+import difflib
+import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +18,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from whatslike.errors import ConfigError
 
 ROLES = ("api", "router", "connector", "status-worker", "simulator")
+
+#: The Meta credentials a fresh checkout runs with: fine for the embedded simulator,
+#: refused anywhere else (anyone who reads this file could forge webhooks with them).
+DEV_SECRETS = {
+    "meta_app_secret": "whatslike-dev-app-secret",
+    "meta_verify_token": "whatslike-dev-verify-token",
+    "meta_access_token": "whatslike-dev-access-token",
+}
 
 
 class Settings(BaseSettings):
@@ -39,7 +50,21 @@ class Settings(BaseSettings):
     jwt_issuer: str = ""
     jwt_audience: str = ""
     token_ttl_s: int = Field(3600, gt=0)
+    #: Tokens living longer than this (exp - now) are refused, whoever signed them.
+    token_max_ttl_s: int = Field(86_400, gt=0)
+    #: Clock skew allowed on exp/nbf/iat (RFC 8725 keeps it small).
+    jwt_leeway_s: int = Field(30, ge=0, le=60)
+    #: Empty: the served origin in the embedded mode, any origin otherwise.
     allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    #: When set, GET /metrics needs `Authorization: Bearer <metrics_token>`.
+    metrics_token: str = ""
+
+    # HTTP server limits.
+    max_header_bytes: int = Field(8192, ge=1024)
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_body_bytes: int = Field(65_536, ge=1024)
+    org_requests_per_s: float = Field(50.0, gt=0)
+    org_request_burst: int = Field(100, ge=1)
 
     # Bus (in-process adapter) and consumers.
     bus_partitions: int = Field(4, ge=1, le=256)
@@ -51,6 +76,32 @@ class Settings(BaseSettings):
     consumer_backoff_base_s: float = Field(0.1, gt=0)
     consumer_backoff_cap_s: float = Field(15.0, gt=0)
 
+    # Durability: the outbox relay, the stuck-message watchdog, outages.
+    #: How often the relay looks for hand-offs made by other processes.
+    relay_poll_s: float = Field(1.0, gt=0)
+    watchdog_interval_s: float = Field(10.0, gt=0)
+    #: PENDING with no send under way for this long: listed, counted and handed off again.
+    stuck_pending_s: float = Field(60.0, gt=0)
+    #: SENT with no provider news for this long: listed and counted.
+    stuck_sent_s: float = Field(3600.0, gt=0)
+    #: A send whose outcome is unknown (crash or timeout between the provider call and
+    #: its answer) becomes FAILED `send_outcome_unknown` when no webhook settled it.
+    send_unknown_fail_s: float = Field(600.0, gt=0)
+    #: The Retry-After of a 503 answered while the store is out of reach or on shutdown.
+    retry_after_s: int = Field(5, ge=1)
+
+    # Kafka bus (bus_url kafka://host:port[,host:port]).
+    #: Partitions of each topic the bus creates (at most this many consumers of a group work).
+    kafka_partitions: int = Field(8, ge=1, le=1024)
+    kafka_replication_factor: int = Field(1, ge=1, le=16)
+    #: Put before every topic name (tests use it to keep their topics apart).
+    kafka_topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$", max_length=100)
+    #: Records fetched ahead per partition; a full partition is not fetched until it drains.
+    kafka_partition_buffer: int = Field(500, ge=1)
+    kafka_commit_interval_s: float = Field(1.0, gt=0)
+    #: How long handlers at work may finish when their partitions are revoked or on stop.
+    kafka_handler_grace_s: float = Field(10.0, gt=0)
+
     # Hub.
     heartbeat_s: int = Field(25, ge=1)
     max_frame_bytes: int = Field(4096, ge=256)
@@ -60,14 +111,22 @@ class Settings(BaseSettings):
     client_frames_per_s: float = Field(20.0, gt=0)
     client_frame_burst: int = Field(40, ge=1)
     rate_limit_strikes: int = Field(10, ge=1)
+    rate_limit_window_s: float = Field(10.0, gt=0)
     replay_limit: int = Field(1000, ge=1)
+    max_connections: int = Field(10_000, ge=1)
+    max_connections_per_user: int = Field(50, ge=1)
+    max_connections_per_ip: int = Field(500, ge=1)
+    #: A send to a client that does not read for this long closes it with 4009.
+    write_timeout_s: float = Field(10.0, gt=0)
 
     # Meta (WhatsApp Cloud API / Instagram Messaging); default: the built-in simulator.
     graph_url: str = ""  # default: <public_url>/simulator
     graph_api_version: str = "v21.0"
-    meta_app_secret: str = "whatslike-dev-app-secret"
-    meta_verify_token: str = "whatslike-dev-verify-token"
-    meta_access_token: str = "whatslike-dev-access-token"
+    meta_app_secret: str = DEV_SECRETS["meta_app_secret"]
+    #: Earlier app secrets still accepted on webhooks while Meta switches (rotation).
+    meta_previous_app_secrets: Annotated[tuple[str, ...], NoDecode] = ()
+    meta_verify_token: str = DEV_SECRETS["meta_verify_token"]
+    meta_access_token: str = DEV_SECRETS["meta_access_token"]
     whatsapp_phone_number_id: str = "109876543210987"
     instagram_account_id: str = "17841400000000001"
     send_timeout_s: float = Field(10.0, gt=0)
@@ -80,8 +139,14 @@ class Settings(BaseSettings):
     sim_failure_rate: float = Field(0.0, ge=0, le=1)
     sim_seed: int | None = None
     sim_queue_size: int = Field(10_000, ge=1)
+    #: Multiplies the webhook retry schedule (back-off from 0.5 s doubling up to 60 s, for
+    #: up to 7 days, like Meta): below 1 for tests.
+    sim_time_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
     #: Where the simulator posts webhooks (the connector's process). Default: this one.
     sim_webhook_url: str = ""
+    #: Needed as `Authorization: Bearer …` by /simulator/control; unset, the control is
+    #: open in the embedded mode and closed otherwise.
+    sim_control_token: str = ""
 
     @field_validator("roles", mode="before")
     @classmethod
@@ -95,9 +160,9 @@ class Settings(BaseSettings):
             raise ValueError("at least one role is needed")
         return tuple(value)
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("allowed_origins", "meta_previous_app_secrets", mode="before")
     @classmethod
-    def _split_origins(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
@@ -109,11 +174,25 @@ class Settings(BaseSettings):
             raise ValueError("must start with sqlite:, postgresql:, postgres: or cassandra:")
         return value
 
-    @field_validator("bus_url", "fanout_url")
+    @field_validator("bus_url")
     @classmethod
-    def _known_transport(cls, value: str) -> str:
-        if value != "memory://":
-            raise ValueError("only memory:// is available in this version")
+    def _known_bus(cls, value: str) -> str:
+        if value == "memory://":
+            return value
+        if not value.startswith("kafka://"):
+            raise ValueError("must be memory:// or kafka://host:port[,host:port]")
+        servers = value.removeprefix("kafka://").split(",")
+        for server in servers:
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"kafka:// needs host:port[,host:port], not {server!r}")
+        return value
+
+    @field_validator("fanout_url")
+    @classmethod
+    def _known_fanout(cls, value: str) -> str:
+        if value != "memory://" and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be memory:// or redis://host:port/db (rediss:// for TLS)")
         return value
 
     @property
@@ -136,6 +215,28 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'whatslike.db'}"
 
     @property
+    def meta_app_secrets(self) -> tuple[str, ...]:
+        """Every app secret a webhook signature may use: the current one first."""
+        return (self.meta_app_secret, *self.meta_previous_app_secrets)
+
+    @property
+    def effective_allowed_origins(self) -> tuple[str, ...]:
+        """The WebSocket Origin allow-list; empty means any origin."""
+        if self.allowed_origins or not self.embedded:
+            return self.allowed_origins
+        origins = [self.base_url]
+        if self.host in ("127.0.0.1", "localhost"):
+            origins += [f"http://127.0.0.1:{self.port}", f"http://localhost:{self.port}"]
+        return tuple(dict.fromkeys(origins))
+
+    @property
+    def development(self) -> bool:
+        """The embedded mode listening on a loopback address only: where the published
+        development credentials may be used, since nothing else can reach them."""
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        return self.embedded and loopback
+
+    @property
     def embedded(self) -> bool:
         """True when nothing outside this process is used: demo conveniences allowed."""
         return (
@@ -143,6 +244,49 @@ class Settings(BaseSettings):
             and self.bus_url == "memory://"
             and "simulator" in self.roles
         )
+
+
+def check_safety(settings: Settings) -> None:
+    """Outside the embedded mode, refuse the development secrets and a simulator nobody
+    asked for by name; in it, refuse the development secrets on an address other
+    machines can reach (ConfigError, one line)."""
+    if settings.development:
+        return
+    if (
+        not settings.embedded
+        and "simulator" in settings.roles
+        and "roles" not in settings.model_fields_set
+    ):
+        raise ConfigError(
+            "invalid setting roles (WHATSLIKE_ROLES): outside the embedded mode the "
+            "simulator (a stand-in for Meta open to its callers) runs only when named; "
+            "list the roles to run"
+        )
+    if not {"connector", "simulator"} & set(settings.roles):
+        return  # no role of this process holds a Meta credential
+    for name, dev_value in DEV_SECRETS.items():
+        if dev_value in (getattr(settings, name), *settings.meta_previous_app_secrets):
+            raise ConfigError(
+                f"invalid setting {name} (WHATSLIKE_{name.upper()}): the development value "
+                "is accepted only in the embedded mode on a loopback address; set a secret "
+                "of your own"
+            )
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per `WHATSLIKE_*` variable that names no setting (a typo is otherwise
+    silently ignored), with the closest setting when there is one."""
+    names = [f"WHATSLIKE_{name.upper()}" for name in Settings.model_fields]
+    warnings = []
+    for variable in sorted(os.environ if environ is None else environ):
+        if not variable.startswith("WHATSLIKE_") or variable in names:
+            continue
+        if variable.startswith("WHATSLIKE_TEST_"):  # the test suite's own variables
+            continue
+        close = difflib.get_close_matches(variable, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"unknown setting {variable} is ignored{hint}")
+    return warnings
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -167,10 +311,46 @@ def resolve_jwt_secret(settings: Settings) -> str:
     try:
         if path.exists():
             return path.read_text().strip()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(settings.data_dir)
         secret = secrets.token_urlsafe(32)
-        path.write_text(secret)
-        path.chmod(0o600)
+        # Created 0600 from the start: no moment where another user could read it.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret)
     except OSError as exc:
         raise ConfigError(f"invalid setting data_dir (WHATSLIKE_DATA_DIR): {exc}") from exc
     return secret
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def simulator_database(settings: Settings) -> Path:
+    """Where the simulator keeps its webhook schedule and send counts."""
+    return settings.data_dir / "simulator.db"
+
+
+def secure_data_dir(settings: Settings) -> None:
+    """The data directory 0700 and the SQLite files (with their -wal and -shm, which SQLite
+    creates with the file's mode) 0600, created so before SQLite opens them."""
+    url = settings.effective_database_url
+    databases = []
+    if url.startswith(SQLITE_PREFIX) and len(url) > len(SQLITE_PREFIX):
+        databases.append(Path(url[len(SQLITE_PREFIX) :]))
+    if "simulator" in settings.roles:
+        databases.append(simulator_database(settings))
+    try:
+        _private_dir(settings.data_dir)
+        for database in databases:
+            database.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+            for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+                if path.exists():
+                    path.chmod(0o600)
+    except OSError as exc:
+        raise ConfigError(f"invalid setting data_dir (WHATSLIKE_DATA_DIR): {exc}") from exc

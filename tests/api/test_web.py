@@ -11,6 +11,13 @@ import jwt
 from whatslike.app import Runtime
 from whatslike.settings import load_settings, resolve_jwt_secret
 
+#: Credentials of a deployment outside the embedded mode (development ones are refused).
+OWN_SECRETS = {
+    "meta_app_secret": "app-secret-of-this-deployment",
+    "meta_verify_token": "verify-token-of-this-deployment",
+    "meta_access_token": "access-token-of-this-deployment",
+}
+
 
 def client_for(runtime: Runtime) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app), base_url="http://t")
@@ -41,7 +48,7 @@ async def test_embedded_mode_hands_out_demo_tokens(tmp_path: Path) -> None:
     assert (claims["org_id"], claims["sub"]) == ("demo", "demo-agent")
     url = runtime.demo_url()
     assert url is not None
-    assert url.startswith(f"{settings.base_url}/demo#token=")
+    assert url == f"{settings.base_url}/demo"  # no token: the page asks for one itself
 
 
 async def test_no_demo_tokens_outside_the_embedded_mode(tmp_path: Path) -> None:
@@ -49,6 +56,7 @@ async def test_no_demo_tokens_outside_the_embedded_mode(tmp_path: Path) -> None:
         data_dir=tmp_path,
         roles="api,router,connector,status-worker",
         graph_url="http://127.0.0.1:9/simulator",
+        **OWN_SECRETS,
     )
     runtime = Runtime(settings)
     async with client_for(runtime) as client:
@@ -58,3 +66,29 @@ async def test_no_demo_tokens_outside_the_embedded_mode(tmp_path: Path) -> None:
         assert refused.status_code == 404
         assert refused.json()["error"]["code"] == "not_found"
     assert runtime.demo_url() is None
+
+
+async def test_the_root_leads_to_the_demo_or_to_an_index(tmp_path: Path) -> None:
+    async with client_for(Runtime(load_settings(data_dir=tmp_path / "a"))) as client:
+        root = await client.get("/")
+        assert (root.status_code, root.headers["location"]) == (303, "/demo")
+    split = load_settings(
+        data_dir=tmp_path / "b", roles="api,router,connector,status-worker", **OWN_SECRETS
+    )
+    async with client_for(Runtime(split)) as client:
+        index = (await client.get("/")).json()
+        assert index["service"] == "whatslike"
+        assert "/ws/status" in index["endpoints"]
+
+
+async def test_metrics_can_be_protected_by_a_token(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, metrics_token="metrics-token-123")
+    async with client_for(Runtime(settings)) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        wrong = await client.get("/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        right = await client.get("/metrics", headers={"Authorization": "Bearer metrics-token-123"})
+        assert right.status_code == 200
+        assert "whatslike_" in right.text
+    async with client_for(Runtime(load_settings(data_dir=tmp_path / "open"))) as client:
+        assert (await client.get("/metrics")).status_code == 200

@@ -7,7 +7,7 @@ Playwright cannot download its own browsers here: it launches /usr/bin/chromium,
 from __future__ import annotations
 
 import re
-import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,23 +93,16 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
 
 def printed_demo_url(server: Server) -> str:
-    """The demo link `serve` prints right after its address (which is where start_server
-    stops reading): take it from the output, reading one more line if it is not there."""
-    pattern = re.compile(r"^Demo \(development token, embedded mode only\): (http://\S+)$")
-    for line in server.output:
-        if match := pattern.match(line.strip()):
-            return match.group(1)
-    assert server.process.stdout is not None
-    stdout = server.process.stdout
-    read: list[str] = []
-    reader = threading.Thread(target=lambda: read.append(stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=10)
-    assert read, "serve printed no demo link after its address:\n" + "".join(server.output)
-    server.output.append(read[0])
-    match = pattern.match(read[0].strip())
-    assert match, f"not the demo link: {read[0]!r}"
-    return match.group(1)
+    """The demo link `serve` prints right after its address (the harness keeps reading
+    the server's output into `server.output`)."""
+    pattern = re.compile(r"^Demo \(embedded mode only\): (http://\S+)$")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in list(server.output):
+            if match := pattern.match(line.strip()):
+                return match.group(1)
+        time.sleep(0.05)
+    raise AssertionError("serve printed no demo link:\n" + "".join(server.output))
 
 
 def screenshot(page: Page, name: str) -> Path:

@@ -64,8 +64,8 @@ async def sent_message(harness: Harness, mid: str, text: str) -> Message:
     return message
 
 
-def reads(harness: Harness) -> list[str]:
-    return [e.message_id for e in harness.bus.statuses() if e.status is Status.READ]
+async def reads(harness: Harness) -> list[str]:
+    return [e.message_id for e in (await harness.statuses()) if e.status is Status.READ]
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -119,9 +119,9 @@ async def test_send_shape_then_sent_published(harness: Harness) -> None:
     assert str(request.url) == "http://127.0.0.1:8123/simulator/v21.0/me/messages"
     assert request.headers["authorization"] == "Bearer whatslike-dev-access-token"
     assert json.loads(request.content) == fixture("instagram-send-request.json")
-    [(topic, key, _)] = harness.bus.published
+    [(topic, key, _)] = await harness.handed()
     assert (topic, key) == (TOPIC_STATUS, message.conversation_id)
-    [event] = harness.bus.statuses()
+    [event] = await harness.statuses()
     assert (event.status, event.provider_message_id) == (Status.SENT, "mid.1")
     assert event.occurred_at >= before
     linked = await harness.store.find_by_provider_id("instagram", "mid.1")
@@ -136,7 +136,7 @@ async def test_send_refused_publishes_failed_and_5xx_raises(harness: Harness) ->
     refusal = {"error": {"message": "(#551) This person isn't available right now.", "code": 551}}
     harness.send_handler = lambda request: httpx.Response(400, json=refusal)
     await harness.send(message, to=USER)
-    [event] = harness.bus.statuses()
+    [event] = await harness.statuses()
     assert event.status is Status.FAILED
     assert event.error is not None and event.error.code == "551"
 
@@ -169,40 +169,40 @@ async def test_seen_is_a_watermark_for_earlier_messages(harness: Harness) -> Non
         Status.READ, "mid.1", utcnow(),
     )  # fmt: skip
     await harness.store.apply_status(already_read)
-    harness.bus.published.clear()
+    await harness.clear()
 
     assert (await harness.post(seen("mid.3"))).status_code == 200
-    events = harness.bus.statuses()
+    events = await harness.statuses()
     assert [e.message_id for e in events] == [second.id]  # first is READ already
-    assert refused.id not in reads(harness) and later.id not in reads(harness)
+    assert refused.id not in await reads(harness) and later.id not in await reads(harness)
     assert events[0].occurred_at == datetime.fromtimestamp(SEEN_AT_MS / 1000, UTC)
 
-    harness.bus.published.clear()
+    await harness.clear()
     assert (await harness.post(seen("mid.4"))).status_code == 200
-    assert sorted(reads(harness)) == sorted([second.id, later.id])
+    assert sorted(await reads(harness)) == sorted([second.id, later.id])
 
 
 async def test_seen_before_send_answer_is_parked_then_applied(harness: Harness) -> None:
     first = await sent_message(harness, "mid.1", "one")
     await asyncio.sleep(0.002)
     second = await harness.message("two", contact=USER)
-    harness.bus.published.clear()
+    await harness.clear()
 
     assert (await harness.post(seen("mid.2"))).status_code == 200
-    assert harness.bus.published == []  # mid.2 unknown yet: parked
+    assert await harness.handed() == []  # mid.2 unknown yet: parked
 
     harness.send_handler = answer_with("mid.2")
     await harness.send(second, to=USER)
-    events = [(e.message_id, e.status) for e in harness.bus.statuses()]
+    events = [(e.message_id, e.status) for e in (await harness.statuses())]
     assert events[0] == (second.id, Status.SENT)
     assert sorted(events[1:]) == sorted([(second.id, Status.READ), (first.id, Status.READ)])
 
 
 async def test_seen_for_another_account_is_skipped(harness: Harness) -> None:
     await sent_message(harness, "mid.1", "one")
-    harness.bus.published.clear()
+    await harness.clear()
     assert (await harness.post(seen("mid.1", account="999"))).status_code == 200
-    assert harness.bus.published == []
+    assert await harness.handed() == []
 
 
 async def test_store_failure_answers_503(harness: Harness) -> None:

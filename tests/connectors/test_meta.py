@@ -55,6 +55,16 @@ def test_invalid_and_missing_signatures_fail() -> None:
     assert not signature_valid(SECRET, body, "sha256=zz")
 
 
+def test_every_secret_of_a_rotation_is_accepted() -> None:
+    body = b'{"entry":[]}'
+    old, new = "app-secret-old", "app-secret-new"
+    for signer in (old, new):
+        assert signature_valid((new, old), body, sign(signer, body))
+    assert not signature_valid((new, old), body, sign("app-secret-other", body))
+    assert not signature_valid((), body, sign(new, body))
+    assert not signature_valid(("",), body, sign("", body))  # an empty secret is no secret
+
+
 def _handshake_app() -> Starlette:
     async def verify(request: Request) -> Response:
         return verification_response(request, "verify-me")

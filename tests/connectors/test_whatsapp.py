@@ -19,14 +19,20 @@ from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
 from whatslike.connectors.meta import WebhookPayloadError, sign
 from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
-from whatslike.errors import MalformedEvent
-from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
+from whatslike.errors import BackendUnavailable, MalformedEvent
+from whatslike.events import (
+    TOPIC_MESSAGES,
+    TOPIC_STATUS,
+    OutboundMessage,
+    StatusEvent,
+    outbound_topic,
+)
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
 from whatslike.status.rules import ProviderError, Status
-from whatslike.store.base import Conversation, Message
+from whatslike.store.base import Conversation, Message, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
@@ -58,11 +64,9 @@ def status(wamid: str, name: str, callback: str = "", at: str = "1764072000") ->
 
 
 class RecordingBus:
-    """Keeps what is published; `fail` makes publish raise, like a full bus."""
+    """Keeps what subscribed; connectors hand off through the store's outbox, not here."""
 
-    def __init__(self) -> None:
-        self.published: list[tuple[str, str, bytes]] = []
-        self.fail = False
+    durable = False
 
     def subscribe(self, topic: str, group: str, handler: Callable[[bytes], Any]) -> None:
         self.subscribed = (topic, group)
@@ -77,12 +81,7 @@ class RecordingBus:
         return None
 
     async def publish(self, topic: str, key: str, value: bytes) -> None:
-        if self.fail:
-            raise RuntimeError("bus down")
-        self.published.append((topic, key, value))
-
-    def statuses(self) -> list[StatusEvent]:
-        return [StatusEvent.from_json(v) for t, _, v in self.published if t == TOPIC_STATUS]
+        raise AssertionError("connectors hand off through the outbox")
 
 
 class Harness:
@@ -98,7 +97,9 @@ class Harness:
         self.bus = RecordingBus()
         self.send_handler: SendHandler = lambda request: httpx.Response(500)
         self.requests: list[httpx.Request] = []
-        self.settings = load_settings(meta_app_secret=SECRET, port=8123)
+        self.settings = load_settings(
+            meta_app_secret=SECRET, port=8123, consumer_backoff_base_s=0.001
+        )
         self.connector = connector_type(
             Deps(
                 settings=self.settings,
@@ -116,6 +117,17 @@ class Harness:
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://test"
         )
+
+    async def handed(self) -> list[tuple[str, str, bytes]]:
+        """What the connector handed off: the outbox, less the sends of new messages."""
+        items = await self.store.outbox_batch("test", 10_000)
+        return [(i.topic, i.key, i.payload) for i in items if i.topic != TOPIC_MESSAGES]
+
+    async def statuses(self) -> list[StatusEvent]:
+        return [StatusEvent.from_json(v) for t, _, v in await self.handed() if t == TOPIC_STATUS]
+
+    async def clear(self) -> None:
+        await self.store.delete_outbox([i.id for i in await self.store.outbox_batch("t", 10_000)])
 
     async def message(self, text: str = "Seu pedido foi enviado", contact: str = "") -> Message:
         """A new PENDING message, in a new conversation unless `contact` names one."""
@@ -295,7 +307,7 @@ async def test_signature_checked_on_raw_bytes_before_parsing(harness: Harness) -
         response = await harness.post(body, signature)
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "forbidden"
-    assert harness.bus.published == []
+    assert await harness.handed() == []
     assert (await harness.post(raw, sign(SECRET, raw))).status_code == 200
 
 
@@ -308,11 +320,12 @@ async def test_malformed_signed_body_is_400(harness: Harness) -> None:
 
 async def test_status_resolved_by_callback_data(harness: Harness) -> None:
     message = await harness.message()
+    await harness.store.begin_send(message.id)  # the webhook beat the send answer
     response = await harness.post(status_webhook(status(WAMID, "sent", callback=message.id)))
     assert response.status_code == 200
-    [(topic, key, _)] = harness.bus.published
+    [(topic, key, _)] = await harness.handed()
     assert (topic, key) == (TOPIC_STATUS, message.conversation_id)
-    [event] = harness.bus.statuses()
+    [event] = await harness.statuses()
     assert event.message_id == message.id
     assert event.org_id == "org1"
     assert event.conversation_id == message.conversation_id
@@ -321,18 +334,41 @@ async def test_status_resolved_by_callback_data(harness: Harness) -> None:
     assert event.provider_message_id == WAMID
     assert event.occurred_at == datetime.fromtimestamp(1764072000, UTC)
     assert event.event_id.startswith("evt_")
+    assert event.received_at is not None
+    # The provider id was linked on the way: the send's answer will find it done.
+    linked = await harness.store.find_by_provider_id("whatsapp", WAMID)
+    assert linked is not None and linked.id == message.id
+
+
+async def test_forged_callback_data_moves_nothing(harness: Harness) -> None:
+    """Callback data naming a message that is not being sent, or that the provider knows
+    under another id, is not believed: the status is parked like an unknown one."""
+    idle = await harness.message("idle")
+    sent = await harness.message("sent")
+    await harness.store.link_provider_id("whatsapp", "wamid.real", sent.id)
+    failed = await harness.message("failed")
+    await harness.store.begin_send(failed.id)
+    await harness.store.release_send(failed.id)
+    for target in (idle, sent, failed):
+        forged = status_webhook(status("wamid.forged", "failed", callback=target.id))
+        assert (await harness.post(forged)).status_code == 200
+    assert await harness.handed() == []
+    for target in (idle, sent, failed):
+        stored = await harness.store.get_message(target.id)
+        assert stored is not None and stored.status is Status.PENDING
 
 
 async def test_a_redelivered_webhook_carries_the_same_event_id(harness: Harness) -> None:
     message = await harness.message()
+    await harness.store.begin_send(message.id)
     webhook = status_webhook(status(WAMID, "delivered", callback=message.id))
     for _ in range(2):
         assert (await harness.post(webhook)).status_code == 200
-    first, again = harness.bus.statuses()
+    first, again = await harness.statuses()
     assert first.event_id == again.event_id
     read = status_webhook(status(WAMID, "read", callback=message.id))
     assert (await harness.post(read)).status_code == 200
-    assert harness.bus.statuses()[-1].event_id != first.event_id
+    assert (await harness.statuses())[-1].event_id != first.event_id
 
 
 async def test_batched_post_for_several_messages(harness: Harness) -> None:
@@ -347,7 +383,7 @@ async def test_batched_post_for_several_messages(harness: Harness) -> None:
         status("wamid.B", "played"),
     )
     assert (await harness.post(payload)).status_code == 200
-    events = [(e.message_id, e.status) for e in harness.bus.statuses()]
+    events = [(e.message_id, e.status) for e in (await harness.statuses())]
     assert events == [
         (first.id, Status.DELIVERED),
         (second.id, Status.SENT),
@@ -360,14 +396,15 @@ async def test_status_of_another_phone_number_is_skipped(harness: Harness) -> No
     message = await harness.message()
     payload = status_webhook(status(WAMID, "sent", callback=message.id), phone="999")
     assert (await harness.post(payload)).status_code == 200
-    assert harness.bus.published == []
+    assert await harness.handed() == []
 
 
-async def test_bus_failure_answers_503_so_meta_retries(harness: Harness) -> None:
+async def test_store_outage_answers_503_so_meta_retries(harness: Harness) -> None:
     message = await harness.message()
-    harness.bus.fail = True
+    await harness.store.close()
     response = await harness.post(status_webhook(status(WAMID, "sent", callback=message.id)))
     assert response.status_code == 503
+    assert response.headers["Retry-After"] == str(harness.settings.retry_after_s)
     assert set(response.json()["error"]) == {"code", "message"}
     assert "Traceback" not in response.text
 
@@ -379,11 +416,11 @@ async def test_webhook_before_send_answer_is_parked_then_applied(harness: Harnes
     message = await harness.message()
     early = status_webhook(status(WAMID, "delivered"), status(WAMID, "sent"))
     assert (await harness.post(early)).status_code == 200
-    assert harness.bus.published == []  # nothing to say yet: parked
+    assert await harness.handed() == []  # nothing to say yet: parked
 
     harness.send_handler = answer_with(WAMID)
     await harness.send(message)
-    events = harness.bus.statuses()
+    events = await harness.statuses()
     assert [(e.message_id, e.status) for e in events] == [
         (message.id, Status.DELIVERED),
         (message.id, Status.SENT),
@@ -397,9 +434,9 @@ async def test_webhook_after_send_answer_resolves_by_provider_id(harness: Harnes
     message = await harness.message()
     harness.send_handler = answer_with(WAMID)
     await harness.send(message)
-    assert harness.bus.published == []
+    assert await harness.handed() == []
     assert (await harness.post(status_webhook(status(WAMID, "read")))).status_code == 200
-    [event] = harness.bus.statuses()
+    [event] = await harness.statuses()
     assert (event.message_id, event.status) == (message.id, Status.READ)
 
 
@@ -431,7 +468,7 @@ async def test_send_refused_by_meta_publishes_failed(harness: Harness) -> None:
     }
     harness.send_handler = lambda request: httpx.Response(400, json=refusal)
     await harness.send(message)
-    [event] = harness.bus.statuses()
+    [event] = await harness.statuses()
     assert event.status is Status.FAILED
     assert event.error == ProviderError(
         "131030", "(#131030) Recipient phone number not in allowed list"
@@ -460,10 +497,10 @@ async def test_send_retriable_answers_raise(harness: Harness, handler: SendHandl
     harness.send_handler = handler
     with pytest.raises(ProviderUnavailable):
         await harness.send(message)
-    assert harness.bus.published == []
+    assert await harness.handed() == []
 
 
-async def test_send_network_error_raises(harness: Harness) -> None:
+async def test_a_send_that_never_left_is_made_again(harness: Harness) -> None:
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
 
@@ -471,6 +508,57 @@ async def test_send_network_error_raises(harness: Harness) -> None:
     harness.send_handler = unreachable
     with pytest.raises(ProviderUnavailable):
         await harness.send(message)
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)  # the bus's retry
+    assert len(harness.requests) == 2
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None and stored.provider_message_id == WAMID
+    assert await harness.store.outbox_size() == 0  # the send's hand-off is done
+
+
+async def test_a_send_of_unknown_outcome_is_never_made_again(harness: Harness) -> None:
+    """A timeout after the request left may mean Meta sent it: the Graph API has no
+    idempotency key, so the message is not sent again; WhatsApp's status webhook, which
+    carries our id as callback data, settles it."""
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    message = await harness.message()
+    harness.send_handler = slow
+    await harness.send(message)  # settled as unknown: nothing for the bus to retry
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)  # a redelivery (e.g. after a crash)
+    assert len(harness.requests) == 1
+    assert await harness.store.outbox_size() == 0
+    webhook = status_webhook(status(WAMID, "delivered", callback=message.id))
+    assert (await harness.post(webhook)).status_code == 200
+    [event] = await harness.statuses()
+    assert (event.message_id, event.status) == (message.id, Status.DELIVERED)
+    linked = await harness.store.find_by_provider_id("whatsapp", WAMID)
+    assert linked is not None and linked.id == message.id
+
+
+async def test_a_failed_link_is_retried_without_sending_again(harness: Harness) -> None:
+    """The provider accepted the send, then the store failed: only the link is retried."""
+    link = harness.store.link_provider_id
+    failures = iter([BackendUnavailable("store down"), BackendUnavailable("still down")])
+
+    async def flaky_link(
+        channel: str, provider_message_id: str, message_id: str
+    ) -> list[ParkedStatus]:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return await link(channel, provider_message_id, message_id)
+
+    harness.store.link_provider_id = flaky_link  # type: ignore[method-assign]
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    assert len(harness.requests) == 1
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None and stored.provider_message_id == WAMID
 
 
 async def test_redelivered_send_is_not_sent_twice(harness: Harness) -> None:

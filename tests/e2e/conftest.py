@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,19 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 
+from whatslike.settings import DEV_SECRETS as DEV_VALUES
+
 STARTUP_TIMEOUT_S = 30
+
+#: The Meta credentials of a deployment outside the embedded mode (where the development
+#: ones are refused): the split deployment's two processes share them.
+OWN_SECRETS = {
+    "WHATSLIKE_META_APP_SECRET": "e2e-app-secret-0f3c9a71",
+    "WHATSLIKE_META_VERIFY_TOKEN": "e2e-verify-token-5d2b8e44",
+    "WHATSLIKE_META_ACCESS_TOKEN": "e2e-access-token-9a6c1f20",
+}
+DEV_SECRETS = tuple(DEV_VALUES.values())
+JWT_IN_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 
 
 @dataclass
@@ -30,6 +43,9 @@ class Server:
     data_dir: Path
     process: subprocess.Popen[str]
     output: list[str] = field(default_factory=list)
+    #: Every credential this server knows or was handed; none may appear in its output.
+    secrets: set[str] = field(default_factory=set)
+    reader: threading.Thread | None = None
 
     @property
     def ws_url(self) -> str:
@@ -52,7 +68,27 @@ class Server:
         if ttl is not None:
             command += ["--ttl", str(ttl)]
         done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
-        return done.stdout.strip()
+        token = done.stdout.strip()
+        self.secrets.add(token)
+        return token
+
+    def drain(self) -> None:
+        """Keep reading the server's output (its logs) into `output` until it exits."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+
+    def leaked(self) -> list[str]:
+        """Log lines that carry a JWT, a secret of this server or a development secret."""
+        secrets = {*self.secrets, *DEV_SECRETS}
+        jwt_secret = self.data_dir / "jwt-secret"
+        if jwt_secret.exists():
+            secrets.add(jwt_secret.read_text().strip())
+        return [
+            line
+            for line in self.output
+            if JWT_IN_TEXT.search(line) or any(secret in line for secret in secrets if secret)
+        ]
 
 
 def free_port() -> int:
@@ -65,7 +101,8 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None, port: int = 
     """Start `whatslike serve` (on any free port by default); read the address it prints."""
     command = [sys.executable, "-m", "whatslike", "serve", "--port", str(port)]
     process = subprocess.Popen(
-        [*command, "--data-dir", str(data_dir), "--log-level", "warning"],
+        # INFO: the access log and every refusal are written, so the log check sees them.
+        [*command, "--data-dir", str(data_dir), "--log-level", "info"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -81,7 +118,11 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None, port: int = 
         output.append(line)
         match = re.search(r"listening on (http://\S+)", line)
         if match:
-            server = Server(match.group(1), data_dir, process, output)
+            given = {value for name, value in (env or {}).items() if "SECRET" in name}
+            given |= {value for name, value in (env or {}).items() if "TOKEN" in name}
+            server = Server(match.group(1), data_dir, process, output, given)
+            server.reader = threading.Thread(target=server.drain, daemon=True)
+            server.reader.start()
             wait_healthy(server)
             return server
     process.kill()
@@ -101,12 +142,17 @@ def wait_healthy(server: Server) -> None:
 
 
 def stop_server(server: Server) -> None:
+    """Stop the server, then check its whole output: no token or secret in any line."""
     server.process.terminate()
     try:
         server.process.wait(timeout=15)
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait()
+    if server.reader is not None:
+        server.reader.join(timeout=15)
+    leaked = server.leaked()
+    assert not leaked, f"{len(leaked)} log lines carry a secret, e.g. {leaked[0][:200]!r}"
 
 
 @dataclass
@@ -133,11 +179,13 @@ def split_deployment(tmp_path: Path, sim_delay_ms: int) -> Iterator[Split]:
             "WHATSLIKE_ROLES": "simulator",
             "WHATSLIKE_SIM_DELAY_MS": str(sim_delay_ms),
             "WHATSLIKE_SIM_WEBHOOK_URL": f"http://127.0.0.1:{port}",
+            **OWN_SECRETS,
         },
     )
     env = {
         "WHATSLIKE_ROLES": "api,router,connector,status-worker",
         "WHATSLIKE_GRAPH_URL": f"{simulator.url}/simulator",
+        **OWN_SECRETS,
     }
     try:
         pipeline = start_server(tmp_path / "pipeline", env, port=port)
@@ -152,7 +200,9 @@ def split_deployment(tmp_path: Path, sim_delay_ms: int) -> Iterator[Split]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("serve"), {"WHATSLIKE_SIM_DELAY_MS": "30"})
+    # 100 ms between a message's webhooks, so that a loaded machine does not let one
+    # overtake the other (the tests of exact seqs 1, 2, 3 rely on the order).
+    running = start_server(tmp_path_factory.mktemp("serve"), {"WHATSLIKE_SIM_DELAY_MS": "100"})
     yield running
     stop_server(running)
 

@@ -274,7 +274,10 @@ async def test_the_simulator_can_run_as_its_own_process(
             await socket.subscribe(conversation)
             message = await send(client, conversation)
             frames = await statuses_until_final(socket, {message})
-            assert [f["seq"] for f in frames] == [1, 2, 3]
+            # Webhooks travel concurrently: a READ may overtake its SENT or DELIVERED
+            # (which then change nothing), so one to three changes, gap-free, ending READ.
+            assert [f["seq"] for f in frames] in ([1], [1, 2], [1, 2, 3])
+            assert frames[-1]["status"] == "READ"
         async with httpx.AsyncClient(base_url=split.simulator.url) as plain:
             assert (await plain.get("/api/conversations/x")).status_code == 404
             assert (await plain.get("/healthz")).json()["roles"] == ["simulator"]

@@ -63,7 +63,41 @@ def test_unknown_fields_are_ignored() -> None:
 
 
 def test_binary_utf8_is_read_as_text() -> None:
-    assert parse('{"type":"subscribe","conversation_id":"ç"}'.encode()) == Subscribe("ç")
+    assert parse('{"type":"auth","token":"ç"}'.encode()) == Auth("ç")
+
+
+@pytest.mark.parametrize(
+    "conversation_id",
+    ["ç", "a b", "a/b", "x" * 129, "\u0000", "c1\n", "../c1", "%2e", "\ud800"],
+)
+def test_ids_outside_the_protocol_pattern_are_bad_requests(conversation_id: str) -> None:
+    for kind in ("subscribe", "unsubscribe"):
+        raw = json.dumps({"type": kind, "conversation_id": conversation_id, "ref": "r"})
+        result = parse(raw)
+        assert isinstance(result, FrameError), raw
+        assert (result.code, result.ref) == ("bad_request", "r")
+
+
+def test_ids_inside_the_pattern_are_taken() -> None:
+    for conversation_id in ("c1", "conv_3f2a", "A-Z.0:9_", "x" * 128):
+        assert parse(json.dumps({"type": "subscribe", "conversation_id": conversation_id})) == (
+            Subscribe(conversation_id)
+        )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type":"auth","token":"a\\ud800b"}',
+        '{"type":"auth","token":"\\udfff"}',
+        '{"type":"ping","ref":"\\ud83d"}',
+        '{"type":"subscribe","conversation_id":"c\\udc00"}',
+    ],
+)
+def test_lone_surrogates_are_bad_requests(raw: str) -> None:
+    result = parse(raw)
+    assert isinstance(result, FrameError)
+    assert result.code == "bad_request"
 
 
 @pytest.mark.parametrize(
@@ -188,6 +222,35 @@ def test_arbitrary_objects_never_raise_and_pongs_stay_json(data: dict[str, objec
         json.loads(frames.pong(result.ts))  # always a valid JSON answer
     else:
         assert isinstance(result, Subscribe | Unsubscribe | Auth | FrameError)
+
+
+_surrogates = st.text(
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters(), max_size=6
+)
+
+
+@given(
+    st.sampled_from(["subscribe", "unsubscribe", "auth", "ping", "nope"]),
+    _surrogates,
+    _surrogates | st.integers(),
+)
+def test_what_the_parser_accepts_is_clean_text(kind: str, value: str, ref: object) -> None:
+    """Every string that comes out of the parser can be encoded, stored and logged: a lone
+    surrogate or an id outside the pattern is a FrameError, never an exception later."""
+    raw = json.dumps(
+        {"type": kind, "conversation_id": value, "token": value, "ts": value, "ref": ref}
+    )
+    result = parse_client_frame(raw, 10_000)
+    match result:
+        case Subscribe(conversation_id=cid, ref=r) | Unsubscribe(conversation_id=cid, ref=r):
+            assert frames.valid_id(cid)
+            assert not isinstance(r, str) or not frames.has_lone_surrogate(r)
+        case Auth(token=token):
+            token.encode("utf-8")
+        case Ping(ts=ts):
+            json.loads(frames.pong(ts))
+        case FrameError(code=code):
+            assert code == "bad_request"
 
 
 def test_server_frames() -> None:

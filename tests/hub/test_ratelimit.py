@@ -1,4 +1,5 @@
-"""The frame budget: a burst, then the rate; refusals in a row end the connection."""
+"""The frame budget: a burst, then the rate; too many refusals in a window end the
+connection, in a row or interleaved."""
 
 from __future__ import annotations
 
@@ -17,15 +18,35 @@ def test_a_burst_then_the_rate() -> None:
     assert budget.take(10.0) is False  # refills only up to the burst
 
 
-def test_refusals_in_a_row_exhaust_it_and_an_allowed_frame_resets() -> None:
+def test_refusals_in_a_row_exhaust_it() -> None:
     budget = FrameBudget(rate=1, burst=1, strikes=2)
     assert budget.take(0.0)
     assert not budget.take(0.1) and not budget.take(0.2)
     assert not budget.exhausted
     assert not budget.take(0.3)
     assert budget.exhausted
-    assert budget.take(5.0)
-    assert not budget.exhausted
+
+
+def test_interleaving_allowed_frames_does_not_escape_the_window() -> None:
+    """The evasion of issue 8: refused and allowed frames alternate, so no two refusals
+    are in a row; at 180 frames/s against 20/s it must still end within the window."""
+    budget = FrameBudget(rate=20, burst=40, strikes=10, window_s=10)
+    now, refused = 0.0, 0
+    while not budget.exhausted:
+        now += 1 / 180
+        refused += not budget.take(now)
+        assert now < 10, "never exhausted"
+    assert refused == 11
+
+
+def test_refusals_spread_over_more_than_the_window_are_forgiven() -> None:
+    budget = FrameBudget(rate=0.01, burst=1, strikes=2, window_s=10)
+    assert budget.take(0.0)
+    for at in (1.0, 7.0, 13.0, 19.0, 25.0):  # never three refusals within 10 s
+        assert not budget.take(at)
+        assert not budget.exhausted
+    assert not budget.take(26.0)  # the third within 10 s
+    assert budget.exhausted
 
 
 @given(

@@ -25,6 +25,7 @@ from whatslike.auth import TokenService
 from whatslike.bus import Bus
 from whatslike.clock import new_id, utcnow
 from whatslike.events import StatusEvent, status_channel
+from whatslike.fanout import Fanout
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.hub.server import MAX_BATCH, Hub, Reply, coalesce, status_seq
 from whatslike.metrics import Metrics
@@ -72,7 +73,7 @@ class Harness:
     url: str
     hub: Hub
     store: GatedStore
-    fanout: MemoryFanout
+    fanout: Fanout
     metrics: Metrics
     tokens: TokenService
 
@@ -135,11 +136,15 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
 
 
 @asynccontextmanager
-async def running_hub(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness]:
+async def running_hub(
+    tmp_path: Path, fanout: Fanout | None = None, **overrides: Any
+) -> AsyncIterator[Harness]:
+    """The hub on its own uvicorn server; with the in-process fan-out unless one is given
+    (the harness starts and stops it)."""
     settings = Settings(jwt_secret=SECRET, data_dir=tmp_path, **overrides)
     store = GatedStore(tmp_path / "hub.db")
     await store.open()
-    fanout = MemoryFanout()
+    fanout = MemoryFanout() if fanout is None else fanout
     metrics = Metrics()
     async with httpx.AsyncClient() as http:
         deps = Deps(
@@ -159,11 +164,13 @@ async def running_hub(tmp_path: Path, **overrides: Any) -> AsyncIterator[Harness
         await eventually(lambda: server.started or serving.done(), "uvicorn serves")
         host, port = sock.getsockname()
         await hub.start()
+        await fanout.start()
         try:
             yield Harness(
                 f"ws://{host}:{port}/ws/status", hub, store, fanout, metrics, TokenService(SECRET)
             )
         finally:
+            await fanout.stop()
             await hub.stop()
             server.should_exit = True
             await serving
@@ -634,7 +641,11 @@ async def test_bad_frames_are_answered_then_closed_past_the_tolerance(tmp_path: 
 
 async def test_a_flood_is_rate_limited_then_closed_with_4008(tmp_path: Path) -> None:
     # A rate so low that no token comes back while the test runs.
-    limits = {"client_frame_burst": 2, "client_frames_per_s": 0.001, "rate_limit_strikes": 2}
+    limits: dict[str, Any] = {
+        "client_frame_burst": 2,
+        "client_frames_per_s": 0.001,
+        "rate_limit_strikes": 2,
+    }
     async with running_hub(tmp_path, **limits) as harness, harness.client() as ws:
         await connected(ws)
         for ts in (1, 2):
@@ -666,6 +677,15 @@ async def test_unexpected_failure_closes_with_1011_without_details(hub: Harness)
         await connected(ws)
         await send(ws, type="subscribe", conversation_id="c1")
         assert await closed(ws) == (1011, "internal error")
+
+
+async def test_a_store_outage_closes_with_1013_so_the_client_comes_back(hub: Harness) -> None:
+    conversation = await hub.conversation()
+    await hub.store.close()  # the database is out of reach
+    async with hub.client() as ws:
+        await connected(ws)
+        await send(ws, type="subscribe", conversation_id=conversation.id)
+        assert await closed(ws) == (1013, "store unavailable")
 
 
 async def test_stop_closes_every_connection_with_1001(hub: Harness) -> None:

@@ -45,8 +45,9 @@ export function fakeWebSocketClass() {
     static CONNECTING = 0;
     static OPEN = 1;
     static CLOSED = 3;
-    constructor(url) {
+    constructor(url, protocols) {
       this.url = url;
+      this.protocols = protocols;
       this.readyState = 0;
       this.sent = [];
       this.closedWith = null;
@@ -146,4 +147,10 @@ export function setup({ random = () => 0.5, tokenTtlS = 3600, ...options } = {})
   });
   const seqs = (conversationId) => of("status").filter((f) => f.conversation_id === conversationId).map((f) => f.seq);
   return { clock, sockets, client, events, of, last, accept, answer, status, seqs, token };
+}
+
+/** The token a socket was opened with (it travels as a subprotocol, never in the URL). */
+export function tokenOf(socket) {
+  const offered = (socket.protocols ?? []).find((p) => p.startsWith("access_token."));
+  return offered === undefined ? null : offered.slice("access_token.".length);
 }

@@ -5,7 +5,7 @@ import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 
 import { ChatStatusClient, CloseCode, backoffDelay } from "../../whatslike/static/websocket-client.js";
-import { FakeClock, fakeWebSocketClass, flush, makeJwt, setup } from "./helpers.mjs";
+import { FakeClock, fakeWebSocketClass, flush, makeJwt, setup, tokenOf } from "./helpers.mjs";
 
 // Errors must be events: any unhandled rejection or exception fails the run.
 const escaped = [];
@@ -66,14 +66,16 @@ describe("backoffDelay", () => {
 });
 
 describe("connection", () => {
-  test("puts the token in the query string and walks idle → connecting → open", async () => {
+  test("offers the token as a subprotocol, never in the URL, and walks idle → connecting → open", async () => {
     const t = setup();
     assert.equal(t.client.state, "idle");
     const connected = t.client.connect();
     assert.equal(t.client.state, "connecting");
     const url = new URL(t.last().url);
     assert.equal(url.pathname, "/ws/status");
-    assert.equal(url.searchParams.get("access_token"), t.token);
+    assert.equal(url.search, "");
+    assert.deepEqual(t.last().protocols, ["whatslike.v1", `access_token.${t.token}`]);
+    assert.equal(tokenOf(t.last()), t.token);
     t.accept();
     await connected;
     assert.equal(t.client.state, "open");
@@ -590,7 +592,7 @@ describe("tokens", () => {
     ws.serverClose(1006);
     t.clock.advance(t.clock.pendingDelays()[0]);
     await flush();
-    assert.equal(new URL(t.last().url).searchParams.get("access_token"), issued[1]);
+    assert.equal(tokenOf(t.last()), issued[1]);
     t.client.disconnect();
   });
 
@@ -619,7 +621,7 @@ describe("tokens", () => {
     await flush();
     assert.equal(calls, 1);
     assert.equal(t.sockets.length, 2);
-    assert.equal(new URL(t.last().url).searchParams.get("access_token"), fresh);
+    assert.equal(tokenOf(t.last()), fresh);
     t.client.disconnect();
   });
 
@@ -641,7 +643,7 @@ describe("tokens", () => {
     const t = setup({ getToken: () => token, tokenTtlS: null });
     const p = t.client.connect();
     await flush();
-    assert.equal(new URL(t.last().url).searchParams.get("access_token"), token);
+    assert.equal(tokenOf(t.last()), token);
     t.accept();
     await p;
     t.client.disconnect();
@@ -709,7 +711,7 @@ describe("tokens", () => {
     ws.serverClose(4001, "token expired");
     t.clock.advance(0);
     await flush();
-    assert.equal(new URL(t.last().url).searchParams.get("access_token"), fresh);
+    assert.equal(tokenOf(t.last()), fresh);
     t.client.disconnect();
   });
 
@@ -736,7 +738,7 @@ describe("tokens", () => {
     t.clock.advance(t.clock.pendingDelays()[0]);
     await flush();
     assert.equal(calls, 3);
-    assert.equal(new URL(t.last().url).searchParams.get("access_token"), fresh);
+    assert.equal(tokenOf(t.last()), fresh);
     t.accept();
     await p;
     assert.equal(t.client.state, "open");
@@ -790,7 +792,7 @@ describe("tokens", () => {
     t.client.disconnect();
     t.client.connect(); // still the old token: the fresh one has not come yet
     await flush();
-    assert.equal(new URL(t.last().url).searchParams.get("access_token"), t.token);
+    assert.equal(tokenOf(t.last()), t.token);
     const fresh = makeJwt({ exp: 2_000_000_000 });
     resolvers[0](fresh);
     await flush();
@@ -815,7 +817,7 @@ describe("tokens", () => {
     await flush();
     t2.client.connect();
     await flush();
-    assert.equal(new URL(t2.last().url).searchParams.get("access_token"), fresh);
+    assert.equal(tokenOf(t2.last()), fresh);
     t2.client.disconnect();
   });
 

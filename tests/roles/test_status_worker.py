@@ -15,8 +15,10 @@ import pytest
 
 from whatslike.bus.memory import MemoryBus
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
+from whatslike.fanout.memory import MemoryFanout
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
+from whatslike.roles.relay import OutboxRelay
 from whatslike.roles.status_worker import StatusWorker
 from whatslike.settings import load_settings
 from whatslike.status.rules import Status
@@ -24,25 +26,14 @@ from whatslike.store.base import Message
 from whatslike.store.sqlite import SQLiteStore
 
 
-class FlakyFanout:
+class FlakyFanout(MemoryFanout):
     """Fails its first `failures` publishes, like a Redis that blinked."""
 
     def __init__(self, failures: int) -> None:
+        super().__init__()
         self.failures = failures
         self.published: list[tuple[str, bytes]] = []
         self.arrived = asyncio.Event()
-
-    def listen(self, listener: object) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def ping(self) -> None:
-        return None
 
     async def publish(self, channel: str, payload: bytes) -> None:
         if self.failures:
@@ -134,11 +125,13 @@ async def test_a_message_the_provider_never_got_becomes_failed(store: SQLiteStor
     fanout, metrics = FlakyFanout(failures=0), Metrics()
     wiring = deps(store, fanout, metrics)
     StatusWorker(wiring)
+    relay = OutboxRelay(wiring)
 
     async def unreachable_provider(raw: bytes) -> None:
         raise ConnectionError("graph.facebook.com unreachable")
 
     wiring.bus.subscribe(outbound_topic("whatsapp"), "connector-whatsapp", unreachable_provider)
+    await relay.start()
     await wiring.bus.start()
     outbound = OutboundMessage(
         event_id="evt_out",
@@ -153,11 +146,14 @@ async def test_a_message_the_provider_never_got_becomes_failed(store: SQLiteStor
     )
     await wiring.bus.publish(outbound_topic("whatsapp"), conversation.id, outbound.to_json())
     await asyncio.wait_for(fanout.arrived.wait(), 5)
+    await relay.stop()
     await wiring.bus.stop()
     await wiring.http.aclose()
 
     frame = json.loads(fanout.published[0][1])
     assert (frame["status"], frame["seq"]) == ("FAILED", 1)
+    # The FAILED was handed off with the send's own hand-off done: nothing is left over.
+    assert await store.outbox_size() == 0
     assert frame["error"] == {"code": "send_failed", "title": "Could not be handed to the provider"}
     stored = await store.get_message(message.id)
     assert stored is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,13 +25,13 @@ from tests.connectors.test_whatsapp import RecordingBus
 from whatslike.connectors.instagram import parse_reads
 from whatslike.connectors.meta import signature_valid
 from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
-from whatslike.events import OutboundMessage
+from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings, load_settings
 from whatslike.simulator import payloads
-from whatslike.simulator.app import Controls, Simulator, changed_controls
+from whatslike.simulator.app import MAX_DELAY_MS, Controls, Simulator, changed_controls
 from whatslike.status.rules import Status
 from whatslike.store.sqlite import SQLiteStore
 
@@ -48,9 +50,14 @@ def fixture(name: str) -> dict[str, Any]:
     return data
 
 
-def settings(port: int = 8123, **overrides: Any) -> Settings:
+def settings(data_dir: Path, port: int = 8123, **overrides: Any) -> Settings:
     return load_settings(
-        meta_app_secret=SECRET, meta_access_token=TOKEN, port=port, sim_seed=7, **overrides
+        meta_app_secret=SECRET,
+        meta_access_token=TOKEN,
+        port=port,
+        sim_seed=7,
+        data_dir=data_dir,
+        **overrides,
     )
 
 
@@ -151,18 +158,24 @@ def test_controls_validation() -> None:
 
 
 @asynccontextmanager
-async def in_process(**overrides: Any) -> AsyncIterator[tuple[Simulator, httpx.AsyncClient]]:
-    """A simulator without delivery workers: webhooks stay queued."""
+async def in_process(
+    data_dir: Path, **overrides: Any
+) -> AsyncIterator[tuple[Simulator, httpx.AsyncClient]]:
+    """A simulator with its schedule open but no delivery workers: webhooks stay queued."""
     async with httpx.AsyncClient() as http:
-        simulator = Simulator(deps(settings(**overrides), http))
+        simulator = Simulator(deps(settings(data_dir, **overrides), http))
+        await simulator.schedule.open()
         app = Starlette(routes=simulator.routes())
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
-            yield simulator, client
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+                yield simulator, client
+        finally:
+            await simulator.schedule.close()
 
 
-async def test_whatsapp_send_answers_like_meta() -> None:
-    async with in_process() as (simulator, client):
+async def test_whatsapp_send_answers_like_meta(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as (simulator, client):
         response = await client.post(
             WA_SEND, json=fixture("whatsapp-send-request.json"), headers=AUTH
         )
@@ -174,8 +187,8 @@ async def test_whatsapp_send_answers_like_meta() -> None:
         assert simulator.schedule.pending == 3  # sent, delivered, read
 
 
-async def test_instagram_send_answers_like_meta() -> None:
-    async with in_process() as (simulator, client):
+async def test_instagram_send_answers_like_meta(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as (simulator, client):
         response = await client.post(
             IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
         )
@@ -191,9 +204,9 @@ def assert_meta_error(response: httpx.Response, status: int, code: int) -> None:
     assert error["message"] and error["type"] == "OAuthException" and error["fbtrace_id"]
 
 
-async def test_graph_api_errors() -> None:
+async def test_graph_api_errors(tmp_path: Path) -> None:
     good = fixture("whatsapp-send-request.json")
-    async with in_process() as (_, client):
+    async with in_process(tmp_path) as (_, client):
         assert_meta_error(await client.post(WA_SEND, json=good), 401, 190)
         wrong = {"Authorization": "Bearer guess"}
         assert_meta_error(await client.post(IG_SEND, json=good, headers=wrong), 401, 190)
@@ -207,8 +220,8 @@ async def test_graph_api_errors() -> None:
         assert_meta_error(await client.post(IG_SEND, json=no_text, headers=AUTH), 400, 100)
 
 
-async def test_full_queue_answers_429() -> None:
-    async with in_process(sim_queue_size=4) as (simulator, client):
+async def test_full_queue_answers_429(tmp_path: Path) -> None:
+    async with in_process(tmp_path, sim_queue_size=4) as (simulator, client):
         request = fixture("whatsapp-send-request.json")
         assert (await client.post(WA_SEND, json=request, headers=AUTH)).status_code == 200
         refused = await client.post(WA_SEND, json=request, headers=AUTH)
@@ -216,16 +229,16 @@ async def test_full_queue_answers_429() -> None:
         assert simulator.schedule.pending == 3
 
 
-async def test_instagram_failure_is_a_refused_send() -> None:
-    async with in_process(sim_failure_rate=1.0) as (_, client):
+async def test_instagram_failure_is_a_refused_send(tmp_path: Path) -> None:
+    async with in_process(tmp_path, sim_failure_rate=1.0) as (_, client):
         response = await client.post(
             IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
         )
         assert_meta_error(response, 400, 551)
 
 
-async def test_control_reads_and_changes_at_runtime() -> None:
-    async with in_process(sim_delay_ms=50) as (simulator, client):
+async def test_control_reads_and_changes_at_runtime(tmp_path: Path) -> None:
+    async with in_process(tmp_path, sim_delay_ms=50) as (simulator, client):
         state = (await client.get("/simulator/control")).json()
         assert state == {"disorder": False, "failure_rate": 0.0, "delay_ms": 50}
         changed = await client.post("/simulator/control", json={"disorder": True})
@@ -251,11 +264,14 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 10) -> None:
 
 
 class Receiver:
-    """Stands where the connectors' webhook routes would be; records every POST."""
+    """Stands where the connectors' webhook routes would be; records every POST and the
+    status it answered."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[str, bytes, str | None]] = []
+        self.answered: list[int] = []  # the status of each post, in order
         self.answers: list[int] = []  # statuses to answer first, then 200
+        self.down = False  # answer 503 to everything
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/webhooks/{channel}", self.receive, methods=["POST"])]
@@ -264,19 +280,32 @@ class Receiver:
         body = await request.body()
         header = request.headers.get("X-Hub-Signature-256")
         self.posts.append((request.path_params["channel"], body, header))
-        return Response(status_code=self.answers.pop(0) if self.answers else 200)
+        status = 503 if self.down else (self.answers.pop(0) if self.answers else 200)
+        self.answered.append(status)
+        return Response(status_code=status)
+
+    def answers_by_body(self) -> dict[bytes, list[int]]:
+        """The statuses answered to each distinct body, in order."""
+        by_body: dict[bytes, list[int]] = {}
+        for (_, body, _), status in zip(self.posts, self.answered, strict=True):
+            by_body.setdefault(body, []).append(status)
+        return by_body
+
+
+Builder = Callable[[Settings, httpx.AsyncClient], list[BaseRoute]]
 
 
 @asynccontextmanager
 async def served(
-    build: Callable[[Settings, httpx.AsyncClient], list[BaseRoute]],
+    build: Builder,
     roles: Callable[[], list[Simulator]],
+    data_dir: Path,
     **overrides: Any,
 ) -> AsyncIterator[Settings]:
     """A real uvicorn server on a free port, with the routes `build` returns."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = settings(port=sock.getsockname()[1], **overrides)
+    config = settings(data_dir, port=sock.getsockname()[1], **overrides)
     async with httpx.AsyncClient() as http:
         app = Starlette(routes=build(config, http))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -294,7 +323,7 @@ async def served(
             sock.close()
 
 
-async def test_whatsapp_webhooks_signed_in_order() -> None:
+async def test_whatsapp_webhooks_signed_in_order(tmp_path: Path) -> None:
     receiver = Receiver()
     sims: list[Simulator] = []
 
@@ -302,7 +331,7 @@ async def test_whatsapp_webhooks_signed_in_order() -> None:
         sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
-    async with served(build, lambda: sims, sim_delay_ms=20) as config:
+    async with served(build, lambda: sims, tmp_path, sim_delay_ms=20) as config:
         async with httpx.AsyncClient(base_url=config.base_url) as client:
             response = await client.post(
                 WA_SEND, json=fixture("whatsapp-send-request.json"), headers=AUTH
@@ -321,16 +350,18 @@ async def test_whatsapp_webhooks_signed_in_order() -> None:
     assert times == sorted(times)
 
 
-async def test_instagram_seen_webhook_and_retries() -> None:
+async def test_instagram_seen_webhook_and_retries(tmp_path: Path) -> None:
     receiver = Receiver()
     receiver.answers = [500, 503]
     sims: list[Simulator] = []
 
     def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
-        sims.append(Simulator(deps(config, http), retry_base_s=0.01))
+        sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
-    async with served(build, lambda: sims, sim_delay_ms=10) as config:
+    async with served(
+        build, lambda: sims, tmp_path, sim_delay_ms=10, sim_time_scale=0.02
+    ) as config:
         async with httpx.AsyncClient(base_url=config.base_url) as client:
             response = await client.post(
                 IG_SEND, json=fixture("instagram-send-request.json"), headers=AUTH
@@ -355,11 +386,18 @@ async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
     connectors: list[WhatsAppConnector] = []
 
     def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
-        sims.append(Simulator(deps(config, http), retry_base_s=0.01))
+        sims.append(Simulator(deps(config, http)))
         connectors.append(WhatsAppConnector(deps(config, http, store)))
         return sims[0].routes() + connectors[0].routes()
 
-    async with served(build, lambda: sims, sim_delay_ms=5, sim_disorder=True) as config:
+    async with served(
+        build,
+        lambda: sims,
+        tmp_path / "sim",
+        sim_delay_ms=5,
+        sim_disorder=True,
+        sim_time_scale=0.02,
+    ) as config:
         conversation = await store.create_conversation("org1", "whatsapp", "+5511988877665")
         messages = [
             (await store.create_message(conversation, f"text {n}", f"c{n}"))[0] for n in range(12)
@@ -372,14 +410,132 @@ async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
             await connectors[0].send(outbound.to_json())
         await eventually(lambda: sims[0].schedule.pending == 0)
         assert config.sim_disorder
+    handed = await store.outbox_batch("test", 10_000)
     await store.close()
-    bus = connectors[0]._bus
-    assert isinstance(bus, RecordingBus)
     seen: dict[str, set[Status]] = {}
-    for event in bus.statuses():
-        seen.setdefault(event.message_id, set()).add(event.status)
+    for item in handed:
+        if item.topic == TOPIC_STATUS:
+            event = StatusEvent.from_json(item.payload)
+            seen.setdefault(event.message_id, set()).add(event.status)
     for message in messages:
         assert {Status.SENT, Status.READ} <= seen[message.id], message.id
     registry = connectors[0]._metrics.registry
     parked = registry.get_sample_value("whatslike_parked_statuses_total", {"channel": "whatsapp"})
     assert parked  # some webhooks beat the send answer and were applied from the park
+
+
+def stored_deliveries(data_dir: Path) -> list[tuple[bytes, int]]:
+    """The deliveries on the simulator's disk: body and failed attempts."""
+    with sqlite3.connect(data_dir / "simulator.db") as db:
+        rows = db.execute("SELECT body, failures FROM deliveries ORDER BY id").fetchall()
+    return [(bytes(body), failures) for body, failures in rows]
+
+
+def simulator_with(receiver: Receiver, sims: list[Simulator]) -> Builder:
+    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[-1].routes() + receiver.routes()
+
+    return build
+
+
+async def send_messages(config: Settings, whatsapp: int, instagram: int) -> None:
+    """Distinct WhatsApp (by callback data) and Instagram (by text) sends, all accepted."""
+    requests = [
+        (WA_SEND, {**fixture("whatsapp-send-request.json"), "biz_opaque_callback_data": f"m{n}"})
+        for n in range(whatsapp)
+    ]
+    instagram_request = fixture("instagram-send-request.json")
+    requests += [
+        (IG_SEND, {**instagram_request, "message": {"text": f"text {n}"}}) for n in range(instagram)
+    ]
+    async with httpx.AsyncClient(base_url=config.base_url) as client:
+        for path, request in requests:
+            assert (await client.post(path, json=request, headers=AUTH)).status_code == 200
+
+
+async def test_the_schedule_survives_a_restart(tmp_path: Path) -> None:
+    """A simulator whose connector refuses stops with its webhooks pending; a new one on the
+    same data directory delivers them, the very same bytes, signed, to one that accepts."""
+    refusing = Receiver()
+    refusing.down = True
+    first: list[Simulator] = []
+    async with served(simulator_with(refusing, first), lambda: first, tmp_path) as config:
+        await send_messages(config, whatsapp=2, instagram=1)
+        # Every one of the 7 webhooks was tried and refused at least once.
+        await eventually(lambda: len(refusing.answers_by_body()) == 7)
+    assert {answer for answers in refusing.answers_by_body().values() for answer in answers} == {
+        503
+    }
+    assert {body for body, _ in stored_deliveries(tmp_path)} == set(refusing.answers_by_body())
+
+    accepting = Receiver()
+    second: list[Simulator] = []
+    async with served(simulator_with(accepting, second), lambda: second, tmp_path):
+        await eventually(lambda: second[0].schedule.pending == 0)
+    assert accepting.answers_by_body() == {body: [200] for body in refusing.answers_by_body()}
+    for _, body, header in accepting.posts:
+        assert signature_valid(SECRET, body, header)
+    assert stored_deliveries(tmp_path) == []
+
+
+async def test_retries_outlast_an_outage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The connector answers 503 until every webhook has failed 8 times (the old schedule
+    gave up after 6); once it is back, each arrives and is answered 2xx exactly once."""
+    caplog.set_level(logging.WARNING, logger="whatslike.simulator.app")
+    receiver = Receiver()
+    receiver.down = True
+    sims: list[Simulator] = []
+    build = simulator_with(receiver, sims)
+    async with served(build, lambda: sims, tmp_path, sim_delay_ms=5, sim_time_scale=0.02) as config:
+        await send_messages(config, whatsapp=5, instagram=2)
+        expected = 5 * 3 + 2
+
+        def refused_long_enough() -> bool:
+            by_body = receiver.answers_by_body()
+            return len(by_body) == expected and all(len(a) >= 8 for a in by_body.values())
+
+        await eventually(refused_long_enough, timeout_s=30)
+        receiver.down = False
+        await eventually(lambda: sims[0].schedule.pending == 0, timeout_s=30)
+    by_body = receiver.answers_by_body()
+    assert len(by_body) == expected
+    for answers in by_body.values():
+        assert answers == [503] * (len(answers) - 1) + [200]
+    assert stored_deliveries(tmp_path) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("failed (HTTP 503)" in w for w in warnings)
+    assert len(warnings) < len(receiver.posts) - expected  # rate-limited, not one per failure
+    assert not any(config.base_url in w or SECRET in w for w in warnings)
+
+
+async def test_an_early_webhook_that_fails_is_retried_like_any_other(tmp_path: Path) -> None:
+    """Disorder mode posts some webhooks before the send is answered; one that fails is
+    stored as a retry and arrives once the connector is back. The planned webhooks are
+    minutes away, so every POST seen here is an early one or its retry."""
+    receiver = Receiver()
+    receiver.down = True
+    sims: list[Simulator] = []
+    build = simulator_with(receiver, sims)
+    async with served(
+        build,
+        lambda: sims,
+        tmp_path,
+        sim_delay_ms=MAX_DELAY_MS,
+        sim_disorder=True,
+        sim_time_scale=0.02,
+    ) as config:
+        await send_messages(config, whatsapp=12, instagram=0)
+        early = set(receiver.answers_by_body())
+        assert early  # seed 7 makes some
+        retries = {body for body, failures in stored_deliveries(tmp_path) if failures}
+        assert retries == early
+        pending = sims[0].schedule.pending
+        receiver.down = False
+        await eventually(lambda: sims[0].schedule.pending == pending - len(early))
+        assert receiver.answers_by_body().keys() == early
+        assert all(answers[-1] == 200 for answers in receiver.answers_by_body().values())
+    # The early ones are gone from the disk; the planned ones (never tried) wait there.
+    left = stored_deliveries(tmp_path)
+    assert len(left) == sims[0].schedule.pending > 0
+    assert all(failures == 0 for _, failures in left)

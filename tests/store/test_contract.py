@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from whatslike.clock import new_id
 from whatslike.errors import BackendUnavailable, ConfigError
-from whatslike.events import StatusEvent
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.status import rules
 from whatslike.status.rules import (
     OBSERVABLE,
@@ -27,7 +27,17 @@ from whatslike.status.rules import (
     Status,
 )
 from whatslike.store import PostgresStore, SQLiteStore, open_store
-from whatslike.store.base import ApplyResult, Changes, Message, ParkedStatus, Store
+from whatslike.store.base import (
+    ApplyResult,
+    Changes,
+    Message,
+    OutboxItem,
+    ParkedStatus,
+    SendClaim,
+    Store,
+    Stuck,
+)
+from whatslike.store.common import status_entry
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 ERROR = ProviderError("131026", "Message undeliverable")
@@ -268,7 +278,7 @@ async def test_an_unknown_message_is_reported(store: Store) -> None:
     assert await store.get_message("msg_missing") is None
 
 
-async def test_a_parked_status_is_returned_by_every_link_until_forgotten(store: Store) -> None:
+async def test_a_parked_status_is_returned_by_every_link_until_handed_off(store: Store) -> None:
     message = await new_message(store)
     parked = ParkedStatus("whatsapp", "wamid.1", b'{"status":"sent"}')
     assert await store.park_status(parked) is None
@@ -279,7 +289,7 @@ async def test_a_parked_status_is_returned_by_every_link_until_forgotten(store: 
     assert linked[0].payload == b'{"status":"sent"}'
     # A crash before they were handed on must not lose them: the next link returns them.
     assert await store.link_provider_id("whatsapp", "wamid.1", message.id) == linked
-    await store.forget_parked("whatsapp", "wamid.1")
+    await store.handoff([], parked=[("whatsapp", "wamid.1")])
     assert await store.link_provider_id("whatsapp", "wamid.1", message.id) == []
     found = await store.find_by_provider_id("whatsapp", "wamid.1")
     assert found is not None
@@ -320,7 +330,7 @@ async def test_park_and_link_racing_hand_over_each_status_exactly_once(store: St
     for key, (found, handed_over) in zip(keys, outcomes, strict=True):
         if found is None:
             assert handed_over == [ParkedStatus("whatsapp", key, key.encode())]
-            await store.forget_parked("whatsapp", key)
+            await store.handoff([], parked=[("whatsapp", key)])
         else:
             assert (found.id, handed_over) == (message.id, [])
         assert await store.link_provider_id("whatsapp", key, message.id) == []
@@ -431,6 +441,192 @@ async def test_unread_up_to_is_the_read_watermark(store: Store) -> None:
     assert [m.id for m in await store.unread_up_to(created[1].id)] == ids[1:2]
     assert [m.id for m in await store.unread_up_to(created[3].id)] == ids[1:3]
     assert await store.unread_up_to("msg_missing") == []
+
+
+# -- hand-offs: the transactional outbox, send claims, the watchdog's queries ----------
+
+
+def outbox_json(items: list[OutboxItem]) -> list[dict[str, Any]]:
+    return [json.loads(item.payload) for item in items]
+
+
+async def test_a_new_message_and_its_send_hand_off_are_stored_together(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+5511")
+    message, created = await store.create_message(conversation, "hi", "c-1")
+    assert created
+    items = await store.outbox_batch("run-1", 10)
+    assert [(i.topic, i.key) for i in items] == [(TOPIC_MESSAGES, conversation.id)]
+    event = OutboundMessage.from_json(items[0].payload)
+    assert (event.message_id, event.to, event.text, event.client_message_id) == (
+        message.id,
+        "+5511",
+        "hi",
+        "c-1",
+    )
+    # A retried request adds no second piece of work.
+    again, created = await store.create_message(conversation, "hi", "c-1")
+    assert (again.id, created) == (message.id, False)
+    assert await store.outbox_size() == 1
+
+
+async def test_a_hand_off_is_relayed_by_every_run_until_done(store: Store) -> None:
+    """On a bus that keeps nothing, an entry marked relayed by one run is relayed again by
+    the next (a restart) until the work downstream completes it: never lost, never
+    dropped while unfinished."""
+    message = await new_message(store)
+    first = await store.outbox_batch("run-1", 10)
+    await store.mark_relayed([item.id for item in first], "run-1")
+    assert await store.outbox_batch("run-1", 10) == []
+    assert [i.id for i in await store.outbox_batch("run-2", 10)] == [i.id for i in first]
+    await store.handoff(done=[(TOPIC_MESSAGES, message.id)])
+    assert await store.outbox_batch("run-3", 10) == []
+
+
+async def test_relayed_entries_on_a_durable_bus_are_deleted(store: Store) -> None:
+    for _ in range(3):
+        await new_message(store)
+    items = await store.outbox_batch("run-1", 2)
+    assert len(items) == 2
+    assert items[0].id < items[1].id
+    await store.delete_outbox([item.id for item in items])
+    assert await store.outbox_size() == 1
+
+
+async def test_relays_share_the_outbox_by_claims_that_lapse(
+    store_factory: StoreFactory, store: Store
+) -> None:
+    for _ in range(4):
+        await new_message(store)
+    other = store_factory()
+    await other.open()
+    try:
+        mine, theirs = await asyncio.gather(
+            store.claim_outbox(3, lease_s=60), other.claim_outbox(3, lease_s=60)
+        )
+        assert len(mine) + len(theirs) == 4  # each entry claimed once
+        assert not {i.id for i in mine} & {i.id for i in theirs}
+        assert await store.claim_outbox(3, lease_s=60) == []
+        # Entries the bus did not take are given back at once.
+        await other.unclaim_outbox([i.id for i in theirs])
+        assert [i.id for i in await store.claim_outbox(10, lease_s=60)] == [i.id for i in theirs]
+        # A relay that died with its claim: the entries come back once the lease lapses.
+        await store.delete_outbox([i.id for i in mine])
+        await asyncio.sleep(0.05)
+        assert await other.claim_outbox(10, lease_s=0.01) == []  # still leased for 60 s
+    finally:
+        await other.close()
+    lapsing = await new_message(store)
+    [claimed] = await store.claim_outbox(10, lease_s=0.01)
+    await asyncio.sleep(0.05)
+    [again] = await store.claim_outbox(10, lease_s=60)
+    assert claimed.id == again.id
+    assert OutboundMessage.from_json(again.payload).message_id == lapsing.id
+
+
+async def test_applying_a_status_completes_its_hand_off(store: Store) -> None:
+    message = await new_message(store)
+    await store.handoff(done=[(TOPIC_MESSAGES, message.id)])
+    event = status_event(message, Status.SENT, at(1000))
+    other = status_event(message, Status.DELIVERED, at(2000))
+    await store.handoff([status_entry(event), status_entry(other)])
+    assert [i.topic for i in await store.outbox_batch("run", 10)] == [TOPIC_STATUS] * 2
+    await store.apply_status(event)
+    assert outbox_json(await store.outbox_batch("run", 10))[0]["event_id"] == other.event_id
+    # A redelivery of an applied event completes nothing twice and changes nothing.
+    await store.apply_status(event)
+    assert await store.outbox_size() == 1
+
+
+async def test_a_hand_off_and_its_parked_statuses_go_together(store: Store) -> None:
+    message = await new_message(store)
+    await store.park_status(ParkedStatus("whatsapp", "wamid.p", b"parked"))
+    parked = await store.link_provider_id("whatsapp", "wamid.p", message.id)
+    assert len(parked) == 1
+    entry = status_entry(status_event(message, Status.SENT, at(1)))
+    await store.handoff(
+        [entry], done=[(TOPIC_MESSAGES, message.id)], parked=[("whatsapp", "wamid.p")]
+    )
+    assert await store.link_provider_id("whatsapp", "wamid.p", message.id) == []
+    assert [i.topic for i in await store.outbox_batch("run", 10)] == [TOPIC_STATUS]
+
+
+async def test_a_send_is_claimed_once(store: Store) -> None:
+    message = await new_message(store)
+    claim, claimed = await store.begin_send(message.id)
+    assert claim is SendClaim.GO
+    assert claimed is not None and claimed.send_started_at is not None
+    # A redelivery while the first attempt's outcome is unknown must not send again.
+    assert (await store.begin_send(message.id))[0] is SendClaim.UNKNOWN
+    # An attempt that certainly never reached the provider may be made again.
+    await store.release_send(message.id)
+    assert (await store.begin_send(message.id))[0] is SendClaim.GO
+    await store.link_provider_id("whatsapp", "wamid.s", message.id)
+    claim, linked = await store.begin_send(message.id)
+    assert claim is SendClaim.LINKED
+    assert linked is not None and linked.provider_message_id == "wamid.s"
+    assert (await store.begin_send("msg_missing"))[0] is SendClaim.MISSING
+
+
+async def test_a_failed_message_is_not_sent(store: Store) -> None:
+    message = await new_message(store)
+    failed = status_event(message, Status.FAILED, at(1), error=ERROR)
+    await store.apply_status(failed)
+    assert (await store.begin_send(message.id))[0] is SendClaim.MOVED_ON
+
+
+async def test_concurrent_claims_of_one_send_let_exactly_one_go(
+    store_factory: StoreFactory, store: Store
+) -> None:
+    message = await new_message(store)
+    other = store_factory()
+    await other.open()
+    try:
+        claims = await asyncio.gather(*(s.begin_send(message.id) for s in [store, other] * 5))
+    finally:
+        await other.close()
+    assert sorted(c.value for c, _ in claims) == ["go"] + ["unknown"] * 9
+
+
+async def test_the_watchdog_finds_what_stopped_moving(store: Store) -> None:
+    waiting = await new_message(store)
+    unknown = await new_message(store)
+    await store.begin_send(unknown.id)
+    sent = await new_message(store)
+    await store.link_provider_id("whatsapp", "wamid.sent", sent.id)
+    await store.apply_status(status_event(sent, Status.SENT, at(1)))
+    moving = await new_message(store)
+    await store.apply_status(status_event(moving, Status.READ, at(1)))
+    later = datetime.now(UTC) + timedelta(seconds=5)
+    stuck = await store.stuck(later, later, later, 100)
+    assert [m.id for m in stuck.pending] == [waiting.id]
+    assert [m.id for m in stuck.unknown] == [unknown.id]
+    assert [m.id for m in stuck.sent] == [sent.id]
+    earlier = datetime.now(UTC) - timedelta(minutes=5)
+    assert await store.stuck(earlier, earlier, earlier, 100) == Stuck((), (), ())
+
+
+async def test_a_lost_hand_off_is_made_again_only_while_pending(store: Store) -> None:
+    message = await new_message(store)
+    first = await store.outbox_batch("run-1", 10)
+    await store.mark_relayed([i.id for i in first], "run-1")
+    assert await store.redrive(message.id)
+    again = await store.outbox_batch("run-1", 10)
+    assert [OutboundMessage.from_json(i.payload).message_id for i in again] == [message.id]
+    assert await store.outbox_size() == 1  # the fresh entry replaced the old one
+    await store.begin_send(message.id)
+    assert not await store.redrive(message.id)
+    assert not await store.redrive("msg_missing")
+
+
+async def test_a_message_history_is_its_changes_in_order(store: Store) -> None:
+    message = await new_message(store)
+    other = await new_message(store)
+    await store.apply_status(status_event(message, Status.SENT, at(1)))
+    await store.apply_status(status_event(other, Status.SENT, at(2)))
+    await store.apply_status(status_event(message, Status.READ, at(3)))
+    history = decoded(await store.message_history(message.id))
+    assert [(f["status"], f["seq"]) for f in history] == [("SENT", 1), ("READ", 2)]
+    assert await store.message_history("msg_missing") == ()
 
 
 async def test_dead_letters_are_counted(store: Store) -> None:

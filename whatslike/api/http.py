@@ -16,12 +16,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from whatslike.api.errors import ApiError
+from whatslike.api.ratelimit import OrgRateLimit
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
-from whatslike.bus import BusFull
-from whatslike.clock import format_time, new_id
-from whatslike.events import TOPIC_MESSAGES, OutboundMessage
+from whatslike.clock import format_time
+from whatslike.events import CHANNELS
+from whatslike.hub.frames import valid_id
 from whatslike.roles import Deps, RoleDefaults
-from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "conversation_id": message.conversation_id,
         "text": message.text,
         "client_message_id": message.client_message_id,
+        "provider_message_id": message.provider_message_id,
         "status": state.status.value,
         "seq": message.seq,
         "created_at": format_time(message.created_at),
@@ -93,10 +94,11 @@ class HttpApi(RoleDefaults):
 
     def __init__(self, deps: Deps) -> None:
         self._store = deps.store
-        self._bus = deps.bus
+        self._handoffs = deps.handoffs
         self._settings = deps.settings
-        self._tokens = TokenService(
-            deps.jwt_secret, deps.settings.jwt_issuer, deps.settings.jwt_audience
+        self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
+        self._org_limit = OrgRateLimit(
+            deps.settings.org_requests_per_s, deps.settings.org_request_burst
         )
 
     def routes(self) -> list[BaseRoute]:
@@ -106,6 +108,8 @@ class HttpApi(RoleDefaults):
             Route("/api/conversations/{id}/messages", self.send_message, methods=["POST"]),
             Route("/api/conversations/{id}/messages", self.list_messages, methods=["GET"]),
             Route("/api/conversations/{id}/changes", self.changes, methods=["GET"]),
+            Route("/api/messages/{message_id}", self.get_message, methods=["GET"]),
+            Route("/api/messages", self.find_message, methods=["GET"]),
         ]
 
     def _identity(self, request: Request) -> Identity:
@@ -113,9 +117,21 @@ class HttpApi(RoleDefaults):
         if token is None:
             raise ApiError(401, "unauthorized", "an Authorization: Bearer token is required")
         try:
-            return self._tokens.verify(token)
+            identity = self._tokens.verify(token)
         except InvalidToken as exc:
             raise ApiError(401, "unauthorized", str(exc)) from exc
+        if not self._org_limit.allow(identity.org_id):
+            wait_s = self._org_limit.retry_after_s()
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many requests for this organization; retry after {wait_s} s",
+                headers={"Retry-After": str(wait_s)},
+            )
+        conversation_id = request.path_params.get("id")
+        if conversation_id is not None and not valid_id(conversation_id):
+            raise ApiError(400, "bad_request", "a conversation id is 1-128 of A-Z a-z 0-9 _ . : -")
+        return identity
 
     async def _conversation(self, request: Request, identity: Identity) -> Conversation:
         conversation = await self._store.get_conversation(
@@ -141,37 +157,53 @@ class HttpApi(RoleDefaults):
         identity = self._identity(request)
         conversation = await self._conversation(request, identity)
         body = await _body(request, NewMessage)
+        # The message and the work of sending it (an outbox entry) are stored in one
+        # transaction before the 202; a retry with the same client_message_id answers the
+        # same message and adds no work. The relay hands the entry to the bus.
         message, created = await self._store.create_message(
             conversation, body.text, body.client_message_id
         )
-        # A retried request (same client_message_id) re-publishes a message that is still
-        # PENDING: its first publish may have failed with 503. The connector skips a
-        # message that already has a provider id, so a double send needs a narrow race.
-        if created or message.status is Status.PENDING:
-            event = OutboundMessage(
-                event_id=new_id("evt"),
-                message_id=message.id,
-                conversation_id=conversation.id,
-                org_id=conversation.org_id,
-                channel=conversation.channel,
-                to=conversation.contact,
-                text=message.text,
-                client_message_id=message.client_message_id,
-                created_at=message.created_at,
-            )
-            try:
-                await self._bus.publish(TOPIC_MESSAGES, conversation.id, event.to_json())
-            except BusFull as exc:
-                log.warning("message %s accepted but not queued: %s", message.id, exc)
-                raise ApiError(
-                    503,
-                    "unavailable",
-                    "the message was stored but could not be queued; "
-                    "retry with the same client_message_id",
-                ) from exc
+        if created:
+            self._handoffs.set()
         return JSONResponse(
             {"message_id": message.id, "status": message.status.value},
             status_code=202,
+        )
+
+    async def get_message(self, request: Request) -> Response:
+        """One message of the caller's organization, with its status history."""
+        identity = self._identity(request)
+        message_id = request.path_params["message_id"]
+        if not valid_id(message_id):
+            raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")
+        return await self._with_history(identity, await self._store.get_message(message_id))
+
+    async def find_message(self, request: Request) -> Response:
+        """The caller's message the provider knows by `provider_message_id` (a WhatsApp
+        wamid or an Instagram mid), on `channel` or on either."""
+        identity = self._identity(request)
+        provider_id = request.query_params.get("provider_message_id", "")
+        channel = request.query_params.get("channel")
+        if not provider_id or len(provider_id) > 512 or not provider_id.isprintable():
+            raise ApiError(400, "bad_request", "query 'provider_message_id' is required")
+        if channel is not None and channel not in CHANNELS:
+            raise ApiError(400, "bad_request", f"query 'channel' is one of {', '.join(CHANNELS)}")
+        found = None
+        for name in [channel] if channel else CHANNELS:
+            found = await self._store.find_by_provider_id(name, provider_id)
+            if found is not None and found.org_id == identity.org_id:
+                break
+        return await self._with_history(identity, found)
+
+    async def _with_history(self, identity: Identity, message: Message | None) -> Response:
+        # Another organization's message answers exactly like one that does not exist.
+        if message is None or message.org_id != identity.org_id:
+            raise ApiError(404, "not_found", "no such message")
+        history = await self._store.message_history(message.id)
+        # The frames are stored as JSON text; splice them in rather than re-encoding.
+        head = json.dumps(message_json(message))[:-1]
+        return Response(
+            f'{head}, "history": [{",".join(history)}]}}', media_type="application/json"
         )
 
     async def list_messages(self, request: Request) -> Response:

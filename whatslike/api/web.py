@@ -31,9 +31,7 @@ class WebAssets(RoleDefaults):
 
     def __init__(self, deps: Deps) -> None:
         self._settings = deps.settings
-        self._tokens = TokenService(
-            deps.jwt_secret, deps.settings.jwt_issuer, deps.settings.jwt_audience
-        )
+        self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
 
     def routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [

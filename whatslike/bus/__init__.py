@@ -19,6 +19,12 @@ class BusFull(Exception):
 
 
 class Bus(Protocol):
+    #: True when a returned `publish` means the bus itself stored the event (Kafka with
+    #: acks=all): the outbox relay may then forget it. False for the in-process bus,
+    #: which keeps nothing across a crash: there an outbox entry stays until the work it
+    #: stands for is done and stored downstream.
+    durable: bool
+
     def subscribe(self, topic: str, group: str, handler: Handler) -> None:
         """Register a consumer group's handler; call before `start`."""
 

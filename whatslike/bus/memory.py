@@ -5,8 +5,9 @@ partition in order, so one conversation's events are handled in publish order; a
 being retried holds its partition (later events of that key wait — order over speed).
 Full partitions make `publish` wait up to `bus_publish_timeout_s`, then raise `BusFull`:
 the caller (an HTTP request, a webhook) answers 503 and the sender retries; nothing is
-dropped silently. Events still queued when the process exits are lost: the embedded
-mode trades that for having no servers to run (see README, "Durability").
+dropped silently. Events still queued when the process exits are not kept here; every
+one of them stands for a hand-off still in the store's outbox, which the relay hands on
+again at the next start (see README, "Durability").
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class _Group:
 
 
 class MemoryBus:
+    durable = False
+
     def __init__(self, settings: Settings, metrics: Metrics, *, seed: int | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
@@ -93,7 +96,11 @@ class MemoryBus:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=self._settings.bus_publish_timeout_s)
         except TimeoutError:
-            log.error("bus stopped with %d events unfinished; they are lost", self._unfinished)
+            log.info(
+                "bus stopped with %d events unfinished; their hand-offs stay in the outbox"
+                " and are resumed at the next start",
+                self._unfinished,
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,13 +1,23 @@
 """The part of a Meta connector that does not depend on the channel: sending through the
-Graph API, the signed webhook routes, resolving provider ids, parking and publishing.
+Graph API, the signed webhook routes, resolving provider ids, parking, and handing the
+statuses off durably.
+
+Nothing is acknowledged before it is stored. A webhook is answered 200 only once its
+statuses are outbox entries in the store (or parked there); a send is recorded in the
+store before the provider is called, so a retry after a crash, a timeout or a store
+outage never calls the provider a second time: it only finishes what the first call
+left undone (the link to the provider id, the statuses parked for it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -16,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from whatslike.bus.memory import backoff_delay
 from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
     SIGNATURE_HEADER,
@@ -26,11 +37,12 @@ from whatslike.connectors.meta import (
     signature_valid,
     verification_response,
 )
-from whatslike.errors import MalformedEvent, WhatslikeError
-from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
+from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
+from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.roles import Deps
 from whatslike.status.rules import ProviderError, Status
-from whatslike.store.base import Message, ParkedStatus
+from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
+from whatslike.store.common import status_entry
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +53,11 @@ MAX_WEBHOOK_BYTES = 4 * 1024 * 1024
 #: later succeeds, so they must not turn into a FAILED message.
 THROTTLING_CODES = frozenset({4, 17, 32, 613, 80007, 130429, 131048, 131056})
 
+#: Transport failures after which the request certainly never reached the provider.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def observation_id(channel: str, message_id: str, status: Status, occurred_at: datetime) -> str:
@@ -51,6 +67,16 @@ def observation_id(channel: str, message_id: str, status: Status, occurred_at: d
     and the fan-out publish loses no notification."""
     key = f"{channel}|{message_id}|{status.value}|{format_time(occurred_at)}"
     return "evt_" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Handoff:
+    """What one webhook (or one accepted send) hands off, in one store transaction."""
+
+    received_at: datetime
+    entries: list[OutboxEntry] = field(default_factory=list)
+    #: (channel, provider id) whose parked statuses are among `entries` now.
+    parked: list[tuple[str, str]] = field(default_factory=list)
 
 
 class ProviderUnavailable(WhatslikeError):
@@ -80,9 +106,10 @@ class MetaConnector(ABC, Generic[T]):
     def __init__(self, deps: Deps) -> None:
         self._settings = deps.settings
         self._store = deps.store
-        self._bus = deps.bus
         self._http = deps.http
         self._metrics = deps.metrics
+        self._handoffs = deps.handoffs
+        self._rng = random.Random()
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
 
     def routes(self) -> list[BaseRoute]:
@@ -115,14 +142,16 @@ class MetaConnector(ABC, Generic[T]):
         """Pure: the items of one webhook body; raises WebhookPayloadError."""
 
     @abstractmethod
-    async def handle(self, item: T) -> None:
-        """Hand one item to the bus or park it; raises if neither could be done."""
+    async def collect(self, item: T, handoff: Handoff) -> None:
+        """Add one item's statuses to `handoff`, or park the item."""
 
     @abstractmethod
-    async def replay(self, parked: ParkedStatus, message: Message) -> None:
-        """Handle a parked payload now that its provider id is linked to `message`."""
+    async def collect_parked(
+        self, parked: ParkedStatus, message: Message, handoff: Handoff
+    ) -> None:
+        """Add a parked payload's statuses now that its provider id is `message`'s."""
 
-    async def accepted(self, message: Message, provider_message_id: str) -> None:
+    def accepted(self, message: Message, provider_message_id: str, handoff: Handoff) -> None:
         """Called once Meta accepted the send (or it was accepted before a redelivery)."""
         return None
 
@@ -131,41 +160,68 @@ class MetaConnector(ABC, Generic[T]):
     async def send(self, raw: bytes) -> None:
         """Bus handler of `outbound.<channel>`: raising makes the bus retry."""
         outbound = OutboundMessage.from_json(raw)
-        stored = await self._store.get_message(outbound.message_id)
-        if stored is None:
+        claim, stored = await self._store.begin_send(outbound.message_id)
+        if claim is SendClaim.MISSING or stored is None:
             raise MalformedEvent(f"no message {outbound.message_id!r}")
-        if stored.provider_message_id is not None:
+        if claim is SendClaim.LINKED and stored.provider_message_id is not None:
             # A redelivery after Meta accepted the send: never send again, but finish what
             # the first attempt may not have (its SENT, the parked statuses).
             announce = stored.status is Status.PENDING
-            await self._link(stored, stored.provider_message_id, announce=announce)
+            await self._finish(stored, stored.provider_message_id, announce=announce)
             return
-        # Best effort against sending twice: a message that moved on (a refused send is
-        # FAILED) is not sent again. A crash between Meta's answer and the link still
-        # sends twice; the Graph API has no idempotency key that could close that gap.
-        if stored.status is not Status.PENDING:
-            self._metrics.sends.labels(self.channel, "skipped").inc()
-            log.info("%s: message %s is %s, not sent again", self.name, stored.id, stored.status)
+        if claim is not SendClaim.GO:
+            # MOVED_ON (e.g. FAILED) or UNKNOWN: an earlier attempt may have reached Meta,
+            # and the Graph API has no idempotency key, so it is never sent again. A
+            # WhatsApp status webhook names our message (callback data) and settles it;
+            # otherwise the watchdog fails it after `send_unknown_fail_s`.
+            self._metrics.sends.labels(self.channel, claim.value).inc()
+            log.info("%s: message %s not sent again (%s)", self.name, stored.id, claim.value)
+            await self._store.handoff(done=[(TOPIC_MESSAGES, stored.id)])
             return
         provider_id = await self._post(outbound, stored)
-        if provider_id is None:
-            return
-        await self._link(stored, provider_id, announce=True)
+        if provider_id is not None:
+            await self._finish(stored, provider_id, announce=True)
 
-    async def _link(self, stored: Message, provider_id: str, *, announce: bool) -> None:
-        """Link the provider id first (so a retry never sends again), then announce the
-        acceptance and replay the statuses that arrived before the link. Parked statuses
-        are forgotten only once all were handed on, so a failure here retries them."""
-        parked = await self._store.link_provider_id(self.channel, provider_id, stored.id)
+    async def _finish(self, stored: Message, provider_id: str, *, announce: bool) -> None:
+        """Link the provider id, then hand off the acceptance and the statuses that arrived
+        before the link, completing the send's outbox entry. Only these store steps are
+        retried here; the provider is not called again."""
+        parked = await self._retrying(
+            lambda: self._store.link_provider_id(self.channel, provider_id, stored.id)
+        )
+        handoff = Handoff(utcnow())
         if announce:
-            await self.accepted(stored, provider_id)
+            self.accepted(stored, provider_id, handoff)
         for item in parked:
-            await self.replay(item, stored)
+            await self.collect_parked(item, stored, handoff)
         if parked:
-            await self._store.forget_parked(self.channel, provider_id)
+            handoff.parked.append((self.channel, provider_id))
+        await self._retrying(lambda: self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)]))
+
+    async def _retrying(self, step: Callable[[], Awaitable[R]]) -> R:
+        """Run a store step, riding out an outage with back-off (bounded by the consumer
+        budget); the last failure is raised and the bus redelivers the send, which then
+        finds the send recorded and resumes here."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await step()
+            except BackendUnavailable:
+                if attempt >= self._settings.consumer_max_attempts:
+                    raise
+                await asyncio.sleep(
+                    backoff_delay(
+                        attempt,
+                        self._settings.consumer_backoff_base_s,
+                        self._settings.consumer_backoff_cap_s,
+                        self._rng,
+                    )
+                )
 
     async def _post(self, outbound: OutboundMessage, stored: Message) -> str | None:
-        """Meta's provider id, or None when Meta refused for good (FAILED published)."""
+        """Meta's provider id; None when the send is settled otherwise (refused for good:
+        FAILED handed off; or the outcome is unknown)."""
         try:
             response = await self._http.post(
                 self.send_url(),
@@ -173,9 +229,15 @@ class MetaConnector(ABC, Generic[T]):
                 headers={"Authorization": f"Bearer {self._settings.meta_access_token}"},
                 timeout=self._settings.send_timeout_s,
             )
-        except httpx.HTTPError as exc:
-            self._metrics.sends.labels(self.channel, "retry").inc()
+        except NOT_SENT as exc:
+            await self._not_sent(stored)
             raise ProviderUnavailable(f"send of {stored.id} failed: {exc!r}") from exc
+        except httpx.HTTPError as exc:
+            # The request may have reached Meta: sending again could send twice.
+            self._metrics.sends.labels(self.channel, "unknown").inc()
+            log.warning("%s: outcome of the send of %s unknown: %r", self.name, stored.id, exc)
+            await self._store.handoff(done=[(TOPIC_MESSAGES, stored.id)])
+            return None
         if response.is_success:
             try:
                 provider_id = self.provider_id_of(response.json())
@@ -185,13 +247,13 @@ class MetaConnector(ABC, Generic[T]):
                 log.error("%s: unreadable send answer for %s", self.name, stored.id)
                 self._metrics.sends.labels(self.channel, "bad_answer").inc()
                 error = ProviderError("bad_provider_answer", "Unreadable send answer")
-                await self.publish(stored, Status.FAILED, "", utcnow(), error)
+                await self._fail(stored, error)
                 return None
             self._metrics.sends.labels(self.channel, "ok").inc()
             return provider_id
         error, transient = meta_error(response)
         if response.status_code == 429 or response.status_code >= 500 or transient:
-            self._metrics.sends.labels(self.channel, "retry").inc()
+            await self._not_sent(stored)
             raise ProviderUnavailable(
                 f"send of {stored.id}: HTTP {response.status_code} {error.code} {error.title}"
             )
@@ -204,8 +266,24 @@ class MetaConnector(ABC, Generic[T]):
             error.title,
         )
         self._metrics.sends.labels(self.channel, "refused").inc()
-        await self.publish(stored, Status.FAILED, "", utcnow(), error)
+        await self._fail(stored, error)
         return None
+
+    async def _not_sent(self, stored: Message) -> None:
+        """Meta did not take the message (refused to connect, or answered "later"): the
+        attempt is released so that the bus's retry may make it again."""
+        self._metrics.sends.labels(self.channel, "retry").inc()
+        await self._retrying(lambda: self._store.release_send(stored.id))
+
+    async def _fail(self, stored: Message, error: ProviderError) -> None:
+        handoff = Handoff(utcnow())
+        self.add_status(handoff, stored, Status.FAILED, "", handoff.received_at, error=error)
+        await self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)])
+
+    async def _hand_off(self, handoff: Handoff, done: Sequence[tuple[str, str]] = ()) -> None:
+        await self._store.handoff(handoff.entries, done=done, parked=handoff.parked)
+        if handoff.entries:
+            self._handoffs.set()
 
     # -- webhooks ---------------------------------------------------------------------
 
@@ -218,7 +296,7 @@ class MetaConnector(ABC, Generic[T]):
             self._count_webhook("too_large")
             return error_response(413, "too_large", "webhook body too large")
         header = request.headers.get(SIGNATURE_HEADER)
-        if not signature_valid(self._settings.meta_app_secret, body, header):
+        if not signature_valid(self._settings.meta_app_secrets, body, header):
             self._count_webhook("bad_signature")
             return error_response(403, "forbidden", f"missing or wrong {SIGNATURE_HEADER}")
         try:
@@ -227,34 +305,55 @@ class MetaConnector(ABC, Generic[T]):
             self._count_webhook("malformed")
             log.warning("%s: malformed webhook: %s", self.name, exc)
             return error_response(400, "bad_request", str(exc))
+        handoff = Handoff(utcnow())
         try:
             for item in items:
-                await self.handle(item)
-        except Exception:
+                await self.collect(item, handoff)
+            await self._hand_off(handoff)
+        except Exception as exc:
             # Meta redelivers a webhook that did not get a 200, so answering 503 loses
-            # nothing: the items handed over already come again and apply as no-ops.
-            log.exception("%s: webhook not handled, Meta will retry", self.name)
+            # nothing: what was handed over already comes again and applies as a no-op.
+            if isinstance(exc, BackendUnavailable):
+                log.warning("%s: webhook not handled, Meta will retry: %s", self.name, exc)
+            else:
+                log.exception("%s: webhook not handled, Meta will retry", self.name)
             self._count_webhook("unavailable")
-            return error_response(503, "unavailable", "try again later")
+            response = error_response(503, "unavailable", "try again later")
+            response.headers["Retry-After"] = str(self._settings.retry_after_s)
+            return response
         self._count_webhook("ok")
         return Response(status_code=200)
 
     def _count_webhook(self, outcome: str) -> None:
         self._metrics.webhooks.labels(self.channel, outcome).inc()
 
-    # -- resolving and publishing ---------------------------------------------------
+    # -- resolving and handing off -------------------------------------------------
 
     async def resolve(
-        self, provider_message_id: str, payload: bytes, our_message_id: str = ""
+        self, handoff: Handoff, provider_message_id: str, payload: bytes, our_message_id: str = ""
     ) -> Message | None:
-        """Our message for a provider id, or None after parking the payload for later."""
-        message = None
+        """Our message for a provider id, or None after parking the payload for later.
+
+        Callback data (WhatsApp's `biz_opaque_callback_data`, our message id) is only
+        believed for a message of this channel whose stored provider id is this one, or
+        whose send is under way with no provider id yet (the webhook beat the send
+        answer, or the answer was lost): then the id is linked here. A forged webhook
+        naming some other message is parked like an unknown provider id, and expires."""
         if our_message_id:
-            message = await self._store.get_message(our_message_id)
-            if message is not None and message.channel != self.channel:
-                message = None
-        if message is None:
-            message = await self._store.find_by_provider_id(self.channel, provider_message_id)
+            claimed = await self._store.get_message(our_message_id)
+            if claimed is not None and claimed.channel == self.channel:
+                if claimed.provider_message_id == provider_message_id:
+                    return claimed
+                if claimed.provider_message_id is None and claimed.send_started_at is not None:
+                    waiting = await self._store.link_provider_id(
+                        self.channel, provider_message_id, claimed.id
+                    )
+                    for item in waiting:
+                        await self.collect_parked(item, claimed, handoff)
+                    if waiting:
+                        handoff.parked.append((self.channel, provider_message_id))
+                    return claimed
+        message = await self._store.find_by_provider_id(self.channel, provider_message_id)
         if message is None:
             parked = ParkedStatus(self.channel, provider_message_id, payload)
             message = await self._store.park_status(parked)
@@ -273,14 +372,17 @@ class MetaConnector(ABC, Generic[T]):
                     )
         return message
 
-    async def publish(
+    def add_status(
         self,
+        handoff: Handoff,
         message: Message,
         status: Status,
         provider_message_id: str,
         occurred_at: datetime,
+        *,
         error: ProviderError | None = None,
     ) -> None:
+        """Add the `msg.status` hand-off of one observation of `message`."""
         event = StatusEvent(
             event_id=observation_id(self.channel, message.id, status, occurred_at),
             message_id=message.id,
@@ -291,5 +393,6 @@ class MetaConnector(ABC, Generic[T]):
             provider_message_id=provider_message_id,
             occurred_at=occurred_at,
             error=error,
+            received_at=handoff.received_at,
         )
-        await self._bus.publish(TOPIC_STATUS, message.conversation_id, event.to_json())
+        handoff.entries.append(status_entry(event))

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from whatslike.clock import from_unix, utcnow
-from whatslike.connectors.base import MetaConnector
+from whatslike.clock import from_unix
+from whatslike.connectors.base import Handoff, MetaConnector
 from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
 from whatslike.events import OutboundMessage
 from whatslike.status.rules import Status
@@ -92,37 +92,39 @@ class InstagramConnector(MetaConnector[InstagramRead]):
             raise TypeError("message_id is not a string")
         return provider_id
 
-    async def accepted(self, message: Message, provider_message_id: str) -> None:
+    def accepted(self, message: Message, provider_message_id: str, handoff: Handoff) -> None:
         # Instagram sends no sent/delivered webhooks: Meta's answer is the SENT.
-        await self.publish(message, Status.SENT, provider_message_id, utcnow())
+        self.add_status(handoff, message, Status.SENT, provider_message_id, handoff.received_at)
 
     def parse(self, payload: dict[str, Any]) -> list[InstagramRead]:
         return parse_reads(payload)
 
-    async def handle(self, item: InstagramRead) -> None:
+    async def collect(self, item: InstagramRead, handoff: Handoff) -> None:
         if item.account_id != self._settings.instagram_account_id:
             self._metrics.webhooks.labels(self.channel, "foreign_account").inc()
             log.warning("Instagram read for account %s ignored", item.account_id)
             return
-        message = await self.resolve(item.provider_message_id, item.payload)
+        message = await self.resolve(handoff, item.provider_message_id, item.payload)
         if message is not None:
-            await self._mark_read_up_to(message, item)
+            await self._mark_read_up_to(handoff, message, item)
 
-    async def replay(self, parked: ParkedStatus, message: Message) -> None:
+    async def collect_parked(
+        self, parked: ParkedStatus, message: Message, handoff: Handoff
+    ) -> None:
         try:
             item = parse_messaging(json.loads(parked.payload), self._settings.instagram_account_id)
         except (ValueError, WebhookPayloadError):
             log.error("unreadable parked Instagram read for %s", parked.provider_message_id)
             return
         if item is not None:
-            await self._mark_read_up_to(message, item)
+            await self._mark_read_up_to(handoff, message, item)
 
-    async def _mark_read_up_to(self, seen: Message, item: InstagramRead) -> None:
+    async def _mark_read_up_to(self, handoff: Handoff, seen: Message, item: InstagramRead) -> None:
         """READ for the seen message and every earlier one Meta accepted: the watermark.
         Messages never accepted (no provider id) were not delivered, so they stay."""
-        await self.publish(seen, Status.READ, item.provider_message_id, item.occurred_at)
+        self.add_status(handoff, seen, Status.READ, item.provider_message_id, item.occurred_at)
         for earlier in await self._store.unread_up_to(seen.id):
             if earlier.id != seen.id and earlier.provider_message_id:
-                await self.publish(
-                    earlier, Status.READ, earlier.provider_message_id, item.occurred_at
+                self.add_status(
+                    handoff, earlier, Status.READ, earlier.provider_message_id, item.occurred_at
                 )

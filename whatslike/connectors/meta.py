@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -28,14 +29,22 @@ def sign(app_secret: str, body: bytes) -> str:
     return _PREFIX + digest
 
 
-def signature_valid(app_secret: str, body: bytes, header: str | None) -> bool:
-    """True when `header` is the HMAC-SHA256 of the raw bytes as received. Re-serialized
-    JSON would differ in spacing or escaping, so callers must pass the bytes untouched."""
+def signature_valid(app_secrets: str | Sequence[str], body: bytes, header: str | None) -> bool:
+    """True when `header` is the HMAC-SHA256 of the raw bytes as received, under any of
+    the app secrets (several while a secret is rotated). Re-serialized JSON would differ
+    in spacing or escaping, so callers must pass the bytes untouched."""
     if not header or not header.startswith(_PREFIX):
         return False
-    # Hex digests compare case-insensitively; compare_digest keeps the time constant.
-    given = header[len(_PREFIX) :].strip().lower()
-    return hmac.compare_digest(given.encode(), sign(app_secret, body)[len(_PREFIX) :].encode())
+    candidates = (app_secrets,) if isinstance(app_secrets, str) else tuple(app_secrets)
+    # Hex digests compare case-insensitively; compare_digest keeps the time constant, and
+    # every secret is tried so the time does not tell which one matched.
+    given = header[len(_PREFIX) :].strip().lower().encode()
+    matches = [
+        hmac.compare_digest(given, sign(secret, body)[len(_PREFIX) :].encode())
+        for secret in candidates
+        if secret
+    ]
+    return any(matches)
 
 
 def error_response(status_code: int, code: str, message: str) -> JSONResponse:
@@ -58,7 +67,8 @@ def load_object(body: bytes) -> dict[str, Any]:
     """The webhook body as a JSON object, or WebhookPayloadError."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and integers past the digit limit.
         raise WebhookPayloadError(f"body is not JSON: {exc}") from exc
     return json_object(payload, "body")
 
@@ -82,7 +92,12 @@ def json_text(value: Any, where: str) -> str:
     # Meta sends ids as strings, but a number is accepted rather than dropping a status.
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise WebhookPayloadError(f"{where} must be a non-empty string")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no store or log could take it
+        raise WebhookPayloadError(f"{where} is not valid Unicode") from exc
+    return text
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:

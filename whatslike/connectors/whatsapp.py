@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from whatslike.clock import from_unix
-from whatslike.connectors.base import MetaConnector
+from whatslike.connectors.base import Handoff, MetaConnector
 from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
 from whatslike.events import OutboundMessage
 from whatslike.status.rules import ProviderError, Status
@@ -86,7 +86,12 @@ def parse_status(raw: Any, phone_number_id: str, where: str = "status") -> Whats
         status=status,
         occurred_at=_unix_seconds(obj.get("timestamp"), f"{where}.timestamp"),
         error=_first_error(obj, where) if status is Status.FAILED else None,
-        callback_data=callback_data if isinstance(callback_data, str) else "",
+        # Only a hint (our message id, echoed back): anything but clean text is dropped.
+        callback_data=callback_data
+        if isinstance(callback_data, str)
+        and callback_data.isprintable()
+        and callback_data.isascii()
+        else "",
         payload=json.dumps(obj, separators=(",", ":")).encode(),
     )
 
@@ -141,26 +146,35 @@ class WhatsAppConnector(MetaConnector[WhatsAppStatus]):
     def parse(self, payload: dict[str, Any]) -> list[WhatsAppStatus]:
         return parse_statuses(payload)
 
-    async def handle(self, item: WhatsAppStatus) -> None:
+    async def collect(self, item: WhatsAppStatus, handoff: Handoff) -> None:
         if item.phone_number_id != self._settings.whatsapp_phone_number_id:
             # Another number on the same Meta app: not a tenant of this deployment.
             self._metrics.webhooks.labels(self.channel, "foreign_number").inc()
             log.warning("WhatsApp status for phone number %s ignored", item.phone_number_id)
             return
-        message = await self.resolve(item.provider_message_id, item.payload, item.callback_data)
+        message = await self.resolve(
+            handoff, item.provider_message_id, item.payload, item.callback_data
+        )
         if message is not None:
-            await self._publish_status(message, item)
+            self._add(handoff, message, item)
 
-    async def replay(self, parked: ParkedStatus, message: Message) -> None:
+    async def collect_parked(
+        self, parked: ParkedStatus, message: Message, handoff: Handoff
+    ) -> None:
         try:
             item = parse_status(json.loads(parked.payload), self._settings.whatsapp_phone_number_id)
         except (ValueError, WebhookPayloadError):
             log.error("unreadable parked WhatsApp status for %s", parked.provider_message_id)
             return
         if item is not None:
-            await self._publish_status(message, item)
+            self._add(handoff, message, item)
 
-    async def _publish_status(self, message: Message, item: WhatsAppStatus) -> None:
-        await self.publish(
-            message, item.status, item.provider_message_id, item.occurred_at, item.error
+    def _add(self, handoff: Handoff, message: Message, item: WhatsAppStatus) -> None:
+        self.add_status(
+            handoff,
+            message,
+            item.status,
+            item.provider_message_id,
+            item.occurred_at,
+            error=item.error,
         )

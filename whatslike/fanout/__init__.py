@@ -1,4 +1,5 @@
-"""The fan-out port: bytes published on `status:{conversation_id}`, heard by every hub."""
+"""The fan-out port: bytes published on `status:{conversation_id}`, heard by every hub
+that has a local subscriber for that conversation."""
 
 from __future__ import annotations
 
@@ -8,15 +9,33 @@ from typing import Protocol
 #: Called with (channel, payload) for every message on a `status:*` channel.
 Listener = Callable[[str, bytes], None]
 
+#: Called when messages may have been missed (the link to the backend broke and is back):
+#: every listener must re-read what it follows from the store.
+GapListener = Callable[[], None]
+
 
 class Fanout(Protocol):
     def listen(self, listener: Listener) -> None:
-        """Register a listener for every `status:*` channel; call before `start`."""
+        """Register a listener for the `status:*` channels; call before `start`."""
+
+    def on_gap(self, listener: GapListener) -> None:
+        """Register a listener told of a possible gap; call before `start`. It is called
+        once the link is back and every added conversation is heard again, so a store
+        read made after the call misses nothing."""
+
+    async def add(self, conversation_id: str) -> None:
+        """Hear this conversation (idempotent). Returns once its messages are heard, or
+        once the link is known to be down, in which case a gap is announced later."""
+
+    def discard(self, conversation_id: str) -> None:
+        """Stop hearing this conversation (its last local subscriber left)."""
 
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
 
-    async def publish(self, channel: str, payload: bytes) -> None: ...
+    async def publish(self, channel: str, payload: bytes) -> None:
+        """Publish; raises BackendUnavailable when the backend cannot take it."""
 
-    async def ping(self) -> None: ...
+    async def ping(self) -> None:
+        """Raises BackendUnavailable when the backend does not answer."""

@@ -1,14 +1,15 @@
 """The in-process fan-out: `publish` calls every listener synchronously.
 
 There is no queue here: listeners (the hub) only hand the bytes to per-connection bounded
-queues, which is where back-pressure and the slow-consumer policy live.
+queues, which is where back-pressure and the slow-consumer policy live. Every conversation
+is always heard and the link never breaks, so `add`, `discard` and gaps are no-ops.
 """
 
 from __future__ import annotations
 
 import logging
 
-from whatslike.fanout import Listener
+from whatslike.fanout import GapListener, Listener
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,15 @@ class MemoryFanout:
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def on_gap(self, listener: GapListener) -> None:
+        return None
+
+    async def add(self, conversation_id: str) -> None:
+        return None
+
+    def discard(self, conversation_id: str) -> None:
+        return None
 
     async def start(self) -> None:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -13,6 +14,23 @@ from typing import Any, Final
 Ref = str | int | None
 
 BAD_REQUEST: Final = "bad_request"
+
+#: What an id (a conversation's, a message's) may look like (protocol.md §2): ASCII
+#: letters, digits and `_ . : -`, 1 to 128 of them. Anything else cannot name one.
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def valid_id(value: str) -> bool:
+    return ID_PATTERN.fullmatch(value) is not None
+
+
+def has_lone_surrogate(value: str) -> bool:
+    """True for text JSON can carry (`"\\ud800"`) but UTF-8 cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +99,15 @@ def _text(data: dict[str, Any], name: str) -> str:
         raise _Invalid(f"field {name!r} is required")
     if not isinstance(value, str) or not value:
         raise _Invalid(f"field {name!r} must be a non-empty string")
+    if has_lone_surrogate(value):
+        raise _Invalid(f"field {name!r} is not valid Unicode (a lone surrogate)")
+    return value
+
+
+def _id(data: dict[str, Any], name: str) -> str:
+    value = _text(data, name)
+    if not valid_id(value):
+        raise _Invalid(f"field {name!r} must be 1-128 of A-Z a-z 0-9 _ . : -")
     return value
 
 
@@ -95,6 +122,8 @@ def _since(data: dict[str, Any]) -> int | None:
 
 def _ref(data: dict[str, Any]) -> Ref:
     value = data.get("ref")
+    if isinstance(value, str) and has_lone_surrogate(value):
+        raise _Invalid("field 'ref' is not valid Unicode (a lone surrogate)")
     if value is None or isinstance(value, str):
         return value
     if _is_int(value):
@@ -121,9 +150,9 @@ def _frame(data: dict[str, Any], ref: Ref) -> ClientFrame:
     if not isinstance(kind, str):
         raise _Invalid("field 'type' must be a string")
     if kind == "subscribe":
-        return Subscribe(_text(data, "conversation_id"), _since(data), ref)
+        return Subscribe(_id(data, "conversation_id"), _since(data), ref)
     if kind == "unsubscribe":
-        return Unsubscribe(_text(data, "conversation_id"), ref)
+        return Unsubscribe(_id(data, "conversation_id"), ref)
     if kind == "ping":
         return Ping(data.get("ts"))
     if kind == "auth":

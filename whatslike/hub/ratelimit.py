@@ -1,12 +1,14 @@
 """A token bucket for client frames: pure arithmetic on the times it is given.
 
 `burst` frames may arrive at once; after that, `rate` per second. The hub answers a
-frame over the limit with `rate_limited` and closes with 4008 after `strikes` of them in a
-row (a client that keeps going regardless).
+frame over the limit with `rate_limited` and closes with 4008 once more than `strikes`
+frames were refused within `window_s` seconds, whether in a row or interleaved with
+allowed ones (a client that paces itself just over the rate cannot escape).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -15,12 +17,15 @@ class FrameBudget:
     rate: float
     burst: int
     strikes: int
+    window_s: float = 10.0
     tokens: float = field(init=False)
     updated: float | None = field(default=None, init=False)
-    denied_in_a_row: int = field(default=0, init=False)
+    #: Times of the latest refusals, at most strikes + 1 of them (bounded).
+    refusals: deque[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokens = float(self.burst)
+        self.refusals = deque(maxlen=self.strikes + 1)
 
     def take(self, now: float) -> bool:
         """Spend one token at time `now` (seconds, monotonic); False when none is left."""
@@ -29,12 +34,13 @@ class FrameBudget:
         self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1
-            self.denied_in_a_row = 0
             return True
-        self.denied_in_a_row += 1
+        self.refusals.append(now)
         return False
 
     @property
     def exhausted(self) -> bool:
-        """True once more than `strikes` frames in a row were refused."""
-        return self.denied_in_a_row > self.strikes
+        """True once more than `strikes` frames were refused within the window."""
+        if len(self.refusals) <= self.strikes or self.updated is None:
+            return False
+        return self.refusals[0] > self.updated - self.window_s

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -17,7 +17,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import new_id
+from whatslike.errors import BackendUnavailable
 from whatslike.hub import frames
+from whatslike.hub.caps import ConnectionCaps
 from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
 from whatslike.hub.ratelimit import FrameBudget
 from whatslike.hub.registry import SubscriptionRegistry
@@ -33,6 +35,7 @@ GOING_AWAY: Final = 1001
 POLICY: Final = 1008
 TOO_BIG: Final = 1009
 INTERNAL_ERROR: Final = 1011
+TRY_AGAIN_LATER: Final = 1013
 TOKEN_EXPIRED: Final = 4001
 RATE_LIMITED: Final = 4008
 SLOW_CONSUMER: Final = 4009
@@ -51,7 +54,53 @@ CLOSE_TIMEOUT_S: Final = 5.0
 #: (websockets defaults to 1 MiB) even after a long replay.
 MAX_BATCH: Final = 256
 
+#: Store reads in flight at once while re-reading subscriptions after a fan-out gap.
+RECOVERY_READS: Final = 8
+
 _STATUS_PREFIX: Final = "status:"
+
+_CAP_MESSAGES: Final = {
+    "total": "the server holds as many connections as it may; retry later",
+    "user": "this user holds as many connections as one user may",
+    "ip": "this address holds as many connections as one address may",
+}
+
+#: The subprotocol a client offers to carry its token outside the URL, next to
+#: SUBPROTOCOL (which the server selects: it never echoes the token back):
+#: `Sec-WebSocket-Protocol: whatslike.v1, access_token.<JWT>`.
+SUBPROTOCOL: Final = "whatslike.v1"
+TOKEN_SUBPROTOCOL_PREFIX: Final = "access_token."
+
+#: Refused upgrades are logged at INFO at most once per this many seconds; the ones in
+#: between are counted into the next line (an attacker cannot flood the log).
+REFUSAL_LOG_INTERVAL_S: Final = 10.0
+
+
+@dataclass(slots=True)
+class _RefusalLog:
+    last: float = float("-inf")
+    suppressed: int = 0
+
+    def note(self, status: int, code: str) -> None:
+        now = time.monotonic()
+        if now - self.last < REFUSAL_LOG_INTERVAL_S:
+            self.suppressed += 1
+            return
+        logger.info(
+            "refused a WebSocket upgrade: %d %s (%d more refused since the last such line)",
+            status,
+            code,
+            self.suppressed,
+        )
+        self.last, self.suppressed = now, 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    identity: Identity
+    user: tuple[str, str]
+    ip: str
+    subprotocol: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +123,8 @@ class _Subscription:
     high_seq: int
     #: Live frames held back while the replay is read from the store; None once live.
     held: list[tuple[int, str]] | None = None
+    #: A fan-out gap ended while the store was being read: read it again afterwards.
+    gap: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -129,6 +180,19 @@ def status_seq(frame: str | bytes) -> int | None:
     return None
 
 
+def _settle(subscription: _Subscription, replayed: Iterable[str]) -> list[str]:
+    """End a store read: the replayed and the held live frames to send, in seq order,
+    each once; the subscription is live again."""
+    pairs = [(status_seq(text), text) for text in replayed]
+    held, subscription.held = subscription.held or [], None
+    following: list[str] = []
+    for seq, text in [*pairs, *sorted(held, key=lambda pair: pair[0])]:
+        if seq is not None and seq > subscription.high_seq:
+            following.append(text)
+            subscription.high_seq = seq
+    return following
+
+
 def _batches(status_frames: list[str]) -> Iterator[str]:
     for start in range(0, len(status_frames), MAX_BATCH):
         chunk = status_frames[start : start + MAX_BATCH]
@@ -161,15 +225,20 @@ class Hub:
         self._settings: Settings = deps.settings
         self._store: Store = deps.store
         self._metrics = deps.metrics
-        self._tokens = TokenService(
-            deps.jwt_secret,
-            issuer=deps.settings.jwt_issuer,
-            audience=deps.settings.jwt_audience,
-        )
+        self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
         self._registry = SubscriptionRegistry(deps.settings.max_subscriptions)
         self._connections: dict[str, _Connection] = {}
+        self._caps = ConnectionCaps(
+            deps.settings.max_connections,
+            deps.settings.max_connections_per_user,
+            deps.settings.max_connections_per_ip,
+        )
+        self._refusals = _RefusalLog()
         self._stopping = False
+        self._fanout = deps.fanout
+        self._recoveries: set[asyncio.Task[None]] = set()
         deps.fanout.listen(self.on_fanout)
+        deps.fanout.on_gap(self.on_gap)
 
     def routes(self) -> list[BaseRoute]:
         return [WebSocketRoute("/ws/status", self._serve)]
@@ -180,6 +249,8 @@ class Hub:
     async def stop(self) -> None:
         """Close every connection with 1001 and wait (bounded) until they are gone."""
         self._stopping = True
+        for recovery in self._recoveries:
+            recovery.cancel()
         connections = list(self._connections.values())
         for conn in connections:
             conn.request_close(GOING_AWAY, "server shutting down")
@@ -222,26 +293,39 @@ class Hub:
             logger.exception("fan-out frame on %s could not be dispatched", channel)
 
     def _evict(self, conn: _Connection, code: int, reason: str) -> None:
-        self._registry.drop(conn.id)
+        self._release(self._registry.drop(conn.id))
         conn.subscriptions.clear()
         conn.request_close(code, reason)
+
+    def _release(self, conversation_ids: Iterable[str]) -> None:
+        """Tell the fan-out which of these conversations nobody here follows any more."""
+        for conversation_id in conversation_ids:
+            if not self._registry.subscribers(conversation_id):
+                self._fanout.discard(conversation_id)
 
     # The connection's life.
 
     async def _serve(self, websocket: WebSocket) -> None:
-        identity = await self._admit(websocket)
-        if identity is None:
+        admission = await self._admit(websocket)
+        if admission is None:
             return
-        await websocket.accept()
+        try:
+            await self._connect(websocket, admission)
+        finally:
+            self._caps.release(admission.user, admission.ip)
+
+    async def _connect(self, websocket: WebSocket, admission: _Admission) -> None:
+        await websocket.accept(subprotocol=admission.subprotocol)
         conn = _Connection(
             id=new_id("conn"),
             websocket=websocket,
-            identity=identity,
+            identity=admission.identity,
             queue=asyncio.Queue(self._settings.connection_queue_size),
             budget=FrameBudget(
                 self._settings.client_frames_per_s,
                 self._settings.client_frame_burst,
                 self._settings.rate_limit_strikes,
+                self._settings.rate_limit_window_s,
             ),
         )
         self._connections[conn.id] = conn
@@ -255,33 +339,71 @@ class Hub:
             conn.request_close(INTERNAL_ERROR, "internal error")
             await self._close(conn)
         finally:
-            self._registry.drop(conn.id)
+            self._release(self._registry.drop(conn.id))
             del self._connections[conn.id]
             self._metrics.ws_connections.dec()
             conn.done.set()
 
-    async def _admit(self, websocket: WebSocket) -> Identity | None:
-        """The identity of an acceptable upgrade; otherwise refuse it and answer None."""
+    async def _admit(self, websocket: WebSocket) -> _Admission | None:
+        """The identity of an acceptable upgrade, its connection counted against the caps;
+        otherwise refuse it and answer None."""
         if self._stopping:
-            await _refuse(websocket, 503, "unavailable", "the server is shutting down")
+            await self._refuse(websocket, 503, "unavailable", "the server is shutting down")
             return None
         origin = websocket.headers.get("origin")
-        allowed = self._settings.allowed_origins
+        allowed = self._settings.effective_allowed_origins
         # Only browsers send Origin, and only browsers can be tricked into connecting.
         if allowed and origin is not None and origin not in allowed:
-            await _refuse(websocket, 403, "forbidden_origin", f"origin {origin!r} is not allowed")
+            await self._refuse(websocket, 403, "forbidden_origin", "this origin is not allowed")
             return None
-        token = websocket.query_params.get("access_token") or bearer_token(
-            websocket.headers.get("authorization")
+        offered: list[str] = list(websocket.scope.get("subprotocols") or [])
+        token = (
+            next(
+                (
+                    name[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+                    for name in offered
+                    if name.startswith(TOKEN_SUBPROTOCOL_PREFIX)
+                ),
+                None,
+            )
+            or bearer_token(websocket.headers.get("authorization"))
+            or websocket.query_params.get("access_token")
         )
         if not token:
-            await _refuse(websocket, 401, "unauthorized", "a token is required")
+            await self._refuse(websocket, 401, "unauthorized", "a token is required")
             return None
         try:
-            return self._tokens.verify(token)
+            identity = self._tokens.verify(token)
         except InvalidToken as exc:
-            await _refuse(websocket, 401, "unauthorized", exc.reason)
+            await self._refuse(websocket, 401, "unauthorized", exc.reason)
             return None
+        client = websocket.client
+        admission = _Admission(
+            identity,
+            (identity.org_id, identity.user_id),
+            client.host if client is not None else "",
+            SUBPROTOCOL if SUBPROTOCOL in offered else None,
+        )
+        refused_by = self._caps.claim(admission.user, admission.ip)
+        if refused_by is not None:
+            await self._refuse(
+                websocket,
+                503 if refused_by == "total" else 429,
+                "too_many_connections",
+                _CAP_MESSAGES[refused_by],
+            )
+            return None
+        return admission
+
+    async def _refuse(self, websocket: WebSocket, status: int, code: str, message: str) -> None:
+        """Refuse an upgrade with an HTTP answer; no socket is opened."""
+        self._refusals.note(status, code)
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            response = JSONResponse({"error": {"code": code, "message": message}}, status)
+            await websocket.send_denial_response(response)
+        else:
+            # Servers without the denial-response extension can only answer 403.
+            await websocket.close(POLICY)
 
     async def _run(self, conn: _Connection) -> None:
         try:
@@ -348,7 +470,14 @@ class Hub:
             while not queue.empty():
                 items.append(queue.get_nowait())
             for message in coalesce(items):
-                await conn.websocket.send_text(message)
+                try:
+                    # A client that stops reading fills the socket's buffers and the
+                    # send waits: past the write timeout it is a slow consumer (4009).
+                    async with asyncio.timeout(self._settings.write_timeout_s):
+                        await conn.websocket.send_text(message)
+                except TimeoutError:
+                    self._evict(conn, SLOW_CONSUMER, "slow consumer")
+                    return
                 self._metrics.ws_frames_sent.inc()
 
     async def _read(self, conn: _Connection) -> None:
@@ -366,7 +495,14 @@ class Hub:
             elif isinstance(frame, FrameError):
                 self._reject(conn, frame)
             else:
-                await self._handle(conn, frame)
+                try:
+                    await self._handle(conn, frame)
+                except BackendUnavailable as exc:
+                    # The store is out: the client reconnects (with back-off) and
+                    # resubscribes with `since`, missing nothing; no traceback for this.
+                    logger.warning("connection %s: %s", conn.id, exc)
+                    conn.request_close(TRY_AGAIN_LATER, "store unavailable")
+                    return
 
     def _limit(self, conn: _Connection, frame: ClientFrame | FrameError) -> None:
         if conn.budget.exhausted:
@@ -401,7 +537,8 @@ class Hub:
             case Subscribe():
                 await self._subscribe(conn, frame)
             case Unsubscribe():
-                self._registry.unsubscribe(conn.id, frame.conversation_id)
+                if self._registry.unsubscribe(conn.id, frame.conversation_id):
+                    self._release((frame.conversation_id,))
                 conn.subscriptions.pop(frame.conversation_id, None)
                 self._answer(conn, Reply(frames.unsubscribed(frame.conversation_id, frame.ref)))
             case Ping():
@@ -435,6 +572,8 @@ class Hub:
         # such frames are held and merged with the replay by seq.
         subscription = _Subscription(since, held=[])
         conn.subscriptions[conversation_id] = subscription
+        # Heard from here on (or a gap is announced later), so the read below is enough.
+        await self._fanout.add(conversation_id)
         changes = await self._store.changes_since(
             conversation_id, since, self._settings.replay_limit
         )
@@ -444,13 +583,7 @@ class Hub:
             # The client must reload over HTTP; live frames go on from the store's seq,
             # which may be below `since` (a client that outlived a store reset).
             subscription.high_seq = changes.last_seq
-        replayed = [(status_seq(text), text) for text in changes.frames]
-        held, subscription.held = subscription.held or [], None
-        following: list[str] = []
-        for seq, text in [*replayed, *sorted(held, key=lambda pair: pair[0])]:
-            if seq is not None and seq > subscription.high_seq:
-                following.append(text)
-                subscription.high_seq = seq
+        following = _settle(subscription, changes.frames)
         self._answer(
             conn,
             Reply(
@@ -458,6 +591,63 @@ class Hub:
                 tuple(following),
             ),
         )
+        if subscription.gap:
+            self._spawn(self._recover(conn, conversation_id))
+
+    # Fan-out gaps: the link to the fan-out broke, so statuses may have been missed.
+
+    def on_gap(self) -> None:
+        """Re-read every live subscription from the store and send what it missed."""
+        pending = [(conn, cid) for conn in self._connections.values() for cid in conn.subscriptions]
+        self._spawn(self._recover_all(pending))
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    async def _recover_all(self, pending: list[tuple[_Connection, str]]) -> None:
+        async def reader() -> None:
+            while pending:
+                conn, conversation_id = pending.pop()
+                await self._recover(conn, conversation_id)
+
+        await asyncio.gather(*(reader() for _ in range(RECOVERY_READS)))
+
+    async def _recover(self, conn: _Connection, conversation_id: str) -> None:
+        """Send one subscription what the store has after its last frame, merged with the
+        live frames that come meanwhile; when that cannot be complete, tell the client to
+        reload (`subscribed` with `recovered: false`, as for a `since` beyond the store)."""
+        subscription = conn.subscriptions.get(conversation_id)
+        if subscription is None:
+            return
+        if subscription.held is not None:
+            subscription.gap = True  # the read in flight may predate the gap: it calls back
+            return
+        while True:
+            subscription.gap = False
+            subscription.held = []
+            try:
+                changes = await self._store.changes_since(
+                    conversation_id, subscription.high_seq, self._settings.replay_limit
+                )
+            except Exception:
+                logger.exception("connection %s: store read after a fan-out gap failed", conn.id)
+                # The client reconnects and recovers with `since`.
+                self._evict(conn, INTERNAL_ERROR, "internal error")
+                return
+            if conn.subscriptions.get(conversation_id) is not subscription:
+                return  # unsubscribed or evicted meanwhile
+            if not changes.complete:
+                subscription.high_seq = changes.last_seq
+                reload = frames.subscribed(conversation_id, changes.last_seq, False)
+                self._answer(conn, Reply(reload, tuple(_settle(subscription, ()))))
+            else:
+                missed = _settle(subscription, changes.frames)
+                if missed:  # a Reply, so a long catch-up does not count against the bound
+                    self._answer(conn, Reply(missed[0], tuple(missed[1:])))
+            if not subscription.gap:
+                return
 
     def _refresh(self, conn: _Connection, frame: Auth) -> None:
         try:
@@ -475,13 +665,3 @@ class Hub:
             return
         conn.identity = identity
         self._answer(conn, Reply(frames.auth_ok(identity.exp, frame.ref)))
-
-
-async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
-    """Refuse an upgrade with an HTTP answer; no socket is opened."""
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        response = JSONResponse({"error": {"code": code, "message": message}}, status)
-        await websocket.send_denial_response(response)
-    else:
-        # Servers without the denial-response extension can only answer 403.
-        await websocket.close(POLICY)

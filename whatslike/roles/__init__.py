@@ -7,7 +7,8 @@ handlers in its constructor, before the bus starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
@@ -31,6 +32,8 @@ class Deps:
     http: httpx.AsyncClient
     metrics: Metrics
     jwt_secret: str
+    #: Set by whoever adds to the store's outbox in this process; the relay waits on it.
+    handoffs: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Role(Protocol):

@@ -2,13 +2,15 @@
 resulting status frames; it also keeps every dead-lettered event in the store, and turns
 a message that could not be handed to the provider into a FAILED status.
 
-Publishing happens after the store committed. If it fails, the bus redelivers the event
-and `apply_status` returns the same frames again (matched by event_id), so a
-notification is never lost; clients drop the duplicate by seq.
+Publishing happens after the store committed (the same transaction completed the event's
+outbox entry). If it fails, the bus redelivers the event and `apply_status` returns the
+same frames again (matched by event_id), so a notification is never lost; clients drop
+the duplicate by seq.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -25,6 +27,7 @@ from whatslike.events import (
 )
 from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.rules import Effect, ProviderError, Status
+from whatslike.store.common import status_entry
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class StatusWorker(RoleDefaults):
         self._store = deps.store
         self._fanout = deps.fanout
         self._metrics = deps.metrics
-        self._bus = deps.bus
+        self._handoffs = deps.handoffs
         deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
         for topic in DEAD_LETTER_SOURCES:
             deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
@@ -64,8 +67,12 @@ class StatusWorker(RoleDefaults):
         for frame in result.frames:
             await self._fanout.publish(channel, frame.encode())
         if result.frames:
-            lag = (utcnow() - event.occurred_at).total_seconds()
-            self._metrics.status_latency.observe(max(lag, 0.0))
+            now = utcnow()
+            if event.received_at is not None:
+                ours = (now - event.received_at).total_seconds()
+                self._metrics.status_latency.observe(max(ours, 0.0))
+            lag = (now - event.occurred_at).total_seconds()
+            self._metrics.provider_lag.observe(max(lag, 0.0))
 
     async def record_dead_letter(self, raw: bytes) -> None:
         try:
@@ -74,12 +81,21 @@ class StatusWorker(RoleDefaults):
         except (ValueError, KeyError, TypeError):
             record, topic, reason = {}, "unknown", "unreadable dead letter"
         await self._store.record_dead_letter(topic, raw, reason)
-        if topic in UNSENT_SOURCES and isinstance(record.get("event"), str):
-            await self._fail_unsent(record["event"].encode())
+        event = record.get("event")
+        if not isinstance(event, str):
+            return
+        if topic in UNSENT_SOURCES:
+            await self._fail_unsent(event.encode())
+        elif topic == TOPIC_STATUS:
+            # Kept as a dead letter now: its hand-off is done, it must not come again.
+            with contextlib.suppress(MalformedEvent):
+                status = StatusEvent.from_json(event.encode())
+                await self._store.handoff(done=[(TOPIC_STATUS, status.event_id)])
 
     async def _fail_unsent(self, raw: bytes) -> None:
         """A message that could not be handed to the provider must not sit PENDING for
-        ever: it becomes FAILED (`send_failed`), which the agent sees like any failure."""
+        ever: it becomes FAILED (`send_failed`), which the agent sees like any failure;
+        in the same transaction its send hand-off is done."""
         try:
             message = OutboundMessage.from_json(raw)
         except MalformedEvent:
@@ -94,5 +110,9 @@ class StatusWorker(RoleDefaults):
             provider_message_id="",
             occurred_at=utcnow(),
             error=SEND_FAILED,
+            received_at=utcnow(),
         )
-        await self._bus.publish(TOPIC_STATUS, message.conversation_id, failed.to_json())
+        await self._store.handoff(
+            [status_entry(failed)], done=[(TOPIC_MESSAGES, message.message_id)]
+        )
+        self._handoffs.set()

@@ -5,15 +5,12 @@ POSTs signed status webhooks back, with delays, failures and (on request) disord
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
 import hmac
-import itertools
 import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -22,17 +19,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_body, sign
+from whatslike.errors import BackendUnavailable
 from whatslike.roles import Deps
+from whatslike.settings import simulator_database
 from whatslike.simulator import payloads
+from whatslike.simulator.schedule import Backoff, Delivery, Planned, WebhookSchedule
 
 log = logging.getLogger(__name__)
 
 WORKERS = 4
 MAX_REQUEST_BYTES = 64 * 1024
-MAX_DELIVERY_ATTEMPTS = 6
-RETRY_BASE_S = 0.25
-RETRY_CAP_S = 10.0
 MAX_DELAY_MS = 600_000
+#: At most one warning about failed webhook attempts per this many seconds.
+FAILURE_LOG_INTERVAL_S = 5.0
 
 # How often each kind of disorder happens when disorder is on.
 P_EARLY_WEBHOOK = 0.25
@@ -84,84 +83,61 @@ def changed_controls(current: Controls, data: Any) -> Controls:
     return controls
 
 
-@dataclass(order=True)
-class Delivery:
-    """One webhook POST, due at `due` (event-loop time); `order` keeps plan order on ties."""
+class FailureLog:
+    """Warnings about failed webhook attempts, at most one per interval: a connector that
+    is down fails every pending delivery, which would flood the log. Never the URL (it may
+    carry credentials) nor a body."""
 
-    due: float
-    order: int
-    channel: str = field(compare=False)
-    body: bytes = field(compare=False, repr=False)
-    attempts: int = field(default=0, compare=False)
+    def __init__(self, interval_s: float = FAILURE_LOG_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._last = -interval_s
+        self._quiet = 0
 
-
-class WebhookSchedule:
-    """Webhooks waiting for their time, earliest first. Bounded: a send whose webhooks do
-    not fit is refused with Meta's 429 before it is accepted, so none is ever dropped."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._heap: list[Delivery] = []
-        self._pending = 0  # reserved: waiting, being delivered, or waiting for a retry
-        self._wakeup = asyncio.Event()
-        self._order = itertools.count()
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def reserve(self, count: int) -> bool:
-        if self._pending + count > self.capacity:
-            return False
-        self._pending += count
-        return True
-
-    def new(self, due: float, channel: str, body: bytes) -> Delivery:
-        return Delivery(due, next(self._order), channel, body)
-
-    def put(self, delivery: Delivery) -> None:
-        """Queue a reserved delivery (first time or retry)."""
-        heapq.heappush(self._heap, delivery)
-        self._wakeup.set()
-
-    def done(self) -> None:
-        """A reserved delivery succeeded or was given up: its place is free again."""
-        self._pending -= 1
-
-    async def take(self) -> Delivery:
-        """The earliest delivery, once it is due."""
-        loop = asyncio.get_running_loop()
-        while True:
-            wait: float | None = None
-            if self._heap:
-                wait = self._heap[0].due - loop.time()
-                if wait <= 0:
-                    return heapq.heappop(self._heap)
-            # No await between the check above and clear(): a put() cannot be missed.
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+    def failed(self, delivery: Delivery, problem: str, retry_in_s: float) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval_s:
+            self._quiet += 1
+            return
+        log.warning(
+            "simulator %s webhook attempt %d failed (%s), next in %.1f s;"
+            " %d other failed attempts since the last warning",
+            delivery.channel,
+            delivery.failures,
+            problem,
+            retry_in_s,
+            self._quiet,
+        )
+        self._last, self._quiet = now, 0
 
 
 class Simulator:
     name = "simulator"
 
-    def __init__(self, deps: Deps, *, retry_base_s: float = RETRY_BASE_S) -> None:
+    def __init__(self, deps: Deps) -> None:
         self._settings = deps.settings
         self._http = deps.http
         self._rng = random.Random(deps.settings.sim_seed)
-        self._retry_base_s = retry_base_s
         self.controls = Controls(
             disorder=deps.settings.sim_disorder,
             failure_rate=deps.settings.sim_failure_rate,
             delay_ms=deps.settings.sim_delay_ms,
         )
-        self.schedule = WebhookSchedule(deps.settings.sim_queue_size)
+        self.schedule = WebhookSchedule(
+            simulator_database(deps.settings), deps.settings.sim_queue_size
+        )
+        self._backoff = Backoff(scale=deps.settings.sim_time_scale)
+        self._failures = FailureLog()
         self._workers: list[asyncio.Task[None]] = []
+        # The control changes every tenant's statuses: it needs its own token, except for
+        # the demo's switch in the embedded mode on a loopback address.
+        token = deps.settings.sim_control_token
+        self._control_auth = f"Bearer {token}".encode() if token else None
+        self._control_open = not token and deps.settings.development
 
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/simulator/control", self.control, methods=["GET", "POST"]),
+            Route("/simulator/sends", self.sends, methods=["GET"]),
             # Before the WhatsApp route, which would otherwise take "me" for a phone id.
             Route("/simulator/{version}/me/messages", self.instagram_send, methods=["POST"]),
             Route(
@@ -172,6 +148,9 @@ class Simulator:
         ]
 
     async def start(self) -> None:
+        resumed = await self.schedule.open()
+        if resumed:
+            log.info("simulator resumes %d pending webhook deliveries", resumed)
         self._workers = [
             asyncio.create_task(self._deliver_forever(), name=f"simulator-webhooks-{n}")
             for n in range(WORKERS)
@@ -182,12 +161,23 @@ class Simulator:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        if self.schedule.pending:
-            log.warning("simulator stopped with %d webhooks undelivered", self.schedule.pending)
+        # Nothing is lost: every pending delivery is on disk and resumes at the next start.
+        log.info(
+            "simulator stopped with %d webhook deliveries pending in %s",
+            self.schedule.pending,
+            self.schedule.path,
+        )
+        await self.schedule.close()
 
     # -- control ----------------------------------------------------------------------
 
     async def control(self, request: Request) -> Response:
+        if not self._control_open:
+            given = request.headers.get("authorization", "").encode()
+            if self._control_auth is None or not hmac.compare_digest(given, self._control_auth):
+                return error_response(
+                    403, "forbidden", "the simulator's control needs WHATSLIKE_SIM_CONTROL_TOKEN"
+                )
         if request.method == "POST":
             body = await read_body(request, MAX_REQUEST_BYTES)
             try:
@@ -198,6 +188,15 @@ class Simulator:
                 return error_response(400, "bad_request", str(exc))
             log.info("simulator controls now %s", self.controls)
         return JSONResponse(self.controls.to_json())
+
+    async def sends(self, request: Request) -> Response:
+        """The accepted sends, for a test oracle: how many, under how many keys, and the
+        keys sent more than once (keys: `payloads.whatsapp_send_key`, `instagram_send_key`)."""
+        try:
+            return JSONResponse(await self.schedule.sends())
+        except BackendUnavailable as exc:
+            log.error("simulator cannot count sends: %s", exc)
+            return error_response(503, "unavailable", "the simulator's database is unavailable")
 
     # -- Graph API --------------------------------------------------------------------
 
@@ -219,8 +218,10 @@ class Simulator:
         if problem is not None:
             return _graph_error(400, 100, problem)
         wamid = payloads.new_wamid()
-        plan = self._plan_whatsapp(wamid, body["to"], body.get("biz_opaque_callback_data", ""))
-        return await self._answer(payloads.whatsapp_send_answer(body["to"], wamid), plan)
+        callback_data = body.get("biz_opaque_callback_data", "")
+        plan = self._plan_whatsapp(wamid, body["to"], callback_data)
+        key = payloads.whatsapp_send_key(body["to"], body["text"]["body"], callback_data)
+        return await self._answer(payloads.whatsapp_send_answer(body["to"], wamid), plan, key)
 
     async def instagram_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)
@@ -237,7 +238,8 @@ class Simulator:
             )
         mid = payloads.new_instagram_mid()
         plan = self._plan_instagram(mid, recipient_id)
-        return await self._answer(payloads.instagram_send_answer(recipient_id, mid), plan)
+        key = payloads.instagram_send_key(recipient_id, body["message"]["text"])
+        return await self._answer(payloads.instagram_send_answer(recipient_id, mid), plan, key)
 
     async def _accept(self, request: Request) -> tuple[Any, Response | None]:
         """The JSON body of an authorized send, or the refusal Meta would give."""
@@ -255,17 +257,25 @@ class Simulator:
         except ValueError:
             return None, _graph_error(400, 100, "(#100) The request body must be JSON")
 
-    async def _answer(self, answer: dict[str, Any], plan: list[tuple[str, bytes]]) -> Response:
-        if not self.schedule.reserve(len(plan)):
-            return _graph_error(429, 4, "(#4) Application request limit reached", transient=True)
+    async def _answer(
+        self, answer: dict[str, Any], plan: list[tuple[str, bytes]], send_key: str
+    ) -> Response:
+        """Store the send and its webhooks, then answer; 429 when they do not fit."""
         step = self.controls.delay_ms / 1000
-        now = asyncio.get_running_loop().time()
-        deliveries = [
-            self.schedule.new(now + offset * step, channel, body)
+        now = time.time()
+        planned = [
+            Planned(now + offset * step, channel, body)
             for offset, (channel, body) in zip(
                 _offsets(plan, self._rng, self.controls), plan, strict=True
             )
         ]
+        try:
+            deliveries = await self.schedule.accept(send_key, planned)
+        except BackendUnavailable as exc:
+            log.error("simulator cannot store a send: %s", exc)
+            return _graph_error(503, 2, "(#2) Service temporarily unavailable", transient=True)
+        if deliveries is None:
+            return _graph_error(429, 4, "(#4) Application request limit reached", transient=True)
         early = None
         if self.controls.disorder and self._rng.random() < P_EARLY_WEBHOOK:
             early = deliveries.pop(0)
@@ -329,24 +339,30 @@ class Simulator:
             await self._attempt(await self.schedule.take())
 
     async def _attempt(self, delivery: Delivery, wait_s: float | None = None) -> None:
-        """POST once; on failure queue a retry with back-off, or give up after the last."""
-        if await self._post(delivery, wait_s or self._settings.send_timeout_s):
-            self.schedule.done()
+        """POST once; on failure store and queue a retry with back-off, or give up once
+        the retry horizon has passed."""
+        problem = await self._post(delivery, wait_s or self._settings.send_timeout_s)
+        if problem is None:
+            await self.schedule.settle(delivery)
             return
-        delivery.attempts += 1
-        if delivery.attempts >= MAX_DELIVERY_ATTEMPTS:
+        delivery.failures += 1
+        now = time.time()
+        due = self._backoff.next_due(delivery.first_due, now, delivery.failures, self._rng)
+        if due is None:
             log.error(
-                "simulator gave up a %s webhook after %d attempts",
+                "simulator gave up a %s webhook after %d attempts (%s)",
                 delivery.channel,
-                delivery.attempts,
+                delivery.failures,
+                problem,
             )
-            self.schedule.done()
+            await self.schedule.settle(delivery)
             return
-        backoff = min(RETRY_CAP_S, self._retry_base_s * 2 ** (delivery.attempts - 1))
-        delivery.due = asyncio.get_running_loop().time() + backoff
-        self.schedule.put(delivery)
+        self._failures.failed(delivery, problem, due - now)
+        delivery.due = due
+        await self.schedule.retry(delivery)
 
-    async def _post(self, delivery: Delivery, wait_s: float) -> bool:
+    async def _post(self, delivery: Delivery, wait_s: float) -> str | None:
+        """POST the webhook; None when answered 2xx, else what went wrong."""
         url = f"{self._settings.effective_sim_webhook_url}/webhooks/{delivery.channel}"
         headers = {
             "Content-Type": "application/json",
@@ -358,12 +374,10 @@ class Simulator:
                 url, content=delivery.body, headers=headers, timeout=wait_s
             )
         except httpx.HTTPError as exc:
-            log.warning("simulator webhook to %s failed: %r", url, exc)
-            return False
+            return type(exc).__name__
         if not response.is_success:
-            log.warning("simulator webhook to %s answered %s", url, response.status_code)
-            return False
-        return True
+            return f"HTTP {response.status_code}"
+        return None
 
 
 def _offsets(plan: list[tuple[str, bytes]], rng: random.Random, controls: Controls) -> list[float]:

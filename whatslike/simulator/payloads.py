@@ -75,6 +75,21 @@ def instagram_send_answer(recipient_id: str, message_id: str) -> dict[str, Any]:
     return {"recipient_id": recipient_id, "message_id": message_id}
 
 
+def whatsapp_send_key(to: str, text: str, callback_data: str) -> str:
+    """What the simulator counts a WhatsApp send under: our message id, which the connector
+    sends as `biz_opaque_callback_data`; the recipient and text when there is none."""
+    if callback_data:
+        return f"whatsapp:{callback_data}"
+    wa_id = "".join(ch for ch in to if ch.isdigit())
+    return f"whatsapp-to:{wa_id}:{text}"
+
+
+def instagram_send_key(recipient_id: str, text: str) -> str:
+    """What the simulator counts an Instagram send under: Instagram's send carries no
+    data of ours, so the recipient and the text."""
+    return f"instagram:{recipient_id}:{text}"
+
+
 def whatsapp_send_problem(body: Any) -> str | None:
     """Why Meta would refuse this send request (a `(#100)` message), or None."""
     if not isinstance(body, dict):

@@ -103,6 +103,11 @@ export interface ChatStatusClientOptions {
   };
 }
 
+/** Offered on every upgrade: the server selects SUBPROTOCOL; the token travels as
+ * TOKEN_SUBPROTOCOL_PREFIX + token, never in the URL (docs/protocol.md §4). */
+export declare const SUBPROTOCOL: "whatslike.v1";
+export declare const TOKEN_SUBPROTOCOL_PREFIX: "access_token.";
+
 /** Close codes of docs/protocol.md §4. */
 export declare const CloseCode: {
   readonly NORMAL: 1000;

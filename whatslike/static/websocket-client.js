@@ -3,6 +3,10 @@
 // constructor). The contract is websocket-client.d.ts; its doc comments are normative.
 
 /** Close codes of docs/protocol.md §4. */
+/** The subprotocol the server selects, and the one that carries the token. */
+export const SUBPROTOCOL = "whatslike.v1";
+export const TOKEN_SUBPROTOCOL_PREFIX = "access_token.";
+
 export const CloseCode = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001,
@@ -257,10 +261,12 @@ export class ChatStatusClient {
       this.#fail("protocol", `invalid url ${JSON.stringify(this.#o.url)}: ${err?.message ?? err}`);
       return;
     }
-    url.searchParams.set("access_token", this.#token); // browsers cannot set headers here
+    // Browsers cannot set headers on an upgrade, and a token in the URL lands in access
+    // logs: it travels as a subprotocol (docs/protocol.md §4); the server picks the first.
+    const protocols = [SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX + this.#token];
     let ws;
     try {
-      ws = new this.#WS(url.toString());
+      ws = new this.#WS(url.toString(), protocols);
     } catch (err) {
       this.#fail("protocol", `cannot open a WebSocket: ${err?.message ?? err}`);
       return;

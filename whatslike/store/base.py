@@ -7,8 +7,10 @@ rows, so a caller can never tell "not yours" from "does not exist". Worker-facin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Protocol
 
 from whatslike.events import StatusEvent
@@ -37,6 +39,11 @@ class Message:
     state: MessageState
     seq: int | None  # the seq of the message's latest notified change, if any
     provider_message_id: str | None = None
+    #: When the connector recorded its provider send attempt; None when none is under
+    #: way (never tried, or a try that certainly did not reach the provider).
+    send_started_at: datetime | None = None
+    #: The last time anything about the message changed (created, send, status).
+    updated_at: datetime | None = None
 
     @property
     def status(self) -> Status:
@@ -75,6 +82,53 @@ class ParkedStatus:
     payload: bytes = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A hand-off waiting to be relayed to the bus: `payload` on `topic`, keyed by `key`.
+
+    `done_key` names the work that completes it downstream — the message id for
+    `messages` (the connector finished with the send), the event id for `msg.status`
+    (the status worker applied it) — so that on a bus that keeps nothing (the in-process
+    one) an entry stays until that work is stored, and is relayed again after a crash."""
+
+    topic: str
+    key: str
+    payload: bytes = field(repr=False)
+    done_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """An `OutboxEntry` as stored, with its id (increasing in insertion order)."""
+
+    id: int
+    topic: str
+    key: str
+    payload: bytes = field(repr=False)
+
+
+class SendClaim(Enum):
+    """What `begin_send` found, and so what the connector does."""
+
+    GO = "go"  # the attempt is recorded: call the provider now
+    MISSING = "missing"  # no such message
+    LINKED = "linked"  # the provider accepted it before: finish, never send again
+    MOVED_ON = "moved_on"  # no longer PENDING (e.g. FAILED): not sent again
+    UNKNOWN = "unknown"  # an earlier attempt may have reached the provider: not sent again
+
+
+@dataclass(frozen=True, slots=True)
+class Stuck:
+    """The messages that have not moved for a while, for the watchdog and operators."""
+
+    #: PENDING and not handed to the provider (no send under way) since `pending_before`.
+    pending: tuple[Message, ...]
+    #: PENDING with a send attempt whose outcome is unknown, started before `unknown_before`.
+    unknown: tuple[Message, ...]
+    #: SENT with no provider news since `sent_before`.
+    sent: tuple[Message, ...]
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect and create or migrate the schema. Idempotent."""
@@ -93,8 +147,9 @@ class Store(Protocol):
     async def create_message(
         self, conversation: Conversation, text: str, client_message_id: str
     ) -> tuple[Message, bool]:
-        """Insert a PENDING message. The same non-empty client_message_id in the same
-        conversation returns the first message and False."""
+        """Insert a PENDING message and, in the same transaction, its `messages` outbox
+        entry (the work of sending it). The same non-empty client_message_id in the same
+        conversation returns the first message and False, and adds nothing."""
 
     async def get_message(self, message_id: str) -> Message | None: ...
 
@@ -111,11 +166,8 @@ class Store(Protocol):
         self, channel: str, provider_message_id: str, message_id: str
     ) -> list[ParkedStatus]:
         """Index a provider id (idempotent; the first link wins) and return the statuses
-        parked for it, oldest first. They stay parked until `forget_parked`, so a crash
-        before they were handed on loses nothing: the next link returns them again."""
-
-    async def forget_parked(self, channel: str, provider_message_id: str) -> None:
-        """Drop the parked statuses of a provider id once they were handed on."""
+        parked for it, oldest first. They stay parked until a `handoff` names them, so a
+        crash before they were handed on loses nothing: the next link returns them again."""
 
     async def expire_parked(self, before: datetime) -> int:
         """Drop statuses parked before this time (provider ids that never became ours:
@@ -132,9 +184,72 @@ class Store(Protocol):
 
     async def apply_status(self, event: StatusEvent) -> ApplyResult:
         """Apply the status rules and, for a status change, assign the conversation's
-        next seq, in one transaction."""
+        next seq, in one transaction, which also completes the event's outbox entry."""
+
+    # -- hand-offs (the transactional outbox) -------------------------------------------
+
+    async def handoff(
+        self,
+        entries: Sequence[OutboxEntry] = (),
+        *,
+        done: Sequence[tuple[str, str]] = (),
+        parked: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """In one transaction: add `entries` to the outbox, complete the entries that
+        `done` names as (topic, done_key), and forget the statuses parked for each of
+        `parked` (channel, provider id) — they are in `entries` now."""
+
+    async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
+        """Outbox entries not yet relayed by the relay run `run` (a process's lifetime),
+        oldest first, at most `limit`: after a restart, every entry left is relayed again."""
+
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        """For a durable bus: claim up to `limit` entries, oldest first, that nobody has
+        claimed for the last `lease_s` seconds, so the relays of several processes share
+        the outbox instead of each publishing everything; a relay that dies with a claim
+        lets it lapse and another takes the entries over."""
+
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        """Give claimed entries back at once (the bus did not take them)."""
+
+    async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
+        """Entries handed to a bus that keeps nothing: they stay until their work is
+        done downstream, and are relayed again by the next run."""
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """Drop relayed entries (a durable bus stored them)."""
+
+    async def outbox_size(self) -> int: ...
+
+    # -- provider sends --------------------------------------------------------------
+
+    async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
+        """Record a send attempt before the provider is called (`GO`), in one
+        transaction with the check that no earlier attempt may have reached it."""
+
+    async def release_send(self, message_id: str) -> None:
+        """The attempt certainly did not reach the provider: it may be made again."""
+
+    # -- the watchdog ----------------------------------------------------------------
+
+    async def stuck(
+        self,
+        pending_before: datetime,
+        unknown_before: datetime,
+        sent_before: datetime,
+        limit: int,
+    ) -> Stuck:
+        """Messages that have not moved since the given times, oldest first, at most
+        `limit` of each kind."""
+
+    async def redrive(self, message_id: str) -> bool:
+        """Hand a PENDING message with no send under way to the outbox again (a fresh
+        entry replacing any older one); False when it is no longer such a message."""
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes: ...
+
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        """The status frames of one message's changes, oldest first (for operators)."""
 
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None: ...
 
@@ -146,7 +261,11 @@ __all__ = [
     "Changes",
     "Conversation",
     "Message",
+    "OutboxEntry",
+    "OutboxItem",
     "ParkedStatus",
     "ProviderError",
+    "SendClaim",
     "Store",
+    "Stuck",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import ConfigError
-from whatslike.events import StatusEvent
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.status.frame import status_frame
 from whatslike.status.rules import (
     Effect,
@@ -20,7 +20,16 @@ from whatslike.status.rules import (
     Status,
     Transition,
 )
-from whatslike.store.base import ApplyResult, Changes, Conversation, Message, ParkedStatus
+from whatslike.store.base import (
+    ApplyResult,
+    Changes,
+    Conversation,
+    Message,
+    OutboxEntry,
+    OutboxItem,
+    ParkedStatus,
+    SendClaim,
+)
 
 
 class Row(Protocol):
@@ -32,7 +41,7 @@ class Row(Protocol):
 #: The columns `message_of` reads, from a query that names the messages table `m`.
 MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
     m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
-    m.error_code, m.error_title, m.provider_message_id"""
+    m.error_code, m.error_title, m.provider_message_id, m.send_started_at, m.updated_at"""
 
 #: Turns a stored, non-null time into a datetime (SQLite keeps text, PostgreSQL datetimes).
 TimeOf = Callable[[Any], datetime]
@@ -70,6 +79,7 @@ def new_conversation(org_id: str, channel: str, contact: str) -> Conversation:
 
 def new_message(conversation: Conversation, text: str, client_message_id: str) -> Message:
     """A PENDING message, not yet stored."""
+    now = utcnow()
     return Message(
         id=new_id("msg"),
         conversation_id=conversation.id,
@@ -77,10 +87,67 @@ def new_message(conversation: Conversation, text: str, client_message_id: str) -
         channel=conversation.channel,
         text=text,
         client_message_id=client_message_id,
-        created_at=utcnow(),
+        created_at=now,
         state=MessageState(),
         seq=None,
+        updated_at=now,
     )
+
+
+def outbound_entry(conversation: Conversation, message: Message) -> OutboxEntry:
+    """The `messages` hand-off of a new message: the work of sending it."""
+    event = OutboundMessage(
+        event_id=new_id("evt"),
+        message_id=message.id,
+        conversation_id=conversation.id,
+        org_id=conversation.org_id,
+        channel=conversation.channel,
+        to=conversation.contact,
+        text=message.text,
+        client_message_id=message.client_message_id,
+        created_at=message.created_at,
+    )
+    return OutboxEntry(TOPIC_MESSAGES, conversation.id, event.to_json(), message.id)
+
+
+def status_entry(event: StatusEvent) -> OutboxEntry:
+    """The `msg.status` hand-off of an observed status, completed when it is applied."""
+    return OutboxEntry(TOPIC_STATUS, event.conversation_id, event.to_json(), event.event_id)
+
+
+def redrivable(message: Message) -> bool:
+    """PENDING, never accepted and no send under way: its hand-off may be made again."""
+    return (
+        message.status is Status.PENDING
+        and message.provider_message_id is None
+        and message.send_started_at is None
+    )
+
+
+def conversation_of_message(message: Message, contact: str) -> Conversation:
+    """The parts of a message's conversation that its `messages` hand-off needs."""
+    return Conversation(
+        message.conversation_id, message.org_id, message.channel, contact, 0, message.created_at
+    )
+
+
+def outbox_items(rows: Iterable[Row]) -> list[OutboxItem]:
+    return [
+        OutboxItem(int(row["id"]), row["topic"], row["key"], bytes(row["payload"])) for row in rows
+    ]
+
+
+def send_claim(message: Message | None) -> SendClaim:
+    """What a connector may do with a message it is asked to send (see `SendClaim`)."""
+    if message is None:
+        return SendClaim.MISSING
+    if message.provider_message_id is not None:
+        return SendClaim.LINKED
+    if message.status is not Status.PENDING:
+        return SendClaim.MOVED_ON
+    if message.send_started_at is not None:
+        return SendClaim.UNKNOWN
+    return SendClaim.GO
 
 
 def conversation_of(row: Row, time_of: TimeOf) -> Conversation:
@@ -118,6 +185,8 @@ def message_of(row: Row, time_of: TimeOf) -> Message:
         state=state,
         seq=row["seq"],
         provider_message_id=row["provider_message_id"],
+        send_started_at=_optional(row["send_started_at"], time_of),
+        updated_at=_optional(row["updated_at"], time_of),
     )
 
 
@@ -156,13 +225,17 @@ def change_frame(message: Message, state: MessageState, seq: int, occurred_at: d
 
 
 def applied(
-    message: Message, transition: Transition, seq: int | None, frames: tuple[str, ...]
+    message: Message,
+    transition: Transition,
+    seq: int | None,
+    frames: tuple[str, ...],
+    updated_at: datetime,
 ) -> ApplyResult:
     """The answer to a status that updated `message` to the transition's state."""
     return ApplyResult(
         effect=transition.effect,
         frames=frames,
-        message=replace(message, state=transition.state, seq=seq),
+        message=replace(message, state=transition.state, seq=seq, updated_at=updated_at),
     )
 
 

@@ -3,8 +3,9 @@ processes. Row locks serialize a message's statuses; the conversation row hands 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import TypeAlias
 from urllib.parse import urlsplit
@@ -13,7 +14,7 @@ import asyncpg
 
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable
-from whatslike.events import StatusEvent
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.status import rules
 from whatslike.status.rules import Effect
 from whatslike.store import common
@@ -22,7 +23,11 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     Message,
+    OutboxEntry,
+    OutboxItem,
     ParkedStatus,
+    SendClaim,
+    Stuck,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
 
@@ -101,6 +106,24 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             at timestamptz NOT NULL
         )""",
     ),
+    (
+        "ALTER TABLE messages ADD COLUMN send_started_at timestamptz",
+        "ALTER TABLE messages ADD COLUMN updated_at timestamptz",
+        "UPDATE messages SET updated_at = created_at",
+        "CREATE INDEX messages_stuck ON messages (status, updated_at)",
+        """CREATE TABLE outbox (
+            id bigserial PRIMARY KEY,
+            topic text NOT NULL,
+            key text NOT NULL,
+            payload bytea NOT NULL,
+            done_key text NOT NULL,
+            created_at timestamptz NOT NULL,
+            relayed_run text,
+            claimed_until timestamptz
+        )""",
+        "CREATE INDEX outbox_done ON outbox (done_key, topic)",
+    ),
+    ("CREATE INDEX changes_message ON changes (message_id, seq)",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -109,6 +132,17 @@ _MESSAGE_ORDER = 'ORDER BY m.created_at, m.id COLLATE "C"'
 _PROVIDER_KEY_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1 || ':' || $2))"
 
 _CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+#: Failures that mean the server is out of reach or refusing work for now (network,
+#: restart, failover, too many connections), not a bug: the caller may retry.
+_OUTAGES = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
 
 
 def _where(dsn: str) -> str:
@@ -186,8 +220,13 @@ class PostgresStore:
     async def _connection(self) -> AsyncIterator[_Connection]:
         if self._pool is None:
             raise BackendUnavailable(f"PostgreSQL at {_where(self._dsn)} is not open")
-        async with self._pool.acquire(timeout=10) as conn:
-            yield conn
+        try:
+            async with self._pool.acquire(timeout=10) as conn:
+                yield conn
+        except _OUTAGES as exc:
+            raise BackendUnavailable(
+                f"PostgreSQL at {_where(self._dsn)} is unavailable: {type(exc).__name__}"
+            ) from exc
 
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
@@ -217,12 +256,14 @@ class PostgresStore:
         self, conversation: Conversation, text: str, client_message_id: str
     ) -> tuple[Message, bool]:
         message = common.new_message(conversation, text, client_message_id)
-        async with self._connection() as conn:
+        async with self._connection() as conn, conn.transaction():
             # A concurrent insert of the same key waits for the first one to commit, then
-            # does nothing; the following read (a new snapshot) sees that first message.
+            # does nothing; the following read (a new snapshot under READ COMMITTED) sees
+            # that first message.
             inserted = await conn.fetchval(
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
-                " client_message_id, created_at, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " client_message_id, created_at, status, updated_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7)"
                 " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
                 " DO NOTHING RETURNING id",
                 message.id,
@@ -235,6 +276,7 @@ class PostgresStore:
                 message.status.value,
             )
             if inserted is not None:
+                await _add_outbox(conn, [common.outbound_entry(conversation, message)])
                 return message, True
             row = await conn.fetchrow(
                 f"SELECT {MESSAGE_COLUMNS} FROM messages m"
@@ -293,10 +335,12 @@ class PostgresStore:
                 message_id,
             )
             await conn.execute(
-                "UPDATE messages SET provider_message_id = $2 WHERE id = (SELECT message_id"
-                " FROM provider_ids WHERE channel = $1 AND provider_message_id = $2)",
+                "UPDATE messages SET provider_message_id = $2, updated_at = $3 WHERE id ="
+                " (SELECT message_id FROM provider_ids WHERE channel = $1 AND"
+                " provider_message_id = $2) AND provider_message_id IS NULL",
                 channel,
                 provider_message_id,
+                utcnow(),
             )
             rows = await conn.fetch(
                 "SELECT id, payload FROM parked_statuses"
@@ -305,14 +349,6 @@ class PostgresStore:
                 provider_message_id,
             )
         return common.parked_of(channel, provider_message_id, rows)
-
-    async def forget_parked(self, channel: str, provider_message_id: str) -> None:
-        async with self._connection() as conn:
-            await conn.execute(
-                "DELETE FROM parked_statuses WHERE channel = $1 AND provider_message_id = $2",
-                channel,
-                provider_message_id,
-            )
 
     async def expire_parked(self, before: datetime) -> int:
         async with self._connection() as conn:
@@ -350,6 +386,11 @@ class PostgresStore:
             if row is None:
                 return common.UNKNOWN_MESSAGE
             message = _message(row)
+            await conn.execute(
+                "DELETE FROM outbox WHERE done_key = $1 AND topic = $2",
+                event.event_id,
+                TOPIC_STATUS,
+            )
             earlier = await conn.fetch(
                 "SELECT frame FROM changes WHERE event_id = $1 AND message_id = $2 ORDER BY seq",
                 event.event_id,
@@ -381,9 +422,11 @@ class PostgresStore:
                     event.event_id,
                     frame,
                 )
+            now = utcnow()
             await conn.execute(
                 "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
-                " read_at = $6, failed_at = $7, error_code = $8, error_title = $9 WHERE id = $1",
+                " read_at = $6, failed_at = $7, error_code = $8, error_title = $9,"
+                " updated_at = $10 WHERE id = $1",
                 message.id,
                 state.status.value,
                 seq,
@@ -393,8 +436,150 @@ class PostgresStore:
                 state.failed_at,
                 state.error.code if state.error else None,
                 state.error.title if state.error else None,
+                now,
             )
-        return common.applied(message, transition, seq, frames)
+        return common.applied(message, transition, seq, frames, now)
+
+    async def handoff(
+        self,
+        entries: Sequence[OutboxEntry] = (),
+        *,
+        done: Sequence[tuple[str, str]] = (),
+        parked: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await _add_outbox(conn, entries)
+            if done:
+                await conn.executemany(
+                    "DELETE FROM outbox WHERE done_key = $1 AND topic = $2",
+                    [(done_key, topic) for topic, done_key in done],
+                )
+            if parked:
+                await conn.executemany(
+                    "DELETE FROM parked_statuses WHERE channel = $1 AND provider_message_id = $2",
+                    parked,
+                )
+
+    async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, topic, key, payload FROM outbox"
+                " WHERE relayed_run IS DISTINCT FROM $1 ORDER BY id LIMIT $2",
+                run,
+                limit,
+            )
+        return common.outbox_items(rows)
+
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        async with self._connection() as conn:
+            # SKIP LOCKED: relays of several processes claim different entries at once.
+            rows = await conn.fetch(
+                "UPDATE outbox SET claimed_until = now() + make_interval(secs => $2)"
+                " WHERE id IN (SELECT id FROM outbox WHERE claimed_until IS NULL"
+                " OR claimed_until < now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, topic, key, payload",
+                limit,
+                lease_s,
+            )
+        return sorted(common.outbox_items(rows), key=lambda item: item.id)
+
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[])", list(ids)
+            )
+
+    async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE outbox SET relayed_run = $2 WHERE id = ANY($1::bigint[])", list(ids), run
+            )
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
+
+    async def outbox_size(self) -> int:
+        async with self._connection() as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM outbox"))
+
+    async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
+                message_id,
+            )
+            message = _message(row) if row else None
+            claim = common.send_claim(message)
+            if message is not None and claim is SendClaim.GO:
+                now = utcnow()
+                await conn.execute(
+                    "UPDATE messages SET send_started_at = $2, updated_at = $2 WHERE id = $1",
+                    message_id,
+                    now,
+                )
+                message = replace(message, send_started_at=now, updated_at=now)
+        return claim, message
+
+    async def release_send(self, message_id: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE messages SET send_started_at = NULL, updated_at = $2"
+                " WHERE id = $1 AND provider_message_id IS NULL",
+                message_id,
+                utcnow(),
+            )
+
+    async def stuck(
+        self,
+        pending_before: datetime,
+        unknown_before: datetime,
+        sent_before: datetime,
+        limit: int,
+    ) -> Stuck:
+        select = f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE"
+        async with self._connection() as conn:
+            pending = await conn.fetch(
+                f"{select} m.status = 'PENDING' AND m.send_started_at IS NULL"
+                " AND m.updated_at < $1 ORDER BY m.updated_at LIMIT $2",
+                pending_before,
+                limit,
+            )
+            unknown = await conn.fetch(
+                f"{select} m.status = 'PENDING' AND m.provider_message_id IS NULL"
+                " AND m.send_started_at < $1 ORDER BY m.send_started_at LIMIT $2",
+                unknown_before,
+                limit,
+            )
+            sent = await conn.fetch(
+                f"{select} m.status = 'SENT' AND m.updated_at < $1 ORDER BY m.updated_at LIMIT $2",
+                sent_before,
+                limit,
+            )
+        return Stuck(
+            tuple(map(_message, pending)), tuple(map(_message, unknown)), tuple(map(_message, sent))
+        )
+
+    async def redrive(self, message_id: str) -> bool:
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {MESSAGE_COLUMNS}, c.contact FROM messages m"
+                " JOIN conversations c ON c.id = m.conversation_id WHERE m.id = $1"
+                " FOR UPDATE OF m",
+                message_id,
+            )
+            if row is None or not common.redrivable(_message(row)):
+                return False
+            message = _message(row)
+            await conn.execute(
+                "DELETE FROM outbox WHERE done_key = $1 AND topic = $2", message_id, TOPIC_MESSAGES
+            )
+            conversation = common.conversation_of_message(message, row["contact"])
+            await _add_outbox(conn, [common.outbound_entry(conversation, message)])
+            await conn.execute(
+                "UPDATE messages SET updated_at = $2 WHERE id = $1", message_id, utcnow()
+            )
+        return True
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
         async with self._connection() as conn:
@@ -419,6 +604,13 @@ class PostgresStore:
             )
         return common.changes(last_seq, since, common.frames_of(rows))
 
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT frame FROM changes WHERE message_id = $1 ORDER BY seq", message_id
+            )
+        return common.frames_of(rows)
+
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._connection() as conn:
             await conn.execute(
@@ -432,6 +624,16 @@ class PostgresStore:
     async def dead_letter_count(self) -> int:
         async with self._connection() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
+
+
+async def _add_outbox(conn: _Connection, entries: Sequence[OutboxEntry]) -> None:
+    if entries:
+        now = utcnow()
+        await conn.executemany(
+            "INSERT INTO outbox (topic, key, payload, done_key, created_at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            [(e.topic, e.key, e.payload, e.done_key, now) for e in entries],
+        )
 
 
 async def _ensure_organization(conn: _Connection, org_id: str) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import aiosqlite
 
 from whatslike.clock import format_time, parse_time, utcnow
 from whatslike.errors import BackendUnavailable
-from whatslike.events import StatusEvent
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.status import rules
 from whatslike.status.rules import Effect
 from whatslike.store import common
@@ -24,7 +25,11 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     Message,
+    OutboxEntry,
+    OutboxItem,
     ParkedStatus,
+    SendClaim,
+    Stuck,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
 
@@ -97,6 +102,24 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             at TEXT NOT NULL
         )""",
     ),
+    (
+        "ALTER TABLE messages ADD COLUMN send_started_at TEXT",
+        "ALTER TABLE messages ADD COLUMN updated_at TEXT",
+        "UPDATE messages SET updated_at = created_at",
+        "CREATE INDEX messages_stuck ON messages (status, updated_at)",
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            topic TEXT NOT NULL,
+            key TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            done_key TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            relayed_run TEXT,
+            claimed_until TEXT
+        )""",
+        "CREATE INDEX outbox_done ON outbox (done_key, topic)",
+    ),
+    ("CREATE INDEX changes_message ON changes (message_id, seq)",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -134,6 +157,8 @@ class SQLiteStore:
             db.row_factory = sqlite3.Row
             try:
                 await db.execute("PRAGMA journal_mode = WAL")
+                # Every commit reaches the disk before it returns: a 202 survives a power loss.
+                await db.execute("PRAGMA synchronous = FULL")
                 await db.execute("PRAGMA foreign_keys = ON")
                 # Another process on the same file (e.g. the CLI) waits instead of failing.
                 await db.execute("PRAGMA busy_timeout = 5000")
@@ -173,7 +198,7 @@ class SQLiteStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
+        async with self._lock, self._unavailable_on_error():
             db = self._connection()
             # IMMEDIATE takes the write lock up front, so a read-then-write never fails
             # halfway with SQLITE_BUSY against another process.
@@ -181,13 +206,28 @@ class SQLiteStore:
             try:
                 yield db
             except BaseException:
-                await db.execute("ROLLBACK")
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
 
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock, self._unavailable_on_error():
+            yield self._connection()
+
+    @asynccontextmanager
+    async def _unavailable_on_error(self) -> AsyncIterator[None]:
+        """A database that cannot be written or read (locked past the busy timeout, disk
+        full or failing) is an outage the caller may retry, not a bug."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise BackendUnavailable(f"SQLite database {self.path}: {exc}") from exc
+
     async def _read(self, sql: str, parameters: Iterable[Any] = ()) -> _Rows:
-        async with self._lock:
-            return await _fetch(self._connection(), sql, parameters)
+        async with self._reading() as db:
+            return await _fetch(db, sql, parameters)
 
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
@@ -214,7 +254,8 @@ class SQLiteStore:
             inserted = await _fetch(
                 db,
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
-                " client_message_id, created_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " client_message_id, created_at, status, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
                 " DO NOTHING RETURNING id",
                 (
@@ -226,9 +267,11 @@ class SQLiteStore:
                     client_message_id,
                     format_time(message.created_at),
                     message.status.value,
+                    format_time(message.created_at),
                 ),
             )
             if inserted:
+                await _add_outbox(db, [common.outbound_entry(conversation, message)])
                 return message, True
             rows = await _fetch(
                 db,
@@ -245,8 +288,7 @@ class SQLiteStore:
         return _message(rows[0]) if rows else None
 
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
-        async with self._lock:
-            db = self._connection()
+        async with self._reading() as db:
             owned = await _fetch(
                 db,
                 "SELECT 1 FROM conversations WHERE id = ? AND org_id = ?",
@@ -284,9 +326,10 @@ class SQLiteStore:
                 (*key, message_id),
             )
             await db.execute(
-                "UPDATE messages SET provider_message_id = ? WHERE id = (SELECT message_id"
-                " FROM provider_ids WHERE channel = ? AND provider_message_id = ?)",
-                (provider_message_id, *key),
+                "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id ="
+                " (SELECT message_id FROM provider_ids WHERE channel = ? AND"
+                " provider_message_id = ?) AND provider_message_id IS NULL",
+                (provider_message_id, format_time(utcnow()), *key),
             )
             rows = await _fetch(
                 db,
@@ -296,13 +339,6 @@ class SQLiteStore:
             )
         return common.parked_of(channel, provider_message_id, rows)
 
-    async def forget_parked(self, channel: str, provider_message_id: str) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
-                (channel, provider_message_id),
-            )
-
     async def expire_parked(self, before: datetime) -> int:
         async with self._transaction() as db:
             cursor = await db.execute(
@@ -311,8 +347,8 @@ class SQLiteStore:
             return cursor.rowcount
 
     async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
-        async with self._lock:
-            return await _by_provider_id(self._connection(), channel, provider_message_id)
+        async with self._reading() as db:
+            return await _by_provider_id(db, channel, provider_message_id)
 
     async def park_status(self, parked: ParkedStatus) -> Message | None:
         async with self._transaction() as db:
@@ -341,6 +377,10 @@ class SQLiteStore:
             if not rows:
                 return common.UNKNOWN_MESSAGE
             message = _message(rows[0])
+            await db.execute(
+                "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
+                (event.event_id, TOPIC_STATUS),
+            )
             earlier = await _fetch(
                 db,
                 "SELECT frame FROM changes WHERE event_id = ? AND message_id = ? ORDER BY seq",
@@ -368,9 +408,11 @@ class SQLiteStore:
                     " VALUES (?, ?, ?, ?, ?)",
                     (message.conversation_id, seq, message.id, event.event_id, frame),
                 )
+            now = utcnow()
             await db.execute(
                 "UPDATE messages SET status = ?, seq = ?, sent_at = ?, delivered_at = ?,"
-                " read_at = ?, failed_at = ?, error_code = ?, error_title = ? WHERE id = ?",
+                " read_at = ?, failed_at = ?, error_code = ?, error_title = ?, updated_at = ?"
+                " WHERE id = ?",
                 (
                     state.status.value,
                     seq,
@@ -380,14 +422,148 @@ class SQLiteStore:
                     _stored(state.failed_at),
                     state.error.code if state.error else None,
                     state.error.title if state.error else None,
+                    format_time(now),
                     message.id,
                 ),
             )
-        return common.applied(message, transition, seq, frames)
+        return common.applied(message, transition, seq, frames, now)
+
+    async def handoff(
+        self,
+        entries: Sequence[OutboxEntry] = (),
+        *,
+        done: Sequence[tuple[str, str]] = (),
+        parked: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        async with self._transaction() as db:
+            await _add_outbox(db, entries)
+            await db.executemany(
+                "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
+                [(done_key, topic) for topic, done_key in done],
+            )
+            await db.executemany(
+                "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
+                parked,
+            )
+
+    async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
+        rows = await self._read(
+            "SELECT id, topic, key, payload FROM outbox"
+            " WHERE relayed_run IS NULL OR relayed_run <> ? ORDER BY id LIMIT ?",
+            (run, limit),
+        )
+        return common.outbox_items(rows)
+
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        now = utcnow()
+        async with self._transaction() as db:
+            rows = await _fetch(
+                db,
+                "UPDATE outbox SET claimed_until = ? WHERE id IN (SELECT id FROM outbox"
+                " WHERE claimed_until IS NULL OR claimed_until < ? ORDER BY id LIMIT ?)"
+                " RETURNING id, topic, key, payload",
+                (format_time(now + timedelta(seconds=lease_s)), format_time(now), limit),
+            )
+        return sorted(common.outbox_items(rows), key=lambda item: item.id)
+
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE outbox SET claimed_until = NULL WHERE id = ?", [(i,) for i in ids]
+            )
+
+    async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE outbox SET relayed_run = ? WHERE id = ?", [(run, i) for i in ids]
+            )
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        async with self._transaction() as db:
+            await db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    async def outbox_size(self) -> int:
+        rows = await self._read("SELECT count(*) AS n FROM outbox")
+        return int(rows[0]["n"])
+
+    async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
+        async with self._transaction() as db:
+            rows = await _fetch(
+                db, f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
+            )
+            message = _message(rows[0]) if rows else None
+            claim = common.send_claim(message)
+            if message is not None and claim is SendClaim.GO:
+                now = utcnow()
+                await db.execute(
+                    "UPDATE messages SET send_started_at = ?, updated_at = ? WHERE id = ?",
+                    (format_time(now), format_time(now), message_id),
+                )
+                message = replace(message, send_started_at=now, updated_at=now)
+        return claim, message
+
+    async def release_send(self, message_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE messages SET send_started_at = NULL, updated_at = ?"
+                " WHERE id = ? AND provider_message_id IS NULL",
+                (format_time(utcnow()), message_id),
+            )
+
+    async def stuck(
+        self,
+        pending_before: datetime,
+        unknown_before: datetime,
+        sent_before: datetime,
+        limit: int,
+    ) -> Stuck:
+        select = f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE"
+        async with self._reading() as db:
+            pending = await _fetch(
+                db,
+                f"{select} m.status = 'PENDING' AND m.send_started_at IS NULL"
+                " AND m.updated_at < ? ORDER BY m.updated_at LIMIT ?",
+                (format_time(pending_before), limit),
+            )
+            unknown = await _fetch(
+                db,
+                f"{select} m.status = 'PENDING' AND m.provider_message_id IS NULL"
+                " AND m.send_started_at < ? ORDER BY m.send_started_at LIMIT ?",
+                (format_time(unknown_before), limit),
+            )
+            sent = await _fetch(
+                db,
+                f"{select} m.status = 'SENT' AND m.updated_at < ? ORDER BY m.updated_at LIMIT ?",
+                (format_time(sent_before), limit),
+            )
+        return Stuck(
+            tuple(map(_message, pending)), tuple(map(_message, unknown)), tuple(map(_message, sent))
+        )
+
+    async def redrive(self, message_id: str) -> bool:
+        async with self._transaction() as db:
+            rows = await _fetch(
+                db,
+                f"SELECT {MESSAGE_COLUMNS}, c.contact FROM messages m"
+                " JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
+                (message_id,),
+            )
+            if not rows or not common.redrivable(_message(rows[0])):
+                return False
+            message = _message(rows[0])
+            await db.execute(
+                "DELETE FROM outbox WHERE done_key = ? AND topic = ?", (message_id, TOPIC_MESSAGES)
+            )
+            conversation = common.conversation_of_message(message, rows[0]["contact"])
+            await _add_outbox(db, [common.outbound_entry(conversation, message)])
+            await db.execute(
+                "UPDATE messages SET updated_at = ? WHERE id = ?",
+                (format_time(utcnow()), message_id),
+            )
+        return True
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
-        async with self._lock:
-            db = self._connection()
+        async with self._reading() as db:
             rows = await _fetch(
                 db, "SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,)
             )
@@ -403,6 +579,12 @@ class SQLiteStore:
             )
         return common.changes(last_seq, since, common.frames_of(frames))
 
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        rows = await self._read(
+            "SELECT frame FROM changes WHERE message_id = ? ORDER BY seq", (message_id,)
+        )
+        return common.frames_of(rows)
+
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._transaction() as db:
             await db.execute(
@@ -417,6 +599,14 @@ class SQLiteStore:
 
 async def _fetch(db: aiosqlite.Connection, sql: str, parameters: Iterable[Any] = ()) -> _Rows:
     return list(await db.execute_fetchall(sql, parameters))
+
+
+async def _add_outbox(db: aiosqlite.Connection, entries: Iterable[OutboxEntry]) -> None:
+    now = format_time(utcnow())
+    await db.executemany(
+        "INSERT INTO outbox (topic, key, payload, done_key, created_at) VALUES (?, ?, ?, ?, ?)",
+        [(e.topic, e.key, e.payload, e.done_key, now) for e in entries],
+    )
 
 
 async def _ensure_organization(db: aiosqlite.Connection, org_id: str) -> None:

@@ -1,0 +1,145 @@
+"""The HTTP API's acknowledgements: a 202 means the message and the work of sending it
+are stored; a store outage or a stop in progress answers 503 with a Retry-After, and the
+same request is safe to repeat."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from whatslike.app import Runtime
+from whatslike.auth import TokenService
+from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent
+from whatslike.settings import load_settings, resolve_jwt_secret
+from whatslike.status.rules import Status
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[Runtime]:
+    settings = load_settings(data_dir=tmp_path, retry_after_s=7)
+    runtime = Runtime(settings)
+    await runtime.open()
+    yield runtime
+    await runtime.deps.store.close()
+
+
+async def client_for(runtime: Runtime) -> httpx.AsyncClient:
+    settings = runtime.settings
+    token = TokenService(resolve_jwt_secret(settings), "", "").mint("ana", "acme", 600)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=runtime.app),
+        base_url="http://t",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+async def test_a_202_means_the_message_and_its_send_are_stored(runtime: Runtime) -> None:
+    async with await client_for(runtime) as client:
+        conversation = (
+            await client.post("/api/conversations", json={"channel": "whatsapp", "contact": "+55"})
+        ).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        answer = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
+        assert answer.status_code == 202
+        again = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
+        assert again.json() == answer.json()
+    [item] = await runtime.deps.store.outbox_batch("test", 10)
+    assert item.topic == TOPIC_MESSAGES
+    assert OutboundMessage.from_json(item.payload).message_id == answer.json()["message_id"]
+
+
+async def test_a_store_outage_is_a_503_and_the_retry_is_safe(runtime: Runtime) -> None:
+    store = runtime.deps.store
+    async with await client_for(runtime) as client:
+        conversation = (
+            await client.post("/api/conversations", json={"channel": "whatsapp", "contact": "+55"})
+        ).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        await store.close()  # the database goes away
+        refused = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "7"
+        assert refused.json()["error"]["code"] == "unavailable"
+        assert "Traceback" not in refused.text
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        await store.open()  # it is back
+        assert (await client.get("/readyz")).status_code == 200
+        first = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
+        second = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
+        assert first.status_code == second.status_code == 202
+        assert first.json() == second.json()
+        listed = (await client.get(url)).json()["messages"]
+    assert [m["id"] for m in listed] == [first.json()["message_id"]]
+    assert await store.outbox_size() == 1
+
+
+async def test_a_stopping_process_takes_no_new_work(runtime: Runtime) -> None:
+    async with await client_for(runtime) as client:
+        await runtime.close_connections()  # what SIGTERM does first
+        refused = await client.post(
+            "/api/conversations", json={"channel": "whatsapp", "contact": "+55"}
+        )
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "7"
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_operators_find_a_message_by_id_or_provider_id(runtime: Runtime) -> None:
+    store = runtime.deps.store
+    async with await client_for(runtime) as client:
+        conversation = (
+            await client.post("/api/conversations", json={"channel": "whatsapp", "contact": "+55"})
+        ).json()
+        url = f"/api/conversations/{conversation['id']}/messages"
+        message_id = (await client.post(url, json={"text": "oi"})).json()["message_id"]
+        await store.link_provider_id("whatsapp", "wamid.HBgL", message_id)
+        message = await store.get_message(message_id)
+        assert message is not None
+        for status, second in ((Status.SENT, 1), (Status.DELIVERED, 2)):
+            await store.apply_status(
+                StatusEvent(
+                    f"evt_{status.value}",
+                    message_id,
+                    message.conversation_id,
+                    "acme",
+                    "whatsapp",
+                    status,
+                    "wamid.HBgL",
+                    datetime(2026, 12, 1, 12, 0, second, tzinfo=UTC),
+                )
+            )
+        by_id = await client.get(f"/api/messages/{message_id}")
+        by_provider = await client.get("/api/messages?provider_message_id=wamid.HBgL")
+        on_channel = await client.get(
+            "/api/messages", params={"provider_message_id": "wamid.HBgL", "channel": "whatsapp"}
+        )
+        assert by_id.status_code == by_provider.status_code == on_channel.status_code == 200
+        assert by_id.json() == by_provider.json() == on_channel.json()
+        found = by_id.json()
+        assert (found["status"], found["provider_message_id"]) == ("DELIVERED", "wamid.HBgL")
+        assert [(f["status"], f["seq"]) for f in found["history"]] == [
+            ("SENT", 1),
+            ("DELIVERED", 2),
+        ]
+        elsewhere = await client.get(
+            "/api/messages", params={"provider_message_id": "wamid.HBgL", "channel": "instagram"}
+        )
+        assert elsewhere.status_code == 404
+        assert (await client.get("/api/messages")).status_code == 400
+        assert (await client.get("/api/messages/msg_nope")).status_code == 404
+    # Another organization's operator cannot tell it exists.
+    token = TokenService(resolve_jwt_secret(runtime.settings), "", "").mint("eve", "other", 600)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=runtime.app),
+        base_url="http://t",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as foreign:
+        for path in (f"/api/messages/{message_id}", "/api/messages?provider_message_id=wamid.HBgL"):
+            refused = await foreign.get(path)
+            assert refused.status_code == 404
+            assert refused.json()["error"]["code"] == "not_found"

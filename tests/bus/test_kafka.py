@@ -1,0 +1,581 @@
+"""The Kafka bus against the real broker (scripts/services.sh kafka): commits, per-key
+order, retries, dead letters, rebalances and the producer's effective configuration.
+Each test has topics of its own (a unique `kafka_topic_prefix`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+from websockets.asyncio.client import connect
+
+from tests.e2e.conftest import OWN_SECRETS, Server, Socket, api, start_server, stop_server
+from whatslike.bus import BusFull
+from whatslike.bus.factory import open_bus
+from whatslike.bus.kafka import KafkaBus, bootstrap_servers
+from whatslike.bus.memory import MemoryBus
+from whatslike.errors import BackendUnavailable, ConfigError, MalformedEvent
+from whatslike.events import TOPIC_STATUS, dlq_topic
+from whatslike.metrics import Metrics
+from whatslike.settings import Settings, load_settings
+
+TOPIC = TOPIC_STATUS
+WAIT_S = 30.0
+
+
+@pytest.fixture
+def kafka_url() -> str:
+    url = os.environ.get("WHATSLIKE_TEST_KAFKA_URL")
+    if not url:
+        pytest.fail(
+            "WHATSLIKE_TEST_KAFKA_URL is not set: run scripts/services.sh kafka first",
+            pytrace=False,
+        )
+    return url
+
+
+@pytest_asyncio.fixture
+async def prefix(kafka_url: str) -> AsyncIterator[str]:
+    """A topic prefix of the test's own; its topics are deleted afterwards (a broker with
+    thousands of partitions left over starts slowly)."""
+    name = f"test-{uuid.uuid4().hex[:10]}."
+    yield name
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka_url))
+    try:
+        await admin.start()
+        leftovers = [topic for topic in await admin.list_topics() if topic.startswith(name)]
+        if leftovers:
+            await admin.delete_topics(leftovers)
+    except KafkaError:
+        pass  # no broker: the test itself already failed saying so
+    finally:
+        await admin.close()
+
+
+def kafka_settings(url: str, prefix: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "bus_url": url,
+        "kafka_topic_prefix": prefix,
+        "kafka_partitions": 4,
+        "kafka_commit_interval_s": 0.2,
+        "kafka_handler_grace_s": 5.0,
+        "bus_publish_timeout_s": 10.0,
+        "consumer_max_attempts": 3,
+        "consumer_backoff_base_s": 0.01,
+        "consumer_backoff_cap_s": 0.05,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@asynccontextmanager
+async def running(bus: KafkaBus) -> AsyncIterator[KafkaBus]:
+    try:
+        await bus.start()
+    except BackendUnavailable as exc:
+        pytest.fail(f"Kafka does not answer at {bus_servers(bus)}: {exc}", pytrace=False)
+    try:
+        yield bus
+    finally:
+        await bus.stop()
+
+
+def bus_servers(bus: KafkaBus) -> str:
+    return ",".join(bus._servers)
+
+
+class Collector:
+    """Records what a handler got (and, through `member`, which member of a group got
+    it); `until` waits for a condition on it."""
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.by_member: dict[str, list[bytes]] = {}
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, value: bytes) -> None:
+        await self.record("", value)
+
+    async def record(self, member: str, value: bytes) -> None:
+        async with self._changed:
+            self.items.append(value)
+            self.by_member.setdefault(member, []).append(value)
+            self._changed.notify_all()
+
+    def member(self, name: str) -> Callable[[bytes], Awaitable[None]]:
+        async def handler(value: bytes) -> None:
+            await self.record(name, value)
+
+        return handler
+
+    async def until(self, done: Callable[[list[bytes]], bool]) -> None:
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(lambda: done(self.items))
+
+
+def key_of(value: bytes) -> str:
+    """The conversation of a test event `conv/n`."""
+    return value.decode().split("/")[0]
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) until the condition holds, e.g. a rebalance gave partitions."""
+    async with asyncio.timeout(WAIT_S):
+        while not condition():  # noqa: ASYNC110 (the group's state has no event to await)
+            await asyncio.sleep(0.05)
+
+
+async def wait_assigned(bus: KafkaBus, group: str) -> None:
+    await eventually(lambda: bool(bus.assignment(group)))
+
+
+# Settings and selection (no broker needed).
+
+
+def test_bus_url_takes_kafka_brokers_and_refuses_others() -> None:
+    settings = load_settings(bus_url="kafka://10.0.0.1:9092, kafka-2:9093")
+    assert bootstrap_servers(settings.bus_url) == ["10.0.0.1:9092", "kafka-2:9093"]
+    for bad in ("kafka://", "kafka://host", "kafka://host:port", "redis://x:1"):
+        with pytest.raises(ConfigError, match="bus_url"):
+            load_settings(bus_url=bad)
+
+
+def test_open_bus_chooses_the_adapter_by_url() -> None:
+    assert isinstance(open_bus(load_settings(bus_url="kafka://h:1"), Metrics()), KafkaBus)
+    assert isinstance(open_bus(load_settings(), Metrics()), MemoryBus)
+    assert KafkaBus.durable is True
+
+
+# Against the broker.
+
+
+async def test_the_producer_is_idempotent_with_acks_all(kafka_url: str, prefix: str) -> None:
+    async with running(KafkaBus(kafka_settings(kafka_url, prefix), Metrics())) as bus:
+        await bus.publish(TOPIC, "c1", b"{}")
+        config = bus.producer_config()
+    assert config.idempotent
+    assert config.acks == -1  # "all"
+    assert config.producer_id >= 0  # the broker granted an idempotent producer id
+
+
+async def test_a_committed_event_is_not_seen_again_and_an_unfinished_one_is(
+    kafka_url: str, prefix: str
+) -> None:
+    # One partition: the group's position is one number, and arrival order is total.
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_handler_grace_s=0.5)
+    stuck = asyncio.Event()
+    first: list[bytes] = []
+
+    async def hangs_on_e3(value: bytes) -> None:
+        first.append(value)
+        if value == b"e3":
+            stuck.set()
+            await asyncio.Event().wait()  # never returns: abandoned at stop
+
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", hangs_on_e3)
+    async with running(bus):
+        for i in range(1, 6):
+            await bus.publish(TOPIC, "c1", f"e{i}".encode())
+        await asyncio.wait_for(stuck.wait(), WAIT_S)
+    assert first == [b"e1", b"e2", b"e3"]
+
+    # The next member of the group starts after e2 (committed) with e3 (never finished).
+    again = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", again)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"end")
+        await again.until(lambda items: b"end" in items)
+    assert again.items == [b"e3", b"e4", b"e5", b"end"]
+
+
+async def test_keys_keep_their_order_while_partitions_run_concurrently(
+    kafka_url: str, prefix: str
+) -> None:
+    keys = [f"conv-{i}" for i in range(24)]
+    per_key = 40
+    got: dict[str, list[int]] = {key: [] for key in keys}
+    running_now = 0
+    most = 0
+    rng = random.Random(7)
+    seen = Collector()
+
+    async def handler(value: bytes) -> None:
+        nonlocal running_now, most
+        key, n = value.decode().split("/")
+        running_now += 1
+        most = max(most, running_now)
+        await asyncio.sleep(rng.uniform(0, 0.002))
+        got[key].append(int(n))
+        running_now -= 1
+        await seen(value)
+
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), Metrics())
+    bus.subscribe(TOPIC, "g", handler)
+    async with running(bus):
+        await asyncio.gather(
+            *(
+                asyncio.gather(
+                    *[bus.publish(TOPIC, key, f"{key}/{n}".encode()) for n in range(per_key)]
+                )
+                for key in keys
+            )
+        )
+        await seen.until(lambda items: len(items) >= len(keys) * per_key)
+    for key in keys:
+        assert got[key] == sorted(got[key]), key
+        assert set(got[key]) == set(range(per_key)), key
+    assert most > 1  # partitions were handled at the same time
+
+
+async def test_a_failing_handler_is_retried_until_it_succeeds(kafka_url: str, prefix: str) -> None:
+    calls: list[bytes] = []
+    done = asyncio.Event()
+
+    async def flaky(value: bytes) -> None:
+        calls.append(value)
+        if len(calls) < 3:
+            raise ConnectionError("database down")
+        done.set()
+
+    metrics = Metrics()
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), metrics)
+    bus.subscribe(TOPIC, "g", flaky)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"e1")
+        await asyncio.wait_for(done.wait(), WAIT_S)
+    assert calls == [b"e1"] * 3
+    assert metrics.bus_retries.labels(TOPIC, "g")._value.get() == 2
+    assert metrics.bus_dead_letters.labels(TOPIC, "g")._value.get() == 0
+
+
+async def test_dead_letters_after_max_attempts_and_at_once_when_malformed(
+    kafka_url: str, prefix: str
+) -> None:
+    calls: dict[bytes, int] = {}
+    handled = Collector()
+    dead = Collector()
+
+    async def handler(value: bytes) -> None:
+        calls[value] = calls.get(value, 0) + 1
+        if value == b"broken":
+            raise ConnectionError("database down")
+        if value == b"\xff\xfe":
+            raise MalformedEvent("not JSON")
+        await handled(value)
+
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), Metrics())
+    bus.subscribe(TOPIC, "g", handler)
+    bus.subscribe(dlq_topic(TOPIC), "dlq", dead)
+    async with running(bus):
+        for value in (b"broken", b"\xff\xfe", b"after"):
+            await bus.publish(TOPIC, "c1", value)
+        await dead.until(lambda items: len(items) == 2)
+        await handled.until(lambda items: b"after" in items)  # the partition went on
+    broken, malformed = (json.loads(item) for item in dead.items)
+    assert broken["topic"] == TOPIC
+    assert broken["group"] == "g"
+    assert broken["attempts"] == 3
+    assert "database down" in broken["reason"]
+    assert broken["event"] == "broken"
+    assert malformed["attempts"] == 1
+    assert malformed["reason"] == "malformed: not JSON"
+    assert malformed["event_b64"] == "//4="
+    assert calls == {b"broken": 3, b"\xff\xfe": 1, b"after": 1}
+
+
+async def test_a_second_member_shares_the_partitions_and_nothing_is_lost(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix)
+    seen = Collector()
+    a, b = KafkaBus(settings, Metrics()), KafkaBus(settings, Metrics())
+    a.subscribe(TOPIC, "g", seen.member("a"))
+    b.subscribe(TOPIC, "g", seen.member("b"))
+    sent = [f"c{i % 16}/{i}".encode() for i in range(400)]
+    async with running(a):
+        for value in sent[:200]:
+            await a.publish(TOPIC, key_of(value), value)
+        async with running(b):
+            await wait_assigned(b, "g")
+            await wait_assigned(a, "g")
+            assert len(a.assignment("g")) + len(b.assignment("g")) == 4
+            for value in sent[200:]:
+                await b.publish(TOPIC, key_of(value), value)
+            await seen.until(lambda items: set(items) >= set(sent))
+    assert seen.by_member["b"]  # the second member did take partitions over
+
+
+async def test_when_a_member_stops_mid_stream_the_other_takes_over(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix)
+    seen = Collector()
+    published = asyncio.Event()
+
+    async def slow_a(value: bytes) -> None:
+        await published.wait()
+        await asyncio.sleep(0.01)
+        await seen.record("a", value)
+
+    a, b = KafkaBus(settings, Metrics()), KafkaBus(settings, Metrics())
+    a.subscribe(TOPIC, "g", slow_a)
+    b.subscribe(TOPIC, "g", seen.member("b"))
+    sent = [f"c{i % 16}/{i}".encode() for i in range(600)]
+    async with running(b):
+        async with running(a):
+            await wait_assigned(a, "g")
+            await wait_assigned(b, "g")
+            assert len(a.assignment("g")) + len(b.assignment("g")) == 4
+            taken_by_a = set(a.assignment("g"))
+            for value in sent:
+                await b.publish(TOPIC, key_of(value), value)
+            published.set()
+            await seen.until(lambda _: len(seen.by_member.get("a", [])) >= 50)
+        # `a` stopped with work left; `b` gets its partitions and every event.
+        await seen.until(lambda items: set(items) >= set(sent))
+        await eventually(lambda: taken_by_a <= set(b.assignment("g")))
+    partitioner = DefaultPartitioner()
+    of_a = {
+        value
+        for value in sent
+        if (TOPIC, partitioner(key_of(value).encode(), [0, 1, 2, 3], [0, 1, 2, 3])) in taken_by_a
+    }
+    left_by_a = of_a - set(seen.by_member["a"])
+    assert left_by_a  # `a` really stopped mid-stream
+    assert left_by_a <= set(seen.by_member["b"])  # and `b` handled the rest of its events
+
+
+async def test_ping_and_start_fail_clearly_without_a_broker(kafka_url: str, prefix: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    settings = kafka_settings(f"kafka://127.0.0.1:{dead_port}", prefix, bus_publish_timeout_s=2)
+    bus = KafkaBus(settings, Metrics())
+    with pytest.raises(BackendUnavailable, match="not started"):
+        await bus.ping()
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{dead_port}"):
+        await bus.start()
+    async with running(KafkaBus(kafka_settings(kafka_url, prefix), Metrics())) as live:
+        await live.ping()
+
+
+async def test_publishing_to_a_topic_the_broker_lacks_raises_busfull(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=1.0)
+    async with running(KafkaBus(settings, Metrics())) as bus:
+        with pytest.raises(BusFull, match="in time"):
+            await bus.publish("no-such-topic", "c1", b"{}")
+
+
+@pytest.fixture
+def kafka_server(kafka_url: str, prefix: str, tmp_path: Path) -> Iterator[Server]:
+    env = {
+        "WHATSLIKE_ROLES": "api,router,connector,status-worker,simulator",
+        "WHATSLIKE_BUS_URL": kafka_url,
+        "WHATSLIKE_KAFKA_TOPIC_PREFIX": prefix,
+        "WHATSLIKE_SIM_DELAY_MS": "30",
+        **OWN_SECRETS,
+    }
+    server = start_server(tmp_path, env)  # its output is read all along (no full pipe)
+    yield server
+    stop_server(server)
+
+
+async def test_whatslike_serve_on_kafka_takes_a_message_to_read(kafka_server: Server) -> None:
+    token = kafka_server.token("org-a")
+    async with (
+        api(kafka_server, token) as client,
+        connect(f"{kafka_server.ws_url}?access_token={token}") as connection,
+    ):
+        socket = Socket(connection)
+        await socket.next_of("connected")
+        created = await client.post(
+            "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
+        )
+        conversation = created.json()["id"]
+        await socket.subscribe(conversation)
+        sent = await client.post(
+            f"/api/conversations/{conversation}/messages",
+            json={"text": "Seu pedido", "client_message_id": "k1"},
+        )
+        assert sent.status_code == 202, sent.text
+        frames = [await socket.next_of("status", wait_s=WAIT_S)]
+        while frames[-1]["status"] != "READ":
+            frames.append(await socket.next_of("status", wait_s=WAIT_S))
+    # Statuses only move forward, seq has no gaps (a late webhook may skip a step: READ
+    # implies DELIVERED).
+    ranks = {"SENT": 1, "DELIVERED": 2, "READ": 3}
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert [ranks[f["status"]] for f in frames] == sorted({ranks[f["status"]] for f in frames})
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def broker_pid(kafka_url: str) -> int:
+    """The process of the broker this checkout started (scripts/services.sh kafka)."""
+    pid_file = REPO / ".services" / "kafka" / "kafka.pid"
+    env_file = REPO / ".services" / "kafka.env"
+    port = kafka_url.rsplit(":", 1)[1]
+    if not pid_file.exists() or f"PORT={port}\n" not in env_file.read_text():
+        pytest.fail(
+            f"{kafka_url} is not the broker of scripts/services.sh kafka: cannot stop it",
+            pytrace=False,
+        )
+    return int(pid_file.read_text())
+
+
+async def restart_broker(kafka_url: str) -> None:
+    """Crash the broker this checkout started (kill -9) and start it again on its port."""
+    port = kafka_url.rsplit(":", 1)[1]
+    os.kill(broker_pid(kafka_url), signal.SIGKILL)
+    script = await asyncio.create_subprocess_exec(
+        str(REPO / "scripts/services/kafka.sh"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await script.communicate()
+    assert script.returncode == 0, output.decode()
+    assert f"127.0.0.1:{port}" in output.decode()  # the same address again
+
+
+async def test_a_broker_crash_mid_stream_loses_no_acknowledged_event(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=2.0)
+    seen = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", seen)
+    acked: list[bytes] = []
+    refused: list[Exception] = []
+    crashed = asyncio.Event()
+    after_restart = 0
+
+    async def publish_steadily() -> None:
+        nonlocal after_restart
+        i = 0
+        while after_restart < 50:
+            value = f"c{i % 8}/{i}".encode()
+            i += 1
+            try:
+                await bus.publish(TOPIC, key_of(value), value)
+            except (BusFull, BackendUnavailable) as exc:
+                refused.append(exc)
+                await asyncio.sleep(0.1)
+                continue
+            acked.append(value)
+            if crashed.is_set():
+                after_restart += 1
+            await asyncio.sleep(0.002)
+
+    async with running(bus):
+        publisher = asyncio.create_task(publish_steadily())
+        await seen.until(lambda items: len(items) >= 50)
+        await restart_broker(kafka_url)
+        crashed.set()
+        await asyncio.wait_for(publisher, WAIT_S)
+        await seen.until(lambda items: set(items) >= set(acked))
+        await bus.ping()
+    assert refused  # the outage was seen by publishers, as errors they can retry
+
+
+async def test_a_stuck_partition_buffers_at_most_its_bound_and_the_broker_keeps_the_rest(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_partition_buffer=5)
+    metrics = Metrics()
+    release = asyncio.Event()
+    seen = Collector()
+
+    async def stuck(value: bytes) -> None:
+        await release.wait()
+        await seen(value)
+
+    bus = KafkaBus(settings, metrics)
+    bus.subscribe(TOPIC, "g", stuck)
+    depth = metrics.bus_queue_depth.labels(TOPIC, "g")
+    sent = [f"c1/{i}".encode() for i in range(200)]
+    async with running(bus):
+        for value in sent:
+            await bus.publish(TOPIC, "c1", value)
+        # Five wait in the buffer (one more is at the handler); the rest stays in Kafka.
+        await eventually(lambda: depth._value.get() == 5)
+        release.set()
+        await seen.until(lambda items: len(items) == len(sent))
+        await bus.ping()  # the consumer loop never overfilled a buffer (it would have died)
+    assert seen.items == sent
+
+
+async def test_stop_lets_the_handler_at_work_finish_and_commits_its_event(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1)
+    entered, release = asyncio.Event(), asyncio.Event()
+    finished: list[bytes] = []
+
+    async def slow(value: bytes) -> None:
+        entered.set()
+        await release.wait()
+        finished.append(value)
+
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", slow)
+    try:
+        await bus.start()
+    except BackendUnavailable as exc:
+        pytest.fail(f"Kafka does not answer at {kafka_url}: {exc}", pytrace=False)
+    await bus.publish(TOPIC, "c1", b"e1")
+    await asyncio.wait_for(entered.wait(), WAIT_S)
+    stopping = asyncio.create_task(bus.stop())
+    await eventually(lambda: not bus.assignment("g"))  # stop let the partition go...
+    assert not stopping.done()  # ...and waits for the handler
+    release.set()
+    await asyncio.wait_for(stopping, WAIT_S)
+    assert finished == [b"e1"]
+
+    again = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", again)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"end")
+        await again.until(lambda items: b"end" in items)
+    assert again.items == [b"end"]  # e1 was committed at stop
+
+
+async def test_stop_is_bounded_when_the_broker_hangs(kafka_url: str, prefix: str) -> None:
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=1.0)
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", Collector())
+    try:
+        await bus.start()
+    except BackendUnavailable as exc:
+        pytest.fail(f"Kafka does not answer at {kafka_url}: {exc}", pytrace=False)
+    await bus.publish(TOPIC, "c1", b"e1")
+    pid = broker_pid(kafka_url)
+    os.kill(pid, signal.SIGSTOP)  # the broker stops answering, its sockets stay open
+    try:
+        with pytest.raises(BusFull):
+            await bus.publish(TOPIC, "c1", b"e2")
+        with pytest.raises(BackendUnavailable):
+            await bus.ping()
+        # Leaving the group and flushing the producer each wait at most the publish
+        # timeout (the handler grace is not needed: nothing is being handled).
+        await asyncio.wait_for(bus.stop(), 4 * settings.bus_publish_timeout_s + 2)
+    finally:
+        os.kill(pid, signal.SIGCONT)

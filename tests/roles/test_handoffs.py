@@ -1,0 +1,181 @@
+"""The outbox relay and the stuck-message watchdog, on a real SQLite store: hand-offs are
+relayed at least once, resumed by the next run until done, and messages that stop moving
+are noticed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from whatslike.bus import BusFull, Handler
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
+from whatslike.fanout.memory import MemoryFanout
+from whatslike.metrics import Metrics
+from whatslike.roles import Deps
+from whatslike.roles.relay import OutboxRelay
+from whatslike.roles.watchdog import Watchdog
+from whatslike.settings import load_settings
+from whatslike.status.rules import Status
+from whatslike.store.base import Message
+from whatslike.store.sqlite import SQLiteStore
+
+
+class ScriptedBus:
+    """Records what the relay publishes; `full` makes the next publishes raise BusFull."""
+
+    def __init__(self, *, durable: bool) -> None:
+        self.durable = durable
+        self.published: list[tuple[str, str, bytes]] = []
+        self.full = 0
+
+    def subscribe(self, topic: str, group: str, handler: Handler) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def publish(self, topic: str, key: str, value: bytes) -> None:
+        if self.full:
+            self.full -= 1
+            raise BusFull("full")
+        self.published.append((topic, key, value))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "w.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def deps(store: SQLiteStore, bus: Any, metrics: Metrics | None = None, **settings: Any) -> Deps:
+    return Deps(
+        settings=load_settings(consumer_backoff_base_s=0.001, **settings),
+        store=store,
+        bus=bus,
+        fanout=MemoryFanout(),
+        http=httpx.AsyncClient(),
+        metrics=metrics or Metrics(),
+        jwt_secret="x",
+    )
+
+
+async def new_message(store: SQLiteStore, text: str = "hi") -> Message:
+    conversation = await store.create_conversation("org1", "whatsapp", "+55")
+    message, _ = await store.create_message(conversation, text, "")
+    return message
+
+
+def sent_ids(bus: ScriptedBus) -> list[str]:
+    return [OutboundMessage.from_json(v).message_id for t, _, v in bus.published]
+
+
+async def test_on_a_bus_that_keeps_nothing_every_run_relays_what_is_not_done(
+    store: SQLiteStore,
+) -> None:
+    first = await new_message(store, "one")
+    second = await new_message(store, "two")
+    bus = ScriptedBus(durable=False)
+    relay = OutboxRelay(deps(store, bus))
+    assert await relay.relay_once() == 2
+    assert await relay.relay_once() == 0  # this run handed them on already
+    assert sent_ids(bus) == [first.id, second.id]
+    assert await store.outbox_size() == 2  # kept until the work is done downstream
+    # The connector finished the first send; then the process restarts (a new run).
+    await store.handoff(done=[(TOPIC_MESSAGES, first.id)])
+    restarted = OutboxRelay(deps(store, bus))
+    assert await restarted.relay_once() == 1
+    assert sent_ids(bus)[-1] == second.id
+
+
+async def test_on_a_durable_bus_relayed_entries_leave_the_outbox(store: SQLiteStore) -> None:
+    await new_message(store)
+    bus = ScriptedBus(durable=True)
+    assert await OutboxRelay(deps(store, bus)).relay_once() == 1
+    assert await store.outbox_size() == 0
+
+
+async def test_a_full_bus_delays_the_relay_and_loses_nothing(store: SQLiteStore) -> None:
+    messages = [await new_message(store, f"m{n}") for n in range(3)]
+    bus = ScriptedBus(durable=True)
+    bus.full = 2
+    wiring = deps(store, bus)
+    relay = OutboxRelay(wiring)
+    await relay.start()
+    try:
+        for _ in range(500):
+            if len(bus.published) == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await relay.stop()
+    assert sent_ids(bus) == [m.id for m in messages]  # in order, each once
+    assert await store.outbox_size() == 0
+
+
+async def test_the_watchdog_redrives_fails_and_counts(store: SQLiteStore) -> None:
+    lost = await new_message(store, "lost")  # its hand-off vanished (a bug, or by hand)
+    await store.handoff(done=[(TOPIC_MESSAGES, lost.id)])
+    unknown = await new_message(store, "unknown")  # a crash between call and answer
+    await store.begin_send(unknown.id)
+    await store.handoff(done=[(TOPIC_MESSAGES, unknown.id)])
+    quiet = await new_message(store, "quiet")  # SENT, then nothing
+    await store.handoff(done=[(TOPIC_MESSAGES, quiet.id)])
+    await store.link_provider_id("whatsapp", "wamid.q", quiet.id)
+    await store.apply_status(
+        StatusEvent(
+            "evt_q",
+            quiet.id,
+            quiet.conversation_id,
+            "org1",
+            "whatsapp",
+            Status.SENT,
+            "wamid.q",
+            quiet.created_at,
+        )
+    )
+    await asyncio.sleep(0.02)
+    metrics = Metrics()
+    watchdog = Watchdog(
+        deps(
+            store,
+            ScriptedBus(durable=False),
+            metrics,
+            stuck_pending_s=0.01,
+            send_unknown_fail_s=0.01,
+            stuck_sent_s=0.01,
+        )
+    )
+    stuck = await watchdog.sweep()
+    assert [m.id for m in stuck.pending] == [lost.id]
+    assert [m.id for m in stuck.unknown] == [unknown.id]
+    assert [m.id for m in stuck.sent] == [quiet.id]
+    for kind in ("pending", "unknown", "sent"):
+        value = metrics.registry.get_sample_value("whatslike_stuck_messages", {"kind": kind})
+        assert value == 1
+    items = await store.outbox_batch("run", 10)
+    assert [(i.topic, i.key) for i in items] == [
+        (TOPIC_MESSAGES, lost.conversation_id),  # handed off again
+        (TOPIC_STATUS, unknown.conversation_id),  # FAILED send_outcome_unknown
+    ]
+    failure = StatusEvent.from_json(items[1].payload)
+    assert failure.status is Status.FAILED
+    assert failure.error is not None and failure.error.code == "send_outcome_unknown"
+    await store.apply_status(failure)
+    stored = await store.get_message(unknown.id)
+    assert stored is not None and stored.status is Status.FAILED
+    # A later sweep hands off the same event id again at most: it applies once.
+    again = await watchdog.sweep()
+    assert again.unknown == ()

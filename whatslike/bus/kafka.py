@@ -1,0 +1,527 @@
+"""The Kafka bus (aiokafka): the same contract as the in-process bus, stored by a broker.
+
+Publishing: one idempotent producer with `acks=all`; `publish` returns once the broker
+has stored the record, and raises `BusFull` (nothing acknowledged within
+`bus_publish_timeout_s`) or `BackendUnavailable` (the broker refused it). Records are
+keyed by conversation id, so one conversation lives on one partition.
+
+Consuming: one consumer per group name (the group id is the name the role passes). Each
+assigned partition gets its own task that handles its records one after the other
+(per-key order) while the partitions of a process run concurrently. Offsets are committed
+by hand, only up to records whose handler returned (or that were dead-lettered), every
+`kafka_commit_interval_s`, on rebalance and on stop: at-least-once, as in memory.py.
+
+Bounds: each partition buffers at most `kafka_partition_buffer` fetched records (plus
+the one at work); a full partition is not fetched again until its task catches up, so
+the broker keeps the backlog and nothing is dropped. The producer holds at most a batch
+(`max_batch_size`, 16 KiB) per partition beside the ones in flight; a publisher waits
+for room, up to the publish timeout, then gets BusFull.
+
+Rebalance: aiokafka revokes every partition before a rebalance and waits for the
+listener. Ours stops feeding the revoked partitions, drops what they buffered (still
+uncommitted: the next owner reads it again), lets the handler at work finish for up to
+`kafka_handler_grace_s` (then abandons it: cancelled, uncommitted, redelivered), and
+commits what is done before the partitions go. `stop` does the same, then leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
+from aiokafka.structs import OffsetAndMetadata
+
+from whatslike.bus import BusFull, Handler
+from whatslike.bus.memory import backoff_delay, dead_letter
+from whatslike.errors import BackendUnavailable, MalformedEvent
+from whatslike.events import CHANNELS, TOPIC_MESSAGES, TOPIC_STATUS, dlq_topic, outbound_topic
+from whatslike.metrics import Metrics
+from whatslike.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The topics of protocol.md §2 (each with its `.dlq`), created at start by every process:
+#: a publisher may start before the process that consumes the topic.
+PROTOCOL_TOPICS = (TOPIC_MESSAGES, *(outbound_topic(c) for c in CHANNELS), TOPIC_STATUS)
+_TOPIC_ALREADY_EXISTS = 36
+#: Errors after which an idempotent producer refuses every later record: it is replaced.
+_PRODUCER_BROKEN = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
+#: Put in a released partition's buffer: its task ends there.
+_END = object()
+
+
+def bootstrap_servers(bus_url: str) -> list[str]:
+    """`kafka://host:port[,host:port]` → ["host:port", …] (the settings validated it)."""
+    return [part.strip() for part in bus_url.removeprefix("kafka://").split(",") if part.strip()]
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """What the running producer does, read back from it (not from our arguments)."""
+
+    idempotent: bool
+    acks: int  # -1 is "all"
+    producer_id: int  # given by the broker; -1 when it has not granted one
+
+
+@dataclass
+class _Partition:
+    """One assigned partition: its buffer, its task, and how far it is done."""
+
+    tp: TopicPartition
+    handler: Handler
+    group: str
+    buffer: asyncio.Queue[Any]  # aiokafka ConsumerRecord
+    task: asyncio.Task[None] | None = None
+    done: int | None = None  # offset of the next record to read: all before it are handled
+    committed: int | None = None
+
+
+@dataclass
+class _Group:
+    name: str
+    handlers: dict[str, Handler] = field(default_factory=dict)  # full topic name → handler
+    consumer: Any = None  # AIOKafkaConsumer
+    partitions: dict[TopicPartition, _Partition] = field(default_factory=dict)
+    poller: asyncio.Task[None] | None = None
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    releasing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class KafkaBus:
+    durable = True
+
+    def __init__(self, settings: Settings, metrics: Metrics, *, seed: int | None = None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._servers = bootstrap_servers(settings.bus_url)
+        self._prefix = settings.kafka_topic_prefix
+        self._groups: dict[str, _Group] = {}
+        self._rng = random.Random(seed)
+        self._producer: Any = None  # AIOKafkaProducer
+        self._replacing = asyncio.Lock()
+        self._admin: Any = None  # AIOKafkaAdminClient
+        self._started = False
+        self._stopping = False
+
+    def topic_name(self, topic: str) -> str:
+        """The broker's name of a topic: the configured prefix, then the protocol's name."""
+        return self._prefix + topic
+
+    def subscribe(self, topic: str, group: str, handler: Handler) -> None:
+        if self._started:
+            raise RuntimeError("subscribe before the bus starts")
+        entry = self._groups.setdefault(group, _Group(group))
+        name = self.topic_name(topic)
+        if name in entry.handlers:
+            raise RuntimeError(f"group {group!r} already consumes {topic!r}")
+        entry.handlers[name] = handler
+
+    async def start(self) -> None:
+        settings = self._settings
+        try:
+            self._admin = AIOKafkaAdminClient(
+                bootstrap_servers=self._servers,
+                client_id="whatslike-admin",
+                request_timeout_ms=int(settings.bus_publish_timeout_s * 1000),
+            )
+            await asyncio.wait_for(self._admin.start(), settings.bus_publish_timeout_s)
+            await self._create_topics()
+            self._producer = await self._new_producer()
+            for group in self._groups.values():
+                await self._start_group(group)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await self.stop()
+            raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop fetching, let the handlers at work finish (up to `kafka_handler_grace_s`),
+        commit what is done, leave the groups, then flush and close the producer."""
+        self._stopping = True
+        pollers = [g.poller for g in self._groups.values() if g.poller is not None]
+        for poller in pollers:
+            poller.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+        groups = [g for g in self._groups.values() if g.consumer is not None]
+        # Every group's handlers get the same grace, at the same time.
+        await asyncio.gather(*(self._release(g, list(g.partitions)) for g in groups))
+        for group in groups:
+            group.poller = None
+            await self._bounded(f"consumer {group.name} leaving its group", group.consumer.stop())
+            group.consumer = None
+        await self._close_clients()
+        self._started = False
+        self._stopping = False
+
+    async def ping(self) -> None:
+        if self._admin is None:
+            raise BackendUnavailable("the Kafka bus is not started")
+        for group in self._groups.values():
+            if group.poller is not None and group.poller.done():
+                raise BackendUnavailable(f"the Kafka consumer of group {group.name!r} stopped")
+        try:
+            await asyncio.wait_for(
+                self._admin.describe_cluster(), self._settings.bus_publish_timeout_s
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
+
+    async def publish(self, topic: str, key: str, value: bytes) -> None:
+        producer = self._producer
+        if producer is None:
+            raise BackendUnavailable("the Kafka bus is not started")
+        name = self.topic_name(topic)
+        try:
+            async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+                await producer.send_and_wait(name, value, key=key.encode())
+        except TimeoutError as exc:
+            raise BusFull(f"Kafka did not acknowledge an event on {name!r} in time") from exc
+        except KafkaError as exc:
+            if isinstance(exc, _PRODUCER_BROKEN) or producer._sender.sender_task.done():
+                await self._replace_producer(producer)
+            raise BackendUnavailable(f"Kafka refused an event on {name!r}: {exc!r}") from exc
+        self._metrics.bus_published.labels(topic).inc()
+
+    async def _new_producer(self) -> Any:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._servers,
+            client_id="whatslike-producer",
+            enable_idempotence=True,
+            acks="all",
+            request_timeout_ms=int(self._settings.bus_publish_timeout_s * 1000),
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self._settings.bus_publish_timeout_s)
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    async def _replace_producer(self, dead: Any) -> None:
+        """An idempotent producer out of step with the broker (OutOfOrderSequenceNumber: a
+        batch expired while the broker was away, leaving a gap in its sequence numbers) or
+        whose sender stopped takes no more records; the next one gets a new producer id.
+        Its unacknowledged records were reported to their publishers, who retry: nothing
+        acknowledged is lost."""
+        async with self._replacing:
+            if self._producer is not dead:
+                return  # another publisher replaced it already
+            log.warning("the Kafka producer is out of step with the broker; starting a new one")
+            try:
+                fresh = await self._new_producer()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                log.warning("no new Kafka producer yet: %r", exc)
+                return  # the next failing publish tries again
+            self._producer = fresh
+            with contextlib.suppress(KafkaError):
+                await dead.stop()
+
+    def assignment(self, group: str) -> list[tuple[str, int]]:
+        """The partitions this process consumes for `group` now, as (topic, partition)."""
+        entry = self._groups.get(group)
+        if entry is None:
+            return []
+        return sorted((self._label(tp.topic), tp.partition) for tp in entry.partitions)
+
+    def producer_config(self) -> ProducerConfig:
+        """The effective settings of the started producer (tests assert them)."""
+        if self._producer is None:
+            raise BackendUnavailable("the Kafka bus is not started")
+        txn = self._producer._txn_manager
+        return ProducerConfig(
+            idempotent=txn is not None,
+            acks=int(self._producer._sender._acks),
+            producer_id=int(txn.producer_id) if txn is not None else -1,
+        )
+
+    # Topics.
+
+    async def _create_topics(self) -> None:
+        wanted = {self.topic_name(t) for t in PROTOCOL_TOPICS}
+        for group in self._groups.values():
+            wanted.update(group.handlers)
+        wanted |= {
+            self.topic_name(dlq_topic(name.removeprefix(self._prefix))) for name in list(wanted)
+        }
+        wanted -= set(await self._admin.list_topics())
+        if not wanted:
+            return
+        response = await self._admin.create_topics(
+            [
+                NewTopic(
+                    name,
+                    num_partitions=self._settings.kafka_partitions,
+                    replication_factor=self._settings.kafka_replication_factor,
+                )
+                for name in sorted(wanted)
+            ]
+        )
+        for error in response.topic_errors:
+            name, code = error[0], error[1]
+            if code not in (0, _TOPIC_ALREADY_EXISTS):
+                detail = error[2] if len(error) > 2 else ""
+                raise BackendUnavailable(f"Kafka cannot create topic {name!r}: {code} {detail}")
+        log.info("created Kafka topics %s", ", ".join(sorted(wanted)))
+
+    # Consuming.
+
+    async def _start_group(self, group: _Group) -> None:
+        grace_ms = int(self._settings.kafka_handler_grace_s * 1000)
+        group.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._servers,
+            client_id=f"whatslike-{group.name}",
+            group_id=group.name,
+            enable_auto_commit=False,
+            # A group's first start reads what was published before it joined: the API may
+            # accept messages before the router's first start, and they must not be lost.
+            auto_offset_reset="earliest",
+            # The broker waits this long for members to rejoin; ours may spend the grace
+            # on in-flight handlers first.
+            rebalance_timeout_ms=grace_ms + 30_000,
+            max_poll_records=self._settings.kafka_partition_buffer,
+        )
+        group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
+        await asyncio.wait_for(group.consumer.start(), self._settings.bus_publish_timeout_s)
+        group.poller = asyncio.create_task(self._poll(group), name=f"kafka-poll-{group.name}")
+        group.poller.add_done_callback(_report_poller_end)
+
+    async def _poll(self, group: _Group) -> None:
+        settings = self._settings
+        limit = settings.kafka_partition_buffer
+        last_commit = time.monotonic()
+        consumer = group.consumer
+        while True:
+            ready = [p for p in group.partitions.values() if p.buffer.qsize() < limit]
+            if group.partitions and not ready:
+                # Every partition's buffer is full: fetch nothing until a handler takes one.
+                group.room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(group.room.wait(), settings.kafka_commit_interval_s)
+            else:
+                room = min((limit - p.buffer.qsize() for p in ready), default=limit)
+                try:
+                    batches = await consumer.getmany(
+                        *(p.tp for p in ready), timeout_ms=200, max_records=room
+                    )
+                except KafkaError as exc:
+                    log.warning("Kafka fetch for group %s failed: %r", group.name, exc)
+                    await asyncio.sleep(settings.consumer_backoff_base_s)
+                    continue
+                # aiokafka returns records of the current assignment only (none while a
+                # rebalance is under way), and `_feed` runs before anything else can.
+                for tp, records in batches.items():
+                    self._feed(group, tp, records)
+            if time.monotonic() - last_commit >= settings.kafka_commit_interval_s:
+                await self._commit(group, list(group.partitions.values()))
+                last_commit = time.monotonic()
+
+    def _feed(self, group: _Group, tp: TopicPartition, records: list[Any]) -> None:
+        # A partition's records may come before aiokafka calls on_partitions_assigned.
+        self._assign(group, [tp])
+        partition = group.partitions[tp]
+        for record in records:
+            partition.buffer.put_nowait(record)
+        self._metrics.bus_queue_depth.labels(self._label(tp.topic), group.name).inc(len(records))
+
+    def _assign(self, group: _Group, assigned: Iterable[TopicPartition]) -> None:
+        for tp in assigned:
+            if tp in group.partitions:
+                continue
+            partition = _Partition(
+                tp=tp,
+                handler=group.handlers[tp.topic],
+                group=group.name,
+                # One more than the limit: room for the end-of-work marker.
+                buffer=asyncio.Queue(maxsize=self._settings.kafka_partition_buffer + 1),
+            )
+            partition.task = asyncio.create_task(
+                self._drain(group, partition), name=f"kafka-{group.name}-{tp.topic}-{tp.partition}"
+            )
+            group.partitions[tp] = partition
+
+    async def _release(self, group: _Group, revoked: Iterable[TopicPartition]) -> None:
+        """Finish (within the grace) or abandon the work of these partitions, commit what
+        is done, and forget them. One release at a time per group: a revoke that comes
+        while `stop` releases waits for it, so no partition leaves with work running."""
+        async with group.releasing:
+            await self._release_now(group, revoked)
+
+    async def _release_now(self, group: _Group, revoked: Iterable[TopicPartition]) -> None:
+        leaving = [group.partitions.pop(tp) for tp in revoked if tp in group.partitions]
+        for partition in leaving:
+            dropped = partition.buffer.qsize()
+            while not partition.buffer.empty():
+                partition.buffer.get_nowait()
+            self._metrics.bus_queue_depth.labels(self._label(partition.tp.topic), group.name).dec(
+                dropped
+            )
+            partition.buffer.put_nowait(_END)
+        tasks = [p.task for p in leaving if p.task is not None]
+        if tasks:
+            # Each task ends at the marker: only the record at work, if any, remains.
+            _, late = await asyncio.wait(tasks, timeout=self._settings.kafka_handler_grace_s)
+            for task in late:
+                log.warning("abandoning a handler still running on %s", task.get_name())
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._commit(group, leaving)
+
+    async def _commit(self, group: _Group, partitions: Iterable[_Partition]) -> None:
+        offsets = {
+            p.tp: OffsetAndMetadata(p.done, "")
+            for p in partitions
+            if p.done is not None and p.done != p.committed
+        }
+        if not offsets or group.consumer is None:
+            return
+        # Failing (the partitions moved on in a rebalance, or the broker is away), their
+        # next owner handles these events again: at-least-once allows it, and idempotent
+        # handlers absorb it.
+        committing = group.consumer.commit(offsets)
+        if not await self._bounded(f"commit for group {group.name}", committing):
+            return
+        for partition in partitions:
+            if partition.tp in offsets:
+                partition.committed = offsets[partition.tp].offset
+
+    async def _drain(self, group: _Group, partition: _Partition) -> None:
+        """Handle one partition's records in order, until the end-of-work marker."""
+        label = self._label(partition.tp.topic)
+        while True:
+            record = await partition.buffer.get()
+            if record is _END:
+                return
+            self._metrics.bus_queue_depth.labels(label, group.name).dec()
+            group.room.set()
+            await self._handle(partition, label, record)
+            partition.done = record.offset + 1
+
+    async def _handle(self, partition: _Partition, label: str, record: Any) -> None:
+        settings = self._settings
+        value: bytes = record.value or b""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await partition.handler(value)
+            except asyncio.CancelledError:
+                raise
+            except MalformedEvent as exc:
+                await self._dead_letter(
+                    partition, label, record, reason=f"malformed: {exc}", attempts=attempt
+                )
+                return
+            except Exception as exc:
+                if attempt >= settings.consumer_max_attempts:
+                    reason = f"failed {attempt} times, last: {type(exc).__name__}: {exc}"
+                    await self._dead_letter(
+                        partition, label, record, reason=reason, attempts=attempt
+                    )
+                    return
+                self._metrics.bus_retries.labels(label, partition.group).inc()
+                log.warning(
+                    "handler %s on %s failed (attempt %d/%d): %s",
+                    partition.group,
+                    label,
+                    attempt,
+                    settings.consumer_max_attempts,
+                    exc,
+                )
+                await asyncio.sleep(self._delay(attempt))
+            else:
+                self._metrics.bus_handled.labels(label, partition.group).inc()
+                return
+
+    async def _dead_letter(
+        self, partition: _Partition, label: str, record: Any, *, reason: str, attempts: int
+    ) -> None:
+        """Publish the DLQ record; until Kafka takes it the event stays uncommitted and
+        this partition waits (retrying with back-off), so it is never lost."""
+        self._metrics.bus_dead_letters.labels(label, partition.group).inc()
+        log.error("dead-lettering an event of %s (group %s): %s", label, partition.group, reason)
+        letter = dead_letter(label, partition.group, record.value or b"", reason, attempts)
+        key = record.key.decode() if record.key else ""
+        retry = 0
+        while True:
+            try:
+                await self.publish(dlq_topic(label), key, letter)
+                return
+            except (BusFull, BackendUnavailable) as exc:
+                retry += 1
+                log.warning("DLQ %s unavailable (try %d): %s", dlq_topic(label), retry, exc)
+                await asyncio.sleep(self._delay(retry))
+
+    def _delay(self, attempt: int) -> float:
+        return backoff_delay(
+            attempt,
+            self._settings.consumer_backoff_base_s,
+            self._settings.consumer_backoff_cap_s,
+            self._rng,
+        )
+
+    def _label(self, name: str) -> str:
+        """The protocol's topic name (metrics, DLQ records) of a broker topic name."""
+        return name.removeprefix(self._prefix)
+
+    async def _close_clients(self) -> None:
+        if self._producer is not None:
+            # Records still unacknowledged after this were reported to their publishers
+            # (BusFull): dropping them loses nothing anyone was told is stored.
+            await self._bounded("producer flush", self._producer.stop())
+        if self._admin is not None:
+            await self._bounded("admin client close", self._admin.close())
+        self._producer = None
+        self._admin = None
+
+    async def _bounded(self, what: str, step: Awaitable[Any]) -> bool:
+        """Await a step that talks to the broker, for at most the publish timeout: an
+        unresponsive broker must not hold a stop (or a rebalance) forever."""
+        try:
+            await asyncio.wait_for(step, self._settings.bus_publish_timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("Kafka %s did not complete: %r", what, exc)
+            return False
+        return True
+
+
+def _report_poller_end(task: asyncio.Task[None]) -> None:
+    """A consumer loop ends only when cancelled; anything else is a bug that `ping` (and
+    so /readyz) reports from then on."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped consuming", task.get_name(), exc_info=task.exception())
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka awaits these before the group rebalances."""
+
+    def __init__(self, bus: KafkaBus, group: _Group) -> None:
+        self._bus = bus
+        self._group = group
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._bus._release(self._group, revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if not self._bus._stopping:
+            self._bus._assign(self._group, assigned)

@@ -1,0 +1,108 @@
+"""The outbox relay: moves the store's hand-offs to the bus, at least once, oldest first.
+
+Whatever the API answered 202 for and whatever a webhook answered 200 for is an outbox
+entry in the store before the answer. The relay publishes each entry; then
+
+- on a durable bus (Kafka: `publish` returns once the broker stored it) the relays of
+  all processes claim entries with a lease (so each is published by one of them), and an
+  entry is deleted once published: the bus keeps it from there on;
+- on the in-process bus, which keeps nothing across a crash, the entry is only marked as
+  relayed by this run, and stays until the work it stands for is stored downstream (the
+  connector finished with the send, the status worker applied the status). A process
+  that starts has a new run id, so it relays every entry left by the one before.
+
+Consumers are idempotent (sends are claimed in the store, statuses are matched by event
+id), so relaying an entry twice is harmless. The rule is the same for every bus: an
+entry leaves the outbox only when something durable holds its work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+from whatslike.bus import BusFull
+from whatslike.bus.memory import backoff_delay
+from whatslike.clock import new_id
+from whatslike.errors import WhatslikeError
+from whatslike.roles import Deps, RoleDefaults
+
+log = logging.getLogger(__name__)
+
+#: Entries read and published per round trip to the store.
+BATCH = 200
+#: How long a relay's claim on entries holds (durable bus): another process's relay takes
+#: them over after that, should this one have died between the claim and the publish.
+CLAIM_LEASE_S = 30.0
+
+
+class OutboxRelay(RoleDefaults):
+    name = "relay"
+
+    def __init__(self, deps: Deps) -> None:
+        self._store = deps.store
+        self._bus = deps.bus
+        self._settings = deps.settings
+        self._metrics = deps.metrics
+        self._run = new_id("run")
+        self._wake = deps.handoffs
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run_forever(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def relay_once(self) -> int:
+        """Relay one batch; answer how many entries were handed to the bus."""
+        if self._bus.durable:
+            items = await self._store.claim_outbox(BATCH, CLAIM_LEASE_S)
+        else:
+            items = await self._store.outbox_batch(self._run, BATCH)
+        handed: list[int] = []
+        try:
+            for item in items:
+                await self._bus.publish(item.topic, item.key, item.payload)
+                handed.append(item.id)
+        finally:
+            if handed:
+                self._metrics.outbox_relayed.inc(len(handed))
+                if self._bus.durable:
+                    await self._store.delete_outbox(handed)
+                else:
+                    await self._store.mark_relayed(handed, self._run)
+            if self._bus.durable and len(handed) < len(items):
+                await self._store.unclaim_outbox([item.id for item in items[len(handed) :]])
+        return len(handed)
+
+    async def _run_forever(self) -> None:
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                moved = await self.relay_once()
+            except Exception as exc:
+                if not isinstance(exc, WhatslikeError | BusFull):
+                    log.exception("outbox relay failed")
+                failures += 1
+                delay = backoff_delay(
+                    failures,
+                    self._settings.consumer_backoff_base_s,
+                    self._settings.consumer_backoff_cap_s,
+                    self._rng,
+                )
+                log.warning("outbox relay paused %.1f s: %s", delay, exc)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if moved < BATCH:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.relay_poll_s)
