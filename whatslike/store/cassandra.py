@@ -24,9 +24,11 @@ unread (accepted, not READ) messages are removed when READ; dead letters by day.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -42,11 +44,17 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement, SimpleStatement, dict_factory
+from cassandra.query import (
+    BatchStatement,
+    BatchType,
+    PreparedStatement,
+    SimpleStatement,
+    dict_factory,
+)
 
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
-from whatslike.events import StatusEvent
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.status import rules
 from whatslike.status.rules import Effect, Status
 from whatslike.store import common
@@ -55,10 +63,21 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     Message,
+    OutboxEntry,
+    OutboxItem,
     ParkedStatus,
+    SendClaim,
+    Stuck,
 )
 
 Row = dict[str, Any]
+#: A prepared statement's name and its parameters, for a logged batch.
+Step = tuple[str, Sequence[Any]]
+
+#: Outbox ids are the insertion time in microseconds times this, plus the writer's node.
+_NODES = 1_000_000
+#: Rows read per query when scanning the outbox.
+_OUTBOX_PAGE = 500
 
 _DEFAULT_PORT = 9042
 #: Cassandra 4.0 and later speak native protocol v5 (per-statement keyspaces).
@@ -116,16 +135,37 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (day, id))""",
         """CREATE TABLE IF NOT EXISTS dead_letter_totals (one int PRIMARY KEY, n counter)""",
     ),
+    (
+        "ALTER TABLE messages ADD IF NOT EXISTS send_started_at timestamp",
+        "ALTER TABLE messages ADD IF NOT EXISTS updated_at timestamp",
+        # The outbox, one partition per `index_bucket` of insertion time; ids increase in
+        # insertion order (microseconds, then the writer's random node number).
+        """CREATE TABLE IF NOT EXISTS outbox (
+            bucket bigint, id varint, topic text, key text, payload blob, done_key text,
+            relayed_run text, claimed_until timestamp, PRIMARY KEY (bucket, id))""",
+        """CREATE TABLE IF NOT EXISTS outbox_done (
+            done_key text, topic text, id varint, PRIMARY KEY ((done_key, topic), id))""",
+        """CREATE TABLE IF NOT EXISTS outbox_buckets (
+            one int, bucket bigint, PRIMARY KEY (one, bucket))""",
+        # The watchdog's index: messages by kind (pending, unknown, sent) and the time
+        # they stopped moving, one partition per kind and `index_bucket`.
+        """CREATE TABLE IF NOT EXISTS stuck_entries (
+            kind text, bucket bigint, at timestamp, message_id text,
+            PRIMARY KEY ((kind, bucket), at, message_id))""",
+        """CREATE TABLE IF NOT EXISTS stuck_buckets (
+            kind text, bucket bigint, PRIMARY KEY (kind, bucket))""",
+    ),
 )
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, channel, text, client_message_id, created_at, status,"
     " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
-    " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since"
+    " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since,"
+    " send_started_at, updated_at"
 )
 _STATE = (
     "status = ?, sent_at = ?, delivered_at = ?, read_at = ?, failed_at = ?,"
-    " error_code = ?, error_title = ?"
+    " error_code = ?, error_title = ?, updated_at = ?"
 )
 
 #: Every statement, prepared once at `open`.
@@ -140,7 +180,13 @@ _CQL = {
     "message": f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",
     "insert_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
-        " created_at, status, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) IF NOT EXISTS"
+        " created_at, status, updated_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        " IF NOT EXISTS"
+    ),
+    # In the logged batch of a new message: its id is fresh, or claimed by its client id.
+    "add_message": (
+        "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
+        " created_at, status, updated_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
     ),
     "claim_client_id": (
         "INSERT INTO client_message_ids (conversation_id, client_message_id, message_id)"
@@ -183,7 +229,56 @@ _CQL = {
     "take_over": "UPDATE messages SET version = ?, pending_since = ? WHERE id = ? IF version = ?",
     # Not versioned: it would make a status change under way fail its last step.
     "set_provider_id": (
-        "UPDATE messages SET provider_message_id = ? WHERE id = ? IF provider_message_id = null"
+        "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?"
+        " IF provider_message_id = null"
+    ),
+    "begin_send": (
+        "UPDATE messages SET send_started_at = ?, updated_at = ? WHERE id = ?"
+        " IF send_started_at = null AND provider_message_id = null AND status = 'PENDING'"
+    ),
+    "release_send": (
+        "UPDATE messages SET send_started_at = null, updated_at = ? WHERE id = ?"
+        " IF provider_message_id = null"
+    ),
+    "redrive": (
+        "UPDATE messages SET updated_at = ? WHERE id = ?"
+        " IF send_started_at = null AND provider_message_id = null AND status = 'PENDING'"
+    ),
+    "history": "SELECT seq, frame FROM message_changes WHERE message_id = ?",
+    "add_outbox": (
+        "INSERT INTO outbox (bucket, id, topic, key, payload, done_key) VALUES (?, ?, ?, ?, ?, ?)"
+    ),
+    "add_outbox_done": "INSERT INTO outbox_done (done_key, topic, id) VALUES (?, ?, ?)",
+    "add_outbox_bucket": "INSERT INTO outbox_buckets (one, bucket) VALUES (0, ?)",
+    "outbox_buckets": "SELECT bucket FROM outbox_buckets WHERE one = 0",
+    "drop_outbox_bucket": "DELETE FROM outbox_buckets WHERE one = 0 AND bucket = ?",
+    "outbox_page": (
+        "SELECT id, topic, key, payload, done_key, relayed_run, claimed_until FROM outbox"
+        " WHERE bucket = ? AND id > ? LIMIT ?"
+    ),
+    "outbox_row": "SELECT topic, done_key FROM outbox WHERE bucket = ? AND id = ?",
+    "outbox_count": "SELECT count(topic) AS n FROM outbox WHERE bucket = ?",
+    "outbox_done": "SELECT id FROM outbox_done WHERE done_key = ? AND topic = ?",
+    "delete_outbox": "DELETE FROM outbox WHERE bucket = ? AND id = ?",
+    "delete_outbox_done": "DELETE FROM outbox_done WHERE done_key = ? AND topic = ? AND id = ?",
+    # Conditional, so that a claim never brings back a deleted entry as a partial row.
+    "claim_outbox": (
+        "UPDATE outbox SET claimed_until = ? WHERE bucket = ? AND id = ?"
+        " IF done_key = ? AND claimed_until = ?"
+    ),
+    "unclaim_outbox": (
+        "UPDATE outbox SET claimed_until = null WHERE bucket = ? AND id = ? IF EXISTS"
+    ),
+    "mark_relayed": "UPDATE outbox SET relayed_run = ? WHERE bucket = ? AND id = ? IF EXISTS",
+    "add_stuck": "INSERT INTO stuck_entries (kind, bucket, at, message_id) VALUES (?, ?, ?, ?)",
+    "add_stuck_bucket": "INSERT INTO stuck_buckets (kind, bucket) VALUES (?, ?)",
+    "stuck_buckets": "SELECT bucket FROM stuck_buckets WHERE kind = ? AND bucket <= ?",
+    "drop_stuck_bucket": "DELETE FROM stuck_buckets WHERE kind = ? AND bucket = ?",
+    "stuck_entries": (
+        "SELECT at, message_id FROM stuck_entries WHERE kind = ? AND bucket = ? AND at < ?"
+    ),
+    "drop_stuck": (
+        "DELETE FROM stuck_entries WHERE kind = ? AND bucket = ? AND at = ? AND message_id = ?"
     ),
     "link": (
         "UPDATE provider_keys SET message_id = ? WHERE channel = ? AND provider_message_id = ?"
@@ -301,6 +396,21 @@ def _message(row: Row) -> Message:
     return common.message_of(row, _time)
 
 
+def _stuck_key(message: Message) -> tuple[str, datetime] | None:
+    """The watchdog's kind of a message and the time it stopped moving, if of a kind."""
+    if message.updated_at is None:
+        return None
+    if message.status is Status.PENDING:
+        if message.send_started_at is None:
+            return "pending", message.updated_at
+        if message.provider_message_id is None:
+            return "unknown", message.send_started_at
+        return None
+    if message.status is Status.SENT:
+        return "sent", message.updated_at
+    return None
+
+
 def _state_values(message: Message) -> list[Any]:
     state = message.state
     error = state.error
@@ -312,6 +422,7 @@ def _state_values(message: Message) -> list[Any]:
         state.failed_at,
         error.code if error else None,
         error.title if error else None,
+        message.updated_at,
     ]
 
 
@@ -319,7 +430,9 @@ class CassandraStore:
     """The `Store` port on Cassandra; `url` is ``cassandra://host:port/keyspace``.
 
     `bucket_size` seqs share a `changes` partition; `pending_lease` is how long a
-    status change may stay half-done before another worker completes it."""
+    status change may stay half-done before another worker completes it;
+    `index_bucket` is the span of time one partition of the outbox and of the watchdog's
+    index covers."""
 
     def __init__(
         self,
@@ -328,9 +441,14 @@ class CassandraStore:
         bucket_size: int = 10_000,
         pending_lease: timedelta = timedelta(seconds=10),
         request_timeout_s: float = 10.0,
+        index_bucket: timedelta = timedelta(minutes=1),
     ) -> None:
         self.address = CassandraAddress.parse(url)
         self._bucket_size = bucket_size
+        self._index_us = max(1, int(index_bucket / timedelta(microseconds=1)))
+        # This writer's outbox id suffix, and the last microsecond it used.
+        self._node = random.randrange(_NODES)
+        self._last_us = 0
         self._lease = pending_lease
         self._timeout = request_timeout_s
         self._cluster: Cluster | None = None
@@ -487,6 +605,19 @@ class CassandraStore:
         [row] = await self._run(name, *params)
         return bool(row["[applied]"]), row
 
+    async def _batch(self, steps: Sequence[Step]) -> None:
+        """Run the steps as one logged batch: all of them happen, or (until the batch log
+        replays them) none."""
+        if not steps:
+            return
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        for name, params in steps:
+            statement = self._prepared.get(name)
+            if statement is None:
+                raise BackendUnavailable(f"Cassandra at {self.address} is not open")
+            batch.add(statement, params)
+        await self._execute(self._live().execute_async(batch))
+
     # -- conversations ------------------------------------------------------------------
 
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
@@ -522,20 +653,26 @@ class CassandraStore:
         self, conversation: Conversation, text: str, client_message_id: str
     ) -> tuple[Message, bool]:
         message = common.new_message(conversation, text, client_message_id)
-        message = replace(message, created_at=_ms(message.created_at))
+        created_at = _ms(message.created_at)
+        message = replace(message, created_at=created_at, updated_at=created_at)
         if client_message_id:
             applied, row = await self._lwt(
                 "claim_client_id", conversation.id, client_message_id, message.id
             )
             if not applied:
-                return await self._claimed_message(message, str(row["message_id"]))
-        await self._index_message(message)
-        applied, _ = await self._insert_message(message)
-        return message, applied
+                return await self._claimed_message(conversation, message, str(row["message_id"]))
+        # The id is fresh or ours by the claim above: the message, its place in the
+        # conversation, its send hand-off and its watchdog entry go in one logged batch.
+        await self._batch(
+            [
+                ("add_message", self._message_values(message)),
+                *self._indexed_message(conversation, message),
+            ]
+        )
+        return message, True
 
-    async def _insert_message(self, message: Message) -> tuple[bool, Row]:
-        return await self._lwt(
-            "insert_message",
+    def _message_values(self, message: Message) -> list[Any]:
+        return [
             message.id,
             message.conversation_id,
             message.org_id,
@@ -544,16 +681,23 @@ class CassandraStore:
             message.client_message_id,
             message.created_at,
             message.status.value,
-        )
+            message.updated_at,
+        ]
 
-    async def _index_message(self, message: Message) -> None:
+    def _indexed_message(self, conversation: Conversation, message: Message) -> list[Step]:
+        """What goes with a new message: its place in the conversation's list, the work
+        of sending it (the outbox entry) and its watchdog entry."""
         month = _month(message.created_at)
-        await asyncio.gather(
-            self._run("add_month", message.conversation_id, month),
-            self._run("list_entry", message.conversation_id, month, message.created_at, message.id),
-        )
+        return [
+            ("add_month", (message.conversation_id, month)),
+            ("list_entry", (message.conversation_id, month, message.created_at, message.id)),
+            *self._outbox_inserts([common.outbound_entry(conversation, message)]),
+            *self._stuck_inserts(message),
+        ]
 
-    async def _claimed_message(self, mine: Message, claimed_id: str) -> tuple[Message, bool]:
+    async def _claimed_message(
+        self, conversation: Conversation, mine: Message, claimed_id: str
+    ) -> tuple[Message, bool]:
         """The message a client id was claimed for. Its writer may still be writing it:
         wait up to the lease; a writer that died meanwhile is replaced by this call."""
         deadline = utcnow() + self._lease
@@ -563,9 +707,13 @@ class CassandraStore:
                 return found, False
             await asyncio.sleep(0.05)
         message = replace(mine, id=claimed_id)
-        await self._index_message(message)
-        applied, row = await self._insert_message(message)
-        return (message, True) if applied else (_message(row), False)
+        applied, row = await self._lwt("insert_message", *self._message_values(message))
+        if not applied:
+            return _message(row), False
+        # Only the winner of the insert adds the rest; if it dies before, the watchdog
+        # finds the message PENDING with no hand-off and redrives it.
+        await self._batch(self._indexed_message(conversation, message))
+        return message, True
 
     async def get_message(self, message_id: str) -> Message | None:
         rows = await self._run("message", message_id)
@@ -616,19 +764,14 @@ class CassandraStore:
         ]
 
     async def _set_provider_id(self, message: Message, provider_message_id: str) -> None:
-        await self._lwt("set_provider_id", provider_message_id, message.id)
+        now = _ms(utcnow())
+        linked = replace(message, provider_message_id=provider_message_id, updated_at=now)
+        await self._batch(self._stuck_inserts(linked))
+        applied, _ = await self._lwt("set_provider_id", provider_message_id, now, message.id)
+        if applied:
+            await self._stuck_moved(message, linked)
         if message.status is not Status.READ:
             await self._run("add_unread", message.conversation_id, message.created_at, message.id)
-
-    async def forget_parked(self, channel: str, provider_message_id: str) -> None:
-        rows = await self._run("parked", channel, provider_message_id)
-        await asyncio.gather(
-            *(
-                self._run("unpark", channel, provider_message_id, row["parked_id"])
-                for row in rows
-                if row["parked_id"] is not None
-            )
-        )
 
     async def expire_parked(self, before: datetime) -> int:
         expired = 0
@@ -683,6 +826,14 @@ class CassandraStore:
             bucket += 1
 
     async def apply_status(self, event: StatusEvent) -> ApplyResult:
+        result = await self._apply(event)
+        if not result.unknown_message:
+            # After the change is stored, never before: an entry left by a crash in
+            # between is relayed again, found applied (a replay) and completed then.
+            await self._complete_outbox([(TOPIC_STATUS, event.event_id)])
+        return result
+
+    async def _apply(self, event: StatusEvent) -> ApplyResult:
         observation = common.observation_of(event)
         while True:
             rows = await self._run("message", event.message_id)
@@ -702,14 +853,19 @@ class CassandraStore:
             transition = rules.apply(message.state, observation)
             if transition.effect is Effect.NOOP:
                 return ApplyResult(effect=Effect.NOOP, message=message)
-            updated = replace(message, state=transition.state)
+            now = _ms(utcnow())
+            updated = replace(message, state=transition.state, updated_at=now)
+            # The watchdog entry of the new state first: one left by a failed write is
+            # stale, and the watchdog drops it.
+            await self._batch(self._stuck_inserts(updated))
             if transition.effect is not Effect.CHANGED:
                 applied, _ = await self._lwt(
                     "update_state", *_state_values(updated), version + 1, message.id, version
                 )
                 if applied:
                     await self._after_state(updated)
-                    return common.applied(message, transition, message.seq, ())
+                    await self._stuck_moved(message, updated)
+                    return common.applied(message, transition, message.seq, (), now)
                 continue
             floor = await self._last_seq(message.conversation_id)
             applied, _ = await self._lwt(
@@ -728,7 +884,8 @@ class CassandraStore:
             pending = _Pending(event.event_id, observation.occurred_at, floor)
             seq, frame = await self._complete(updated, version + 1, pending, recovering=False)
             await self._after_state(updated)
-            return common.applied(message, transition, seq, (frame,))
+            await self._stuck_moved(message, updated)
+            return common.applied(message, transition, seq, (frame,), now)
 
     def _lease_over(self, row: Row) -> bool:
         since = row["pending_since"]
@@ -807,6 +964,274 @@ class CassandraStore:
         for bucket in range(self._bucket(since + 1), self._bucket(last_seq) + 1):
             rows += await self._run("changes_after", conversation_id, bucket, since, last_seq)
         return common.changes(last_seq, since, common.frames_of(rows))
+
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        # A message has a handful of changes, all in its one partition.
+        rows = await self._run("history", message_id)
+        return common.frames_of(sorted(rows, key=lambda row: int(row["seq"])))
+
+    # -- hand-offs (the transactional outbox) ---------------------------------------------
+
+    def _outbox_bucket(self, outbox_id: int) -> int:
+        return outbox_id // _NODES // self._index_us
+
+    def _next_outbox_id(self) -> int:
+        """Increasing in this writer's insertion order; unique across writers by the
+        node number (a random one of a million) unless two share it in one microsecond."""
+        now_us = max(time.time_ns() // 1000, self._last_us + 1)
+        self._last_us = now_us
+        return now_us * _NODES + self._node
+
+    def _outbox_inserts(self, entries: Sequence[OutboxEntry]) -> list[Step]:
+        steps: list[Step] = []
+        for entry in entries:
+            outbox_id = self._next_outbox_id()
+            bucket = self._outbox_bucket(outbox_id)
+            steps += [
+                (
+                    "add_outbox",
+                    (bucket, outbox_id, entry.topic, entry.key, entry.payload, entry.done_key),
+                ),
+                ("add_outbox_done", (entry.done_key, entry.topic, outbox_id)),
+                ("add_outbox_bucket", (bucket,)),
+            ]
+        return steps
+
+    def _outbox_deletes(self, outbox_id: int, topic: str, done_key: str) -> list[Step]:
+        return [
+            ("delete_outbox", (self._outbox_bucket(outbox_id), outbox_id)),
+            ("delete_outbox_done", (done_key, topic, outbox_id)),
+        ]
+
+    async def _done_deletes(self, done: Sequence[tuple[str, str]]) -> list[Step]:
+        """The deletes of the entries that `done` names as (topic, done_key)."""
+        found = await asyncio.gather(
+            *(self._run("outbox_done", done_key, topic) for topic, done_key in done)
+        )
+        steps: list[Step] = []
+        for (topic, done_key), rows in zip(done, found, strict=True):
+            for row in rows:
+                steps += self._outbox_deletes(int(row["id"]), topic, done_key)
+        return steps
+
+    async def _complete_outbox(self, done: Sequence[tuple[str, str]]) -> None:
+        await self._batch(await self._done_deletes(done))
+
+    async def handoff(
+        self,
+        entries: Sequence[OutboxEntry] = (),
+        *,
+        done: Sequence[tuple[str, str]] = (),
+        parked: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        steps = self._outbox_inserts(entries) + await self._done_deletes(done)
+        # No status is parked for a provider id once it is linked: these are all of them.
+        found = await asyncio.gather(*(self._run("parked", *key) for key in parked))
+        for (channel, provider_message_id), rows in zip(parked, found, strict=True):
+            steps += [
+                ("unpark", (channel, provider_message_id, row["parked_id"]))
+                for row in rows
+                if row["parked_id"] is not None
+            ]
+        await self._batch(steps)
+
+    async def _outbox_rows(self, wanted: Callable[[Row], bool], limit: int) -> list[Row]:
+        """Up to `limit` outbox rows that are `wanted`, oldest first. Buckets found empty,
+        older than two buckets (beyond any clock skew of a writer), leave the list."""
+        found: list[Row] = []
+        old = self._outbox_bucket(self._next_outbox_id()) - 2
+        for bucket_row in await self._run("outbox_buckets"):
+            bucket, after, seen = int(bucket_row["bucket"]), -1, False
+            while len(found) < limit:
+                rows = await self._run("outbox_page", bucket, after, _OUTBOX_PAGE)
+                for row in rows:
+                    seen = seen or row["topic"] is not None
+                    if row["topic"] is not None and wanted(row) and len(found) < limit:
+                        found.append(row)
+                if len(rows) < _OUTBOX_PAGE:
+                    break
+                after = int(rows[-1]["id"])
+            if not seen and bucket < old:
+                await self._run("drop_outbox_bucket", bucket)
+            if len(found) >= limit:
+                break
+        return found
+
+    async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
+        rows = await self._outbox_rows(lambda row: row["relayed_run"] != run, limit)
+        return common.outbox_items(rows)
+
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        now = utcnow()
+        until = _ms(now + timedelta(seconds=lease_s))
+        won: list[Row] = []
+        lost: set[int] = set()
+
+        def free(row: Row) -> bool:
+            if int(row["id"]) in lost:
+                return False
+            return row["claimed_until"] is None or _time(row["claimed_until"]) < now
+
+        while len(won) < limit:
+            candidates = await self._outbox_rows(free, limit - len(won))
+            # One lightweight transaction per entry: of relays racing for it, one wins;
+            # the losers look further, as SKIP LOCKED would.
+            outcomes = await asyncio.gather(
+                *(
+                    self._lwt(
+                        "claim_outbox",
+                        until,
+                        self._outbox_bucket(int(row["id"])),
+                        row["id"],
+                        row["done_key"],
+                        row["claimed_until"],
+                    )
+                    for row in candidates
+                )
+            )
+            for row, (applied, _) in zip(candidates, outcomes, strict=True):
+                if applied:
+                    won.append(row)
+                else:
+                    lost.add(int(row["id"]))
+            if all(applied for applied, _ in outcomes):
+                break
+        return sorted(common.outbox_items(won), key=lambda item: item.id)
+
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        await asyncio.gather(*(self._lwt("unclaim_outbox", self._outbox_bucket(i), i) for i in ids))
+
+    async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
+        await asyncio.gather(
+            *(self._lwt("mark_relayed", run, self._outbox_bucket(i), i) for i in ids)
+        )
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        found = await asyncio.gather(
+            *(self._run("outbox_row", self._outbox_bucket(i), i) for i in ids)
+        )
+        steps: list[Step] = []
+        for outbox_id, rows in zip(ids, found, strict=True):
+            for row in rows:
+                if row["topic"] is not None:
+                    steps += self._outbox_deletes(outbox_id, row["topic"], row["done_key"])
+        await self._batch(steps)
+
+    async def outbox_size(self) -> int:
+        buckets = await self._run("outbox_buckets")
+        counts = await asyncio.gather(
+            *(self._run("outbox_count", row["bucket"]) for row in buckets)
+        )
+        return sum(int(rows[0]["n"]) for rows in counts if rows)
+
+    # -- provider sends -----------------------------------------------------------------
+
+    async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
+        while True:
+            message = await self.get_message(message_id)
+            claim = common.send_claim(message)
+            if message is None or claim is not SendClaim.GO:
+                return claim, message
+            now = _ms(utcnow())
+            started = replace(message, send_started_at=now, updated_at=now)
+            await self._batch(self._stuck_inserts(started))
+            # The check and the record in one lightweight transaction: of concurrent
+            # claims exactly one applies; the others read the attempt and answer UNKNOWN.
+            applied, _ = await self._lwt("begin_send", now, now, message_id)
+            if applied:
+                await self._stuck_moved(message, started)
+                return SendClaim.GO, started
+
+    async def release_send(self, message_id: str) -> None:
+        message = await self.get_message(message_id)
+        if message is None or message.provider_message_id is not None:
+            return
+        now = _ms(utcnow())
+        released = replace(message, send_started_at=None, updated_at=now)
+        await self._batch(self._stuck_inserts(released))
+        applied, _ = await self._lwt("release_send", now, message_id)
+        if applied:
+            await self._stuck_moved(message, released)
+
+    # -- the watchdog -------------------------------------------------------------------
+
+    def _index_bucket(self, at: datetime) -> int:
+        return int(at.timestamp() * 1_000_000) // self._index_us
+
+    def _stuck_inserts(self, message: Message) -> list[Step]:
+        key = _stuck_key(message)
+        if key is None:
+            return []
+        kind, at = key
+        bucket = self._index_bucket(at)
+        return [
+            ("add_stuck_bucket", (kind, bucket)),
+            ("add_stuck", (kind, bucket, at, message.id)),
+        ]
+
+    async def _stuck_moved(self, before: Message, after: Message) -> None:
+        """Drop the watchdog entry of `before` once `after` is stored (a crash in
+        between leaves a stale entry, which the watchdog drops when it reads it)."""
+        old = _stuck_key(before)
+        if old is not None and old != _stuck_key(after):
+            kind, at = old
+            await self._run("drop_stuck", kind, self._index_bucket(at), at, before.id)
+
+    async def _stuck(self, kind: str, before: datetime, limit: int) -> tuple[Message, ...]:
+        found: list[Message] = []
+        old = self._index_bucket(utcnow()) - 2
+        for bucket_row in await self._run("stuck_buckets", kind, self._index_bucket(before)):
+            bucket = int(bucket_row["bucket"])
+            rows = await self._run("stuck_entries", kind, bucket, before)
+            messages = await asyncio.gather(*(self.get_message(r["message_id"]) for r in rows))
+            for row, message in zip(rows, messages, strict=True):
+                at = _time(row["at"])
+                if message is None or _stuck_key(message) != (kind, at):
+                    await self._run("drop_stuck", kind, bucket, at, row["message_id"])
+                elif len(found) < limit:
+                    found.append(message)
+            if not rows and bucket < min(old, self._index_bucket(before)):
+                await self._run("drop_stuck_bucket", kind, bucket)
+            if len(found) >= limit:
+                break
+        return tuple(found)
+
+    async def stuck(
+        self,
+        pending_before: datetime,
+        unknown_before: datetime,
+        sent_before: datetime,
+        limit: int,
+    ) -> Stuck:
+        pending, unknown, sent = await asyncio.gather(
+            self._stuck("pending", pending_before, limit),
+            self._stuck("unknown", unknown_before, limit),
+            self._stuck("sent", sent_before, limit),
+        )
+        return Stuck(pending, unknown, sent)
+
+    async def redrive(self, message_id: str) -> bool:
+        message = await self.get_message(message_id)
+        if message is None or not common.redrivable(message):
+            return False
+        rows = await self._run("conversation", message.conversation_id)
+        if not rows:
+            return False
+        now = _ms(utcnow())
+        touched = replace(message, updated_at=now)
+        await self._batch(self._stuck_inserts(touched))
+        # Still PENDING with no send under way, checked and touched at once: a send
+        # claimed meanwhile wins, and the message is not handed off again.
+        applied, _ = await self._lwt("redrive", now, message_id)
+        if not applied:
+            return False
+        await self._stuck_moved(message, touched)
+        conversation = common.conversation_of_message(message, rows[0]["contact"])
+        await self._batch(
+            await self._done_deletes([(TOPIC_MESSAGES, message_id)])
+            + self._outbox_inserts([common.outbound_entry(conversation, message)])
+        )
+        return True
 
     # -- dead letters -------------------------------------------------------------------
 
