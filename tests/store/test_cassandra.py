@@ -5,14 +5,17 @@ steps (the state such a crash leaves is written here with CQL, on the real serve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy
+from websockets.asyncio.client import connect
 
+from tests.e2e.conftest import OWN_SECRETS, Server, Socket, api, start_server, stop_server
 from tests.store.conftest import fresh_cassandra_keyspace
 from tests.store.test_contract import at, current, decoded, new_message, seqs, status_event
 from whatslike.clock import new_id, utcnow
@@ -26,6 +29,8 @@ from whatslike.store.cassandra import CassandraAddress
 pytestmark = pytest.mark.cassandra
 
 LEASE = timedelta(milliseconds=300)
+#: How long the serve test waits for each status frame.
+SERVE_WAIT_S = 30.0
 
 
 @pytest.fixture
@@ -190,3 +195,57 @@ async def test_another_status_waits_for_a_pending_change_then_completes_it_after
     assert [frame["status"] for frame in decoded(changes.frames)] == ["SENT", "DELIVERED", "READ"]
     assert (seqs(changes.frames), changes.last_seq) == ([1, 2, 3], 3)
     assert (await current(store, message)).seq == 3
+
+
+@pytest.fixture
+def cassandra_server(url: str, tmp_path: Path) -> Iterator[Server]:
+    env = {
+        "WHATSLIKE_ROLES": "api,router,connector,status-worker,simulator",
+        "WHATSLIKE_DATABASE_URL": url,
+        "WHATSLIKE_SIM_DELAY_MS": "30",
+        **OWN_SECRETS,
+    }
+    server = start_server(tmp_path, env)  # its output is read all along (no full pipe)
+    yield server
+    stop_server(server)
+
+
+async def test_whatslike_serve_on_cassandra_takes_a_message_to_read(
+    cassandra_server: Server, url: str
+) -> None:
+    """Every role in one process with the in-process bus, the store on Cassandra: the
+    message goes through the outbox, the connector's send claim and the simulator's
+    webhooks to READ, numbered without gaps, and the store's history agrees."""
+    token = cassandra_server.token("org-a")
+    async with (
+        api(cassandra_server, token) as client,
+        connect(f"{cassandra_server.ws_url}?access_token={token}") as connection,
+    ):
+        socket = Socket(connection)
+        await socket.next_of("connected")
+        created = await client.post(
+            "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
+        )
+        conversation = created.json()["id"]
+        await socket.subscribe(conversation)
+        sent = await client.post(
+            f"/api/conversations/{conversation}/messages",
+            json={"text": "Seu pedido", "client_message_id": "c1"},
+        )
+        assert sent.status_code == 202, sent.text
+        frames = [await socket.next_of("status", wait_s=SERVE_WAIT_S)]
+        while frames[-1]["status"] != "READ":
+            frames.append(await socket.next_of("status", wait_s=SERVE_WAIT_S))
+    # Statuses only move forward, seq has no gaps (a late webhook may skip a step).
+    ranks = {"SENT": 1, "DELIVERED": 2, "READ": 3}
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert [ranks[f["status"]] for f in frames] == sorted({ranks[f["status"]] for f in frames})
+    store = CassandraStore(url)
+    await store.open()
+    try:
+        history = decoded(await store.message_history(frames[0]["message_id"]))
+        message = await store.get_message(frames[0]["message_id"])
+    finally:
+        await store.close()
+    assert [(f["status"], f["seq"]) for f in history] == [(f["status"], f["seq"]) for f in frames]
+    assert message is not None and message.send_started_at is not None

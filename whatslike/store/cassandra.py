@@ -1039,7 +1039,7 @@ class CassandraStore:
         """Up to `limit` outbox rows that are `wanted`, oldest first. Buckets found empty,
         older than two buckets (beyond any clock skew of a writer), leave the list."""
         found: list[Row] = []
-        old = self._outbox_bucket(self._next_outbox_id()) - 2
+        old = time.time_ns() // 1000 // self._index_us - 2
         for bucket_row in await self._run("outbox_buckets"):
             bucket, after, seen = int(bucket_row["bucket"]), -1, False
             while len(found) < limit:
