@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -172,8 +173,11 @@ async def store_factory(
         return
     if request.param == "cassandra":
         async with fresh_cassandra_keyspace() as url:
-            # Small buckets, so the suite crosses partitions of the change log.
-            yield lambda: CassandraStore(url, bucket_size=4)
+            # Small buckets, so the suite crosses partitions of the change log, the outbox
+            # and the watchdog's index.
+            yield lambda: CassandraStore(
+                url, bucket_size=4, index_bucket=timedelta(milliseconds=200)
+            )
         return
     async with fresh_postgres_database() as url:
         yield lambda: PostgresStore(url)

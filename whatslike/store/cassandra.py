@@ -76,6 +76,9 @@ Step = tuple[str, Sequence[Any]]
 
 #: Outbox ids are the insertion time in microseconds times this, plus the writer's node.
 _NODES = 1_000_000
+#: How long after its end an empty bucket of the outbox or the watchdog's index may still
+#: receive a write (a slow writer, a batch replayed from the batch log); see `_prune_after`.
+_PRUNE_GRACE = timedelta(minutes=10)
 #: Rows read per query when scanning the outbox.
 _OUTBOX_PAGE = 500
 
@@ -379,6 +382,14 @@ class _Pending:
     floor: int
 
 
+_TABLE = re.compile(r"\b(FROM|INTO|UPDATE) (\w+)\b(?!\.)")
+
+
+def _qualified(cql: str, keyspace: str) -> str:
+    """The statement with its table names in `keyspace` (``system.*`` names kept)."""
+    return _TABLE.sub(lambda match: f"{match[1]} {keyspace}.{match[2]}", cql)
+
+
 def _time(value: datetime) -> datetime:
     # The driver reads a timestamp as a naive datetime in UTC.
     return value.replace(tzinfo=UTC)
@@ -446,6 +457,9 @@ class CassandraStore:
         self.address = CassandraAddress.parse(url)
         self._bucket_size = bucket_size
         self._index_us = max(1, int(index_bucket / timedelta(microseconds=1)))
+        # A bucket found empty leaves its list only this long after it ended: a writer
+        # that picked it (or the batch log replaying that writer's batch) is done by then.
+        self._prune_after = max(2 * index_bucket, _PRUNE_GRACE)
         # This writer's outbox id suffix, and the last microsecond it used.
         self._node = random.randrange(_NODES)
         self._last_us = 0
@@ -495,8 +509,9 @@ class CassandraStore:
         session = self._live()
         prepared = {}
         for name, cql in _CQL.items():
-            # The keyspace goes with each statement (protocol v5), not with the session.
-            statement = session.prepare(cql, keyspace=self.address.keyspace)
+            # The keyspace goes with each table name, not with the session (Cassandra 5
+            # warns about prepared statements that leave it to a keyspace given apart).
+            statement = session.prepare(_qualified(cql, self.address.keyspace))
             if name in _SERIAL_READS:
                 statement.consistency_level = ConsistencyLevel.SERIAL
             prepared[name] = statement
@@ -1039,7 +1054,7 @@ class CassandraStore:
         """Up to `limit` outbox rows that are `wanted`, oldest first. Buckets found empty,
         older than two buckets (beyond any clock skew of a writer), leave the list."""
         found: list[Row] = []
-        old = time.time_ns() // 1000 // self._index_us - 2
+        old = self._index_bucket(utcnow() - self._prune_after)
         for bucket_row in await self._run("outbox_buckets"):
             bucket, after, seen = int(bucket_row["bucket"]), -1, False
             while len(found) < limit:
@@ -1179,7 +1194,7 @@ class CassandraStore:
 
     async def _stuck(self, kind: str, before: datetime, limit: int) -> tuple[Message, ...]:
         found: list[Message] = []
-        old = self._index_bucket(utcnow()) - 2
+        old = self._index_bucket(utcnow() - self._prune_after)
         for bucket_row in await self._run("stuck_buckets", kind, self._index_bucket(before)):
             bucket = int(bucket_row["bucket"])
             rows = await self._run("stuck_entries", kind, bucket, before)
