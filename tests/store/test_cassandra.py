@@ -20,11 +20,13 @@ from tests.store.conftest import fresh_cassandra_keyspace
 from tests.store.test_contract import at, current, decoded, new_message, seqs, status_event
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.events import TOPIC_MESSAGES
 from whatslike.status.frame import status_frame
 from whatslike.status.rules import Effect, Status
 from whatslike.store import CassandraStore, open_store
 from whatslike.store.base import Message
 from whatslike.store.cassandra import CassandraAddress
+from whatslike.store.common import status_entry
 
 pytestmark = pytest.mark.cassandra
 
@@ -249,3 +251,47 @@ async def test_whatslike_serve_on_cassandra_takes_a_message_to_read(
         await store.close()
     assert [(f["status"], f["seq"]) for f in history] == [(f["status"], f["seq"]) for f in frames]
     assert message is not None and message.send_started_at is not None
+
+
+async def test_a_status_hand_off_left_by_a_crash_after_the_change_is_completed_by_its_redelivery(
+    store: CassandraStore,
+) -> None:
+    """The outbox entry of a status is completed after the change is stored: a worker that
+    died in between leaves it, the relay hands the event on again, and applying it (a
+    replay, found by its event id) completes it without a second change."""
+    message = await new_message(store)
+    await store.handoff(done=[(TOPIC_MESSAGES, message.id)])
+    event = status_event(message, Status.SENT, at(1000))
+    first = await store.apply_status(event)
+    await store.handoff([status_entry(event)])  # what the dead worker left
+    assert await store.outbox_size() == 1
+    again = await store.apply_status(event)
+    assert (again.effect, again.frames) == (Effect.NOOP, first.frames)
+    assert await store.outbox_size() == 0
+
+
+async def test_the_watchdog_drops_an_entry_a_failed_write_left(store: CassandraStore) -> None:
+    """A watchdog entry is written before the change it stands for: one whose write then
+    failed names a state the message is not in, and the watchdog drops it unseen."""
+    message = await new_message(store)
+    store_time = utcnow().replace(microsecond=0)
+    bucket = store._index_bucket(store_time)
+    left_behind: list[tuple[str, list[Any]]] = [
+        ("INSERT INTO {keyspace}.stuck_buckets (kind, bucket) VALUES ('sent', %s)", [bucket]),
+        (
+            "INSERT INTO {keyspace}.stuck_entries (kind, bucket, at, message_id)"
+            " VALUES ('sent', %s, %s, %s)",
+            [bucket, store_time, message.id],
+        ),
+    ]
+    for statement, params in left_behind:
+        _cql(store, statement, params)
+    later = utcnow() + timedelta(seconds=5)
+    stuck = await store.stuck(later, later, later, 10)
+    assert ([m.id for m in stuck.pending], stuck.sent) == ([message.id], ())
+    left = _cql(
+        store,
+        "SELECT count(*) FROM {keyspace}.stuck_entries WHERE kind = 'sent' AND bucket = %s",
+        [bucket],
+    ).one()[0]
+    assert left == 0
