@@ -16,9 +16,25 @@ transaction is kept here by a lightweight transaction (Paxos) on ONE partition:
   column set ``IF message_id = null`` and parking is conditional on it, so a status is
   either parked before the link (and the link returns it) or refused after it.
 
+- A send claim: one LWT on the message row, ``IF send_started_at = null AND
+  provider_message_id = null AND status = 'PENDING'``: of concurrent claims one applies.
+
+Where no condition is needed, several partitions change together in a LOGGED batch (all
+of it, or — until the batch log replays it — none): a new message with its place in the
+conversation, its outbox entry and its watchdog entry; a `handoff`. The outbox lives in
+partitions of `index_bucket` of insertion time, ids are microseconds times a million
+plus the writer's random node (increasing in insertion order, varint); a relay claims an
+entry by an LWT on its lease (``IF claimed_until = <as read>``). A status's outbox entry
+is completed right after its change is stored; a crash in between leaves it, and its
+redelivery is a replay (found by event id) that completes it. The watchdog's index
+(kind, time bucket) is written before each change of a message and its old entry
+removed after; an entry whose message moved on is dropped when the watchdog reads it.
+
 Partitions are bounded: messages, provider ids and conversations are one row each; a
 conversation's message list is bucketed by month, its changes by `bucket_size` seqs, its
-unread (accepted, not READ) messages are removed when READ; dead letters by day.
+unread (accepted, not READ) messages are removed when READ; dead letters by day; the
+outbox and the watchdog's index by `index_bucket` of time (their lists of buckets lose
+the buckets found empty).
 """
 
 from __future__ import annotations
