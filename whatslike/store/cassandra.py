@@ -92,6 +92,8 @@ Step = tuple[str, Sequence[Any]]
 
 #: Outbox ids are the insertion time in microseconds times this, plus the writer's node.
 _NODES = 1_000_000
+#: How far this host's clock may run ahead of Cassandra's; see `_written_at`.
+_INSERT_SKEW_US = 1_000_000
 #: How long after its end an empty bucket of the outbox or the watchdog's index may still
 #: receive a write (a slow writer, a batch replayed from the batch log); see `_prune_after`.
 _PRUNE_GRACE = timedelta(minutes=10)
@@ -206,6 +208,7 @@ _CQL = {
     "add_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
         " created_at, status, updated_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        " USING TIMESTAMP ?"
     ),
     "claim_client_id": (
         "INSERT INTO client_message_ids (conversation_id, client_message_id, message_id)"
@@ -696,11 +699,19 @@ class CassandraStore:
         # conversation, its send hand-off and its watchdog entry go in one logged batch.
         await self._batch(
             [
-                ("add_message", self._message_values(message)),
+                ("add_message", [*self._message_values(message), self._written_at(message)]),
                 *self._indexed_message(conversation, message),
             ]
         )
         return message, True
+
+    @staticmethod
+    def _written_at(message: Message) -> int:
+        """The write time of a new message's row (the batch's insert is the only write to
+        it that is not a lightweight transaction): a skew before its creation, so that
+        every change after it — timestamped by the servers' Paxos ballots — wins even
+        if this host's clock runs ahead of theirs by up to that skew."""
+        return int(message.created_at.timestamp() * 1_000_000) - _INSERT_SKEW_US
 
     def _message_values(self, message: Message) -> list[Any]:
         return [
