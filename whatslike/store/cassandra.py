@@ -1225,13 +1225,18 @@ class CassandraStore:
         for bucket_row in await self._run("stuck_buckets", kind, self._index_bucket(before)):
             bucket = int(bucket_row["bucket"])
             rows = await self._run("stuck_entries", kind, bucket, before)
-            messages = await asyncio.gather(*(self.get_message(r["message_id"]) for r in rows))
-            for row, message in zip(rows, messages, strict=True):
-                at = _time(row["at"])
-                if message is None or _stuck_key(message) != (kind, at):
-                    await self._run("drop_stuck", kind, bucket, at, row["message_id"])
-                elif len(found) < limit:
-                    found.append(message)
+            # The messages are read a limit's worth at a time, until enough are found.
+            for start in range(0, len(rows), max(limit, 1)):
+                if len(found) >= limit:
+                    break
+                chunk = rows[start : start + max(limit, 1)]
+                messages = await asyncio.gather(*(self.get_message(r["message_id"]) for r in chunk))
+                for row, message in zip(chunk, messages, strict=True):
+                    at = _time(row["at"])
+                    if message is None or _stuck_key(message) != (kind, at):
+                        await self._run("drop_stuck", kind, bucket, at, row["message_id"])
+                    elif len(found) < limit:
+                        found.append(message)
             if not rows and bucket < min(old, self._index_bucket(before)):
                 await self._run("drop_stuck_bucket", kind, bucket)
             if len(found) >= limit:
