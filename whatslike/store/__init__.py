@@ -8,16 +8,16 @@ from pathlib import Path
 from whatslike.errors import ConfigError
 from whatslike.store.base import Store
 from whatslike.store.postgres import PostgresStore
-from whatslike.store.sqlite import SQLiteStore
+from whatslike.store.sqlite import SQLiteStore, SQLiteSynchronous
 
 _SQLITE_PREFIX = "sqlite:///"
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, sqlite_synchronous: SQLiteSynchronous = "normal") -> Store:
     """An unopened store for ``sqlite:///relative.db``, ``sqlite:////abs.db`` or
     ``postgresql://…`` (``postgres://…``); call `open()` on it before use."""
     if url.startswith(_SQLITE_PREFIX) and len(url) > len(_SQLITE_PREFIX):
-        return SQLiteStore(Path(url[len(_SQLITE_PREFIX) :]))
+        return SQLiteStore(Path(url[len(_SQLITE_PREFIX) :]), synchronous=sqlite_synchronous)
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore(url)
     # Only the scheme is echoed: the rest of a URL may hold a password.

@@ -186,6 +186,12 @@ class Store(Protocol):
         """Apply the status rules and, for a status change, assign the conversation's
         next seq, in one transaction, which also completes the event's outbox entry."""
 
+    async def apply_statuses(self, events: Sequence[StatusEvent]) -> list[ApplyResult]:
+        """`apply_status` of each event, in order, all in ONE transaction (group commit):
+        answers one result per event, in the same order, each as `apply_status` alone
+        would have (a later event sees what the earlier ones did, even on the same
+        message). If it raises, none is applied."""
+
     # -- hand-offs (the transactional outbox) -------------------------------------------
 
     async def handoff(
