@@ -253,6 +253,9 @@ class Frames:
                 if item.get("type") == "status":
                     self.arrived.setdefault((item["message_id"], item["status"]), now)
                     self.last = now
+        # The server closed the socket (e.g. 4009: this reader fell behind): what follows
+        # would all count as lost, so the run stops here and says why.
+        raise RuntimeError(f"the server closed the socket: {self._ws.close_code}")
 
 
 async def run_step(
@@ -261,6 +264,7 @@ async def run_step(
     targets: list[Target],
     sender: Sender,
     frames: Frames,
+    reading: asyncio.Task[None],
     host: str,
     secret: str,
 ) -> None:
@@ -293,11 +297,14 @@ async def run_step(
         *(fire(request, first, began + n * interval) for n, (request, first) in enumerate(requests))
     )
     expected = set(posted)
-    while True:
+    missing = expected
+    while not reading.done():
         missing = expected - frames.arrived.keys()
         if not missing or time.perf_counter() - frames.last > DRAIN_IDLE_S:
             break
         await asyncio.sleep(0.05)
+    if reading.done():
+        reading.result()  # raises why the socket closed
     step.lost = len(missing)
     arrivals = [frames.arrived[key] for key in expected if key in frames.arrived]
     step.latencies_ms = [(frames.arrived[key] - posted[key]) * 1000 for key in expected - missing]
@@ -339,7 +346,13 @@ async def drive(
                     chosen = targets[offset : offset + count]
                     offset += count
                     await run_step(
-                        step, targets=chosen, sender=sender, frames=frames, host=host, secret=secret
+                        step,
+                        targets=chosen,
+                        sender=sender,
+                        frames=frames,
+                        reading=reading,
+                        host=host,
+                        secret=secret,
                     )
                     done.append(step)
                     _progress(step)
@@ -379,8 +392,9 @@ def one_run(run: int, database_url: str, plan: list[Step], seconds: float) -> li
         print(f"run {run}: preparing {messages} messages", flush=True)
         conversations, targets = asyncio.run(prepare(store_url, messages))
         server = start_server(Path(data_dir), env)
+        steps: list[Step] = []
         try:
-            return asyncio.run(
+            steps = asyncio.run(
                 drive(
                     server,
                     conversations=conversations,
@@ -390,7 +404,11 @@ def one_run(run: int, database_url: str, plan: list[Step], seconds: float) -> li
                     seconds=seconds,
                 )
             )
+            return steps
         finally:
+            if not steps or any(s.lost or s.errors for s in steps):
+                problems = [line for line in server.output if " ERROR " in line or "WARN" in line]
+                print("".join(problems[-20:]) or "".join(server.output[-20:]), end="")
             stop_server(server)
 
 

@@ -739,3 +739,13 @@ async def test_statuses_in_batches_end_as_one_at_a_time(
     changes = await store.changes_since(message.conversation_id, 0, 1000)
     assert seqs(changes.frames) == list(range(1, changed + 1))
     assert stored.seq == (changed or None)
+
+
+async def test_get_messages_reads_many_at_once(store: Store) -> None:
+    first = await new_message(store)
+    second = await new_message(store, "org_b")
+    found = await store.get_messages([second.id, "msg_nobody", first.id, first.id])
+    assert sorted(found, key=lambda m: m.id) == sorted(
+        [await current(store, first), await current(store, second)], key=lambda m: m.id
+    )
+    assert await store.get_messages([]) == []

@@ -77,6 +77,8 @@ class Handoff:
     entries: list[OutboxEntry] = field(default_factory=list)
     #: (channel, provider id) whose parked statuses are among `entries` now.
     parked: list[tuple[str, str]] = field(default_factory=list)
+    #: Our messages the webhook's items name (callback data), read at once up front.
+    named: dict[str, Message] = field(default_factory=dict)
 
 
 class ProviderUnavailable(WhatslikeError):
@@ -150,6 +152,11 @@ class MetaConnector(ABC, Generic[T]):
         self, parked: ParkedStatus, message: Message, handoff: Handoff
     ) -> None:
         """Add a parked payload's statuses now that its provider id is `message`'s."""
+
+    def named_messages(self, items: Sequence[T]) -> list[str]:
+        """Our message ids the items name (callback data), read in one go before
+        `collect`; none by default."""
+        return []
 
     def accepted(self, message: Message, provider_message_id: str, handoff: Handoff) -> None:
         """Called once Meta accepted the send (or it was accepted before a redelivery)."""
@@ -307,6 +314,10 @@ class MetaConnector(ABC, Generic[T]):
             return error_response(400, "bad_request", str(exc))
         handoff = Handoff(utcnow())
         try:
+            named = self.named_messages(items)
+            if named:
+                found = await self._store.get_messages(named)
+                handoff.named = {message.id: message for message in found}
             for item in items:
                 await self.collect(item, handoff)
             await self._hand_off(handoff)
@@ -340,7 +351,9 @@ class MetaConnector(ABC, Generic[T]):
         answer, or the answer was lost): then the id is linked here. A forged webhook
         naming some other message is parked like an unknown provider id, and expires."""
         if our_message_id:
-            claimed = await self._store.get_message(our_message_id)
+            claimed = handoff.named.get(our_message_id)
+            if claimed is None:
+                claimed = await self._store.get_message(our_message_id)
             if claimed is not None and claimed.channel == self.channel:
                 if claimed.provider_message_id == provider_message_id:
                     return claimed
@@ -348,6 +361,8 @@ class MetaConnector(ABC, Generic[T]):
                     waiting = await self._store.link_provider_id(
                         self.channel, provider_message_id, claimed.id
                     )
+                    # Changed now: a later item naming it reads it again.
+                    handoff.named.pop(claimed.id, None)
                     for item in waiting:
                         await self.collect_parked(item, claimed, handoff)
                     if waiting:

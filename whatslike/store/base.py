@@ -153,6 +153,9 @@ class Store(Protocol):
 
     async def get_message(self, message_id: str) -> Message | None: ...
 
+    async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
+        """The messages of these ids that exist, in one read, in no particular order."""
+
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
         """Oldest first; None when the conversation is not this organization's."""
 

@@ -292,6 +292,16 @@ class PostgresStore:
             )
         return _message(row) if row else None
 
+    async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
+        if not message_ids:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ANY($1::text[])",
+                list(message_ids),
+            )
+        return [_message(row) for row in rows]
+
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
         async with self._connection() as conn:
             owned = await conn.fetchval(

@@ -122,6 +122,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 _Rows = list[sqlite3.Row]
 SQLiteSynchronous = Literal["normal", "full"]
+#: Ids bound in one `IN (...)`, well under SQLite's limit of bound variables.
+_IDS_PER_QUERY = 500
 T = TypeVar("T")
 
 
@@ -302,6 +304,21 @@ class SQLiteStore:
             f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
         )
         return _message(rows[0]) if rows else None
+
+    async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
+        ids = list(dict.fromkeys(message_ids))
+
+        def work(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            rows: list[sqlite3.Row] = []
+            for start in range(0, len(ids), _IDS_PER_QUERY):
+                chunk = ids[start : start + _IDS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                rows += conn.execute(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id IN ({marks})", chunk
+                ).fetchall()
+            return rows
+
+        return [_message(row) for row in await self._in_thread(work, write=False)] if ids else []
 
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
         async with self._reading() as db:
