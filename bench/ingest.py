@@ -92,7 +92,10 @@ class Step:
 async def prepare(database_url: str, messages: int) -> tuple[list[str], list[Target]]:
     """Conversations and messages, every message linked to a provider id and its send
     done: each can take SENT, DELIVERED and READ."""
-    store = open_store(database_url)
+    # Only for the preparation: commits need not wait for the disk (the server's own
+    # connections keep their settings). asyncpg takes unknown URL parameters as settings.
+    postgres = database_url.startswith("postgres")
+    store = open_store(f"{database_url}?synchronous_commit=off" if postgres else database_url)
     await store.open()
     if isinstance(store, SQLiteStore):
         # Only for the preparation (this connection): the server opens its own.
