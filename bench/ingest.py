@@ -75,6 +75,9 @@ class Step:
     latencies_ms: list[float] = field(default_factory=list)
     delivered_per_s: float = 0.0
     lost: int = 0
+    #: Statuses overtaken by a later one of the same message (a READ applied before its
+    #: DELIVERED: the late DELIVERED only fills its time, protocol.md §1): no frame.
+    overtaken: int = 0
     errors: int = 0
 
     def p(self, share: float) -> float:
@@ -214,6 +217,11 @@ class Sender:
             _, writer = self._idle.get_nowait()
             writer.close()
 
+    async def reopen(self) -> None:
+        """Fresh connections: the server closes idle keep-alive ones (after 5 s)."""
+        await self.close()
+        await self.open()
+
     async def post(self, request: bytes) -> int:
         reader, writer = await self._idle.get()
         try:
@@ -239,13 +247,21 @@ class Sender:
 # -- one run --------------------------------------------------------------------------------
 
 
+RANK = {kind.upper(): n for n, kind in enumerate(KINDS)}
+
+
 class Frames:
     """Reads the socket: the arrival time of each (message id, status) frame."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
         self.arrived: dict[tuple[str, str], float] = {}
+        #: The furthest status seen per message.
+        self.furthest: dict[str, int] = {}
         self.last = time.perf_counter()
+
+    def overtaken(self, key: tuple[str, str]) -> bool:
+        return self.furthest.get(key[0], -1) > RANK[key[1]]
 
     async def read(self) -> None:
         async for raw in self._ws:
@@ -255,6 +271,9 @@ class Frames:
             for item in frames:
                 if item.get("type") == "status":
                     self.arrived.setdefault((item["message_id"], item["status"]), now)
+                    rank = RANK[item["status"]]
+                    if rank > self.furthest.get(item["message_id"], -1):
+                        self.furthest[item["message_id"]] = rank
                     self.last = now
         # The server closed the socket (e.g. 4009: this reader fell behind): what follows
         # would all count as lost, so the run stops here and says why.
@@ -302,15 +321,18 @@ async def run_step(
     expected = set(posted)
     missing = expected
     while not reading.done():
-        missing = expected - frames.arrived.keys()
+        missing = {key for key in expected - frames.arrived.keys() if not frames.overtaken(key)}
         if not missing or time.perf_counter() - frames.last > DRAIN_IDLE_S:
             break
         await asyncio.sleep(0.05)
     if reading.done():
         reading.result()  # raises why the socket closed
     step.lost = len(missing)
+    step.overtaken = len([k for k in expected - frames.arrived.keys() if frames.overtaken(k)])
     arrivals = [frames.arrived[key] for key in expected if key in frames.arrived]
-    step.latencies_ms = [(frames.arrived[key] - posted[key]) * 1000 for key in expected - missing]
+    step.latencies_ms = [
+        (frames.arrived[key] - posted[key]) * 1000 for key in expected if key in frames.arrived
+    ]
     if arrivals:
         step.delivered_per_s = len(arrivals) / max(max(arrivals) - began, 1e-9)
 
@@ -348,6 +370,7 @@ async def drive(
                     count = max(1, int(step.rate * seconds / len(KINDS)))
                     chosen = targets[offset : offset + count]
                     offset += count
+                    await sender.reopen()
                     await run_step(
                         step,
                         targets=chosen,
@@ -371,7 +394,8 @@ def _progress(step: Step) -> None:
     print(
         f"  {step.per_post:>2}/POST {step.rate:>5}/s: {step.statuses} statuses,"
         f" p50 {step.p(0.5):.1f} ms, p99 {step.p(0.99):.1f} ms, max {step.p(1.0):.1f} ms,"
-        f" delivered {step.delivered_per_s:.0f}/s, lost {step.lost}, errors {step.errors}",
+        f" delivered {step.delivered_per_s:.0f}/s, lost {step.lost}, errors {step.errors},"
+        f" overtaken {step.overtaken}",
         flush=True,
     )
 
@@ -437,8 +461,8 @@ def table(runs: list[list[Step]], label: str) -> str:
     """Markdown: each step's figures as min / median / max over the runs that reached it."""
     lines = [
         f"| {label} | statuses/POST | offered/s | p50 ms | p99 ms | max ms |"
-        " delivered/s | lost | errors | runs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " delivered/s | lost | overtaken | errors | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(s.per_post, s.rate) for steps in runs for s in steps})
     for per_post, rate in keys:
@@ -447,7 +471,8 @@ def table(runs: list[list[Step]], label: str) -> str:
             f"| | {per_post} | {rate} | {_spread([s.p(0.5) for s in steps])}"
             f" | {_spread([s.p(0.99) for s in steps])} | {_spread([s.p(1.0) for s in steps])}"
             f" | {_spread([s.delivered_per_s for s in steps], 0)}"
-            f" | {sum(s.lost for s in steps)} | {sum(s.errors for s in steps)} | {len(steps)} |"
+            f" | {sum(s.lost for s in steps)} | {sum(s.overtaken for s in steps)}"
+            f" | {sum(s.errors for s in steps)} | {len(steps)} |"
         )
     for per_post in sorted({s.per_post for steps in runs for s in steps}):
         best = [
