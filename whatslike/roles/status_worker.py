@@ -17,7 +17,6 @@ the duplicate by seq.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -34,10 +33,10 @@ from whatslike.events import (
     outbound_topic,
     status_channel,
 )
-from whatslike.metrics import Metrics
+from whatslike.grouping import Grouped
 from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.rules import Effect, ProviderError, Status
-from whatslike.store.base import ApplyResult, Store
+from whatslike.store.base import ApplyResult
 from whatslike.store.common import status_entry
 
 log = logging.getLogger(__name__)
@@ -48,67 +47,6 @@ DEAD_LETTER_SOURCES = (*UNSENT_SOURCES, TOPIC_STATUS)
 SEND_FAILED = ProviderError("send_failed", "Could not be handed to the provider")
 #: Statuses applied in one store transaction at most.
 MAX_BATCH = 256
-_Waiting = tuple[StatusEvent, asyncio.Future[ApplyResult]]
-
-
-class GroupCommit:
-    """Applies the events handed to it in as few store transactions as the load allows.
-
-    The queue holds at most `MAX_BATCH` events; a caller finding it full waits for room
-    (it is a bus consumer: the bus's partition waits behind it, and its publishers see the
-    partition fill up)."""
-
-    def __init__(self, store: Store, metrics: Metrics) -> None:
-        self._store = store
-        self._metrics = metrics
-        self._queue: asyncio.Queue[_Waiting] = asyncio.Queue(maxsize=MAX_BATCH)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="status-group-commit")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while not self._queue.empty():
-            _, waiting = self._queue.get_nowait()
-            waiting.cancel()
-
-    async def apply(self, event: StatusEvent) -> ApplyResult:
-        if self._task is None:  # not started (a bare worker in a test): one at a time
-            return (await self._apply([event]))[0]
-        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put((event, future))
-        return await future
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            # Let the consumers that are ready now add theirs before the batch closes.
-            await asyncio.sleep(0)
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            live = [(event, future) for event, future in batch if not future.done()]
-            try:
-                results = await self._apply([event for event, _ in live])
-            except Exception as exc:
-                for _, future in live:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), result in zip(live, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-
-    async def _apply(self, events: list[StatusEvent]) -> list[ApplyResult]:
-        started = time.perf_counter()
-        results = await self._store.apply_statuses(events)
-        self._metrics.store_seconds.labels("apply_statuses").observe(time.perf_counter() - started)
-        self._metrics.status_batch_size.observe(len(events))
-        return results
 
 
 class StatusWorker(RoleDefaults):
@@ -119,7 +57,7 @@ class StatusWorker(RoleDefaults):
         self._fanout = deps.fanout
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
-        self._commit = GroupCommit(deps.store, deps.metrics)
+        self._commit = Grouped(self._apply_many, "status-group-commit", MAX_BATCH)
         deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
         for topic in DEAD_LETTER_SOURCES:
             deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
@@ -130,13 +68,20 @@ class StatusWorker(RoleDefaults):
     async def stop(self) -> None:
         await self._commit.stop()
 
+    async def _apply_many(self, events: list[StatusEvent]) -> list[ApplyResult]:
+        started = time.perf_counter()
+        results = await self._store.apply_statuses(events)
+        self._metrics.store_seconds.labels("apply_statuses").observe(time.perf_counter() - started)
+        self._metrics.status_batch_size.observe(len(events))
+        return results
+
     async def apply(self, raw: bytes) -> None:
         event = StatusEvent.from_json(raw)
         self._metrics.status_consumed.inc()
         if event.received_at is not None:
             lag = (utcnow() - event.received_at).total_seconds()
             self._metrics.status_bus_lag.observe(max(lag, 0.0))
-        result = await self._commit.apply(event)
+        result = await self._commit(event)
         if result.unknown_message or result.message is None:
             raise MalformedEvent(f"no message {event.message_id!r}")
         self._metrics.status_applied.labels(result.effect.value).inc()
