@@ -479,9 +479,14 @@ def table(runs: list[list[Step]], label: str) -> str:
             max((s.rate for s in steps if s.per_post == per_post and s.ok), default=0)
             for steps in runs
         ]
+        peak = [
+            max((s.delivered_per_s for s in steps if s.per_post == per_post), default=0.0)
+            for steps in runs
+        ]
         lines.append(
             f"\nHighest offered rate with p99 <= 50 ms and 0 lost, {per_post}/POST:"
-            f" {_spread([float(b) for b in best], 0)} (min / median / max)"
+            f" {_spread([float(b) for b in best], 0)} (min / median / max);"
+            f" peak delivered/s {_spread(peak, 0)}"
         )
     return "\n".join(lines)
 
