@@ -63,6 +63,10 @@ class Grouped(Generic[A, R]):
                 continue
             try:
                 results = await self._many([item for item, _ in live])
+            except asyncio.CancelledError:
+                for _, future in live:  # stopped mid-call: its callers must not wait on
+                    future.cancel()
+                raise
             except Exception as exc:
                 for _, future in live:
                     if not future.done():
