@@ -332,11 +332,12 @@ async def test_whatslike_serve_fans_out_through_redis(redis_url: str, tmp_path: 
             assert await numsub(redis_url, conversation) == 1  # heard through Redis
             message = await pipeline.send(client, conversation)
             frames = await pipeline.statuses_until_final(socket, {message})
-        assert [(f["status"], f["seq"]) for f in frames] == [
-            ("SENT", 1),
-            ("DELIVERED", 2),
-            ("READ", 3),
-        ]
+        # Webhooks 10 ms apart may be applied in any order (a READ that overtakes makes
+        # the earlier ones no-ops): gap-free seqs, statuses only forward, ending READ.
+        ranks = {"SENT": 1, "DELIVERED": 2, "READ": 3}
+        assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+        assert [ranks[f["status"]] for f in frames] == sorted({ranks[f["status"]] for f in frames})
+        assert frames[-1]["status"] == "READ"
     finally:
         stop_server(server)
 
