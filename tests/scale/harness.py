@@ -32,6 +32,8 @@ RANK = {"PENDING": 0, "SENT": 1, "DELIVERED": 2, "READ": 3, "FAILED": 3}
 SETTLE_S = 90.0
 REQUEST_TIMEOUT_S = 10.0
 ORGS = ("org-scale-a", "org-scale-b")
+#: Seconds between a socket's pings (the hub closes a client silent for 3 heartbeats).
+PING_INTERVAL_S = 10.0
 
 #: (process name, roles) of the multi-process deployment, the simulator apart.
 PROCESSES = (
@@ -261,8 +263,19 @@ class Watcher:
 
     async def _read(self) -> None:
         assert self.connection is not None
-        async for raw in self.connection:
-            self._take(json.loads(raw))
+        pinging = asyncio.create_task(self._ping(self.connection))
+        try:
+            async for raw in self.connection:
+                self._take(json.loads(raw))
+        finally:
+            pinging.cancel()
+
+    @staticmethod
+    async def _ping(connection: ClientConnection) -> None:
+        """The protocol's ping now and then: the hub closes a silent client as idle."""
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            await connection.send(json.dumps({"type": "ping", "ts": int(time.time())}))
 
     def _take(self, frame: dict[str, Any]) -> None:
         for one in frame["frames"] if frame["type"] == "batch" else [frame]:
@@ -287,7 +300,12 @@ class Watcher:
     def healthy(self) -> str:
         """Empty while the reader runs, else why it ended."""
         if self.task is not None and self.task.done():
-            return f"the socket on {self.hub.url} ended: {self.task.exception()!r}"
+            closed = self.connection.close_code if self.connection is not None else None
+            reason = self.connection.close_reason if self.connection is not None else ""
+            return (
+                f"the socket on {self.hub.url} ended: {self.task.exception()!r}, "
+                f"close code {closed} {reason!r}"
+            )
         return ""
 
     async def close(self) -> None:
