@@ -84,6 +84,8 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        for kind in ("pending", "unknown", "sent"):
+            self.stuck_messages.labels(kind)  # 0 until the first sweep, not absent
         self.redriven = Counter(
             "whatslike_redriven_total", "PENDING messages handed off again", registry=r
         )

@@ -37,12 +37,17 @@ async def client_for(runtime: Runtime) -> httpx.AsyncClient:
     )
 
 
+async def messages_url(client: httpx.AsyncClient) -> str:
+    """The messages URL of a new WhatsApp conversation."""
+    created = await client.post(
+        "/api/conversations", json={"channel": "whatsapp", "contact": "+55"}
+    )
+    return f"/api/conversations/{created.json()['id']}/messages"
+
+
 async def test_a_202_means_the_message_and_its_send_are_stored(runtime: Runtime) -> None:
     async with await client_for(runtime) as client:
-        conversation = (
-            await client.post("/api/conversations", json={"channel": "whatsapp", "contact": "+55"})
-        ).json()
-        url = f"/api/conversations/{conversation['id']}/messages"
+        url = await messages_url(client)
         answer = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
         assert answer.status_code == 202
         again = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
@@ -55,10 +60,7 @@ async def test_a_202_means_the_message_and_its_send_are_stored(runtime: Runtime)
 async def test_a_store_outage_is_a_503_and_the_retry_is_safe(runtime: Runtime) -> None:
     store = runtime.deps.store
     async with await client_for(runtime) as client:
-        conversation = (
-            await client.post("/api/conversations", json={"channel": "whatsapp", "contact": "+55"})
-        ).json()
-        url = f"/api/conversations/{conversation['id']}/messages"
+        url = await messages_url(client)
         await store.close()  # the database goes away
         refused = await client.post(url, json={"text": "oi", "client_message_id": "c-1"})
         assert refused.status_code == 503
@@ -92,10 +94,7 @@ async def test_a_stopping_process_takes_no_new_work(runtime: Runtime) -> None:
 async def test_operators_find_a_message_by_id_or_provider_id(runtime: Runtime) -> None:
     store = runtime.deps.store
     async with await client_for(runtime) as client:
-        conversation = (
-            await client.post("/api/conversations", json={"channel": "whatsapp", "contact": "+55"})
-        ).json()
-        url = f"/api/conversations/{conversation['id']}/messages"
+        url = await messages_url(client)
         message_id = (await client.post(url, json={"text": "oi"})).json()["message_id"]
         await store.link_provider_id("whatsapp", "wamid.HBgL", message_id)
         message = await store.get_message(message_id)

@@ -8,6 +8,7 @@ handlers in its constructor, before the bus starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,3 +60,22 @@ class RoleDefaults:
 
     async def stop(self) -> None:
         return None
+
+
+class BackgroundRole(RoleDefaults):
+    """A role whose work is one task that runs from start to stop (`run_forever`)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def run_forever(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.run_forever(), name=type(self).__name__)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -27,7 +27,7 @@ from whatslike.bus import BusFull
 from whatslike.bus.memory import backoff_delay
 from whatslike.clock import new_id
 from whatslike.errors import WhatslikeError
-from whatslike.roles import Deps, RoleDefaults
+from whatslike.roles import BackgroundRole, Deps
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ BATCH = 200
 CLAIM_LEASE_S = 30.0
 
 
-class OutboxRelay(RoleDefaults):
+class OutboxRelay(BackgroundRole):
     name = "relay"
 
     def __init__(self, deps: Deps) -> None:
@@ -48,18 +48,7 @@ class OutboxRelay(RoleDefaults):
         self._metrics = deps.metrics
         self._run = new_id("run")
         self._wake = deps.handoffs
-        self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever(), name="outbox-relay")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def relay_once(self) -> int:
         """Relay one batch; answer how many entries were handed to the bus."""
@@ -83,7 +72,7 @@ class OutboxRelay(RoleDefaults):
                 await self._store.unclaim_outbox([item.id for item in items[len(handed) :]])
         return len(handed)
 
-    async def _run_forever(self) -> None:
+    async def run_forever(self) -> None:
         failures = 0
         while True:
             self._wake.clear()

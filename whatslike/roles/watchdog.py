@@ -15,14 +15,13 @@ Each kind is a `whatslike_stuck_messages{kind}` gauge; `whatslike stuck` lists t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import datetime, timedelta
 
 from whatslike.clock import utcnow
 from whatslike.errors import WhatslikeError
 from whatslike.events import StatusEvent
-from whatslike.roles import Deps, RoleDefaults
+from whatslike.roles import BackgroundRole, Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Store, Stuck
@@ -75,7 +74,7 @@ def unknown_outcome_failure(
     )
 
 
-class Watchdog(RoleDefaults):
+class Watchdog(BackgroundRole):
     name = "watchdog"
 
     def __init__(self, deps: Deps) -> None:
@@ -83,17 +82,6 @@ class Watchdog(RoleDefaults):
         self._settings = deps.settings
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever(), name="watchdog")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def sweep(self) -> Stuck:
         """One look: count every kind, re-drive the lost hand-offs, fail the unknown."""
@@ -121,7 +109,7 @@ class Watchdog(RoleDefaults):
             self._handoffs.set()
         return stuck
 
-    async def _run_forever(self) -> None:
+    async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self._settings.watchdog_interval_s)
             try:
