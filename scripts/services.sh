@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL=(postgres redis kafka prometheus)
+ALL=(postgres redis kafka prometheus cassandra)
 wanted=("$@")
 [ ${#wanted[@]} -gt 0 ] || wanted=("${ALL[@]}")
 mkdir -p .services

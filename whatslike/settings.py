@@ -170,8 +170,8 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
-        if value and not value.startswith(("sqlite:", "postgresql:", "postgres:")):
-            raise ValueError("must start with sqlite:, postgresql: or postgres:")
+        if value and not value.startswith(("sqlite:", "postgresql:", "postgres:", "cassandra:")):
+            raise ValueError("must start with sqlite:, postgresql:, postgres: or cassandra:")
         return value
 
     @field_validator("bus_url")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from whatslike.errors import ConfigError
 from whatslike.store.base import Store
+from whatslike.store.cassandra import CassandraStore
 from whatslike.store.postgres import PostgresStore
 from whatslike.store.sqlite import SQLiteStore
 
@@ -14,18 +15,22 @@ _SQLITE_PREFIX = "sqlite:///"
 
 
 def open_store(url: str) -> Store:
-    """An unopened store for ``sqlite:///relative.db``, ``sqlite:////abs.db`` or
-    ``postgresql://…`` (``postgres://…``); call `open()` on it before use."""
+    """An unopened store for ``sqlite:///relative.db``, ``sqlite:////abs.db``,
+    ``postgresql://…`` (``postgres://…``) or ``cassandra://host:port/keyspace``; call
+    `open()` on it before use."""
     if url.startswith(_SQLITE_PREFIX) and len(url) > len(_SQLITE_PREFIX):
         return SQLiteStore(Path(url[len(_SQLITE_PREFIX) :]))
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore(url)
+    if url.startswith("cassandra://"):
+        return CassandraStore(url)
     # Only the scheme is echoed: the rest of a URL may hold a password.
     scheme = url.split(":", 1)[0] if ":" in url else "(none)"
     raise ConfigError(
         f"WHATSLIKE_DATABASE_URL: unsupported database URL (scheme {scheme!r});"
-        " expected sqlite:///path/to/file.db or postgresql://user@host:port/dbname"
+        " expected sqlite:///path/to/file.db, postgresql://user@host:port/dbname"
+        " or cassandra://host:port/keyspace"
     )
 
 
-__all__ = ["PostgresStore", "SQLiteStore", "Store", "open_store"]
+__all__ = ["CassandraStore", "PostgresStore", "SQLiteStore", "Store", "open_store"]

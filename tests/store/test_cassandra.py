@@ -1,0 +1,297 @@
+"""What the Cassandra adapter adds to the contract: its URL, several workers (sessions)
+numbering one conversation, and the completion of a change whose writer died between its
+steps (the state such a crash leaves is written here with CQL, on the real server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.policies import RoundRobinPolicy
+from websockets.asyncio.client import connect
+
+from tests.e2e.conftest import OWN_SECRETS, Server, Socket, api, start_server, stop_server
+from tests.store.conftest import fresh_cassandra_keyspace
+from tests.store.test_contract import at, current, decoded, new_message, seqs, status_event
+from whatslike.clock import new_id, utcnow
+from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.events import TOPIC_MESSAGES
+from whatslike.status.frame import status_frame
+from whatslike.status.rules import Effect, Status
+from whatslike.store import CassandraStore, open_store
+from whatslike.store.base import Message
+from whatslike.store.cassandra import CassandraAddress
+from whatslike.store.common import status_entry
+
+pytestmark = pytest.mark.cassandra
+
+LEASE = timedelta(milliseconds=300)
+#: How long the serve test waits for each status frame.
+SERVE_WAIT_S = 30.0
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    async with fresh_cassandra_keyspace() as fresh:
+        yield fresh
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[CassandraStore]:
+    opened = CassandraStore(url, bucket_size=4, pending_lease=LEASE)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def test_the_url_names_hosts_port_keyspace_and_replication() -> None:
+    address = CassandraAddress.parse("cassandra://db1:9142,db2/chat?replication_factor=3")
+    assert address == CassandraAddress(("db1", "db2"), 9142, "chat", 3)
+    assert CassandraAddress.parse("cassandra://db/chat").port == 9042
+    assert isinstance(open_store("cassandra://127.0.0.1:9042/whatslike"), CassandraStore)
+    bad_urls = (
+        "cassandra://db:port/chat",
+        "cassandra://db/",
+        "cassandra://db/1chat",
+        "cassandra://db/chat;DROP",
+        "cassandra://u:pw@db/chat",
+        "cassandra://db/chat?replication_factor=0",
+    )
+    for bad in bad_urls:
+        with pytest.raises(ConfigError, match="WHATSLIKE_DATABASE_URL") as caught:
+            CassandraAddress.parse(bad)
+        assert "pw" not in str(caught.value)
+
+
+async def test_an_unreachable_cassandra_is_backend_unavailable() -> None:
+    store = CassandraStore("cassandra://127.0.0.1:1/whatslike", request_timeout_s=2)
+    with pytest.raises(BackendUnavailable, match=r"127\.0\.0\.1:1/whatslike"):
+        await store.open()
+
+
+async def test_workers_on_their_own_sessions_number_one_conversation_without_gaps(
+    url: str, store: CassandraStore
+) -> None:
+    workers = [CassandraStore(url, bucket_size=4) for _ in range(3)]
+    for worker in workers:
+        await worker.open()
+    try:
+        conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+        messages = [(await store.create_message(conversation, f"m{n}", ""))[0] for n in range(8)]
+        events = [
+            status_event(message, status, at(ms))
+            for message in messages
+            for status, ms in ((Status.SENT, 1000), (Status.DELIVERED, 2000), (Status.READ, 3000))
+        ]
+        results = await asyncio.gather(
+            *(workers[n % len(workers)].apply_status(event) for n, event in enumerate(events))
+        )
+    finally:
+        for worker in workers:
+            await worker.close()
+    # A status overtaken by a later one only fills its time, so fewer than 24 may change.
+    taken = sorted(seq for result in results for seq in seqs(result.frames))
+    assert taken == list(range(1, len(taken) + 1))
+    assert len(taken) == sum(result.effect is Effect.CHANGED for result in results)
+    changes = await store.changes_since(conversation.id, 0, 100)
+    assert (seqs(changes.frames), changes.last_seq) == (taken, len(taken))
+    for message in messages:
+        assert (await current(store, message)).status is Status.READ
+
+
+def _cql(store: CassandraStore, statement: str, params: list[Any]) -> Any:
+    """Run one statement on a session of its own; `{keyspace}` names the store's."""
+    address = store.address
+    cluster = Cluster(
+        list(address.hosts),
+        port=address.port,
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+        },
+        protocol_version=5,
+    )
+    try:
+        return cluster.connect().execute(statement.format(keyspace=address.keyspace), params)
+    finally:
+        cluster.shutdown()
+
+
+async def _crash_after_begin(store: CassandraStore, message: Message, event_id: str) -> datetime:
+    """Leave `message` as a worker that died right after writing a DELIVERED change
+    (before numbering it) leaves it: the new state with its pending marker. Answers the
+    time of the marker, as stored (to the millisecond)."""
+    now = utcnow()
+    since = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    version = _cql(
+        store, "SELECT version FROM {keyspace}.messages WHERE id = %s", [message.id]
+    ).one()[0]
+    applied = _cql(
+        store,
+        "UPDATE {keyspace}.messages SET status = 'DELIVERED', delivered_at = %s, version = %s,"
+        " pending_event = %s, pending_at = %s, pending_floor = 1, pending_since = %s"
+        " WHERE id = %s IF version = %s",
+        [at(2000), version + 1, event_id, at(2000), since, message.id, version],
+    )
+    assert applied.was_applied
+    return since
+
+
+async def _claimed_by_dead_worker(
+    store: CassandraStore, message: Message, event_id: str, seq: int
+) -> None:
+    """The change row a worker that died after numbering its change left behind."""
+    frame = status_frame(
+        conversation_id=message.conversation_id,
+        message_id=message.id,
+        status=Status.DELIVERED,
+        seq=seq,
+        occurred_at=at(2000),
+        error=None,
+    )
+    claimed = _cql(
+        store,
+        "INSERT INTO {keyspace}.changes (conversation_id, bucket, seq, message_id, event_id, frame)"
+        " VALUES (%s, %s, %s, %s, %s, %s) IF NOT EXISTS",
+        [message.conversation_id, seq // 4, seq, message.id, event_id, frame],
+    )
+    assert claimed.was_applied
+
+
+@pytest.mark.parametrize("numbered", [False, True], ids=["before-numbering", "after-numbering"])
+async def test_the_redelivered_event_completes_a_change_its_dead_worker_left(
+    store: CassandraStore, numbered: bool
+) -> None:
+    message = await new_message(store)
+    await store.apply_status(status_event(message, Status.SENT, at(1000)))
+    event = status_event(message, Status.DELIVERED, at(2000), event_id=new_id("evt"))
+    await _crash_after_begin(store, message, event.event_id)
+    if numbered:
+        await _claimed_by_dead_worker(store, message, event.event_id, 2)
+    redelivered = await store.apply_status(event)
+    assert redelivered.effect is Effect.NOOP
+    assert seqs(redelivered.frames) == [2]
+    assert decoded(redelivered.frames)[0]["status"] == "DELIVERED"
+    changes = await store.changes_since(message.conversation_id, 0, 100)
+    assert (seqs(changes.frames), changes.last_seq) == ([1, 2], 2)
+    stored = await current(store, message)
+    assert (stored.status, stored.seq) == (Status.DELIVERED, 2)
+
+
+async def test_another_status_waits_for_a_pending_change_then_completes_it_after_the_lease(
+    store: CassandraStore,
+) -> None:
+    message = await new_message(store)
+    await store.apply_status(status_event(message, Status.SENT, at(1000)))
+    since = await _crash_after_begin(store, message, new_id("evt"))
+    read = await store.apply_status(status_event(message, Status.READ, at(3000)))
+    assert utcnow() > since + LEASE  # it waited for the lease of the dead worker
+    assert (read.effect, seqs(read.frames)) == (Effect.CHANGED, [3])
+    changes = await store.changes_since(message.conversation_id, 0, 100)
+    assert [frame["status"] for frame in decoded(changes.frames)] == ["SENT", "DELIVERED", "READ"]
+    assert (seqs(changes.frames), changes.last_seq) == ([1, 2, 3], 3)
+    assert (await current(store, message)).seq == 3
+
+
+@pytest.fixture
+def cassandra_server(url: str, tmp_path: Path) -> Iterator[Server]:
+    env = {
+        "WHATSLIKE_ROLES": "api,router,connector,status-worker,simulator",
+        "WHATSLIKE_DATABASE_URL": url,
+        "WHATSLIKE_SIM_DELAY_MS": "30",
+        **OWN_SECRETS,
+    }
+    server = start_server(tmp_path, env)  # its output is read all along (no full pipe)
+    yield server
+    stop_server(server)
+
+
+async def test_whatslike_serve_on_cassandra_takes_a_message_to_read(
+    cassandra_server: Server, url: str
+) -> None:
+    """Every role in one process with the in-process bus, the store on Cassandra: the
+    message goes through the outbox, the connector's send claim and the simulator's
+    webhooks to READ, numbered without gaps, and the store's history agrees."""
+    token = cassandra_server.token("org-a")
+    async with (
+        api(cassandra_server, token) as client,
+        connect(f"{cassandra_server.ws_url}?access_token={token}") as connection,
+    ):
+        socket = Socket(connection)
+        await socket.next_of("connected")
+        created = await client.post(
+            "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
+        )
+        conversation = created.json()["id"]
+        await socket.subscribe(conversation)
+        sent = await client.post(
+            f"/api/conversations/{conversation}/messages",
+            json={"text": "Seu pedido", "client_message_id": "c1"},
+        )
+        assert sent.status_code == 202, sent.text
+        frames = [await socket.next_of("status", wait_s=SERVE_WAIT_S)]
+        while frames[-1]["status"] != "READ":
+            frames.append(await socket.next_of("status", wait_s=SERVE_WAIT_S))
+    # Statuses only move forward, seq has no gaps (a late webhook may skip a step).
+    ranks = {"SENT": 1, "DELIVERED": 2, "READ": 3}
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert [ranks[f["status"]] for f in frames] == sorted({ranks[f["status"]] for f in frames})
+    store = CassandraStore(url)
+    await store.open()
+    try:
+        history = decoded(await store.message_history(frames[0]["message_id"]))
+        message = await store.get_message(frames[0]["message_id"])
+    finally:
+        await store.close()
+    assert [(f["status"], f["seq"]) for f in history] == [(f["status"], f["seq"]) for f in frames]
+    assert message is not None and message.send_started_at is not None
+
+
+async def test_a_status_hand_off_left_by_a_crash_after_the_change_is_completed_by_its_redelivery(
+    store: CassandraStore,
+) -> None:
+    """The outbox entry of a status is completed after the change is stored: a worker that
+    died in between leaves it, the relay hands the event on again, and applying it (a
+    replay, found by its event id) completes it without a second change."""
+    message = await new_message(store)
+    await store.handoff(done=[(TOPIC_MESSAGES, message.id)])
+    event = status_event(message, Status.SENT, at(1000))
+    first = await store.apply_status(event)
+    await store.handoff([status_entry(event)])  # what the dead worker left
+    assert await store.outbox_size() == 1
+    again = await store.apply_status(event)
+    assert (again.effect, again.frames) == (Effect.NOOP, first.frames)
+    assert await store.outbox_size() == 0
+
+
+async def test_the_watchdog_drops_an_entry_a_failed_write_left(store: CassandraStore) -> None:
+    """A watchdog entry is written before the change it stands for: one whose write then
+    failed names a state the message is not in, and the watchdog drops it unseen."""
+    message = await new_message(store)
+    store_time = utcnow().replace(microsecond=0)
+    bucket = store._index_bucket(store_time)
+    left_behind: list[tuple[str, list[Any]]] = [
+        ("INSERT INTO {keyspace}.stuck_buckets (kind, bucket) VALUES ('sent', %s)", [bucket]),
+        (
+            "INSERT INTO {keyspace}.stuck_entries (kind, bucket, at, message_id)"
+            " VALUES ('sent', %s, %s, %s)",
+            [bucket, store_time, message.id],
+        ),
+    ]
+    for statement, params in left_behind:
+        _cql(store, statement, params)
+    later = utcnow() + timedelta(seconds=5)
+    stuck = await store.stuck(later, later, later, 10)
+    assert ([m.id for m in stuck.pending], stuck.sent) == ([message.id], ())
+    left = _cql(
+        store,
+        "SELECT count(*) FROM {keyspace}.stuck_entries WHERE kind = 'sent' AND bucket = %s",
+        [bucket],
+    ).one()[0]
+    assert left == 0

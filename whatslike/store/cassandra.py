@@ -1,0 +1,1295 @@
+"""The `Store` port on Apache Cassandra (cassandra-driver), for many processes.
+
+Cassandra has no multi-partition transactions, so every rule that PostgreSQL keeps with a
+transaction is kept here by a lightweight transaction (Paxos) on ONE partition:
+
+- A conversation's seqs: a change row ``changes((conversation_id, bucket), seq)`` is
+  inserted ``IF NOT EXISTS`` with ``seq = last + 1`` after reading ``last``. The row *is*
+  the claim of its seq and carries its frame, so a seq is never taken without its change
+  (no gap, even on a crash), and two workers never take the same one. Buckets of
+  `bucket_size` seqs keep the partitions bounded.
+- A message's statuses: the message row carries a ``version``; each update is
+  conditional on it. A change first writes the new state with a *pending* marker (the
+  event, the time), then claims the seq, then clears the marker. Whoever finds a marker
+  waits for it to clear, or — after `pending_lease` (its writer died) — completes it.
+- A provider id and its parked statuses share one partition: the link is a static
+  column set ``IF message_id = null`` and parking is conditional on it, so a status is
+  either parked before the link (and the link returns it) or refused after it.
+
+- A send claim: one LWT on the message row, ``IF send_started_at = null AND
+  provider_message_id = null AND status = 'PENDING'``: of concurrent claims one applies.
+
+Where no condition is needed, several partitions change together in a LOGGED batch (all
+of it, or — until the batch log replays it — none): a new message with its place in the
+conversation, its outbox entry and its watchdog entry; a `handoff`. The outbox lives in
+partitions of `index_bucket` of insertion time, ids are microseconds times a million
+plus the writer's random node (increasing in insertion order, varint); a relay claims an
+entry by an LWT on its lease (``IF claimed_until = <as read>``). A status's outbox entry
+is completed right after its change is stored; a crash in between leaves it, and its
+redelivery is a replay (found by event id) that completes it. The watchdog's index
+(kind, time bucket) is written before each change of a message and its old entry
+removed after; an entry whose message moved on is dropped when the watchdog reads it.
+
+Partitions are bounded: messages, provider ids and conversations are one row each; a
+conversation's message list is bucketed by month, its changes by `bucket_size` seqs, its
+unread (accepted, not READ) messages are removed when READ; dead letters by day; the
+outbox and the watchdog's index by `index_bucket` of time (their lists of buckets lose
+the buckets found empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from cassandra import ConsistencyLevel, DriverException
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import (
+    BatchStatement,
+    BatchType,
+    PreparedStatement,
+    SimpleStatement,
+    dict_factory,
+)
+
+from whatslike.clock import utcnow
+from whatslike.errors import BackendUnavailable, ConfigError
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
+from whatslike.status import rules
+from whatslike.status.rules import Effect, Status
+from whatslike.store import common
+from whatslike.store.base import (
+    ApplyResult,
+    Changes,
+    Conversation,
+    Message,
+    OutboxEntry,
+    OutboxItem,
+    ParkedStatus,
+    SendClaim,
+    Stuck,
+)
+
+Row = dict[str, Any]
+#: A prepared statement's name and its parameters, for a logged batch.
+Step = tuple[str, Sequence[Any]]
+
+#: Outbox ids are the insertion time in microseconds times this, plus the writer's node.
+_NODES = 1_000_000
+#: How far this host's clock may run ahead of Cassandra's; see `_written_at`.
+_INSERT_SKEW_US = 1_000_000
+#: How long after its end an empty bucket of the outbox or the watchdog's index may still
+#: receive a write (a slow writer, a batch replayed from the batch log); see `_prune_after`.
+_PRUNE_GRACE = timedelta(minutes=10)
+#: Rows read per query when scanning the outbox.
+_OUTBOX_PAGE = 500
+
+_DEFAULT_PORT = 9042
+#: Cassandra 4.0 and later speak native protocol v5 (per-statement keyspaces).
+_PROTOCOL_VERSION = 5
+_KEYSPACE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+
+#: Migration n (1-based) brings the schema from version n-1 to n.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS conversations (
+            id text PRIMARY KEY, org_id text, channel text, contact text,
+            created_at timestamp)""",
+        # The latest seq a worker saw, written with the seq as its write time so the
+        # highest wins: where the search for the conversation's last change starts.
+        """CREATE TABLE IF NOT EXISTS seq_hints (
+            conversation_id text PRIMARY KEY, last_seq bigint)""",
+        """CREATE TABLE IF NOT EXISTS messages (
+            id text PRIMARY KEY, conversation_id text, org_id text, channel text,
+            text text, client_message_id text, created_at timestamp, status text,
+            seq bigint, sent_at timestamp, delivered_at timestamp, read_at timestamp,
+            failed_at timestamp, error_code text, error_title text,
+            provider_message_id text, version bigint,
+            pending_event text, pending_at timestamp, pending_floor bigint,
+            pending_since timestamp)""",
+        """CREATE TABLE IF NOT EXISTS client_message_ids (
+            conversation_id text, client_message_id text, message_id text,
+            PRIMARY KEY ((conversation_id, client_message_id)))""",
+        """CREATE TABLE IF NOT EXISTS conversation_months (
+            conversation_id text, month int, PRIMARY KEY (conversation_id, month))""",
+        """CREATE TABLE IF NOT EXISTS conversation_messages (
+            conversation_id text, month int, created_at timestamp, id text,
+            PRIMARY KEY ((conversation_id, month), created_at, id))""",
+        """CREATE TABLE IF NOT EXISTS unread (
+            conversation_id text, created_at timestamp, id text,
+            PRIMARY KEY (conversation_id, created_at, id))""",
+        """CREATE TABLE IF NOT EXISTS changes (
+            conversation_id text, bucket bigint, seq bigint, message_id text,
+            event_id text, frame text,
+            PRIMARY KEY ((conversation_id, bucket), seq))""",
+        """CREATE TABLE IF NOT EXISTS message_changes (
+            message_id text, event_id text, seq bigint, frame text,
+            PRIMARY KEY (message_id, event_id, seq))""",
+        """CREATE TABLE IF NOT EXISTS provider_keys (
+            channel text, provider_message_id text, message_id text STATIC,
+            parked_id timeuuid, payload blob, parked_at timestamp,
+            PRIMARY KEY ((channel, provider_message_id), parked_id))""",
+        """CREATE TABLE IF NOT EXISTS parked_days (
+            one int, day date, PRIMARY KEY (one, day))""",
+        """CREATE TABLE IF NOT EXISTS parked_by_day (
+            day date, parked_at timestamp, channel text, provider_message_id text,
+            parked_id timeuuid,
+            PRIMARY KEY (day, parked_at, channel, provider_message_id, parked_id))""",
+        """CREATE TABLE IF NOT EXISTS dead_letters (
+            day date, id timeuuid, topic text, payload blob, reason text,
+            PRIMARY KEY (day, id))""",
+        """CREATE TABLE IF NOT EXISTS dead_letter_totals (one int PRIMARY KEY, n counter)""",
+    ),
+    (
+        "ALTER TABLE messages ADD IF NOT EXISTS send_started_at timestamp",
+        "ALTER TABLE messages ADD IF NOT EXISTS updated_at timestamp",
+        # The outbox, one partition per `index_bucket` of insertion time; ids increase in
+        # insertion order (microseconds, then the writer's random node number).
+        """CREATE TABLE IF NOT EXISTS outbox (
+            bucket bigint, id varint, topic text, key text, payload blob, done_key text,
+            relayed_run text, claimed_until timestamp, PRIMARY KEY (bucket, id))""",
+        """CREATE TABLE IF NOT EXISTS outbox_done (
+            done_key text, topic text, id varint, PRIMARY KEY ((done_key, topic), id))""",
+        """CREATE TABLE IF NOT EXISTS outbox_buckets (
+            one int, bucket bigint, PRIMARY KEY (one, bucket))""",
+        # The watchdog's index: messages by kind (pending, unknown, sent) and the time
+        # they stopped moving, one partition per kind and `index_bucket`.
+        """CREATE TABLE IF NOT EXISTS stuck_entries (
+            kind text, bucket bigint, at timestamp, message_id text,
+            PRIMARY KEY ((kind, bucket), at, message_id))""",
+        """CREATE TABLE IF NOT EXISTS stuck_buckets (
+            kind text, bucket bigint, PRIMARY KEY (kind, bucket))""",
+    ),
+)
+
+_MESSAGE_COLUMNS = (
+    "id, conversation_id, org_id, channel, text, client_message_id, created_at, status,"
+    " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
+    " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since,"
+    " send_started_at, updated_at"
+)
+_STATE = (
+    "status = ?, sent_at = ?, delivered_at = ?, read_at = ?, failed_at = ?,"
+    " error_code = ?, error_title = ?, updated_at = ?"
+)
+
+#: Every statement, prepared once at `open`.
+_CQL = {
+    "conversation": "SELECT * FROM conversations WHERE id = ?",
+    "insert_conversation": (
+        "INSERT INTO conversations (id, org_id, channel, contact, created_at)"
+        " VALUES (?, ?, ?, ?, ?)"
+    ),
+    "hint": "SELECT last_seq FROM seq_hints WHERE conversation_id = ?",
+    "set_hint": "UPDATE seq_hints USING TIMESTAMP ? SET last_seq = ? WHERE conversation_id = ?",
+    "message": f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",
+    "insert_message": (
+        "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
+        " created_at, status, updated_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        " IF NOT EXISTS"
+    ),
+    # In the logged batch of a new message: its id is fresh, or claimed by its client id.
+    "add_message": (
+        "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
+        " created_at, status, updated_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        " USING TIMESTAMP ?"
+    ),
+    "claim_client_id": (
+        "INSERT INTO client_message_ids (conversation_id, client_message_id, message_id)"
+        " VALUES (?, ?, ?) IF NOT EXISTS"
+    ),
+    "add_month": "INSERT INTO conversation_months (conversation_id, month) VALUES (?, ?)",
+    "months": "SELECT month FROM conversation_months WHERE conversation_id = ?",
+    "list_entry": (
+        "INSERT INTO conversation_messages (conversation_id, month, created_at, id)"
+        " VALUES (?, ?, ?, ?)"
+    ),
+    "list": "SELECT id FROM conversation_messages WHERE conversation_id = ? AND month = ?",
+    "add_unread": "INSERT INTO unread (conversation_id, created_at, id) VALUES (?, ?, ?)",
+    "drop_unread": "DELETE FROM unread WHERE conversation_id = ? AND created_at = ? AND id = ?",
+    "unread": "SELECT id FROM unread WHERE conversation_id = ? AND created_at <= ?",
+    "last_change": (
+        "SELECT seq FROM changes WHERE conversation_id = ? AND bucket = ? ORDER BY seq DESC LIMIT 1"
+    ),
+    "claim_seq": (
+        "INSERT INTO changes (conversation_id, bucket, seq, message_id, event_id, frame)"
+        " VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+    ),
+    "changes_after": (
+        "SELECT seq, message_id, event_id, frame FROM changes"
+        " WHERE conversation_id = ? AND bucket = ? AND seq > ? AND seq <= ?"
+    ),
+    "record_change": (
+        "INSERT INTO message_changes (message_id, event_id, seq, frame) VALUES (?, ?, ?, ?)"
+    ),
+    "message_changes": "SELECT frame FROM message_changes WHERE message_id = ? AND event_id = ?",
+    "update_state": (f"UPDATE messages SET {_STATE}, version = ? WHERE id = ? IF version = ?"),
+    "begin_change": (
+        f"UPDATE messages SET {_STATE}, version = ?, pending_event = ?, pending_at = ?,"
+        " pending_floor = ?, pending_since = ? WHERE id = ? IF version = ?"
+    ),
+    "end_change": (
+        "UPDATE messages SET seq = ?, version = ?, pending_event = null, pending_at = null,"
+        " pending_floor = null, pending_since = null WHERE id = ? IF version = ?"
+    ),
+    "take_over": "UPDATE messages SET version = ?, pending_since = ? WHERE id = ? IF version = ?",
+    # Not versioned: it would make a status change under way fail its last step.
+    "set_provider_id": (
+        "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?"
+        " IF provider_message_id = null"
+    ),
+    "begin_send": (
+        "UPDATE messages SET send_started_at = ?, updated_at = ? WHERE id = ?"
+        " IF send_started_at = null AND provider_message_id = null AND status = 'PENDING'"
+    ),
+    "release_send": (
+        "UPDATE messages SET send_started_at = null, updated_at = ? WHERE id = ?"
+        " IF provider_message_id = null"
+    ),
+    "redrive": (
+        "UPDATE messages SET updated_at = ? WHERE id = ?"
+        " IF send_started_at = null AND provider_message_id = null AND status = 'PENDING'"
+    ),
+    "history": "SELECT seq, frame FROM message_changes WHERE message_id = ?",
+    "add_outbox": (
+        "INSERT INTO outbox (bucket, id, topic, key, payload, done_key) VALUES (?, ?, ?, ?, ?, ?)"
+    ),
+    "add_outbox_done": "INSERT INTO outbox_done (done_key, topic, id) VALUES (?, ?, ?)",
+    "add_outbox_bucket": "INSERT INTO outbox_buckets (one, bucket) VALUES (0, ?)",
+    "outbox_buckets": "SELECT bucket FROM outbox_buckets WHERE one = 0",
+    "drop_outbox_bucket": "DELETE FROM outbox_buckets WHERE one = 0 AND bucket = ?",
+    "outbox_page": (
+        "SELECT id, topic, key, payload, done_key, relayed_run, claimed_until FROM outbox"
+        " WHERE bucket = ? AND id > ? LIMIT ?"
+    ),
+    "outbox_row": "SELECT topic, done_key FROM outbox WHERE bucket = ? AND id = ?",
+    "outbox_count": "SELECT count(topic) AS n FROM outbox WHERE bucket = ?",
+    "outbox_done": "SELECT id FROM outbox_done WHERE done_key = ? AND topic = ?",
+    "delete_outbox": "DELETE FROM outbox WHERE bucket = ? AND id = ?",
+    "delete_outbox_done": "DELETE FROM outbox_done WHERE done_key = ? AND topic = ? AND id = ?",
+    # Conditional, so that a claim never brings back a deleted entry as a partial row.
+    "claim_outbox": (
+        "UPDATE outbox SET claimed_until = ? WHERE bucket = ? AND id = ?"
+        " IF done_key = ? AND claimed_until = ?"
+    ),
+    "unclaim_outbox": (
+        "UPDATE outbox SET claimed_until = null WHERE bucket = ? AND id = ? IF EXISTS"
+    ),
+    "mark_relayed": "UPDATE outbox SET relayed_run = ? WHERE bucket = ? AND id = ? IF EXISTS",
+    "add_stuck": "INSERT INTO stuck_entries (kind, bucket, at, message_id) VALUES (?, ?, ?, ?)",
+    "add_stuck_bucket": "INSERT INTO stuck_buckets (kind, bucket) VALUES (?, ?)",
+    "stuck_buckets": "SELECT bucket FROM stuck_buckets WHERE kind = ? AND bucket <= ?",
+    "drop_stuck_bucket": "DELETE FROM stuck_buckets WHERE kind = ? AND bucket = ?",
+    "stuck_entries": (
+        "SELECT at, message_id FROM stuck_entries WHERE kind = ? AND bucket = ? AND at < ?"
+    ),
+    "drop_stuck": (
+        "DELETE FROM stuck_entries WHERE kind = ? AND bucket = ? AND at = ? AND message_id = ?"
+    ),
+    "link": (
+        "UPDATE provider_keys SET message_id = ? WHERE channel = ? AND provider_message_id = ?"
+        " IF message_id = null"
+    ),
+    "linked": (
+        "SELECT message_id FROM provider_keys WHERE channel = ? AND provider_message_id = ? LIMIT 1"
+    ),
+    "parked": (
+        "SELECT parked_id, payload FROM provider_keys WHERE channel = ? AND provider_message_id = ?"
+    ),
+    "park": (
+        "UPDATE provider_keys SET payload = ?, parked_at = ? WHERE channel = ?"
+        " AND provider_message_id = ? AND parked_id = ? IF message_id = null"
+    ),
+    "unpark": (
+        "DELETE FROM provider_keys WHERE channel = ? AND provider_message_id = ? AND parked_id = ?"
+    ),
+    "parked_row": (
+        "SELECT parked_id FROM provider_keys WHERE channel = ? AND provider_message_id = ?"
+        " AND parked_id = ?"
+    ),
+    "add_parked_day": "INSERT INTO parked_days (one, day) VALUES (0, ?)",
+    "parked_days": "SELECT day FROM parked_days WHERE one = 0 AND day <= ?",
+    "drop_parked_day": "DELETE FROM parked_days WHERE one = 0 AND day = ?",
+    "index_parked": (
+        "INSERT INTO parked_by_day (day, parked_at, channel, provider_message_id, parked_id)"
+        " VALUES (?, ?, ?, ?, ?)"
+    ),
+    "parked_before": (
+        "SELECT parked_at, channel, provider_message_id, parked_id FROM parked_by_day"
+        " WHERE day = ? AND parked_at < ?"
+    ),
+    "unindex_parked": (
+        "DELETE FROM parked_by_day WHERE day = ? AND parked_at = ? AND channel = ?"
+        " AND provider_message_id = ? AND parked_id = ?"
+    ),
+    "dead_letter": (
+        "INSERT INTO dead_letters (day, id, topic, payload, reason) VALUES (?, now(), ?, ?, ?)"
+    ),
+    "count_dead_letter": "UPDATE dead_letter_totals SET n = n + 1 WHERE one = 0",
+    "dead_letters": "SELECT n FROM dead_letter_totals WHERE one = 0",
+    "ping": "SELECT release_version FROM system.local",
+}
+
+#: Reads that must see the outcome of every lightweight transaction before them.
+_SERIAL_READS = frozenset({"message", "linked", "parked", "last_change"})
+
+
+@dataclass(frozen=True, slots=True)
+class CassandraAddress:
+    """Where the store lives, parsed from ``cassandra://host[:port][,host…]/keyspace``
+    with an optional ``?replication_factor=N`` (default 1) used when the keyspace is
+    created; an existing keyspace keeps its own replication."""
+
+    hosts: tuple[str, ...]
+    port: int
+    keyspace: str
+    replication_factor: int
+
+    @classmethod
+    def parse(cls, url: str) -> CassandraAddress:
+        where = "WHATSLIKE_DATABASE_URL"
+        parts = urlsplit(url)
+        if parts.scheme != "cassandra" or parts.password is not None:
+            raise ConfigError(f"{where}: expected cassandra://host:port/keyspace")
+        hosts: list[str] = []
+        port = _DEFAULT_PORT
+        for item in parts.netloc.split(","):
+            host, _, port_text = item.partition(":")
+            if not host or (port_text and not port_text.isdigit()):
+                raise ConfigError(f"{where}: bad Cassandra host {item!r}")
+            hosts.append(host)
+            port = int(port_text) if port_text else port
+        keyspace = parts.path.lstrip("/")
+        if not _KEYSPACE.fullmatch(keyspace):
+            raise ConfigError(
+                f"{where}: the Cassandra keyspace must be a letter then up to 47 letters,"
+                f" digits or underscores, not {keyspace!r}"
+            )
+        query = parse_qs(parts.query)
+        factor_text = query.get("replication_factor", ["1"])[-1]
+        if not factor_text.isdigit() or int(factor_text) < 1:
+            raise ConfigError(f"{where}: replication_factor must be a positive integer")
+        return cls(tuple(hosts), port, keyspace, int(factor_text))
+
+    def __str__(self) -> str:
+        return f"{','.join(self.hosts)}:{self.port}/{self.keyspace}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A status change written to its message but not yet numbered: the event, the time
+    of its frame, and a seq the conversation had already reached before it."""
+
+    event_id: str
+    occurred_at: datetime
+    floor: int
+
+
+_TABLE = re.compile(r"\b(FROM|INTO|UPDATE) (\w+)\b(?!\.)")
+
+
+def _qualified(cql: str, keyspace: str) -> str:
+    """The statement with its table names in `keyspace` (``system.*`` names kept)."""
+    return _TABLE.sub(lambda match: f"{match[1]} {keyspace}.{match[2]}", cql)
+
+
+def _time(value: datetime) -> datetime:
+    # The driver reads a timestamp as a naive datetime in UTC.
+    return value.replace(tzinfo=UTC)
+
+
+def _ms(at: datetime) -> datetime:
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)
+
+
+def _month(at: datetime) -> int:
+    return at.year * 100 + at.month
+
+
+def _message(row: Row) -> Message:
+    return common.message_of(row, _time)
+
+
+def _stuck_key(message: Message) -> tuple[str, datetime] | None:
+    """The watchdog's kind of a message and the time it stopped moving, if of a kind."""
+    if message.updated_at is None:
+        return None
+    if message.status is Status.PENDING:
+        if message.send_started_at is None:
+            return "pending", message.updated_at
+        if message.provider_message_id is None:
+            return "unknown", message.send_started_at
+        return None
+    if message.status is Status.SENT:
+        return "sent", message.updated_at
+    return None
+
+
+def _state_values(message: Message) -> list[Any]:
+    state = message.state
+    error = state.error
+    return [
+        state.status.value,
+        state.sent_at,
+        state.delivered_at,
+        state.read_at,
+        state.failed_at,
+        error.code if error else None,
+        error.title if error else None,
+        message.updated_at,
+    ]
+
+
+class CassandraStore:
+    """The `Store` port on Cassandra; `url` is ``cassandra://host:port/keyspace``.
+
+    `bucket_size` seqs share a `changes` partition; `pending_lease` is how long a
+    status change may stay half-done before another worker completes it;
+    `index_bucket` is the span of time one partition of the outbox and of the watchdog's
+    index covers."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        bucket_size: int = 10_000,
+        pending_lease: timedelta = timedelta(seconds=10),
+        request_timeout_s: float = 10.0,
+        index_bucket: timedelta = timedelta(minutes=1),
+    ) -> None:
+        self.address = CassandraAddress.parse(url)
+        self._bucket_size = bucket_size
+        self._index_us = max(1, int(index_bucket / timedelta(microseconds=1)))
+        # A bucket found empty leaves its list only this long after it ended: a writer
+        # that picked it (or the batch log replaying that writer's batch) is done by then.
+        self._prune_after = max(2 * index_bucket, _PRUNE_GRACE)
+        # This writer's outbox id suffix, and the last microsecond it used.
+        self._node = random.randrange(_NODES)
+        self._last_us = 0
+        self._lease = pending_lease
+        self._timeout = request_timeout_s
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._prepared: dict[str, PreparedStatement] = {}
+
+    # -- connection and schema ----------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._session is None:
+            try:
+                self._session = await asyncio.to_thread(self._connect)
+            except (NoHostAvailable, DriverException, OSError) as exc:
+                raise BackendUnavailable(
+                    f"cannot connect to Cassandra at {self.address}: {exc}"
+                ) from exc
+        await self._migrate()
+        self._prepared = await asyncio.to_thread(self._prepare_all)
+
+    def _connect(self) -> Session:
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+            consistency_level=ConsistencyLevel.QUORUM,
+            serial_consistency_level=ConsistencyLevel.SERIAL,
+            request_timeout=self._timeout,
+            row_factory=dict_factory,
+        )
+        cluster = Cluster(
+            list(self.address.hosts),
+            port=self.address.port,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            protocol_version=_PROTOCOL_VERSION,
+            connect_timeout=self._timeout,
+        )
+        try:
+            session = cluster.connect()
+        except BaseException:
+            cluster.shutdown()
+            raise
+        self._cluster = cluster
+        return session
+
+    def _prepare_all(self) -> dict[str, PreparedStatement]:
+        session = self._live()
+        prepared = {}
+        for name, cql in _CQL.items():
+            # The keyspace goes with each table name, not with the session (Cassandra 5
+            # warns about prepared statements that leave it to a keyspace given apart).
+            statement = session.prepare(_qualified(cql, self.address.keyspace))
+            if name in _SERIAL_READS:
+                statement.consistency_level = ConsistencyLevel.SERIAL
+            prepared[name] = statement
+        return prepared
+
+    async def _migrate(self) -> None:
+        keyspace = self.address.keyspace
+        factor = self.address.replication_factor
+        await self._cql(
+            f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication ="
+            f" {{'class': 'SimpleStrategy', 'replication_factor': {factor}}}",
+            [],
+            in_keyspace=False,
+        )
+        await self._ddl(
+            "CREATE TABLE IF NOT EXISTS schema_version (one int PRIMARY KEY, version int)"
+        )
+        rows = await self._cql("SELECT version FROM schema_version WHERE one = 0", [], serial=True)
+        version = int(rows[0]["version"]) if rows else 0
+        where = f"in keyspace {keyspace} at {self.address}"
+        for number, statements in common.pending_migrations(version, _MIGRATIONS, where):
+            # Every statement is idempotent (IF NOT EXISTS): processes starting together
+            # may both run a migration; the version only moves forward.
+            for statement in statements:
+                await self._ddl(statement)
+            await self._cql(
+                "UPDATE schema_version SET version = %s WHERE one = 0 IF version = %s"
+                if version
+                else "INSERT INTO schema_version (one, version) VALUES (0, %s) IF NOT EXISTS",
+                [number, version] if version else [number],
+            )
+            version = number
+
+    async def _ddl(self, statement: str) -> None:
+        await self._cql(statement, [])
+
+    async def close(self) -> None:
+        cluster, self._cluster, self._session = self._cluster, None, None
+        self._prepared = {}
+        if cluster is not None:
+            await asyncio.to_thread(cluster.shutdown)
+
+    async def ping(self) -> None:
+        try:
+            await self._run("ping")
+        except (NoHostAvailable, DriverException, OSError) as exc:
+            raise BackendUnavailable(f"Cassandra at {self.address} does not answer: {exc}") from exc
+
+    def _live(self) -> Session:
+        if self._session is None:
+            raise BackendUnavailable(f"Cassandra at {self.address} is not open")
+        return self._session
+
+    # -- running statements -------------------------------------------------------------
+
+    async def _run(self, name: str, *params: Any) -> list[Row]:
+        """Every row of the prepared statement `name` (all pages)."""
+        statement = self._prepared.get(name)
+        if self._session is None or statement is None:
+            raise BackendUnavailable(f"Cassandra at {self.address} is not open")
+        return await self._execute(self._session.execute_async(statement, params))
+
+    async def _cql(
+        self, cql: str, params: Sequence[Any], *, serial: bool = False, in_keyspace: bool = True
+    ) -> list[Row]:
+        """Every row of an unprepared statement (schema work)."""
+        session = self._live()
+        level = ConsistencyLevel.SERIAL if serial else None
+        keyspace = self.address.keyspace if in_keyspace else None
+        statement = SimpleStatement(cql, consistency_level=level, keyspace=keyspace)
+        return await self._execute(session.execute_async(statement, list(params)))
+
+    async def _execute(self, future: ResponseFuture) -> list[Row]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Row]] = loop.create_future()
+        rows: list[Row] = []
+
+        def settle(result: list[Row] | BaseException) -> None:
+            if done.done():
+                return
+            if isinstance(result, BaseException):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
+
+        # Called on the driver's event-loop thread, once per page (None for schema changes).
+        def on_page(page: list[Row] | None) -> None:
+            try:
+                rows.extend(page or ())
+                if future.has_more_pages:
+                    future.start_fetching_next_page()
+                    return
+            except Exception as exc:  # the driver would swallow it, and we would hang
+                loop.call_soon_threadsafe(settle, exc)
+                return
+            loop.call_soon_threadsafe(settle, rows)
+
+        def on_error(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(settle, exc)
+
+        future.add_callbacks(on_page, on_error)
+        return await done
+
+    async def _lwt(self, name: str, *params: Any) -> tuple[bool, Row]:
+        """Run a conditional statement: whether it applied, and the row it found."""
+        [row] = await self._run(name, *params)
+        return bool(row["[applied]"]), row
+
+    async def _batch(self, steps: Sequence[Step]) -> None:
+        """Run the steps as one logged batch: all of them happen, or (until the batch log
+        replays them) none."""
+        if not steps:
+            return
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        for name, params in steps:
+            statement = self._prepared.get(name)
+            if statement is None:
+                raise BackendUnavailable(f"Cassandra at {self.address} is not open")
+            batch.add(statement, params)
+        await self._execute(self._live().execute_async(batch))
+
+    # -- conversations ------------------------------------------------------------------
+
+    async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
+        conversation = common.new_conversation(org_id, channel, contact)
+        conversation = replace(conversation, created_at=_ms(conversation.created_at))
+        await self._run(
+            "insert_conversation",
+            conversation.id,
+            org_id,
+            channel,
+            contact,
+            conversation.created_at,
+        )
+        return conversation
+
+    async def get_conversation(self, org_id: str, conversation_id: str) -> Conversation | None:
+        rows = await self._run("conversation", conversation_id)
+        if not rows or rows[0]["org_id"] != org_id:
+            return None
+        row = rows[0]
+        return Conversation(
+            row["id"],
+            row["org_id"],
+            row["channel"],
+            row["contact"],
+            await self._last_seq(conversation_id),
+            _time(row["created_at"]),
+        )
+
+    # -- messages -----------------------------------------------------------------------
+
+    async def create_message(
+        self, conversation: Conversation, text: str, client_message_id: str
+    ) -> tuple[Message, bool]:
+        message = common.new_message(conversation, text, client_message_id)
+        created_at = _ms(message.created_at)
+        message = replace(message, created_at=created_at, updated_at=created_at)
+        if client_message_id:
+            applied, row = await self._lwt(
+                "claim_client_id", conversation.id, client_message_id, message.id
+            )
+            if not applied:
+                return await self._claimed_message(conversation, message, str(row["message_id"]))
+        # The id is fresh or ours by the claim above: the message, its place in the
+        # conversation, its send hand-off and its watchdog entry go in one logged batch.
+        await self._batch(
+            [
+                ("add_message", [*self._message_values(message), self._written_at(message)]),
+                *self._indexed_message(conversation, message),
+            ]
+        )
+        return message, True
+
+    @staticmethod
+    def _written_at(message: Message) -> int:
+        """The write time of a new message's row (the batch's insert is the only write to
+        it that is not a lightweight transaction): a skew before its creation, so that
+        every change after it — timestamped by the servers' Paxos ballots — wins even
+        if this host's clock runs ahead of theirs by up to that skew."""
+        return int(message.created_at.timestamp() * 1_000_000) - _INSERT_SKEW_US
+
+    def _message_values(self, message: Message) -> list[Any]:
+        return [
+            message.id,
+            message.conversation_id,
+            message.org_id,
+            message.channel,
+            message.text,
+            message.client_message_id,
+            message.created_at,
+            message.status.value,
+            message.updated_at,
+        ]
+
+    def _indexed_message(self, conversation: Conversation, message: Message) -> list[Step]:
+        """What goes with a new message: its place in the conversation's list, the work
+        of sending it (the outbox entry) and its watchdog entry."""
+        month = _month(message.created_at)
+        return [
+            ("add_month", (message.conversation_id, month)),
+            ("list_entry", (message.conversation_id, month, message.created_at, message.id)),
+            *self._outbox_inserts([common.outbound_entry(conversation, message)]),
+            *self._stuck_inserts(message),
+        ]
+
+    async def _claimed_message(
+        self, conversation: Conversation, mine: Message, claimed_id: str
+    ) -> tuple[Message, bool]:
+        """The message a client id was claimed for. Its writer may still be writing it:
+        wait up to the lease; a writer that died meanwhile is replaced by this call."""
+        deadline = utcnow() + self._lease
+        while utcnow() < deadline:
+            found = await self.get_message(claimed_id)
+            if found is not None:
+                return found, False
+            await asyncio.sleep(0.05)
+        message = replace(mine, id=claimed_id)
+        applied, row = await self._lwt("insert_message", *self._message_values(message))
+        if not applied:
+            return _message(row), False
+        # Only the winner of the insert adds the rest; if it dies before, the watchdog
+        # finds the message PENDING with no hand-off and redrives it.
+        await self._batch(self._indexed_message(conversation, message))
+        return message, True
+
+    async def get_message(self, message_id: str) -> Message | None:
+        rows = await self._run("message", message_id)
+        return _message(rows[0]) if rows else None
+
+    async def _messages(self, ids: Sequence[str]) -> list[Message]:
+        found = await asyncio.gather(*(self.get_message(message_id) for message_id in ids))
+        return [message for message in found if message is not None]
+
+    async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
+        if await self.get_conversation(org_id, conversation_id) is None:
+            return None
+        months = sorted(row["month"] for row in await self._run("months", conversation_id))
+        ids: list[str] = []
+        for month in months:
+            ids += [row["id"] for row in await self._run("list", conversation_id, month)]
+        return await self._messages(ids)
+
+    async def unread_up_to(self, message_id: str) -> list[Message]:
+        target = await self.get_message(message_id)
+        if target is None:
+            return []
+        rows = await self._run("unread", target.conversation_id, target.created_at)
+        candidates = await self._messages([row["id"] for row in rows])
+        return [
+            message
+            for message in candidates
+            if (message.created_at, message.id) <= (target.created_at, target.id)
+            and message.status is not Status.READ
+            and message.provider_message_id is not None
+        ]
+
+    # -- provider ids and parked statuses -------------------------------------------------
+
+    async def link_provider_id(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> list[ParkedStatus]:
+        applied, row = await self._lwt("link", message_id, channel, provider_message_id)
+        linked_id = message_id if applied else str(row["message_id"])
+        message = await self.get_message(linked_id)
+        if message is not None and message.provider_message_id is None:
+            await self._set_provider_id(message, provider_message_id)
+        rows = await self._run("parked", channel, provider_message_id)
+        return [
+            ParkedStatus(channel, provider_message_id, bytes(row["payload"]))
+            for row in rows
+            if row["parked_id"] is not None
+        ]
+
+    async def _set_provider_id(self, message: Message, provider_message_id: str) -> None:
+        now = _ms(utcnow())
+        linked = replace(message, provider_message_id=provider_message_id, updated_at=now)
+        await self._batch(self._stuck_inserts(linked))
+        applied, _ = await self._lwt("set_provider_id", provider_message_id, now, message.id)
+        if applied:
+            await self._stuck_moved(message, linked)
+        if message.status is not Status.READ:
+            await self._run("add_unread", message.conversation_id, message.created_at, message.id)
+
+    async def expire_parked(self, before: datetime) -> int:
+        expired = 0
+        for day_row in await self._run("parked_days", before.date()):
+            day = day_row["day"].date()
+            for row in await self._run("parked_before", day, before):
+                key = (row["channel"], row["provider_message_id"], row["parked_id"])
+                if await self._run("parked_row", *key):
+                    await self._run("unpark", *key)
+                    expired += 1
+                await self._run("unindex_parked", day, row["parked_at"], *key)
+            if day < before.date():
+                await self._run("drop_parked_day", day)
+        return expired
+
+    async def find_by_provider_id(self, channel: str, provider_message_id: str) -> Message | None:
+        rows = await self._run("linked", channel, provider_message_id)
+        if not rows or rows[0]["message_id"] is None:
+            return None
+        return await self.get_message(rows[0]["message_id"])
+
+    async def park_status(self, parked: ParkedStatus) -> Message | None:
+        parked_at = _ms(utcnow())
+        parked_id = uuid.uuid1()
+        key = (parked.channel, parked.provider_message_id, parked_id)
+        # Indexed for expiry first: an index entry without its parked row is skipped.
+        day = parked_at.date()
+        await self._run("add_parked_day", day)
+        await self._run("index_parked", day, parked_at, *key)
+        applied, row = await self._lwt("park", parked.payload, parked_at, *key)
+        if applied:
+            return None
+        return await self.get_message(row["message_id"])
+
+    # -- statuses and seqs ----------------------------------------------------------------
+
+    def _bucket(self, seq: int) -> int:
+        return seq // self._bucket_size
+
+    async def _last_seq(self, conversation_id: str) -> int:
+        """The conversation's last seq: the highest change row, found from the hint."""
+        hints = await self._run("hint", conversation_id)
+        last = int(hints[0]["last_seq"]) if hints and hints[0]["last_seq"] else 0
+        bucket = self._bucket(last)
+        while True:
+            rows = await self._run("last_change", conversation_id, bucket)
+            if not rows:
+                return last
+            last = max(last, int(rows[0]["seq"]))
+            if self._bucket(last + 1) == bucket:
+                return last
+            bucket += 1
+
+    async def apply_status(self, event: StatusEvent) -> ApplyResult:
+        result = await self._apply(event)
+        if not result.unknown_message:
+            # After the change is stored, never before: an entry left by a crash in
+            # between is relayed again, found applied (a replay) and completed then.
+            await self._complete_outbox([(TOPIC_STATUS, event.event_id)])
+        return result
+
+    async def _apply(self, event: StatusEvent) -> ApplyResult:
+        observation = common.observation_of(event)
+        while True:
+            rows = await self._run("message", event.message_id)
+            if not rows:
+                return common.UNKNOWN_MESSAGE
+            row = rows[0]
+            message, version = _message(row), int(row["version"])
+            if row["pending_event"] is not None:
+                if row["pending_event"] == event.event_id or self._lease_over(row):
+                    await self._take_over(row)
+                else:
+                    await asyncio.sleep(0.005)
+                continue
+            earlier = await self._run("message_changes", message.id, event.event_id)
+            if earlier:
+                return common.replayed(message, common.frames_of(earlier))
+            transition = rules.apply(message.state, observation)
+            if transition.effect is Effect.NOOP:
+                return ApplyResult(effect=Effect.NOOP, message=message)
+            now = _ms(utcnow())
+            updated = replace(message, state=transition.state, updated_at=now)
+            # The watchdog entry of the new state first: one left by a failed write is
+            # stale, and the watchdog drops it.
+            await self._batch(self._stuck_inserts(updated))
+            if transition.effect is not Effect.CHANGED:
+                applied, _ = await self._lwt(
+                    "update_state", *_state_values(updated), version + 1, message.id, version
+                )
+                if applied:
+                    await self._after_state(updated)
+                    await self._stuck_moved(message, updated)
+                    return common.applied(message, transition, message.seq, (), now)
+                continue
+            floor = await self._last_seq(message.conversation_id)
+            applied, _ = await self._lwt(
+                "begin_change",
+                *_state_values(updated),
+                version + 1,
+                event.event_id,
+                observation.occurred_at,
+                floor,
+                utcnow(),
+                message.id,
+                version,
+            )
+            if not applied:
+                continue
+            pending = _Pending(event.event_id, observation.occurred_at, floor)
+            seq, frame = await self._complete(updated, version + 1, pending, recovering=False)
+            await self._after_state(updated)
+            await self._stuck_moved(message, updated)
+            return common.applied(message, transition, seq, (frame,), now)
+
+    def _lease_over(self, row: Row) -> bool:
+        since = row["pending_since"]
+        return since is None or _time(since) + self._lease < utcnow()
+
+    async def _take_over(self, row: Row) -> None:
+        """Complete the half-done change of a message whose writer died (or is this very
+        event, redelivered): find the seq it claimed, or claim one, then clear it."""
+        version = int(row["version"])
+        applied, _ = await self._lwt("take_over", version + 1, utcnow(), row["id"], version)
+        if applied:
+            message = _message(row)
+            pending = _Pending(
+                row["pending_event"], _time(row["pending_at"]), int(row["pending_floor"])
+            )
+            await self._complete(message, version + 1, pending, recovering=True)
+            await self._after_state(message)
+
+    async def _complete(
+        self, message: Message, version: int, pending: _Pending, *, recovering: bool
+    ) -> tuple[int, str]:
+        """Claim the seq of the pending change (or, `recovering`, find the one claimed
+        before a crash), record it for redeliveries, and clear the marker."""
+        claimed = await self._claimed_change(message, pending) if recovering else None
+        if claimed is None:
+            claimed = await self._claim_seq(message, pending)
+        seq, frame = claimed
+        await self._run("record_change", message.id, pending.event_id, seq, frame)
+        await self._run("set_hint", seq, seq, message.conversation_id)
+        await self._lwt("end_change", seq, version + 1, message.id, version)
+        return seq, frame
+
+    async def _claimed_change(self, message: Message, pending: _Pending) -> tuple[int, str] | None:
+        """The change claimed for `pending` after its floor, if its writer got that far."""
+        last, floor = await self._last_seq(message.conversation_id), pending.floor
+        for bucket in range(self._bucket(floor + 1), self._bucket(last) + 1):
+            for row in await self._run(
+                "changes_after", message.conversation_id, bucket, floor, last
+            ):
+                if (row["message_id"], row["event_id"]) == (message.id, pending.event_id):
+                    return int(row["seq"]), str(row["frame"])
+        return None
+
+    async def _claim_seq(self, message: Message, pending: _Pending) -> tuple[int, str]:
+        """Insert the change as seq last + 1 if nobody took it, else retry after it:
+        the row is the claim, so no seq is ever taken without its change."""
+        conversation_id = message.conversation_id
+        last = pending.floor
+        while True:
+            seq = last + 1
+            frame = common.change_frame(message, message.state, seq, pending.occurred_at)
+            applied, _ = await self._lwt(
+                "claim_seq",
+                conversation_id,
+                self._bucket(seq),
+                seq,
+                message.id,
+                pending.event_id,
+                frame,
+            )
+            if applied:
+                return seq, frame
+            last = max(seq, await self._last_seq(conversation_id))
+
+    async def _after_state(self, message: Message) -> None:
+        """Keep the unread index: a READ message leaves it."""
+        if message.status is Status.READ and message.provider_message_id is not None:
+            await self._run("drop_unread", message.conversation_id, message.created_at, message.id)
+
+    async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
+        last_seq = await self._last_seq(conversation_id)
+        answer = common.changes_window(last_seq, since, limit)
+        if answer is not None:
+            return answer
+        rows: list[Row] = []
+        for bucket in range(self._bucket(since + 1), self._bucket(last_seq) + 1):
+            rows += await self._run("changes_after", conversation_id, bucket, since, last_seq)
+        return common.changes(last_seq, since, common.frames_of(rows))
+
+    async def message_history(self, message_id: str) -> tuple[str, ...]:
+        # A message has a handful of changes, all in its one partition.
+        rows = await self._run("history", message_id)
+        return common.frames_of(sorted(rows, key=lambda row: int(row["seq"])))
+
+    # -- hand-offs (the transactional outbox) ---------------------------------------------
+
+    def _outbox_bucket(self, outbox_id: int) -> int:
+        return outbox_id // _NODES // self._index_us
+
+    def _next_outbox_id(self) -> int:
+        """Increasing in this writer's insertion order; unique across writers by the
+        node number (a random one of a million) unless two share it in one microsecond."""
+        now_us = max(time.time_ns() // 1000, self._last_us + 1)
+        self._last_us = now_us
+        return now_us * _NODES + self._node
+
+    def _outbox_inserts(self, entries: Sequence[OutboxEntry]) -> list[Step]:
+        steps: list[Step] = []
+        for entry in entries:
+            outbox_id = self._next_outbox_id()
+            bucket = self._outbox_bucket(outbox_id)
+            steps += [
+                (
+                    "add_outbox",
+                    (bucket, outbox_id, entry.topic, entry.key, entry.payload, entry.done_key),
+                ),
+                ("add_outbox_done", (entry.done_key, entry.topic, outbox_id)),
+                ("add_outbox_bucket", (bucket,)),
+            ]
+        return steps
+
+    def _outbox_deletes(self, outbox_id: int, topic: str, done_key: str) -> list[Step]:
+        return [
+            ("delete_outbox", (self._outbox_bucket(outbox_id), outbox_id)),
+            ("delete_outbox_done", (done_key, topic, outbox_id)),
+        ]
+
+    async def _done_deletes(self, done: Sequence[tuple[str, str]]) -> list[Step]:
+        """The deletes of the entries that `done` names as (topic, done_key)."""
+        found = await asyncio.gather(
+            *(self._run("outbox_done", done_key, topic) for topic, done_key in done)
+        )
+        steps: list[Step] = []
+        for (topic, done_key), rows in zip(done, found, strict=True):
+            for row in rows:
+                steps += self._outbox_deletes(int(row["id"]), topic, done_key)
+        return steps
+
+    async def _complete_outbox(self, done: Sequence[tuple[str, str]]) -> None:
+        await self._batch(await self._done_deletes(done))
+
+    async def handoff(
+        self,
+        entries: Sequence[OutboxEntry] = (),
+        *,
+        done: Sequence[tuple[str, str]] = (),
+        parked: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        steps = self._outbox_inserts(entries) + await self._done_deletes(done)
+        # No status is parked for a provider id once it is linked: these are all of them.
+        found = await asyncio.gather(*(self._run("parked", *key) for key in parked))
+        for (channel, provider_message_id), rows in zip(parked, found, strict=True):
+            steps += [
+                ("unpark", (channel, provider_message_id, row["parked_id"]))
+                for row in rows
+                if row["parked_id"] is not None
+            ]
+        await self._batch(steps)
+
+    async def _outbox_rows(self, wanted: Callable[[Row], bool], limit: int) -> list[Row]:
+        """Up to `limit` outbox rows that are `wanted`, oldest first. Buckets found empty,
+        older than two buckets (beyond any clock skew of a writer), leave the list."""
+        found: list[Row] = []
+        old = self._index_bucket(utcnow() - self._prune_after)
+        for bucket_row in await self._run("outbox_buckets"):
+            bucket, after, seen = int(bucket_row["bucket"]), -1, False
+            while len(found) < limit:
+                rows = await self._run("outbox_page", bucket, after, _OUTBOX_PAGE)
+                for row in rows:
+                    seen = seen or row["topic"] is not None
+                    if row["topic"] is not None and wanted(row) and len(found) < limit:
+                        found.append(row)
+                if len(rows) < _OUTBOX_PAGE:
+                    break
+                after = int(rows[-1]["id"])
+            if not seen and bucket < old:
+                await self._run("drop_outbox_bucket", bucket)
+            if len(found) >= limit:
+                break
+        return found
+
+    async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
+        rows = await self._outbox_rows(lambda row: row["relayed_run"] != run, limit)
+        return common.outbox_items(rows)
+
+    async def claim_outbox(self, limit: int, lease_s: float) -> list[OutboxItem]:
+        now = utcnow()
+        until = _ms(now + timedelta(seconds=lease_s))
+        won: list[Row] = []
+        lost: set[int] = set()
+
+        def free(row: Row) -> bool:
+            if int(row["id"]) in lost:
+                return False
+            return row["claimed_until"] is None or _time(row["claimed_until"]) < now
+
+        while len(won) < limit:
+            candidates = await self._outbox_rows(free, limit - len(won))
+            # One lightweight transaction per entry: of relays racing for it, one wins;
+            # the losers look further, as SKIP LOCKED would.
+            outcomes = await asyncio.gather(
+                *(
+                    self._lwt(
+                        "claim_outbox",
+                        until,
+                        self._outbox_bucket(int(row["id"])),
+                        row["id"],
+                        row["done_key"],
+                        row["claimed_until"],
+                    )
+                    for row in candidates
+                )
+            )
+            for row, (applied, _) in zip(candidates, outcomes, strict=True):
+                if applied:
+                    won.append(row)
+                else:
+                    lost.add(int(row["id"]))
+            if all(applied for applied, _ in outcomes):
+                break
+        return sorted(common.outbox_items(won), key=lambda item: item.id)
+
+    async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        await asyncio.gather(*(self._lwt("unclaim_outbox", self._outbox_bucket(i), i) for i in ids))
+
+    async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
+        await asyncio.gather(
+            *(self._lwt("mark_relayed", run, self._outbox_bucket(i), i) for i in ids)
+        )
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        found = await asyncio.gather(
+            *(self._run("outbox_row", self._outbox_bucket(i), i) for i in ids)
+        )
+        steps: list[Step] = []
+        for outbox_id, rows in zip(ids, found, strict=True):
+            for row in rows:
+                if row["topic"] is not None:
+                    steps += self._outbox_deletes(outbox_id, row["topic"], row["done_key"])
+        await self._batch(steps)
+
+    async def outbox_size(self) -> int:
+        buckets = await self._run("outbox_buckets")
+        counts = await asyncio.gather(
+            *(self._run("outbox_count", row["bucket"]) for row in buckets)
+        )
+        return sum(int(rows[0]["n"]) for rows in counts if rows)
+
+    # -- provider sends -----------------------------------------------------------------
+
+    async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
+        while True:
+            message = await self.get_message(message_id)
+            claim = common.send_claim(message)
+            if message is None or claim is not SendClaim.GO:
+                return claim, message
+            now = _ms(utcnow())
+            started = replace(message, send_started_at=now, updated_at=now)
+            await self._batch(self._stuck_inserts(started))
+            # The check and the record in one lightweight transaction: of concurrent
+            # claims exactly one applies; the others read the attempt and answer UNKNOWN.
+            applied, _ = await self._lwt("begin_send", now, now, message_id)
+            if applied:
+                await self._stuck_moved(message, started)
+                return SendClaim.GO, started
+
+    async def release_send(self, message_id: str) -> None:
+        message = await self.get_message(message_id)
+        if message is None or message.provider_message_id is not None:
+            return
+        now = _ms(utcnow())
+        released = replace(message, send_started_at=None, updated_at=now)
+        await self._batch(self._stuck_inserts(released))
+        applied, _ = await self._lwt("release_send", now, message_id)
+        if applied:
+            await self._stuck_moved(message, released)
+
+    # -- the watchdog -------------------------------------------------------------------
+
+    def _index_bucket(self, at: datetime) -> int:
+        return int(at.timestamp() * 1_000_000) // self._index_us
+
+    def _stuck_inserts(self, message: Message) -> list[Step]:
+        key = _stuck_key(message)
+        if key is None:
+            return []
+        kind, at = key
+        bucket = self._index_bucket(at)
+        return [
+            ("add_stuck_bucket", (kind, bucket)),
+            ("add_stuck", (kind, bucket, at, message.id)),
+        ]
+
+    async def _stuck_moved(self, before: Message, after: Message) -> None:
+        """Drop the watchdog entry of `before` once `after` is stored (a crash in
+        between leaves a stale entry, which the watchdog drops when it reads it)."""
+        old = _stuck_key(before)
+        if old is not None and old != _stuck_key(after):
+            kind, at = old
+            await self._run("drop_stuck", kind, self._index_bucket(at), at, before.id)
+
+    async def _stuck(self, kind: str, before: datetime, limit: int) -> tuple[Message, ...]:
+        found: list[Message] = []
+        old = self._index_bucket(utcnow() - self._prune_after)
+        for bucket_row in await self._run("stuck_buckets", kind, self._index_bucket(before)):
+            bucket = int(bucket_row["bucket"])
+            rows = await self._run("stuck_entries", kind, bucket, before)
+            # The messages are read a limit's worth at a time, until enough are found.
+            for start in range(0, len(rows), max(limit, 1)):
+                if len(found) >= limit:
+                    break
+                chunk = rows[start : start + max(limit, 1)]
+                messages = await asyncio.gather(*(self.get_message(r["message_id"]) for r in chunk))
+                for row, message in zip(chunk, messages, strict=True):
+                    at = _time(row["at"])
+                    if message is None or _stuck_key(message) != (kind, at):
+                        await self._run("drop_stuck", kind, bucket, at, row["message_id"])
+                    elif len(found) < limit:
+                        found.append(message)
+            if not rows and bucket < min(old, self._index_bucket(before)):
+                await self._run("drop_stuck_bucket", kind, bucket)
+            if len(found) >= limit:
+                break
+        return tuple(found)
+
+    async def stuck(
+        self,
+        pending_before: datetime,
+        unknown_before: datetime,
+        sent_before: datetime,
+        limit: int,
+    ) -> Stuck:
+        pending, unknown, sent = await asyncio.gather(
+            self._stuck("pending", pending_before, limit),
+            self._stuck("unknown", unknown_before, limit),
+            self._stuck("sent", sent_before, limit),
+        )
+        return Stuck(pending, unknown, sent)
+
+    async def redrive(self, message_id: str) -> bool:
+        message = await self.get_message(message_id)
+        if message is None or not common.redrivable(message):
+            return False
+        rows = await self._run("conversation", message.conversation_id)
+        if not rows:
+            return False
+        now = _ms(utcnow())
+        touched = replace(message, updated_at=now)
+        await self._batch(self._stuck_inserts(touched))
+        # Still PENDING with no send under way, checked and touched at once: a send
+        # claimed meanwhile wins, and the message is not handed off again.
+        applied, _ = await self._lwt("redrive", now, message_id)
+        if not applied:
+            return False
+        await self._stuck_moved(message, touched)
+        conversation = common.conversation_of_message(message, rows[0]["contact"])
+        await self._batch(
+            await self._done_deletes([(TOPIC_MESSAGES, message_id)])
+            + self._outbox_inserts([common.outbound_entry(conversation, message)])
+        )
+        return True
+
+    # -- dead letters -------------------------------------------------------------------
+
+    async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+        day: date = utcnow().date()
+        await self._run("dead_letter", day, topic, payload, reason)
+        await self._run("count_dead_letter")
+
+    async def dead_letter_count(self) -> int:
+        rows = await self._run("dead_letters")
+        return int(rows[0]["n"]) if rows else 0
+
+
+__all__ = ["CassandraAddress", "CassandraStore"]
