@@ -1,7 +1,7 @@
-"""Every role its own process, on Kafka + Redis + PostgreSQL: clients on both hubs see every
-status of their organization's conversations in seq order and nothing of another tenant's;
-and the same holds, with nothing lost or sent twice, when a status worker is killed, when
-Redis restarts and when the Kafka broker restarts mid-stream."""
+"""Every role its own process, on Kafka + Redis + PostgreSQL (and Cassandra): clients on
+both hubs see every status of their organization's conversations in seq order and nothing
+of another tenant's; and the same holds, with nothing lost or sent twice, when a status
+worker is killed, when Redis restarts and when the Kafka broker restarts mid-stream."""
 
 from __future__ import annotations
 
@@ -68,9 +68,9 @@ async def mid_stream(
 
 
 async def test_both_hubs_show_each_org_its_own_statuses_in_seq_order(
-    tmp_path: Path, kafka_url: str, redis_url: str, postgres_url: str, prefix: str
+    tmp_path: Path, kafka_url: str, redis_url: str, database_url: str, prefix: str
 ) -> None:
-    async with deployment(tmp_path, kafka_url, redis_url, postgres_url, prefix) as run:
+    async with deployment(tmp_path, kafka_url, redis_url, database_url, prefix) as run:
         await run.load.run(messages=60, rate=30)
         await settle(run.load, run.watchers)
         verdict = await oracle(run.cluster, run.load, run.watchers, exact=True)
