@@ -93,7 +93,9 @@ class Runtime:
         self.metrics = Metrics()
         self.deps = Deps(
             settings=settings,
-            store=open_store(settings.effective_database_url),
+            store=open_store(
+                settings.effective_database_url, sqlite_synchronous=settings.sqlite_synchronous
+            ),
             bus=open_bus(settings, self.metrics),
             fanout=open_fanout(settings),
             http=httpx.AsyncClient(timeout=settings.send_timeout_s),

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
+import uvloop
 
 from whatslike import __version__, serving
 from whatslike.app import Runtime, check_wiring
@@ -147,7 +148,9 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(_serve(settings, sock, args.log_level))
+    # uvloop: the event loop in C (uvicorn only picks it when it creates the loop itself).
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(settings, sock, args.log_level))
     return 0
 
 
@@ -167,7 +170,9 @@ def stuck(args: argparse.Namespace) -> int:
 
 
 async def _print_stuck(settings: Settings, older_than_s: float | None, *, as_json: bool) -> int:
-    store = open_store(settings.effective_database_url)
+    store = open_store(
+        settings.effective_database_url, sqlite_synchronous=settings.sqlite_synchronous
+    )
     await store.open()
     try:
         found = await find_stuck(store, settings, utcnow(), older_than_s)

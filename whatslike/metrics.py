@@ -38,6 +38,33 @@ class Metrics:
             "FAILED after delivery, recorded not applied",
             registry=r,
         )
+        self.status_consumed = Counter(
+            "whatslike_status_consumed_total", "Status events taken from the bus", registry=r
+        )
+        self.status_duplicates = Counter(
+            "whatslike_status_duplicates_total",
+            "Status events applied before (a redelivery): their frames published again",
+            registry=r,
+        )
+        self.status_bus_lag = Histogram(
+            "whatslike_status_bus_lag_seconds",
+            "From our receipt of a status to the status worker taking it from the bus",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30),
+            registry=r,
+        )
+        self.status_batch_size = Histogram(
+            "whatslike_status_batch_size",
+            "Statuses applied per store transaction (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "whatslike_store_seconds",
+            "Store call latency on the ingest path, by operation",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
         self.status_latency = Histogram(
             "whatslike_status_fanout_seconds",
             "From our receipt of the provider's news to the fan-out publish",

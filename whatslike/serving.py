@@ -269,4 +269,6 @@ def server_config(app: ASGIApp, settings: Settings, log_level: str) -> uvicorn.C
         lifespan="on",
         http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
         ws_max_size=settings.max_frame_bytes,
+        # Status frames are ~200 bytes: deflating each costs more CPU than it saves.
+        ws_per_message_deflate=False,
     )

@@ -10,7 +10,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,6 +42,9 @@ class Settings(BaseSettings):
 
     # Backends, selected by URL.
     database_url: str = ""  # default: sqlite file under data_dir
+    #: SQLite's `synchronous` under WAL: "normal" survives a crash of the process (or of
+    #: many), and a power loss may drop the last commits; "full" syncs every commit.
+    sqlite_synchronous: Literal["normal", "full"] = "full"
     bus_url: str = "memory://"
     fanout_url: str = "memory://"
 

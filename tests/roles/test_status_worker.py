@@ -159,3 +159,59 @@ async def test_a_message_the_provider_never_got_becomes_failed(store: SQLiteStor
     assert stored is not None
     assert stored.status is Status.FAILED
     assert await store.dead_letter_count() == 1
+
+
+async def test_statuses_arriving_together_are_applied_in_few_transactions(
+    store: SQLiteStore,
+) -> None:
+    """Group commit: with the worker started, the bus's consumers' events share store
+    transactions; every status is applied once, each conversation's seqs are gap free,
+    each frame is published, and the ingest metrics count them."""
+    conversations = [await store.create_conversation("org1", "whatsapp", f"+{n}") for n in range(8)]
+    messages = [(await store.create_message(c, "hi", ""))[0] for c in conversations for _ in (1, 2)]
+    fanout, metrics = FlakyFanout(failures=0), Metrics()
+    wiring = deps(store, fanout, metrics)
+    worker = StatusWorker(wiring)
+    await worker.start()
+    kinds = ((Status.SENT, 1), (Status.DELIVERED, 2), (Status.READ, 3))
+    for status, second in kinds:
+        for n, message in enumerate(messages):
+            event = replace(
+                sent(message),
+                event_id=f"evt_{n}_{status.value}",
+                status=status,
+                occurred_at=datetime(2026, 11, 25, 12, 0, second, tzinfo=UTC),
+                received_at=datetime.now(UTC),
+            )
+            await wiring.bus.publish(TOPIC_STATUS, message.conversation_id, event.to_json())
+    # All queued before the consumers start: they all reach the group commit at once.
+    await wiring.bus.start()
+    await asyncio.wait_for(_published(fanout, len(messages) * 3), 10)
+    await wiring.bus.stop()
+    await worker.stop()
+    await wiring.http.aclose()
+
+    by_conversation: dict[str, list[int]] = {}
+    for channel, payload in fanout.published:
+        by_conversation.setdefault(channel, []).append(json.loads(payload)["seq"])
+    assert sorted(by_conversation) == sorted(f"status:{c.id}" for c in conversations)
+    assert all(seqs == list(range(1, 7)) for seqs in by_conversation.values())
+    for message in messages:
+        stored = await store.get_message(message.id)
+        assert stored is not None
+        assert stored.status is Status.READ
+    sample = metrics.registry.get_sample_value
+    assert sample("whatslike_status_consumed_total") == 48
+    assert sample("whatslike_status_batch_size_sum") == 48
+    # Four partitions' consumers wait together: fewer transactions than statuses.
+    transactions = sample("whatslike_status_batch_size_count")
+    assert transactions is not None
+    assert transactions < 48
+    assert sample("whatslike_store_seconds_count", {"op": "apply_statuses"}) == transactions
+    assert sample("whatslike_status_bus_lag_seconds_count") == 48
+
+
+async def _published(fanout: FlakyFanout, count: int) -> None:
+    while len(fanout.published) < count:
+        fanout.arrived.clear()
+        await fanout.arrived.wait()

@@ -676,3 +676,118 @@ def test_open_store_picks_the_adapter_from_the_url() -> None:
         with pytest.raises(ConfigError, match="WHATSLIKE_DATABASE_URL") as caught:
             open_store(bad)
         assert "pw" not in str(caught.value)
+
+
+async def test_a_batch_answers_each_status_as_one_at_a_time_would(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+    first, _ = await store.create_message(conversation, "m1", "")
+    second, _ = await store.create_message(conversation, "m2", "")
+    sent = status_event(first, Status.SENT, at(1000))
+    batch = [
+        sent,
+        status_event(second, Status.SENT, at(1000)),
+        status_event(first, Status.DELIVERED, at(2000)),
+        sent,  # redelivered within the same batch: its frames again, no new seq
+        status_event(first, Status.SENT, at(1000)),  # the provider's resend: nothing
+        status_event(second, Status.FAILED, at(500), error=ERROR),
+    ]
+    unknown = StatusEvent(
+        event_id=new_id("evt"),
+        message_id="msg_nobody",
+        conversation_id=conversation.id,
+        org_id="org_a",
+        channel="whatsapp",
+        status=Status.SENT,
+        provider_message_id="wamid.nobody",
+        occurred_at=at(1000),
+    )
+    await store.handoff([status_entry(event) for event in batch])
+    results = await store.apply_statuses([*batch, unknown])
+    assert [r.effect for r in results] == [
+        Effect.CHANGED,
+        Effect.CHANGED,
+        Effect.CHANGED,
+        Effect.NOOP,
+        Effect.NOOP,
+        Effect.CHANGED,
+        Effect.NOOP,
+    ]
+    assert [seqs(r.frames) for r in results] == [[1], [2], [3], [1], [], [4], []]
+    assert results[3].frames == results[0].frames
+    assert results[-1].unknown_message
+    assert not any(r.unknown_message for r in results[:-1])
+    # Each answer is the message as it stood right after that event.
+    assert [r.message.status if r.message else None for r in results[:-1]] == [
+        Status.SENT,
+        Status.SENT,
+        Status.DELIVERED,
+        Status.DELIVERED,
+        Status.DELIVERED,
+        Status.FAILED,
+    ]
+    assert (await current(store, first)) == results[4].message
+    assert (await current(store, second)) == results[5].message
+    changes = await store.changes_since(conversation.id, 0, 100)
+    assert seqs(changes.frames) == [1, 2, 3, 4]
+    # Every applied event's hand-off is complete, in the same transaction.
+    left = await store.outbox_batch("run", 100)
+    assert [item.topic for item in left] == [TOPIC_MESSAGES] * 2
+    assert await store.apply_statuses([]) == []
+
+
+async def test_concurrent_batches_of_one_conversation_take_gap_free_seqs(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+    messages = [(await store.create_message(conversation, f"m{n}", ""))[0] for n in range(12)]
+    events = [
+        status_event(message, status, at(ms))
+        for message in messages
+        for status, ms in ((Status.SENT, 1000), (Status.DELIVERED, 2000), (Status.READ, 3000))
+    ]
+    # Batches that share messages and the conversation, committed concurrently (on
+    # PostgreSQL from several connections: their row locks must not deadlock).
+    batches = [events[i::4] for i in range(4)] + [list(reversed(events[::3]))]
+    answers = await asyncio.gather(*(store.apply_statuses(batch) for batch in batches))
+    taken = sorted(seq for results in answers for r in results for seq in seqs(r.frames))
+    changes = await store.changes_since(conversation.id, 0, 1000)
+    assert seqs(changes.frames) == list(range(1, changes.last_seq + 1))
+    assert len(set(taken)) == changes.last_seq
+    for message in messages:
+        assert (await current(store, message)).status is Status.READ
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(observations=OBSERVATIONS, data=st.data())
+async def test_statuses_in_batches_end_as_one_at_a_time(
+    store: Store, observations: list[Observation], data: st.DataObject
+) -> None:
+    message = await new_message(store)
+    events = [
+        status_event(message, obs.status, obs.occurred_at, error=obs.error) for obs in observations
+    ]
+    events += data.draw(st.lists(st.sampled_from(events), max_size=4))  # redeliveries
+    shuffled = data.draw(st.permutations(events))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(shuffled) - 1)), max_size=3)))
+    results: list[ApplyResult] = []
+    for start, end in zip([0, *cuts], [*cuts, len(shuffled)], strict=True):
+        results += await store.apply_statuses(shuffled[start:end])
+    assert len(results) == len(shuffled)
+    stored = await current(store, message)
+    assert stored.state == expected_state(observations)
+    changed = sum(result.effect is Effect.CHANGED for result in results)
+    changes = await store.changes_since(message.conversation_id, 0, 1000)
+    assert seqs(changes.frames) == list(range(1, changed + 1))
+    assert stored.seq == (changed or None)
+
+
+async def test_get_messages_reads_many_at_once(store: Store) -> None:
+    first = await new_message(store)
+    second = await new_message(store, "org_b")
+    found = await store.get_messages([second.id, "msg_nobody", first.id, first.id])
+    assert sorted(found, key=lambda m: m.id) == sorted(
+        [await current(store, first), await current(store, second)], key=lambda m: m.id
+    )
+    assert await store.get_messages([]) == []

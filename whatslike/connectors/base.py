@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from whatslike.connectors.meta import (
 )
 from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent, outbound_topic
+from whatslike.grouping import Grouped
 from whatslike.roles import Deps
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
@@ -77,6 +79,8 @@ class Handoff:
     entries: list[OutboxEntry] = field(default_factory=list)
     #: (channel, provider id) whose parked statuses are among `entries` now.
     parked: list[tuple[str, str]] = field(default_factory=list)
+    #: Our messages the webhook's items name (callback data), read at once up front.
+    named: dict[str, Message] = field(default_factory=dict)
 
 
 class ProviderUnavailable(WhatslikeError):
@@ -110,6 +114,8 @@ class MetaConnector(ABC, Generic[T]):
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
         self._rng = random.Random()
+        # Webhooks answered at the same time share one store transaction.
+        self._webhook_handoffs = Grouped(self._hand_off_many, f"{self.name}-handoffs", 256)
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
 
     def routes(self) -> list[BaseRoute]:
@@ -120,10 +126,10 @@ class MetaConnector(ABC, Generic[T]):
         ]
 
     async def start(self) -> None:
-        return None
+        self._webhook_handoffs.start()
 
     async def stop(self) -> None:
-        return None
+        await self._webhook_handoffs.stop()
 
     # -- channel specifics ------------------------------------------------------------
 
@@ -150,6 +156,11 @@ class MetaConnector(ABC, Generic[T]):
         self, parked: ParkedStatus, message: Message, handoff: Handoff
     ) -> None:
         """Add a parked payload's statuses now that its provider id is `message`'s."""
+
+    def named_messages(self, items: Sequence[T]) -> list[str]:
+        """Our message ids the items name (callback data), read in one go before
+        `collect`; none by default."""
+        return []
 
     def accepted(self, message: Message, provider_message_id: str, handoff: Handoff) -> None:
         """Called once Meta accepted the send (or it was accepted before a redelivery)."""
@@ -280,6 +291,18 @@ class MetaConnector(ABC, Generic[T]):
         self.add_status(handoff, stored, Status.FAILED, "", handoff.received_at, error=error)
         await self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)])
 
+    async def _hand_off_many(self, handoffs: list[Handoff]) -> list[None]:
+        """Several webhooks' hand-offs in one transaction: all of them, or none."""
+        started = time.perf_counter()
+        await self._store.handoff(
+            [entry for handoff in handoffs for entry in handoff.entries],
+            parked=[key for handoff in handoffs for key in handoff.parked],
+        )
+        self._metrics.store_seconds.labels("handoff").observe(time.perf_counter() - started)
+        if any(handoff.entries for handoff in handoffs):
+            self._handoffs.set()
+        return [None] * len(handoffs)
+
     async def _hand_off(self, handoff: Handoff, done: Sequence[tuple[str, str]] = ()) -> None:
         await self._store.handoff(handoff.entries, done=done, parked=handoff.parked)
         if handoff.entries:
@@ -307,9 +330,14 @@ class MetaConnector(ABC, Generic[T]):
             return error_response(400, "bad_request", str(exc))
         handoff = Handoff(utcnow())
         try:
+            named = self.named_messages(items)
+            if named:
+                found = await self._store.get_messages(named)
+                handoff.named = {message.id: message for message in found}
             for item in items:
                 await self.collect(item, handoff)
-            await self._hand_off(handoff)
+            if handoff.entries or handoff.parked:
+                await self._webhook_handoffs(handoff)
         except Exception as exc:
             # Meta redelivers a webhook that did not get a 200, so answering 503 loses
             # nothing: what was handed over already comes again and applies as a no-op.
@@ -340,7 +368,9 @@ class MetaConnector(ABC, Generic[T]):
         answer, or the answer was lost): then the id is linked here. A forged webhook
         naming some other message is parked like an unknown provider id, and expires."""
         if our_message_id:
-            claimed = await self._store.get_message(our_message_id)
+            claimed = handoff.named.get(our_message_id)
+            if claimed is None:
+                claimed = await self._store.get_message(our_message_id)
             if claimed is not None and claimed.channel == self.channel:
                 if claimed.provider_message_id == provider_message_id:
                     return claimed
@@ -348,6 +378,8 @@ class MetaConnector(ABC, Generic[T]):
                     waiting = await self._store.link_provider_id(
                         self.channel, provider_message_id, claimed.id
                     )
+                    # Changed now: a later item naming it reads it again.
+                    handoff.named.pop(claimed.id, None)
                     for item in waiting:
                         await self.collect_parked(item, claimed, handoff)
                     if waiting:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -145,6 +146,9 @@ class WhatsAppConnector(MetaConnector[WhatsAppStatus]):
 
     def parse(self, payload: dict[str, Any]) -> list[WhatsAppStatus]:
         return parse_statuses(payload)
+
+    def named_messages(self, items: Sequence[WhatsAppStatus]) -> list[str]:
+        return [item.callback_data for item in items if item.callback_data]
 
     async def collect(self, item: WhatsAppStatus, handoff: Handoff) -> None:
         if item.phone_number_id != self._settings.whatsapp_phone_number_id:

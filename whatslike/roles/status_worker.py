@@ -2,6 +2,13 @@
 resulting status frames; it also keeps every dead-lettered event in the store, and turns
 a message that could not be handed to the provider into a FAILED status.
 
+The bus's consumers (one per partition) hand their events to one group commit: while a
+store transaction runs, the events that arrive wait, and the next transaction takes them
+all (at most `MAX_BATCH`) through `apply_statuses`, so under load a commit carries many
+statuses and at low load nothing waits for a timer. Each consumer still waits for its own
+event's result before it publishes and takes its next event, so per-conversation order
+is kept (one conversation's events share a partition).
+
 Publishing happens after the store committed (the same transaction completed the event's
 outbox entry). If it fails, the bus redelivers the event and `apply_status` returns the
 same frames again (matched by event_id), so a notification is never lost; clients drop
@@ -13,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 
 from whatslike.clock import utcnow
 from whatslike.errors import MalformedEvent
@@ -25,8 +33,10 @@ from whatslike.events import (
     outbound_topic,
     status_channel,
 )
+from whatslike.grouping import Grouped
 from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.rules import Effect, ProviderError, Status
+from whatslike.store.base import ApplyResult
 from whatslike.store.common import status_entry
 
 log = logging.getLogger(__name__)
@@ -35,6 +45,8 @@ log = logging.getLogger(__name__)
 UNSENT_SOURCES = (TOPIC_MESSAGES, outbound_topic("whatsapp"), outbound_topic("instagram"))
 DEAD_LETTER_SOURCES = (*UNSENT_SOURCES, TOPIC_STATUS)
 SEND_FAILED = ProviderError("send_failed", "Could not be handed to the provider")
+#: Statuses applied in one store transaction at most.
+MAX_BATCH = 256
 
 
 class StatusWorker(RoleDefaults):
@@ -45,16 +57,36 @@ class StatusWorker(RoleDefaults):
         self._fanout = deps.fanout
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
+        self._commit = Grouped(self._apply_many, "status-group-commit", MAX_BATCH)
         deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
         for topic in DEAD_LETTER_SOURCES:
             deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
 
+    async def start(self) -> None:
+        self._commit.start()
+
+    async def stop(self) -> None:
+        await self._commit.stop()
+
+    async def _apply_many(self, events: list[StatusEvent]) -> list[ApplyResult]:
+        started = time.perf_counter()
+        results = await self._store.apply_statuses(events)
+        self._metrics.store_seconds.labels("apply_statuses").observe(time.perf_counter() - started)
+        self._metrics.status_batch_size.observe(len(events))
+        return results
+
     async def apply(self, raw: bytes) -> None:
         event = StatusEvent.from_json(raw)
-        result = await self._store.apply_status(event)
+        self._metrics.status_consumed.inc()
+        if event.received_at is not None:
+            lag = (utcnow() - event.received_at).total_seconds()
+            self._metrics.status_bus_lag.observe(max(lag, 0.0))
+        result = await self._commit(event)
         if result.unknown_message or result.message is None:
             raise MalformedEvent(f"no message {event.message_id!r}")
         self._metrics.status_applied.labels(result.effect.value).inc()
+        if result.frames and result.effect is Effect.NOOP:
+            self._metrics.status_duplicates.inc()
         if result.effect is Effect.ANOMALY:
             self._metrics.status_anomalies.inc()
             log.warning(

@@ -9,17 +9,17 @@ from whatslike.errors import ConfigError
 from whatslike.store.base import Store
 from whatslike.store.cassandra import CassandraStore
 from whatslike.store.postgres import PostgresStore
-from whatslike.store.sqlite import SQLiteStore
+from whatslike.store.sqlite import SQLiteStore, SQLiteSynchronous
 
 _SQLITE_PREFIX = "sqlite:///"
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, sqlite_synchronous: SQLiteSynchronous = "full") -> Store:
     """An unopened store for ``sqlite:///relative.db``, ``sqlite:////abs.db``,
     ``postgresql://…`` (``postgres://…``) or ``cassandra://host:port/keyspace``; call
     `open()` on it before use."""
     if url.startswith(_SQLITE_PREFIX) and len(url) > len(_SQLITE_PREFIX):
-        return SQLiteStore(Path(url[len(_SQLITE_PREFIX) :]))
+        return SQLiteStore(Path(url[len(_SQLITE_PREFIX) :]), synchronous=sqlite_synchronous)
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore(url)
     if url.startswith("cassandra://"):

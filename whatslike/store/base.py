@@ -153,6 +153,9 @@ class Store(Protocol):
 
     async def get_message(self, message_id: str) -> Message | None: ...
 
+    async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
+        """The messages of these ids that exist, in one read, in no particular order."""
+
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
         """Oldest first; None when the conversation is not this organization's."""
 
@@ -185,6 +188,14 @@ class Store(Protocol):
     async def apply_status(self, event: StatusEvent) -> ApplyResult:
         """Apply the status rules and, for a status change, assign the conversation's
         next seq, in one transaction, which also completes the event's outbox entry."""
+
+    async def apply_statuses(self, events: Sequence[StatusEvent]) -> list[ApplyResult]:
+        """`apply_status` of each event, in order, all in ONE transaction (group commit):
+        answers one result per event, in the same order, each as `apply_status` alone
+        would have (a later event sees what the earlier ones did, even on the same
+        message). If it raises, none is applied — except on a store with no transaction
+        across partitions (Cassandra), where those before the failure may be, and the
+        retry finds them by event id (a replay: no change, their frames again)."""
 
     # -- hand-offs (the transactional outbox) -------------------------------------------
 

@@ -761,8 +761,9 @@ class CassandraStore:
         rows = await self._run("message", message_id)
         return _message(rows[0]) if rows else None
 
-    async def _messages(self, ids: Sequence[str]) -> list[Message]:
-        found = await asyncio.gather(*(self.get_message(message_id) for message_id in ids))
+    async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
+        # One partition per message: concurrent reads are the one round trip here.
+        found = await asyncio.gather(*(self.get_message(i) for i in dict.fromkeys(message_ids)))
         return [message for message in found if message is not None]
 
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
@@ -772,14 +773,14 @@ class CassandraStore:
         ids: list[str] = []
         for month in months:
             ids += [row["id"] for row in await self._run("list", conversation_id, month)]
-        return await self._messages(ids)
+        return await self.get_messages(ids)
 
     async def unread_up_to(self, message_id: str) -> list[Message]:
         target = await self.get_message(message_id)
         if target is None:
             return []
         rows = await self._run("unread", target.conversation_id, target.created_at)
-        candidates = await self._messages([row["id"] for row in rows])
+        candidates = await self.get_messages([row["id"] for row in rows])
         return [
             message
             for message in candidates
@@ -866,6 +867,12 @@ class CassandraStore:
             if self._bucket(last + 1) == bucket:
                 return last
             bucket += 1
+
+    async def apply_statuses(self, events: Sequence[StatusEvent]) -> list[ApplyResult]:
+        """One after the other, in order: Cassandra has no transaction across partitions.
+        If one raises, those before it stay applied; the caller's retry finds them by
+        event id (a replay that changes nothing and gives their frames back)."""
+        return [await self.apply_status(event) for event in events]
 
     async def apply_status(self, event: StatusEvent) -> ApplyResult:
         result = await self._apply(event)

@@ -294,6 +294,16 @@ class PostgresStore:
             )
         return _message(row) if row else None
 
+    async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
+        if not message_ids:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ANY($1::text[])",
+                list(message_ids),
+            )
+        return [_message(row) for row in rows]
+
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
         async with self._connection() as conn:
             owned = await conn.fetchval(
@@ -376,69 +386,25 @@ class PostgresStore:
         return None
 
     async def apply_status(self, event: StatusEvent) -> ApplyResult:
+        return (await self.apply_statuses([event]))[0]
+
+    async def apply_statuses(self, events: Sequence[StatusEvent]) -> list[ApplyResult]:
+        if not events:
+            return []
         async with self._connection() as conn, conn.transaction():
-            # The row lock serializes the statuses of one message; the conversation row
-            # (updated below, always after the message row) serializes its seqs.
-            row = await conn.fetchrow(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
-                event.message_id,
-            )
-            if row is None:
-                return common.UNKNOWN_MESSAGE
-            message = _message(row)
-            await conn.execute(
-                "DELETE FROM outbox WHERE done_key = $1 AND topic = $2",
-                event.event_id,
-                TOPIC_STATUS,
-            )
-            earlier = await conn.fetch(
-                "SELECT frame FROM changes WHERE event_id = $1 AND message_id = $2 ORDER BY seq",
-                event.event_id,
-                message.id,
-            )
-            if earlier:
-                return common.replayed(message, common.frames_of(earlier))
-            transition = rules.apply(message.state, common.observation_of(event))
-            if transition.effect is Effect.NOOP:
-                return ApplyResult(effect=Effect.NOOP, message=message)
-            state, seq = transition.state, message.seq
-            frames: tuple[str, ...] = ()
-            if transition.effect is Effect.CHANGED:
-                seq = int(
-                    await conn.fetchval(
-                        "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1"
-                        " RETURNING last_seq",
-                        message.conversation_id,
-                    )
-                )
-                frame = common.change_frame(message, state, seq, event.occurred_at)
-                frames = (frame,)
+            if len(events) > 1:
+                # Every row lock up front, in one order (messages, then conversations, each
+                # by id): two batches, or a batch and one `apply_status`, cannot deadlock.
                 await conn.execute(
-                    "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
-                    " VALUES ($1, $2, $3, $4, $5)",
-                    message.conversation_id,
-                    seq,
-                    message.id,
-                    event.event_id,
-                    frame,
+                    "SELECT 1 FROM messages WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                    sorted({e.message_id for e in events}),
                 )
-            now = utcnow()
-            await conn.execute(
-                "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
-                " read_at = $6, failed_at = $7, error_code = $8, error_title = $9,"
-                " updated_at = $10 WHERE id = $1",
-                message.id,
-                state.status.value,
-                seq,
-                state.sent_at,
-                state.delivered_at,
-                state.read_at,
-                state.failed_at,
-                state.error.code if state.error else None,
-                state.error.title if state.error else None,
-                now,
-            )
-        return common.applied(message, transition, seq, frames, now)
+                await conn.execute(
+                    "SELECT 1 FROM conversations WHERE id IN (SELECT conversation_id FROM"
+                    " messages WHERE id = ANY($1::text[])) ORDER BY id FOR UPDATE",
+                    sorted({e.message_id for e in events}),
+                )
+            return [await _apply(conn, event) for event in events]
 
     async def handoff(
         self,
@@ -624,6 +590,71 @@ class PostgresStore:
     async def dead_letter_count(self) -> int:
         async with self._connection() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
+
+
+async def _apply(conn: _Connection, event: StatusEvent) -> ApplyResult:
+    """`apply_status` of one event, inside the caller's transaction."""
+    # The row lock serializes the statuses of one message; the conversation row
+    # (updated below, always after the message row) serializes its seqs.
+    row = await conn.fetchrow(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
+        event.message_id,
+    )
+    if row is None:
+        return common.UNKNOWN_MESSAGE
+    message = _message(row)
+    await conn.execute(
+        "DELETE FROM outbox WHERE done_key = $1 AND topic = $2",
+        event.event_id,
+        TOPIC_STATUS,
+    )
+    earlier = await conn.fetch(
+        "SELECT frame FROM changes WHERE event_id = $1 AND message_id = $2 ORDER BY seq",
+        event.event_id,
+        message.id,
+    )
+    if earlier:
+        return common.replayed(message, common.frames_of(earlier))
+    transition = rules.apply(message.state, common.observation_of(event))
+    if transition.effect is Effect.NOOP:
+        return ApplyResult(effect=Effect.NOOP, message=message)
+    state, seq = transition.state, message.seq
+    frames: tuple[str, ...] = ()
+    if transition.effect is Effect.CHANGED:
+        seq = int(
+            await conn.fetchval(
+                "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+                message.conversation_id,
+            )
+        )
+        frame = common.change_frame(message, state, seq, event.occurred_at)
+        frames = (frame,)
+        await conn.execute(
+            "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            message.conversation_id,
+            seq,
+            message.id,
+            event.event_id,
+            frame,
+        )
+    now = utcnow()
+    await conn.execute(
+        "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
+        " read_at = $6, failed_at = $7, error_code = $8, error_title = $9,"
+        " updated_at = $10 WHERE id = $1",
+        message.id,
+        state.status.value,
+        seq,
+        state.sent_at,
+        state.delivered_at,
+        state.read_at,
+        state.failed_at,
+        state.error.code if state.error else None,
+        state.error.title if state.error else None,
+        now,
+    )
+    return common.applied(message, transition, seq, frames, now)
 
 
 async def _add_outbox(conn: _Connection, entries: Sequence[OutboxEntry]) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
@@ -123,6 +123,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _Rows = list[sqlite3.Row]
+SQLiteSynchronous = Literal["normal", "full"]
+#: Ids bound in one `IN (...)`, well under SQLite's limit of bound variables.
+_IDS_PER_QUERY = 500
+T = TypeVar("T")
 
 
 def _stored(at: datetime | None) -> str | None:
@@ -140,8 +144,9 @@ def _message(row: sqlite3.Row) -> Message:
 class SQLiteStore:
     """The `Store` port on a SQLite file; the parent directory is created at `open()`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, synchronous: SQLiteSynchronous = "full") -> None:
         self.path = path
+        self._synchronous = synchronous
         self._db: aiosqlite.Connection | None = None
         # One connection is shared; the lock also keeps reads from seeing another
         # coroutine's uncommitted transaction on that same connection.
@@ -157,8 +162,12 @@ class SQLiteStore:
             db.row_factory = sqlite3.Row
             try:
                 await db.execute("PRAGMA journal_mode = WAL")
-                # Every commit reaches the disk before it returns: a 202 survives a power loss.
-                await db.execute("PRAGMA synchronous = FULL")
+                # NORMAL (under WAL): a commit is in the log before it returns, so it
+                # survives the process dying; the log reaches the disk at checkpoints, so
+                # a power loss may drop the last commits (README, "Durability"). FULL
+                # syncs each commit (~5 ms here), which caps the commits per second.
+                level = "FULL" if self._synchronous == "full" else "NORMAL"
+                await db.execute(f"PRAGMA synchronous = {level}")
                 await db.execute("PRAGMA foreign_keys = ON")
                 # Another process on the same file (e.g. the CLI) waits instead of failing.
                 await db.execute("PRAGMA busy_timeout = 5000")
@@ -229,6 +238,17 @@ class SQLiteStore:
         async with self._reading() as db:
             return await _fetch(db, sql, parameters)
 
+    async def _in_thread(self, work: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        """Run `work` on the database thread in one hop (aiosqlite's own queue of calls,
+        run in order on its thread): a transaction of many statements costs one
+        thread round trip instead of one per statement. A write runs in one
+        `BEGIN IMMEDIATE` transaction."""
+        async with self._lock, self._unavailable_on_error():
+            db = self._connection()
+            call = _transactional(work) if write else work
+            result: T = await db._execute(call, db._conn)  # type: ignore[no-untyped-call]
+            return result
+
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
         async with self._transaction() as db:
@@ -271,7 +291,7 @@ class SQLiteStore:
                 ),
             )
             if inserted:
-                await _add_outbox(db, [common.outbound_entry(conversation, message)])
+                await _add_outbox_async(db, [common.outbound_entry(conversation, message)])
                 return message, True
             rows = await _fetch(
                 db,
@@ -286,6 +306,21 @@ class SQLiteStore:
             f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
         )
         return _message(rows[0]) if rows else None
+
+    async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
+        ids = list(dict.fromkeys(message_ids))
+
+        def work(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            rows: list[sqlite3.Row] = []
+            for start in range(0, len(ids), _IDS_PER_QUERY):
+                chunk = ids[start : start + _IDS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                rows += conn.execute(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id IN ({marks})", chunk
+                ).fetchall()
+            return rows
+
+        return [_message(row) for row in await self._in_thread(work, write=False)] if ids else []
 
     async def list_messages(self, org_id: str, conversation_id: str) -> list[Message] | None:
         async with self._reading() as db:
@@ -368,65 +403,12 @@ class SQLiteStore:
         return None
 
     async def apply_status(self, event: StatusEvent) -> ApplyResult:
-        async with self._transaction() as db:
-            rows = await _fetch(
-                db,
-                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?",
-                (event.message_id,),
-            )
-            if not rows:
-                return common.UNKNOWN_MESSAGE
-            message = _message(rows[0])
-            await db.execute(
-                "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
-                (event.event_id, TOPIC_STATUS),
-            )
-            earlier = await _fetch(
-                db,
-                "SELECT frame FROM changes WHERE event_id = ? AND message_id = ? ORDER BY seq",
-                (event.event_id, message.id),
-            )
-            if earlier:
-                return common.replayed(message, common.frames_of(earlier))
-            transition = rules.apply(message.state, common.observation_of(event))
-            if transition.effect is Effect.NOOP:
-                return ApplyResult(effect=Effect.NOOP, message=message)
-            state, seq = transition.state, message.seq
-            frames: tuple[str, ...] = ()
-            if transition.effect is Effect.CHANGED:
-                bumped = await _fetch(
-                    db,
-                    "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ?"
-                    " RETURNING last_seq",
-                    (message.conversation_id,),
-                )
-                seq = int(bumped[0]["last_seq"])
-                frame = common.change_frame(message, state, seq, event.occurred_at)
-                frames = (frame,)
-                await db.execute(
-                    "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (message.conversation_id, seq, message.id, event.event_id, frame),
-                )
-            now = utcnow()
-            await db.execute(
-                "UPDATE messages SET status = ?, seq = ?, sent_at = ?, delivered_at = ?,"
-                " read_at = ?, failed_at = ?, error_code = ?, error_title = ?, updated_at = ?"
-                " WHERE id = ?",
-                (
-                    state.status.value,
-                    seq,
-                    _stored(state.sent_at),
-                    _stored(state.delivered_at),
-                    _stored(state.read_at),
-                    _stored(state.failed_at),
-                    state.error.code if state.error else None,
-                    state.error.title if state.error else None,
-                    format_time(now),
-                    message.id,
-                ),
-            )
-        return common.applied(message, transition, seq, frames, now)
+        return (await self.apply_statuses([event]))[0]
+
+    async def apply_statuses(self, events: Sequence[StatusEvent]) -> list[ApplyResult]:
+        if not events:
+            return []
+        return await self._in_thread(lambda conn: [_apply(conn, e) for e in events], write=True)
 
     async def handoff(
         self,
@@ -435,16 +417,18 @@ class SQLiteStore:
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
     ) -> None:
-        async with self._transaction() as db:
-            await _add_outbox(db, entries)
-            await db.executemany(
+        def work(conn: sqlite3.Connection) -> None:
+            _add_outbox(conn, entries)
+            conn.executemany(
                 "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
                 [(done_key, topic) for topic, done_key in done],
             )
-            await db.executemany(
+            conn.executemany(
                 "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
                 parked,
             )
+
+        await self._in_thread(work, write=True)
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         rows = await self._read(
@@ -473,14 +457,18 @@ class SQLiteStore:
             )
 
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
-        async with self._transaction() as db:
-            await db.executemany(
+        await self._in_thread(
+            lambda conn: conn.executemany(
                 "UPDATE outbox SET relayed_run = ? WHERE id = ?", [(run, i) for i in ids]
-            )
+            ),
+            write=True,
+        )
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
-        async with self._transaction() as db:
-            await db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        await self._in_thread(
+            lambda conn: conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]),
+            write=True,
+        )
 
     async def outbox_size(self) -> int:
         rows = await self._read("SELECT count(*) AS n FROM outbox")
@@ -555,7 +543,7 @@ class SQLiteStore:
                 "DELETE FROM outbox WHERE done_key = ? AND topic = ?", (message_id, TOPIC_MESSAGES)
             )
             conversation = common.conversation_of_message(message, rows[0]["contact"])
-            await _add_outbox(db, [common.outbound_entry(conversation, message)])
+            await _add_outbox_async(db, [common.outbound_entry(conversation, message)])
             await db.execute(
                 "UPDATE messages SET updated_at = ? WHERE id = ?",
                 (format_time(utcnow()), message_id),
@@ -601,12 +589,95 @@ async def _fetch(db: aiosqlite.Connection, sql: str, parameters: Iterable[Any] =
     return list(await db.execute_fetchall(sql, parameters))
 
 
-async def _add_outbox(db: aiosqlite.Connection, entries: Iterable[OutboxEntry]) -> None:
+def _outbox_rows(entries: Iterable[OutboxEntry]) -> list[tuple[str, str, bytes, str, str]]:
     now = format_time(utcnow())
-    await db.executemany(
-        "INSERT INTO outbox (topic, key, payload, done_key, created_at) VALUES (?, ?, ?, ?, ?)",
-        [(e.topic, e.key, e.payload, e.done_key, now) for e in entries],
+    return [(e.topic, e.key, e.payload, e.done_key, now) for e in entries]
+
+
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (topic, key, payload, done_key, created_at) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _add_outbox(conn: sqlite3.Connection, entries: Iterable[OutboxEntry]) -> None:
+    conn.executemany(_INSERT_OUTBOX, _outbox_rows(entries))
+
+
+async def _add_outbox_async(db: aiosqlite.Connection, entries: Iterable[OutboxEntry]) -> None:
+    await db.executemany(_INSERT_OUTBOX, _outbox_rows(entries))
+
+
+def _transactional(work: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`work` in one `BEGIN IMMEDIATE` transaction, rolled back if it raises."""
+
+    def run(conn: sqlite3.Connection) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    return run
+
+
+def _apply(conn: sqlite3.Connection, event: StatusEvent) -> ApplyResult:
+    """`apply_status` of one event, inside the caller's transaction."""
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (event.message_id,)
+    ).fetchall()
+    if not rows:
+        return common.UNKNOWN_MESSAGE
+    message = _message(rows[0])
+    conn.execute(
+        "DELETE FROM outbox WHERE done_key = ? AND topic = ?", (event.event_id, TOPIC_STATUS)
     )
+    earlier = conn.execute(
+        "SELECT frame FROM changes WHERE event_id = ? AND message_id = ? ORDER BY seq",
+        (event.event_id, message.id),
+    ).fetchall()
+    if earlier:
+        return common.replayed(message, common.frames_of(earlier))
+    transition = rules.apply(message.state, common.observation_of(event))
+    if transition.effect is Effect.NOOP:
+        return ApplyResult(effect=Effect.NOOP, message=message)
+    state, seq = transition.state, message.seq
+    frames: tuple[str, ...] = ()
+    if transition.effect is Effect.CHANGED:
+        bumped = conn.execute(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+            (message.conversation_id,),
+        ).fetchall()
+        seq = int(bumped[0]["last_seq"])
+        frame = common.change_frame(message, state, seq, event.occurred_at)
+        frames = (frame,)
+        conn.execute(
+            "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (message.conversation_id, seq, message.id, event.event_id, frame),
+        )
+    now = utcnow()
+    conn.execute(
+        "UPDATE messages SET status = ?, seq = ?, sent_at = ?, delivered_at = ?,"
+        " read_at = ?, failed_at = ?, error_code = ?, error_title = ?, updated_at = ?"
+        " WHERE id = ?",
+        (
+            state.status.value,
+            seq,
+            _stored(state.sent_at),
+            _stored(state.delivered_at),
+            _stored(state.read_at),
+            _stored(state.failed_at),
+            state.error.code if state.error else None,
+            state.error.title if state.error else None,
+            format_time(now),
+            message.id,
+        ),
+    )
+    return common.applied(message, transition, seq, frames, now)
 
 
 async def _ensure_organization(db: aiosqlite.Connection, org_id: str) -> None:
