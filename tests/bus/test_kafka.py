@@ -298,6 +298,20 @@ async def test_dead_letters_after_max_attempts_and_at_once_when_malformed(
     assert calls == {b"broken": 3, b"\xff\xfe": 1, b"after": 1}
 
 
+async def test_consumer_groups_carry_the_topic_prefix(kafka_url: str, prefix: str) -> None:
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), Metrics())
+    bus.subscribe(TOPIC, "g", Collector())
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka_url))
+    async with running(bus):
+        await wait_assigned(bus, "g")
+        await admin.start()
+        try:
+            groups = {entry[0] for entry in await admin.list_consumer_groups()}
+        finally:
+            await admin.close()
+    assert f"{prefix}g" in groups
+
+
 async def test_a_second_member_shares_the_partitions_and_nothing_is_lost(
     kafka_url: str, prefix: str
 ) -> None:

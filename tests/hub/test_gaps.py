@@ -58,6 +58,21 @@ async def test_a_gap_sends_each_subscriber_what_it_missed_in_order(hub: Harness)
         assert seqs(await statuses_until_pong(ws, 2)) == [5]
 
 
+async def test_a_live_frame_past_a_lost_one_fills_the_hole_from_the_store(hub: Harness) -> None:
+    """A publish lost without the hub's link breaking (the worker published while the
+    hub was still resubscribing): the next live frame shows the hole."""
+    conversation = await hub.conversation()
+    async with hub.client() as ws:
+        await connected(ws)
+        await send(ws, type="subscribe", conversation_id=conversation.id, ref="s")
+        assert (await receive(ws))["seq"] == 0
+        lost, heard = await hub.changes(conversation, 2)
+        await hub.publish(conversation, heard)
+        assert seqs(await statuses(ws, 2)) == [1, 2]
+        await hub.publish(conversation, lost, *await hub.changes(conversation, 1))
+        assert seqs(await statuses_until_pong(ws, 1)) == [3]
+
+
 async def test_a_gap_beyond_the_replay_limit_tells_the_client_to_reload(tmp_path: Path) -> None:
     async with running_hub(tmp_path, replay_limit=2) as harness, harness.client() as ws:
         conversation = await harness.conversation()

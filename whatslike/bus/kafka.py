@@ -291,7 +291,9 @@ class KafkaBus:
         group.consumer = AIOKafkaConsumer(
             bootstrap_servers=self._servers,
             client_id=f"whatslike-{group.name}",
-            group_id=group.name,
+            # Prefixed like the topics: deployments (and tests) sharing a broker share
+            # no group, so one's rebalance never stalls another's.
+            group_id=self._prefix + group.name,
             enable_auto_commit=False,
             # A group's first start reads what was published before it joined: the API may
             # accept messages before the router's first start, and they must not be lost.

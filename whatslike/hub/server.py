@@ -286,7 +286,20 @@ class Hub:
             frame = payload.decode("utf-8")
             for conn_id in listeners:
                 conn = self._connections.get(conn_id)
-                if conn is not None and not conn.offer(conversation_id, seq, frame):
+                if conn is None:
+                    continue
+                subscription = conn.subscriptions.get(conversation_id)
+                if (
+                    subscription is not None
+                    and subscription.held is None
+                    and seq > subscription.high_seq + 1
+                ):
+                    # A hole: a publish was lost (Pub/Sub delivers at most once, e.g.
+                    # around a Redis restart). Held; the store fills the hole first.
+                    subscription.held = [(seq, frame)]
+                    self._spawn(self._recover(conn, conversation_id, hole=True))
+                    continue
+                if not conn.offer(conversation_id, seq, frame):
                     self._evict(conn, SLOW_CONSUMER, "slow consumer")
         except Exception:
             # The fan-out adapter must keep delivering to everyone else.
@@ -614,19 +627,21 @@ class Hub:
 
         await asyncio.gather(*(reader() for _ in range(RECOVERY_READS)))
 
-    async def _recover(self, conn: _Connection, conversation_id: str) -> None:
+    async def _recover(self, conn: _Connection, conversation_id: str, hole: bool = False) -> None:
         """Send one subscription what the store has after its last frame, merged with the
         live frames that come meanwhile; when that cannot be complete, tell the client to
-        reload (`subscribed` with `recovered: false`, as for a `since` beyond the store)."""
+        reload (`subscribed` with `recovered: false`, as for a `since` beyond the store).
+        `hole`: called for a live frame past a missing seq, already held."""
         subscription = conn.subscriptions.get(conversation_id)
         if subscription is None:
             return
-        if subscription.held is not None:
+        if subscription.held is not None and not hole:
             subscription.gap = True  # the read in flight may predate the gap: it calls back
             return
         while True:
             subscription.gap = False
-            subscription.held = []
+            if subscription.held is None:
+                subscription.held = []
             try:
                 changes = await self._store.changes_since(
                     conversation_id, subscription.high_seq, self._settings.replay_limit
