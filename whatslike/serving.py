@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from whatslike.hub.transport import HubWebSocketProtocol
 from whatslike.settings import Settings
 
 #: Request bodies Meta may send (it documents webhooks of up to 3 MB); elsewhere the
@@ -268,5 +269,9 @@ def server_config(app: ASGIApp, settings: Settings, log_level: str) -> uvicorn.C
         log_level=log_level,
         lifespan="on",
         http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+        # The hub writes ready frames straight to sockets through this protocol, and
+        # compresses nothing: its frames are a few hundred bytes.
+        ws=HubWebSocketProtocol,
+        ws_per_message_deflate=False,
         ws_max_size=settings.max_frame_bytes,
     )

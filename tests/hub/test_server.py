@@ -28,6 +28,7 @@ from whatslike.events import StatusEvent, status_channel
 from whatslike.fanout import Fanout
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.hub.server import MAX_BATCH, Hub, Reply, coalesce, status_seq
+from whatslike.hub.transport import HubWebSocketProtocol
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings
@@ -158,7 +159,8 @@ async def running_hub(
         )
         hub = Hub(deps)
         app = Starlette(routes=hub.routes())
-        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=HubWebSocketProtocol)
+        server = uvicorn.Server(config)
         sock = _free_socket()
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         await eventually(lambda: server.started or serving.done(), "uvicorn serves")
@@ -500,15 +502,31 @@ async def test_too_many_subscriptions(tmp_path: Path) -> None:
             )
 
 
-async def test_queued_frames_are_sent_as_one_batch(hub: Harness) -> None:
+async def test_frames_are_written_one_by_one_to_a_socket_that_takes_them(hub: Harness) -> None:
     conversation = await hub.conversation()
     async with hub.client() as ws:
         await connected(ws)
         await send(ws, type="subscribe", conversation_id=conversation.id)
         await receive(ws)
         frames = await hub.changes(conversation, 3)
-        # Published without yielding to the loop: the writer finds all three queued.
         await hub.publish(conversation, *frames)
+        received = [await receive(ws) for _ in frames]
+    assert received == [json.loads(frame) for frame in frames]
+
+
+async def test_frames_queued_behind_a_slow_socket_are_sent_as_one_batch(hub: Harness) -> None:
+    conversation = await hub.conversation()
+    async with hub.client() as ws:
+        await connected(ws)
+        await send(ws, type="subscribe", conversation_id=conversation.id)
+        await receive(ws)
+        (conn,) = hub.hub._connections.values()
+        # As the transport does when its buffer passes the high-water mark.
+        conn.socket.pause_writing()
+        frames = await hub.changes(conversation, 3)
+        await hub.publish(conversation, *frames)
+        assert conn.backlog is not None and len(conn.backlog) == 3
+        conn.socket.resume_writing()
         batch = await receive(ws)
     assert batch == {"type": "batch", "frames": [json.loads(frame) for frame in frames]}
 
