@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -207,10 +208,11 @@ class Bench:
         result = Result(target)
         common = ["--target", target, "--url", url, "--serverpid", str(pid), *extra]
         say(f"{target}: load.mjs")
-        lines = node_json(
-            ["load.mjs", *common, "--redispid", str(redis_pid), *self.load_args()],
-            self.node_env(), self.harness, target,
-        )  # fmt: skip
+        with self.profiled(target, pid):
+            lines = node_json(
+                ["load.mjs", *common, "--redispid", str(redis_pid), *self.load_args()],
+                self.node_env(), self.harness, target,
+            )  # fmt: skip
         result.steps = [line for line in lines if "rate" in line]
         if self.args.storm_clients:
             say(f"{target}: storm.mjs")
@@ -219,6 +221,22 @@ class Bench:
             )
             result.storm = storm[-1] if storm else {}
         return result
+
+    @contextlib.contextmanager
+    def profiled(self, target: str, pid: int) -> Iterator[None]:
+        """With --profile, py-spy samples our hub during load.mjs (collapsed stacks)."""
+        if not self.args.profile or target != "wl":
+            yield
+            return
+        out = Path(self.args.profile).resolve()
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        argv = [spy, "record", "--pid", str(pid), "--rate", "100", "--nonblocking"]
+        argv += ["--format", "raw", "--output", str(out)]
+        with process(argv, dict(os.environ), self.work / "py-spy.log") as spying:
+            say(f"py-spy records the hub into {out}")
+            yield
+            spying.send_signal(signal.SIGINT)
+            spying.wait(30)
 
     def peer(self, redis_pid: int) -> Result:
         port = free_port()
@@ -394,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storm-clients", type=int, default=10_000, help="0: no storm")
     parser.add_argument("--settle", type=int, default=10)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--only", choices=("sio", "wl"))
+    parser.add_argument("--only", nargs="+", choices=("sio", "base", "wl"))
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
     parser.add_argument(
         "--baseline",
@@ -402,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "another commit's whatslike/, e.g. from `git archive`)",
     )
     parser.add_argument("--baseline-label", default="baseline", help="its column's name")
+    parser.add_argument("--profile", help="py-spy our hub during load.mjs into this file")
     args = parser.parse_args(argv)
     raise_nofile()
     results: dict[str, list[Result]] = {}
@@ -411,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with bench.redis() as redis:
             for run in range(args.runs):
                 for target in ("sio", "base", "wl"):
-                    if (args.only and target != args.only) or (
+                    if (args.only and target not in args.only) or (
                         target == "base" and not args.baseline
                     ):
                         continue

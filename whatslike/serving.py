@@ -76,12 +76,16 @@ class QuietDenials(logging.Filter):
     """uvicorn's WebSocket protocol logs an ERROR after every upgrade the app refused with
     an HTTP answer (it counts the refusal as a handshake never completed): one per bad
     token would let anyone flood the log. The hub logs refusals itself, at INFO, at most
-    once per interval, so this line is dropped."""
+    once per interval, so this line is dropped; so is the INFO line uvicorn writes for
+    every accepted WebSocket (10,000 reconnecting clients would write 10,000 lines; the
+    hub counts connections in its metrics)."""
 
-    NOISE = "ASGI callable returned without completing handshake."
+    NOISE = frozenset(
+        ("ASGI callable returned without completing handshake.", '%s - "WebSocket %s" [accepted]')
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != self.NOISE
+        return record.msg not in self.NOISE
 
 
 def secrets_of(settings: Settings, jwt_secret: str) -> list[str]:

@@ -138,7 +138,11 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
 
 @asynccontextmanager
 async def running_hub(
-    tmp_path: Path, fanout: Fanout | None = None, **overrides: Any
+    tmp_path: Path,
+    fanout: Fanout | None = None,
+    *,
+    ws: type[asyncio.Protocol] | str = HubWebSocketProtocol,
+    **overrides: Any,
 ) -> AsyncIterator[Harness]:
     """The hub on its own uvicorn server; with the in-process fan-out unless one is given
     (the harness starts and stops it)."""
@@ -159,7 +163,7 @@ async def running_hub(
         )
         hub = Hub(deps)
         app = Starlette(routes=hub.routes())
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=HubWebSocketProtocol)
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=ws)
         server = uvicorn.Server(config)
         sock = _free_socket()
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -275,6 +279,15 @@ async def test_upgrade_without_token_is_refused_with_401(hub: Harness) -> None:
     status, body = await _refused(hub.url)
     assert status == 401
     assert body == {"error": {"code": "unauthorized", "message": "a token is required"}}
+
+
+async def test_hub_behind_another_websocket_protocol_refuses_upgrades_with_500(
+    tmp_path: Path,
+) -> None:
+    async with running_hub(tmp_path, ws="websockets-sansio") as harness:
+        status, body = await _refused(f"{harness.url}?access_token={harness.token()}")
+    assert status == 500
+    assert body["error"]["code"] == "internal"
 
 
 async def test_upgrade_with_bad_token_is_refused_with_401(hub: Harness) -> None:

@@ -163,7 +163,6 @@ class _Connection:
     last_heard: float = field(default_factory=time.monotonic)
     close_code: int | None = None
     close_reason: str = ""
-    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def request_close(self, code: int, reason: str) -> None:
         """Ask the connection's task to close; the first reason given wins."""
@@ -277,6 +276,9 @@ class Hub:
         self._fanout = deps.fanout
         self._recoveries: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        #: Connections accepted and not yet closed; `stop` waits for none to be left.
+        self._closing = 0
+        self._all_closed: asyncio.Event | None = None
         self._verified: dict[str, Identity] = {}
         self._owned: set[tuple[str, str]] = set()
         self._frames_sent = deps.metrics.ws_frames_sent
@@ -300,17 +302,18 @@ class Hub:
             await asyncio.gather(sweeper, return_exceptions=True)
         for recovery in self._recoveries:
             recovery.cancel()
-        connections = list(self._connections.values())
-        for conn in connections:
+        for conn in list(self._connections.values()):
             conn.request_close(GOING_AWAY, "server shutting down")
-        if not connections:
+        if not self._closing:
             return
-        waits = [asyncio.create_task(conn.done.wait()) for conn in connections]
-        _, pending = await asyncio.wait(waits, timeout=CLOSE_TIMEOUT_S + 1)
-        for wait in pending:
-            wait.cancel()
-        if pending:
-            logger.warning("hub stopped with %d connections still closing", len(pending))
+        self._all_closed = asyncio.Event()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S + 1):
+                await self._all_closed.wait()
+        except TimeoutError:
+            logger.warning("hub stopped with %d connections still closing", self._closing)
+        finally:
+            self._all_closed = None
 
     @property
     def connection_count(self) -> int:
@@ -395,6 +398,7 @@ class Hub:
             limit=self._settings.connection_queue_size,
         )
         self._connections[conn.id] = conn
+        self._closing += 1
         self._metrics.ws_connections.inc()
         if self._stopping:  # stop() ran while this socket was being accepted
             conn.request_close(GOING_AWAY, "server shutting down")
@@ -425,7 +429,9 @@ class Hub:
             if conn.close_code is not None:
                 await self._close(conn)
         finally:
-            conn.done.set()
+            self._closing -= 1
+            if self._closing == 0 and self._all_closed is not None:
+                self._all_closed.set()
 
     async def _admit(self, websocket: WebSocket) -> _Admission | None:
         """The identity of an acceptable upgrade, its connection counted against the caps;
