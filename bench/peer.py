@@ -330,6 +330,14 @@ def table(results: dict[str, list[Result]], args: argparse.Namespace) -> str:
         def storm(key: str) -> str:
             return spread([float(r.storm[key]) for r in runs if key in r.storm])
 
+        def per_delivery(r: Result) -> float | None:
+            """Server CPU µs per delivery at the first step that lost nothing."""
+            kept = [s for s in r.steps if s["lost"] == 0 and s["deliveries_per_s"]]
+            if not kept or kept[0]["server_cpu_pct"] is None:
+                return None
+            cpu, rate = float(kept[0]["server_cpu_pct"]), float(kept[0]["deliveries_per_s"])
+            return round(cpu * 1e4 / rate, 1)
+
         return [
             spread([float(b["deliveries_per_s"]) if b else 0.0 for b in bests]),
             f"{of('rate')}",
@@ -341,6 +349,9 @@ def table(results: dict[str, list[Result]], args: argparse.Namespace) -> str:
             storm("kb_per_conn"),
             storm("connect_s"),
             storm("reconnect_s"),
+            spread([v for v in map(per_delivery, runs) if v is not None]),
+            storm("connect_server_cpu_s"),
+            storm("reconnect_server_cpu_s"),
         ]
 
     rows = [
@@ -354,6 +365,9 @@ def table(results: dict[str, list[Result]], args: argparse.Namespace) -> str:
         f"RSS KB per idle connection ({args.storm_clients} conns, P2)",
         f"connect storm s ({args.storm_clients} clients, P4)",
         "reconnect storm s (P4)",
+        "server CPU µs per delivery (first step with 0 lost)",
+        "server CPU s, connect storm",
+        "server CPU s, reconnect storm",
     ]
     targets = [t for t in ("sio", "base", "wl") if t in results]
     names = {
@@ -401,6 +415,26 @@ def write_readme(text: str) -> None:
         )
 
 
+def race(args: argparse.Namespace, results: dict[str, list[Result]]) -> None:
+    """Run every target `args.runs` times, interleaved, into `results`."""
+    with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
+        bench = Bench(args, Path(tmp))
+        bench.install()
+        with bench.redis() as redis:
+            for run in range(args.runs):
+                for target in ("sio", "base", "wl"):
+                    if (args.only and target not in args.only) or (
+                        target == "base" and not args.baseline
+                    ):
+                        continue
+                    say(f"run {run + 1}/{args.runs}: {target}")
+                    if target == "sio":
+                        result = bench.peer(redis.pid)
+                    else:
+                        result = bench.hub(redis.pid, args.baseline if target == "base" else None)
+                    results.setdefault(target, []).append(result)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=2000)
@@ -421,25 +455,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--baseline-label", default="baseline", help="its column's name")
     parser.add_argument("--profile", help="py-spy our hub during load.mjs into this file")
+    parser.add_argument(
+        "--replay", help="no run: the table of the results an earlier run printed into this log"
+    )
     args = parser.parse_args(argv)
     raise_nofile()
     results: dict[str, list[Result]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
-        bench = Bench(args, Path(tmp))
-        bench.install()
-        with bench.redis() as redis:
-            for run in range(args.runs):
-                for target in ("sio", "base", "wl"):
-                    if (args.only and target not in args.only) or (
-                        target == "base" and not args.baseline
-                    ):
-                        continue
-                    say(f"run {run + 1}/{args.runs}: {target}")
-                    if target == "sio":
-                        result = bench.peer(redis.pid)
-                    else:
-                        result = bench.hub(redis.pid, args.baseline if target == "base" else None)
-                    results.setdefault(target, []).append(result)
+    if args.replay:
+        for line in Path(args.replay).read_text().splitlines():
+            if line.startswith('{"target"'):
+                record = json.loads(line)
+                result = Result(record["target"], record["steps"], record["storm"])
+                results.setdefault(result.target, []).append(result)
+    else:
+        race(args, results)
+    if not results:
+        raise SystemExit("no results to tabulate")
     text = table(results, args)
     print("\n" + text)
     for target, runs in results.items():
