@@ -129,6 +129,9 @@ class Reply:
     replay: tuple[str, ...] = ()
 
 
+#: What `_Connection.offer` answers when a frame can be neither sent nor queued.
+FULL: Final = -1
+
 #: What waits behind a slow socket: live status frames (the fan-out's very str objects)
 #: and replies; the drainer sends them in order once the socket takes writes again.
 Outgoing = str | Reply
@@ -171,25 +174,27 @@ class _Connection:
             self.close_reason = reason
             self.socket.wake()
 
-    def offer(self, conversation_id: str, seq: int, frame: str, framed: bytes) -> bool:
+    def offer(self, conversation_id: str, seq: int, frame: str, framed: bytes) -> int:
         """Send a live status frame (`framed`: `frame` as a WebSocket frame) unless it is
-        a duplicate; False when it cannot be queued either."""
+        a duplicate: the frames written now (1, or 0 when held or queued), or FULL when it
+        cannot be queued either."""
         subscription = self.subscriptions.get(conversation_id)
         if subscription is None:  # unsubscribed while this frame was on its way
-            return True
+            return 0
         if subscription.held is not None:
             if len(subscription.held) >= self.limit:
-                return False
+                return FULL
             subscription.held.append((seq, frame))
-            return True
+            return 0
         if seq <= subscription.high_seq:
-            return True
+            return 0
+        subscription.high_seq = seq
         if self.backlog is None and not self.socket.paused:
             self.socket.write(framed)
-        elif not self.queue(frame):
-            return False
-        subscription.high_seq = seq
-        return True
+            return 1
+        if not self.queue(frame):
+            return FULL
+        return 0
 
     def queue(self, item: Outgoing) -> bool:
         """Put an item behind the ones waiting for the socket; False when full."""
@@ -339,15 +344,19 @@ class Hub:
             frame = payload.decode("utf-8")
             framed = text_frame(payload)
             connections = self._connections
+            written = 0
             for conn_id in listeners:
                 conn = connections.get(conn_id)
                 if conn is None:
                     continue
-                if not conn.offer(conversation_id, seq, frame, framed):
+                outcome = conn.offer(conversation_id, seq, frame, framed)
+                if outcome == FULL:
                     self._evict(conn, SLOW_CONSUMER, "slow consumer")
-                elif conn.backlog is not None and conn.drainer is None:
+                    continue
+                written += outcome
+                if conn.backlog is not None and conn.drainer is None:
                     self._drain_later(conn)
-            self._frames_sent.inc(len(listeners))
+            self._frames_sent.inc(written)
         except Exception:
             # The fan-out adapter must keep delivering to everyone else.
             logger.exception("fan-out frame on %s could not be dispatched", channel)
