@@ -161,6 +161,10 @@ class _Connection:
     limit: int
     subscriptions: dict[str, _Subscription] = field(default_factory=dict)
     backlog: deque[Outgoing] | None = None
+    #: Frames written in this turn of the event loop, sent in one write at its end (so a
+    #: burst of events read from Redis at once costs one send() per socket). Holds what
+    #: one turn brings at most: the frames of the messages one read from Redis held.
+    out: list[bytes] | None = None
     drainer: asyncio.Task[None] | None = None
     bad_frames: int = 0
     last_heard: float = field(default_factory=time.monotonic)
@@ -190,7 +194,10 @@ class _Connection:
             return 0
         subscription.high_seq = seq
         if self.backlog is None and not self.socket.paused:
-            self.socket.write(framed)
+            if self.out is None:
+                self.out = [framed]
+                return 1
+            self.out.append(framed)
             return 1
         if not self.queue(frame):
             return FULL
@@ -204,6 +211,12 @@ class _Connection:
             return False
         self.backlog.append(item)
         return True
+
+
+def _flush_out(conn: _Connection) -> None:
+    out, conn.out = conn.out, None
+    if out:
+        conn.socket.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 def status_seq(frame: str | bytes) -> int | None:
@@ -287,6 +300,8 @@ class Hub:
         self._verified: dict[str, Identity] = {}
         self._owned: set[tuple[str, str]] = set()
         self._frames_sent = deps.metrics.ws_frames_sent
+        #: Connections with frames in `out`, written at the end of this loop turn.
+        self._dirty: list[_Connection] = []
         deps.fanout.listen(self.on_fanout)
         deps.fanout.on_gap(self.on_gap)
 
@@ -354,6 +369,10 @@ class Hub:
                     self._evict(conn, SLOW_CONSUMER, "slow consumer")
                     continue
                 written += outcome
+                if outcome and conn.out is not None and len(conn.out) == 1:
+                    if not self._dirty:
+                        asyncio.get_running_loop().call_soon(self._flush)
+                    self._dirty.append(conn)
                 if conn.backlog is not None and conn.drainer is None:
                     self._drain_later(conn)
             self._frames_sent.inc(written)
@@ -540,8 +559,15 @@ class Hub:
                 elif conn.last_heard <= idle_since:
                     conn.request_close(NORMAL, "idle")
 
+    def _flush(self) -> None:
+        """The end of a loop turn: write each connection's frames of this turn at once."""
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            _flush_out(conn)
+
     def _send(self, conn: _Connection, item: Outgoing) -> None:
         """Write an item now, or queue it behind a slow socket (4009 when full)."""
+        _flush_out(conn)  # the frames before it go first
         if conn.backlog is None and not conn.socket.paused:
             for message in coalesce([item]):
                 conn.socket.write(text_frame(message.encode()))
@@ -566,6 +592,7 @@ class Hub:
                 conn.drainer = None
                 self._evict(conn, SLOW_CONSUMER, "slow consumer")
                 return
+            _flush_out(conn)  # written before anything queued
             items = list(conn.backlog)
             conn.backlog.clear()
             for message in coalesce(items):
