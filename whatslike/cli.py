@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -107,11 +108,26 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:  # the socket accepts from now on: only now say where it listens
+            _settle_heap()
             _announce(self._runtime)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self._runtime.close_connections()
         await super().shutdown(sockets)
+
+
+#: Allocations (net of frees) between two young collections: each connection holds a few
+#: hundred tracked objects, and Python's default (700) collects every few connects.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _settle_heap() -> None:
+    """Move everything made during start-up (modules, settings, the app) out of the
+    collector's sight, so no full collection walks it again, and collect less often."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _announce(runtime: Runtime) -> None:

@@ -28,6 +28,7 @@ from whatslike.events import StatusEvent, status_channel
 from whatslike.fanout import Fanout
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.hub.server import MAX_BATCH, Hub, Reply, coalesce, status_seq
+from whatslike.hub.transport import HubWebSocketProtocol
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings
@@ -137,7 +138,11 @@ async def eventually(condition: Callable[[], bool], what: str) -> None:
 
 @asynccontextmanager
 async def running_hub(
-    tmp_path: Path, fanout: Fanout | None = None, **overrides: Any
+    tmp_path: Path,
+    fanout: Fanout | None = None,
+    *,
+    ws: type[asyncio.Protocol] | str = HubWebSocketProtocol,
+    **overrides: Any,
 ) -> AsyncIterator[Harness]:
     """The hub on its own uvicorn server; with the in-process fan-out unless one is given
     (the harness starts and stops it)."""
@@ -158,7 +163,8 @@ async def running_hub(
         )
         hub = Hub(deps)
         app = Starlette(routes=hub.routes())
-        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=ws)
+        server = uvicorn.Server(config)
         sock = _free_socket()
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         await eventually(lambda: server.started or serving.done(), "uvicorn serves")
@@ -273,6 +279,15 @@ async def test_upgrade_without_token_is_refused_with_401(hub: Harness) -> None:
     status, body = await _refused(hub.url)
     assert status == 401
     assert body == {"error": {"code": "unauthorized", "message": "a token is required"}}
+
+
+async def test_hub_behind_another_websocket_protocol_refuses_upgrades_with_500(
+    tmp_path: Path,
+) -> None:
+    async with running_hub(tmp_path, ws="websockets-sansio") as harness:
+        status, body = await _refused(f"{harness.url}?access_token={harness.token()}")
+    assert status == 500
+    assert body["error"]["code"] == "internal"
 
 
 async def test_upgrade_with_bad_token_is_refused_with_401(hub: Harness) -> None:
@@ -500,15 +515,31 @@ async def test_too_many_subscriptions(tmp_path: Path) -> None:
             )
 
 
-async def test_queued_frames_are_sent_as_one_batch(hub: Harness) -> None:
+async def test_frames_are_written_one_by_one_to_a_socket_that_takes_them(hub: Harness) -> None:
     conversation = await hub.conversation()
     async with hub.client() as ws:
         await connected(ws)
         await send(ws, type="subscribe", conversation_id=conversation.id)
         await receive(ws)
         frames = await hub.changes(conversation, 3)
-        # Published without yielding to the loop: the writer finds all three queued.
         await hub.publish(conversation, *frames)
+        received = [await receive(ws) for _ in frames]
+    assert received == [json.loads(frame) for frame in frames]
+
+
+async def test_frames_queued_behind_a_slow_socket_are_sent_as_one_batch(hub: Harness) -> None:
+    conversation = await hub.conversation()
+    async with hub.client() as ws:
+        await connected(ws)
+        await send(ws, type="subscribe", conversation_id=conversation.id)
+        await receive(ws)
+        (conn,) = hub.hub._connections.values()
+        # As the transport does when its buffer passes the high-water mark.
+        conn.socket.pause_writing()
+        frames = await hub.changes(conversation, 3)
+        await hub.publish(conversation, *frames)
+        assert conn.backlog is not None and len(conn.backlog) == 3
+        conn.socket.resume_writing()
         batch = await receive(ws)
     assert batch == {"type": "batch", "frames": [json.loads(frame) for frame in frames]}
 

@@ -20,12 +20,12 @@ class FrameBudget:
     window_s: float = 10.0
     tokens: float = field(init=False)
     updated: float | None = field(default=None, init=False)
-    #: Times of the latest refusals, at most strikes + 1 of them (bounded).
-    refusals: deque[float] = field(init=False)
+    #: Times of the latest refusals, at most strikes + 1 of them (bounded); made at the
+    #: first refusal (most clients are never refused: an empty deque is ~600 bytes).
+    refusals: deque[float] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.tokens = float(self.burst)
-        self.refusals = deque(maxlen=self.strikes + 1)
 
     def take(self, now: float) -> bool:
         """Spend one token at time `now` (seconds, monotonic); False when none is left."""
@@ -35,12 +35,14 @@ class FrameBudget:
         if self.tokens >= 1:
             self.tokens -= 1
             return True
+        if self.refusals is None:
+            self.refusals = deque(maxlen=self.strikes + 1)
         self.refusals.append(now)
         return False
 
     @property
     def exhausted(self) -> bool:
         """True once more than `strikes` frames were refused within the window."""
-        if len(self.refusals) <= self.strikes or self.updated is None:
+        if self.refusals is None or len(self.refusals) <= self.strikes or self.updated is None:
             return False
         return self.refusals[0] > self.updated - self.window_s

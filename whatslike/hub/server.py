@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
+from collections import deque
 from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -23,6 +25,7 @@ from whatslike.hub.caps import ConnectionCaps
 from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
 from whatslike.hub.ratelimit import FrameBudget
 from whatslike.hub.registry import SubscriptionRegistry
+from whatslike.hub.transport import EXTENSION, HubWebSocketProtocol, text_frame
 from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.store.base import Store
@@ -58,6 +61,20 @@ MAX_BATCH: Final = 256
 RECOVERY_READS: Final = 8
 
 _STATUS_PREFIX: Final = "status:"
+
+#: Longest pause between two sweeps for expired tokens and idle clients (one hub-wide
+#: timer, not one per connection); a quarter of the heartbeat when that is shorter.
+SWEEP_S: Final = 1.0
+
+#: Verified tokens kept (until they expire) so that a reconnecting client is not verified
+#: again; organizations' conversations known to exist, for the subscribe check. Each is
+#: emptied when full.
+TOKEN_CACHE: Final = 50_000
+OWNERSHIP_CACHE: Final = 200_000
+
+#: `"seq":<digits>` in a serialized status frame: found without parsing the frame (a JSON
+#: string cannot hold an unescaped quote, so this is a key); used only when it occurs once.
+_SEQ: Final = re.compile(rb'"seq":(\d+)[,}]')
 
 _CAP_MESSAGES: Final = {
     "total": "the server holds as many connections as it may; retry later",
@@ -112,8 +129,11 @@ class Reply:
     replay: tuple[str, ...] = ()
 
 
-#: A connection's outgoing queue holds live status frames (the fan-out's very str
-#: objects) and replies; the writer sends them in queue order.
+#: What `_Connection.offer` answers when a frame can be neither sent nor queued.
+FULL: Final = -1
+
+#: What waits behind a slow socket: live status frames (the fan-out's very str objects)
+#: and replies; the drainer sends them in order once the socket takes writes again.
 Outgoing = str | Reply
 
 
@@ -129,48 +149,82 @@ class _Subscription:
 
 @dataclass(eq=False, slots=True)
 class _Connection:
+    """One client. Frames are written straight to its socket while it takes them; behind
+    a slow socket they wait in `backlog` (at most `limit` items; past that, and past the
+    write timeout, the connection is closed 4009) for the one drainer task."""
+
     id: str
     websocket: WebSocket
+    socket: HubWebSocketProtocol
     identity: Identity
-    queue: asyncio.Queue[Outgoing]
     budget: FrameBudget
+    limit: int
     subscriptions: dict[str, _Subscription] = field(default_factory=dict)
+    backlog: deque[Outgoing] | None = None
+    #: Frames written in this turn of the event loop, sent in one write at its end (so a
+    #: burst of events read from Redis at once costs one send() per socket). Holds what
+    #: one turn brings at most: the frames of the messages one read from Redis held.
+    out: list[bytes] | None = None
+    drainer: asyncio.Task[None] | None = None
     bad_frames: int = 0
     last_heard: float = field(default_factory=time.monotonic)
     close_code: int | None = None
     close_reason: str = ""
-    closing: asyncio.Event = field(default_factory=asyncio.Event)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def request_close(self, code: int, reason: str) -> None:
         """Ask the connection's task to close; the first reason given wins."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-            self.closing.set()
+            self.socket.wake()
 
-    def offer(self, conversation_id: str, seq: int, frame: str) -> bool:
-        """Queue a live status frame unless it is a duplicate; False when full."""
+    def offer(self, conversation_id: str, seq: int, frame: str, framed: bytes) -> int:
+        """Send a live status frame (`framed`: `frame` as a WebSocket frame) unless it is
+        a duplicate: the frames written now (1, or 0 when held or queued), or FULL when it
+        cannot be queued either."""
         subscription = self.subscriptions.get(conversation_id)
         if subscription is None:  # unsubscribed while this frame was on its way
-            return True
+            return 0
         if subscription.held is not None:
-            if len(subscription.held) >= self.queue.maxsize:
-                return False
+            if len(subscription.held) >= self.limit:
+                return FULL
             subscription.held.append((seq, frame))
-            return True
+            return 0
         if seq <= subscription.high_seq:
-            return True
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            return False
+            return 0
         subscription.high_seq = seq
+        if self.backlog is None and not self.socket.paused:
+            if self.out is None:
+                self.out = [framed]
+                return 1
+            self.out.append(framed)
+            return 1
+        if not self.queue(frame):
+            return FULL
+        return 0
+
+    def queue(self, item: Outgoing) -> bool:
+        """Put an item behind the ones waiting for the socket; False when full."""
+        if self.backlog is None:
+            self.backlog = deque()
+        if len(self.backlog) >= self.limit:
+            return False
+        self.backlog.append(item)
         return True
+
+
+def _flush_out(conn: _Connection) -> None:
+    out, conn.out = conn.out, None
+    if out:
+        conn.socket.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 def status_seq(frame: str | bytes) -> int | None:
     """The `seq` of a serialized status frame, or None when it has none."""
+    raw = frame.encode() if isinstance(frame, str) else frame
+    found = _SEQ.findall(raw)
+    if len(found) == 1:
+        return int(found[0])
     try:
         seq = json.loads(frame)["seq"]
     except (ValueError, TypeError, KeyError):
@@ -216,8 +270,10 @@ def coalesce(items: list[Outgoing]) -> list[str]:
 
 
 class Hub:
-    """The `/ws/status` endpoint. One task per connection reads client frames; one writer
-    task per connection sends its queue; `on_fanout` only ever queues without waiting."""
+    """The `/ws/status` endpoint. One task per connection reads client frames; frames
+    out are written straight to the socket (`on_fanout` never waits), and a drainer task
+    exists only while a slow socket has frames waiting; one hub-wide timer closes expired
+    and idle connections."""
 
     name = "hub"
 
@@ -237,6 +293,15 @@ class Hub:
         self._stopping = False
         self._fanout = deps.fanout
         self._recoveries: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        #: Connections accepted and not yet closed; `stop` waits for none to be left.
+        self._closing = 0
+        self._all_closed: asyncio.Event | None = None
+        self._verified: dict[str, Identity] = {}
+        self._owned: set[tuple[str, str]] = set()
+        self._frames_sent = deps.metrics.ws_frames_sent
+        #: Connections with frames in `out`, written at the end of this loop turn.
+        self._dirty: list[_Connection] = []
         deps.fanout.listen(self.on_fanout)
         deps.fanout.on_gap(self.on_gap)
 
@@ -245,23 +310,30 @@ class Hub:
 
     async def start(self) -> None:
         self._stopping = False
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="hub-sweep")
 
     async def stop(self) -> None:
         """Close every connection with 1001 and wait (bounded) until they are gone."""
         self._stopping = True
+        if self._sweeper is not None:
+            sweeper, self._sweeper = self._sweeper, None
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         for recovery in self._recoveries:
             recovery.cancel()
-        connections = list(self._connections.values())
-        for conn in connections:
+        for conn in list(self._connections.values()):
             conn.request_close(GOING_AWAY, "server shutting down")
-        if not connections:
+        if not self._closing:
             return
-        waits = [asyncio.create_task(conn.done.wait()) for conn in connections]
-        _, pending = await asyncio.wait(waits, timeout=CLOSE_TIMEOUT_S + 1)
-        for wait in pending:
-            wait.cancel()
-        if pending:
-            logger.warning("hub stopped with %d connections still closing", len(pending))
+        self._all_closed = asyncio.Event()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S + 1):
+                await self._all_closed.wait()
+        except TimeoutError:
+            logger.warning("hub stopped with %d connections still closing", self._closing)
+        finally:
+            self._all_closed = None
 
     @property
     def connection_count(self) -> int:
@@ -270,8 +342,9 @@ class Hub:
     # The hot path.
 
     def on_fanout(self, channel: str, payload: bytes) -> None:
-        """Queue one status frame for every subscriber, without waiting: the same str
-        object goes to every queue, and a full queue closes only its own connection."""
+        """Send one status frame to every subscriber, without waiting: it is framed once
+        and the same bytes are written to every socket that takes them (the same str
+        object waits behind slow ones), and a full backlog closes only its own connection."""
         try:
             if not channel.startswith(_STATUS_PREFIX):
                 return
@@ -284,8 +357,11 @@ class Hub:
                 logger.warning("fan-out frame on %s has no seq; dropped", channel)
                 return
             frame = payload.decode("utf-8")
+            framed = text_frame(payload)
+            connections = self._connections
+            written = 0
             for conn_id in listeners:
-                conn = self._connections.get(conn_id)
+                conn = connections.get(conn_id)
                 if conn is None:
                     continue
                 subscription = conn.subscriptions.get(conversation_id)
@@ -299,8 +375,18 @@ class Hub:
                     subscription.held = [(seq, frame)]
                     self._spawn(self._recover(conn, conversation_id, hole=True))
                     continue
-                if not conn.offer(conversation_id, seq, frame):
+                outcome = conn.offer(conversation_id, seq, frame, framed)
+                if outcome == FULL:
                     self._evict(conn, SLOW_CONSUMER, "slow consumer")
+                    continue
+                written += outcome
+                if outcome and conn.out is not None and len(conn.out) == 1:
+                    if not self._dirty:
+                        asyncio.get_running_loop().call_soon(self._flush)
+                    self._dirty.append(conn)
+                if conn.backlog is not None and conn.drainer is None:
+                    self._drain_later(conn)
+            self._frames_sent.inc(written)
         except Exception:
             # The fan-out adapter must keep delivering to everyone else.
             logger.exception("fan-out frame on %s could not be dispatched", channel)
@@ -319,43 +405,72 @@ class Hub:
     # The connection's life.
 
     async def _serve(self, websocket: WebSocket) -> None:
+        socket = websocket.scope.get("extensions", {}).get(EXTENSION)
+        if not isinstance(socket, HubWebSocketProtocol):
+            # A wiring error, not a client's: the server must use serving.server_config.
+            logger.error("the hub needs uvicorn with ws=HubWebSocketProtocol")
+            await self._refuse(websocket, 500, "internal", "the server is misconfigured")
+            return
         admission = await self._admit(websocket)
         if admission is None:
             return
         try:
-            await self._connect(websocket, admission)
+            await self._connect(websocket, socket, admission)
         finally:
             self._caps.release(admission.user, admission.ip)
 
-    async def _connect(self, websocket: WebSocket, admission: _Admission) -> None:
+    async def _connect(
+        self, websocket: WebSocket, socket: HubWebSocketProtocol, admission: _Admission
+    ) -> None:
         await websocket.accept(subprotocol=admission.subprotocol)
         conn = _Connection(
             id=new_id("conn"),
             websocket=websocket,
+            socket=socket,
             identity=admission.identity,
-            queue=asyncio.Queue(self._settings.connection_queue_size),
             budget=FrameBudget(
                 self._settings.client_frames_per_s,
                 self._settings.client_frame_burst,
                 self._settings.rate_limit_strikes,
                 self._settings.rate_limit_window_s,
             ),
+            limit=self._settings.connection_queue_size,
         )
         self._connections[conn.id] = conn
+        self._closing += 1
         self._metrics.ws_connections.inc()
         if self._stopping:  # stop() ran while this socket was being accepted
             conn.request_close(GOING_AWAY, "server shutting down")
         try:
-            await self._run(conn)
+            self._send(
+                conn,
+                Reply(
+                    frames.connected(
+                        connection_id=conn.id,
+                        user_id=conn.identity.user_id,
+                        org_id=conn.identity.org_id,
+                        heartbeat_s=self._settings.heartbeat_s,
+                        token_exp=conn.identity.exp,
+                    )
+                ),
+            )
+            await self._read(conn)
         except Exception:
             logger.exception("connection %s failed", conn.id)
             conn.request_close(INTERNAL_ERROR, "internal error")
-            await self._close(conn)
         finally:
+            if conn.drainer is not None:
+                conn.drainer.cancel()
             self._release(self._registry.drop(conn.id))
             del self._connections[conn.id]
             self._metrics.ws_connections.dec()
-            conn.done.set()
+        try:
+            if conn.close_code is not None:
+                await self._close(conn)
+        finally:
+            self._closing -= 1
+            if self._closing == 0 and self._all_closed is not None:
+                self._all_closed.set()
 
     async def _admit(self, websocket: WebSocket) -> _Admission | None:
         """The identity of an acceptable upgrade, its connection counted against the caps;
@@ -386,7 +501,7 @@ class Hub:
             await self._refuse(websocket, 401, "unauthorized", "a token is required")
             return None
         try:
-            identity = self._tokens.verify(token)
+            identity = self._verify(token)
         except InvalidToken as exc:
             await self._refuse(websocket, 401, "unauthorized", exc.reason)
             return None
@@ -408,6 +523,18 @@ class Hub:
             return None
         return admission
 
+    def _verify(self, token: str) -> Identity:
+        """The token's identity, verified once and then kept until it expires (a client
+        reconnecting with the same token costs no signature check)."""
+        identity = self._verified.get(token)
+        if identity is not None and identity.exp > time.time():
+            return identity
+        identity = self._tokens.verify(token)
+        if len(self._verified) >= TOKEN_CACHE:
+            self._verified.clear()
+        self._verified[token] = identity
+        return identity
+
     async def _refuse(self, websocket: WebSocket, status: int, code: str, message: str) -> None:
         """Refuse an upgrade with an HTTP answer; no socket is opened."""
         self._refusals.note(status, code)
@@ -417,39 +544,6 @@ class Hub:
         else:
             # Servers without the denial-response extension can only answer 403.
             await websocket.close(POLICY)
-
-    async def _run(self, conn: _Connection) -> None:
-        try:
-            await conn.websocket.send_text(
-                frames.connected(
-                    connection_id=conn.id,
-                    user_id=conn.identity.user_id,
-                    org_id=conn.identity.org_id,
-                    heartbeat_s=self._settings.heartbeat_s,
-                    token_exp=conn.identity.exp,
-                )
-            )
-        except WebSocketDisconnect:
-            return
-        tasks = [
-            asyncio.create_task(self._read(conn)),
-            asyncio.create_task(self._write(conn)),
-            asyncio.create_task(self._watch(conn)),
-            asyncio.create_task(conn.closing.wait()),
-        ]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            failure = task.exception()
-            if failure is not None and not isinstance(failure, WebSocketDisconnect):
-                logger.error("connection %s failed", conn.id, exc_info=failure)
-                conn.request_close(INTERNAL_ERROR, "internal error")
-        if conn.close_code is not None:
-            await self._close(conn)
 
     async def _close(self, conn: _Connection) -> None:
         code = conn.close_code if conn.close_code is not None else NORMAL
@@ -461,47 +555,76 @@ class Hub:
             # Already gone, or a close was sent: nothing more is owed to this client.
             pass
 
-    async def _watch(self, conn: _Connection) -> None:
-        """Close on token expiry (4001) or silence (idle); re-reads both deadlines after
-        each wake, so a refreshed token or a new frame simply moves them."""
-        idle_s = IDLE_HEARTBEATS * self._settings.heartbeat_s
+    async def _sweep(self) -> None:
+        """Close connections whose token expired (4001) or that went silent (idle); a
+        refreshed token or a new frame simply moves their deadlines."""
+        heartbeat_s = self._settings.heartbeat_s
+        idle_s = IDLE_HEARTBEATS * heartbeat_s
+        interval = min(SWEEP_S, heartbeat_s / 4)
         while True:
-            until_expiry = conn.identity.exp - time.time()
-            if until_expiry <= 0:
-                conn.request_close(TOKEN_EXPIRED, "token expired")
-                return
-            until_idle = conn.last_heard + idle_s - time.monotonic()
-            if until_idle <= 0:
-                conn.request_close(NORMAL, "idle")
-                return
-            await asyncio.sleep(min(until_expiry, until_idle))
+            await asyncio.sleep(interval)
+            now, idle_since = time.time(), time.monotonic() - idle_s
+            for conn in list(self._connections.values()):
+                if conn.identity.exp <= now:
+                    conn.request_close(TOKEN_EXPIRED, "token expired")
+                elif conn.last_heard <= idle_since:
+                    conn.request_close(NORMAL, "idle")
 
-    async def _write(self, conn: _Connection) -> None:
-        queue = conn.queue
-        while True:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
+    def _flush(self) -> None:
+        """The end of a loop turn: write each connection's frames of this turn at once."""
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            _flush_out(conn)
+
+    def _send(self, conn: _Connection, item: Outgoing) -> None:
+        """Write an item now, or queue it behind a slow socket (4009 when full)."""
+        _flush_out(conn)  # the frames before it go first
+        if conn.backlog is None and not conn.socket.paused:
+            for message in coalesce([item]):
+                conn.socket.write(text_frame(message.encode()))
+                self._frames_sent.inc()
+        elif not conn.queue(item):
+            self._evict(conn, SLOW_CONSUMER, "slow consumer")
+        elif conn.drainer is None:
+            self._drain_later(conn)
+
+    def _drain_later(self, conn: _Connection) -> None:
+        conn.drainer = asyncio.create_task(self._drain(conn))
+
+    async def _drain(self, conn: _Connection) -> None:
+        """Send what waits behind a slow socket, in order, as it takes writes again; a
+        socket that takes nothing for the write timeout is a slow consumer (4009)."""
+        socket = conn.socket
+        while conn.backlog:
+            try:
+                async with asyncio.timeout(self._settings.write_timeout_s):
+                    await socket.drained()
+            except TimeoutError:
+                conn.drainer = None
+                self._evict(conn, SLOW_CONSUMER, "slow consumer")
+                return
+            _flush_out(conn)  # written before anything queued
+            items = list(conn.backlog)
+            conn.backlog.clear()
             for message in coalesce(items):
-                try:
-                    # A client that stops reading fills the socket's buffers and the
-                    # send waits: past the write timeout it is a slow consumer (4009).
-                    async with asyncio.timeout(self._settings.write_timeout_s):
-                        await conn.websocket.send_text(message)
-                except TimeoutError:
-                    self._evict(conn, SLOW_CONSUMER, "slow consumer")
-                    return
-                self._metrics.ws_frames_sent.inc()
+                socket.write(text_frame(message.encode()))
+                self._frames_sent.inc()
+        conn.backlog = None
+        conn.drainer = None
 
     async def _read(self, conn: _Connection) -> None:
         limit = self._settings.max_frame_bytes
+        socket = conn.socket
         while conn.close_code is None:
-            message = await conn.websocket.receive()
-            if message["type"] == "websocket.disconnect":
+            message = await socket.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
                 return
+            if kind != "websocket.receive":
+                continue  # woken: the loop's condition says why
             conn.last_heard = time.monotonic()
-            text = message.get("text")
-            raw = text if text is not None else message.get("bytes") or b""
+            text, data = message.get("text"), message.get("bytes")
+            raw = text if isinstance(text, str) else data if isinstance(data, bytes) else b""
             frame = frames.parse_client_frame(raw, limit)
             if not conn.budget.take(conn.last_heard):
                 self._limit(conn, frame)
@@ -540,10 +663,8 @@ class Hub:
         self._answer(conn, Reply(frames.error(code, message, ref)))
 
     def _answer(self, conn: _Connection, reply: Reply) -> None:
-        try:
-            conn.queue.put_nowait(reply)
-        except asyncio.QueueFull:
-            self._evict(conn, SLOW_CONSUMER, "slow consumer")
+        if conn.close_code is None:
+            self._send(conn, reply)
 
     async def _handle(self, conn: _Connection, frame: ClientFrame) -> None:
         match frame:
@@ -561,12 +682,28 @@ class Hub:
 
     async def _subscribe(self, conn: _Connection, frame: Subscribe) -> None:
         conversation_id = frame.conversation_id
-        conversation = await self._store.get_conversation(conn.identity.org_id, conversation_id)
-        if conversation is None:
-            self._refuse_request(
-                conn, "forbidden", f"conversation {conversation_id!r} is not available", frame.ref
-            )
-            return
+        owner = (conn.identity.org_id, conversation_id)
+        since = frame.since
+        if since is None or owner not in self._owned:
+            # A conversation never changes organization: once seen, ownership is known.
+            conversation = await self._store.get_conversation(*owner)
+            if conversation is None:
+                self._refuse_request(
+                    conn,
+                    "forbidden",
+                    f"conversation {conversation_id!r} is not available",
+                    frame.ref,
+                )
+                return
+            if len(self._owned) >= OWNERSHIP_CACHE:
+                self._owned.clear()
+            self._owned.add(owner)
+            # Without `since` the client loaded the conversation itself: only changes
+            # after the seq it was read at are news. Those made while it was being read
+            # (the await above) are still owed, so both cases go through the store read
+            # below.
+            if since is None:
+                since = conversation.last_seq
         if conn.close_code is not None:
             return
         if not self._registry.subscribe(conn.id, conversation_id):
@@ -577,10 +714,6 @@ class Hub:
                 frame.ref,
             )
             return
-        # Without `since` the client loaded the conversation itself: only changes after
-        # the seq it was read at are news. Those made while it was being read (the await
-        # above) are still owed, so both cases go through the store read below.
-        since = frame.since if frame.since is not None else conversation.last_seq
         # Registered before the store is read, so nothing published meanwhile is missed:
         # such frames are held and merged with the replay by seq.
         subscription = _Subscription(since, held=[])
