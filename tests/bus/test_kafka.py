@@ -20,9 +20,14 @@ import pytest_asyncio
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
-from websockets.asyncio.client import connect
 
-from tests.e2e.conftest import OWN_SECRETS, Server, Socket, api, start_server, stop_server
+from tests.e2e.conftest import (
+    OWN_SECRETS,
+    Server,
+    one_message_to_read,
+    start_server,
+    stop_server,
+)
 from whatslike.bus import BusFull
 from whatslike.bus.factory import open_bus
 from whatslike.bus.kafka import KafkaBus, bootstrap_servers
@@ -412,31 +417,7 @@ def kafka_server(kafka_url: str, prefix: str, tmp_path: Path) -> Iterator[Server
 
 
 async def test_whatslike_serve_on_kafka_takes_a_message_to_read(kafka_server: Server) -> None:
-    token = kafka_server.token("org-a")
-    async with (
-        api(kafka_server, token) as client,
-        connect(f"{kafka_server.ws_url}?access_token={token}") as connection,
-    ):
-        socket = Socket(connection)
-        await socket.next_of("connected")
-        created = await client.post(
-            "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
-        )
-        conversation = created.json()["id"]
-        await socket.subscribe(conversation)
-        sent = await client.post(
-            f"/api/conversations/{conversation}/messages",
-            json={"text": "Seu pedido", "client_message_id": "k1"},
-        )
-        assert sent.status_code == 202, sent.text
-        frames = [await socket.next_of("status", wait_s=WAIT_S)]
-        while frames[-1]["status"] != "READ":
-            frames.append(await socket.next_of("status", wait_s=WAIT_S))
-    # Statuses only move forward, seq has no gaps (a late webhook may skip a step: READ
-    # implies DELIVERED).
-    ranks = {"SENT": 1, "DELIVERED": 2, "READ": 3}
-    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
-    assert [ranks[f["status"]] for f in frames] == sorted({ranks[f["status"]] for f in frames})
+    await one_message_to_read(kafka_server, WAIT_S)
 
 
 REPO = Path(__file__).resolve().parents[2]

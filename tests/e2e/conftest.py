@@ -266,3 +266,33 @@ def api(server: Server, token: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=10
     )
+
+
+async def one_message_to_read(server: Server, wait_s: float) -> list[dict[str, Any]]:
+    """Send one WhatsApp message through `server` and return its status frames up to READ,
+    checked: seqs without gaps from 1, statuses only forward (a webhook that overtakes
+    another may skip a step: READ implies DELIVERED)."""
+    token = server.token("org-a")
+    async with (
+        api(server, token) as client,
+        connect(f"{server.ws_url}?access_token={token}") as connection,
+    ):
+        socket = Socket(connection)
+        await socket.next_of("connected")
+        created = await client.post(
+            "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
+        )
+        conversation = created.json()["id"]
+        await socket.subscribe(conversation)
+        sent = await client.post(
+            f"/api/conversations/{conversation}/messages",
+            json={"text": "Seu pedido", "client_message_id": "one"},
+        )
+        assert sent.status_code == 202, sent.text
+        frames = [await socket.next_of("status", wait_s=wait_s)]
+        while frames[-1]["status"] != "READ":
+            frames.append(await socket.next_of("status", wait_s=wait_s))
+    ranks = {"SENT": 1, "DELIVERED": 2, "READ": 3}
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert [ranks[f["status"]] for f in frames] == sorted({ranks[f["status"]] for f in frames})
+    return frames

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy
-from websockets.asyncio.client import connect
 
-from tests.e2e.conftest import OWN_SECRETS, Server, Socket, api, start_server, stop_server
+from tests.e2e.conftest import OWN_SECRETS, Server, one_message_to_read, start_server, stop_server
 from tests.store.conftest import fresh_cassandra_keyspace
 from tests.store.test_contract import at, current, decoded, new_message, seqs, status_event
 from whatslike.clock import new_id, utcnow
@@ -218,30 +217,7 @@ async def test_whatslike_serve_on_cassandra_takes_a_message_to_read(
     """Every role in one process with the in-process bus, the store on Cassandra: the
     message goes through the outbox, the connector's send claim and the simulator's
     webhooks to READ, numbered without gaps, and the store's history agrees."""
-    token = cassandra_server.token("org-a")
-    async with (
-        api(cassandra_server, token) as client,
-        connect(f"{cassandra_server.ws_url}?access_token={token}") as connection,
-    ):
-        socket = Socket(connection)
-        await socket.next_of("connected")
-        created = await client.post(
-            "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
-        )
-        conversation = created.json()["id"]
-        await socket.subscribe(conversation)
-        sent = await client.post(
-            f"/api/conversations/{conversation}/messages",
-            json={"text": "Seu pedido", "client_message_id": "c1"},
-        )
-        assert sent.status_code == 202, sent.text
-        frames = [await socket.next_of("status", wait_s=SERVE_WAIT_S)]
-        while frames[-1]["status"] != "READ":
-            frames.append(await socket.next_of("status", wait_s=SERVE_WAIT_S))
-    # Statuses only move forward, seq has no gaps (a late webhook may skip a step).
-    ranks = {"SENT": 1, "DELIVERED": 2, "READ": 3}
-    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
-    assert [ranks[f["status"]] for f in frames] == sorted({ranks[f["status"]] for f in frames})
+    frames = await one_message_to_read(cassandra_server, SERVE_WAIT_S)
     store = CassandraStore(url)
     await store.open()
     try:
