@@ -152,6 +152,31 @@ def _brief(record: dict[str, Any]) -> str:
     return " ".join(f"{k}={record[k]}" for k in keys if k in record)
 
 
+#: load.mjs numbers its frames with one counter for all conversations, so each
+#: conversation sees seq 1, 101, 201, …: to our hub (protocol.md §4: a conversation's seqs
+#: are gap-free) every frame says that 99 were lost, and it re-reads the store for each.
+#: The copy numbers them per conversation, as the status worker does; Socket.IO ignores
+#: seq, and `lost` is counted from the frames expected, not from seqs, so the race is
+#: unchanged for the peer.
+_GLOBAL_SEQ = (
+    "let received = 0, stale = 0, step = -1, gseq = 0, closes = 0;",
+    'publish("c" + (sent % C), ++gseq);',
+)
+_PER_CONVERSATION_SEQ = (
+    "let received = 0, stale = 0, step = -1, closes = 0; const cseq = new Array(C).fill(0);",
+    'publish("c" + (sent % C), ++cseq[sent % C]);',
+)
+
+
+def per_conversation_seqs(load: Path) -> None:
+    text = load.read_text()
+    for old, new in zip(_GLOBAL_SEQ, _PER_CONVERSATION_SEQ, strict=True):
+        if text.count(old) != 1:
+            raise SystemExit(f"{load}: the harness changed; cannot find {old!r}")
+        text = text.replace(old, new)
+    load.write_text(text)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
@@ -169,6 +194,7 @@ class Bench:
         for path in self.harness.rglob("*"):
             path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
         self.harness.chmod(0o755)
+        per_conversation_seqs(self.harness / "load.mjs")
         say(f"npm install in {self.harness}")
         subprocess.run(
             ["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=self.harness, check=True
