@@ -425,7 +425,55 @@ def table(results: dict[str, list[Result]], args: argparse.Namespace) -> str:
         f"gate {args.gate} %. {spread_of}.\n"
         f"Command: `.venv/bin/python -m bench.peer {' '.join(sys.argv[1:])}`\n\n"
     )
-    return note + head + body
+    return note + head + body + verdicts(results)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def verdicts(results: dict[str, list[Result]]) -> str:
+    """Issue 9's targets beside the figures (medians of the runs): P1 ≥ twice the peer's
+    deliveries/s at p99 ≤ 50 ms; P2 ≤ 10 KB per idle connection and below the peer; P4
+    both storms faster than the peer."""
+    if "sio" not in results or "wl" not in results:
+        return ""
+
+    def best(target: str) -> float | None:
+        return _median(
+            [float(r.best["deliveries_per_s"]) if r.best else 0.0 for r in results[target]]
+        )
+
+    def storm(target: str, key: str) -> float | None:
+        return _median([float(r.storm[key]) for r in results[target] if key in r.storm])
+
+    def verdict(ok: bool | None) -> str:
+        return "not measured" if ok is None else "**met**" if ok else "**not met**"
+
+    ours, peer = best("wl"), best("sio")
+    p1 = None if ours is None or peer is None else ours >= 2 * peer
+    kb, peer_kb = storm("wl", "kb_per_conn"), storm("sio", "kb_per_conn")
+    p2 = None if kb is None or peer_kb is None else kb <= 10 and kb < peer_kb
+    lines = [
+        f"- P1 (at least twice the peer's deliveries/s at p99 ≤ {P99_BOUND_MS:g} ms, 0 lost): "
+        f"{ours:g} vs twice {peer:g} → {verdict(p1)}"
+        if ours is not None and peer is not None
+        else f"- P1: {verdict(None)}",
+        f"- P2 (≤ 10 KB per idle connection and below the peer): {kb:g} KB vs {peer_kb:g} KB "
+        f"→ {verdict(p2)}"
+        if kb is not None and peer_kb is not None
+        else f"- P2: {verdict(None)}",
+    ]
+    for key, name in (("connect_s", "connect storm"), ("reconnect_s", "reconnect storm")):
+        mine, theirs = storm("wl", key), storm("sio", key)
+        if mine is None or theirs is None:
+            lines.append(f"- P4 {name}: {verdict(None)}")
+        else:
+            lines.append(
+                f"- P4 {name} (faster than the peer): {mine:g} s vs {theirs:g} s "
+                f"→ {verdict(mine < theirs)}"
+            )
+    return "\nTargets (issue 9; medians of the runs):\n" + "\n".join(lines) + "\n"
 
 
 def write_readme(text: str) -> None:
