@@ -323,6 +323,7 @@ class KafkaBus:
             # on in-flight handlers first.
             rebalance_timeout_ms=grace_ms + 30_000,
             max_poll_records=self._settings.kafka_partition_buffer,
+            fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
         await asyncio.wait_for(group.consumer.start(), self._settings.bus_publish_timeout_s)
