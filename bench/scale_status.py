@@ -79,6 +79,7 @@ class Step:
     duplicates: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    host_busy: float = 0.0  # the machine's busy fraction during the step (all sessions)
     #: The workers' histograms over the step: name → (p50, p99) by bucket upper bound.
     stages: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -183,8 +184,35 @@ def stage_quantiles(
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # a PostgreSQL backend that ended meanwhile
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def host_busy() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far (every session on it)."""
+    ticks = [int(f) for f in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / TICKS, sum(ticks) / TICKS
+
+
+def server_pids(postmaster: int) -> dict[str, list[int]]:
+    """The backends' processes: Kafka and Redis by their pid files, PostgreSQL's server
+    and all its children (its backends serve every client of the cluster, not only us)."""
+    services = REPO / ".services"
+    pids = {
+        name: [int((services / name / f"{name}.pid").read_text())] for name in ("kafka", "redis")
+    }
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    pids["postgres"] = [postmaster, *children]
+    return pids
 
 
 @contextmanager
@@ -300,6 +328,15 @@ async def deployment(
                 await admin.close()
 
 
+async def postmaster_pid() -> int:
+    connection = await asyncpg.connect(os.environ["WHATSLIKE_TEST_POSTGRES_URL"])
+    try:
+        data = str(await connection.fetchval("SHOW data_directory"))
+    finally:
+        await connection.close()
+    return int((Path(data) / "postmaster.pid").read_text().split()[0])
+
+
 def socket_plan(
     servers: dict[str, Server], conversations: list[str], sockets: int, secret: str
 ) -> list[dict[str, str]]:
@@ -334,11 +371,14 @@ class Pipeline:
     servers: dict[str, Server]
     clients: Clients
     followers: Counter[str]  # conversation id → sockets following it
+    postmaster: int
 
     async def run_step(self, step: Step, messages: list[Message], profile: Path | None) -> None:
-        pids = {name: server.process.pid for name, server in self.servers.items()}
-        pids["clients"] = self.clients.process.pid
-        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        pids = {name: [server.process.pid] for name, server in self.servers.items()}
+        pids["clients"] = [self.clients.process.pid]
+        pids.update(server_pids(self.postmaster))
+        cpu_before = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
+        busy_before, all_before = host_busy()
         histograms = buckets(self.servers)
         step.produced = len(messages) * len(PHASES)
         spies = []
@@ -364,7 +404,11 @@ class Pipeline:
             await asyncio.sleep(0.2)
         for spy in spies:
             await spy.wait()
-        step.cpu_s = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        step.cpu_s = {
+            name: sum(map(cpu_seconds, group)) - cpu_before[name] for name, group in pids.items()
+        }
+        busy_after, all_after = host_busy()
+        step.host_busy = (busy_after - busy_before) / max(all_after - all_before, 1e-9)
         step.stages = stage_quantiles(histograms, buckets(self.servers))
         frames = self.clients.dump()
         step.received = len(frames)
@@ -388,7 +432,9 @@ async def one_run(args: argparse.Namespace, workdir: Path) -> list[Step]:
         began = time.monotonic()
         clients = Clients(plan)
         print(f"{args.sockets} sockets open and subscribed in {time.monotonic() - began:.0f} s")
-        pipeline = Pipeline(kafka, prefix + TOPIC_STATUS, servers, clients, followers)
+        pipeline = Pipeline(
+            kafka, prefix + TOPIC_STATUS, servers, clients, followers, await postmaster_pid()
+        )
         steps = []
         try:
             offset = 0
@@ -420,7 +466,7 @@ def report(step: Step) -> None:
         f"{step.expected} (lost {step.lost}, duplicates {step.duplicates}); "
         f"p50 {quantile(lat, 0.5):.0f} ms, p99 {quantile(lat, 0.99):.0f} ms, "
         f"p99.9 {quantile(lat, 0.999):.0f} ms, max {max(lat, default=0):.0f} ms; "
-        f"CPU s: {cpu}"
+        f"CPU s: {cpu}; host busy {step.host_busy:.0%}"
     )
     stages = "; ".join(
         f"{name} p50 ≤{p50:g} p99 ≤{p99:g}" for name, (p50, p99) in step.stages.items()
