@@ -376,6 +376,7 @@ class Pipeline:
     async def run_step(self, step: Step, messages: list[Message], profile: Path | None) -> None:
         pids = {name: [server.process.pid] for name, server in self.servers.items()}
         pids["clients"] = [self.clients.process.pid]
+        pids["producer"] = [os.getpid()]  # this process: the feed, and the bench itself
         pids.update(server_pids(self.postmaster))
         cpu_before = {name: sum(map(cpu_seconds, group)) for name, group in pids.items()}
         busy_before, all_before = host_busy()

@@ -9,9 +9,10 @@ statuses and at low load nothing waits for a timer. Each consumer still waits fo
 event's result before it publishes and takes its next event, so per-conversation order
 is kept (one conversation's events share a partition).
 
-On Kafka the bus hands each partition's buffered events at once to `apply_batch`: one
-`apply_statuses` transaction for all of them (in partition order), then one pipelined
-publish of every frame; the bus commits their offsets only after that returned. Any
+On Kafka the bus hands each partition's buffered events at once to `apply_batch`: they
+join the same group commit together (with the other partitions' batches waiting then,
+`MAX_BATCH` per transaction, in partition order), then every frame goes out in one
+pipelined publish; the bus commits their offsets only after that returned. Any
 failure in a batch (an unknown message, a malformed event, the store or Redis away) makes
 the bus hand the same events one by one to `apply`, which retries and dead-letters each;
 the events of the batch already applied are matched by event_id and their frames published
@@ -95,7 +96,7 @@ class StatusWorker(RoleDefaults):
 
     async def apply_batch(self, raws: list[bytes]) -> None:
         events = [self._taken(raw) for raw in raws]
-        done = list(zip(events, await self._apply_many(events), strict=True))
+        done = list(zip(events, await self._commit.many(events), strict=True))
         frames = [frame for event, result in done for frame in self._outcome(event, result)]
         await self._fanout.publish_many(frames)
         self._published(done)
