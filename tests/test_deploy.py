@@ -390,6 +390,7 @@ def test_the_dashboard_shows_the_pipeline() -> None:
         "whatslike_ws_connections",
         "whatslike_ws_frames_sent_total",
         "whatslike_bus_dead_letters_total",
+        "whatslike_bus_consumer_lag",
     ):
         assert series in queried, series
 

@@ -75,3 +75,21 @@ async def test_not_started_it_calls_one_at_a_time() -> None:
     grouped: Grouped[int, str] = Grouped(recorder.many, "test", limit=10)
     assert list(await asyncio.gather(grouped(1), grouped(2))) == ["r1", "r2"]
     assert recorder.calls == [[1], [2]]
+
+
+async def test_many_items_of_one_caller_share_calls_with_others_and_keep_their_order() -> None:
+    recorder = Recorder()
+    grouped: Grouped[int, str] = Grouped(recorder.many, "test", limit=4)
+    grouped.start()
+    first = asyncio.create_task(grouped(0))
+    await recorder.called.wait()
+    batch = asyncio.create_task(grouped.many([1, 2, 3]))
+    other = asyncio.create_task(grouped.many([10, 11, 12]))
+    await asyncio.sleep(0)
+    recorder.release.set()
+    answers = await asyncio.gather(batch, other)
+    assert await first == "r0"
+    await grouped.stop()
+    assert list(answers) == [["r1", "r2", "r3"], ["r10", "r11", "r12"]]
+    # Both lists queued behind the running call; the next calls take them in order.
+    assert recorder.calls == [[0], [1, 2, 3, 10], [11, 12]]

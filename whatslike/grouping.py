@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 A = TypeVar("A")
@@ -50,6 +50,18 @@ class Grouped(Generic[A, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
         return await future
+
+    async def many(self, items: Sequence[A]) -> list[R]:
+        """Each item's result, in order, as if each were handed by `__call__`: queued
+        together, they share calls with other callers' items (or span consecutive calls)."""
+        if self._task is None:  # not started: one call
+            return await self._many(list(items))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = []
+        for item in items:
+            futures.append(loop.create_future())
+            await self._queue.put((item, futures[-1]))
+        return list(await asyncio.gather(*futures))
 
     async def _run(self) -> None:
         while True:

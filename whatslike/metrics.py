@@ -30,6 +30,13 @@ class Metrics:
         self.bus_queue_depth = Gauge(
             "whatslike_bus_queue_depth", "Events waiting", ["topic", "group"], registry=r
         )
+        self.bus_consumer_lag = Gauge(
+            "whatslike_bus_consumer_lag",
+            "Records of a partition not yet handled by this consumer (high watermark minus"
+            " the next record to handle), refreshed at each fetch",
+            ["topic", "group", "partition"],
+            registry=r,
+        )
         self.status_applied = Counter(
             "whatslike_status_applied_total", "apply_status outcomes", ["effect"], registry=r
         )

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     #: Records fetched ahead per partition; a full partition is not fetched until it drains.
     kafka_partition_buffer: int = Field(500, ge=1)
     kafka_commit_interval_s: float = Field(1.0, gt=0)
+    #: How long the broker holds a fetch that finds nothing. aiokafka has one fetch in
+    #: flight per broker, so a partition whose records were just taken waits for the
+    #: fetch of the idle others to return: this bounds that wait (Kafka's 500 ms default
+    #: was most of the status path's latency); lower costs more empty fetches when idle.
+    kafka_fetch_max_wait_ms: int = Field(20, ge=1, le=500)
     #: How long handlers at work may finish when their partitions are revoked or on stop.
     kafka_handler_grace_s: float = Field(10.0, gt=0)
 

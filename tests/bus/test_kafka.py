@@ -574,3 +574,96 @@ async def test_stop_is_bounded_when_the_broker_hangs(kafka_url: str, prefix: str
         await asyncio.wait_for(bus.stop(), 4 * settings.bus_publish_timeout_s + 2)
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+async def test_consumer_lag_counts_the_records_waiting_and_falls_when_they_are_handled(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_partition_buffer=5)
+    metrics = Metrics()
+    release = asyncio.Event()
+    seen = Collector()
+
+    async def stuck(value: bytes) -> None:
+        await release.wait()
+        await seen(value)
+
+    bus = KafkaBus(settings, metrics)
+    bus.subscribe(TOPIC, "g", stuck)
+    lag = metrics.bus_consumer_lag.labels(TOPIC, "g", "0")
+    sent = [f"c1/{i}".encode() for i in range(30)]
+    async with running(bus):
+        for value in sent:
+            await bus.publish(TOPIC, "c1", value)
+        # Nothing handled: every record waits (six fetched here, the rest in the broker).
+        await eventually(lambda: lag._value.get() == len(sent))
+        release.set()
+        await seen.until(lambda items: len(items) == len(sent))
+        await eventually(lambda: lag._value.get() == 0)
+    assert seen.items == sent
+
+
+async def publish_before_consuming(settings: Settings, values: list[bytes]) -> None:
+    """Publish from a member of no group: the consumer started next fetches them at once."""
+    async with running(KafkaBus(settings, Metrics())) as producer:
+        for value in values:
+            await producer.publish(TOPIC, key_of(value), value)
+
+
+async def test_a_batch_handler_gets_what_was_fetched_in_order_and_commits_after_it(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1)
+    sent = [f"c1/{i}".encode() for i in range(20)]
+    sent.insert(10, b"c1/bad")
+    await publish_before_consuming(settings, sent)
+    calls: list[list[bytes]] = []
+    handled = Collector()  # both paths, in the order they handled
+
+    async def batch(values: list[bytes]) -> None:
+        calls.append(values)
+        if b"c1/bad" in values:
+            raise ValueError("refused")
+        for value in values:
+            await handled(value)
+
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe_batch(TOPIC, "g", handled, batch)
+    async with running(bus):
+        await handled.until(lambda items: len(items) == len(sent))
+    assert handled.items == sent  # the failed batch's records again, one by one, in order
+    assert max(map(len, calls)) > 1
+    assert any(b"c1/bad" in values for values in calls)
+
+    # Everything was committed after its batch: the next member starts after it.
+    again = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", again)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"end")
+        await again.until(lambda items: b"end" in items)
+    assert again.items == [b"end"]
+
+
+async def test_a_batch_that_never_returns_is_not_committed(kafka_url: str, prefix: str) -> None:
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_handler_grace_s=0.5)
+    sent = [f"c1/{i}".encode() for i in range(10)]
+    await publish_before_consuming(settings, sent)
+    entered = asyncio.Event()
+
+    async def hangs(values: list[bytes]) -> None:
+        entered.set()
+        await asyncio.Event().wait()  # abandoned at stop
+
+    alone = Collector()  # a record fetched alone goes to the per-event handler
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe_batch(TOPIC, "g", alone, hangs)
+    async with running(bus):
+        await asyncio.wait_for(entered.wait(), WAIT_S)
+    again = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", again)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"end")
+        await again.until(lambda items: b"end" in items)
+    assert again.items == [*sent[len(alone.items) :], b"end"]

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from whatslike.bus.memory import MemoryBus
+from whatslike.errors import MalformedEvent
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.metrics import Metrics
@@ -215,3 +216,33 @@ async def _published(fanout: FlakyFanout, count: int) -> None:
     while len(fanout.published) < count:
         fanout.arrived.clear()
         await fanout.arrived.wait()
+
+
+async def test_a_batch_is_one_transaction_and_its_frames_go_out_in_order(
+    store: SQLiteStore,
+) -> None:
+    """`apply_batch` (what the Kafka bus hands a partition's fetched events to): one
+    store transaction, every frame published in event order; an unknown message in a
+    batch raises MalformedEvent, for the bus to hand the events over one by one."""
+    conversation = await store.create_conversation("org1", "whatsapp", "+55")
+    messages = [(await store.create_message(conversation, "hi", ""))[0] for _ in range(3)]
+    fanout, metrics = FlakyFanout(failures=0), Metrics()
+    worker = StatusWorker(deps(store, fanout, metrics))
+    events = [
+        replace(sent(message), event_id=f"evt_{n}_{status.value}", status=status)
+        for status in (Status.SENT, Status.DELIVERED)
+        for n, message in enumerate(messages)
+    ]
+    await worker.apply_batch([event.to_json() for event in events])
+    frames = [json.loads(payload) for _, payload in fanout.published]
+    assert [(f["message_id"], f["status"], f["seq"]) for f in frames] == [
+        (event.message_id, event.status.value, seq) for seq, event in enumerate(events, 1)
+    ]
+    sample = metrics.registry.get_sample_value
+    assert sample("whatslike_status_batch_size_count") == 1
+    assert sample("whatslike_status_batch_size_sum") == len(events)
+
+    ghost = replace(sent(messages[0]), event_id="evt_ghost", message_id="msg_nobody")
+    read = replace(sent(messages[0]), event_id="evt_read", status=Status.READ)
+    with pytest.raises(MalformedEvent, match="msg_nobody"):
+        await worker.apply_batch([read.to_json(), ghost.to_json()])

@@ -9,9 +9,14 @@ failures, or at once for `MalformedEvent` (retrying cannot help), the event goes
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 Handler = Callable[[bytes], Awaitable[None]]
+#: Handles several events of one partition, in order, at once (one store transaction);
+#: returning means all are handled. Raising hands each of them to the per-event handler
+#: again (retries, dead letters), so the batch handler must be idempotent, as every
+#: handler is under at-least-once delivery.
+BatchHandler = Callable[[list[bytes]], Awaitable[None]]
 
 
 class BusFull(Exception):
@@ -37,3 +42,12 @@ class Bus(Protocol):
         """Hand an event to the bus; waits while the bus is full, then raises BusFull."""
 
     async def ping(self) -> None: ...
+
+
+@runtime_checkable
+class Batching(Protocol):
+    """A bus that fetches many events at once (Kafka) and can hand them over together."""
+
+    def subscribe_batch(
+        self, topic: str, group: str, handler: Handler, batch: BatchHandler
+    ) -> None: ...

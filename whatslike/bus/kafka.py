@@ -7,12 +7,23 @@ keyed by conversation id, so one conversation lives on one partition.
 
 Consuming: one consumer per group name (the group id is the name the role passes). Each
 assigned partition gets its own task that handles its records one after the other
-(per-key order) while the partitions of a process run concurrently. Offsets are committed
-by hand, only up to records whose handler returned (or that were dead-lettered), every
+(per-key order) while the partitions of a process run concurrently. A group that
+subscribed with `subscribe_batch` gets, at each turn of the partition's task, everything
+the partition has buffered (at least what one fetch brought) in one call of its batch
+handler; if that raises, the same records go one by one through the per-event handler,
+with its retries and dead letters. Offsets are committed by hand, only up to records
+whose handler returned (a batch: the whole batch) or that were dead-lettered, every
 `kafka_commit_interval_s`, on rebalance and on stop: at-least-once, as in memory.py.
 
+Lag: after each fetch, `whatslike_bus_consumer_lag{topic,group,partition}` is the
+partition's high watermark (as the last fetch response gave it) minus the offset of its
+next record this process has not handled: records waiting in the broker and in our buffer.
+While every buffer is full (no fetch), the end offsets are asked of the broker instead,
+every `kafka_commit_interval_s`.
+A partition's gauge appears with its first fetched record and goes when it is revoked.
+
 Bounds: each partition buffers at most `kafka_partition_buffer` fetched records (plus
-the one at work); a full partition is not fetched again until its task catches up, so
+the one at work, or the batch at work: at most as many again); a full partition is not fetched again until its task catches up, so
 the broker keeps the backlog and nothing is dropped. The producer holds at most a batch
 (`max_batch_size`, 16 KiB) per partition beside the ones in flight; a publisher waits
 for room, up to the publish timeout, then gets BusFull.
@@ -46,7 +57,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import OffsetAndMetadata
 
-from whatslike.bus import BusFull, Handler
+from whatslike.bus import BatchHandler, BusFull, Handler
 from whatslike.bus.memory import backoff_delay, dead_letter
 from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import CHANNELS, TOPIC_MESSAGES, TOPIC_STATUS, dlq_topic, outbound_topic
@@ -90,17 +101,20 @@ class _Partition:
 
     tp: TopicPartition
     handler: Handler
+    batch: BatchHandler | None
     group: str
     buffer: asyncio.Queue[Any]  # aiokafka ConsumerRecord
     task: asyncio.Task[None] | None = None
     done: int | None = None  # offset of the next record to read: all before it are handled
     committed: int | None = None
+    fed_from: int | None = None  # offset of the first record fetched here (lag until `done`)
 
 
 @dataclass
 class _Group:
     name: str
     handlers: dict[str, Handler] = field(default_factory=dict)  # full topic name → handler
+    batches: dict[str, BatchHandler] = field(default_factory=dict)  # ... → batch handler
     consumer: Any = None  # AIOKafkaConsumer
     partitions: dict[TopicPartition, _Partition] = field(default_factory=dict)
     poller: asyncio.Task[None] | None = None
@@ -136,6 +150,13 @@ class KafkaBus:
         if name in entry.handlers:
             raise RuntimeError(f"group {group!r} already consumes {topic!r}")
         entry.handlers[name] = handler
+
+    def subscribe_batch(
+        self, topic: str, group: str, handler: Handler, batch: BatchHandler
+    ) -> None:
+        """Like `subscribe`; each partition's buffered records go to `batch` at once."""
+        self.subscribe(topic, group, handler)
+        self._groups[group].batches[self.topic_name(topic)] = batch
 
     async def start(self) -> None:
         settings = self._settings
@@ -302,6 +323,7 @@ class KafkaBus:
             # on in-flight handlers first.
             rebalance_timeout_ms=grace_ms + 30_000,
             max_poll_records=self._settings.kafka_partition_buffer,
+            fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
         await asyncio.wait_for(group.consumer.start(), self._settings.bus_publish_timeout_s)
@@ -318,8 +340,10 @@ class KafkaBus:
             if group.partitions and not ready:
                 # Every partition's buffer is full: fetch nothing until a handler takes one.
                 group.room.clear()
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(group.room.wait(), settings.kafka_commit_interval_s)
+                except TimeoutError:
+                    await self._refresh_lag(group)  # no fetch: ask the broker instead
             else:
                 room = min((limit - p.buffer.qsize() for p in ready), default=limit)
                 try:
@@ -334,6 +358,7 @@ class KafkaBus:
                 # rebalance is under way), and `_feed` runs before anything else can.
                 for tp, records in batches.items():
                     self._feed(group, tp, records)
+                self._report_lag(group)
             if time.monotonic() - last_commit >= settings.kafka_commit_interval_s:
                 await self._commit(group, list(group.partitions.values()))
                 last_commit = time.monotonic()
@@ -342,9 +367,36 @@ class KafkaBus:
         # A partition's records may come before aiokafka calls on_partitions_assigned.
         self._assign(group, [tp])
         partition = group.partitions[tp]
+        if partition.fed_from is None and records:
+            partition.fed_from = records[0].offset
         for record in records:
             partition.buffer.put_nowait(record)
         self._metrics.bus_queue_depth.labels(self._label(tp.topic), group.name).inc(len(records))
+
+    async def _refresh_lag(self, group: _Group) -> None:
+        """The lag of stalled partitions (full buffers: no fetch brings high watermarks)."""
+        try:
+            ends = await asyncio.wait_for(
+                group.consumer.end_offsets(list(group.partitions)),
+                self._settings.bus_publish_timeout_s,
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("Kafka end offsets for group %s unknown: %r", group.name, exc)
+            return
+        self._report_lag(group, ends)
+
+    def _report_lag(self, group: _Group, ends: dict[TopicPartition, int] | None = None) -> None:
+        for partition in group.partitions.values():
+            if ends is None:
+                highwater = group.consumer.highwater(partition.tp)
+            else:
+                highwater = ends.get(partition.tp)
+            handled = partition.done if partition.done is not None else partition.fed_from
+            if highwater is None or handled is None:
+                continue  # nothing fetched here yet
+            self._metrics.bus_consumer_lag.labels(
+                self._label(partition.tp.topic), group.name, str(partition.tp.partition)
+            ).set(max(highwater - handled, 0))
 
     def _assign(self, group: _Group, assigned: Iterable[TopicPartition]) -> None:
         for tp in assigned:
@@ -353,6 +405,7 @@ class KafkaBus:
             partition = _Partition(
                 tp=tp,
                 handler=group.handlers[tp.topic],
+                batch=group.batches.get(tp.topic),
                 group=group.name,
                 # One more than the limit: room for the end-of-work marker.
                 buffer=asyncio.Queue(maxsize=self._settings.kafka_partition_buffer + 1),
@@ -379,6 +432,10 @@ class KafkaBus:
                 dropped
             )
             partition.buffer.put_nowait(_END)
+            with contextlib.suppress(KeyError):  # never reported: nothing was fetched
+                self._metrics.bus_consumer_lag.remove(
+                    self._label(partition.tp.topic), group.name, str(partition.tp.partition)
+                )
         tasks = [p.task for p in leaving if p.task is not None]
         if tasks:
             # Each task ends at the marker: only the record at work, if any, remains.
@@ -408,16 +465,51 @@ class KafkaBus:
                 partition.committed = offsets[partition.tp].offset
 
     async def _drain(self, group: _Group, partition: _Partition) -> None:
-        """Handle one partition's records in order, until the end-of-work marker."""
+        """Handle one partition's records in order, until the end-of-work marker: one at
+        a time, or, with a batch handler, everything buffered at each turn."""
         label = self._label(partition.tp.topic)
         while True:
-            record = await partition.buffer.get()
-            if record is _END:
+            records = [await partition.buffer.get()]
+            if partition.batch is not None:
+                while not partition.buffer.empty():
+                    records.append(partition.buffer.get_nowait())
+            ended = records[-1] is _END
+            if ended:
+                records.pop()
+            if records:
+                self._metrics.bus_queue_depth.labels(label, group.name).dec(len(records))
+                group.room.set()
+                if partition.batch is not None and len(records) > 1:
+                    await self._handle_batch(partition, partition.batch, label, records)
+                else:
+                    for record in records:
+                        await self._handle(partition, label, record)
+                        partition.done = record.offset + 1
+            if ended:
                 return
-            self._metrics.bus_queue_depth.labels(label, group.name).dec()
-            group.room.set()
-            await self._handle(partition, label, record)
-            partition.done = record.offset + 1
+
+    async def _handle_batch(
+        self, partition: _Partition, batch: BatchHandler, label: str, records: list[Any]
+    ) -> None:
+        """The batch handler with all of them; if it raises, each through `_handle`."""
+        try:
+            await batch([record.value or b"" for record in records])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "batch handler %s on %s failed on %d events (%s); handling them one by one",
+                partition.group,
+                label,
+                len(records),
+                exc,
+            )
+            for record in records:
+                await self._handle(partition, label, record)
+                partition.done = record.offset + 1
+        else:
+            self._metrics.bus_handled.labels(label, partition.group).inc(len(records))
+            partition.done = records[-1].offset + 1
 
     async def _handle(self, partition: _Partition, label: str, record: Any) -> None:
         settings = self._settings

@@ -3,7 +3,7 @@ that has a local subscriber for that conversation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 #: Called with (channel, payload) for every message on a `status:*` channel.
@@ -36,6 +36,10 @@ class Fanout(Protocol):
 
     async def publish(self, channel: str, payload: bytes) -> None:
         """Publish; raises BackendUnavailable when the backend cannot take it."""
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish (channel, payload) pairs in order, in as few round trips as the backend
+        allows; raises BackendUnavailable when it cannot take them (some may be out)."""
 
     async def ping(self) -> None:
         """Raises BackendUnavailable when the backend does not answer."""

@@ -8,6 +8,7 @@ is always heard and the link never breaks, so `add`, `discard` and gaps are no-o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from whatslike.fanout import GapListener, Listener
 
@@ -38,6 +39,10 @@ class MemoryFanout:
 
     async def ping(self) -> None:
         return None
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        for channel, payload in messages:
+            await self.publish(channel, payload)
 
     async def publish(self, channel: str, payload: bytes) -> None:
         for listener in self._listeners:

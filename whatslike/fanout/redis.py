@@ -4,6 +4,8 @@ it has a local subscriber for (`add` / `discard`), not to the pattern `status:*`
 pattern every hub reads, and Redis writes to every hub, every status of every conversation
 (bench/redis_fanout.py measures both).
 
+`publish_many` writes a batch's PUBLISHes in one pipeline (one round trip).
+
 The reader owns one connection at a time (a *link*) and never lets redis-py reconnect it
 behind its back (redis-py's PubSub resubscribes silently, which would hide the outage):
 a link that fails (an error, EOF, or no PONG within `liveness_s`) is dropped, and a new one
@@ -30,7 +32,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, cast
 from urllib.parse import urlsplit
 
@@ -208,6 +210,18 @@ class RedisFanout:
     async def publish(self, channel: str, payload: bytes) -> None:
         try:
             await self._client.publish(channel, payload)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"Redis at {self._where} took no publish: {exc}") from exc
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """One pipeline (no MULTI): every PUBLISH written at once, one round trip."""
+        if not messages:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for channel, payload in messages:
+                    pipe.publish(channel, payload)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"Redis at {self._where} took no publish: {exc}") from exc
 

@@ -9,6 +9,15 @@ statuses and at low load nothing waits for a timer. Each consumer still waits fo
 event's result before it publishes and takes its next event, so per-conversation order
 is kept (one conversation's events share a partition).
 
+On Kafka the bus hands each partition's buffered events at once to `apply_batch`: they
+join the same group commit together (with the other partitions' batches waiting then,
+`MAX_BATCH` per transaction, in partition order), then every frame goes out in one
+pipelined publish; the bus commits their offsets only after that returned. Any
+failure in a batch (an unknown message, a malformed event, the store or Redis away) makes
+the bus hand the same events one by one to `apply`, which retries and dead-letters each;
+the events of the batch already applied are matched by event_id and their frames published
+again (clients drop the duplicates by seq).
+
 Publishing happens after the store committed (the same transaction completed the event's
 outbox entry). If it fails, the bus redelivers the event and `apply_status` returns the
 same frames again (matched by event_id), so a notification is never lost; clients drop
@@ -22,6 +31,7 @@ import json
 import logging
 import time
 
+from whatslike.bus import Batching
 from whatslike.clock import utcnow
 from whatslike.errors import MalformedEvent
 from whatslike.events import (
@@ -58,7 +68,10 @@ class StatusWorker(RoleDefaults):
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
         self._commit = Grouped(self._apply_many, "status-group-commit", MAX_BATCH)
-        deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
+        if isinstance(deps.bus, Batching):
+            deps.bus.subscribe_batch(TOPIC_STATUS, "status-worker", self.apply, self.apply_batch)
+        else:
+            deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
         for topic in DEAD_LETTER_SOURCES:
             deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
 
@@ -76,12 +89,28 @@ class StatusWorker(RoleDefaults):
         return results
 
     async def apply(self, raw: bytes) -> None:
+        event = self._taken(raw)
+        result = await self._commit(event)
+        await self._fanout.publish_many(self._outcome(event, result))
+        self._published([(event, result)])
+
+    async def apply_batch(self, raws: list[bytes]) -> None:
+        events = [self._taken(raw) for raw in raws]
+        done = list(zip(events, await self._commit.many(events), strict=True))
+        frames = [frame for event, result in done for frame in self._outcome(event, result)]
+        await self._fanout.publish_many(frames)
+        self._published(done)
+
+    def _taken(self, raw: bytes) -> StatusEvent:
         event = StatusEvent.from_json(raw)
         self._metrics.status_consumed.inc()
         if event.received_at is not None:
             lag = (utcnow() - event.received_at).total_seconds()
             self._metrics.status_bus_lag.observe(max(lag, 0.0))
-        result = await self._commit(event)
+        return event
+
+    def _outcome(self, event: StatusEvent, result: ApplyResult) -> list[tuple[str, bytes]]:
+        """Count an applied event; its frames, to publish. An unknown message raises."""
         if result.unknown_message or result.message is None:
             raise MalformedEvent(f"no message {event.message_id!r}")
         self._metrics.status_applied.labels(result.effect.value).inc()
@@ -96,10 +125,13 @@ class StatusWorker(RoleDefaults):
                 result.message.status.value,
             )
         channel = status_channel(result.message.conversation_id)
-        for frame in result.frames:
-            await self._fanout.publish(channel, frame.encode())
-        if result.frames:
-            now = utcnow()
+        return [(channel, frame.encode()) for frame in result.frames]
+
+    def _published(self, done: list[tuple[StatusEvent, ApplyResult]]) -> None:
+        now = utcnow()
+        for event, result in done:
+            if not result.frames:
+                continue
             if event.received_at is not None:
                 ours = (now - event.received_at).total_seconds()
                 self._metrics.status_latency.observe(max(ours, 0.0))

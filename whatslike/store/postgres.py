@@ -393,18 +393,8 @@ class PostgresStore:
             return []
         async with self._connection() as conn, conn.transaction():
             if len(events) > 1:
-                # Every row lock up front, in one order (messages, then conversations, each
-                # by id): two batches, or a batch and one `apply_status`, cannot deadlock.
-                await conn.execute(
-                    "SELECT 1 FROM messages WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
-                    sorted({e.message_id for e in events}),
-                )
-                await conn.execute(
-                    "SELECT 1 FROM conversations WHERE id IN (SELECT conversation_id FROM"
-                    " messages WHERE id = ANY($1::text[])) ORDER BY id FOR UPDATE",
-                    sorted({e.message_id for e in events}),
-                )
-            return [await _apply(conn, event) for event in events]
+                return await _apply_batch(conn, events)
+            return [await _apply(conn, events[0])]
 
     async def handoff(
         self,
@@ -655,6 +645,99 @@ async def _apply(conn: _Connection, event: StatusEvent) -> ApplyResult:
         now,
     )
     return common.applied(message, transition, seq, frames, now)
+
+
+async def _apply_batch(conn: _Connection, events: Sequence[StatusEvent]) -> list[ApplyResult]:
+    """`_apply` of each event in turn, inside the caller's transaction, in a fixed number
+    of statements: the rows are read and locked up front, in one order (messages, then
+    conversations, each by id: two batches, or a batch and one `apply_status`, cannot
+    deadlock), the rules run here, and the writes go out as pipelined `executemany`."""
+    rows = await conn.fetch(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ANY($1::text[])"
+        " ORDER BY m.id FOR UPDATE",
+        sorted({e.message_id for e in events}),
+    )
+    messages = {str(row["id"]): _message(row) for row in rows}
+    last_seq = {
+        str(row["id"]): int(row["last_seq"])
+        for row in await conn.fetch(
+            "SELECT id, last_seq FROM conversations WHERE id = ANY($1::text[])"
+            " ORDER BY id FOR UPDATE",
+            sorted({m.conversation_id for m in messages.values()}),
+        )
+    }
+    event_ids = [e.event_id for e in events]
+    await conn.execute(
+        "DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])",
+        TOPIC_STATUS,
+        event_ids,
+    )
+    earlier: dict[tuple[str, str], tuple[str, ...]] = {}
+    for row in await conn.fetch(
+        "SELECT event_id, message_id, frame FROM changes WHERE event_id = ANY($1::text[])"
+        " ORDER BY seq",
+        event_ids,
+    ):
+        key = (str(row["event_id"]), str(row["message_id"]))
+        earlier[key] = (*earlier.get(key, ()), str(row["frame"]))
+    results: list[ApplyResult] = []
+    changes: list[tuple[str, int, str, str, str]] = []
+    updated: dict[str, Message] = {}
+    for event in events:
+        message = messages.get(event.message_id)
+        if message is None:
+            results.append(common.UNKNOWN_MESSAGE)
+            continue
+        if (event.event_id, message.id) in earlier:
+            results.append(common.replayed(message, earlier[(event.event_id, message.id)]))
+            continue
+        transition = rules.apply(message.state, common.observation_of(event))
+        if transition.effect is Effect.NOOP:
+            results.append(ApplyResult(effect=Effect.NOOP, message=message))
+            continue
+        seq, frames = message.seq, tuple[str, ...]()
+        if transition.effect is Effect.CHANGED:
+            seq = last_seq[message.conversation_id] = last_seq[message.conversation_id] + 1
+            frame = common.change_frame(message, transition.state, seq, event.occurred_at)
+            frames = (frame,)
+            changes.append((message.conversation_id, seq, message.id, event.event_id, frame))
+            earlier[(event.event_id, message.id)] = frames
+        result = common.applied(message, transition, seq, frames, utcnow())
+        assert result.message is not None  # `applied` always answers with the message
+        messages[message.id] = updated[message.id] = result.message
+        results.append(result)
+    if changes:
+        await conn.executemany(
+            "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            changes,
+        )
+        await conn.executemany(
+            "UPDATE conversations SET last_seq = $2 WHERE id = $1",
+            [(cid, last_seq[cid]) for cid in sorted({change[0] for change in changes})],
+        )
+    if updated:
+        await conn.executemany(
+            "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
+            " read_at = $6, failed_at = $7, error_code = $8, error_title = $9,"
+            " updated_at = $10 WHERE id = $1",
+            [
+                (
+                    m.id,
+                    m.state.status.value,
+                    m.seq,
+                    m.state.sent_at,
+                    m.state.delivered_at,
+                    m.state.read_at,
+                    m.state.failed_at,
+                    m.state.error.code if m.state.error else None,
+                    m.state.error.title if m.state.error else None,
+                    m.updated_at,
+                )
+                for m in updated.values()
+            ],
+        )
+    return results
 
 
 async def _add_outbox(conn: _Connection, entries: Sequence[OutboxEntry]) -> None:
