@@ -416,9 +416,10 @@ class SQLiteStore:
         *,
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
+        relayed_run: str | None = None,
     ) -> None:
         def work(conn: sqlite3.Connection) -> None:
-            _add_outbox(conn, entries)
+            _add_outbox(conn, entries, relayed_run)
             conn.executemany(
                 "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
                 [(done_key, topic) for topic, done_key in done],
@@ -589,18 +590,23 @@ async def _fetch(db: aiosqlite.Connection, sql: str, parameters: Iterable[Any] =
     return list(await db.execute_fetchall(sql, parameters))
 
 
-def _outbox_rows(entries: Iterable[OutboxEntry]) -> list[tuple[str, str, bytes, str, str]]:
+def _outbox_rows(
+    entries: Iterable[OutboxEntry], relayed_run: str | None = None
+) -> list[tuple[str, str, bytes, str, str, str | None]]:
     now = format_time(utcnow())
-    return [(e.topic, e.key, e.payload, e.done_key, now) for e in entries]
+    return [(e.topic, e.key, e.payload, e.done_key, now, relayed_run) for e in entries]
 
 
 _INSERT_OUTBOX = (
-    "INSERT INTO outbox (topic, key, payload, done_key, created_at) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 
-def _add_outbox(conn: sqlite3.Connection, entries: Iterable[OutboxEntry]) -> None:
-    conn.executemany(_INSERT_OUTBOX, _outbox_rows(entries))
+def _add_outbox(
+    conn: sqlite3.Connection, entries: Iterable[OutboxEntry], relayed_run: str | None
+) -> None:
+    conn.executemany(_INSERT_OUTBOX, _outbox_rows(entries, relayed_run))
 
 
 async def _add_outbox_async(db: aiosqlite.Connection, entries: Iterable[OutboxEntry]) -> None:
