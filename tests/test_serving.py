@@ -22,6 +22,7 @@ import uvicorn
 
 from whatslike.app import Runtime
 from whatslike.connectors.meta import sign
+from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.serving import REDACTED, RedactSecrets, server_config
 from whatslike.settings import DEV_SECRETS, load_settings, resolve_jwt_secret
 
@@ -301,6 +302,39 @@ async def test_forged_webhooks_are_refused_by_a_deployment_with_its_own_secrets(
             "/webhooks/whatsapp", params={**handshake, "hub.verify_token": OWN["meta_verify_token"]}
         )
         assert (own.status_code, own.text) == (200, "42")
+    await runtime.deps.store.close()
+
+
+async def test_webhooks_taken_past_the_router_keep_the_error_and_drain_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST /webhooks/<channel>` goes straight to its connector: a bug still answers
+    500 `internal` (logged, no trace to the client), and a stopping process 503."""
+    settings = load_settings(
+        data_dir=tmp_path, roles=PIPELINE, graph_url="http://127.0.0.1:9/graph", **OWN
+    )
+    runtime = Runtime(settings)
+    await runtime.open()
+    body = FIXTURE.read_bytes()
+    headers = {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": sign(OWN["meta_app_secret"], body),
+    }
+    [connector] = [role for role in runtime.roles if isinstance(role, WhatsAppConnector)]
+
+    def broken(payload: Any) -> list[Any]:
+        raise RuntimeError("a bug in parsing")
+
+    monkeypatch.setattr(connector, "parse", broken)
+    async with _client(runtime) as client:
+        failed = await client.post("/webhooks/whatsapp", content=body, headers=headers)
+        assert failed.status_code == 500
+        assert failed.json()["error"]["code"] == "internal"
+        assert "a bug" not in failed.text
+        runtime.draining = True
+        refused = await client.post("/webhooks/whatsapp", content=body, headers=headers)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == str(settings.retry_after_s)
     await runtime.deps.store.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
@@ -29,6 +29,7 @@ from whatslike.api.errors import (
 from whatslike.api.http import HttpApi
 from whatslike.api.web import WebAssets
 from whatslike.bus.factory import open_bus
+from whatslike.connectors.base import MetaConnector
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
@@ -106,7 +107,7 @@ class Runtime:
         self._opened = False
         #: Set when a stop began: new requests are answered 503 (see `_DrainGuard`).
         self.draining = False
-        self.app = Starlette(
+        self.starlette = Starlette(
             routes=self._routes(),
             lifespan=self._lifespan,
             middleware=[Middleware(_DrainGuard, runtime=self)],
@@ -117,6 +118,14 @@ class Runtime:
                 Exception: on_unexpected,
             },
         )
+        webhooks: dict[str, Endpoint] = {
+            f"/webhooks/{role.channel}": role.receive
+            for role in self.roles
+            if isinstance(role, MetaConnector)
+        }
+        #: What the server serves: webhooks straight to their connector, the rest through
+        #: Starlette.
+        self.app: ASGIApp = _Webhooks(self.starlette, self, webhooks)
 
     async def open(self) -> None:
         """Reach the backends; raises WhatslikeError with a one-line reason."""
@@ -235,3 +244,38 @@ class _DrainGuard:
             await response(scope, receive, send)
             return
         await self._app(scope, receive, send)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class _Webhooks:
+    """`POST /webhooks/<channel>` (Meta's status callbacks, the busiest route) goes
+    straight to its connector, past Starlette's routing and middlewares, which cost more
+    per webhook than verifying and parsing it. What those would do is kept: while
+    draining, the request takes the usual way (`_DrainGuard` answers 503); an unexpected
+    error is logged and answered 500 by `on_unexpected`; a body over the limit
+    propagates to BodyLimit, outside, as it would."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime, endpoints: Mapping[str, Endpoint]) -> None:
+        self._app = app
+        self._runtime = runtime
+        self._endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = (
+            self._endpoints.get(scope["path"])
+            if scope["type"] == "http" and scope["method"] == "POST"
+            else None
+        )
+        if endpoint is None or self._runtime.draining:
+            await self._app(scope, receive, send)
+            return
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except HTTPException:
+            raise  # a body over the limit: BodyLimit, outside, answers 413
+        except Exception as exc:
+            response = await on_unexpected(request, exc)
+        await response(scope, receive, send)

@@ -271,6 +271,9 @@ def server_config(app: ASGIApp, settings: Settings, log_level: str) -> uvicorn.C
     return uvicorn.Config(
         BodyLimit(app, body_limit(settings)),
         log_level=log_level,
+        # Below INFO nothing of the access log is written: without this uvicorn still
+        # builds each line's arguments (client address, path) per request.
+        access_log=log_level in ("debug", "info"),
         lifespan="on",
         http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
         # The hub writes ready frames straight to sockets through this protocol, and

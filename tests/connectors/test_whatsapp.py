@@ -15,6 +15,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from whatslike.bus import BusFull
 from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
 from whatslike.connectors.meta import WebhookPayloadError, sign
@@ -64,9 +65,14 @@ def status(wamid: str, name: str, callback: str = "", at: str = "1764072000") ->
 
 
 class RecordingBus:
-    """Keeps what subscribed; connectors hand off through the store's outbox, not here."""
+    """Keeps what subscribed and what was published (a webhook's statuses, after their
+    commit); `refuse` makes publishing fail, as a full in-process bus does."""
 
     durable = False
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, bytes]] = []
+        self.refuse = False
 
     def subscribe(self, topic: str, group: str, handler: Callable[[bytes], Any]) -> None:
         self.subscribed = (topic, group)
@@ -81,7 +87,9 @@ class RecordingBus:
         return None
 
     async def publish(self, topic: str, key: str, value: bytes) -> None:
-        raise AssertionError("connectors hand off through the outbox")
+        if self.refuse:
+            raise BusFull("full")
+        self.published.append((topic, key, value))
 
 
 class Harness:
@@ -100,17 +108,16 @@ class Harness:
         self.settings = load_settings(
             meta_app_secret=SECRET, port=8123, consumer_backoff_base_s=0.001
         )
-        self.connector = connector_type(
-            Deps(
-                settings=self.settings,
-                store=store,
-                bus=self.bus,
-                fanout=MemoryFanout(),
-                http=http,
-                metrics=Metrics(),
-                jwt_secret="x",
-            )
+        self.deps = Deps(
+            settings=self.settings,
+            store=store,
+            bus=self.bus,
+            fanout=MemoryFanout(),
+            http=http,
+            metrics=Metrics(),
+            jwt_secret="x",
         )
+        self.connector = connector_type(self.deps)
         self.channel = self.connector.channel
         self.conversations: dict[str, Conversation] = {}
         app = Starlette(routes=self.connector.routes())
@@ -438,6 +445,35 @@ async def test_webhook_after_send_answer_resolves_by_provider_id(harness: Harnes
     assert (await harness.post(status_webhook(status(WAMID, "read")))).status_code == 200
     [event] = await harness.statuses()
     assert (event.message_id, event.status) == (message.id, Status.READ)
+
+
+async def test_a_webhooks_statuses_go_to_the_bus_once_committed(harness: Harness) -> None:
+    """On a bus that keeps nothing the connector hands the statuses on itself, right
+    after the commit, added as relayed by this run: the relay does not publish them
+    again, a restart (another run) does, until they are applied."""
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    assert (await harness.post(status_webhook(status(WAMID, "read")))).status_code == 200
+    [(topic, key, value)] = harness.bus.published
+    assert (topic, key) == (TOPIC_STATUS, message.conversation_id)
+    assert StatusEvent.from_json(value).status is Status.READ
+    assert await harness.store.outbox_batch(harness.deps.relay_run.id, 10) == []
+    assert [e.status for e in await harness.statuses()] == [Status.READ]
+
+
+async def test_statuses_the_bus_refuses_are_left_to_the_relay(harness: Harness) -> None:
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    harness.bus.refuse = True
+    run = harness.deps.relay_run.id
+    # Committed already: Meta gets its 200, and the relay's new run hands them on.
+    assert (await harness.post(status_webhook(status(WAMID, "read")))).status_code == 200
+    assert harness.deps.relay_run.id != run
+    assert harness.deps.handoffs.is_set()
+    [item] = await harness.store.outbox_batch(harness.deps.relay_run.id, 10)
+    assert StatusEvent.from_json(item.payload).status is Status.READ
 
 
 # -- sending ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -97,6 +98,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+#: The size asked for the pipe of the server's output (Linux caps it at
+#: /proc/sys/fs/pipe-max-size, 1 MiB by default).
+PIPE_BYTES = 1 << 20
+
+
 def start_server(data_dir: Path, env: dict[str, str] | None = None, port: int = 0) -> Server:
     """Start `whatslike serve` (on any free port by default); read the address it prints."""
     command = [sys.executable, "-m", "whatslike", "serve", "--port", str(port)]
@@ -109,6 +115,9 @@ def start_server(data_dir: Path, env: dict[str, str] | None = None, port: int = 
         env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None
+    # A pipe of 1 MiB (Linux): a reader that is not scheduled for a while (a busy test
+    # or benchmark process) does not make the server block on its log writes.
+    fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     output: list[str] = []
     while time.monotonic() < deadline:

@@ -482,6 +482,21 @@ async def test_a_hand_off_is_relayed_by_every_run_until_done(store: Store) -> No
     assert await store.outbox_batch("run-3", 10) == []
 
 
+async def test_a_hand_off_added_as_relayed_waits_for_the_next_run(store: Store) -> None:
+    """An entry its writer hands to the in-process bus itself is added as relayed by the
+    writer's run: that run's relay passes it by, the next run relays it (a restart
+    before its work was done), and applying it completes it as usual."""
+    message = await new_message(store)
+    await store.handoff(done=[(TOPIC_MESSAGES, message.id)])
+    event = status_event(message, Status.SENT, at(1000))
+    await store.handoff([status_entry(event)], relayed_run="run-1")
+    assert await store.outbox_batch("run-1", 10) == []
+    [item] = await store.outbox_batch("run-2", 10)
+    assert outbox_json([item])[0]["event_id"] == event.event_id
+    await store.apply_status(event)
+    assert await store.outbox_size() == 0
+
+
 async def test_relayed_entries_on_a_durable_bus_are_deleted(store: Store) -> None:
     for _ in range(3):
         await new_message(store)

@@ -23,8 +23,9 @@ every `kafka_commit_interval_s`.
 A partition's gauge appears with its first fetched record and goes when it is revoked.
 
 Bounds: each partition buffers at most `kafka_partition_buffer` fetched records (plus
-the one at work, or the batch at work: at most as many again); a full partition is not fetched again until its task catches up, so
-the broker keeps the backlog and nothing is dropped. The producer holds at most a batch
+the one at work, or the batch at work: at most as many again); a full partition is not
+fetched again until its task catches up, so the broker keeps the backlog and nothing is
+dropped. The producer holds at most a batch
 (`max_batch_size`, 16 KiB) per partition beside the ones in flight; a publisher waits
 for room, up to the publish timeout, then gets BusFull.
 

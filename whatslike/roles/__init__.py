@@ -16,10 +16,28 @@ import httpx
 from starlette.routing import BaseRoute
 
 from whatslike.bus import Bus
+from whatslike.clock import new_id
 from whatslike.fanout import Fanout
 from whatslike.metrics import Metrics
 from whatslike.settings import Settings
 from whatslike.store.base import Store
+
+
+class RelayRun:
+    """The outbox relay's run in this process (see whatslike/roles/relay.py).
+
+    On a bus that keeps nothing (in-process), a role may hand its own outbox entries to
+    the bus itself right after their commit, adding them as relayed by this run (one
+    commit, and no second pass of the relay over them). If that publish fails, `renew`
+    starts a new run: the relay then hands on again every entry not relayed under the
+    new id, those included (a duplicate is harmless: consumers are idempotent). A
+    process that dies leaves them to the next process's run, like any relayed entry."""
+
+    def __init__(self) -> None:
+        self.id = new_id("run")
+
+    def renew(self) -> None:
+        self.id = new_id("run")
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,7 @@ class Deps:
     jwt_secret: str
     #: Set by whoever adds to the store's outbox in this process; the relay waits on it.
     handoffs: asyncio.Event = field(default_factory=asyncio.Event)
+    relay_run: RelayRun = field(default_factory=RelayRun)
 
 
 class Role(Protocol):

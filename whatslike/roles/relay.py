@@ -25,7 +25,6 @@ import random
 
 from whatslike.bus import BusFull
 from whatslike.bus.memory import backoff_delay
-from whatslike.clock import new_id
 from whatslike.errors import WhatslikeError
 from whatslike.roles import BackgroundRole, Deps
 
@@ -46,7 +45,7 @@ class OutboxRelay(BackgroundRole):
         self._bus = deps.bus
         self._settings = deps.settings
         self._metrics = deps.metrics
-        self._run = new_id("run")
+        self._run = deps.relay_run
         self._wake = deps.handoffs
         self._rng = random.Random()
 
@@ -55,7 +54,8 @@ class OutboxRelay(BackgroundRole):
         if self._bus.durable:
             items = await self._store.claim_outbox(BATCH, CLAIM_LEASE_S)
         else:
-            items = await self._store.outbox_batch(self._run, BATCH)
+            run = self._run.id
+            items = await self._store.outbox_batch(run, BATCH)
         handed: list[int] = []
         try:
             for item in items:
@@ -67,7 +67,7 @@ class OutboxRelay(BackgroundRole):
                 if self._bus.durable:
                     await self._store.delete_outbox(handed)
                 else:
-                    await self._store.mark_relayed(handed, self._run)
+                    await self._store.mark_relayed(handed, run)
             if self._bus.durable and len(handed) < len(items):
                 await self._store.unclaim_outbox([item.id for item in items[len(handed) :]])
         return len(handed)

@@ -68,6 +68,9 @@ class StatusWorker(RoleDefaults):
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
         self._commit = Grouped(self._apply_many, "status-group-commit", MAX_BATCH)
+        # Bound once: per status, a labelled child is looked up otherwise.
+        self._apply_seconds = deps.metrics.store_seconds.labels("apply_statuses")
+        self._applied = {e: deps.metrics.status_applied.labels(e.value) for e in Effect}
         if isinstance(deps.bus, Batching):
             deps.bus.subscribe_batch(TOPIC_STATUS, "status-worker", self.apply, self.apply_batch)
         else:
@@ -84,7 +87,7 @@ class StatusWorker(RoleDefaults):
     async def _apply_many(self, events: list[StatusEvent]) -> list[ApplyResult]:
         started = time.perf_counter()
         results = await self._store.apply_statuses(events)
-        self._metrics.store_seconds.labels("apply_statuses").observe(time.perf_counter() - started)
+        self._apply_seconds.observe(time.perf_counter() - started)
         self._metrics.status_batch_size.observe(len(events))
         return results
 
@@ -113,7 +116,7 @@ class StatusWorker(RoleDefaults):
         """Count an applied event; its frames, to publish. An unknown message raises."""
         if result.unknown_message or result.message is None:
             raise MalformedEvent(f"no message {event.message_id!r}")
-        self._metrics.status_applied.labels(result.effect.value).inc()
+        self._applied[result.effect].inc()
         if result.frames and result.effect is Effect.NOOP:
             self._metrics.status_duplicates.inc()
         if result.effect is Effect.ANOMALY:

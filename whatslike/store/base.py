@@ -205,10 +205,13 @@ class Store(Protocol):
         *,
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
+        relayed_run: str | None = None,
     ) -> None:
         """In one transaction: add `entries` to the outbox, complete the entries that
         `done` names as (topic, done_key), and forget the statuses parked for each of
-        `parked` (channel, provider id) — they are in `entries` now."""
+        `parked` (channel, provider id) — they are in `entries` now. With `relayed_run`
+        the entries are added as already relayed by that run (`mark_relayed`): the caller
+        hands them to a bus that keeps nothing itself, right after this commit."""
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         """Outbox entries not yet relayed by the relay run `run` (a process's lifetime),

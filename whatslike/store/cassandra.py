@@ -270,6 +270,10 @@ _CQL = {
     "add_outbox": (
         "INSERT INTO outbox (bucket, id, topic, key, payload, done_key) VALUES (?, ?, ?, ?, ?, ?)"
     ),
+    "add_outbox_relayed": (
+        "INSERT INTO outbox (bucket, id, topic, key, payload, done_key, relayed_run)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ),
     "add_outbox_done": "INSERT INTO outbox_done (done_key, topic, id) VALUES (?, ?, ?)",
     "add_outbox_bucket": "INSERT INTO outbox_buckets (one, bucket) VALUES (0, ?)",
     "outbox_buckets": "SELECT bucket FROM outbox_buckets WHERE one = 0",
@@ -1031,16 +1035,18 @@ class CassandraStore:
         self._last_us = now_us
         return now_us * _NODES + self._node
 
-    def _outbox_inserts(self, entries: Sequence[OutboxEntry]) -> list[Step]:
+    def _outbox_inserts(
+        self, entries: Sequence[OutboxEntry], relayed_run: str | None = None
+    ) -> list[Step]:
         steps: list[Step] = []
         for entry in entries:
             outbox_id = self._next_outbox_id()
             bucket = self._outbox_bucket(outbox_id)
+            row = (bucket, outbox_id, entry.topic, entry.key, entry.payload, entry.done_key)
             steps += [
-                (
-                    "add_outbox",
-                    (bucket, outbox_id, entry.topic, entry.key, entry.payload, entry.done_key),
-                ),
+                ("add_outbox", row)
+                if relayed_run is None
+                else ("add_outbox_relayed", (*row, relayed_run)),
                 ("add_outbox_done", (entry.done_key, entry.topic, outbox_id)),
                 ("add_outbox_bucket", (bucket,)),
             ]
@@ -1072,8 +1078,9 @@ class CassandraStore:
         *,
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
+        relayed_run: str | None = None,
     ) -> None:
-        steps = self._outbox_inserts(entries) + await self._done_deletes(done)
+        steps = self._outbox_inserts(entries, relayed_run) + await self._done_deletes(done)
         # No status is parked for a provider id once it is linked: these are all of them.
         found = await asyncio.gather(*(self._run("parked", *key) for key in parked))
         for (channel, provider_message_id), rows in zip(parked, found, strict=True):

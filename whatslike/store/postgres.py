@@ -402,9 +402,10 @@ class PostgresStore:
         *,
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
+        relayed_run: str | None = None,
     ) -> None:
         async with self._connection() as conn, conn.transaction():
-            await _add_outbox(conn, entries)
+            await _add_outbox(conn, entries, relayed_run)
             if done:
                 await conn.executemany(
                     "DELETE FROM outbox WHERE done_key = $1 AND topic = $2",
@@ -740,13 +741,15 @@ async def _apply_batch(conn: _Connection, events: Sequence[StatusEvent]) -> list
     return results
 
 
-async def _add_outbox(conn: _Connection, entries: Sequence[OutboxEntry]) -> None:
+async def _add_outbox(
+    conn: _Connection, entries: Sequence[OutboxEntry], relayed_run: str | None = None
+) -> None:
     if entries:
         now = utcnow()
         await conn.executemany(
-            "INSERT INTO outbox (topic, key, payload, done_key, created_at)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            [(e.topic, e.key, e.payload, e.done_key, now) for e in entries],
+            "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            [(e.topic, e.key, e.payload, e.done_key, now, relayed_run) for e in entries],
         )
 
 

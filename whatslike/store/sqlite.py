@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
 from whatslike.clock import format_time, parse_time, utcnow
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
+from whatslike.grouping import Grouped
 from whatslike.status import rules
 from whatslike.status.rules import Effect
 from whatslike.store import common
@@ -123,6 +124,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _Rows = list[sqlite3.Row]
+_Work = Callable[[sqlite3.Connection], Any]
+#: Write calls that share one transaction at most (each may itself be a batch).
+_WRITES_PER_COMMIT = 64
 SQLiteSynchronous = Literal["normal", "full"]
 #: Ids bound in one `IN (...)`, well under SQLite's limit of bound variables.
 _IDS_PER_QUERY = 500
@@ -151,6 +155,9 @@ class SQLiteStore:
         # One connection is shared; the lock also keeps reads from seeing another
         # coroutine's uncommitted transaction on that same connection.
         self._lock = asyncio.Lock()
+        self._writes: Grouped[_Work, object] = Grouped(
+            self._write_many, "sqlite-writes", _WRITES_PER_COMMIT
+        )
 
     async def open(self) -> None:
         if self._db is None:
@@ -175,10 +182,12 @@ class SQLiteStore:
                 await db.close()
                 raise BackendUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
             self._db = db
+            self._writes.start()
         await self._migrate()
 
     async def close(self) -> None:
         if self._db is not None:
+            await self._writes.stop()
             db, self._db = self._db, None
             async with self._lock:
                 await db.close()
@@ -241,13 +250,32 @@ class SQLiteStore:
     async def _in_thread(self, work: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
         """Run `work` on the database thread in one hop (aiosqlite's own queue of calls,
         run in order on its thread): a transaction of many statements costs one
-        thread round trip instead of one per statement. A write runs in one
-        `BEGIN IMMEDIATE` transaction."""
+        thread round trip instead of one per statement. A write joins the writes
+        waiting meanwhile in one `BEGIN IMMEDIATE` transaction (`_write_many`)."""
+        if write:
+            async with self._unavailable_on_error():
+                outcome = await self._writes(work)
+            if isinstance(outcome, _Failed):
+                async with self._unavailable_on_error():
+                    raise outcome.error
+            return cast(T, outcome)
         async with self._lock, self._unavailable_on_error():
             db = self._connection()
-            call = _transactional(work) if write else work
-            result: T = await db._execute(call, db._conn)  # type: ignore[no-untyped-call]
+            result: T = await db._execute(work, db._conn)  # type: ignore[no-untyped-call]
             return result
+
+    async def _write_many(self, works: list[_Work]) -> list[object]:
+        """Group commit across callers: the writes that queued while the last one ran
+        (a webhooks' hand-off, a batch of statuses, ...) share one transaction and one
+        commit (one sync of the log with `synchronous=full`); each runs under a
+        savepoint, so one that raises is undone alone and its caller gets its error.
+        Every caller is answered after the commit."""
+        async with self._lock:
+            db = self._connection()
+            outcomes: list[object] = await db._execute(  # type: ignore[no-untyped-call]
+                _in_one_transaction(works), db._conn
+            )
+            return outcomes
 
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
@@ -416,9 +444,10 @@ class SQLiteStore:
         *,
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
+        relayed_run: str | None = None,
     ) -> None:
         def work(conn: sqlite3.Connection) -> None:
-            _add_outbox(conn, entries)
+            _add_outbox(conn, entries, relayed_run)
             conn.executemany(
                 "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
                 [(done_key, topic) for topic, done_key in done],
@@ -589,37 +618,59 @@ async def _fetch(db: aiosqlite.Connection, sql: str, parameters: Iterable[Any] =
     return list(await db.execute_fetchall(sql, parameters))
 
 
-def _outbox_rows(entries: Iterable[OutboxEntry]) -> list[tuple[str, str, bytes, str, str]]:
+def _outbox_rows(
+    entries: Iterable[OutboxEntry], relayed_run: str | None = None
+) -> list[tuple[str, str, bytes, str, str, str | None]]:
     now = format_time(utcnow())
-    return [(e.topic, e.key, e.payload, e.done_key, now) for e in entries]
+    return [(e.topic, e.key, e.payload, e.done_key, now, relayed_run) for e in entries]
 
 
 _INSERT_OUTBOX = (
-    "INSERT INTO outbox (topic, key, payload, done_key, created_at) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 
-def _add_outbox(conn: sqlite3.Connection, entries: Iterable[OutboxEntry]) -> None:
-    conn.executemany(_INSERT_OUTBOX, _outbox_rows(entries))
+def _add_outbox(
+    conn: sqlite3.Connection, entries: Iterable[OutboxEntry], relayed_run: str | None
+) -> None:
+    conn.executemany(_INSERT_OUTBOX, _outbox_rows(entries, relayed_run))
 
 
 async def _add_outbox_async(db: aiosqlite.Connection, entries: Iterable[OutboxEntry]) -> None:
     await db.executemany(_INSERT_OUTBOX, _outbox_rows(entries))
 
 
-def _transactional(work: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
-    """`work` in one `BEGIN IMMEDIATE` transaction, rolled back if it raises."""
+class _Failed:
+    """What one write of a shared transaction raised (it alone was undone)."""
 
-    def run(conn: sqlite3.Connection) -> T:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _in_one_transaction(works: list[_Work]) -> Callable[[sqlite3.Connection], list[object]]:
+    """`works` in one `BEGIN IMMEDIATE` transaction, each under a savepoint: answers each
+    one's result, or `_Failed` for one that raised (its changes rolled back). If the
+    transaction itself fails (begin, commit), it is rolled back and that error raised."""
+
+    def run(conn: sqlite3.Connection) -> list[object]:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result = work(conn)
+            outcomes: list[object] = []
+            for work in works:
+                conn.execute("SAVEPOINT work")
+                try:
+                    outcomes.append(work(conn))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO work")
+                    outcomes.append(_Failed(exc))
+                conn.execute("RELEASE work")
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
-        return result
+        return outcomes
 
     return run
 
