@@ -64,7 +64,7 @@ fi
 # A node of this checkout that runs but does not answer (yet, or any more): stop it and
 # start afresh. The pid must still be our CassandraDaemon, not a process that reused it.
 pidfile=$dir/cassandra.pid
-if [ -f "$pidfile" ] && tr '\0' ' ' < "/proc/$(cat "$pidfile")/cmdline" 2>/dev/null |
+if [ -f "$pidfile" ] && tr '\0' ' ' 2>/dev/null < "/proc/$(cat "$pidfile")/cmdline" |
   grep -q -- "-Dcassandra.config=file://$dir/cassandra.yaml"; then
   pid=$(cat "$pidfile")
   echo "services: stopping Cassandra pid $pid, it does not answer on its CQL port"
