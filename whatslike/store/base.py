@@ -259,6 +259,13 @@ class Store(Protocol):
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes: ...
 
+    async def subscription_changes(
+        self, org_id: str, conversation_id: str, since: int | None, limit: int
+    ) -> Changes | None:
+        """What a subscription starts from, in one read: None when the organization has
+        no such conversation, else `changes_since(since)`; without `since`, nothing but
+        the conversation's current last_seq (`Changes((), last_seq, True)`)."""
+
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         """The status frames of one message's changes, oldest first (for operators)."""
 

@@ -1014,6 +1014,16 @@ class CassandraStore:
             rows += await self._run("changes_after", conversation_id, bucket, since, last_seq)
         return common.changes(last_seq, since, common.frames_of(rows))
 
+    async def subscription_changes(
+        self, org_id: str, conversation_id: str, since: int | None, limit: int
+    ) -> Changes | None:
+        rows = await self._run("conversation", conversation_id)
+        if not rows or rows[0]["org_id"] != org_id:
+            return None
+        if since is None:
+            return Changes((), await self._last_seq(conversation_id), True)
+        return await self.changes_since(conversation_id, since, limit)
+
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         # A message has a handful of changes, all in its one partition.
         rows = await self._run("history", message_id)

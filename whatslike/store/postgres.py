@@ -570,6 +570,31 @@ class PostgresStore:
             )
         return common.changes(last_seq, since, common.frames_of(rows))
 
+    async def subscription_changes(
+        self, org_id: str, conversation_id: str, since: int | None, limit: int
+    ) -> Changes | None:
+        async with self._connection() as conn:
+            last_seq: int | None = await conn.fetchval(
+                "SELECT last_seq FROM conversations WHERE id = $1 AND org_id = $2",
+                conversation_id,
+                org_id,
+            )
+            if last_seq is None:
+                return None
+            start = last_seq if since is None else since
+            answer = common.changes_window(last_seq, start, limit)
+            if answer is not None:
+                return answer
+            # Bounded by the last_seq read above, as in `changes_since`.
+            rows = await conn.fetch(
+                "SELECT frame FROM changes WHERE conversation_id = $1 AND seq > $2"
+                " AND seq <= $3 ORDER BY seq",
+                conversation_id,
+                start,
+                last_seq,
+            )
+        return common.changes(last_seq, start, common.frames_of(rows))
+
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         async with self._connection() as conn:
             rows = await conn.fetch(

@@ -567,6 +567,30 @@ class SQLiteStore:
             )
         return common.changes(last_seq, since, common.frames_of(frames))
 
+    async def subscription_changes(
+        self, org_id: str, conversation_id: str, since: int | None, limit: int
+    ) -> Changes | None:
+        def read(db: sqlite3.Connection) -> Changes | None:
+            row = db.execute(
+                "SELECT last_seq FROM conversations WHERE id = ? AND org_id = ?",
+                (conversation_id, org_id),
+            ).fetchone()
+            if row is None:
+                return None
+            last_seq = int(row[0])
+            start = last_seq if since is None else since
+            answer = common.changes_window(last_seq, start, limit)
+            if answer is not None:
+                return answer
+            frames = db.execute(
+                "SELECT frame FROM changes WHERE conversation_id = ? AND seq > ? ORDER BY seq",
+                (conversation_id, start),
+            ).fetchall()
+            return common.changes(last_seq, start, tuple(str(frame[0]) for frame in frames))
+
+        # One hop to the database thread for both statements.
+        return await self._in_thread(read, write=False)
+
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         rows = await self._read(
             "SELECT frame FROM changes WHERE message_id = ? ORDER BY seq", (message_id,)
