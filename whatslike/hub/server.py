@@ -34,6 +34,7 @@ from whatslike.settings import Settings
 from whatslike.store.base import Store
 
 logger = logging.getLogger(__name__)
+_ACCESS = logging.getLogger("uvicorn.error")
 
 # Close codes (protocol.md §4).
 NORMAL: Final = 1000
@@ -512,6 +513,9 @@ class Hub:
         if isinstance(admission, tuple):
             status, code, message = admission
             self._refusals.note(status, code)
+            # The access line uvicorn writes for a refused upgrade (a token in the URL
+            # is redacted by the servers' log filter).
+            _ACCESS.info('%s - "WebSocket %s" %d', request.peer, request.target, status)
             conn.refuse(status, {"error": {"code": code, "message": message}})
             return
         conn.accept(request.headers["sec-websocket-key"], admission.subprotocol)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from whatslike.hub import wire
@@ -42,6 +42,8 @@ _OPEN, _CLOSING, _CLOSED = 1, 2, 3
 class Request(NamedTuple):
     """What an upgrade asked for; dropped once answered."""
 
+    #: The request target as sent (path and query).
+    target: str
     path: str
     query: dict[str, list[str]]
     #: Lower-case names; repeated headers joined with ", ".
@@ -78,7 +80,7 @@ def parse_head(head: bytes, peer: str) -> Request | str:
     if not wire.valid_key(headers.get("sec-websocket-key", "")):
         return "Sec-WebSocket-Key is missing or malformed"
     target = urlsplit(parts[1])
-    return Request(unquote(target.path), parse_qs(target.query), headers, peer)
+    return Request(parts[1], unquote(target.path), parse_qs(target.query), headers, peer)
 
 
 def http_answer(status: int, body: dict[str, object], extra: str = "") -> bytes:
@@ -152,8 +154,8 @@ class WebSocketProtocol(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._state == 0:
