@@ -220,7 +220,14 @@ class _Connection(WebSocketProtocol):
         self.connections.add(self)
 
     def upgrade(self, request: Request) -> None:
-        self.hub.upgrade(self, request)
+        try:
+            self.hub.upgrade(self, request)
+        except Exception:
+            logger.exception("a WebSocket upgrade failed")
+            if self.open:
+                self.request_close(INTERNAL_ERROR, "internal error")
+            elif self.transport is not None and not self.transport.is_closing():
+                self.refuse(500, {"error": {"code": "internal", "message": "internal error"}})
 
     def message(self, data: str | bytes) -> None:
         if self.inbox is not None:
