@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import Status
-from whatslike.store.base import Changes, Conversation
+from whatslike.store.base import Changes, Conversation, SubscriptionRead
 from whatslike.store.sqlite import SQLiteStore
 
 SECRET = "hub-test-secret-long-enough-for-hs256"
@@ -59,14 +59,14 @@ class GatedStore(SQLiteStore):
         return await super().changes_since(conversation_id, since, limit)
 
     async def subscription_changes(
-        self, org_id: str, conversation_id: str, since: int | None, limit: int
-    ) -> Changes | None:
+        self, reads: Sequence[SubscriptionRead], limit: int
+    ) -> list[Changes | None]:
         if self.broken:
             raise RuntimeError("secret internal detail")
         self.replay_started.set()
         if self.gate is not None:
             await self.gate.wait()
-        found = await super().subscription_changes(org_id, conversation_id, since, limit)
+        found = await super().subscription_changes(reads, limit)
         self.lookup_done.set()
         if self.lookup_gate is not None:
             await self.lookup_gate.wait()

@@ -31,7 +31,7 @@ from whatslike.hub.registry import SubscriptionRegistry
 from whatslike.hub.transport import CLOSE_TIMEOUT_S, Request, WebSocketProtocol, text_frame
 from whatslike.roles import Deps
 from whatslike.settings import Settings
-from whatslike.store.base import Store
+from whatslike.store.base import Changes, Store, SubscriptionRead
 
 logger = logging.getLogger(__name__)
 _ACCESS = logging.getLogger("uvicorn.error")
@@ -57,6 +57,9 @@ IDLE_HEARTBEATS: Final = 3
 #: Most status frames in one `batch`, so one message stays well under clients' size limits
 #: (websockets defaults to 1 MiB) even after a long replay.
 MAX_BATCH: Final = 256
+
+#: Most subscribes read from the store in one call.
+READ_BATCH: Final = 256
 
 #: Store reads in flight at once while re-reading subscriptions after a fan-out gap.
 RECOVERY_READS: Final = 8
@@ -355,10 +358,12 @@ def coalesce(items: list[Outgoing]) -> list[str]:
 
 
 class Hub:
-    """The `/ws/status` endpoint. One task per connection reads client frames; frames
-    out are written straight to the socket (`on_fanout` never waits), and a drainer task
-    exists only while a slow socket has frames waiting; one hub-wide timer closes expired
-    and idle connections."""
+    """The `/ws/status` endpoint. Each connection is one `_Connection` (uvicorn makes it
+    through `protocol` at the upgrade): admitted at once, its client frames handled in
+    `data_received`, with no task of its own; a task exists only while a subscribe reads
+    the store, or while a slow socket has frames waiting (the drainer). Frames out are
+    written straight to the socket (`on_fanout` never waits); one hub-wide timer closes
+    expired and idle connections."""
 
     name = "hub"
 
@@ -387,6 +392,9 @@ class Hub:
         self._frames_sent = deps.metrics.ws_frames_sent
         #: Connections with frames in `out`, written at the end of this loop turn.
         self._dirty: list[_Connection] = []
+        #: Subscribes waiting for their store read, and the task reading them.
+        self._reads: list[tuple[SubscriptionRead, asyncio.Future[Changes | None]]] = []
+        self._reader: asyncio.Task[None] | None = None
         self.max_frame_bytes = deps.settings.max_frame_bytes
         #: The addresses whose X-Forwarded-For is believed, as uvicorn's proxy headers
         #: middleware would (set from uvicorn's config at the first upgrade).
@@ -806,8 +814,8 @@ class Hub:
         # One read: the conversation is the organization's, and what the client missed
         # (without `since`, it loaded the conversation itself: only what comes after the
         # seq read now is news; what comes meanwhile is held).
-        changes = await self._store.subscription_changes(
-            conn.identity.org_id, conversation_id, frame.since, self._settings.replay_limit
+        changes = await self._read(
+            SubscriptionRead(conn.identity.org_id, conversation_id, frame.since)
         )
         if conn.subscriptions.get(conversation_id) is not subscription:
             return  # evicted, or unsubscribed by a later frame: the answer is moot
@@ -837,6 +845,35 @@ class Hub:
         )
         if subscription.gap:
             self._spawn(self._recover(conn, conversation_id))
+
+    async def _read(self, read: SubscriptionRead) -> Changes | None:
+        """A subscribe's store read, made together with the others that wait meanwhile:
+        one store call in flight at a time, and the next one takes all that came while it
+        ran (at most one per connection: a connection's next frames wait behind it)."""
+        answer: asyncio.Future[Changes | None] = asyncio.get_running_loop().create_future()
+        self._reads.append((read, answer))
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_all(), name="hub-subscribe-reads")
+        return await answer
+
+    async def _read_all(self) -> None:
+        try:
+            while self._reads:
+                batch, self._reads = self._reads[:READ_BATCH], self._reads[READ_BATCH:]
+                try:
+                    found = await self._store.subscription_changes(
+                        [read for read, _ in batch], self._settings.replay_limit
+                    )
+                except Exception as exc:
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    continue
+                for (_, answer), changes in zip(batch, found, strict=True):
+                    if not answer.done():
+                        answer.set_result(changes)
+        finally:
+            self._reader = None
 
     # Fan-out gaps: the link to the fan-out broke, so statuses may have been missed.
 

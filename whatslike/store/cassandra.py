@@ -84,6 +84,7 @@ from whatslike.store.base import (
     ParkedStatus,
     SendClaim,
     Stuck,
+    SubscriptionRead,
 )
 
 Row = dict[str, Any]
@@ -1015,14 +1016,17 @@ class CassandraStore:
         return common.changes(last_seq, since, common.frames_of(rows))
 
     async def subscription_changes(
-        self, org_id: str, conversation_id: str, since: int | None, limit: int
-    ) -> Changes | None:
-        rows = await self._run("conversation", conversation_id)
-        if not rows or rows[0]["org_id"] != org_id:
+        self, reads: Sequence[SubscriptionRead], limit: int
+    ) -> list[Changes | None]:
+        return list(await asyncio.gather(*(self._subscription_read(r, limit) for r in reads)))
+
+    async def _subscription_read(self, read: SubscriptionRead, limit: int) -> Changes | None:
+        rows = await self._run("conversation", read.conversation_id)
+        if not rows or rows[0]["org_id"] != read.org_id:
             return None
-        if since is None:
-            return Changes((), await self._last_seq(conversation_id), True)
-        return await self.changes_since(conversation_id, since, limit)
+        if read.since is None:
+            return Changes((), await self._last_seq(read.conversation_id), True)
+        return await self.changes_since(read.conversation_id, read.since, limit)
 
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         # A message has a handful of changes, all in its one partition.
