@@ -533,26 +533,26 @@ class Hub:
             _ACCESS.info('%s - "WebSocket %s" %d', request.peer, request.target, status)
             conn.refuse(status, {"error": {"code": code, "message": message}})
             return
-        conn.accept(request.headers["sec-websocket-key"], admission.subprotocol)
-        settings = self._settings
         conn.id = new_id("conn")
-        conn.identity = admission.identity
+        identity = conn.identity = admission.identity
         conn.user, conn.ip = admission.user, admission.ip
+        connected = frames.connected(
+            connection_id=conn.id,
+            user_id=identity.user_id,
+            org_id=identity.org_id,
+            heartbeat_s=self._settings.heartbeat_s,
+            token_exp=identity.exp,
+        )
+        # The 101 and the first frame in one write (one send() for both).
+        conn.accept(
+            request.headers["sec-websocket-key"],
+            admission.subprotocol,
+            text_frame(connected.encode()),
+        )
+        self._frames_sent.inc()
         self._connections[conn.id] = conn
         self._closing += 1
         self._metrics.ws_connections.inc()
-        self._send(
-            conn,
-            Reply(
-                frames.connected(
-                    connection_id=conn.id,
-                    user_id=conn.identity.user_id,
-                    org_id=conn.identity.org_id,
-                    heartbeat_s=settings.heartbeat_s,
-                    token_exp=conn.identity.exp,
-                )
-            ),
-        )
 
     def closing(self, conn: _Connection, code: int, by_server: bool) -> None:
         """The connection takes no more frames: it leaves the hub (its socket may still

@@ -132,16 +132,16 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # -- the handshake
 
-    def accept(self, key: str, subprotocol: str | None) -> None:
+    def accept(self, key: str, subprotocol: str | None, first: bytes) -> None:
+        """Open the WebSocket: the 101, and `first` (a ready frame) in the same write."""
         extra = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
         assert self.transport is not None
-        self.transport.write(
-            (
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Accept: {wire.accept_key(key)}\r\n"
-                f"{extra}\r\n"
-            ).encode("latin-1")
+        head = (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Accept: {wire.accept_key(key)}\r\n"
+            f"{extra}\r\n"
         )
+        self.transport.write(head.encode("latin-1") + first)
         self._state = _OPEN
 
     def refuse(self, status: int, body: dict[str, object], extra: str = "") -> None:
