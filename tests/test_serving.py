@@ -46,7 +46,7 @@ async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[str, 
     settings = load_settings(data_dir=tmp_path, port=port, sim_delay_ms=10, **overrides)
     runtime = Runtime(settings)
     await runtime.open()
-    server = uvicorn.Server(server_config(runtime.app, settings, "warning"))
+    server = uvicorn.Server(server_config(runtime.app, settings, "warning", runtime.ws_protocol))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     deadline = time.monotonic() + TIMEOUT_S
     while not server.started:

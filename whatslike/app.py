@@ -7,6 +7,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -139,6 +140,14 @@ class Runtime:
         for role in self.roles:
             if isinstance(role, WebAssets) and self.settings.embedded:
                 return f"{self.settings.base_url}/demo"
+        return None
+
+    @property
+    def ws_protocol(self) -> Callable[..., Any] | None:
+        """What uvicorn makes each WebSocket's protocol with: the hub's, when it runs."""
+        for role in self.roles:
+            if isinstance(role, Hub):
+                return role.protocol
         return None
 
     async def close_connections(self) -> None:

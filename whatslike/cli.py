@@ -142,7 +142,7 @@ def _announce(runtime: Runtime) -> None:
 async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
     runtime = Runtime(settings)
     await runtime.open()
-    config = serving.server_config(runtime.app, settings, log_level)
+    config = serving.server_config(runtime.app, settings, log_level, runtime.ws_protocol)
     serving.redact_logs(serving.secrets_of(settings, runtime.deps.jwt_secret))
     server = _Server(config, runtime)
     await server.serve(sockets=[sock])

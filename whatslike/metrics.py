@@ -88,6 +88,11 @@ class Metrics:
         self.ws_connections = Gauge(
             "whatslike_ws_connections", "Open WebSocket connections", registry=r
         )
+        self.ws_subscriptions = Gauge(
+            "whatslike_ws_subscriptions",
+            "Conversations followed by open WebSocket connections (one per connection each)",
+            registry=r,
+        )
         self.ws_frames_sent = Counter(
             "whatslike_ws_frames_sent_total", "Frames written to sockets", registry=r
         )

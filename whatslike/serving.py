@@ -10,14 +10,13 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from whatslike.hub.transport import HubWebSocketProtocol
 from whatslike.settings import Settings
 
 #: Request bodies Meta may send (it documents webhooks of up to 3 MB); elsewhere the
@@ -266,8 +265,11 @@ def body_limit(settings: Settings) -> Callable[[str], int]:
 # -- the server ----------------------------------------------------------------------
 
 
-def server_config(app: ASGIApp, settings: Settings, log_level: str) -> uvicorn.Config:
-    """uvicorn's configuration with every limit of the settings in place."""
+def server_config(
+    app: ASGIApp, settings: Settings, log_level: str, ws: Callable[..., Any] | None
+) -> uvicorn.Config:
+    """uvicorn's configuration with every limit of the settings in place; `ws` makes the
+    protocol of each WebSocket (`Hub.protocol`), None for uvicorn's own."""
     return uvicorn.Config(
         BodyLimit(app, body_limit(settings)),
         log_level=log_level,
@@ -276,9 +278,9 @@ def server_config(app: ASGIApp, settings: Settings, log_level: str) -> uvicorn.C
         access_log=log_level in ("debug", "info"),
         lifespan="on",
         http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
-        # The hub writes ready frames straight to sockets through this protocol, and
-        # compresses nothing: its frames are a few hundred bytes.
-        ws=HubWebSocketProtocol,
+        # The hub speaks WebSocket itself (see whatslike.hub.transport), and compresses
+        # nothing: its frames are a few hundred bytes.
+        ws=cast(Any, ws) if ws is not None else "websockets-sansio",
         ws_per_message_deflate=False,
         ws_max_size=settings.max_frame_bytes,
     )

@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from tests.hub.test_server import (
+    TIMEOUT_S,
     Frame,
     Harness,
     connected,
@@ -23,7 +24,6 @@ from tests.hub.test_server import (
     seqs,
     statuses_until_pong,
 )
-from whatslike.store.base import Changes
 
 
 @pytest.fixture
@@ -91,25 +91,14 @@ async def test_a_gap_beyond_the_replay_limit_tells_the_client_to_reload(tmp_path
         assert seqs(await statuses_until_pong(ws)) == [6]
 
 
-async def test_a_gap_during_a_subscribes_store_read_is_read_again(
-    hub: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_gap_during_a_subscribes_store_read_is_read_again(hub: Harness) -> None:
     """The subscribe's read may predate the gap's end: it must not be taken as enough."""
-    read, release = asyncio.Event(), asyncio.Event()
-    store_read = hub.store.changes_since
-
-    async def read_then_hold(conversation_id: str, since: int, limit: int) -> Changes:
-        changes = await store_read(conversation_id, since, limit)
-        read.set()
-        await release.wait()
-        return changes
-
-    monkeypatch.setattr(hub.store, "changes_since", read_then_hold)
+    release = hub.store.lookup_gate = asyncio.Event()  # held after the read
     conversation = await hub.conversation()
     async with hub.client() as ws:
         await connected(ws)
         await send(ws, type="subscribe", conversation_id=conversation.id, ref="s")
-        await read.wait()
+        await asyncio.wait_for(hub.store.lookup_done.wait(), TIMEOUT_S)
         await hub.changes(conversation, 2)  # after the read, never heard
         hub.hub.on_gap()
         # Released once the gap met the read in flight (private: nothing else shows it).

@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +28,11 @@ from whatslike.events import StatusEvent, status_channel
 from whatslike.fanout import Fanout
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.hub.server import MAX_BATCH, Hub, Reply, coalesce, status_seq
-from whatslike.hub.transport import HubWebSocketProtocol
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import Status
-from whatslike.store.base import Changes, Conversation
+from whatslike.store.base import Changes, Conversation, SubscriptionRead
 from whatslike.store.sqlite import SQLiteStore
 
 SECRET = "hub-test-secret-long-enough-for-hs256"
@@ -42,8 +41,8 @@ Frame = dict[str, Any]
 
 
 class GatedStore(SQLiteStore):
-    """SQLite, with ways to hold `changes_since` or `get_conversation` open (to publish
-    meanwhile) and to make `get_conversation` fail like a broken backend."""
+    """SQLite, with ways to hold the hub's store reads open (to publish meanwhile): `gate`
+    before a read, `lookup_gate` after it; and to make them fail like a broken backend."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -53,20 +52,25 @@ class GatedStore(SQLiteStore):
         self.lookup_done = asyncio.Event()
         self.broken = False
 
-    async def get_conversation(self, org_id: str, conversation_id: str) -> Conversation | None:
-        if self.broken:
-            raise RuntimeError("secret internal detail")
-        found = await super().get_conversation(org_id, conversation_id)
-        self.lookup_done.set()
-        if self.lookup_gate is not None:
-            await self.lookup_gate.wait()
-        return found
-
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes:
         self.replay_started.set()
         if self.gate is not None:
             await self.gate.wait()
         return await super().changes_since(conversation_id, since, limit)
+
+    async def subscription_changes(
+        self, reads: Sequence[SubscriptionRead], limit: int
+    ) -> list[Changes | None]:
+        if self.broken:
+            raise RuntimeError("secret internal detail")
+        self.replay_started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        found = await super().subscription_changes(reads, limit)
+        self.lookup_done.set()
+        if self.lookup_gate is not None:
+            await self.lookup_gate.wait()
+        return found
 
 
 @dataclass
@@ -141,7 +145,7 @@ async def running_hub(
     tmp_path: Path,
     fanout: Fanout | None = None,
     *,
-    ws: type[asyncio.Protocol] | str = HubWebSocketProtocol,
+    ws: str | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
     """The hub on its own uvicorn server; with the in-process fan-out unless one is given
@@ -163,7 +167,8 @@ async def running_hub(
         )
         hub = Hub(deps)
         app = Starlette(routes=hub.routes())
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=ws)
+        protocol: Any = hub.protocol if ws is None else ws
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=protocol)
         server = uvicorn.Server(config)
         sock = _free_socket()
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -430,11 +435,12 @@ async def test_a_frame_published_while_a_plain_subscribe_looks_up_is_not_lost(
         await connected(ws)
         await send(ws, type="subscribe", conversation_id=conversation.id)
         await asyncio.wait_for(hub.store.lookup_done.wait(), TIMEOUT_S)
-        # The hub read last_seq 0; seq 1 is committed and fanned out before it registers.
+        # The hub read last_seq 0; seq 1 is committed and fanned out before it answers:
+        # held while the read is answered, and sent after it.
         await hub.publish(conversation, *await hub.changes(conversation, 1))
         hub.store.lookup_gate.set()
         subscribed = await receive(ws)
-        assert (subscribed["seq"], subscribed["recovered"]) == (1, True)
+        assert (subscribed["seq"], subscribed["recovered"]) == (0, True)
         assert seqs(await statuses_until_pong(ws)) == [1]
 
 
@@ -535,11 +541,11 @@ async def test_frames_queued_behind_a_slow_socket_are_sent_as_one_batch(hub: Har
         await receive(ws)
         (conn,) = hub.hub._connections.values()
         # As the transport does when its buffer passes the high-water mark.
-        conn.socket.pause_writing()
+        conn.pause_writing()
         frames = await hub.changes(conversation, 3)
         await hub.publish(conversation, *frames)
         assert conn.backlog is not None and len(conn.backlog) == 3
-        conn.socket.resume_writing()
+        conn.resume_writing()
         batch = await receive(ws)
     assert batch == {"type": "batch", "frames": [json.loads(frame) for frame in frames]}
 

@@ -36,6 +36,7 @@ from whatslike.store.base import (
     SendClaim,
     Store,
     Stuck,
+    SubscriptionRead,
 )
 from whatslike.store.common import status_entry
 
@@ -424,6 +425,37 @@ async def test_changes_since_says_when_it_cannot_answer_in_full(store: Store) ->
     assert await store.changes_since(conversation_id, 4, 100) == Changes((), 3, False)
     assert await store.changes_since("conv_missing", 0, 100) == Changes((), 0, True)
     assert await store.changes_since("conv_missing", 5, 100) == Changes((), 0, False)
+
+
+async def test_subscription_changes_reads_many_and_checks_each_organization(
+    store: Store,
+) -> None:
+    message = await new_message(store)
+    for status, ms in ((Status.SENT, 1000), (Status.DELIVERED, 2000), (Status.READ, 3000)):
+        await store.apply_status(status_event(message, status, at(ms)))
+    conversation_id = message.conversation_id
+    reads = [
+        SubscriptionRead("org_b", conversation_id, None),
+        SubscriptionRead("org_b", conversation_id, 0),
+        SubscriptionRead("org_a", "conv_missing", None),
+        # Without `since`: only where the conversation stands now.
+        SubscriptionRead("org_a", conversation_id, None),
+        SubscriptionRead("org_a", conversation_id, 0),
+        SubscriptionRead("org_a", conversation_id, 1),
+        SubscriptionRead("org_a", conversation_id, 4),
+    ]
+    everything = await store.changes_since(conversation_id, 0, 100)
+    assert await store.subscription_changes(reads, 100) == [
+        None,
+        None,
+        None,
+        Changes((), 3, True),
+        everything,
+        Changes(everything.frames[1:], 3, True),
+        Changes((), 3, False),
+    ]
+    assert await store.subscription_changes(reads[4:5], 2) == [Changes((), 3, False)]
+    assert await store.subscription_changes([], 100) == []
 
 
 async def test_unread_up_to_is_the_read_watermark(store: Store) -> None:

@@ -17,6 +17,7 @@ class SubscriptionRegistry:
         self._max = max_subscriptions
         self._subscribers: dict[str, frozenset[str]] = {}
         self._subscriptions: dict[str, set[str]] = {}
+        self._count = 0
 
     def subscribe(self, conn_id: str, conversation_id: str) -> bool:
         """Add a subscription (idempotent). False, and nothing changes, when the
@@ -27,6 +28,7 @@ class SubscriptionRegistry:
         if len(held) >= self._max:
             return False
         held.add(conversation_id)
+        self._count += 1
         self._subscriptions[conn_id] = held
         self._subscribers[conversation_id] = self._subscribers.get(conversation_id, _NOBODY) | {
             conn_id
@@ -69,9 +71,11 @@ class SubscriptionRegistry:
 
     @property
     def subscription_count(self) -> int:
-        return sum(len(held) for held in self._subscriptions.values())
+        """Subscriptions of all connections together."""
+        return self._count
 
     def _forget(self, conn_id: str, conversation_id: str) -> None:
+        self._count -= 1
         remaining = self._subscribers[conversation_id] - {conn_id}
         if remaining:
             self._subscribers[conversation_id] = remaining

@@ -10,12 +10,15 @@ import re
 import time
 from collections import deque
 from collections.abc import Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
+import uvicorn
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
+from uvicorn.middleware.proxy_headers import _TrustedHosts
+from uvicorn.server import ServerState
 
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import new_id
@@ -25,12 +28,13 @@ from whatslike.hub.caps import ConnectionCaps
 from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
 from whatslike.hub.ratelimit import FrameBudget
 from whatslike.hub.registry import SubscriptionRegistry
-from whatslike.hub.transport import EXTENSION, HubWebSocketProtocol, text_frame
+from whatslike.hub.transport import CLOSE_TIMEOUT_S, Request, WebSocketProtocol, text_frame
 from whatslike.roles import Deps
 from whatslike.settings import Settings
-from whatslike.store.base import Store
+from whatslike.store.base import Changes, Store, SubscriptionRead
 
 logger = logging.getLogger(__name__)
+_ACCESS = logging.getLogger("uvicorn.error")
 
 # Close codes (protocol.md §4).
 NORMAL: Final = 1000
@@ -49,13 +53,13 @@ SLOW_CONSUMER: Final = 4009
 #: reconnects as after any close.
 IDLE_HEARTBEATS: Final = 3
 
-#: How long a close frame may wait behind a socket that does not drain (a slow consumer)
-#: before the connection is abandoned to the server's own timeouts.
-CLOSE_TIMEOUT_S: Final = 5.0
 
 #: Most status frames in one `batch`, so one message stays well under clients' size limits
 #: (websockets defaults to 1 MiB) even after a long replay.
 MAX_BATCH: Final = 256
+
+#: Most subscribes read from the store in one call.
+READ_BATCH: Final = 256
 
 #: Store reads in flight at once while re-reading subscriptions after a fan-out gap.
 RECOVERY_READS: Final = 8
@@ -67,10 +71,15 @@ _STATUS_PREFIX: Final = "status:"
 SWEEP_S: Final = 1.0
 
 #: Verified tokens kept (until they expire) so that a reconnecting client is not verified
-#: again; organizations' conversations known to exist, for the subscribe check. Each is
-#: emptied when full.
+#: again; emptied when full.
 TOKEN_CACHE: Final = 50_000
-OWNERSHIP_CACHE: Final = 200_000
+
+#: Client messages a connection may leave waiting behind a subscribe's store read before
+#: its socket is no longer read (until the read is answered).
+INBOX: Final = 16
+
+#: The identity of a connection not admitted yet.
+_NOBODY: Final = Identity("", "", 0)
 
 #: `"seq":<digits>` in a serialized status frame: found without parsing the frame (a JSON
 #: string cannot hold an unescaped quote, so this is a key); used only when it occurs once.
@@ -147,36 +156,115 @@ class _Subscription:
     gap: bool = False
 
 
-@dataclass(eq=False, slots=True)
-class _Connection:
-    """One client. Frames are written straight to its socket while it takes them; behind
-    a slow socket they wait in `backlog` (at most `limit` items; past that, and past the
-    write timeout, the connection is closed 4009) for the one drainer task."""
+class _Connection(WebSocketProtocol):
+    """One client, and its socket. Frames are written straight to the socket while it
+    takes them; behind a slow socket they wait in `backlog` (at most `limit` items; past
+    that, and past the write timeout, the connection is closed 4009) for the one drainer
+    task. Client messages are handled as they arrive, synchronously; only a subscribe
+    waits (for its store read), and the messages behind it wait in `inbox`."""
 
-    id: str
-    websocket: WebSocket
-    socket: HubWebSocketProtocol
-    identity: Identity
-    budget: FrameBudget
-    limit: int
-    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
-    backlog: deque[Outgoing] | None = None
-    #: Frames written in this turn of the event loop, sent in one write at its end (so a
-    #: burst of events read from Redis at once costs one send() per socket). Holds what
-    #: one turn brings at most: the frames of the messages one read from Redis held.
-    out: list[bytes] | None = None
-    drainer: asyncio.Task[None] | None = None
-    bad_frames: int = 0
-    last_heard: float = field(default_factory=time.monotonic)
-    close_code: int | None = None
-    close_reason: str = ""
+    __slots__ = (
+        "backlog",
+        "bad_frames",
+        "budget",
+        "close_code",
+        "close_reason",
+        "connections",
+        "drainer",
+        "hub",
+        "id",
+        "identity",
+        "inbox",
+        "ip",
+        "last_heard",
+        "limit",
+        "out",
+        "subscriptions",
+        "user",
+    )
+
+    def __init__(self, hub: Hub, connections: set[Any]) -> None:
+        super().__init__(hub.max_frame_bytes)
+        self.hub = hub
+        self.id = ""
+        self.identity = _NOBODY
+        settings = hub.settings
+        self.budget = FrameBudget(
+            settings.client_frames_per_s,
+            settings.client_frame_burst,
+            settings.rate_limit_strikes,
+            settings.rate_limit_window_s,
+        )
+        self.limit = settings.connection_queue_size
+        self.user = ("", "")
+        self.ip = ""
+        self.subscriptions: dict[str, _Subscription] = {}
+        self.backlog: deque[Outgoing] | None = None
+        #: Frames written in this turn of the event loop, sent in one write at its end
+        #: (so a burst of events read from Redis at once costs one send() per socket).
+        #: Holds what one turn brings at most: the frames of the messages one read held.
+        self.out: list[bytes] | None = None
+        self.drainer: asyncio.Task[None] | None = None
+        #: Client messages that came while a subscribe waits for the store, handled
+        #: after it in order. Past INBOX messages the socket is not read until it empties
+        #: (so it holds at most INBOX plus what one read of the socket brings).
+        self.inbox: deque[str | bytes] | None = None
+        self.bad_frames = 0
+        self.last_heard = time.monotonic()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: uvicorn's set of live connections (its shutdown asks each to close).
+        self.connections = connections
+
+    # The socket's life (see WebSocketProtocol).
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.connections.add(self)
+
+    def upgrade(self, request: Request) -> None:
+        try:
+            self.hub.upgrade(self, request)
+        except Exception:
+            logger.exception("a WebSocket upgrade failed")
+            if self.open:
+                self.request_close(INTERNAL_ERROR, "internal error")
+            elif self.transport is not None and not self.transport.is_closing():
+                self.refuse(500, {"error": {"code": "internal", "message": "internal error"}})
+
+    def message(self, data: str | bytes) -> None:
+        if self.inbox is not None:
+            self.inbox.append(data)
+            if len(self.inbox) == INBOX and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self.hub.receive(self, data)
+
+    def closing(self, code: int, reason: str, by_server: bool) -> None:
+        self.hub.closing(self, code, by_server)
+
+    def lost(self) -> None:
+        self.hub.lost(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.connections.discard(self)
+
+    def shutdown(self) -> None:
+        """uvicorn stops: close with 1001."""
+        if self.open:
+            self.request_close(GOING_AWAY, "server shutting down")
+        elif self.transport is not None and self.close_code is None:
+            self.transport.close()
+
+    # The hub's side.
 
     def request_close(self, code: int, reason: str) -> None:
-        """Ask the connection's task to close; the first reason given wins."""
+        """Close the connection; the first reason given wins."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-            self.socket.wake()
+            self.close(code, reason)
 
     def offer(self, conversation_id: str, seq: int, frame: str, framed: bytes) -> int:
         """Send a live status frame (`framed`: `frame` as a WebSocket frame) unless it is
@@ -193,7 +281,7 @@ class _Connection:
         if seq <= subscription.high_seq:
             return 0
         subscription.high_seq = seq
-        if self.backlog is None and not self.socket.paused:
+        if self.backlog is None and not self.paused:
             if self.out is None:
                 self.out = [framed]
                 return 1
@@ -216,7 +304,7 @@ class _Connection:
 def _flush_out(conn: _Connection) -> None:
     out, conn.out = conn.out, None
     if out:
-        conn.socket.write(out[0] if len(out) == 1 else b"".join(out))
+        conn.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 def status_seq(frame: str | bytes) -> int | None:
@@ -270,15 +358,18 @@ def coalesce(items: list[Outgoing]) -> list[str]:
 
 
 class Hub:
-    """The `/ws/status` endpoint. One task per connection reads client frames; frames
-    out are written straight to the socket (`on_fanout` never waits), and a drainer task
-    exists only while a slow socket has frames waiting; one hub-wide timer closes expired
-    and idle connections."""
+    """The `/ws/status` endpoint. Each connection is one `_Connection` (uvicorn makes it
+    through `protocol` at the upgrade): admitted at once, its client frames handled in
+    `data_received`, with no task of its own; a task exists only while a subscribe reads
+    the store, or while a slow socket has frames waiting (the drainer). Frames out are
+    written straight to the socket (`on_fanout` never waits); one hub-wide timer closes
+    expired and idle connections."""
 
     name = "hub"
 
     def __init__(self, deps: Deps) -> None:
         self._settings: Settings = deps.settings
+        self.settings = deps.settings
         self._store: Store = deps.store
         self._metrics = deps.metrics
         self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
@@ -298,15 +389,34 @@ class Hub:
         self._closing = 0
         self._all_closed: asyncio.Event | None = None
         self._verified: dict[str, Identity] = {}
-        self._owned: set[tuple[str, str]] = set()
         self._frames_sent = deps.metrics.ws_frames_sent
         #: Connections with frames in `out`, written at the end of this loop turn.
         self._dirty: list[_Connection] = []
+        #: Subscribes waiting for their store read, and the task reading them.
+        self._reads: list[tuple[SubscriptionRead, asyncio.Future[Changes | None]]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self.max_frame_bytes = deps.settings.max_frame_bytes
+        #: The addresses whose X-Forwarded-For is believed, as uvicorn's proxy headers
+        #: middleware would (set from uvicorn's config at the first upgrade).
+        self._proxies: _TrustedHosts | None = None
+        self._proxy_config: object = None
+        deps.metrics.ws_subscriptions.set_function(lambda: self._registry.subscription_count)
         deps.fanout.listen(self.on_fanout)
         deps.fanout.on_gap(self.on_gap)
 
     def routes(self) -> list[BaseRoute]:
-        return [WebSocketRoute("/ws/status", self._serve)]
+        # Reached only when the server does not use `protocol` for WebSockets.
+        return [WebSocketRoute("/ws/status", self._misconfigured)]
+
+    def protocol(self, config: uvicorn.Config, server_state: ServerState, **_: Any) -> Any:
+        """uvicorn's `ws` protocol class (it calls this at each upgrade, with keywords):
+        the hub's own WebSocket protocol for one connection."""
+        if config is not self._proxy_config:
+            self._proxy_config = config
+            self._proxies = (
+                _TrustedHosts(config.forwarded_allow_ips) if config.proxy_headers else None
+            )
+        return _Connection(self, server_state.connections)
 
     async def start(self) -> None:
         self._stopping = False
@@ -404,87 +514,80 @@ class Hub:
 
     # The connection's life.
 
-    async def _serve(self, websocket: WebSocket) -> None:
-        socket = websocket.scope.get("extensions", {}).get(EXTENSION)
-        if not isinstance(socket, HubWebSocketProtocol):
-            # A wiring error, not a client's: the server must use serving.server_config.
-            logger.error("the hub needs uvicorn with ws=HubWebSocketProtocol")
-            await self._refuse(websocket, 500, "internal", "the server is misconfigured")
-            return
-        admission = await self._admit(websocket)
-        if admission is None:
-            return
-        try:
-            await self._connect(websocket, socket, admission)
-        finally:
-            self._caps.release(admission.user, admission.ip)
+    async def _misconfigured(self, websocket: WebSocket) -> None:
+        # A wiring error, not a client's: the server must use serving.server_config.
+        logger.error("the hub needs uvicorn with ws=Hub.protocol")
+        await self._refuse_asgi(websocket, 500, "internal", "the server is misconfigured")
 
-    async def _connect(
-        self, websocket: WebSocket, socket: HubWebSocketProtocol, admission: _Admission
-    ) -> None:
-        await websocket.accept(subprotocol=admission.subprotocol)
-        conn = _Connection(
-            id=new_id("conn"),
-            websocket=websocket,
-            socket=socket,
-            identity=admission.identity,
-            budget=FrameBudget(
-                self._settings.client_frames_per_s,
-                self._settings.client_frame_burst,
-                self._settings.rate_limit_strikes,
-                self._settings.rate_limit_window_s,
-            ),
-            limit=self._settings.connection_queue_size,
+    def upgrade(self, conn: _Connection, request: Request) -> None:
+        """Admit or refuse an upgrade, at once; an admitted one is open when this returns."""
+        if request.path != "/ws/status":
+            conn.refuse(404, {"error": {"code": "not_found", "message": "no WebSocket here"}})
+            return
+        admission = self._admit(request)
+        if isinstance(admission, tuple):
+            status, code, message = admission
+            self._refusals.note(status, code)
+            # The access line uvicorn writes for a refused upgrade (a token in the URL
+            # is redacted by the servers' log filter).
+            _ACCESS.info('%s - "WebSocket %s" %d', request.peer, request.target, status)
+            conn.refuse(status, {"error": {"code": code, "message": message}})
+            return
+        conn.id = new_id("conn")
+        identity = conn.identity = admission.identity
+        conn.user, conn.ip = admission.user, admission.ip
+        connected = frames.connected(
+            connection_id=conn.id,
+            user_id=identity.user_id,
+            org_id=identity.org_id,
+            heartbeat_s=self._settings.heartbeat_s,
+            token_exp=identity.exp,
         )
+        # The 101 and the first frame in one write (one send() for both).
+        conn.accept(
+            request.headers["sec-websocket-key"],
+            admission.subprotocol,
+            text_frame(connected.encode()),
+        )
+        self._frames_sent.inc()
         self._connections[conn.id] = conn
         self._closing += 1
         self._metrics.ws_connections.inc()
-        if self._stopping:  # stop() ran while this socket was being accepted
-            conn.request_close(GOING_AWAY, "server shutting down")
-        try:
-            self._send(
-                conn,
-                Reply(
-                    frames.connected(
-                        connection_id=conn.id,
-                        user_id=conn.identity.user_id,
-                        org_id=conn.identity.org_id,
-                        heartbeat_s=self._settings.heartbeat_s,
-                        token_exp=conn.identity.exp,
-                    )
-                ),
-            )
-            await self._read(conn)
-        except Exception:
-            logger.exception("connection %s failed", conn.id)
-            conn.request_close(INTERNAL_ERROR, "internal error")
-        finally:
-            if conn.drainer is not None:
-                conn.drainer.cancel()
-            self._release(self._registry.drop(conn.id))
-            del self._connections[conn.id]
-            self._metrics.ws_connections.dec()
-        try:
-            if conn.close_code is not None:
-                await self._close(conn)
-        finally:
-            self._closing -= 1
-            if self._closing == 0 and self._all_closed is not None:
-                self._all_closed.set()
 
-    async def _admit(self, websocket: WebSocket) -> _Admission | None:
+    def closing(self, conn: _Connection, code: int, by_server: bool) -> None:
+        """The connection takes no more frames: it leaves the hub (its socket may still
+        be finishing the closing handshake)."""
+        if by_server:
+            self._metrics.ws_closes.labels(code=str(code)).inc()
+        if self._connections.pop(conn.id, None) is None:
+            return
+        if conn.drainer is not None:
+            conn.drainer.cancel()
+            conn.drainer = None
+        self._release(self._registry.drop(conn.id))
+        conn.subscriptions.clear()
+        conn.backlog = conn.out = conn.inbox = None
+        self._metrics.ws_connections.dec()
+
+    def lost(self, conn: _Connection) -> None:
+        """The socket is gone: its place under the caps is free."""
+        self._caps.release(conn.user, conn.ip)
+        self._closing -= 1
+        if self._closing == 0 and self._all_closed is not None:
+            self._all_closed.set()
+
+    def _admit(self, request: Request) -> _Admission | tuple[int, str, str]:
         """The identity of an acceptable upgrade, its connection counted against the caps;
-        otherwise refuse it and answer None."""
+        otherwise the HTTP status, error code and message to refuse it with."""
         if self._stopping:
-            await self._refuse(websocket, 503, "unavailable", "the server is shutting down")
-            return None
-        origin = websocket.headers.get("origin")
+            return 503, "unavailable", "the server is shutting down"
+        headers = request.headers
+        origin = headers.get("origin")
         allowed = self._settings.effective_allowed_origins
         # Only browsers send Origin, and only browsers can be tricked into connecting.
         if allowed and origin is not None and origin not in allowed:
-            await self._refuse(websocket, 403, "forbidden_origin", "this origin is not allowed")
-            return None
-        offered: list[str] = list(websocket.scope.get("subprotocols") or [])
+            return 403, "forbidden_origin", "this origin is not allowed"
+        offered = request.subprotocols
         token = (
             next(
                 (
@@ -494,34 +597,37 @@ class Hub:
                 ),
                 None,
             )
-            or bearer_token(websocket.headers.get("authorization"))
-            or websocket.query_params.get("access_token")
+            or bearer_token(headers.get("authorization"))
+            or next(iter(request.query.get("access_token", ())), None)
         )
         if not token:
-            await self._refuse(websocket, 401, "unauthorized", "a token is required")
-            return None
+            return 401, "unauthorized", "a token is required"
         try:
             identity = self._verify(token)
         except InvalidToken as exc:
-            await self._refuse(websocket, 401, "unauthorized", exc.reason)
-            return None
-        client = websocket.client
+            return 401, "unauthorized", exc.reason
         admission = _Admission(
             identity,
             (identity.org_id, identity.user_id),
-            client.host if client is not None else "",
+            self._client_ip(request),
             SUBPROTOCOL if SUBPROTOCOL in offered else None,
         )
         refused_by = self._caps.claim(admission.user, admission.ip)
         if refused_by is not None:
-            await self._refuse(
-                websocket,
-                503 if refused_by == "total" else 429,
-                "too_many_connections",
-                _CAP_MESSAGES[refused_by],
-            )
-            return None
+            status = 503 if refused_by == "total" else 429
+            return status, "too_many_connections", _CAP_MESSAGES[refused_by]
         return admission
+
+    def _client_ip(self, request: Request) -> str:
+        """The client's address as uvicorn's proxy headers middleware gives it: from
+        X-Forwarded-For only when the peer is a trusted proxy."""
+        proxies = self._proxies
+        forwarded = request.headers.get("x-forwarded-for")
+        if proxies is not None and forwarded is not None and request.peer in proxies:
+            host, _ = proxies.get_trusted_client_address(forwarded)
+            if host:
+                return host
+        return request.peer
 
     def _verify(self, token: str) -> Identity:
         """The token's identity, verified once and then kept until it expires (a client
@@ -535,8 +641,10 @@ class Hub:
         self._verified[token] = identity
         return identity
 
-    async def _refuse(self, websocket: WebSocket, status: int, code: str, message: str) -> None:
-        """Refuse an upgrade with an HTTP answer; no socket is opened."""
+    async def _refuse_asgi(
+        self, websocket: WebSocket, status: int, code: str, message: str
+    ) -> None:
+        """Refuse an upgrade that came through ASGI with an HTTP answer."""
         self._refusals.note(status, code)
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
             response = JSONResponse({"error": {"code": code, "message": message}}, status)
@@ -544,16 +652,6 @@ class Hub:
         else:
             # Servers without the denial-response extension can only answer 403.
             await websocket.close(POLICY)
-
-    async def _close(self, conn: _Connection) -> None:
-        code = conn.close_code if conn.close_code is not None else NORMAL
-        self._metrics.ws_closes.labels(code=str(code)).inc()
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                await conn.websocket.close(code, conn.close_reason)
-        except (TimeoutError, WebSocketDisconnect, RuntimeError):
-            # Already gone, or a close was sent: nothing more is owed to this client.
-            pass
 
     async def _sweep(self) -> None:
         """Close connections whose token expired (4001) or that went silent (idle); a
@@ -579,9 +677,9 @@ class Hub:
     def _send(self, conn: _Connection, item: Outgoing) -> None:
         """Write an item now, or queue it behind a slow socket (4009 when full)."""
         _flush_out(conn)  # the frames before it go first
-        if conn.backlog is None and not conn.socket.paused:
+        if conn.backlog is None and not conn.paused:
             for message in coalesce([item]):
-                conn.socket.write(text_frame(message.encode()))
+                conn.write(text_frame(message.encode()))
                 self._frames_sent.inc()
         elif not conn.queue(item):
             self._evict(conn, SLOW_CONSUMER, "slow consumer")
@@ -594,11 +692,10 @@ class Hub:
     async def _drain(self, conn: _Connection) -> None:
         """Send what waits behind a slow socket, in order, as it takes writes again; a
         socket that takes nothing for the write timeout is a slow consumer (4009)."""
-        socket = conn.socket
         while conn.backlog:
             try:
                 async with asyncio.timeout(self._settings.write_timeout_s):
-                    await socket.drained()
+                    await conn.drained()
             except TimeoutError:
                 conn.drainer = None
                 self._evict(conn, SLOW_CONSUMER, "slow consumer")
@@ -607,38 +704,27 @@ class Hub:
             items = list(conn.backlog)
             conn.backlog.clear()
             for message in coalesce(items):
-                socket.write(text_frame(message.encode()))
+                conn.write(text_frame(message.encode()))
                 self._frames_sent.inc()
         conn.backlog = None
         conn.drainer = None
 
-    async def _read(self, conn: _Connection) -> None:
-        limit = self._settings.max_frame_bytes
-        socket = conn.socket
-        while conn.close_code is None:
-            message = await socket.receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
-                return
-            if kind != "websocket.receive":
-                continue  # woken: the loop's condition says why
-            conn.last_heard = time.monotonic()
-            text, data = message.get("text"), message.get("bytes")
-            raw = text if isinstance(text, str) else data if isinstance(data, bytes) else b""
-            frame = frames.parse_client_frame(raw, limit)
+    def receive(self, conn: _Connection, raw: str | bytes) -> None:
+        """Handle one client message (the connection is not waiting for a subscribe)."""
+        if not conn.open:
+            return
+        conn.last_heard = time.monotonic()
+        frame = frames.parse_client_frame(raw, self.max_frame_bytes)
+        try:
             if not conn.budget.take(conn.last_heard):
                 self._limit(conn, frame)
             elif isinstance(frame, FrameError):
                 self._reject(conn, frame)
             else:
-                try:
-                    await self._handle(conn, frame)
-                except BackendUnavailable as exc:
-                    # The store is out: the client reconnects (with back-off) and
-                    # resubscribes with `since`, missing nothing; no traceback for this.
-                    logger.warning("connection %s: %s", conn.id, exc)
-                    conn.request_close(TRY_AGAIN_LATER, "store unavailable")
-                    return
+                self._handle(conn, frame)
+        except Exception:
+            logger.exception("connection %s failed", conn.id)
+            conn.request_close(INTERNAL_ERROR, "internal error")
 
     def _limit(self, conn: _Connection, frame: ClientFrame | FrameError) -> None:
         if conn.budget.exhausted:
@@ -663,13 +749,15 @@ class Hub:
         self._answer(conn, Reply(frames.error(code, message, ref)))
 
     def _answer(self, conn: _Connection, reply: Reply) -> None:
-        if conn.close_code is None:
+        if conn.open:
             self._send(conn, reply)
 
-    async def _handle(self, conn: _Connection, frame: ClientFrame) -> None:
+    def _handle(self, conn: _Connection, frame: ClientFrame) -> None:
         match frame:
             case Subscribe():
-                await self._subscribe(conn, frame)
+                # The messages behind it wait until its store read is answered.
+                conn.inbox = deque()
+                self._spawn(self._subscribing(conn, frame))
             case Unsubscribe():
                 if self._registry.unsubscribe(conn.id, frame.conversation_id):
                     self._release((frame.conversation_id,))
@@ -680,32 +768,34 @@ class Hub:
             case Auth():
                 self._refresh(conn, frame)
 
+    async def _subscribing(self, conn: _Connection, frame: Subscribe) -> None:
+        """Answer a subscribe, then the messages that came meanwhile, in order."""
+        try:
+            await self._subscribe(conn, frame)
+        except BackendUnavailable as exc:
+            # The store is out: the client reconnects (with back-off) and resubscribes
+            # with `since`, missing nothing; no traceback for this.
+            logger.warning("connection %s: %s", conn.id, exc)
+            conn.request_close(TRY_AGAIN_LATER, "store unavailable")
+        except Exception:
+            logger.exception("connection %s failed", conn.id)
+            conn.request_close(INTERNAL_ERROR, "internal error")
+        inbox, conn.inbox = conn.inbox, None
+        if inbox is None:  # closed meanwhile
+            return
+        paused = len(inbox) >= INBOX
+        while inbox and conn.inbox is None:
+            self.receive(conn, inbox.popleft())
+        if conn.inbox is not None:  # another subscribe: the rest waits behind it
+            inbox.extend(conn.inbox)
+            conn.inbox = inbox
+            if len(inbox) >= INBOX:
+                return
+        if paused and conn.transport is not None and conn.close_code is None:
+            conn.transport.resume_reading()
+
     async def _subscribe(self, conn: _Connection, frame: Subscribe) -> None:
         conversation_id = frame.conversation_id
-        owner = (conn.identity.org_id, conversation_id)
-        since = frame.since
-        if since is None or owner not in self._owned:
-            # A conversation never changes organization: once seen, ownership is known.
-            conversation = await self._store.get_conversation(*owner)
-            if conversation is None:
-                self._refuse_request(
-                    conn,
-                    "forbidden",
-                    f"conversation {conversation_id!r} is not available",
-                    frame.ref,
-                )
-                return
-            if len(self._owned) >= OWNERSHIP_CACHE:
-                self._owned.clear()
-            self._owned.add(owner)
-            # Without `since` the client loaded the conversation itself: only changes
-            # after the seq it was read at are news. Those made while it was being read
-            # (the await above) are still owed, so both cases go through the store read
-            # below.
-            if since is None:
-                since = conversation.last_seq
-        if conn.close_code is not None:
-            return
         if not self._registry.subscribe(conn.id, conversation_id):
             self._refuse_request(
                 conn,
@@ -716,18 +806,34 @@ class Hub:
             return
         # Registered before the store is read, so nothing published meanwhile is missed:
         # such frames are held and merged with the replay by seq.
-        subscription = _Subscription(since, held=[])
+        subscription = _Subscription(frame.since or 0, held=[])
+        replaced = conn.subscriptions.get(conversation_id)
         conn.subscriptions[conversation_id] = subscription
         # Heard from here on (or a gap is announced later), so the read below is enough.
         await self._fanout.add(conversation_id)
-        changes = await self._store.changes_since(
-            conversation_id, since, self._settings.replay_limit
+        # One read: the conversation is the organization's, and what the client missed
+        # (without `since`, it loaded the conversation itself: only what comes after the
+        # seq read now is news; what comes meanwhile is held).
+        changes = await self._read(
+            SubscriptionRead(conn.identity.org_id, conversation_id, frame.since)
         )
         if conn.subscriptions.get(conversation_id) is not subscription:
             return  # evicted, or unsubscribed by a later frame: the answer is moot
-        if not changes.complete:
-            # The client must reload over HTTP; live frames go on from the store's seq,
-            # which may be below `since` (a client that outlived a store reset).
+        if changes is None:
+            if replaced is None:
+                del conn.subscriptions[conversation_id]
+                if self._registry.unsubscribe(conn.id, conversation_id):
+                    self._release((conversation_id,))
+            else:
+                conn.subscriptions[conversation_id] = replaced
+            self._refuse_request(
+                conn, "forbidden", f"conversation {conversation_id!r} is not available", frame.ref
+            )
+            return
+        if frame.since is None or not changes.complete:
+            # Without `since`: live frames go on from the seq read. Incomplete: the client
+            # must reload over HTTP, and live frames go on from the store's seq, which may
+            # be below `since` (a client that outlived a store reset).
             subscription.high_seq = changes.last_seq
         following = _settle(subscription, changes.frames)
         self._answer(
@@ -739,6 +845,35 @@ class Hub:
         )
         if subscription.gap:
             self._spawn(self._recover(conn, conversation_id))
+
+    async def _read(self, read: SubscriptionRead) -> Changes | None:
+        """A subscribe's store read, made together with the others that wait meanwhile:
+        one store call in flight at a time, and the next one takes all that came while it
+        ran (at most one per connection: a connection's next frames wait behind it)."""
+        answer: asyncio.Future[Changes | None] = asyncio.get_running_loop().create_future()
+        self._reads.append((read, answer))
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_all(), name="hub-subscribe-reads")
+        return await answer
+
+    async def _read_all(self) -> None:
+        try:
+            while self._reads:
+                batch, self._reads = self._reads[:READ_BATCH], self._reads[READ_BATCH:]
+                try:
+                    found = await self._store.subscription_changes(
+                        [read for read, _ in batch], self._settings.replay_limit
+                    )
+                except Exception as exc:
+                    for _, answer in batch:
+                        if not answer.done():
+                            answer.set_exception(exc)
+                    continue
+                for (_, answer), changes in zip(batch, found, strict=True):
+                    if not answer.done():
+                        answer.set_result(changes)
+        finally:
+            self._reader = None
 
     # Fan-out gaps: the link to the fan-out broke, so statuses may have been missed.
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from whatslike.events import StatusEvent
 from whatslike.status.rules import Effect, MessageState, ProviderError, Status
@@ -71,6 +71,14 @@ class Changes:
     frames: tuple[str, ...]
     last_seq: int
     complete: bool
+
+
+class SubscriptionRead(NamedTuple):
+    """One subscribe's read: see `Store.subscription_changes`."""
+
+    org_id: str
+    conversation_id: str
+    since: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +270,14 @@ class Store(Protocol):
 
     async def changes_since(self, conversation_id: str, since: int, limit: int) -> Changes: ...
 
+    async def subscription_changes(
+        self, reads: Sequence[SubscriptionRead], limit: int
+    ) -> list[Changes | None]:
+        """What each subscription starts from, in order, read together (the hub groups
+        the subscribes that wait at once): None when the organization has no such
+        conversation, else `changes_since(since)`; without `since`, nothing but the
+        conversation's current last_seq (`Changes((), last_seq, True)`)."""
+
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         """The status frames of one message's changes, oldest first (for operators)."""
 
@@ -282,4 +298,5 @@ __all__ = [
     "SendClaim",
     "Store",
     "Stuck",
+    "SubscriptionRead",
 ]

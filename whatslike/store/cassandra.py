@@ -84,6 +84,7 @@ from whatslike.store.base import (
     ParkedStatus,
     SendClaim,
     Stuck,
+    SubscriptionRead,
 )
 
 Row = dict[str, Any]
@@ -1017,6 +1018,19 @@ class CassandraStore:
         for bucket in range(self._bucket(since + 1), self._bucket(last_seq) + 1):
             rows += await self._run("changes_after", conversation_id, bucket, since, last_seq)
         return common.changes(last_seq, since, common.frames_of(rows))
+
+    async def subscription_changes(
+        self, reads: Sequence[SubscriptionRead], limit: int
+    ) -> list[Changes | None]:
+        return list(await asyncio.gather(*(self._subscription_read(r, limit) for r in reads)))
+
+    async def _subscription_read(self, read: SubscriptionRead, limit: int) -> Changes | None:
+        rows = await self._run("conversation", read.conversation_id)
+        if not rows or rows[0]["org_id"] != read.org_id:
+            return None
+        if read.since is None:
+            return Changes((), await self._last_seq(read.conversation_id), True)
+        return await self.changes_since(read.conversation_id, read.since, limit)
 
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         # A message has a handful of changes, all in its one partition.

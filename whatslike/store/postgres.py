@@ -28,6 +28,7 @@ from whatslike.store.base import (
     ParkedStatus,
     SendClaim,
     Stuck,
+    SubscriptionRead,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
 
@@ -561,6 +562,12 @@ class PostgresStore:
             )
         return common.changes(last_seq, since, common.frames_of(rows))
 
+    async def subscription_changes(
+        self, reads: Sequence[SubscriptionRead], limit: int
+    ) -> list[Changes | None]:
+        async with self._connection() as conn:
+            return [await _subscription_changes(conn, read, limit) for read in reads]
+
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         async with self._connection() as conn:
             rows = await conn.fetch(
@@ -771,3 +778,28 @@ async def _by_provider_id(
         provider_message_id,
     )
     return _message(row) if row else None
+
+
+async def _subscription_changes(
+    conn: _Connection, read: SubscriptionRead, limit: int
+) -> Changes | None:
+    last_seq: int | None = await conn.fetchval(
+        "SELECT last_seq FROM conversations WHERE id = $1 AND org_id = $2",
+        read.conversation_id,
+        read.org_id,
+    )
+    if last_seq is None:
+        return None
+    since = last_seq if read.since is None else read.since
+    answer = common.changes_window(last_seq, since, limit)
+    if answer is not None:
+        return answer
+    # Bounded by the last_seq read above, as in `changes_since`.
+    rows = await conn.fetch(
+        "SELECT frame FROM changes WHERE conversation_id = $1 AND seq > $2"
+        " AND seq <= $3 ORDER BY seq",
+        read.conversation_id,
+        since,
+        last_seq,
+    )
+    return common.changes(last_seq, since, common.frames_of(rows))

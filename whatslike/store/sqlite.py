@@ -31,6 +31,7 @@ from whatslike.store.base import (
     ParkedStatus,
     SendClaim,
     Stuck,
+    SubscriptionRead,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
 
@@ -595,6 +596,30 @@ class SQLiteStore:
                 (conversation_id, since),
             )
         return common.changes(last_seq, since, common.frames_of(frames))
+
+    async def subscription_changes(
+        self, reads: Sequence[SubscriptionRead], limit: int
+    ) -> list[Changes | None]:
+        def one(db: sqlite3.Connection, read: SubscriptionRead) -> Changes | None:
+            row = db.execute(
+                "SELECT last_seq FROM conversations WHERE id = ? AND org_id = ?",
+                (read.conversation_id, read.org_id),
+            ).fetchone()
+            if row is None:
+                return None
+            last_seq = int(row[0])
+            since = last_seq if read.since is None else read.since
+            answer = common.changes_window(last_seq, since, limit)
+            if answer is not None:
+                return answer
+            frames = db.execute(
+                "SELECT frame FROM changes WHERE conversation_id = ? AND seq > ? ORDER BY seq",
+                (read.conversation_id, since),
+            ).fetchall()
+            return common.changes(last_seq, since, tuple(str(frame[0]) for frame in frames))
+
+        # One hop to the database thread for them all.
+        return await self._in_thread(lambda db: [one(db, read) for read in reads], write=False)
 
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         rows = await self._read(

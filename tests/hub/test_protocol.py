@@ -1,0 +1,204 @@
+"""The hub's own WebSocket protocol on a real socket, byte by byte where a real client
+library would not misbehave: the handshake's refusals, control frames, the closing
+handshake, protocol errors, messages behind a subscribe, proxies' addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from websockets.frames import Close, Opcode
+
+from tests.hub.test_server import TIMEOUT_S, Harness, connected, eventually, hub, running_hub
+from tests.hub.test_wire import client_frame
+
+__all__ = ["hub"]  # the fixture, used by name
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send(self, opcode: Opcode, payload: bytes, fin: bool = True) -> None:
+        self.writer.write(client_frame(opcode, payload, fin=fin))
+
+    def json(self, **frame: object) -> None:
+        self.send(Opcode.TEXT, json.dumps(frame).encode())
+
+    async def frame(self) -> tuple[int, bytes]:
+        async with asyncio.timeout(TIMEOUT_S):
+            first, second = await self.reader.readexactly(2)
+            size = second & 0x7F
+            if size == 126:
+                (size,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif size == 127:
+                (size,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            return first & 0x0F, await self.reader.readexactly(size)
+
+    async def message(self) -> dict[str, object]:
+        opcode, payload = await self.frame()
+        assert opcode == Opcode.TEXT
+        decoded: dict[str, object] = json.loads(payload)
+        return decoded
+
+    async def close_code(self) -> tuple[int, str]:
+        """Read until the server's close frame; answer its code and reason."""
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == Opcode.CLOSE:
+                close = Close.parse(payload)
+                return close.code, close.reason
+
+
+async def upgrade(url: str, path: str, headers: dict[str, str]) -> tuple[int, bytes, RawClient]:
+    where = urlsplit(url)
+    assert where.hostname is not None and where.port is not None
+    reader, writer = await asyncio.open_connection(where.hostname, where.port)
+    lines = [f"GET {path} HTTP/1.1", f"Host: {where.netloc}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    async with asyncio.timeout(TIMEOUT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        body = b"" if status == 101 else await reader.read()
+    return status, body, RawClient(reader, writer)
+
+
+def upgrade_headers(**extra: str) -> dict[str, str]:
+    return {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+        **extra,
+    }
+
+
+@asynccontextmanager
+async def raw_client(harness: Harness, **extra: str) -> AsyncIterator[RawClient]:
+    path = f"/ws/status?access_token={harness.token()}"
+    status, _, client = await upgrade(harness.url, path, upgrade_headers(**extra))
+    assert status == 101
+    try:
+        assert (await client.message())["type"] == "connected"
+        yield client
+    finally:
+        client.writer.close()
+
+
+async def test_the_handshake_answers_the_accept_key(hub: Harness) -> None:
+    path = f"/ws/status?access_token={hub.token()}"
+    where = urlsplit(hub.url)
+    reader, writer = await asyncio.open_connection(where.hostname, where.port)
+    head = "\r\n".join(
+        [f"GET {path} HTTP/1.1", f"Host: {where.netloc}"]
+        + [f"{name}: {value}" for name, value in upgrade_headers().items()]
+    )
+    writer.write(head.encode() + b"\r\n\r\n")
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer
+    assert b"Sec-WebSocket-Protocol" not in answer  # none was offered
+
+
+async def test_other_paths_bad_keys_and_versions_are_refused(hub: Harness) -> None:
+    token = hub.token()
+    status, body, _ = await upgrade(hub.url, f"/ws/other?access_token={token}", upgrade_headers())
+    assert (status, json.loads(body)["error"]["code"]) == (404, "not_found")
+    bad_key = upgrade_headers(**{"Sec-WebSocket-Key": "short"})
+    status, body, _ = await upgrade(hub.url, f"/ws/status?access_token={token}", bad_key)
+    assert (status, json.loads(body)["error"]["message"]) == (
+        400,
+        "Sec-WebSocket-Key is missing or malformed",
+    )
+    old = upgrade_headers(**{"Sec-WebSocket-Version": "8"})
+    status, _, _ = await upgrade(hub.url, f"/ws/status?access_token={token}", old)
+    assert status == 426
+    assert hub.hub.connection_count == 0
+
+
+async def test_a_ping_is_answered_with_its_payload(hub: Harness) -> None:
+    async with raw_client(hub) as client:
+        client.send(Opcode.PING, b"are you there")
+        assert await client.frame() == (Opcode.PONG, b"are you there")
+
+
+async def test_a_fragmented_message_with_a_ping_inside_is_assembled(hub: Harness) -> None:
+    async with raw_client(hub) as client:
+        whole = json.dumps({"type": "ping", "ts": "split"}).encode()
+        client.send(Opcode.TEXT, whole[:7], fin=False)
+        client.send(Opcode.PING, b"mid")
+        client.send(Opcode.CONT, whole[7:12], fin=False)
+        client.send(Opcode.CONT, whole[12:])
+        assert await client.frame() == (Opcode.PONG, b"mid")
+        assert await client.message() == {"type": "pong", "ts": "split"}
+
+
+async def test_the_clients_close_is_echoed_and_the_connection_leaves(hub: Harness) -> None:
+    async with raw_client(hub) as client:
+        client.send(Opcode.CLOSE, Close(1000, "bye").serialize())
+        assert await client.close_code() == (1000, "")
+        assert await asyncio.wait_for(client.reader.read(), TIMEOUT_S) == b""  # hung up
+    await eventually(lambda: hub.hub.connection_count == 0, "the connection left")
+    assert hub.closes(1000) == 0  # not a close of the server's
+
+
+async def test_protocol_errors_close_with_their_codes(hub: Harness) -> None:
+    async with raw_client(hub) as client:
+        client.writer.write(client_frame(Opcode.TEXT, b"{}", mask=None))
+        assert await client.close_code() == (1002, "client frames must be masked")
+    async with raw_client(hub) as client:
+        client.send(Opcode.TEXT, b"\xff\xfe")
+        assert await client.close_code() == (1007, "text frame is not UTF-8")
+    await eventually(lambda: hub.hub.connection_count == 0, "both left")
+
+
+async def test_messages_behind_a_subscribe_are_answered_after_it(hub: Harness) -> None:
+    conversation = await hub.conversation()
+    hub.store.gate = asyncio.Event()
+    async with raw_client(hub) as client:
+        client.json(type="subscribe", conversation_id=conversation.id, ref="s")
+        client.json(type="ping", ts=1)
+        client.json(type="unsubscribe", conversation_id=conversation.id, ref="u")
+        await asyncio.wait_for(hub.store.replay_started.wait(), TIMEOUT_S)
+        hub.store.gate.set()
+        answers = [await client.message() for _ in range(3)]
+    assert [answer["type"] for answer in answers] == ["subscribed", "pong", "unsubscribed"]
+
+
+async def test_subscriptions_gauge(hub: Harness) -> None:
+    def gauge() -> float | None:
+        return hub.metrics.registry.get_sample_value("whatslike_ws_subscriptions")
+
+    first, second = await hub.conversation(), await hub.conversation()
+    async with hub.client() as ws:
+        await connected(ws)
+        for conversation in (first, second):
+            await ws.send(json.dumps({"type": "subscribe", "conversation_id": conversation.id}))
+            await ws.recv()
+        assert gauge() == 2
+        await ws.send(json.dumps({"type": "unsubscribe", "conversation_id": first.id}))
+        await ws.recv()
+        assert gauge() == 1
+    await eventually(lambda: gauge() == 0, "the closed connection's subscription is gone")
+
+
+async def test_addresses_come_from_x_forwarded_for_of_a_trusted_proxy(tmp_path: Path) -> None:
+    # uvicorn trusts 127.0.0.1 (where the test connects from) by default.
+    async with (
+        running_hub(tmp_path, max_connections_per_ip=1) as harness,
+        raw_client(harness, **{"X-Forwarded-For": "10.0.0.1"}),
+        raw_client(harness, **{"X-Forwarded-For": "10.0.0.2"}),
+    ):
+        path = f"/ws/status?access_token={harness.token()}"
+        headers = upgrade_headers(**{"X-Forwarded-For": "10.9.9.9, 10.0.0.1"})
+        status, body, _ = await upgrade(harness.url, path, headers)
+    assert (status, json.loads(body)["error"]["code"]) == (429, "too_many_connections")
