@@ -310,6 +310,10 @@ class Bench:
             "WHATSLIKE_DATABASE_URL": f"sqlite:///{database}",
             "WHATSLIKE_FANOUT_URL": self.redis_url,
             "WHATSLIKE_JWT_SECRET": JWT_SECRET,
+            # load.mjs's clients never send our `ping` (Socket.IO's protocol pings on its
+            # own): with the default 25 s heartbeat the hub closes them as idle after 75 s,
+            # mid-ladder (the gate alone may wait 90 s before a step).
+            "WHATSLIKE_HEARTBEAT_S": "3600",
         }
         if pythonpath is not None:  # another checkout's package, imported first
             env["PYTHONPATH"] = pythonpath

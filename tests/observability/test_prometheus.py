@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
-from tests.e2e.conftest import Server, api, free_port, start_server, stop_server
+from tests.e2e.conftest import Server, Socket, api, free_port, start_server, stop_server
 
 METRICS_TOKEN = "metrics-token-of-this-test"
 WAIT_S = 60
@@ -28,6 +29,7 @@ SERIES = (
     "whatslike_bus_published_total",
     "whatslike_bus_handled_total",
     "whatslike_ws_connections",
+    "whatslike_ws_subscriptions",
     "whatslike_ws_frames_sent_total",
     "whatslike_stuck_messages",
 )
@@ -111,12 +113,17 @@ async def until(client: httpx.AsyncClient, promql: str, above: float) -> float:
     pytest.fail(f"{promql} never went above {above} in Prometheus", pytrace=False)
 
 
-async def send_messages(server: Server, token: str, count: int) -> None:
+async def new_conversation(server: Server, token: str) -> str:
     async with api(server, token) as client:
         created = await client.post(
             "/api/conversations", json={"channel": "whatsapp", "contact": "5511988877665"}
         )
-        url = f"/api/conversations/{created.json()['id']}/messages"
+        return str(created.json()["id"])
+
+
+async def send_messages(server: Server, token: str, conversation: str, count: int) -> None:
+    async with api(server, token) as client:
+        url = f"/api/conversations/{conversation}/messages"
         for n in range(count):
             assert (await client.post(url, json={"text": f"m{n}"})).status_code == 202
 
@@ -125,10 +132,17 @@ async def test_prometheus_scrapes_the_series_and_they_move(server: Server, prome
     token = server.token("acme")
     async with httpx.AsyncClient(base_url=prometheus, timeout=5) as client:
         assert await until(client, 'up{job="whatslike"}', 0) == 1
-        await send_messages(server, token, 3)
-        first = await until(client, "whatslike_status_applied_total", 0)
-        for series in SERIES:
-            assert await query(client, series) is not None, f"{series} is not scraped"
-        await send_messages(server, token, 3)
+        conversation = await new_conversation(server, token)
+        async with connect(f"{server.ws_url}?access_token={token}") as connection:
+            socket = Socket(connection)
+            await socket.next_of("connected")
+            await socket.subscribe(conversation)
+            await send_messages(server, token, conversation, 3)
+            first = await until(client, "whatslike_status_applied_total", 0)
+            for series in SERIES:
+                assert await query(client, series) is not None, f"{series} is not scraped"
+            assert await until(client, "whatslike_ws_subscriptions", 0) == 1
+            assert await until(client, "whatslike_ws_frames_sent_total", 1) > 1
+        await send_messages(server, token, conversation, 3)
         assert await until(client, "whatslike_status_applied_total", first) > first
         assert await until(client, "whatslike_outbox_relayed_total", 0) > 0
