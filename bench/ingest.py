@@ -457,6 +457,10 @@ def _spread(values: list[float], digits: int = 1) -> str:
     )
 
 
+#: Issue 9's P5: status changes per second applied and delivered with p99 <= 50 ms.
+P5_RATE = 2000
+
+
 def table(runs: list[list[Step]], label: str) -> str:
     """Markdown: each step's figures as min / median / max over the runs that reached it."""
     lines = [
@@ -487,6 +491,12 @@ def table(runs: list[list[Step]], label: str) -> str:
             f"\nHighest offered rate with p99 <= 50 ms and 0 lost, {per_post}/POST:"
             f" {_spread([float(b) for b in best], 0)} (min / median / max);"
             f" peak delivered/s {_spread(peak, 0)}"
+        )
+        held = statistics.median(best)
+        verdict = "met" if held >= P5_RATE else "not met"
+        lines.append(
+            f"P5 target ({label}, {per_post}/POST): >= {P5_RATE} changes/s with p99 <= 50 ms"
+            f" and 0 lost; median of the runs held {held:g}/s -> {verdict}"
         )
     return "\n".join(lines)
 

@@ -82,13 +82,18 @@ async def deployment(workdir: Path) -> AsyncIterator[tuple[Cluster, Load, list[W
                     for watcher in watchers:
                         await watcher.close()
         finally:
-            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka))
-            await admin.start()
-            try:
-                topics = [t for t in await admin.list_topics() if t.startswith(prefix)]
-                await admin.delete_topics(topics)
-            finally:
-                await admin.close()
+            await delete_topics(kafka, prefix)
+
+
+async def delete_topics(kafka: str, prefix: str) -> None:
+    """Delete the benchmark's topics (those named with its prefix) from the broker."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka))
+    await admin.start()
+    try:
+        topics = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        await admin.delete_topics(topics)
+    finally:
+        await admin.close()
 
 
 async def throughput(workdir: Path, messages: int, rate: float) -> None:

@@ -44,10 +44,9 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.chaos import fresh_database
-from bench.scale import start_services
+from bench.scale import delete_topics, start_services
 from tests.e2e.conftest import Server, start_server, stop_server
 from tests.scale.harness import cluster_env, percentile
 from whatslike.auth import TokenService
@@ -319,13 +318,7 @@ async def deployment(
             with processes(workdir, env, workers) as servers:
                 yield servers, conversation_ids, made, env["WHATSLIKE_JWT_SECRET"], prefix
         finally:
-            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka))
-            await admin.start()
-            try:
-                topics = [t for t in await admin.list_topics() if t.startswith(prefix)]
-                await admin.delete_topics(topics)
-            finally:
-                await admin.close()
+            await delete_topics(kafka, prefix)
 
 
 async def postmaster_pid() -> int:

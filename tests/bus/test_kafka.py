@@ -490,9 +490,11 @@ async def test_a_broker_crash_mid_stream_loses_no_acknowledged_event(
     assert refused  # the outage was seen by publishers, as errors they can retry
 
 
-async def test_a_stuck_partition_buffers_at_most_its_bound_and_the_broker_keeps_the_rest(
+def stuck_consumer(
     kafka_url: str, prefix: str
-) -> None:
+) -> tuple[KafkaBus, Metrics, asyncio.Event, Collector]:
+    """A bus whose one-partition group `g` buffers at most 5 records and whose handler
+    waits for `release` before it records what it got."""
     settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_partition_buffer=5)
     metrics = Metrics()
     release = asyncio.Event()
@@ -504,6 +506,13 @@ async def test_a_stuck_partition_buffers_at_most_its_bound_and_the_broker_keeps_
 
     bus = KafkaBus(settings, metrics)
     bus.subscribe(TOPIC, "g", stuck)
+    return bus, metrics, release, seen
+
+
+async def test_a_stuck_partition_buffers_at_most_its_bound_and_the_broker_keeps_the_rest(
+    kafka_url: str, prefix: str
+) -> None:
+    bus, metrics, release, seen = stuck_consumer(kafka_url, prefix)
     depth = metrics.bus_queue_depth.labels(TOPIC, "g")
     sent = [f"c1/{i}".encode() for i in range(200)]
     async with running(bus):
@@ -579,17 +588,7 @@ async def test_stop_is_bounded_when_the_broker_hangs(kafka_url: str, prefix: str
 async def test_consumer_lag_counts_the_records_waiting_and_falls_when_they_are_handled(
     kafka_url: str, prefix: str
 ) -> None:
-    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_partition_buffer=5)
-    metrics = Metrics()
-    release = asyncio.Event()
-    seen = Collector()
-
-    async def stuck(value: bytes) -> None:
-        await release.wait()
-        await seen(value)
-
-    bus = KafkaBus(settings, metrics)
-    bus.subscribe(TOPIC, "g", stuck)
+    bus, metrics, release, seen = stuck_consumer(kafka_url, prefix)
     lag = metrics.bus_consumer_lag.labels(TOPIC, "g", "0")
     sent = [f"c1/{i}".encode() for i in range(30)]
     async with running(bus):

@@ -548,19 +548,7 @@ class PostgresStore:
                 )
                 or 0
             )
-            answer = common.changes_window(last_seq, since, limit)
-            if answer is not None:
-                return answer
-            # Bounded by the last_seq read above: changes committed since then are left
-            # for the next call, so `frames` and `last_seq` always agree.
-            rows = await conn.fetch(
-                "SELECT frame FROM changes WHERE conversation_id = $1 AND seq > $2"
-                " AND seq <= $3 ORDER BY seq",
-                conversation_id,
-                since,
-                last_seq,
-            )
-        return common.changes(last_seq, since, common.frames_of(rows))
+            return await _changes_up_to(conn, conversation_id, since, last_seq, limit)
 
     async def subscription_changes(
         self, reads: Sequence[SubscriptionRead], limit: int
@@ -791,14 +779,22 @@ async def _subscription_changes(
     if last_seq is None:
         return None
     since = last_seq if read.since is None else read.since
+    return await _changes_up_to(conn, read.conversation_id, since, last_seq, limit)
+
+
+async def _changes_up_to(
+    conn: _Connection, conversation_id: str, since: int, last_seq: int, limit: int
+) -> Changes:
+    """A conversation's changes after `since`, bounded by the `last_seq` its caller read:
+    changes committed since then are left for the next call, so `frames` and `last_seq`
+    always agree."""
     answer = common.changes_window(last_seq, since, limit)
     if answer is not None:
         return answer
-    # Bounded by the last_seq read above, as in `changes_since`.
     rows = await conn.fetch(
         "SELECT frame FROM changes WHERE conversation_id = $1 AND seq > $2"
         " AND seq <= $3 ORDER BY seq",
-        read.conversation_id,
+        conversation_id,
         since,
         last_seq,
     )
