@@ -23,6 +23,7 @@ from uvicorn.server import ServerState
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import new_id
 from whatslike.errors import BackendUnavailable
+from whatslike.grouping import Grouped
 from whatslike.hub import frames
 from whatslike.hub.caps import ConnectionCaps
 from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
@@ -393,8 +394,10 @@ class Hub:
         #: Connections with frames in `out`, written at the end of this loop turn.
         self._dirty: list[_Connection] = []
         #: Subscribes waiting for their store read, and the task reading them.
-        self._reads: list[tuple[SubscriptionRead, asyncio.Future[Changes | None]]] = []
-        self._reader: asyncio.Task[None] | None = None
+        #: Subscribes' store reads: those that wait meanwhile share the next store call.
+        self._reads: Grouped[SubscriptionRead, Changes | None] = Grouped(
+            self._read_many, "hub-subscribe-reads", READ_BATCH
+        )
         self.max_frame_bytes = deps.settings.max_frame_bytes
         #: The addresses whose X-Forwarded-For is believed, as uvicorn's proxy headers
         #: middleware would (set from uvicorn's config at the first upgrade).
@@ -422,6 +425,7 @@ class Hub:
         self._stopping = False
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep(), name="hub-sweep")
+            self._reads.start()
 
     async def stop(self) -> None:
         """Close every connection with 1001 and wait (bounded) until they are gone."""
@@ -432,6 +436,7 @@ class Hub:
             await asyncio.gather(sweeper, return_exceptions=True)
         for recovery in self._recoveries:
             recovery.cancel()
+        await self._reads.stop()
         for conn in list(self._connections.values()):
             conn.request_close(GOING_AWAY, "server shutting down")
         if not self._closing:
@@ -814,7 +819,7 @@ class Hub:
         # One read: the conversation is the organization's, and what the client missed
         # (without `since`, it loaded the conversation itself: only what comes after the
         # seq read now is news; what comes meanwhile is held).
-        changes = await self._read(
+        changes = await self._reads(
             SubscriptionRead(conn.identity.org_id, conversation_id, frame.since)
         )
         if conn.subscriptions.get(conversation_id) is not subscription:
@@ -846,34 +851,8 @@ class Hub:
         if subscription.gap:
             self._spawn(self._recover(conn, conversation_id))
 
-    async def _read(self, read: SubscriptionRead) -> Changes | None:
-        """A subscribe's store read, made together with the others that wait meanwhile:
-        one store call in flight at a time, and the next one takes all that came while it
-        ran (at most one per connection: a connection's next frames wait behind it)."""
-        answer: asyncio.Future[Changes | None] = asyncio.get_running_loop().create_future()
-        self._reads.append((read, answer))
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read_all(), name="hub-subscribe-reads")
-        return await answer
-
-    async def _read_all(self) -> None:
-        try:
-            while self._reads:
-                batch, self._reads = self._reads[:READ_BATCH], self._reads[READ_BATCH:]
-                try:
-                    found = await self._store.subscription_changes(
-                        [read for read, _ in batch], self._settings.replay_limit
-                    )
-                except Exception as exc:
-                    for _, answer in batch:
-                        if not answer.done():
-                            answer.set_exception(exc)
-                    continue
-                for (_, answer), changes in zip(batch, found, strict=True):
-                    if not answer.done():
-                        answer.set_result(changes)
-        finally:
-            self._reader = None
+    async def _read_many(self, reads: list[SubscriptionRead]) -> list[Changes | None]:
+        return await self._store.subscription_changes(reads, self._settings.replay_limit)
 
     # Fan-out gaps: the link to the fan-out broke, so statuses may have been missed.
 
