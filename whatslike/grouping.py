@@ -9,7 +9,6 @@ costs (a thread hop, a commit, a round trip) are paid once for all of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -37,8 +36,7 @@ class Grouped(Generic[A, R]):
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         while not self._queue.empty():
             _, waiting = self._queue.get_nowait()

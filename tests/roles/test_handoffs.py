@@ -179,3 +179,20 @@ async def test_the_watchdog_redrives_fails_and_counts(store: SQLiteStore) -> Non
     # A later sweep hands off the same event id again at most: it applies once.
     again = await watchdog.sweep()
     assert again.unknown == ()
+
+
+async def test_a_stop_that_meets_a_wake_up_still_stops_the_relay(store: SQLiteStore) -> None:
+    """Python 3.11's `asyncio.wait_for` returned the result of a wait that ended at the
+    moment its task was cancelled, and so swallowed the cancellation: a stop arriving
+    with a hand-off's wake-up left the relay running and its `stop()` waiting forever.
+    The wake-up goes through the event loop in a few steps; a stop lands between each."""
+    wiring = deps(store, ScriptedBus(durable=False), relay_poll_s=60.0)
+    for steps in range(8):
+        relay = OutboxRelay(wiring)
+        await relay.start()
+        await asyncio.sleep(0.05)  # it reads its first (empty) batch, then waits
+        wiring.handoffs.set()
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(relay.stop(), 5)
+    await wiring.http.aclose()

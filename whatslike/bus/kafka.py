@@ -167,7 +167,8 @@ class KafkaBus:
                 client_id="whatslike-admin",
                 request_timeout_ms=int(settings.bus_publish_timeout_s * 1000),
             )
-            await asyncio.wait_for(self._admin.start(), settings.bus_publish_timeout_s)
+            async with asyncio.timeout(settings.bus_publish_timeout_s):
+                await self._admin.start()
             await self._create_topics()
             self._producer = await self._new_producer()
             for group in self._groups.values():
@@ -203,9 +204,8 @@ class KafkaBus:
             if group.poller is not None and group.poller.done():
                 raise BackendUnavailable(f"the Kafka consumer of group {group.name!r} stopped")
         try:
-            await asyncio.wait_for(
-                self._admin.describe_cluster(), self._settings.bus_publish_timeout_s
-            )
+            async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+                await self._admin.describe_cluster()
         except (KafkaError, OSError, TimeoutError) as exc:
             raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
 
@@ -234,7 +234,8 @@ class KafkaBus:
             request_timeout_ms=int(self._settings.bus_publish_timeout_s * 1000),
         )
         try:
-            await asyncio.wait_for(producer.start(), self._settings.bus_publish_timeout_s)
+            async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+                await producer.start()
         except BaseException:
             await producer.stop()
             raise
@@ -327,7 +328,8 @@ class KafkaBus:
             fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
-        await asyncio.wait_for(group.consumer.start(), self._settings.bus_publish_timeout_s)
+        async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+            await group.consumer.start()
         group.poller = asyncio.create_task(self._poll(group), name=f"kafka-poll-{group.name}")
         group.poller.add_done_callback(_report_poller_end)
 
@@ -342,7 +344,8 @@ class KafkaBus:
                 # Every partition's buffer is full: fetch nothing until a handler takes one.
                 group.room.clear()
                 try:
-                    await asyncio.wait_for(group.room.wait(), settings.kafka_commit_interval_s)
+                    async with asyncio.timeout(settings.kafka_commit_interval_s):
+                        await group.room.wait()
                 except TimeoutError:
                     await self._refresh_lag(group)  # no fetch: ask the broker instead
             else:
@@ -377,10 +380,8 @@ class KafkaBus:
     async def _refresh_lag(self, group: _Group) -> None:
         """The lag of stalled partitions (full buffers: no fetch brings high watermarks)."""
         try:
-            ends = await asyncio.wait_for(
-                group.consumer.end_offsets(list(group.partitions)),
-                self._settings.bus_publish_timeout_s,
-            )
+            async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+                ends = await group.consumer.end_offsets(list(group.partitions))
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("Kafka end offsets for group %s unknown: %r", group.name, exc)
             return
@@ -593,7 +594,8 @@ class KafkaBus:
         """Await a step that talks to the broker, for at most the publish timeout: an
         unresponsive broker must not hold a stop (or a rebalance) forever."""
         try:
-            await asyncio.wait_for(step, self._settings.bus_publish_timeout_s)
+            async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+                await step
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("Kafka %s did not complete: %r", what, exc)
             return False

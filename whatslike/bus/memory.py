@@ -94,7 +94,8 @@ class MemoryBus:
         """Let the consumers drain what is queued (bounded by the publish timeout), then
         cancel them."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=self._settings.bus_publish_timeout_s)
+            async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+                await self._idle.wait()
         except TimeoutError:
             log.info(
                 "bus stopped with %d events unfinished; their hand-offs stay in the outbox"
@@ -118,10 +119,8 @@ class MemoryBus:
         index = zlib.crc32(key.encode()) % self._settings.bus_partitions
         for group in groups:
             try:
-                await asyncio.wait_for(
-                    group.partitions[index].put((key, value)),
-                    timeout=self._settings.bus_publish_timeout_s,
-                )
+                async with asyncio.timeout(self._settings.bus_publish_timeout_s):
+                    await group.partitions[index].put((key, value))
             except TimeoutError as exc:
                 raise BusFull(f"topic {topic!r} group {group.name!r} is full") from exc
             self._unfinished += 1

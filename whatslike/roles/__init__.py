@@ -8,7 +8,6 @@ handlers in its constructor, before the bus starts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,6 +94,7 @@ class BackgroundRole(RoleDefaults):
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Not `suppress(CancelledError)` around `await self._task`: that would also
+            # swallow a cancellation of the caller itself (a bounded stop timing out).
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None

@@ -94,4 +94,5 @@ class OutboxRelay(BackgroundRole):
             failures = 0
             if moved < BATCH:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._settings.relay_poll_s)
+                    async with asyncio.timeout(self._settings.relay_poll_s):
+                        await self._wake.wait()

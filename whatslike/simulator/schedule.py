@@ -199,7 +199,8 @@ class WebhookSchedule:
             # No await between the check above and clear(): a put() cannot be missed.
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wakeup.wait()
 
     async def settle(self, delivery: Delivery) -> None:
         """The delivery is done (answered 2xx, or given up): delete it, free its place."""
