@@ -12,7 +12,7 @@ import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -436,6 +436,17 @@ def broker_pid(kafka_url: str) -> int:
     return int(pid_file.read_text())
 
 
+def every_thread_stopped(pid: int) -> bool:
+    """SIGSTOP stops a process's threads one by one, each at its next return to user
+    space: a JVM thread already answering a request may still send its answer."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with suppress(FileNotFoundError):  # a thread that ended meanwhile
+            # The state follows the command name, which is in parentheses.
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state in "Tt" for state in states)
+
+
 async def restart_broker(kafka_url: str) -> None:
     """Crash the broker this checkout started (kill -9) and start it again on its port."""
     port = kafka_url.rsplit(":", 1)[1]
@@ -574,6 +585,7 @@ async def test_stop_is_bounded_when_the_broker_hangs(kafka_url: str, prefix: str
     pid = broker_pid(kafka_url)
     os.kill(pid, signal.SIGSTOP)  # the broker stops answering, its sockets stay open
     try:
+        await eventually(lambda: every_thread_stopped(pid))
         with pytest.raises(BusFull):
             await bus.publish(TOPIC, "c1", b"e2")
         with pytest.raises(BackendUnavailable):
