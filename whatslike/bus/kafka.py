@@ -57,6 +57,7 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 from aiokafka.structs import OffsetAndMetadata
+from prometheus_client import Gauge
 
 from whatslike.bus import BatchHandler, BusFull, Handler
 from whatslike.bus.memory import backoff_delay, dead_letter
@@ -105,6 +106,7 @@ class _Partition:
     batch: BatchHandler | None
     group: str
     buffer: asyncio.Queue[Any]  # aiokafka ConsumerRecord
+    lag: Gauge  # its child of `whatslike_bus_consumer_lag`, bound once
     task: asyncio.Task[None] | None = None
     done: int | None = None  # offset of the next record to read: all before it are handled
     committed: int | None = None
@@ -396,9 +398,7 @@ class KafkaBus:
             handled = partition.done if partition.done is not None else partition.fed_from
             if highwater is None or handled is None:
                 continue  # nothing fetched here yet
-            self._metrics.bus_consumer_lag.labels(
-                self._label(partition.tp.topic), group.name, str(partition.tp.partition)
-            ).set(max(highwater - handled, 0))
+            partition.lag.set(max(highwater - handled, 0))
 
     def _assign(self, group: _Group, assigned: Iterable[TopicPartition]) -> None:
         for tp in assigned:
@@ -411,6 +411,9 @@ class KafkaBus:
                 group=group.name,
                 # One more than the limit: room for the end-of-work marker.
                 buffer=asyncio.Queue(maxsize=self._settings.kafka_partition_buffer + 1),
+                lag=self._metrics.bus_consumer_lag.labels(
+                    self._label(tp.topic), group.name, str(tp.partition)
+                ),
             )
             partition.task = asyncio.create_task(
                 self._drain(group, partition), name=f"kafka-{group.name}-{tp.topic}-{tp.partition}"
