@@ -246,3 +246,5 @@ async def test_a_batch_is_one_transaction_and_its_frames_go_out_in_order(
     read = replace(sent(messages[0]), event_id="evt_read", status=Status.READ)
     with pytest.raises(MalformedEvent, match="msg_nobody"):
         await worker.apply_batch([read.to_json(), ghost.to_json()])
+    # The failed batch is handed over again one event at a time, and counted then.
+    assert sample("whatslike_status_consumed_total") == len(events)

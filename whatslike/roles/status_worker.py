@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import time
+from datetime import datetime
 
 from whatslike.bus import Batching
 from whatslike.clock import utcnow
@@ -92,25 +93,29 @@ class StatusWorker(RoleDefaults):
         return results
 
     async def apply(self, raw: bytes) -> None:
-        event = self._taken(raw)
+        event = StatusEvent.from_json(raw)
+        self._taken([event], utcnow())
         result = await self._commit(event)
         await self._fanout.publish_many(self._outcome(event, result))
         self._published([(event, result)])
 
     async def apply_batch(self, raws: list[bytes]) -> None:
-        events = [self._taken(raw) for raw in raws]
+        events = [StatusEvent.from_json(raw) for raw in raws]
+        taken = utcnow()
         done = list(zip(events, await self._commit.many(events), strict=True))
         frames = [frame for event, result in done for frame in self._outcome(event, result)]
         await self._fanout.publish_many(frames)
+        # Counted once the batch is done: one that fails is handed over again one event
+        # at a time (through `apply`), and each is counted there.
+        self._taken(events, taken)
         self._published(done)
 
-    def _taken(self, raw: bytes) -> StatusEvent:
-        event = StatusEvent.from_json(raw)
-        self._metrics.status_consumed.inc()
-        if event.received_at is not None:
-            lag = (utcnow() - event.received_at).total_seconds()
-            self._metrics.status_bus_lag.observe(max(lag, 0.0))
-        return event
+    def _taken(self, events: list[StatusEvent], when: datetime) -> None:
+        self._metrics.status_consumed.inc(len(events))
+        for event in events:
+            if event.received_at is not None:
+                lag = (when - event.received_at).total_seconds()
+                self._metrics.status_bus_lag.observe(max(lag, 0.0))
 
     def _outcome(self, event: StatusEvent, result: ApplyResult) -> list[tuple[str, bytes]]:
         """Count an applied event; its frames, to publish. An unknown message raises."""
