@@ -21,7 +21,7 @@ from whatslike.roles.relay import OutboxRelay
 from whatslike.roles.watchdog import Watchdog
 from whatslike.settings import load_settings
 from whatslike.status.rules import Status
-from whatslike.store.base import Message
+from whatslike.store.base import Message, OutboxItem
 from whatslike.store.sqlite import SQLiteStore
 
 
@@ -181,16 +181,30 @@ async def test_the_watchdog_redrives_fails_and_counts(store: SQLiteStore) -> Non
     assert again.unknown == ()
 
 
-async def test_a_stop_that_meets_a_wake_up_still_stops_the_relay(store: SQLiteStore) -> None:
+async def test_a_stop_that_meets_a_wake_up_still_stops_the_relay(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Python 3.11's `asyncio.wait_for` returned the result of a wait that ended at the
     moment its task was cancelled, and so swallowed the cancellation: a stop arriving
     with a hand-off's wake-up left the relay running and its `stop()` waiting forever.
     The wake-up goes through the event loop in a few steps; a stop lands between each."""
+    read = asyncio.Event()
+    outbox_batch = store.outbox_batch
+
+    async def reading(run: str, limit: int) -> list[OutboxItem]:
+        try:
+            return await outbox_batch(run, limit)
+        finally:
+            read.set()
+
+    # An empty batch read, then the relay waits for a wake-up without yielding between.
+    monkeypatch.setattr(store, "outbox_batch", reading)
     wiring = deps(store, ScriptedBus(durable=False), relay_poll_s=60.0)
     for steps in range(8):
         relay = OutboxRelay(wiring)
+        read.clear()
         await relay.start()
-        await asyncio.sleep(0.05)  # it reads its first (empty) batch, then waits
+        await read.wait()  # the relay is now waiting for its wake-up
         wiring.handoffs.set()
         for _ in range(steps):
             await asyncio.sleep(0)
