@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(4096, ge=256)
     max_subscriptions: int = Field(200, ge=1)
     connection_queue_size: int = Field(256, ge=1)
+    #: Bytes waiting per socket (queued frames and the socket's own write buffer).
+    connection_queue_bytes: int = Field(1024 * 1024, ge=65_536)
     bad_frame_tolerance: int = Field(10, ge=1)
     client_frames_per_s: float = Field(20.0, gt=0)
     client_frame_burst: int = Field(40, ge=1)

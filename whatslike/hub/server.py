@@ -157,17 +157,27 @@ class _Subscription:
     gap: bool = False
 
 
+def _size(item: Outgoing) -> int:
+    """The bytes an item stands for (its JSON is ASCII: a character is a byte)."""
+    if isinstance(item, str):
+        return len(item)
+    return len(item.text) + sum(map(len, item.replay))
+
+
 class _Connection(WebSocketProtocol):
     """One client, and its socket. Frames are written straight to the socket while it
-    takes them; behind a slow socket they wait in `backlog` (at most `limit` items; past
-    that, and past the write timeout, the connection is closed 4009) for the one drainer
-    task. Client messages are handled as they arrive, synchronously; only a subscribe
-    waits (for its store read), and the messages behind it wait in `inbox`."""
+    takes them; behind a slow socket they wait in `backlog` (at most `limit` items and,
+    with what the socket's buffer holds, `byte_limit` bytes; past that, and past the
+    write timeout, the connection is closed 4009) for the one drainer task. Client
+    messages are handled as they arrive, synchronously; only a subscribe waits (for its
+    store read), and the messages behind it wait in `inbox`."""
 
     __slots__ = (
         "backlog",
+        "backlog_bytes",
         "bad_frames",
         "budget",
+        "byte_limit",
         "close_code",
         "close_reason",
         "connections",
@@ -197,10 +207,13 @@ class _Connection(WebSocketProtocol):
             settings.rate_limit_window_s,
         )
         self.limit = settings.connection_queue_size
+        self.byte_limit = settings.connection_queue_bytes
         self.user = ("", "")
         self.ip = ""
         self.subscriptions: dict[str, _Subscription] = {}
         self.backlog: deque[Outgoing] | None = None
+        #: What the items in `backlog` hold (see `_size`).
+        self.backlog_bytes = 0
         #: Frames written in this turn of the event loop, sent in one write at its end
         #: (so a burst of events read from Redis at once costs one send() per socket).
         #: Holds what one turn brings at most: the frames of the messages one read held.
@@ -240,6 +253,15 @@ class _Connection(WebSocketProtocol):
                 self.transport.pause_reading()
             return
         self.hub.receive(self, data)
+
+    def control(self) -> bool:
+        """Pings and pongs are frames too: each takes from the budget like a message;
+        over it, it is dropped (a ping is not answered) and counts as a refusal."""
+        if self.budget.take(time.monotonic()):
+            return True
+        if self.budget.exhausted:
+            self.request_close(RATE_LIMITED, "rate limit exceeded repeatedly")
+        return False
 
     def closing(self, code: int, reason: str, by_server: bool) -> None:
         self.hub.closing(self, code, by_server)
@@ -292,13 +314,20 @@ class _Connection(WebSocketProtocol):
             return FULL
         return 0
 
+    def fits(self, size: int) -> bool:
+        """Whether `size` bytes more stay within the byte bound, counting what waits in
+        the backlog and in the socket's buffer (a client that never reads pins no more)."""
+        return self.backlog_bytes + self.unsent + size <= self.byte_limit
+
     def queue(self, item: Outgoing) -> bool:
         """Put an item behind the ones waiting for the socket; False when full."""
         if self.backlog is None:
             self.backlog = deque()
-        if len(self.backlog) >= self.limit:
+        size = _size(item)
+        if len(self.backlog) >= self.limit or not self.fits(size):
             return False
         self.backlog.append(item)
+        self.backlog_bytes += size
         return True
 
 
@@ -572,6 +601,7 @@ class Hub:
         self._release(self._registry.drop(conn.id))
         conn.subscriptions.clear()
         conn.backlog = conn.out = conn.inbox = None
+        conn.backlog_bytes = 0
         self._metrics.ws_connections.dec()
 
     def lost(self, conn: _Connection) -> None:
@@ -683,6 +713,9 @@ class Hub:
         """Write an item now, or queue it behind a slow socket (4009 when full)."""
         _flush_out(conn)  # the frames before it go first
         if conn.backlog is None and not conn.paused:
+            if not conn.fits(_size(item)):
+                self._evict(conn, SLOW_CONSUMER, "slow consumer")
+                return
             for message in coalesce([item]):
                 conn.write(text_frame(message.encode()))
                 self._frames_sent.inc()
@@ -708,6 +741,7 @@ class Hub:
             _flush_out(conn)  # written before anything queued
             items = list(conn.backlog)
             conn.backlog.clear()
+            conn.backlog_bytes = 0
             for message in coalesce(items):
                 conn.write(text_frame(message.encode()))
                 self._frames_sent.inc()
