@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # HTTP server limits.
     max_header_bytes: int = Field(8192, ge=1024)
     header_timeout_s: float = Field(10.0, gt=0)
+    #: A request body not received whole this long after its head → 408, closed.
+    body_timeout_s: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(65_536, ge=1024)
     org_requests_per_s: float = Field(50.0, gt=0)
     org_request_burst: int = Field(100, ge=1)
