@@ -292,10 +292,10 @@ async def test_lone_surrogates_and_odd_ids_are_bad_requests_not_1011(
 async def test_refused_upgrades_are_logged_at_info_at_most_once_per_interval(
     hub: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="whatslike.hub.server")
+    caplog.set_level(logging.INFO, logger="whatslike.hub.admission")
     for _ in range(20):
         assert await _status_of_upgrade(f"{hub.url}?access_token=forged") == 401
-    lines = [r for r in caplog.records if r.name == "whatslike.hub.server"]
+    lines = [r for r in caplog.records if r.name == "whatslike.hub.admission"]
     assert len(lines) == 1
     assert lines[0].levelno == logging.INFO
     assert "forged" not in lines[0].getMessage()
@@ -371,7 +371,7 @@ async def test_replays_to_a_socket_that_never_reads_are_bounded_in_bytes(tmp_pat
         replay_bytes = sum(map(len, replay))
         writer, sock = await _never_reading(harness)
         await eventually(lambda: harness.hub.connection_count == 1, "it is connected")
-        (conn,) = harness.hub._connections.values()
+        (conn,) = harness.hub.connections.values()
         subscribe = json.dumps(
             {"type": "subscribe", "conversation_id": conversation.id, "since": 0}
         )

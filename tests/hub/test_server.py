@@ -27,7 +27,9 @@ from whatslike.clock import new_id, utcnow
 from whatslike.events import StatusEvent, status_channel
 from whatslike.fanout import Fanout
 from whatslike.fanout.memory import MemoryFanout
-from whatslike.hub.server import MAX_BATCH, Hub, Reply, coalesce, status_seq
+from whatslike.hub.connection import Reply
+from whatslike.hub.delivery import MAX_BATCH, coalesce, status_seq
+from whatslike.hub.server import Hub
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings
@@ -539,7 +541,7 @@ async def test_frames_queued_behind_a_slow_socket_are_sent_as_one_batch(hub: Har
         await connected(ws)
         await send(ws, type="subscribe", conversation_id=conversation.id)
         await receive(ws)
-        (conn,) = hub.hub._connections.values()
+        (conn,) = hub.hub.connections.values()
         # As the transport does when its buffer passes the high-water mark.
         conn.pause_writing()
         frames = await hub.changes(conversation, 3)
