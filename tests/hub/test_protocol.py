@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from websockets.frames import Close, Opcode
 
 from tests.hub.test_server import TIMEOUT_S, Harness, connected, eventually, hub, running_hub
 from tests.hub.test_wire import client_frame
+from whatslike.hub import transport
 from whatslike.hub.transport import WebSocketProtocol
 
 __all__ = ["hub"]  # the fixture, used by name
@@ -231,6 +233,22 @@ async def test_pings_take_from_the_frame_budget_and_a_flood_closes_4008(tmp_path
         assert Close.parse(payload).code == 4008
         assert pongs == 5  # the burst; then 3 strikes are allowed, and the 4th closes
         assert harness.closes(4008) == 1
+
+
+async def test_a_client_still_flooding_after_the_servers_close_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its close frame the server reads on only for the client's: every byte of a
+    flood that goes on was parsed until the close timeout (5 s of a socket's worth kept
+    /healthz waiting over a second). Past CLOSING_READ_BYTES the connection is cut."""
+    monkeypatch.setattr(transport, "CLOSE_TIMEOUT_S", 60.0)  # only the cut can end it
+    limits: dict[str, Any] = {"client_frame_burst": 1, "rate_limit_strikes": 1}
+    async with running_hub(tmp_path, **limits) as harness, raw_client(harness) as client:
+        flood = client_frame(Opcode.PING, b"p" * 125) * 1000  # 131 KB
+        for _ in range(3):  # the close comes in the first
+            client.writer.write(flood)
+        await eventually(lambda: harness.closes(4008) == 1, "the flood is refused")
+        await eventually(lambda: harness.hub._closing == 0, "the socket is cut")
 
 
 class _Transport(asyncio.Transport):

@@ -30,6 +30,11 @@ __all__ = ["Request", "WebSocketProtocol", "text_frame"]
 #: not drain) before the connection is cut.
 CLOSE_TIMEOUT_S: Final = 5.0
 
+#: Bytes read after the server's close frame while waiting for the client's: past them
+#: the connection is cut (a client still flooding has had its answer; a well-behaved one
+#: sends its close frame long before).
+CLOSING_READ_BYTES: Final = 64 * 1024
+
 _REASONS: Final = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -105,6 +110,7 @@ class WebSocketProtocol(asyncio.Protocol):
     that the transport's buffer is over its high-water mark (write nothing more now)."""
 
     __slots__ = (
+        "_closing_read",
         "_drained",
         "_heard",
         "_pong",
@@ -127,6 +133,8 @@ class WebSocketProtocol(asyncio.Protocol):
         #: The payload of the latest ping not answered yet (the socket was not taking
         #: writes); answered when it takes them again.
         self._pong: bytes | None = None
+        #: Bytes read since the server's close frame (see CLOSING_READ_BYTES).
+        self._closing_read = 0
 
     # -- what the subclass implements
 
@@ -184,6 +192,11 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         if self._state != _OPEN and not (self._state == _CLOSING and not self._heard):
             return
+        if self._state == _CLOSING:
+            self._closing_read += len(data)
+            if self._closing_read > CLOSING_READ_BYTES:
+                self._abort()
+                return
         try:
             messages = self._reader.feed(data)
         except WireError as exc:
