@@ -9,11 +9,12 @@ cd "$(dirname "$0")/../.."
 CLUSTER=whatslike
 dir=.services/postgres
 # The cluster is the machine's (pg_createcluster), shared by every checkout: this checkout
-# stops it only if it started or used it (.services/postgres/cluster, written below).
+# stops it only if it started it (.services/postgres/cluster, written below).
 case "${1:-start}" in
   stop)
     if [ ! -f "$dir/cluster" ]; then
-      echo "services: PostgreSQL is not running from this checkout"
+      echo "services: PostgreSQL is not running from this checkout (the machine's cluster" \
+        "'$CLUSTER' is stopped with: pg_ctlcluster VERSION $CLUSTER stop)"
       exit 0
     fi
     read -r version name < "$dir/cluster"
@@ -51,7 +52,7 @@ if ! pg_isready -q -h 127.0.0.1 -p "$port"; then
   pg_ctlcluster --skip-systemctl-redirect "$version" "$CLUSTER" start
   wait_for 30 pg_isready -q -h 127.0.0.1 -p "$port" ||
     { echo "services: PostgreSQL did not come up on 127.0.0.1:$port" >&2; exit 1; }
+  mkdir -p "$dir" && echo "$version $CLUSTER" > "$dir/cluster"
 fi
-mkdir -p "$dir" && echo "$version $CLUSTER" > "$dir/cluster"
 echo "WHATSLIKE_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:$port/postgres" > .services/postgres.env
 echo "services: PostgreSQL $version ready on 127.0.0.1:$port"
