@@ -13,7 +13,7 @@ case "${1:-start}" in
     if [ -n "$bin" ] && [ -x "$bin" ]; then
       echo "prometheus: installed ($bin); no server runs here, the tests start their own"
     else
-      echo "prometheus: not installed"
+      echo "prometheus: not set up here (scripts/services.sh prometheus)"
       exit 3
     fi
     exit ;;
