@@ -9,6 +9,9 @@ UV_VERSION := 0.13.8
 UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command 'make lock' $(LOCK_FLAGS)
 
+# A dependency of pyproject.toml that the lock lacks (it was not run again) is named here.
+CHECK_LOCKED = @$(BIN)/pip check >/dev/null || { $(BIN)/pip check; echo "make: the locks miss a dependency: run make lock" >&2; exit 1; }
+
 .PHONY: run test lint install install-test lock
 
 $(BIN)/python:
@@ -22,11 +25,13 @@ $(BIN)/python:
 $(VENV)/.installed: requirements.lock requirements-build.lock pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes -r requirements.lock -r requirements-build.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(CHECK_LOCKED)
 	touch $@
 
 $(VENV)/.installed-test: requirements-test.lock requirements-build.lock pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --require-hashes -r requirements-test.lock -r requirements-build.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(CHECK_LOCKED)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

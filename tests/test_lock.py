@@ -182,6 +182,8 @@ def test_a_changed_lock_is_installed_with_its_hashes(venv: Path, target: str, lo
     assert plan == [
         f"{venv}/bin/pip install --quiet --require-hashes -r {lock} -r requirements-build.lock",
         f"{venv}/bin/pip install --quiet --no-deps --no-build-isolation -e .",
+        f"{venv}/bin/pip check >/dev/null || {{ {venv}/bin/pip check; "
+        'echo "make: the locks miss a dependency: run make lock" >&2; exit 1; }',
         *(
             [f"touch {venv}/.installed"]
             if target == "install"
