@@ -303,6 +303,40 @@ async def test_dead_letters_after_max_attempts_and_at_once_when_malformed(
     assert calls == {b"broken": 3, b"\xff\xfe": 1, b"after": 1}
 
 
+async def test_a_dead_letter_topic_gets_no_dead_letter_topic_and_its_handler_is_retried(
+    kafka_url: str, prefix: str
+) -> None:
+    """The dead-letter recorder subscribes to `.dlq` topics: none gets a `.dlq.dlq`, and a
+    dead letter it cannot record yet (its store down) is retried past the attempts an
+    ordinary event gets, staying uncommitted, instead of going anywhere else."""
+    calls: list[bytes] = []
+    recorded = asyncio.Event()
+
+    async def recorder(value: bytes) -> None:
+        calls.append(value)
+        if len(calls) <= 5:  # more than consumer_max_attempts (3)
+            raise ConnectionError("database down")
+        recorded.set()
+
+    metrics = Metrics()
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), metrics)
+    bus.subscribe(TOPIC, "g", Collector())
+    bus.subscribe(dlq_topic(TOPIC), "dlq-recorder", recorder)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka_url))
+    async with running(bus):
+        await admin.start()
+        try:
+            topics = {t for t in await admin.list_topics() if t.startswith(prefix)}
+        finally:
+            await admin.close()
+        await bus.publish(dlq_topic(TOPIC), "c1", b"a dead letter")
+        await asyncio.wait_for(recorded.wait(), WAIT_S)
+    assert f"{prefix}{dlq_topic(TOPIC)}" in topics
+    assert [t for t in topics if t.endswith(".dlq.dlq")] == []
+    assert calls == [b"a dead letter"] * 6
+    assert metrics.bus_dead_letters.labels(dlq_topic(TOPIC), "dlq-recorder")._value.get() == 0
+
+
 async def test_consumer_groups_carry_the_topic_prefix(kafka_url: str, prefix: str) -> None:
     bus = KafkaBus(kafka_settings(kafka_url, prefix), Metrics())
     bus.subscribe(TOPIC, "g", Collector())

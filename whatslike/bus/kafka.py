@@ -88,6 +88,11 @@ def bootstrap_servers(bus_url: str) -> list[str]:
     return [part.strip() for part in bus_url.removeprefix("kafka://").split(",") if part.strip()]
 
 
+def is_dead_letter_topic(label: str) -> bool:
+    """A `<topic>.dlq`: the end of the line, with no dead-letter topic of its own."""
+    return label.endswith(dlq_topic(""))
+
+
 @dataclass(frozen=True)
 class ProducerConfig:
     """What the running producer does, read back from it (not from our arguments)."""
@@ -286,8 +291,11 @@ class KafkaBus:
         wanted = {self.topic_name(t) for t in PROTOCOL_TOPICS}
         for group in self._groups.values():
             wanted.update(group.handlers)
+        # A `.dlq` topic (the dead-letter recorder subscribes to them) has none of its own.
         wanted |= {
-            self.topic_name(dlq_topic(name.removeprefix(self._prefix))) for name in list(wanted)
+            self.topic_name(dlq_topic(label))
+            for label in map(self._label, list(wanted))
+            if not is_dead_letter_topic(label)
         }
         wanted -= set(await self._admin.list_topics())
         if not wanted:
@@ -532,7 +540,9 @@ class KafkaBus:
                 )
                 return
             except Exception as exc:
-                if attempt >= settings.consumer_max_attempts:
+                # A dead letter's handler is retried until it succeeds: there is no further
+                # topic to put it in, and it stays uncommitted in its `.dlq` meanwhile.
+                if attempt >= settings.consumer_max_attempts and not is_dead_letter_topic(label):
                     reason = f"failed {attempt} times, last: {type(exc).__name__}: {exc}"
                     await self._dead_letter(
                         partition, label, record, reason=reason, attempts=attempt
@@ -556,7 +566,17 @@ class KafkaBus:
         self, partition: _Partition, label: str, record: Any, *, reason: str, attempts: int
     ) -> None:
         """Publish the DLQ record; until Kafka takes it the event stays uncommitted and
-        this partition waits (retrying with back-off), so it is never lost."""
+        this partition waits (retrying with back-off), so it is never lost. A dead letter
+        its handler cannot read has no further topic: it is logged and left where it is."""
+        if is_dead_letter_topic(label):
+            log.critical(
+                "unreadable dead letter kept in %s partition %d offset %d: %s",
+                label,
+                record.partition,
+                record.offset,
+                reason,
+            )
+            return
         self._metrics.bus_dead_letters.labels(label, partition.group).inc()
         log.error("dead-lettering an event of %s (group %s): %s", label, partition.group, reason)
         letter = dead_letter(label, partition.group, record.value or b"", reason, attempts)
