@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # Bus (in-process adapter) and consumers.
     bus_partitions: int = Field(4, ge=1, le=256)
     bus_queue_size: int = Field(10_000, ge=1)
+    #: Events handled at once per partition and consumer group (in-process and Kafka),
+    #: each key's (conversation's) in order.
+    bus_concurrency: int = Field(64, ge=1, le=10_000)
     bus_publish_timeout_s: float = Field(5.0, gt=0)
     # About 40 s of retries (worst case ~90 s) before a dead letter: enough to ride out a
     # database failover or a provider blip while holding the partition's order.

@@ -208,6 +208,45 @@ async def test_a_committed_event_is_not_seen_again_and_an_unfinished_one_is(
     assert again.items == [b"e3", b"e4", b"e5", b"end"]
 
 
+async def test_a_stuck_conversation_holds_up_only_itself_and_the_commit_stays_below_it(
+    kafka_url: str, prefix: str
+) -> None:
+    # One partition, two conversations: "slow" never finishes its first event.
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_handler_grace_s=0.5)
+    stuck = asyncio.Event()
+    seen = Collector()
+
+    async def handler(value: bytes) -> None:
+        if value == b"slow/1":
+            stuck.set()
+            await asyncio.Event().wait()  # never returns: abandoned at stop
+        await seen(value)
+
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", handler)
+    async with running(bus):
+        for value in (b"slow/1", b"fast/1", b"slow/2", b"fast/2", b"fast/3"):
+            await bus.publish(TOPIC, key_of(value), value)
+        await seen.until(lambda items: len(items) == 3)
+        await bus._commit(bus._groups["g"], list(bus._groups["g"].partitions.values()))
+    assert stuck.is_set()
+    assert seen.items == [b"fast/1", b"fast/2", b"fast/3"]
+
+    # The group's position stayed at slow/1: the next member gets it and what followed.
+    again = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", again)
+    async with running(bus):
+        await bus.publish(TOPIC, "end", b"end/1")
+        await again.until(lambda items: b"end/1" in items)
+    assert [v for v in again.items if v.startswith(b"slow/")] == [b"slow/1", b"slow/2"]
+    assert sorted(v for v in again.items if v.startswith(b"fast/")) == [
+        b"fast/1",
+        b"fast/2",
+        b"fast/3",
+    ]
+
+
 async def test_keys_keep_their_order_while_partitions_run_concurrently(
     kafka_url: str, prefix: str
 ) -> None:
