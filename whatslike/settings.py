@@ -150,6 +150,8 @@ class Settings(BaseSettings):
     sim_failure_rate: float = Field(0.0, ge=0, le=1)
     sim_seed: int | None = None
     sim_queue_size: int = Field(10_000, ge=1)
+    #: Most notifications the simulator puts in one webhook (those due together).
+    sim_webhook_batch: int = Field(100, ge=1, le=1000)
     #: Multiplies the webhook retry schedule (back-off from 0.5 s doubling up to 60 s, for
     #: up to 7 days, like Meta): below 1 for tests.
     sim_time_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -218,8 +220,11 @@ class Settings(BaseSettings):
         return (self.graph_url or f"{self.base_url}/simulator").rstrip("/")
 
     @property
-    def effective_sim_webhook_url(self) -> str:
-        return (self.sim_webhook_url or self.base_url).rstrip("/")
+    def sim_webhook_urls(self) -> tuple[str, ...]:
+        """Where the simulator posts webhooks: one base URL, or several (comma-separated)
+        taken in turn, as a load balancer in front of several connectors would."""
+        given = [url.strip().rstrip("/") for url in self.sim_webhook_url.split(",")]
+        return tuple(url for url in given if url) or (self.base_url.rstrip("/"),)
 
     @property
     def effective_database_url(self) -> str:

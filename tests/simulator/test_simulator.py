@@ -272,12 +272,15 @@ class Receiver:
         self.answered: list[int] = []  # the status of each post, in order
         self.answers: list[int] = []  # statuses to answer first, then 200
         self.down = False  # answer 503 to everything
+        self.gate = asyncio.Event()  # answers wait for it
+        self.gate.set()
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/webhooks/{channel}", self.receive, methods=["POST"])]
 
     async def receive(self, request: Request) -> Response:
         body = await request.body()
+        await self.gate.wait()
         header = request.headers.get("X-Hub-Signature-256")
         self.posts.append((request.path_params["channel"], body, header))
         status = 503 if self.down else (self.answers.pop(0) if self.answers else 200)
@@ -460,7 +463,9 @@ async def test_the_schedule_survives_a_restart(tmp_path: Path) -> None:
     refusing = Receiver()
     refusing.down = True
     first: list[Simulator] = []
-    async with served(simulator_with(refusing, first), lambda: first, tmp_path) as config:
+    # One notification per webhook: each is recognised by its bytes.
+    one = {"sim_webhook_batch": 1}
+    async with served(simulator_with(refusing, first), lambda: first, tmp_path, **one) as config:
         await send_messages(config, whatsapp=2, instagram=1)
         # Every one of the 7 webhooks was tried and refused at least once.
         await eventually(lambda: len(refusing.answers_by_body()) == 7)
@@ -471,7 +476,7 @@ async def test_the_schedule_survives_a_restart(tmp_path: Path) -> None:
 
     accepting = Receiver()
     second: list[Simulator] = []
-    async with served(simulator_with(accepting, second), lambda: second, tmp_path):
+    async with served(simulator_with(accepting, second), lambda: second, tmp_path, **one):
         await eventually(lambda: second[0].schedule.pending == 0)
     assert accepting.answers_by_body() == {body: [200] for body in refusing.answers_by_body()}
     for _, body, header in accepting.posts:
@@ -487,7 +492,9 @@ async def test_retries_outlast_an_outage(tmp_path: Path, caplog: pytest.LogCaptu
     receiver.down = True
     sims: list[Simulator] = []
     build = simulator_with(receiver, sims)
-    async with served(build, lambda: sims, tmp_path, sim_delay_ms=5, sim_time_scale=0.02) as config:
+    async with served(
+        build, lambda: sims, tmp_path, sim_delay_ms=5, sim_time_scale=0.02, sim_webhook_batch=1
+    ) as config:
         await send_messages(config, whatsapp=5, instagram=2)
         expected = 5 * 3 + 2
 
@@ -524,6 +531,7 @@ async def test_an_early_webhook_that_fails_is_retried_like_any_other(tmp_path: P
         sim_delay_ms=MAX_DELAY_MS,
         sim_disorder=True,
         sim_time_scale=0.02,
+        sim_webhook_batch=1,
     ) as config:
         await send_messages(config, whatsapp=12, instagram=0)
         early = set(receiver.answers_by_body())
@@ -539,3 +547,57 @@ async def test_an_early_webhook_that_fails_is_retried_like_any_other(tmp_path: P
     left = stored_deliveries(tmp_path)
     assert len(left) == sims[0].schedule.pending > 0
     assert all(failures == 0 for _, failures in left)
+
+
+async def test_notifications_due_together_go_out_in_one_webhook(tmp_path: Path) -> None:
+    receiver = Receiver()
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[0].routes() + receiver.routes()
+
+    # The first webhooks wait for an answer until every send is in, so the notifications
+    # behind them are all due together.
+    receiver.gate.clear()
+    async with served(build, lambda: sims, tmp_path, sim_delay_ms=0) as config:
+        async with httpx.AsyncClient(base_url=config.base_url) as client:
+            wamids = []
+            for n in range(20):
+                request = fixture("whatsapp-send-request.json")
+                request["biz_opaque_callback_data"] = f"msg_{n}"
+                response = await client.post(WA_SEND, json=request, headers=AUTH)
+                wamids.append(response.json()["messages"][0]["id"])
+        receiver.gate.set()
+        await eventually(lambda: sims[0].schedule.pending == 0)
+    statuses = []
+    for channel, body, header in receiver.posts:
+        assert channel == "whatsapp"
+        assert signature_valid(SECRET, body, header)
+        statuses += parse_statuses(json.loads(body))
+    assert len(receiver.posts) < len(statuses) == 60
+    for wamid in wamids:
+        mine = [s.status for s in statuses if s.provider_message_id == wamid]
+        assert mine == [Status.SENT, Status.DELIVERED, Status.READ]
+
+
+def test_merged_webhooks_keep_every_entry_in_order() -> None:
+    bodies = [
+        json.dumps(
+            payloads.whatsapp_status_webhook(
+                PHONE, [payloads.whatsapp_status(f"w{n}", "sent", 1764072000 + n, "55", None)]
+            )
+        ).encode()
+        for n in range(3)
+    ]
+    merged = json.loads(payloads.merge_webhooks(bodies))
+    assert [s.provider_message_id for s in parse_statuses(merged)] == ["w0", "w1", "w2"]
+    seen = payloads.instagram_webhook(ACCOUNT, [], 1)
+    with pytest.raises(ValueError, match="different objects"):
+        payloads.merge_webhooks([bodies[0], json.dumps(seen).encode()])
+
+
+def test_the_simulator_takes_several_webhook_urls_in_turn(tmp_path: Path) -> None:
+    config = settings(tmp_path, sim_webhook_url=" http://a:1/, http://b:2 ,")
+    assert config.sim_webhook_urls == ("http://a:1", "http://b:2")
+    assert settings(tmp_path, port=9).sim_webhook_urls == ("http://127.0.0.1:9",)

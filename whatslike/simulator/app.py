@@ -127,6 +127,8 @@ class Simulator:
         )
         self._backoff = Backoff(scale=deps.settings.sim_time_scale)
         self._failures = FailureLog()
+        self._webhook_urls = deps.settings.sim_webhook_urls
+        self._next_url = 0
         self._workers: list[asyncio.Task[None]] = []
         # The control changes every tenant's statuses: it needs its own token, except for
         # the demo's switch in the embedded mode on a loopback address.
@@ -283,7 +285,7 @@ class Simulator:
             self.schedule.put(delivery)
         if early is not None:
             # Before the answer, like Meta under load: the connector has no provider id yet.
-            await self._attempt(early, wait_s=min(2.0, self._settings.send_timeout_s / 2))
+            await self._attempt([early], wait_s=min(2.0, self._settings.send_timeout_s / 2))
         return JSONResponse(answer)
 
     # -- plans: what webhooks one send produces ---------------------------------------
@@ -336,43 +338,52 @@ class Simulator:
 
     async def _deliver_forever(self) -> None:
         while True:
-            await self._attempt(await self.schedule.take())
+            first = await self.schedule.take()
+            # Notifications due together go out together, as Meta sends them under load.
+            await self._attempt(self.schedule.take_due(first, self._settings.sim_webhook_batch))
 
-    async def _attempt(self, delivery: Delivery, wait_s: float | None = None) -> None:
-        """POST once; on failure store and queue a retry with back-off, or give up once
-        the retry horizon has passed."""
-        problem = await self._post(delivery, wait_s or self._settings.send_timeout_s)
+    async def _attempt(self, deliveries: list[Delivery], wait_s: float | None = None) -> None:
+        """POST them once, as one webhook; on failure store and queue a retry of each with
+        back-off, or give up on those whose retry horizon has passed."""
+        body = (
+            deliveries[0].body
+            if len(deliveries) == 1
+            else payloads.merge_webhooks([d.body for d in deliveries])
+        )
+        problem = await self._post(
+            deliveries[0].channel, body, wait_s or self._settings.send_timeout_s
+        )
         if problem is None:
-            await self.schedule.settle(delivery)
+            await self.schedule.settle(deliveries)
             return
-        delivery.failures += 1
         now = time.time()
-        due = self._backoff.next_due(delivery.first_due, now, delivery.failures, self._rng)
-        if due is None:
-            log.error(
-                "simulator gave up a %s webhook after %d attempts (%s)",
-                delivery.channel,
-                delivery.failures,
-                problem,
-            )
-            await self.schedule.settle(delivery)
-            return
-        self._failures.failed(delivery, problem, due - now)
-        delivery.due = due
-        await self.schedule.retry(delivery)
+        for delivery in deliveries:
+            delivery.failures += 1
+            due = self._backoff.next_due(delivery.first_due, now, delivery.failures, self._rng)
+            if due is None:
+                log.error(
+                    "simulator gave up a %s webhook after %d attempts (%s)",
+                    delivery.channel,
+                    delivery.failures,
+                    problem,
+                )
+                await self.schedule.settle([delivery])
+                continue
+            self._failures.failed(delivery, problem, due - now)
+            delivery.due = due
+            await self.schedule.retry(delivery)
 
-    async def _post(self, delivery: Delivery, wait_s: float) -> str | None:
-        """POST the webhook; None when answered 2xx, else what went wrong."""
-        url = f"{self._settings.effective_sim_webhook_url}/webhooks/{delivery.channel}"
+    async def _post(self, channel: str, body: bytes, wait_s: float) -> str | None:
+        """POST one webhook body; None when answered 2xx, else what went wrong."""
+        self._next_url = (self._next_url + 1) % len(self._webhook_urls)
+        url = f"{self._webhook_urls[self._next_url]}/webhooks/{channel}"
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "facebookexternalua",
-            SIGNATURE_HEADER: sign(self._settings.meta_app_secret, delivery.body),
+            SIGNATURE_HEADER: sign(self._settings.meta_app_secret, body),
         }
         try:
-            response = await self._http.post(
-                url, content=delivery.body, headers=headers, timeout=wait_s
-            )
+            response = await self._http.post(url, content=body, headers=headers, timeout=wait_s)
         except httpx.HTTPError as exc:
             return type(exc).__name__
         if not response.is_success:
