@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     whatsapp_phone_number_id: str = "109876543210987"
     instagram_account_id: str = "17841400000000001"
     send_timeout_s: float = Field(10.0, gt=0)
+    #: Outbound HTTP (Graph API sends, simulator webhooks): connections at once, and how
+    #: long an idle one is kept (below the server's idle timeout: see http_client.py).
+    http_connections: int = Field(256, ge=1, le=10_000)
+    http_keepalive_s: float = Field(4.0, gt=0)
     #: How long a status waits for its send answer before it is taken for someone else's.
     parked_ttl_s: int = Field(86_400, gt=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from whatslike.events import (
     outbound_topic,
 )
 from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
@@ -92,13 +93,37 @@ class RecordingBus:
         self.published.append((topic, key, value))
 
 
+class ScriptedHttp:
+    """The Graph API as a script: each POST goes to `handler` as an httpx.Request; a
+    ConnectError it raises is a request that never left (NotSent), any other httpx error
+    one that may have reached Meta (OutcomeUnknown)."""
+
+    def __init__(self, handler: SendHandler) -> None:
+        self._handler = handler
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Answer:
+        request = httpx.Request("POST", url, content=body, headers=headers)
+        try:
+            response = self._handler(request)
+        except httpx.ConnectError as exc:
+            raise NotSent(str(exc)) from exc
+        except httpx.HTTPError as exc:
+            raise OutcomeUnknown(str(exc)) from exc
+        return Answer(response.status_code, response.content, response.reason_phrase)
+
+    async def close(self) -> None:
+        return None
+
+
 class Harness:
     """A connector on a real SQLite store, a recording bus and a scripted Graph API."""
 
     def __init__(
         self,
         store: SQLiteStore,
-        http: httpx.AsyncClient,
+        http: ScriptedHttp,
         connector_type: Callable[[Deps], MetaConnector[Any]],
     ) -> None:
         self.store = store
@@ -182,11 +207,10 @@ async def open_harness(
         return holder[0].send_handler(request)
 
     try:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(graph_api)) as http:
-            harness = Harness(store, http, connector_type)
-            holder.append(harness)
-            async with harness.client:
-                yield harness
+        harness = Harness(store, ScriptedHttp(graph_api), connector_type)
+        holder.append(harness)
+        async with harness.client:
+            yield harness
     finally:
         await store.close()
 

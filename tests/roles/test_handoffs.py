@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from whatslike.bus import BusFull, Handler
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import AiohttpClient
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.roles.relay import OutboxRelay
@@ -66,7 +66,7 @@ def deps(store: SQLiteStore, bus: Any, metrics: Metrics | None = None, **setting
         store=store,
         bus=bus,
         fanout=MemoryFanout(),
-        http=httpx.AsyncClient(),
+        http=AiohttpClient(connections=1, keepalive_s=1.0),
         metrics=metrics or Metrics(),
         jwt_secret="x",
     )
@@ -209,4 +209,4 @@ async def test_a_stop_that_meets_a_wake_up_still_stops_the_relay(
         for _ in range(steps):
             await asyncio.sleep(0)
         await asyncio.wait_for(relay.stop(), 5)
-    await wiring.http.aclose()
+    await wiring.http.close()

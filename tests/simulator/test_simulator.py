@@ -27,6 +27,7 @@ from whatslike.connectors.meta import signature_valid
 from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import AiohttpClient, HttpClient
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings, load_settings
@@ -61,7 +62,7 @@ def settings(data_dir: Path, port: int = 8123, **overrides: Any) -> Settings:
     )
 
 
-def deps(config: Settings, http: httpx.AsyncClient, store: Any = None) -> Deps:
+def deps(config: Settings, http: HttpClient, store: Any = None) -> Deps:
     return Deps(
         settings=config,
         store=store,
@@ -162,16 +163,16 @@ async def in_process(
     data_dir: Path, **overrides: Any
 ) -> AsyncIterator[tuple[Simulator, httpx.AsyncClient]]:
     """A simulator with its schedule open but no delivery workers: webhooks stay queued."""
-    async with httpx.AsyncClient() as http:
-        simulator = Simulator(deps(settings(data_dir, **overrides), http))
-        await simulator.schedule.open()
-        app = Starlette(routes=simulator.routes())
-        transport = httpx.ASGITransport(app=app)
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
-                yield simulator, client
-        finally:
-            await simulator.schedule.close()
+    http = AiohttpClient(connections=1, keepalive_s=1.0)  # never used: no workers
+    simulator = Simulator(deps(settings(data_dir, **overrides), http))
+    await simulator.schedule.open()
+    app = Starlette(routes=simulator.routes())
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+            yield simulator, client
+    finally:
+        await simulator.schedule.close()
 
 
 async def test_whatsapp_send_answers_like_meta(tmp_path: Path) -> None:
@@ -295,7 +296,7 @@ class Receiver:
         return by_body
 
 
-Builder = Callable[[Settings, httpx.AsyncClient], list[BaseRoute]]
+Builder = Callable[[Settings, HttpClient], list[BaseRoute]]
 
 
 @asynccontextmanager
@@ -309,7 +310,8 @@ async def served(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     config = settings(data_dir, port=sock.getsockname()[1], **overrides)
-    async with httpx.AsyncClient() as http:
+    http = AiohttpClient(connections=16, keepalive_s=config.http_keepalive_s)
+    try:
         app = Starlette(routes=build(config, http))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -324,13 +326,15 @@ async def served(
             server.should_exit = True
             await task
             sock.close()
+    finally:
+        await http.close()
 
 
 async def test_whatsapp_webhooks_signed_in_order(tmp_path: Path) -> None:
     receiver = Receiver()
     sims: list[Simulator] = []
 
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
@@ -358,7 +362,7 @@ async def test_instagram_seen_webhook_and_retries(tmp_path: Path) -> None:
     receiver.answers = [500, 503]
     sims: list[Simulator] = []
 
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
@@ -388,7 +392,7 @@ async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
     sims: list[Simulator] = []
     connectors: list[WhatsAppConnector] = []
 
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         connectors.append(WhatsAppConnector(deps(config, http, store)))
         return sims[0].routes() + connectors[0].routes()
@@ -435,7 +439,7 @@ def stored_deliveries(data_dir: Path) -> list[tuple[bytes, int]]:
 
 
 def simulator_with(receiver: Receiver, sims: list[Simulator]) -> Builder:
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         return sims[-1].routes() + receiver.routes()
 
@@ -553,7 +557,7 @@ async def test_notifications_due_together_go_out_in_one_webhook(tmp_path: Path) 
     receiver = Receiver()
     sims: list[Simulator] = []
 
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import random
 import time
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -41,6 +41,7 @@ from whatslike.connectors.meta import (
 from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.grouping import Grouped
+from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
@@ -54,9 +55,6 @@ MAX_WEBHOOK_BYTES = 4 * 1024 * 1024
 #: Meta error codes that mean "slow down" even when the HTTP status is 400: retrying
 #: later succeeds, so they must not turn into a FAILED message.
 THROTTLING_CODES = frozenset({4, 17, 32, 613, 80007, 130429, 131048, 131056})
-
-#: Transport failures after which the request certainly never reached the provider.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -87,7 +85,7 @@ class ProviderUnavailable(WhatslikeError):
     """Meta could not take the send now (5xx, 429, throttling, network). Retriable."""
 
 
-def meta_error(response: httpx.Response) -> tuple[ProviderError, bool]:
+def meta_error(response: Answer) -> tuple[ProviderError, bool]:
     """Meta's `{"error":{...}}` answer as (our error, retriable)."""
     try:
         error = response.json()["error"]
@@ -95,7 +93,7 @@ def meta_error(response: httpx.Response) -> tuple[ProviderError, bool]:
         title = str(error.get("error_user_title") or error["message"])
         transient = error.get("is_transient") is True or code in THROTTLING_CODES
     except (ValueError, KeyError, TypeError):
-        return ProviderError(f"http_{response.status_code}", response.reason_phrase), False
+        return ProviderError(f"http_{response.status}", response.reason), False
     return ProviderError(str(code), title), transient
 
 
@@ -114,6 +112,10 @@ class MetaConnector(ABC, Generic[T]):
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
         self._bus = deps.bus
+        self._send_headers = {
+            "Authorization": f"Bearer {deps.settings.meta_access_token}",
+            "Content-Type": "application/json",
+        }
         self._relay_run = deps.relay_run
         # Bound once: per webhook, a labelled child is looked up otherwise.
         self._handoff_seconds = deps.metrics.store_seconds.labels("handoff")
@@ -241,20 +243,20 @@ class MetaConnector(ABC, Generic[T]):
         try:
             response = await self._http.post(
                 self.send_url(),
-                json=self.send_body(outbound),
-                headers={"Authorization": f"Bearer {self._settings.meta_access_token}"},
-                timeout=self._settings.send_timeout_s,
+                json.dumps(self.send_body(outbound), separators=(",", ":")).encode(),
+                self._send_headers,
+                self._settings.send_timeout_s,
             )
-        except NOT_SENT as exc:
+        except NotSent as exc:
             await self._not_sent(stored)
-            raise ProviderUnavailable(f"send of {stored.id} failed: {exc!r}") from exc
-        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(f"send of {stored.id} failed: {exc}") from exc
+        except OutcomeUnknown as exc:
             # The request may have reached Meta: sending again could send twice.
             self._metrics.sends.labels(self.channel, "unknown").inc()
-            log.warning("%s: outcome of the send of %s unknown: %r", self.name, stored.id, exc)
+            log.warning("%s: outcome of the send of %s unknown: %s", self.name, stored.id, exc)
             await self._store.handoff(done=[(TOPIC_MESSAGES, stored.id)])
             return None
-        if response.is_success:
+        if response.ok:
             try:
                 provider_id = self.provider_id_of(response.json())
             except (ValueError, LookupError, TypeError):
@@ -268,16 +270,16 @@ class MetaConnector(ABC, Generic[T]):
             self._metrics.sends.labels(self.channel, "ok").inc()
             return provider_id
         error, transient = meta_error(response)
-        if response.status_code == 429 or response.status_code >= 500 or transient:
+        if response.status == 429 or response.status >= 500 or transient:
             await self._not_sent(stored)
             raise ProviderUnavailable(
-                f"send of {stored.id}: HTTP {response.status_code} {error.code} {error.title}"
+                f"send of {stored.id}: HTTP {response.status} {error.code} {error.title}"
             )
         log.warning(
             "%s: Meta refused %s: HTTP %s %s %s",
             self.name,
             stored.id,
-            response.status_code,
+            response.status,
             error.code,
             error.title,
         )

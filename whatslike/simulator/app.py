@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_body, sign
 from whatslike.errors import BackendUnavailable
+from whatslike.http_client import NotSent, OutcomeUnknown
 from whatslike.roles import Deps
 from whatslike.settings import simulator_database
 from whatslike.simulator import payloads
@@ -383,11 +383,11 @@ class Simulator:
             SIGNATURE_HEADER: sign(self._settings.meta_app_secret, body),
         }
         try:
-            response = await self._http.post(url, content=body, headers=headers, timeout=wait_s)
-        except httpx.HTTPError as exc:
-            return type(exc).__name__
-        if not response.is_success:
-            return f"HTTP {response.status_code}"
+            response = await self._http.post(url, body, headers, wait_s)
+        except (NotSent, OutcomeUnknown) as exc:
+            return str(exc).split(":", 1)[0]  # the failure's kind, never the URL
+        if not response.ok:
+            return f"HTTP {response.status}"
         return None
 
 
