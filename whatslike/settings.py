@@ -141,6 +141,15 @@ class Settings(BaseSettings):
     whatsapp_phone_number_id: str = "109876543210987"
     instagram_account_id: str = "17841400000000001"
     send_timeout_s: float = Field(10.0, gt=0)
+    #: Sends per second we allow ourselves per WhatsApp business number (Meta's default
+    #: tier is 80/s, 1,000/s after its upgrade) and per Instagram account (Meta: 100
+    #: text sends/s); more would earn 130429.
+    whatsapp_sends_per_s: float = Field(80.0, gt=0)
+    instagram_sends_per_s: float = Field(100.0, gt=0)
+    #: After a 130429 the account's sends pause this long (times the throttles in a
+    #: row, up to 60 s); after a 131056 (pair rate) that customer's next try waits this.
+    throttle_hold_s: float = Field(1.0, gt=0)
+    pair_retry_s: float = Field(6.0, gt=0)
     #: Outbound HTTP (Graph API sends, simulator webhooks): connections at once, and how
     #: long an idle one is kept (below the server's idle timeout: see http_client.py).
     http_connections: int = Field(256, ge=1, le=10_000)
@@ -152,6 +161,12 @@ class Settings(BaseSettings):
     sim_delay_ms: int = Field(300, ge=0)
     sim_disorder: bool = False
     sim_failure_rate: float = Field(0.0, ge=0, le=1)
+    #: Simulator: Meta's rate limits, off when 0. Sends per second per WhatsApp number
+    #: beyond which it answers 130429; sends to one customer in a burst beyond which it
+    #: answers 131056, one more allowed per `sim_pair_interval_s` after that.
+    sim_sends_per_s: float = Field(0.0, ge=0)
+    sim_pair_burst: int = Field(0, ge=0)
+    sim_pair_interval_s: float = Field(6.0, gt=0)
     sim_seed: int | None = None
     sim_queue_size: int = Field(10_000, ge=1)
     #: Most notifications the simulator puts in one webhook (those due together).

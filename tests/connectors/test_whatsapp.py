@@ -545,9 +545,6 @@ async def test_send_refused_by_meta_publishes_failed(harness: Harness) -> None:
             429, json={"error": {"code": 4, "message": "(#4) Application request limit"}}
         ),
         lambda request: httpx.Response(
-            400, json={"error": {"code": 130429, "message": "Rate limit hit"}}
-        ),
-        lambda request: httpx.Response(
             400, json={"error": {"code": 1, "message": "try later", "is_transient": True}}
         ),
     ],

@@ -11,7 +11,8 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -32,7 +33,13 @@ from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings, load_settings
 from whatslike.simulator import payloads
-from whatslike.simulator.app import MAX_DELAY_MS, Controls, Simulator, changed_controls
+from whatslike.simulator.app import (
+    MAX_DELAY_MS,
+    Controls,
+    RateLimits,
+    Simulator,
+    changed_controls,
+)
 from whatslike.status.rules import Status
 from whatslike.store.sqlite import SQLiteStore
 
@@ -605,3 +612,112 @@ def test_the_simulator_takes_several_webhook_urls_in_turn(tmp_path: Path) -> Non
     config = settings(tmp_path, sim_webhook_url=" http://a:1/, http://b:2 ,")
     assert config.sim_webhook_urls == ("http://a:1", "http://b:2")
     assert settings(tmp_path, port=9).sim_webhook_urls == ("http://127.0.0.1:9",)
+
+
+async def test_the_simulator_answers_meta_rate_limit_errors_when_asked(tmp_path: Path) -> None:
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[0].routes()
+
+    request = fixture("whatsapp-send-request.json")
+    other = {**request, "to": "+5511900000001"}
+    async with (
+        served(build, lambda: sims, tmp_path, sim_sends_per_s=0.001) as config,
+        httpx.AsyncClient(base_url=config.base_url) as client,
+    ):
+        assert (await client.post(WA_SEND, json=request, headers=AUTH)).status_code == 200
+        refused = await client.post(WA_SEND, json=other, headers=AUTH)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == 130429
+
+    sims.clear()
+    async with (
+        served(build, lambda: sims, tmp_path / "pair", sim_pair_burst=2) as config,
+        httpx.AsyncClient(base_url=config.base_url) as client,
+    ):
+        codes = [
+            (await client.post(WA_SEND, json=body, headers=AUTH)).status_code
+            for body in (request, request, other, request)
+        ]
+        last = await client.post(WA_SEND, json=request, headers=AUTH)
+    assert codes == [200, 200, 200, 400]
+    assert last.json()["error"]["code"] == 131056
+
+
+@pytest.mark.parametrize(
+    ("limits", "code", "scope"),
+    [
+        ({"sim_sends_per_s": 1}, 130429, "throttled_account"),
+        ({"sim_pair_burst": 1, "sim_pair_interval_s": 3}, 131056, "throttled_pair"),
+    ],
+)
+async def test_throttled_sends_wait_and_never_fail(
+    tmp_path: Path, limits: dict[str, float], code: int, scope: str
+) -> None:
+    """The simulator's clock stands still until it refuses a send, so every send after the
+    first meets the limit (130429 for the number; 131056 for one customer) until the test
+    moves the clock on: each one waits (the number held, the customer retried later) and
+    goes once; none is FAILED, none is sent twice."""
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    sims: list[Simulator] = []
+    connectors: list[WhatsAppConnector] = []
+    now = [0.0]
+    refusals: list[int] = []
+
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        real = RateLimits(config, clock=lambda: now[0])
+
+        def refusal(recipient: str) -> Response | None:
+            answer = real.refusal(recipient)
+            if answer is not None:
+                refusals.append(json.loads(bytes(answer.body))["error"]["code"])
+            return answer
+
+        sims[0]._limits = cast(RateLimits, SimpleNamespace(refusal=refusal))
+        connectors.append(WhatsAppConnector(deps(config, http, store)))
+        return sims[0].routes() + connectors[0].routes()
+
+    async with served(
+        build,
+        lambda: sims,
+        tmp_path / "sim",
+        sim_delay_ms=5,
+        throttle_hold_s=0.01,
+        pair_retry_s=0.01,
+        **limits,
+    ):
+        conversation = await store.create_conversation("org1", "whatsapp", "+5511988877665")
+        messages = [
+            (await store.create_message(conversation, f"text {n}", f"c{n}"))[0] for n in range(3)
+        ]
+        sends = []
+        for n, message in enumerate(messages):
+            to = f"+551190000000{n}" if code == 130429 else "+5511988877665"
+            outbound = OutboundMessage(
+                "evt", message.id, conversation.id, "org1", "whatsapp",
+                to, message.text, message.client_message_id, message.created_at,
+            )  # fmt: skip
+            sends.append(asyncio.create_task(connectors[0].send(outbound.to_json())))
+        seen = 0
+        while not all(send.done() for send in sends):
+            if len(refusals) > seen:
+                seen = len(refusals)
+                now[0] += 3  # the limits let one more through
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*sends)
+        await eventually(lambda: sims[0].schedule.pending == 0)
+        counted = await sims[0].schedule.sends()
+    handed = await store.outbox_batch("test", 10_000)
+    await store.close()
+    assert set(refusals) == {code}
+    statuses = [StatusEvent.from_json(i.payload) for i in handed if i.topic == TOPIC_STATUS]
+    assert {e.message_id for e in statuses if e.status is Status.READ} == {m.id for m in messages}
+    assert not [e for e in statuses if e.status is Status.FAILED]
+    assert counted["sends"] == 3 and not counted["duplicates"]
+    labels = {"channel": "whatsapp", "outcome": scope}
+    sample = connectors[0]._metrics.registry.get_sample_value
+    assert sample("whatslike_provider_sends_total", labels) == len(refusals)

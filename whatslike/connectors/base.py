@@ -38,11 +38,13 @@ from whatslike.connectors.meta import (
     signature_valid,
     verification_response,
 )
+from whatslike.connectors.pacing import Pacer
 from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.grouping import Grouped
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
+from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
 from whatslike.store.common import status_entry
@@ -85,6 +87,22 @@ class ProviderUnavailable(WhatslikeError):
     """Meta could not take the send now (5xx, 429, throttling, network). Retriable."""
 
 
+#: Meta's "too fast" (and "not now") codes, by what they hold back: every send of the
+#: business number (130429 its throughput, 131057 its upgrade), or the sends to one
+#: customer (131056, the pair rate).
+ACCOUNT_RATE = "throttled_account"
+PAIR_RATE = "throttled_pair"
+THROTTLED = {"130429": ACCOUNT_RATE, "131057": ACCOUNT_RATE, "131056": PAIR_RATE}
+
+
+class ProviderThrottled(WhatslikeError):
+    """Meta refused the send as too fast (the attempt was released): try again later."""
+
+    def __init__(self, scope: str, detail: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
+
+
 def meta_error(response: Answer) -> tuple[ProviderError, bool]:
     """Meta's `{"error":{...}}` answer as (our error, retriable)."""
     try:
@@ -112,6 +130,7 @@ class MetaConnector(ABC, Generic[T]):
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
         self._bus = deps.bus
+        self._pacer = Pacer(self.sends_per_s(deps.settings), self.sends_burst(deps.settings))
         self._send_headers = {
             "Authorization": f"Bearer {deps.settings.meta_access_token}",
             "Content-Type": "application/json",
@@ -139,6 +158,14 @@ class MetaConnector(ABC, Generic[T]):
         await self._webhook_handoffs.stop()
 
     # -- channel specifics ------------------------------------------------------------
+
+    @abstractmethod
+    def sends_per_s(self, settings: Settings) -> float:
+        """The provider's send rate of this channel's account (we stay below it)."""
+
+    def sends_burst(self, settings: Settings) -> float:
+        """Sends that may leave at once after a quiet while: a tenth of a second's worth."""
+        return max(1.0, self.sends_per_s(settings) / 10)
 
     @abstractmethod
     def send_url(self) -> str: ...
@@ -176,8 +203,39 @@ class MetaConnector(ABC, Generic[T]):
     # -- sending ----------------------------------------------------------------------
 
     async def send(self, raw: bytes) -> None:
-        """Bus handler of `outbound.<channel>`: raising makes the bus retry."""
+        """Bus handler of `outbound.<channel>`: raising makes the bus retry. Meta's "too
+        fast" answers are waited out here, holding only this conversation (its lane of
+        the bus): 130429 holds every send of the account a while, 131056 (the pair rate
+        to one customer) waits for that customer's next slot; neither ever fails the
+        message."""
         outbound = OutboundMessage.from_json(raw)
+        throttled = 0
+        while True:
+            try:
+                await self._send_once(outbound)
+                return
+            except ProviderThrottled as exc:
+                throttled += 1
+                self._metrics.sends.labels(self.channel, exc.scope).inc()
+                if exc.scope == ACCOUNT_RATE:
+                    # Every later send of the account waits too: the limit is the number's.
+                    wait = min(60.0, self._settings.throttle_hold_s * throttled)
+                    self._pacer.hold(wait)
+                else:
+                    wait = self._settings.pair_retry_s
+                if throttled == 1 or throttled % 10 == 0:
+                    log.info(
+                        "%s: message %s throttled by Meta (%s, %d times); again in %.1f s",
+                        self.name,
+                        outbound.message_id,
+                        exc,
+                        throttled,
+                        wait,
+                    )
+                if exc.scope == PAIR_RATE:
+                    await asyncio.sleep(wait)
+
+    async def _send_once(self, outbound: OutboundMessage) -> None:
         claim, stored = await self._store.begin_send(outbound.message_id)
         if claim is SendClaim.MISSING or stored is None:
             raise MalformedEvent(f"no message {outbound.message_id!r}")
@@ -196,6 +254,7 @@ class MetaConnector(ABC, Generic[T]):
             log.info("%s: message %s not sent again (%s)", self.name, stored.id, claim.value)
             await self._store.handoff(done=[(TOPIC_MESSAGES, stored.id)])
             return
+        await self._pacer.slot()
         provider_id = await self._post(outbound, stored)
         if provider_id is not None:
             await self._finish(stored, provider_id, announce=True)
@@ -270,6 +329,10 @@ class MetaConnector(ABC, Generic[T]):
             self._metrics.sends.labels(self.channel, "ok").inc()
             return provider_id
         error, transient = meta_error(response)
+        scope = THROTTLED.get(error.code)
+        if scope is not None:
+            await self._not_sent(stored)
+            raise ProviderThrottled(scope, f"{error.code} {error.title}")
         if response.status == 429 or response.status >= 500 or transient:
             await self._not_sent(stored)
             raise ProviderUnavailable(

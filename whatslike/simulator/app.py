@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,16 +19,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_body, sign
+from whatslike.connectors.pacing import TokenBucket
 from whatslike.errors import BackendUnavailable
 from whatslike.http_client import NotSent, OutcomeUnknown
 from whatslike.roles import Deps
-from whatslike.settings import simulator_database
+from whatslike.settings import Settings, simulator_database
 from whatslike.simulator import payloads
 from whatslike.simulator.schedule import Backoff, Delivery, Planned, WebhookSchedule
 
 log = logging.getLogger(__name__)
 
 WORKERS = 4
+#: Customers whose pair rate the simulator keeps track of at most (see RateLimits).
+MAX_PAIR_BUCKETS = 100_000
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_DELAY_MS = 600_000
 #: At most one warning about failed webhook attempts per this many seconds.
@@ -110,6 +114,38 @@ class FailureLog:
         self._last, self._quiet = now, 0
 
 
+class RateLimits:
+    """Meta's throughput limit per business number (130429) and pair rate limit per
+    customer (131056), when the settings switch them on. The customers' buckets are
+    bounded: past `MAX_PAIR_BUCKETS`, the full (idle) ones are forgotten."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        rate = settings.sim_sends_per_s
+        self._number = TokenBucket(rate, max(1.0, rate / 10)) if rate else None
+        self._pair_burst = settings.sim_pair_burst
+        self._pair_rate = 1 / settings.sim_pair_interval_s
+        self._pairs: dict[str, TokenBucket] = {}
+
+    def refusal(self, recipient: str) -> JSONResponse | None:
+        now = self._clock()
+        if self._number is not None and not self._number.take(now):
+            return _graph_error(400, 130429, "(#130429) Rate limit hit")
+        if self._pair_burst:
+            if len(self._pairs) >= MAX_PAIR_BUCKETS:
+                self._pairs = {k: b for k, b in self._pairs.items() if not b.full(now)}
+            bucket = self._pairs.setdefault(
+                recipient, TokenBucket(self._pair_rate, self._pair_burst)
+            )
+            if not bucket.take(now):
+                return _graph_error(
+                    400,
+                    131056,
+                    "(#131056) (Business Account, Consumer Account) pair rate limit hit",
+                )
+        return None
+
+
 class Simulator:
     name = "simulator"
 
@@ -127,6 +163,7 @@ class Simulator:
         )
         self._backoff = Backoff(scale=deps.settings.sim_time_scale)
         self._failures = FailureLog()
+        self._limits = RateLimits(deps.settings)
         self._webhook_urls = deps.settings.sim_webhook_urls
         self._next_url = 0
         self._workers: list[asyncio.Task[None]] = []
@@ -219,6 +256,9 @@ class Simulator:
         problem = payloads.whatsapp_send_problem(body)
         if problem is not None:
             return _graph_error(400, 100, problem)
+        refusal = self._limits.refusal(body["to"])
+        if refusal is not None:
+            return refusal
         wamid = payloads.new_wamid()
         callback_data = body.get("biz_opaque_callback_data", "")
         plan = self._plan_whatsapp(wamid, body["to"], callback_data)
