@@ -28,7 +28,7 @@ from tests.e2e.conftest import (
     start_server,
     stop_server,
 )
-from whatslike.bus import BusFull
+from whatslike.bus import BusFull, PublishIncomplete
 from whatslike.bus.factory import open_bus
 from whatslike.bus.kafka import KafkaBus, bootstrap_servers
 from whatslike.bus.memory import MemoryBus
@@ -439,6 +439,25 @@ async def test_publishing_to_a_topic_the_broker_lacks_raises_busfull(
     async with running(KafkaBus(settings, Metrics())) as bus:
         with pytest.raises(BusFull, match="in time"):
             await bus.publish("no-such-topic", "c1", b"{}")
+
+
+async def test_publish_many_takes_them_at_once_in_order_and_says_how_far_it_got(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=1.0)
+    seen = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", seen)
+    sent = [f"c{i % 3}/{i}".encode() for i in range(60)]
+    async with running(bus):
+        await bus.publish_many([(TOPIC, key_of(value), value) for value in sent])
+        await seen.until(lambda items: len(items) == len(sent))
+        with pytest.raises(PublishIncomplete) as refused:
+            await bus.publish_many([(TOPIC, "c0", b"c0/ok"), ("no-such-topic", "c1", b"{}")])
+    for key in ("c0", "c1", "c2"):
+        assert [v for v in seen.items if key_of(v) == key] == [v for v in sent if key_of(v) == key]
+    assert refused.value.taken == 1
+    assert isinstance(refused.value.error, BusFull)
 
 
 @pytest.fixture

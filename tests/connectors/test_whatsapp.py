@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +15,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from whatslike.bus import BusFull
+from whatslike.bus import BusFull, Event, publish_in_turn
 from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
 from whatslike.connectors.meta import WebhookPayloadError, sign
@@ -91,6 +91,9 @@ class RecordingBus:
         if self.refuse:
             raise BusFull("full")
         self.published.append((topic, key, value))
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        await publish_in_turn(self.publish, events)
 
 
 class ScriptedHttp:

@@ -5,13 +5,13 @@ are noticed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from whatslike.bus import BusFull, Handler
+from whatslike.bus import BusFull, Event, Handler, publish_in_turn
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import AiohttpClient
@@ -50,6 +50,9 @@ class ScriptedBus:
             self.full -= 1
             raise BusFull("full")
         self.published.append((topic, key, value))
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        await publish_in_turn(self.publish, events)
 
 
 @pytest.fixture

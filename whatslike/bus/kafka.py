@@ -45,9 +45,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -61,7 +61,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Gauge
 
-from whatslike.bus import BatchHandler, BusFull, Handler
+from whatslike.bus import BatchHandler, BusFull, Event, Handler, PublishIncomplete
 from whatslike.bus.lanes import Lanes, Offsets
 from whatslike.bus.memory import backoff_delay, dead_letter
 from whatslike.errors import BackendUnavailable, MalformedEvent
@@ -217,20 +217,48 @@ class KafkaBus:
             raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
 
     async def publish(self, topic: str, key: str, value: bytes) -> None:
+        try:
+            await self.publish_many([(topic, key, value)])
+        except PublishIncomplete as exc:
+            raise exc.error from exc
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """Every record goes to the producer's batches at once and is then awaited: one
+        round trip to the broker (per partition batch) for all of them, not one each. The
+        idempotent producer keeps each partition's records in the given order."""
         producer = self._producer
         if producer is None:
-            raise BackendUnavailable("the Kafka bus is not started")
-        name = self.topic_name(topic)
+            raise PublishIncomplete(0, BackendUnavailable("the Kafka bus is not started"))
+        sent: list[asyncio.Future[Any]] = []
+        failure: Exception | None = None
         try:
             async with asyncio.timeout(self._settings.bus_publish_timeout_s):
-                await producer.send_and_wait(name, value, key=key.encode())
-        except TimeoutError as exc:
-            raise BusFull(f"Kafka did not acknowledge an event on {name!r} in time") from exc
+                for topic, key, value in events:
+                    sent.append(
+                        await producer.send(self.topic_name(topic), value, key=key.encode())
+                    )
+                await asyncio.wait(sent)
+        except TimeoutError:
+            failure = BusFull("Kafka did not acknowledge an event in time")
         except KafkaError as exc:
-            if isinstance(exc, _PRODUCER_BROKEN) or producer._sender.sender_task.done():
+            failure = exc
+        taken = 0
+        for future in sent:
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                break
+            taken += 1
+        for topic, _, _ in events[:taken]:
+            self._metrics.bus_published.labels(topic).inc()
+        if taken == len(events):
+            return
+        if failure is None and taken < len(sent):
+            failure = cast(Exception, sent[taken].exception())
+        if isinstance(failure, KafkaError):
+            if isinstance(failure, _PRODUCER_BROKEN) or producer._sender.sender_task.done():
                 await self._replace_producer(producer)
-            raise BackendUnavailable(f"Kafka refused an event on {name!r}: {exc!r}") from exc
-        self._metrics.bus_published.labels(topic).inc()
+            failure = BackendUnavailable(f"Kafka refused an event: {failure!r}")
+        assert failure is not None
+        raise PublishIncomplete(taken, failure)
 
     async def _new_producer(self) -> Any:
         producer = AIOKafkaProducer(

@@ -19,9 +19,10 @@ import json
 import logging
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from whatslike.bus import BusFull, Handler
+from whatslike.bus import BusFull, Event, Handler, publish_in_turn
 from whatslike.bus.lanes import Lanes
 from whatslike.errors import MalformedEvent
 from whatslike.events import dlq_topic
@@ -135,6 +136,9 @@ class MemoryBus:
             self._idle.clear()
             self._metrics.bus_queue_depth.labels(topic, group.name).inc()
         self._metrics.bus_published.labels(topic).inc()
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        await publish_in_turn(self.publish, events)
 
     async def _consume(self, group: _Group, partition: asyncio.Queue[tuple[str, bytes]]) -> None:
         """Hand each event of the partition to its key's lane: many conversations at

@@ -384,8 +384,7 @@ class MetaConnector(ABC, Generic[T]):
         """Publish committed entries. If the bus does not take them, they are durable
         already: the relay's run is renewed, so the relay hands them on again."""
         try:
-            for entry in entries:
-                await self._bus.publish(entry.topic, entry.key, entry.payload)
+            await self._bus.publish_many([(e.topic, e.key, e.payload) for e in entries])
         except Exception as exc:
             log.warning("%s: hand-offs left to the outbox relay: %s", self.name, exc)
             self._relay_run.renew()
