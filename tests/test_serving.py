@@ -60,32 +60,6 @@ async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[str, 
         sock.close()
 
 
-def test_a_request_between_our_own_roles_is_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The simulator's webhook to the connector in one process is a request of httpx and
-    one of uvicorn: only uvicorn's access line is written, httpx's at debug only."""
-    settings = load_settings(data_dir=tmp_path)
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        raise AssertionError("not served")
-
-    answer = httpx.MockTransport(lambda request: httpx.Response(200))
-    httpx_logger = logging.getLogger("httpx")
-    before = httpx_logger.level
-    caplog.set_level(logging.DEBUG)
-    try:
-        for log_level, lines in (("info", 0), ("warning", 0), ("debug", 1)):
-            server_config(app, settings, log_level, None)
-            caplog.clear()
-            with httpx.Client(transport=answer) as client:
-                client.post("http://127.0.0.1:8020/webhooks/whatsapp", content=b"{}")
-            logged = [r for r in caplog.records if r.name == "httpx"]
-            assert len(logged) == lines, (log_level, [r.getMessage() for r in logged])
-    finally:
-        httpx_logger.setLevel(before)
-
-
 async def _exchange(host: str, port: int, *chunks: bytes, pause_s: float = 0) -> bytes:
     """Send raw bytes (pausing between chunks), then read until the server closes."""
     reader, writer = await asyncio.open_connection(host, port)

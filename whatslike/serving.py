@@ -328,12 +328,6 @@ def server_config(
 ) -> uvicorn.Config:
     """uvicorn's configuration with every limit of the settings in place; `ws` makes the
     protocol of each WebSocket (`Hub.protocol`), None for uvicorn's own."""
-    # One line per request: httpx logs every request it sends at INFO, and the requests our
-    # roles send each other in one process (the simulator's webhooks, the connector's sends)
-    # are in the access log already. Below debug, httpx says only what went wrong.
-    logging.getLogger("httpx").setLevel(
-        logging.DEBUG if log_level in ("debug", "trace") else logging.WARNING
-    )
     return uvicorn.Config(
         BodyLimit(app, body_limit(settings)),
         log_level=log_level,
