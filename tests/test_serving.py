@@ -175,6 +175,30 @@ def _token(data_dir: Path, org: str) -> str:
 
 # -- logs ---------------------------------------------------------------------------
 
+_JWT_SAMPLE = jwt.encode({"sub": "u", "exp": 1}, "k" * 32, "HS256")
+
+
+@pytest.mark.parametrize(
+    ("logged", "hidden"),
+    [
+        ("/ws/status?%61ccess_token=opaque-credential-1&since=4", "opaque-credential-1"),
+        ("/ws/status?access%5Ftoken=opaque-credential-2", "opaque-credential-2"),
+        ("/ws/status?%2561ccess_token=opaque-credential-3", "opaque-credential-3"),
+        ("/x?a%3Dy%26access_token%3Dopaque-credential-4", "opaque-credential-4"),
+        (f"/ws?t%3D{_JWT_SAMPLE.replace('.', '%2E')}", _JWT_SAMPLE.split(".")[2]),
+        ("secret app%2Dsecret%2Dxyz in a line", "secret-xyz"),
+    ],
+    ids=["name", "underscore", "twice", "whole query", "jwt dots", "configured secret"],
+)
+def test_redaction_sees_through_percent_encoding(logged: str, hidden: str) -> None:
+    redactor = RedactSecrets(["app-secret-xyz"])
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "GET %s", (logged,), None)
+    redactor.filter(record)
+    line = record.getMessage()
+    assert hidden not in line
+    assert hidden.replace("-", "%2D") not in line
+    assert REDACTED in line
+
 
 def test_log_records_lose_tokens_secrets_and_credential_query_values() -> None:
     token = jwt.encode({"sub": "u", "exp": 1}, "k" * 32, "HS256")
