@@ -18,7 +18,7 @@ from tests.connectors.test_whatsapp import SECRET, Harness, open_harness
 from whatslike.clock import utcnow
 from whatslike.connectors.base import ProviderUnavailable
 from whatslike.connectors.instagram import InstagramConnector, parse_reads
-from whatslike.connectors.meta import WebhookPayloadError, sign
+from whatslike.connectors.meta import Parsed, sign
 from whatslike.events import TOPIC_STATUS, StatusEvent
 from whatslike.status.rules import Status
 from whatslike.store.base import Message
@@ -72,7 +72,7 @@ async def reads(harness: Harness) -> list[str]:
 
 
 def test_parse_seen_fixture() -> None:
-    [read] = parse_reads(fixture("instagram-seen.json"))
+    [read] = parse_reads(fixture("instagram-seen.json")).items
     assert read.account_id == ACCOUNT
     assert read.provider_message_id == fixture("instagram-send-response.json")["message_id"]
     assert read.occurred_at == datetime(2025, 11, 25, 12, 5, 0, 120000, tzinfo=UTC)
@@ -87,9 +87,9 @@ def test_parse_skips_other_messaging_events_and_objects() -> None:
     second["messaging"] = [second["messaging"][1]]
     second["messaging"][0]["read"]["mid"] = "other"
     payload["entry"].append(second)
-    assert [r.provider_message_id for r in parse_reads(payload)][1:] == ["other"]
-    assert len(parse_reads(payload)) == 2
-    assert parse_reads({"object": "page", "entry": []}) == []
+    assert [r.provider_message_id for r in parse_reads(payload).items][1:] == ["other"]
+    assert len(parse_reads(payload).items) == 2
+    assert parse_reads({"object": "page", "entry": []}) == Parsed()
 
 
 @pytest.mark.parametrize(
@@ -98,15 +98,19 @@ def test_parse_skips_other_messaging_events_and_objects() -> None:
         lambda p: p.update(entry=3),
         lambda p: p["entry"][0].pop("id"),
         lambda p: p["entry"][0]["messaging"][0].update(timestamp="yesterday"),
-        lambda p: p["entry"][0]["messaging"][0].update(read={"watermark": 1}),
+        lambda p: p["entry"][0]["messaging"][0].update(read={"watermark": "late"}),
         lambda p: p["entry"][0]["messaging"][0].update(read=None),
     ],
 )
-def test_malformed_payloads_raise(breakage: Any) -> None:
+def test_a_malformed_part_is_rejected_alone(breakage: Any) -> None:
     payload = fixture("instagram-seen.json")
     breakage(payload)
-    with pytest.raises(WebhookPayloadError):
-        parse_reads(payload)
+    if isinstance(payload["entry"], list):  # a good entry beside the broken one applies
+        payload["entry"].append(seen("mid-good")["entry"][0])
+    parsed = parse_reads(payload)
+    assert len(parsed.rejected) == 1
+    good = [] if not isinstance(payload["entry"], list) else ["mid-good"]
+    assert [read.provider_message_id for read in parsed.items] == good
 
 
 # -- sending ---------------------------------------------------------------------------
@@ -210,3 +214,21 @@ async def test_store_failure_answers_503(harness: Harness) -> None:
     response = await harness.post(seen("mid.1"))
     assert response.status_code == 503
     assert response.json() == {"error": {"code": "unavailable", "message": "try again later"}}
+
+
+async def test_a_watermark_read_beside_a_valid_read_never_refuses_the_webhook(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messenger's shape (`read.watermark`, no `read.mid`) was a 400 for the whole body,
+    and Meta redelivered it for ever: the valid read beside it never applied."""
+    message = await sent_message(harness, "mid.1", "one")
+    await harness.clear()
+    payload = seen("mid.1")
+    watermark_only = copy.deepcopy(payload["entry"][0]["messaging"][0])
+    watermark_only["read"] = {"watermark": SEEN_AT_MS}
+    payload["entry"][0]["messaging"].insert(0, watermark_only)
+    assert (await harness.post(payload)).status_code == 200
+    assert await reads(harness) == [message.id]
+    unsupported = harness.deps.metrics.webhook_items_skipped.labels("instagram", "unsupported")
+    assert unsupported._value.get() == 1
+    assert any("watermark" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

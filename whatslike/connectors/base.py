@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import httpx
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -31,6 +31,7 @@ from whatslike.bus.memory import backoff_delay
 from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
     SIGNATURE_HEADER,
+    Parsed,
     WebhookPayloadError,
     error_response,
     load_object,
@@ -149,8 +150,8 @@ class MetaConnector(ABC, Generic[T]):
         """The provider message id in a 2xx send answer; raises on an unexpected shape."""
 
     @abstractmethod
-    def parse(self, payload: dict[str, Any]) -> Sequence[T]:
-        """Pure: the items of one webhook body; raises WebhookPayloadError."""
+    def parse(self, payload: dict[str, Any]) -> Parsed[T]:
+        """Pure: the items of one webhook body, and what could not be read in it."""
 
     @abstractmethod
     async def collect(self, item: T, handoff: Handoff) -> None:
@@ -339,7 +340,13 @@ class MetaConnector(ABC, Generic[T]):
         return verification_response(request, self._settings.meta_verify_token)
 
     async def receive(self, request: Request) -> Response:
-        body = await read_body(request, MAX_WEBHOOK_BYTES)
+        try:
+            body = await read_body(request, MAX_WEBHOOK_BYTES)
+        except ClientDisconnect:
+            # Nobody to answer, nothing was read: not an error of ours, no traceback.
+            self._count_webhook("disconnected")
+            log.info("%s: client left before sending the whole webhook body", self.name)
+            return Response(status_code=400)
         if body is None:
             self._count_webhook("too_large")
             return error_response(413, "too_large", "webhook body too large")
@@ -348,11 +355,16 @@ class MetaConnector(ABC, Generic[T]):
             self._count_webhook("bad_signature")
             return error_response(403, "forbidden", f"missing or wrong {SIGNATURE_HEADER}")
         try:
-            items = self.parse(load_object(body))
+            payload = load_object(body)
         except WebhookPayloadError as exc:
             self._count_webhook("malformed")
             log.warning("%s: malformed webhook: %s", self.name, exc)
             return error_response(400, "bad_request", str(exc))
+        # A signed body is never refused for some of its items: Meta would redeliver the
+        # same body for ever, and its good items would never apply.
+        parsed = self.parse(payload)
+        self._report(parsed)
+        items = parsed.items
         handoff = Handoff(utcnow())
         try:
             named = self.named_messages(items)
@@ -379,6 +391,31 @@ class MetaConnector(ABC, Generic[T]):
 
     def _count_webhook(self, outcome: str) -> None:
         self._metrics.webhooks.labels(self.channel, outcome).inc()
+
+    def _report(self, parsed: Parsed[T]) -> None:
+        """One WARNING line per kind for what a signed webhook held but cannot apply."""
+        if parsed.rejected:
+            self._metrics.webhook_items_skipped.labels(self.channel, "malformed").inc(
+                len(parsed.rejected)
+            )
+            log.warning(
+                "%s: %d webhook item(s) skipped, the rest applied; first: %s",
+                self.name,
+                len(parsed.rejected),
+                parsed.rejected[0],
+            )
+        if parsed.errors:
+            self._metrics.webhook_items_skipped.labels(self.channel, "provider_error").inc(
+                len(parsed.errors)
+            )
+            code, title = parsed.errors[0]
+            log.warning(
+                "%s: Meta reported %d error(s) with no status; first: code %s: %s",
+                self.name,
+                len(parsed.errors),
+                code,
+                title,
+            )
 
     # -- resolving and handing off -------------------------------------------------
 
