@@ -374,6 +374,8 @@ async def test_the_simulator_control_needs_its_own_token(tmp_path: Path) -> None
     )
     async with _client(Runtime(outside)) as client:  # not embedded, no token: closed
         assert (await client.get("/simulator/control")).status_code == 403
+        # The sends name every organization's recipients and texts: closed alike.
+        assert (await client.get("/simulator/sends")).status_code == 403
     guarded = load_settings(
         data_dir=tmp_path / "guarded", sim_control_token="control-token-5a1f", **OWN
     )
@@ -387,6 +389,9 @@ async def test_the_simulator_control_needs_its_own_token(tmp_path: Path) -> None
             await client.post("/simulator/control", content=change, headers=wrong)
         ).status_code == 403
         right = {"Authorization": "Bearer control-token-5a1f"}
+        assert (await client.get("/simulator/sends", headers=wrong)).status_code == 403
+        # Past the guard (503: this test never opened the simulator's database).
+        assert (await client.get("/simulator/sends", headers=right)).status_code == 503
         answer = await client.post("/simulator/control", content=change, headers=right)
         assert (answer.status_code, answer.json()["delay_ms"]) == (200, 600_000)
         send = await client.post(
