@@ -703,24 +703,52 @@ async def test_a_send_of_unknown_outcome_is_never_made_again(harness: Harness) -
 
 async def test_a_failed_link_is_retried_without_sending_again(harness: Harness) -> None:
     """The provider accepted the send, then the store failed: only the link is retried."""
-    link = harness.store.link_provider_id
+    link = harness.store.link_answer
     failures = iter([BackendUnavailable("store down"), BackendUnavailable("still down")])
 
     async def flaky_link(
         channel: str, provider_message_id: str, message_id: str
-    ) -> list[ParkedStatus]:
+    ) -> tuple[list[ParkedStatus], str | None]:
         failure = next(failures, None)
         if failure is not None:
             raise failure
         return await link(channel, provider_message_id, message_id)
 
-    harness.store.link_provider_id = flaky_link  # type: ignore[method-assign]
+    harness.store.link_answer = flaky_link  # type: ignore[method-assign]
     message = await harness.message()
     harness.send_handler = answer_with(WAMID)
     await harness.send(message)
     assert len(harness.requests) == 1
     stored = await harness.store.get_message(message.id)
     assert stored is not None and stored.provider_message_id == WAMID
+
+
+async def test_the_send_answer_wins_over_callback_data_linked_while_in_flight(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed status naming our message (callback data) with an unknown wamid while its
+    send was in flight took the message; Meta's real answer must take it back."""
+    message = await harness.message()
+    forged = status_webhook(status("wamid.forged", "delivered", callback=message.id))
+    taken: list[str | None] = []
+
+    async def forged_status_then_answer(request: httpx.Request) -> httpx.Response:
+        # The send is under way (recorded, no answer yet) when the forged status comes.
+        assert (await harness.post(forged)).status_code == 200
+        during = await harness.store.get_message(message.id)
+        taken.append(during.provider_message_id if during else None)
+        return answer_with(WAMID)(request)
+
+    harness.send_handler = forged_status_then_answer  # type: ignore[assignment]
+    await harness.send(message)
+    assert taken == ["wamid.forged"]
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None and stored.provider_message_id == WAMID
+    assert await harness.store.find_by_provider_id("whatsapp", "wamid.forged") is None
+    found = await harness.store.find_by_provider_id("whatsapp", WAMID)
+    assert found is not None and found.id == message.id
+    [line] = [r for r in caplog.records if "wamid.forged" in r.getMessage()]
+    assert line.levelname == "WARNING" and WAMID in line.getMessage()
 
 
 async def test_redelivered_send_is_not_sent_twice(harness: Harness) -> None:

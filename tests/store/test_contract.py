@@ -298,6 +298,30 @@ async def test_a_parked_status_is_returned_by_every_link_until_handed_off(store:
     assert await store.find_by_provider_id("instagram", "wamid.1") is None
 
 
+async def test_the_send_answer_link_wins_over_a_callback_data_link(store: Store) -> None:
+    """A signed status naming our message by callback data, with a wamid Meta never gave
+    it, linked that wamid while the send was in flight; Meta's answer takes it back."""
+    message = await new_message(store)
+    assert await store.link_provider_id("whatsapp", "wamid.forged", message.id) == []
+    early = ParkedStatus("whatsapp", "wamid.real", b"early")
+    assert await store.park_status(early) is None
+    assert await store.link_answer("whatsapp", "wamid.real", message.id) == (
+        [early],
+        "wamid.forged",
+    )
+    found = await store.find_by_provider_id("whatsapp", "wamid.real")
+    assert found is not None
+    assert (found.id, found.provider_message_id) == (message.id, "wamid.real")
+    assert await store.find_by_provider_id("whatsapp", "wamid.forged") is None
+    # A redelivered send finds it done: nothing replaced, the parked status still there.
+    assert await store.link_answer("whatsapp", "wamid.real", message.id) == ([early], None)
+    # With no earlier link it is `link_provider_id`.
+    other = await new_message(store)
+    assert await store.link_answer("whatsapp", "wamid.other", other.id) == ([], None)
+    linked = await store.get_message(other.id)
+    assert linked is not None and linked.provider_message_id == "wamid.other"
+
+
 async def test_parked_statuses_nobody_claims_expire(store: Store) -> None:
     await store.park_status(ParkedStatus("whatsapp", "wamid.old", b"old"))
     cutoff = datetime.now(UTC) + timedelta(seconds=1)

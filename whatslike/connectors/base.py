@@ -203,9 +203,19 @@ class MetaConnector(ABC, Generic[T]):
         """Link the provider id, then hand off the acceptance and the statuses that arrived
         before the link, completing the send's outbox entry. Only these store steps are
         retried here; the provider is not called again."""
-        parked = await self._retrying(
-            lambda: self._store.link_provider_id(self.channel, provider_id, stored.id)
+        # Meta's own answer wins over an id linked from callback data meanwhile.
+        parked, replaced = await self._retrying(
+            lambda: self._store.link_answer(self.channel, provider_id, stored.id)
         )
+        if replaced is not None:
+            log.warning(
+                "%s: message %s was linked to %s by a webhook's callback data; Meta's send "
+                "answer names %s, which wins",
+                self.name,
+                stored.id,
+                replaced,
+                provider_id,
+            )
         handoff = Handoff(utcnow())
         if announce:
             self.accepted(stored, provider_id, handoff)

@@ -180,6 +180,14 @@ class Store(Protocol):
         parked for it, oldest first. They stay parked until a `handoff` names them, so a
         crash before they were handed on loses nothing: the next link returns them again."""
 
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        """`link_provider_id` for the provider's own answer to our send, which wins over a
+        link made earlier from callback data (a signed status naming our message while
+        its send was in flight): the message takes this id, the other one no longer
+        names it. Answers the parked statuses and the provider id replaced (or None)."""
+
     async def expire_parked(self, before: datetime) -> int:
         """Drop statuses parked before this time (provider ids that never became ours:
         messages sent by another tool on the same number); answer how many."""

@@ -255,6 +255,10 @@ _CQL = {
         "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?"
         " IF provider_message_id = null"
     ),
+    "replace_provider_id": (
+        "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?"
+        " IF provider_message_id = ?"
+    ),
     "begin_send": (
         "UPDATE messages SET send_started_at = ?, updated_at = ? WHERE id = ?"
         " IF send_started_at = null AND provider_message_id = null AND status = 'PENDING'"
@@ -310,6 +314,13 @@ _CQL = {
     "link": (
         "UPDATE provider_keys SET message_id = ? WHERE channel = ? AND provider_message_id = ?"
         " IF message_id = null"
+    ),
+    "relink": (
+        "UPDATE provider_keys SET message_id = ? WHERE channel = ? AND provider_message_id = ?"
+    ),
+    "unlink": (
+        "UPDATE provider_keys SET message_id = null WHERE channel = ? AND provider_message_id = ?"
+        " IF message_id = ?"
     ),
     "linked": (
         "SELECT message_id FROM provider_keys WHERE channel = ? AND provider_message_id = ? LIMIT 1"
@@ -810,6 +821,27 @@ class CassandraStore:
             for row in rows
             if row["parked_id"] is not None
         ]
+
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        message = await self.get_message(message_id)
+        before = message.provider_message_id if message is not None else None
+        if message is None or before in (None, provider_message_id):
+            return await self.link_provider_id(channel, provider_message_id, message_id), None
+        # The answer's key first: a crash after it leaves the message found by both ids,
+        # and the next attempt (the send's retry) finishes the move.
+        await self._run("relink", message_id, channel, provider_message_id)
+        now = _ms(utcnow())
+        moved = replace(message, provider_message_id=provider_message_id, updated_at=now)
+        await self._batch(self._stuck_inserts(moved))
+        applied, _ = await self._lwt(
+            "replace_provider_id", provider_message_id, now, message_id, before
+        )
+        if applied:
+            await self._stuck_moved(message, moved)
+        await self._lwt("unlink", channel, before, message_id)
+        return await self.link_provider_id(channel, provider_message_id, message_id), before
 
     async def _set_provider_id(self, message: Message, provider_message_id: str) -> None:
         now = _ms(utcnow())

@@ -361,6 +361,47 @@ class PostgresStore:
             )
         return common.parked_of(channel, provider_message_id, rows)
 
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_PROVIDER_KEY_LOCK, channel, provider_message_id)
+            before = await conn.fetchval(
+                "SELECT provider_message_id FROM messages WHERE id = $1 FOR UPDATE", message_id
+            )
+            replaced = before if before not in (None, provider_message_id) else None
+            if replaced is not None:
+                await conn.execute(_PROVIDER_KEY_LOCK, channel, replaced)
+                await conn.execute(
+                    "DELETE FROM provider_ids WHERE channel = $1 AND provider_message_id = $2"
+                    " AND message_id = $3",
+                    channel,
+                    replaced,
+                    message_id,
+                )
+            await conn.execute(
+                "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
+                " VALUES ($1, $2, $3) ON CONFLICT (channel, provider_message_id)"
+                " DO UPDATE SET message_id = excluded.message_id",
+                channel,
+                provider_message_id,
+                message_id,
+            )
+            if before != provider_message_id:
+                await conn.execute(
+                    "UPDATE messages SET provider_message_id = $2, updated_at = $3 WHERE id = $1",
+                    message_id,
+                    provider_message_id,
+                    utcnow(),
+                )
+            rows = await conn.fetch(
+                "SELECT id, payload FROM parked_statuses"
+                " WHERE channel = $1 AND provider_message_id = $2",
+                channel,
+                provider_message_id,
+            )
+        return common.parked_of(channel, provider_message_id, rows), replaced
+
     async def expire_parked(self, before: datetime) -> int:
         async with self._connection() as conn:
             done = await conn.execute("DELETE FROM parked_statuses WHERE parked_at < $1", before)

@@ -403,6 +403,39 @@ class SQLiteStore:
             )
         return common.parked_of(channel, provider_message_id, rows)
 
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        async with self._transaction() as db:
+            rows = await _fetch(
+                db, "SELECT provider_message_id FROM messages WHERE id = ?", (message_id,)
+            )
+            before = rows[0]["provider_message_id"] if rows else None
+            replaced = before if before not in (None, provider_message_id) else None
+            if replaced is not None:
+                await db.execute(
+                    "DELETE FROM provider_ids WHERE channel = ? AND provider_message_id = ?"
+                    " AND message_id = ?",
+                    (channel, replaced, message_id),
+                )
+            await db.execute(
+                "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
+                " VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET message_id = excluded.message_id",
+                (channel, provider_message_id, message_id),
+            )
+            if before != provider_message_id:
+                await db.execute(
+                    "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?",
+                    (provider_message_id, format_time(utcnow()), message_id),
+                )
+            parked = await _fetch(
+                db,
+                "SELECT id, payload FROM parked_statuses"
+                " WHERE channel = ? AND provider_message_id = ?",
+                (channel, provider_message_id),
+            )
+        return common.parked_of(channel, provider_message_id, parked), replaced
+
     async def expire_parked(self, before: datetime) -> int:
         async with self._transaction() as db:
             cursor = await db.execute(
