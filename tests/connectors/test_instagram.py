@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,11 +176,12 @@ async def test_seen_is_a_watermark_for_earlier_messages(harness: Harness) -> Non
     await harness.store.apply_status(already_read)
     await harness.clear()
 
-    assert (await harness.post(seen("mid.3"))).status_code == 200
+    seen_at_ms = int(time.time() * 1000)  # after every message was created: kept as is
+    assert (await harness.post(seen("mid.3", at_ms=seen_at_ms))).status_code == 200
     events = await harness.statuses()
     assert [e.message_id for e in events] == [second.id]  # first is READ already
     assert refused.id not in await reads(harness) and later.id not in await reads(harness)
-    assert events[0].occurred_at == datetime.fromtimestamp(SEEN_AT_MS / 1000, UTC)
+    assert events[0].occurred_at == datetime.fromtimestamp(seen_at_ms / 1000, UTC)
 
     await harness.clear()
     assert (await harness.post(seen("mid.4"))).status_code == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from whatslike.fanout.memory import MemoryFanout
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
-from whatslike.status.rules import ProviderError, Status
+from whatslike.status.rules import PROVIDER_CLOCK_SKEW, ProviderError, Status
 from whatslike.store.base import Conversation, Message, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
 
@@ -454,7 +455,9 @@ async def test_a_client_leaving_mid_body_leaves_no_traceback(
 async def test_status_resolved_by_callback_data(harness: Harness) -> None:
     message = await harness.message()
     await harness.store.begin_send(message.id)  # the webhook beat the send answer
-    response = await harness.post(status_webhook(status(WAMID, "sent", callback=message.id)))
+    sent_at = int(time.time()) + 1  # within the message's life: kept as Meta dated it
+    webhook = status_webhook(status(WAMID, "sent", callback=message.id, at=str(sent_at)))
+    response = await harness.post(webhook)
     assert response.status_code == 200
     [(topic, key, _)] = await harness.handed()
     assert (topic, key) == (TOPIC_STATUS, message.conversation_id)
@@ -465,7 +468,7 @@ async def test_status_resolved_by_callback_data(harness: Harness) -> None:
     assert event.channel == "whatsapp"
     assert event.status is Status.SENT
     assert event.provider_message_id == WAMID
-    assert event.occurred_at == datetime.fromtimestamp(1764072000, UTC)
+    assert event.occurred_at == datetime.fromtimestamp(sent_at, UTC)
     assert event.event_id.startswith("evt_")
     assert event.received_at is not None
     # The provider id was linked on the way: the send's answer will find it done.
@@ -502,6 +505,30 @@ async def test_a_redelivered_webhook_carries_the_same_event_id(harness: Harness)
     read = status_webhook(status(WAMID, "read", callback=message.id))
     assert (await harness.post(read)).status_code == 200
     assert (await harness.statuses())[-1].event_id != first.event_id
+
+
+async def test_a_provider_time_outside_the_messages_life_is_bounded_and_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed READ dated 2001 set sent/delivered/read to before the message existed;
+    one dated the year 3000 was kept."""
+    message = await harness.message()
+    await harness.store.link_provider_id("whatsapp", "wamid.t", message.id)
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None
+    before = utcnow()
+    past = status_webhook(status("wamid.t", "read", at="978307200"))  # 2001-01-01
+    future = status_webhook(status("wamid.t", "delivered", at="32503680000"))  # 3000-01-01
+    for payload in (past, future, future):
+        assert (await harness.post(payload)).status_code == 200
+    after = utcnow()
+    read, delivered, again = await harness.statuses()
+    assert read.occurred_at == stored.created_at
+    assert before <= delivered.occurred_at - PROVIDER_CLOCK_SKEW <= after
+    assert again.event_id == delivered.event_id  # a redelivery: still the same observation
+    lines = [r for r in caplog.records if "outside its life" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["WARNING"] * 3
+    assert "2001-01-01" in lines[0].getMessage() and "3000-01-01" in lines[1].getMessage()
 
 
 async def test_batched_post_for_several_messages(harness: Harness) -> None:

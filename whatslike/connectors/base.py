@@ -43,7 +43,7 @@ from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.grouping import Grouped
 from whatslike.roles import Deps
-from whatslike.status.rules import ProviderError, Status
+from whatslike.status.rules import ProviderError, Status, bounded
 from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
 from whatslike.store.common import status_entry
 
@@ -55,6 +55,10 @@ MAX_WEBHOOK_BYTES = 4 * 1024 * 1024
 #: Meta error codes that mean "slow down" even when the HTTP status is 400: retrying
 #: later succeeds, so they must not turn into a FAILED message.
 THROTTLING_CODES = frozenset({4, 17, 32, 613, 80007, 130429, 131048, 131056})
+
+#: A provider time moved by less is not logged: WhatsApp's are whole seconds, so a status
+#: of a message created at 12:00:00.7 is often dated 12:00:00 (and moved to 12:00:00.7).
+CLAMP_LOGGED = timedelta(seconds=1)
 
 #: Transport failures after which the request certainly never reached the provider.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -486,7 +490,19 @@ class MetaConnector(ABC, Generic[T]):
         *,
         error: ProviderError | None = None,
     ) -> None:
-        """Add the `msg.status` hand-off of one observation of `message`."""
+        """Add the `msg.status` hand-off of one observation of `message`, its time kept
+        within the message's life (`bounded`). The event id stays the provider's time's,
+        so a redelivered webhook is still the same observation."""
+        at = bounded(occurred_at, message.created_at, handoff.received_at)
+        if abs(at - occurred_at) >= CLAMP_LOGGED:
+            log.warning(
+                "%s: %s of %s dated %s by the provider, outside its life; kept as %s",
+                self.name,
+                status.value,
+                message.id,
+                format_time(occurred_at),
+                format_time(at),
+            )
         event = StatusEvent(
             event_id=observation_id(self.channel, message.id, status, occurred_at),
             message_id=message.id,
@@ -495,7 +511,7 @@ class MetaConnector(ABC, Generic[T]):
             channel=self.channel,
             status=status,
             provider_message_id=provider_message_id,
-            occurred_at=occurred_at,
+            occurred_at=at,
             error=error,
             received_at=handoff.received_at,
         )
