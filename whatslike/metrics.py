@@ -110,7 +110,7 @@ class Metrics:
         )
         self.webhook_items_skipped = Counter(
             "whatslike_webhook_items_skipped_total",
-            "Items of accepted webhooks not applied (malformed, provider_error, unsupported)",
+            "Items of accepted webhooks not applied (malformed, provider_error)",
             ["channel", "reason"],
             registry=r,
         )

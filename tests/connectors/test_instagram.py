@@ -8,7 +8,7 @@ import copy
 import json
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -218,19 +218,49 @@ async def test_store_failure_answers_503(harness: Harness) -> None:
     assert response.json() == {"error": {"code": "unavailable", "message": "try again later"}}
 
 
-async def test_a_watermark_read_beside_a_valid_read_never_refuses_the_webhook(
-    harness: Harness, caplog: pytest.LogCaptureFixture
+def watermark_read(watermark: datetime, contact: str = USER) -> dict[str, Any]:
+    """Messenger's shape: `read.watermark` (Unix ms), no `read.mid`."""
+    return {
+        "sender": {"id": contact},
+        "recipient": {"id": ACCOUNT},
+        "timestamp": int(time.time() * 1000),
+        "read": {"watermark": int(watermark.timestamp() * 1000)},
+    }
+
+
+async def sent_at(harness: Harness, message: Message, when: datetime) -> None:
+    """Apply the SENT the send handed off, dated `when` (the status worker's part)."""
+    event = StatusEvent(
+        f"evt_{message.id}", message.id, message.conversation_id, "org1", "instagram",
+        Status.SENT, message.provider_message_id or "mid", when,
+    )  # fmt: skip
+    await harness.store.apply_status(event)
+
+
+async def test_a_watermark_read_marks_what_was_sent_up_to_it_and_never_refuses_the_body(
+    harness: Harness,
 ) -> None:
     """Messenger's shape (`read.watermark`, no `read.mid`) was a 400 for the whole body,
     and Meta redelivered it for ever: the valid read beside it never applied."""
-    message = await sent_message(harness, "mid.1", "one")
+    early = await sent_message(harness, "mid.1", "one")
+    late = await sent_message(harness, "mid.2", "two")
+    other_contact = await harness.message("three", contact="7000000000000099")
+    harness.send_handler = answer_with("mid.9")
+    await harness.send(other_contact, to="7000000000000099")
+    watermark = utcnow() - timedelta(seconds=10)
+    for message, when in ((early, -5), (late, 5), (other_contact, -5)):
+        stored = await harness.store.get_message(message.id)
+        assert stored is not None
+        await sent_at(harness, stored, watermark + timedelta(seconds=when))
     await harness.clear()
+
     payload = seen("mid.1")
-    watermark_only = copy.deepcopy(payload["entry"][0]["messaging"][0])
-    watermark_only["read"] = {"watermark": SEEN_AT_MS}
-    payload["entry"][0]["messaging"].insert(0, watermark_only)
+    payload["entry"][0]["messaging"] = [watermark_read(watermark)]
     assert (await harness.post(payload)).status_code == 200
-    assert await reads(harness) == [message.id]
-    unsupported = harness.deps.metrics.webhook_items_skipped.labels("instagram", "unsupported")
-    assert unsupported._value.get() == 1
-    assert any("watermark" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert await reads(harness) == [early.id]  # not sent after it, nor to someone else
+
+    await harness.clear()
+    beside = seen("mid.2", at_ms=int(time.time() * 1000))
+    beside["entry"][0]["messaging"].insert(0, watermark_read(watermark))
+    assert (await harness.post(beside)).status_code == 200
+    assert sorted(await reads(harness)) == sorted([early.id, early.id, late.id])

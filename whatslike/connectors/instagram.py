@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from whatslike.clock import format_time, from_unix
+from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MetaConnector
 from whatslike.connectors.meta import (
     Parsed,
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_OBJECT = "instagram"
 
+#: The most messages one watermark read marks READ (a bound on one item's work); the
+#: rest stay unread until the next read, whose watermark covers them too.
+WATERMARK_LIMIT = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class InstagramRead:
@@ -39,6 +43,7 @@ class InstagramRead:
     occurred_at: datetime
     payload: bytes = field(repr=False)  # this `messaging[]` item alone: what gets parked
     watermark: datetime | None = None
+    contact: str = ""  # `sender.id` of a watermark read: who read (our recipient)
 
 
 def parse_reads(payload: dict[str, Any]) -> Parsed[InstagramRead]:
@@ -88,11 +93,13 @@ def parse_messaging(raw: Any, account_id: str, where: str = "messaging") -> Inst
             occurred_at=occurred_at,
             payload=payload,
         )
+    sender = json_object(obj.get("sender"), f"{where}.sender")
     return InstagramRead(
         account_id=account_id,
         provider_message_id="",
         occurred_at=occurred_at,
         payload=payload,
+        contact=json_text(sender.get("id"), f"{where}.sender.id"),
         watermark=_unix_ms(read["watermark"], f"{where}.read.watermark"),
     )
 
@@ -140,14 +147,7 @@ class InstagramConnector(MetaConnector[InstagramRead]):
             log.warning("Instagram read for account %s ignored", item.account_id)
             return
         if item.watermark is not None:
-            # Messenger's shape names no message: applying it needs the store to find a
-            # contact's messages sent up to a time, which it cannot yet do in every adapter.
-            self._metrics.webhook_items_skipped.labels(self.channel, "unsupported").inc()
-            log.warning(
-                "%s: watermark read up to %s not applied (no read.mid): unsupported",
-                self.name,
-                format_time(item.watermark),
-            )
+            await self._mark_read_by_watermark(handoff, item.contact, item.watermark, item)
             return
         message = await self.resolve(handoff, item.provider_message_id, item.payload)
         if message is not None:
@@ -163,6 +163,24 @@ class InstagramConnector(MetaConnector[InstagramRead]):
             return
         if item is not None:
             await self._mark_read_up_to(handoff, message, item)
+
+    async def _mark_read_by_watermark(
+        self, handoff: Handoff, contact: str, watermark: datetime, item: InstagramRead
+    ) -> None:
+        """Messenger's shape names no message: READ for every message sent to `contact`
+        at or before the watermark (none is parked: a later read covers a later SENT)."""
+        unread = await self._store.unread_sent_to(self.channel, contact, watermark, WATERMARK_LIMIT)
+        if len(unread) == WATERMARK_LIMIT:
+            log.warning(
+                "%s: a watermark read marks the oldest %d messages READ; the next covers more",
+                self.name,
+                WATERMARK_LIMIT,
+            )
+        for message in unread:
+            if message.provider_message_id:
+                self.add_status(
+                    handoff, message, Status.READ, message.provider_message_id, item.occurred_at
+                )
 
     async def _mark_read_up_to(self, handoff: Handoff, seen: Message, item: InstagramRead) -> None:
         """READ for the seen message and every earlier one Meta accepted: the watermark.

@@ -173,6 +173,15 @@ class Store(Protocol):
         read watermark marks READ. Filtered here, not by the caller, so a long
         conversation does not load its whole history on every read receipt."""
 
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        """The messages of this channel's conversations with `contact` (of every
+        organization: the provider keeps one thread per contact) that it accepted (a
+        provider id), are not READ and were SENT at or before `up_to`; oldest first, at
+        most `limit`: what a read watermark without a message id (Messenger's shape)
+        marks READ."""
+
     async def link_provider_id(
         self, channel: str, provider_message_id: str, message_id: str
     ) -> list[ParkedStatus]:

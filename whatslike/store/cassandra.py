@@ -177,6 +177,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE IF NOT EXISTS stuck_buckets (
             kind text, bucket bigint, PRIMARY KEY (kind, bucket))""",
     ),
+    # A channel's conversations with one contact, for read watermarks. Conversations
+    # made before this migration are not in it: their watermark reads apply nothing.
+    (
+        """CREATE TABLE IF NOT EXISTS contact_conversations (
+            channel text, contact text, conversation_id text,
+            PRIMARY KEY ((channel, contact), conversation_id))""",
+    ),
 )
 
 _MESSAGE_COLUMNS = (
@@ -196,6 +203,12 @@ _CQL = {
     "insert_conversation": (
         "INSERT INTO conversations (id, org_id, channel, contact, created_at)"
         " VALUES (?, ?, ?, ?, ?)"
+    ),
+    "index_contact": (
+        "INSERT INTO contact_conversations (channel, contact, conversation_id) VALUES (?, ?, ?)"
+    ),
+    "contact_conversations": (
+        "SELECT conversation_id FROM contact_conversations WHERE channel = ? AND contact = ?"
     ),
     "hint": "SELECT last_seq FROM seq_hints WHERE conversation_id = ?",
     "set_hint": "UPDATE seq_hints USING TIMESTAMP ? SET last_seq = ? WHERE conversation_id = ?",
@@ -673,13 +686,14 @@ class CassandraStore:
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
         conversation = replace(conversation, created_at=_ms(conversation.created_at))
-        await self._run(
-            "insert_conversation",
-            conversation.id,
-            org_id,
-            channel,
-            contact,
-            conversation.created_at,
+        await self._batch(
+            [
+                ("index_contact", (channel, contact, conversation.id)),
+                (
+                    "insert_conversation",
+                    (conversation.id, org_id, channel, contact, conversation.created_at),
+                ),
+            ]
         )
         return conversation
 
@@ -804,6 +818,24 @@ class CassandraStore:
             and message.status is not Status.READ
             and message.provider_message_id is not None
         ]
+
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        found: list[Message] = []
+        for row in await self._run("contact_conversations", channel, contact):
+            # Sent by `up_to` means created by then: the unread index is read up to it.
+            unread = await self._run("unread", row["conversation_id"], up_to)
+            found += [
+                message
+                for message in await self.get_messages([entry["id"] for entry in unread])
+                if message.status is not Status.READ
+                and message.provider_message_id is not None
+                and message.state.sent_at is not None
+                and message.state.sent_at <= up_to
+            ]
+        found.sort(key=lambda message: (message.created_at, message.id))
+        return found[:limit]
 
     # -- provider ids and parked statuses -------------------------------------------------
 

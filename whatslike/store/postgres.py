@@ -125,6 +125,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
     ("CREATE INDEX changes_message ON changes (message_id, seq)",),
+    ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -329,6 +330,22 @@ class PostgresStore:
                 " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
                 f" {_MESSAGE_ORDER}",
                 message_id,
+            )
+        return [_message(row) for row in rows]
+
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM conversations c JOIN messages m"
+                " ON m.conversation_id = c.id WHERE c.channel = $1 AND c.contact = $2"
+                " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+                f" AND m.sent_at <= $3 {_MESSAGE_ORDER} LIMIT $4",
+                channel,
+                contact,
+                up_to,
+                limit,
             )
         return [_message(row) for row in rows]
 

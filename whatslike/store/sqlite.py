@@ -122,6 +122,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
     ("CREATE INDEX changes_message ON changes (message_id, seq)",),
+    ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -375,6 +376,18 @@ class SQLiteStore:
             " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
             " ORDER BY m.created_at, m.id",
             (message_id,),
+        )
+        return [_message(row) for row in rows]
+
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        rows = await self._read(
+            f"SELECT {MESSAGE_COLUMNS} FROM conversations c JOIN messages m"
+            " ON m.conversation_id = c.id WHERE c.channel = ? AND c.contact = ?"
+            " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+            " AND m.sent_at <= ? ORDER BY m.created_at, m.id LIMIT ?",
+            (channel, contact, format_time(up_to), limit),
         )
         return [_message(row) for row in rows]
 
