@@ -147,7 +147,7 @@ class InstagramConnector(MetaConnector[InstagramRead]):
             log.warning("Instagram read for account %s ignored", item.account_id)
             return
         if item.watermark is not None:
-            await self._mark_read_by_watermark(handoff, item.contact, item.watermark, item)
+            await self._mark_read_by_watermark(handoff, item, item.watermark)
             return
         message = await self.resolve(handoff, item.provider_message_id, item.payload)
         if message is not None:
@@ -165,11 +165,13 @@ class InstagramConnector(MetaConnector[InstagramRead]):
             await self._mark_read_up_to(handoff, message, item)
 
     async def _mark_read_by_watermark(
-        self, handoff: Handoff, contact: str, watermark: datetime, item: InstagramRead
+        self, handoff: Handoff, item: InstagramRead, watermark: datetime
     ) -> None:
-        """Messenger's shape names no message: READ for every message sent to `contact`
-        at or before the watermark (none is parked: a later read covers a later SENT)."""
-        unread = await self._store.unread_sent_to(self.channel, contact, watermark, WATERMARK_LIMIT)
+        """Messenger's shape names no message: READ for every message sent to the reader
+        at or before the watermark (nothing is parked: a later read covers a later SENT)."""
+        unread = await self._store.unread_sent_to(
+            self.channel, item.contact, watermark, WATERMARK_LIMIT
+        )
         if len(unread) == WATERMARK_LIMIT:
             log.warning(
                 "%s: a watermark read marks the oldest %d messages READ; the next covers more",
