@@ -133,6 +133,23 @@ def test_exp_is_a_number_within_the_maximum_lifetime(exp: object, reason: str) -
     assert _reason(TokenService(SECRET), token) == reason
 
 
+@pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize(
+    "value",
+    [int("9" * 400), -int("9" * 400), float("inf"), 2**53 + 1],
+    ids=["400 digits", "minus 400 digits", "infinity", "2**53 + 1"],
+)
+def test_a_time_past_any_float_is_refused_not_a_crash(name: str, value: float) -> None:
+    # A 400-digit `exp` made verification raise OverflowError: a 500 and a 1011.
+    token = _raw({"sub": "u", "org_id": "o", "exp": SOON, name: value})
+    assert _reason(TokenService(SECRET), token) in (
+        f"token claim {name!r} must be a number of seconds",
+        "token expired",
+        "token is malformed",
+        "token not yet valid",
+    )
+
+
 def test_nbf_and_iat_must_be_numbers_when_present() -> None:
     for name in ("nbf", "iat"):
         token = _raw({"sub": "u", "org_id": "o", "exp": SOON, name: "0"})

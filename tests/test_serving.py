@@ -221,6 +221,30 @@ def _token(data_dir: Path, org: str) -> str:
 
 # -- logs ---------------------------------------------------------------------------
 
+_JWT_SAMPLE = jwt.encode({"sub": "u", "exp": 1}, "k" * 32, "HS256")
+
+
+@pytest.mark.parametrize(
+    ("logged", "hidden"),
+    [
+        ("/ws/status?%61ccess_token=opaque-credential-1&since=4", "opaque-credential-1"),
+        ("/ws/status?access%5Ftoken=opaque-credential-2", "opaque-credential-2"),
+        ("/ws/status?%2561ccess_token=opaque-credential-3", "opaque-credential-3"),
+        ("/x?a%3Dy%26access_token%3Dopaque-credential-4", "opaque-credential-4"),
+        (f"/ws?t%3D{_JWT_SAMPLE.replace('.', '%2E')}", _JWT_SAMPLE.split(".")[2]),
+        ("secret app%2Dsecret%2Dxyz in a line", "secret-xyz"),
+    ],
+    ids=["name", "underscore", "twice", "whole query", "jwt dots", "configured secret"],
+)
+def test_redaction_sees_through_percent_encoding(logged: str, hidden: str) -> None:
+    redactor = RedactSecrets(["app-secret-xyz"])
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "GET %s", (logged,), None)
+    redactor.filter(record)
+    line = record.getMessage()
+    assert hidden not in line
+    assert hidden.replace("-", "%2D") not in line
+    assert REDACTED in line
+
 
 def test_log_records_lose_tokens_secrets_and_credential_query_values() -> None:
     token = jwt.encode({"sub": "u", "exp": 1}, "k" * 32, "HS256")
@@ -396,6 +420,8 @@ async def test_the_simulator_control_needs_its_own_token(tmp_path: Path) -> None
     )
     async with _client(Runtime(outside)) as client:  # not embedded, no token: closed
         assert (await client.get("/simulator/control")).status_code == 403
+        # The sends name every organization's recipients and texts: closed alike.
+        assert (await client.get("/simulator/sends")).status_code == 403
     guarded = load_settings(
         data_dir=tmp_path / "guarded", sim_control_token="control-token-5a1f", **OWN
     )
@@ -409,6 +435,9 @@ async def test_the_simulator_control_needs_its_own_token(tmp_path: Path) -> None
             await client.post("/simulator/control", content=change, headers=wrong)
         ).status_code == 403
         right = {"Authorization": "Bearer control-token-5a1f"}
+        assert (await client.get("/simulator/sends", headers=wrong)).status_code == 403
+        # Past the guard (503: this test never opened the simulator's database).
+        assert (await client.get("/simulator/sends", headers=right)).status_code == 503
         answer = await client.post("/simulator/control", content=change, headers=right)
         assert (answer.status_code, answer.json()["delay_ms"]) == (200, 600_000)
         send = await client.post(

@@ -156,7 +156,8 @@ class TokenService:
             )
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(_reason(exc)) from exc
-        except (UnicodeError, ValueError, TypeError) as exc:  # odd bytes PyJWT lets through
+        except (UnicodeError, ValueError, TypeError, OverflowError) as exc:
+            # Odd bytes PyJWT lets through, or a time claim past any float (`1e400`).
             raise InvalidToken("token is malformed") from exc
         typ = header.get("typ")
         if not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYPES:
@@ -177,11 +178,18 @@ class TokenService:
         return Identity(user_id=user_id, org_id=org_id, exp=int(claims["exp"]))
 
 
+#: The largest NumericDate accepted: integers past it (a 400-digit `exp`) cannot become a
+#: float, and no real token lives until the year 285 million.
+MAX_TIME = 2**53
+
+
 def _is_time(value: object) -> bool:
     """NumericDate of RFC 7519: a JSON number (PyJWT alone also takes "123" strings)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool):
         return False
-    return math.isfinite(value)
+    if isinstance(value, int):
+        return -MAX_TIME <= value <= MAX_TIME
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def bearer_token(authorization_header: str | None) -> str | None:

@@ -52,6 +52,17 @@ def _text(data: dict[str, Any], name: str, *, optional: bool = False) -> str:
         return ""
     if not isinstance(value, str) or not value:
         raise MalformedEvent(f"field {name!r} must be a non-empty string")
+    return _utf8(value, name)
+
+
+def _utf8(value: str, name: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800") that no store or log can take: such
+    an event can never be handled, so it is malformed (dead-lettered at once), not
+    retried while it holds up its partition."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MalformedEvent(f"field {name!r} is not valid Unicode") from exc
     return value
 
 
@@ -174,6 +185,10 @@ class StatusEvent:
             status=status,
             provider_message_id=_text(data, "provider_message_id", optional=True),
             occurred_at=_time(data, "occurred_at"),
-            error=ProviderError(str(error["code"]), str(error["title"])) if error else None,
+            error=ProviderError(
+                _utf8(str(error["code"]), "error.code"), _utf8(str(error["title"]), "error.title")
+            )
+            if error
+            else None,
             received_at=_time(data, "received_at") if data.get("received_at") else None,
         )

@@ -108,6 +108,12 @@ class Metrics:
         self.webhooks = Counter(
             "whatslike_webhooks_total", "Provider webhooks", ["channel", "outcome"], registry=r
         )
+        self.webhook_items_skipped = Counter(
+            "whatslike_webhook_items_skipped_total",
+            "Items of accepted webhooks not applied (malformed, provider_error)",
+            ["channel", "reason"],
+            registry=r,
+        )
         self.sends = Counter(
             "whatslike_provider_sends_total",
             "Provider send calls",

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -36,6 +37,8 @@ _SECRET_QUERY = re.compile(
     r"[^&\s\"']*"
 )
 REDACTED = "[redacted]"
+#: Percent-decoding rounds before redacting: a value encoded twice (`%2561`) still shows.
+_DECODE_ROUNDS = 4
 
 
 class RedactSecrets(logging.Filter):
@@ -50,6 +53,15 @@ class RedactSecrets(logging.Filter):
         self._secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
+        # Decoded first: `%61ccess_token=…`, a JWT with `%2E` for its dots or an encoded
+        # secret would pass the patterns below. The line then shows the decoded text.
+        for _ in range(_DECODE_ROUNDS):
+            if "%" not in text:
+                break
+            decoded = urllib.parse.unquote(text)
+            if decoded == text:
+                break
+            text = decoded
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
         text = _JWT.sub(REDACTED, text)

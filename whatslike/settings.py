@@ -28,6 +28,15 @@ DEV_SECRETS = {
 }
 
 
+#: The shortest secret accepted outside the development mode. 16 characters of `openssl
+#: rand -hex 8` are 64 random bits, far past online guessing (each guess is one request
+#: to a webhook, /metrics or the simulator's control); the examples use twice as many.
+MIN_SECRET_CHARS = 16
+#: JWT_SECRET signs every token: one token seen lets anyone guess it offline, at any
+#: speed, so it gets the 256 bits RFC 7518 §3.2 asks of an HS256 key (32 bytes).
+MIN_JWT_SECRET_CHARS = 32
+
+
 class Settings(BaseSettings):
     """Every setting of every role. Environment: ``WHATSLIKE_<NAME>`` (upper case)."""
 
@@ -61,6 +70,9 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
     #: When set, GET /metrics needs `Authorization: Bearer <metrics_token>`.
     metrics_token: str = ""
+    #: The embedded mode's `POST /demo/token` answers loopback clients only, unless this
+    #: is set: then anyone who reaches the port gets a working token of the demo org.
+    demo_tokens_remote: bool = False
 
     # HTTP server limits.
     max_header_bytes: int = Field(8192, ge=1024)
@@ -303,6 +315,11 @@ def check_safety(settings: Settings) -> None:
             "simulator (a stand-in for Meta open to its callers) runs only when named; "
             "list the roles to run"
         )
+    # Empty ones mean "none": a JWT secret generated in the data directory, /metrics
+    # open, the simulator's control closed.
+    _strong_enough(settings, "jwt_secret", MIN_JWT_SECRET_CHARS, required=False)
+    _strong_enough(settings, "metrics_token", MIN_SECRET_CHARS, required=False)
+    _strong_enough(settings, "sim_control_token", MIN_SECRET_CHARS, required=False)
     if not {"connector", "simulator"} & set(settings.roles):
         return  # no role of this process holds a Meta credential
     for name, dev_value in DEV_SECRETS.items():
@@ -311,6 +328,21 @@ def check_safety(settings: Settings) -> None:
                 f"invalid setting {name} (WHATSLIKE_{name.upper()}): the development value "
                 "is accepted only in the embedded mode on a loopback address; set a secret "
                 "of your own"
+            )
+    for name in (*DEV_SECRETS, "meta_previous_app_secrets"):
+        # An empty verify token would let anyone complete Meta's handshake.
+        _strong_enough(settings, name, MIN_SECRET_CHARS, required=name in DEV_SECRETS)
+
+
+def _strong_enough(settings: Settings, name: str, minimum: int, *, required: bool) -> None:
+    """ConfigError (one line, never the value) for a secret shorter than `minimum`."""
+    value = getattr(settings, name)
+    for secret in value if isinstance(value, tuple) else (value,):
+        if len(secret) < minimum and (secret or required):
+            raise ConfigError(
+                f"invalid setting {name} (WHATSLIKE_{name.upper()}): a secret of at least "
+                f"{minimum} characters is needed, not {len(secret)} "
+                "(e.g. openssl rand -hex 32)"
             )
 
 

@@ -51,6 +51,22 @@ async def test_embedded_mode_hands_out_demo_tokens(tmp_path: Path) -> None:
     assert url == f"{settings.base_url}/demo"  # no token: the page asks for one itself
 
 
+async def test_demo_tokens_go_to_loopback_clients_unless_opted_in(tmp_path: Path) -> None:
+    """Embedded on 0.0.0.0, anyone who reached the port got a working token."""
+    exposed = load_settings(data_dir=tmp_path, host="0.0.0.0", **OWN_SECRETS)
+    runtime = Runtime(exposed)
+    for client, status in ((("203.0.113.9", 5000), 403), (("::ffff:127.0.0.1", 5000), 200)):
+        transport = httpx.ASGITransport(app=runtime.app, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as remote:
+            answer = await remote.post("/demo/token")
+        assert answer.status_code == status, client
+    assert answer.json()["org_id"] == "demo"
+    opted = Runtime(load_settings(data_dir=tmp_path, demo_tokens_remote=True, **OWN_SECRETS))
+    transport = httpx.ASGITransport(app=opted.app, client=("203.0.113.9", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as remote:
+        assert (await remote.post("/demo/token")).status_code == 200
+
+
 async def test_no_demo_tokens_outside_the_embedded_mode(tmp_path: Path) -> None:
     settings = load_settings(
         data_dir=tmp_path,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from tests.connectors.test_whatsapp import SECRET, Harness, open_harness
 from whatslike.clock import utcnow
 from whatslike.connectors.base import ProviderUnavailable
 from whatslike.connectors.instagram import InstagramConnector, parse_reads
-from whatslike.connectors.meta import WebhookPayloadError, sign
+from whatslike.connectors.meta import Parsed, sign
 from whatslike.events import TOPIC_STATUS, StatusEvent
 from whatslike.status.rules import Status
 from whatslike.store.base import Message
@@ -72,7 +73,7 @@ async def reads(harness: Harness) -> list[str]:
 
 
 def test_parse_seen_fixture() -> None:
-    [read] = parse_reads(fixture("instagram-seen.json"))
+    [read] = parse_reads(fixture("instagram-seen.json")).items
     assert read.account_id == ACCOUNT
     assert read.provider_message_id == fixture("instagram-send-response.json")["message_id"]
     assert read.occurred_at == datetime(2025, 11, 25, 12, 5, 0, 120000, tzinfo=UTC)
@@ -87,9 +88,9 @@ def test_parse_skips_other_messaging_events_and_objects() -> None:
     second["messaging"] = [second["messaging"][1]]
     second["messaging"][0]["read"]["mid"] = "other"
     payload["entry"].append(second)
-    assert [r.provider_message_id for r in parse_reads(payload)][1:] == ["other"]
-    assert len(parse_reads(payload)) == 2
-    assert parse_reads({"object": "page", "entry": []}) == []
+    assert [r.provider_message_id for r in parse_reads(payload).items][1:] == ["other"]
+    assert len(parse_reads(payload).items) == 2
+    assert parse_reads({"object": "page", "entry": []}) == Parsed()
 
 
 @pytest.mark.parametrize(
@@ -98,15 +99,19 @@ def test_parse_skips_other_messaging_events_and_objects() -> None:
         lambda p: p.update(entry=3),
         lambda p: p["entry"][0].pop("id"),
         lambda p: p["entry"][0]["messaging"][0].update(timestamp="yesterday"),
-        lambda p: p["entry"][0]["messaging"][0].update(read={"watermark": 1}),
+        lambda p: p["entry"][0]["messaging"][0].update(read={"watermark": "late"}),
         lambda p: p["entry"][0]["messaging"][0].update(read=None),
     ],
 )
-def test_malformed_payloads_raise(breakage: Any) -> None:
+def test_a_malformed_part_is_rejected_alone(breakage: Any) -> None:
     payload = fixture("instagram-seen.json")
     breakage(payload)
-    with pytest.raises(WebhookPayloadError):
-        parse_reads(payload)
+    if isinstance(payload["entry"], list):  # a good entry beside the broken one applies
+        payload["entry"].append(seen("mid-good")["entry"][0])
+    parsed = parse_reads(payload)
+    assert len(parsed.rejected) == 1
+    good = [] if not isinstance(payload["entry"], list) else ["mid-good"]
+    assert [read.provider_message_id for read in parsed.items] == good
 
 
 # -- sending ---------------------------------------------------------------------------
@@ -171,11 +176,12 @@ async def test_seen_is_a_watermark_for_earlier_messages(harness: Harness) -> Non
     await harness.store.apply_status(already_read)
     await harness.clear()
 
-    assert (await harness.post(seen("mid.3"))).status_code == 200
+    seen_at_ms = int(time.time() * 1000)  # after every message was created: kept as is
+    assert (await harness.post(seen("mid.3", at_ms=seen_at_ms))).status_code == 200
     events = await harness.statuses()
     assert [e.message_id for e in events] == [second.id]  # first is READ already
     assert refused.id not in await reads(harness) and later.id not in await reads(harness)
-    assert events[0].occurred_at == datetime.fromtimestamp(SEEN_AT_MS / 1000, UTC)
+    assert events[0].occurred_at == datetime.fromtimestamp(seen_at_ms / 1000, UTC)
 
     await harness.clear()
     assert (await harness.post(seen("mid.4"))).status_code == 200
@@ -210,3 +216,51 @@ async def test_store_failure_answers_503(harness: Harness) -> None:
     response = await harness.post(seen("mid.1"))
     assert response.status_code == 503
     assert response.json() == {"error": {"code": "unavailable", "message": "try again later"}}
+
+
+def watermark_read(watermark: datetime, contact: str = USER) -> dict[str, Any]:
+    """Messenger's shape: `read.watermark` (Unix ms), no `read.mid`."""
+    return {
+        "sender": {"id": contact},
+        "recipient": {"id": ACCOUNT},
+        "timestamp": int(time.time() * 1000),
+        "read": {"watermark": int(watermark.timestamp() * 1000)},
+    }
+
+
+async def sent_at(harness: Harness, message: Message, when: datetime) -> None:
+    """Apply the SENT the send handed off, dated `when` (the status worker's part)."""
+    event = StatusEvent(
+        f"evt_{message.id}", message.id, message.conversation_id, "org1", "instagram",
+        Status.SENT, message.provider_message_id or "mid", when,
+    )  # fmt: skip
+    await harness.store.apply_status(event)
+
+
+async def test_a_watermark_read_marks_what_was_sent_up_to_it_and_never_refuses_the_body(
+    harness: Harness,
+) -> None:
+    """Messenger's shape (`read.watermark`, no `read.mid`) was a 400 for the whole body,
+    and Meta redelivered it for ever: the valid read beside it never applied."""
+    early = await sent_message(harness, "mid.1", "one")
+    late = await sent_message(harness, "mid.2", "two")
+    other_contact = await harness.message("three", contact="7000000000000099")
+    harness.send_handler = answer_with("mid.9")
+    await harness.send(other_contact, to="7000000000000099")
+    watermark = utcnow() - timedelta(seconds=10)
+    for message, when in ((early, -5), (late, 5), (other_contact, -5)):
+        stored = await harness.store.get_message(message.id)
+        assert stored is not None
+        await sent_at(harness, stored, watermark + timedelta(seconds=when))
+    await harness.clear()
+
+    payload = seen("mid.1")
+    payload["entry"][0]["messaging"] = [watermark_read(watermark)]
+    assert (await harness.post(payload)).status_code == 200
+    assert await reads(harness) == [early.id]  # not sent after it, nor to someone else
+
+    await harness.clear()
+    beside = seen("mid.2", at_ms=int(time.time() * 1000))
+    beside["entry"][0]["messaging"].insert(0, watermark_read(watermark))
+    assert (await harness.post(beside)).status_code == 200
+    assert sorted(await reads(harness)) == sorted([early.id, early.id, late.id])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +20,7 @@ from starlette.applications import Starlette
 from whatslike.bus import BusFull, Event, publish_in_turn
 from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
-from whatslike.connectors.meta import WebhookPayloadError, sign
+from whatslike.connectors.meta import Parsed, sign
 from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
 from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
@@ -33,7 +35,7 @@ from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
-from whatslike.status.rules import ProviderError, Status
+from whatslike.status.rules import PROVIDER_CLOCK_SKEW, ProviderError, Status
 from whatslike.store.base import Conversation, Message, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
 
@@ -234,7 +236,7 @@ def answer_with(wamid: str) -> SendHandler:
 
 
 def test_parse_sent_fixture() -> None:
-    [sent] = parse_statuses(fixture("whatsapp-status-sent.json"))
+    [sent] = parse_statuses(fixture("whatsapp-status-sent.json")).items
     assert sent.phone_number_id == PHONE
     assert sent.provider_message_id == WAMID
     assert sent.status is Status.SENT
@@ -245,25 +247,25 @@ def test_parse_sent_fixture() -> None:
 
 
 def test_parse_delivered_fixture_without_callback_data() -> None:
-    [delivered] = parse_statuses(fixture("whatsapp-status-delivered.json"))
+    [delivered] = parse_statuses(fixture("whatsapp-status-delivered.json")).items
     assert delivered.status is Status.DELIVERED
     assert delivered.callback_data == ""
 
 
 def test_parse_failed_fixture_keeps_the_first_error() -> None:
-    [failed] = parse_statuses(fixture("whatsapp-status-failed.json"))
+    [failed] = parse_statuses(fixture("whatsapp-status-failed.json")).items
     assert failed.status is Status.FAILED
     assert failed.error == ProviderError("131026", "Message undeliverable")
     assert failed.occurred_at == datetime.fromtimestamp(1764072130, UTC)
 
 
 def test_parse_inbound_text_has_no_statuses() -> None:
-    assert parse_statuses(fixture("whatsapp-inbound-text.json")) == []
+    assert parse_statuses(fixture("whatsapp-inbound-text.json")) == Parsed()
 
 
 def test_parse_read_and_failed_without_errors() -> None:
     payload = status_webhook(status("w1", "read"), status("w2", "failed"))
-    read, failed = parse_statuses(payload)
+    read, failed = parse_statuses(payload).items
     assert read.status is Status.READ
     assert failed.error is not None and failed.error.code == "unknown"
 
@@ -276,7 +278,7 @@ def test_parse_every_entry_change_and_status() -> None:
     second["changes"].append(copy.deepcopy(second["changes"][0]))
     second["changes"][2]["value"]["statuses"] = [status("w1", "read")]
     payload["entry"].append(second)
-    parsed = [(s.provider_message_id, s.status) for s in parse_statuses(payload)]
+    parsed = [(s.provider_message_id, s.status) for s in parse_statuses(payload).items]
     assert parsed == [
         ("w1", Status.SENT),
         ("w2", Status.DELIVERED),
@@ -287,11 +289,11 @@ def test_parse_every_entry_change_and_status() -> None:
 
 def test_unknown_status_is_skipped() -> None:
     payload = status_webhook(status("w1", "deleted"), status("w2", "sent"), status("w3", "warning"))
-    assert [s.provider_message_id for s in parse_statuses(payload)] == ["w2"]
+    assert [s.provider_message_id for s in parse_statuses(payload).items] == ["w2"]
 
 
 def test_other_objects_are_ignored() -> None:
-    assert parse_statuses({"object": "page", "entry": "whatever"}) == []
+    assert parse_statuses({"object": "page", "entry": "whatever"}) == Parsed()
 
 
 @pytest.mark.parametrize(
@@ -306,11 +308,16 @@ def test_other_objects_are_ignored() -> None:
         lambda p: p["entry"][0]["changes"][0]["value"].update(statuses={"id": "x"}),
     ],
 )
-def test_malformed_payloads_raise(breakage: Callable[[dict[str, Any]], None]) -> None:
+def test_a_malformed_part_is_rejected_alone(breakage: Callable[[dict[str, Any]], None]) -> None:
     payload = fixture("whatsapp-status-sent.json")
     breakage(payload)
-    with pytest.raises(WebhookPayloadError):
-        parse_statuses(payload)
+    payload.setdefault("entry", [])
+    if isinstance(payload["entry"], list):  # a good entry beside the broken one applies
+        payload["entry"].append(status_webhook(status("w-good", "read"))["entry"][0])
+    parsed = parse_statuses(payload)
+    assert len(parsed.rejected) == 1
+    good = [] if not isinstance(payload["entry"], list) else ["w-good"]
+    assert [s.provider_message_id for s in parsed.items] == good
 
 
 # -- webhook route ---------------------------------------------------------------------
@@ -345,17 +352,139 @@ async def test_signature_checked_on_raw_bytes_before_parsing(harness: Harness) -
     assert (await harness.post(raw, sign(SECRET, raw))).status_code == 200
 
 
-async def test_malformed_signed_body_is_400(harness: Harness) -> None:
-    for body in (b"not json", b"[1, 2]", b'{"object":"whatsapp_business_account","entry":7}'):
+async def test_a_signed_body_that_is_not_a_json_object_is_400(harness: Harness) -> None:
+    for body in (b"not json", b"[1, 2]", b'"text"', b"\xff\xfe"):
         response = await harness.post(body)
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "bad_request"
 
 
+def skipped(harness: Harness, reason: str) -> float:
+    counter = harness.deps.metrics.webhook_items_skipped.labels("whatsapp", reason)
+    value: float = counter._value.get()
+    return value
+
+
+async def test_one_bad_item_never_refuses_a_signed_webhook(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Meta redelivers a refused body for ever: its good items would never apply."""
+    message = await harness.message()
+    await harness.store.link_provider_id("whatsapp", "wamid.good", message.id)
+    broken = status("wamid.bad", "read")
+    del broken["id"]
+    payload = status_webhook(broken, status("wamid.good", "read"), status("x", "read", at="soon"))
+    payload["entry"].append(7)  # an entry that is not an object
+    response = await harness.post(payload)
+    assert response.status_code == 200
+    [event] = await harness.statuses()
+    assert (event.message_id, event.status) == (message.id, Status.READ)
+    assert skipped(harness, "malformed") == 3
+    [line] = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert line.levelname == "WARNING" and "3 webhook item(s)" in line.getMessage()
+    # A body whose `entry` is not even a list is signed and JSON: 200, said, nothing lost.
+    assert (
+        await harness.post({"object": "whatsapp_business_account", "entry": 7})
+    ).status_code == 200
+    assert skipped(harness, "malformed") == 4
+
+
+async def test_a_lone_surrogate_in_an_error_title_is_replaced_not_a_poison_event(
+    harness: Harness,
+) -> None:
+    message = await harness.message()
+    await harness.store.link_provider_id("whatsapp", "wamid.f", message.id)
+    failed = status("wamid.f", "failed")
+    failed["errors"] = [{"code": 131026, "title": "bad \ud800 title \U0001f600"}]
+    body = json.dumps(status_webhook(failed)).encode()  # "\ud800" escaped, as JSON allows
+    assert b"\\ud800" in body
+    assert (await harness.post(body)).status_code == 200
+    [event] = await harness.statuses()
+    assert event.error == ProviderError("131026", "bad \ufffd title \U0001f600")
+
+
+def test_an_event_no_consumer_can_store_is_malformed() -> None:
+    event = StatusEvent(
+        event_id="evt_1",
+        message_id="msg_1",
+        conversation_id="conv_1",
+        org_id="org1",
+        channel="whatsapp",
+        status=Status.FAILED,
+        provider_message_id="wamid.1",
+        occurred_at=utcnow(),
+        error=ProviderError("131026", "title"),
+    )
+    assert StatusEvent.from_json(event.to_json()) == event
+    for field, value in (
+        ("title", "\ud800"),
+        ("code", "\udfff"),
+        ("provider_message_id", "\ud8ff"),
+    ):
+        data = json.loads(event.to_json())
+        if field == "provider_message_id":
+            data[field] = value
+        else:
+            data["error"][field] = value
+        with pytest.raises(MalformedEvent, match="not valid Unicode"):
+            StatusEvent.from_json(json.dumps(data).encode())
+
+
+async def test_a_change_with_only_errors_is_logged_and_counted(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    payload = status_webhook()
+    value = payload["entry"][0]["changes"][0]["value"]
+    del value["statuses"]
+    value["errors"] = [{"code": 131000, "title": "Something went wrong"}]
+    assert (await harness.post(payload)).status_code == 200
+    assert await harness.handed() == []
+    assert skipped(harness, "provider_error") == 1
+    [line] = [r for r in caplog.records if "131000" in r.getMessage()]
+    assert line.levelname == "WARNING"
+    assert "Something went wrong" in line.getMessage()
+
+
+async def test_a_client_leaving_mid_body_leaves_no_traceback(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = Starlette(routes=harness.connector.routes())
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"object": "whatsapp_bus', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/webhooks/whatsapp",
+        "raw_path": b"/webhooks/whatsapp",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"900")],
+        "client": ("203.0.113.9", 5000),
+        "server": ("test", 80),
+    }
+    await app(scope, receive, send)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert await harness.handed() == []
+
+
 async def test_status_resolved_by_callback_data(harness: Harness) -> None:
     message = await harness.message()
     await harness.store.begin_send(message.id)  # the webhook beat the send answer
-    response = await harness.post(status_webhook(status(WAMID, "sent", callback=message.id)))
+    sent_at = int(time.time()) + 1  # within the message's life: kept as Meta dated it
+    webhook = status_webhook(status(WAMID, "sent", callback=message.id, at=str(sent_at)))
+    response = await harness.post(webhook)
     assert response.status_code == 200
     [(topic, key, _)] = await harness.handed()
     assert (topic, key) == (TOPIC_STATUS, message.conversation_id)
@@ -366,7 +495,7 @@ async def test_status_resolved_by_callback_data(harness: Harness) -> None:
     assert event.channel == "whatsapp"
     assert event.status is Status.SENT
     assert event.provider_message_id == WAMID
-    assert event.occurred_at == datetime.fromtimestamp(1764072000, UTC)
+    assert event.occurred_at == datetime.fromtimestamp(sent_at, UTC)
     assert event.event_id.startswith("evt_")
     assert event.received_at is not None
     # The provider id was linked on the way: the send's answer will find it done.
@@ -403,6 +532,30 @@ async def test_a_redelivered_webhook_carries_the_same_event_id(harness: Harness)
     read = status_webhook(status(WAMID, "read", callback=message.id))
     assert (await harness.post(read)).status_code == 200
     assert (await harness.statuses())[-1].event_id != first.event_id
+
+
+async def test_a_provider_time_outside_the_messages_life_is_bounded_and_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed READ dated 2001 set sent/delivered/read to before the message existed;
+    one dated the year 3000 was kept."""
+    message = await harness.message()
+    await harness.store.link_provider_id("whatsapp", "wamid.t", message.id)
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None
+    before = utcnow()
+    past = status_webhook(status("wamid.t", "read", at="978307200"))  # 2001-01-01
+    future = status_webhook(status("wamid.t", "delivered", at="32503680000"))  # 3000-01-01
+    for payload in (past, future, future):
+        assert (await harness.post(payload)).status_code == 200
+    after = utcnow()
+    read, delivered, again = await harness.statuses()
+    assert read.occurred_at == stored.created_at
+    assert before <= delivered.occurred_at - PROVIDER_CLOCK_SKEW <= after
+    assert again.event_id == delivered.event_id  # a redelivery: still the same observation
+    lines = [r for r in caplog.records if "outside its life" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["WARNING"] * 3
+    assert "2001-01-01" in lines[0].getMessage() and "3000-01-01" in lines[1].getMessage()
 
 
 async def test_batched_post_for_several_messages(harness: Harness) -> None:
@@ -601,24 +754,52 @@ async def test_a_send_of_unknown_outcome_is_never_made_again(harness: Harness) -
 
 async def test_a_failed_link_is_retried_without_sending_again(harness: Harness) -> None:
     """The provider accepted the send, then the store failed: only the link is retried."""
-    link = harness.store.link_provider_id
+    link = harness.store.link_answer
     failures = iter([BackendUnavailable("store down"), BackendUnavailable("still down")])
 
     async def flaky_link(
         channel: str, provider_message_id: str, message_id: str
-    ) -> list[ParkedStatus]:
+    ) -> tuple[list[ParkedStatus], str | None]:
         failure = next(failures, None)
         if failure is not None:
             raise failure
         return await link(channel, provider_message_id, message_id)
 
-    harness.store.link_provider_id = flaky_link  # type: ignore[method-assign]
+    harness.store.link_answer = flaky_link  # type: ignore[method-assign]
     message = await harness.message()
     harness.send_handler = answer_with(WAMID)
     await harness.send(message)
     assert len(harness.requests) == 1
     stored = await harness.store.get_message(message.id)
     assert stored is not None and stored.provider_message_id == WAMID
+
+
+async def test_the_send_answer_wins_over_callback_data_linked_while_in_flight(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed status naming our message (callback data) with an unknown wamid while its
+    send was in flight took the message; Meta's real answer must take it back."""
+    message = await harness.message()
+    forged = status_webhook(status("wamid.forged", "delivered", callback=message.id))
+    taken: list[str | None] = []
+
+    async def forged_status_then_answer(request: httpx.Request) -> httpx.Response:
+        # The send is under way (recorded, no answer yet) when the forged status comes.
+        assert (await harness.post(forged)).status_code == 200
+        during = await harness.store.get_message(message.id)
+        taken.append(during.provider_message_id if during else None)
+        return answer_with(WAMID)(request)
+
+    harness.send_handler = forged_status_then_answer  # type: ignore[assignment]
+    await harness.send(message)
+    assert taken == ["wamid.forged"]
+    stored = await harness.store.get_message(message.id)
+    assert stored is not None and stored.provider_message_id == WAMID
+    assert await harness.store.find_by_provider_id("whatsapp", "wamid.forged") is None
+    found = await harness.store.find_by_provider_id("whatsapp", WAMID)
+    assert found is not None and found.id == message.id
+    [line] = [r for r in caplog.records if "wamid.forged" in r.getMessage()]
+    assert line.levelname == "WARNING" and WAMID in line.getMessage()
 
 
 async def test_redelivered_send_is_not_sent_twice(harness: Harness) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from whatslike.status.rules import (
     OBSERVABLE,
+    PROVIDER_CLOCK_SKEW,
     RANK,
     TRANSITIONS,
     Effect,
@@ -19,6 +20,7 @@ from whatslike.status.rules import (
     ProviderError,
     Status,
     apply,
+    bounded,
 )
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -179,3 +181,22 @@ def test_a_replay_changes_nothing_and_changes_are_few(
     assert effects.count(Effect.CHANGED) <= 4
     for obs in arrival:
         assert apply(state, obs).effect is Effect.NOOP
+
+
+_times = st.datetimes(
+    min_value=datetime(1970, 1, 2), max_value=datetime(9000, 1, 1), timezones=st.just(UTC)
+)
+
+
+@given(_times, _times, _times)
+def test_a_provider_time_is_kept_within_the_messages_life(
+    observed: datetime, created: datetime, received: datetime
+) -> None:
+    kept = bounded(observed, created, received)
+    latest = max(created, received + PROVIDER_CLOCK_SKEW)
+    assert created <= kept <= latest  # never before creation, never past receipt + skew
+    if created <= observed <= received + PROVIDER_CLOCK_SKEW:
+        assert kept == observed  # a plausible time is the provider's, untouched
+    assert bounded(kept, created, received) == kept
+    later = observed + timedelta(seconds=1)
+    assert bounded(later, created, received) >= kept  # order of observations is kept

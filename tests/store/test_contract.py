@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from whatslike.clock import new_id
+from whatslike.clock import new_id, utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.status import rules
@@ -298,6 +298,30 @@ async def test_a_parked_status_is_returned_by_every_link_until_handed_off(store:
     assert await store.find_by_provider_id("instagram", "wamid.1") is None
 
 
+async def test_the_send_answer_link_wins_over_a_callback_data_link(store: Store) -> None:
+    """A signed status naming our message by callback data, with a wamid Meta never gave
+    it, linked that wamid while the send was in flight; Meta's answer takes it back."""
+    message = await new_message(store)
+    assert await store.link_provider_id("whatsapp", "wamid.forged", message.id) == []
+    early = ParkedStatus("whatsapp", "wamid.real", b"early")
+    assert await store.park_status(early) is None
+    assert await store.link_answer("whatsapp", "wamid.real", message.id) == (
+        [early],
+        "wamid.forged",
+    )
+    found = await store.find_by_provider_id("whatsapp", "wamid.real")
+    assert found is not None
+    assert (found.id, found.provider_message_id) == (message.id, "wamid.real")
+    assert await store.find_by_provider_id("whatsapp", "wamid.forged") is None
+    # A redelivered send finds it done: nothing replaced, the parked status still there.
+    assert await store.link_answer("whatsapp", "wamid.real", message.id) == ([early], None)
+    # With no earlier link it is `link_provider_id`.
+    other = await new_message(store)
+    assert await store.link_answer("whatsapp", "wamid.other", other.id) == ([], None)
+    linked = await store.get_message(other.id)
+    assert linked is not None and linked.provider_message_id == "wamid.other"
+
+
 async def test_parked_statuses_nobody_claims_expire(store: Store) -> None:
     await store.park_status(ParkedStatus("whatsapp", "wamid.old", b"old"))
     cutoff = datetime.now(UTC) + timedelta(seconds=1)
@@ -473,6 +497,47 @@ async def test_unread_up_to_is_the_read_watermark(store: Store) -> None:
     assert [m.id for m in await store.unread_up_to(created[1].id)] == ids[1:2]
     assert [m.id for m in await store.unread_up_to(created[3].id)] == ids[1:3]
     assert await store.unread_up_to("msg_missing") == []
+
+
+async def test_unread_sent_to_is_a_watermark_without_a_message_id(store: Store) -> None:
+    """Messenger's read shape names a contact and a time: every organization's accepted,
+    unread messages to that contact on that channel, SENT by then, oldest first."""
+    ours = await store.create_conversation("org_a", "instagram", "igsid_1")
+    theirs = await store.create_conversation("org_b", "instagram", "igsid_1")
+    elsewhere = await store.create_conversation("org_a", "instagram", "igsid_2")
+    whatsapp = await store.create_conversation("org_a", "whatsapp", "igsid_1")
+    plan = [  # conversation, SENT (a millisecond after its creation), accepted
+        (elsewhere, True, True),
+        (whatsapp, True, True),
+        (ours, True, True),
+        (theirs, True, True),
+        (ours, True, True),  # READ below
+        (ours, True, True),  # the watermark falls before it
+        (ours, False, True),  # accepted, its SENT not applied yet
+        (ours, False, False),  # never accepted
+    ]
+    created = []
+    for n, (conversation, sent, linked) in enumerate(plan):
+        message = (await store.create_message(conversation, f"m{n}", ""))[0]
+        created.append(message)
+        if linked:
+            await store.link_provider_id(conversation.channel, f"mid.{n}", message.id)
+        if sent:
+            when = message.created_at + timedelta(milliseconds=1)
+            await store.apply_status(status_event(message, Status.SENT, when))
+        await asyncio.sleep(0.005)  # distinct times: the watermark falls between them
+    read_at = created[4].created_at + timedelta(milliseconds=2)
+    await store.apply_status(status_event(created[4], Status.READ, read_at))
+    watermark = created[5].created_at - timedelta(milliseconds=1)
+    found = await store.unread_sent_to("instagram", "igsid_1", watermark, 100)
+    assert [m.id for m in found] == [created[2].id, created[3].id]
+    assert [m.provider_message_id for m in found] == ["mid.2", "mid.3"]
+    assert [m.id for m in await store.unread_sent_to("instagram", "igsid_1", watermark, 1)] == [
+        created[2].id
+    ]
+    before = created[0].created_at - timedelta(milliseconds=1)
+    assert await store.unread_sent_to("instagram", "igsid_1", before, 100) == []
+    assert await store.unread_sent_to("instagram", "igsid_9", utcnow(), 100) == []
 
 
 # -- hand-offs: the transactional outbox, send claims, the watchdog's queries ----------

@@ -3,6 +3,7 @@ and — in the embedded mode only — development tokens for the demo."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from starlette.requests import Request
@@ -62,7 +63,27 @@ class WebAssets(RoleDefaults):
         )
 
     async def _token(self, request: Request) -> Response:
-        # A token for anyone who asks is only acceptable when nothing leaves this process.
+        # A token for anyone who asks is only acceptable when nothing leaves this process,
+        # and, on an address others can reach, only for this machine's own clients.
         if not self._settings.embedded:
             raise ApiError(404, "not_found", "development tokens exist in the embedded mode only")
+        client = request.client.host if request.client else ""
+        if not (self._settings.demo_tokens_remote or is_loopback(client)):
+            raise ApiError(
+                403,
+                "forbidden",
+                "development tokens are handed to this machine only "
+                "(WHATSLIKE_DEMO_TOKENS_REMOTE opts in to any client)",
+            )
         return JSONResponse({"token": self.demo_token(), "org_id": DEMO_ORG, "user_id": DEMO_USER})
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and their IPv4-mapped forms; False for names."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback

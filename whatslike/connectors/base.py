@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -31,6 +31,7 @@ from whatslike.bus.memory import backoff_delay
 from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
     SIGNATURE_HEADER,
+    Parsed,
     WebhookPayloadError,
     error_response,
     load_object,
@@ -45,7 +46,7 @@ from whatslike.grouping import Grouped
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
 from whatslike.settings import Settings
-from whatslike.status.rules import ProviderError, Status
+from whatslike.status.rules import ProviderError, Status, bounded
 from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
 from whatslike.store.common import status_entry
 
@@ -57,6 +58,10 @@ MAX_WEBHOOK_BYTES = 4 * 1024 * 1024
 #: Meta error codes that mean "slow down" even when the HTTP status is 400: retrying
 #: later succeeds, so they must not turn into a FAILED message.
 THROTTLING_CODES = frozenset({4, 17, 32, 613, 80007, 130429, 131048, 131056})
+
+#: A provider time moved by less is not logged: WhatsApp's are whole seconds, so a status
+#: of a message created at 12:00:00.7 is often dated 12:00:00 (and moved to 12:00:00.7).
+CLAMP_LOGGED = timedelta(seconds=1)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -178,8 +183,8 @@ class MetaConnector(ABC, Generic[T]):
         """The provider message id in a 2xx send answer; raises on an unexpected shape."""
 
     @abstractmethod
-    def parse(self, payload: dict[str, Any]) -> Sequence[T]:
-        """Pure: the items of one webhook body; raises WebhookPayloadError."""
+    def parse(self, payload: dict[str, Any]) -> Parsed[T]:
+        """Pure: the items of one webhook body, and what could not be read in it."""
 
     @abstractmethod
     async def collect(self, item: T, handoff: Handoff) -> None:
@@ -263,9 +268,19 @@ class MetaConnector(ABC, Generic[T]):
         """Link the provider id, then hand off the acceptance and the statuses that arrived
         before the link, completing the send's outbox entry. Only these store steps are
         retried here; the provider is not called again."""
-        parked = await self._retrying(
-            lambda: self._store.link_provider_id(self.channel, provider_id, stored.id)
+        # Meta's own answer wins over an id linked from callback data meanwhile.
+        parked, replaced = await self._retrying(
+            lambda: self._store.link_answer(self.channel, provider_id, stored.id)
         )
+        if replaced is not None:
+            log.warning(
+                "%s: message %s was linked to %s by a webhook's callback data; Meta's send "
+                "answer names %s, which wins",
+                self.name,
+                stored.id,
+                replaced,
+                provider_id,
+            )
         handoff = Handoff(utcnow())
         if announce:
             self.accepted(stored, provider_id, handoff)
@@ -403,7 +418,13 @@ class MetaConnector(ABC, Generic[T]):
         return verification_response(request, self._settings.meta_verify_token)
 
     async def receive(self, request: Request) -> Response:
-        body = await read_body(request, MAX_WEBHOOK_BYTES)
+        try:
+            body = await read_body(request, MAX_WEBHOOK_BYTES)
+        except ClientDisconnect:
+            # Nobody to answer, nothing was read: not an error of ours, no traceback.
+            self._count_webhook("disconnected")
+            log.info("%s: client left before sending the whole webhook body", self.name)
+            return Response(status_code=400)
         if body is None:
             self._count_webhook("too_large")
             return error_response(413, "too_large", "webhook body too large")
@@ -412,11 +433,16 @@ class MetaConnector(ABC, Generic[T]):
             self._count_webhook("bad_signature")
             return error_response(403, "forbidden", f"missing or wrong {SIGNATURE_HEADER}")
         try:
-            items = self.parse(load_object(body))
+            payload = load_object(body)
         except WebhookPayloadError as exc:
             self._count_webhook("malformed")
             log.warning("%s: malformed webhook: %s", self.name, exc)
             return error_response(400, "bad_request", str(exc))
+        # A signed body is never refused for some of its items: Meta would redeliver the
+        # same body for ever, and its good items would never apply.
+        parsed = self.parse(payload)
+        self._report(parsed)
+        items = parsed.items
         handoff = Handoff(utcnow())
         try:
             named = self.named_messages(items)
@@ -443,6 +469,31 @@ class MetaConnector(ABC, Generic[T]):
 
     def _count_webhook(self, outcome: str) -> None:
         self._metrics.webhooks.labels(self.channel, outcome).inc()
+
+    def _report(self, parsed: Parsed[T]) -> None:
+        """One WARNING line per kind for what a signed webhook held but cannot apply."""
+        if parsed.rejected:
+            self._metrics.webhook_items_skipped.labels(self.channel, "malformed").inc(
+                len(parsed.rejected)
+            )
+            log.warning(
+                "%s: %d webhook item(s) skipped, the rest applied; first: %s",
+                self.name,
+                len(parsed.rejected),
+                parsed.rejected[0],
+            )
+        if parsed.errors:
+            self._metrics.webhook_items_skipped.labels(self.channel, "provider_error").inc(
+                len(parsed.errors)
+            )
+            code, title = parsed.errors[0]
+            log.warning(
+                "%s: Meta reported %d error(s) with no status; first: code %s: %s",
+                self.name,
+                len(parsed.errors),
+                code,
+                title,
+            )
 
     # -- resolving and handing off -------------------------------------------------
 
@@ -503,7 +554,19 @@ class MetaConnector(ABC, Generic[T]):
         *,
         error: ProviderError | None = None,
     ) -> None:
-        """Add the `msg.status` hand-off of one observation of `message`."""
+        """Add the `msg.status` hand-off of one observation of `message`, its time kept
+        within the message's life (`bounded`). The event id stays the provider's time's,
+        so a redelivered webhook is still the same observation."""
+        at = bounded(occurred_at, message.created_at, handoff.received_at)
+        if abs(at - occurred_at) >= CLAMP_LOGGED:
+            log.warning(
+                "%s: %s of %s dated %s by the provider, outside its life; kept as %s",
+                self.name,
+                status.value,
+                message.id,
+                format_time(occurred_at),
+                format_time(at),
+            )
         event = StatusEvent(
             event_id=observation_id(self.channel, message.id, status, occurred_at),
             message_id=message.id,
@@ -512,7 +575,7 @@ class MetaConnector(ABC, Generic[T]):
             channel=self.channel,
             status=status,
             provider_message_id=provider_message_id,
-            occurred_at=occurred_at,
+            occurred_at=at,
             error=error,
             received_at=handoff.received_at,
         )

@@ -12,7 +12,13 @@ from typing import Any
 
 from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MetaConnector
-from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
+from whatslike.connectors.meta import (
+    Parsed,
+    WebhookPayloadError,
+    json_list,
+    json_object,
+    json_text,
+)
 from whatslike.events import OutboundMessage
 from whatslike.settings import Settings
 from whatslike.status.rules import Status
@@ -22,33 +28,55 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_OBJECT = "instagram"
 
+#: The most messages one watermark read marks READ (a bound on one item's work); the
+#: rest stay unread until the next read, whose watermark covers them too.
+WATERMARK_LIMIT = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class InstagramRead:
-    """The recipient saw `provider_message_id` and everything we sent before it."""
+    """The recipient saw `provider_message_id` and everything we sent before it; or, in
+    the Messenger-style shape (`read.watermark` without `read.mid`), everything sent to
+    them at or before `watermark`."""
 
     account_id: str
-    provider_message_id: str
+    provider_message_id: str  # "" for a watermark-only read
     occurred_at: datetime
     payload: bytes = field(repr=False)  # this `messaging[]` item alone: what gets parked
+    watermark: datetime | None = None
+    contact: str = ""  # `sender.id` of a watermark read: who read (our recipient)
 
 
-def parse_reads(payload: dict[str, Any]) -> list[InstagramRead]:
+def parse_reads(payload: dict[str, Any]) -> Parsed[InstagramRead]:
     """Every `read` of every messaging item of every entry; other events (inbound
-    messages, echoes, reactions) are skipped. Raises WebhookPayloadError on a body not
-    shaped like Meta's."""
+    messages, echoes, reactions) are skipped. A part not shaped like Meta's (an entry, an
+    item) is rejected alone, said in `rejected`: the rest still applies."""
+    parsed: Parsed[InstagramRead] = Parsed()
     if payload.get("object") != WEBHOOK_OBJECT:
         log.warning("Instagram webhook for object %r ignored", payload.get("object"))
-        return []
-    reads: list[InstagramRead] = []
-    for i, entry_value in enumerate(json_list(payload.get("entry"), "entry")):
-        entry = json_object(entry_value, f"entry[{i}]")
-        account_id = json_text(entry.get("id"), f"entry[{i}].id")
-        for j, item in enumerate(json_list(entry.get("messaging"), f"entry[{i}].messaging")):
-            read = parse_messaging(item, account_id, f"entry[{i}].messaging[{j}]")
+        return parsed
+    try:
+        entries = json_list(payload.get("entry"), "entry")
+    except WebhookPayloadError as exc:
+        parsed.rejected.append(str(exc))
+        return parsed
+    for i, entry_value in enumerate(entries):
+        try:
+            entry = json_object(entry_value, f"entry[{i}]")
+            account_id = json_text(entry.get("id"), f"entry[{i}].id")
+            items = json_list(entry.get("messaging"), f"entry[{i}].messaging")
+        except WebhookPayloadError as exc:
+            parsed.rejected.append(str(exc))
+            continue
+        for j, item in enumerate(items):
+            try:
+                read = parse_messaging(item, account_id, f"entry[{i}].messaging[{j}]")
+            except WebhookPayloadError as exc:
+                parsed.rejected.append(str(exc))
+                continue
             if read is not None:
-                reads.append(read)
-    return reads
+                parsed.items.append(read)
+    return parsed
 
 
 def parse_messaging(raw: Any, account_id: str, where: str = "messaging") -> InstagramRead | None:
@@ -57,19 +85,33 @@ def parse_messaging(raw: Any, account_id: str, where: str = "messaging") -> Inst
     if "read" not in obj:
         return None
     read = json_object(obj["read"], f"{where}.read")
-    timestamp = obj.get("timestamp")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
-        raise WebhookPayloadError(f"{where}.timestamp must be Unix milliseconds")
-    try:
-        occurred_at = from_unix(timestamp / 1000)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise WebhookPayloadError(f"{where}.timestamp must be Unix milliseconds") from exc
+    occurred_at = _unix_ms(obj.get("timestamp"), f"{where}.timestamp")
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    if "mid" in read or "watermark" not in read:
+        return InstagramRead(
+            account_id=account_id,
+            provider_message_id=json_text(read.get("mid"), f"{where}.read.mid"),
+            occurred_at=occurred_at,
+            payload=payload,
+        )
+    sender = json_object(obj.get("sender"), f"{where}.sender")
     return InstagramRead(
         account_id=account_id,
-        provider_message_id=json_text(read.get("mid"), f"{where}.read.mid"),
+        provider_message_id="",
         occurred_at=occurred_at,
-        payload=json.dumps(obj, separators=(",", ":")).encode(),
+        payload=payload,
+        contact=json_text(sender.get("id"), f"{where}.sender.id"),
+        watermark=_unix_ms(read["watermark"], f"{where}.read.watermark"),
     )
+
+
+def _unix_ms(value: Any, where: str) -> datetime:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise WebhookPayloadError(f"{where} must be Unix milliseconds")
+    try:
+        return from_unix(value / 1000)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise WebhookPayloadError(f"{where} must be Unix milliseconds") from exc
 
 
 def send_body(recipient_id: str, text: str) -> dict[str, Any]:
@@ -100,13 +142,16 @@ class InstagramConnector(MetaConnector[InstagramRead]):
         # Instagram sends no sent/delivered webhooks: Meta's answer is the SENT.
         self.add_status(handoff, message, Status.SENT, provider_message_id, handoff.received_at)
 
-    def parse(self, payload: dict[str, Any]) -> list[InstagramRead]:
+    def parse(self, payload: dict[str, Any]) -> Parsed[InstagramRead]:
         return parse_reads(payload)
 
     async def collect(self, item: InstagramRead, handoff: Handoff) -> None:
         if item.account_id != self._settings.instagram_account_id:
             self._metrics.webhooks.labels(self.channel, "foreign_account").inc()
             log.warning("Instagram read for account %s ignored", item.account_id)
+            return
+        if item.watermark is not None:
+            await self._mark_read_by_watermark(handoff, item, item.watermark)
             return
         message = await self.resolve(handoff, item.provider_message_id, item.payload)
         if message is not None:
@@ -122,6 +167,26 @@ class InstagramConnector(MetaConnector[InstagramRead]):
             return
         if item is not None:
             await self._mark_read_up_to(handoff, message, item)
+
+    async def _mark_read_by_watermark(
+        self, handoff: Handoff, item: InstagramRead, watermark: datetime
+    ) -> None:
+        """Messenger's shape names no message: READ for every message sent to the reader
+        at or before the watermark (nothing is parked: a later read covers a later SENT)."""
+        unread = await self._store.unread_sent_to(
+            self.channel, item.contact, watermark, WATERMARK_LIMIT
+        )
+        if len(unread) == WATERMARK_LIMIT:
+            log.warning(
+                "%s: a watermark read marks the oldest %d messages READ; the next covers more",
+                self.name,
+                WATERMARK_LIMIT,
+            )
+        for message in unread:
+            if message.provider_message_id:
+                self.add_status(
+                    handoff, message, Status.READ, message.provider_message_id, item.occurred_at
+                )
 
     async def _mark_read_up_to(self, handoff: Handoff, seen: Message, item: InstagramRead) -> None:
         """READ for the seen message and every earlier one Meta accepted: the watermark.

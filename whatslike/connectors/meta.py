@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -18,9 +20,28 @@ from whatslike.errors import WhatslikeError
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 _PREFIX = "sha256="
 
+#: JSON may carry a lone surrogate ("\\ud800"), which UTF-8 (every store, log and bus
+#: encoding) cannot: one such character made an event no consumer could store.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+T = TypeVar("T")
+
 
 class WebhookPayloadError(WhatslikeError):
-    """A signed webhook body is not shaped like Meta's: their error, answered with 400."""
+    """A signed webhook body (or one item of it) is not shaped like Meta's. A body that is
+    not a JSON object is answered 400; a bad item is skipped (logged and counted)."""
+
+
+@dataclass
+class Parsed(Generic[T]):
+    """What one signed webhook body holds: the items to apply, and the rest, each said."""
+
+    items: list[T] = field(default_factory=list)
+    #: One line per item (or part of the body) that could not be read: where, and why.
+    rejected: list[str] = field(default_factory=list)
+    #: Errors Meta reported outside any item (WhatsApp's `value.errors`), as (code, title).
+    errors: list[tuple[str, str]] = field(default_factory=list)
 
 
 def sign(app_secret: str, body: bytes) -> str:
@@ -92,12 +113,12 @@ def json_text(value: Any, where: str) -> str:
     # Meta sends ids as strings, but a number is accepted rather than dropping a status.
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise WebhookPayloadError(f"{where} must be a non-empty string")
-    text = str(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate: no store or log could take it
-        raise WebhookPayloadError(f"{where} is not valid Unicode") from exc
-    return text
+    return clean_text(str(value))
+
+
+def clean_text(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD, the rest kept: always UTF-8."""
+    return _SURROGATE.sub(REPLACEMENT, text)
 
 
 async def read_body(request: Request, limit: int) -> bytes | None:

@@ -13,7 +13,14 @@ from typing import Any
 
 from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MetaConnector
-from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
+from whatslike.connectors.meta import (
+    Parsed,
+    WebhookPayloadError,
+    clean_text,
+    json_list,
+    json_object,
+    json_text,
+)
 from whatslike.events import OutboundMessage
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
@@ -47,29 +54,57 @@ class WhatsAppStatus:
     payload: bytes = field(repr=False)  # this status alone, as JSON: what gets parked
 
 
-def parse_statuses(payload: dict[str, Any]) -> list[WhatsAppStatus]:
+def parse_statuses(payload: dict[str, Any]) -> Parsed[WhatsAppStatus]:
     """Every status of every change of every entry; inbound messages and unknown
-    statuses are skipped. Raises WebhookPayloadError on a body not shaped like Meta's."""
+    statuses are skipped. A part not shaped like Meta's (an entry, a change, a status) is
+    rejected alone, said in `rejected`: the rest still applies."""
+    parsed: Parsed[WhatsAppStatus] = Parsed()
     if payload.get("object") != WEBHOOK_OBJECT:
         log.warning("WhatsApp webhook for object %r ignored", payload.get("object"))
-        return []
-    statuses: list[WhatsAppStatus] = []
-    for i, entry_value in enumerate(json_list(payload.get("entry"), "entry")):
-        entry = json_object(entry_value, f"entry[{i}]")
-        for j, change_value in enumerate(json_list(entry.get("changes"), f"entry[{i}].changes")):
-            where = f"entry[{i}].changes[{j}]"
-            change = json_object(change_value, where)
-            if change.get("field") != "messages":
-                continue
-            value = json_object(change.get("value"), f"{where}.value")
-            metadata = json_object(value.get("metadata"), f"{where}.value.metadata")
-            phone_number_id = json_text(metadata.get("phone_number_id"), f"{where}.metadata")
-            raw_statuses = json_list(value.get("statuses"), f"{where}.value.statuses")
-            for k, raw in enumerate(raw_statuses):
-                status = parse_status(raw, phone_number_id, f"{where}.value.statuses[{k}]")
-                if status is not None:
-                    statuses.append(status)
-    return statuses
+        return parsed
+    try:
+        entries = json_list(payload.get("entry"), "entry")
+    except WebhookPayloadError as exc:
+        parsed.rejected.append(str(exc))
+        return parsed
+    for i, entry_value in enumerate(entries):
+        try:
+            entry = json_object(entry_value, f"entry[{i}]")
+            changes = json_list(entry.get("changes"), f"entry[{i}].changes")
+        except WebhookPayloadError as exc:
+            parsed.rejected.append(str(exc))
+            continue
+        for j, change_value in enumerate(changes):
+            try:
+                _parse_change(change_value, f"entry[{i}].changes[{j}]", parsed)
+            except WebhookPayloadError as exc:
+                parsed.rejected.append(str(exc))
+    return parsed
+
+
+def _parse_change(change_value: Any, where: str, parsed: Parsed[WhatsAppStatus]) -> None:
+    """One change's statuses and errors into `parsed`; raises for the change as a whole."""
+    change = json_object(change_value, where)
+    if change.get("field") != "messages":
+        return
+    value = json_object(change.get("value"), f"{where}.value")
+    for k, error in enumerate(json_list(value.get("errors"), f"{where}.value.errors")):
+        # Errors of the change itself (e.g. 131000, "Something went wrong"), no status.
+        code, title = _error_of(error) or (UNKNOWN_FAILURE.code, f"{where}.value.errors[{k}]")
+        parsed.errors.append((code, title))
+    raw_statuses = json_list(value.get("statuses"), f"{where}.value.statuses")
+    if not raw_statuses:
+        return
+    metadata = json_object(value.get("metadata"), f"{where}.value.metadata")
+    phone_number_id = json_text(metadata.get("phone_number_id"), f"{where}.metadata")
+    for k, raw in enumerate(raw_statuses):
+        try:
+            status = parse_status(raw, phone_number_id, f"{where}.value.statuses[{k}]")
+        except WebhookPayloadError as exc:
+            parsed.rejected.append(str(exc))
+            continue
+        if status is not None:
+            parsed.items.append(status)
 
 
 def parse_status(raw: Any, phone_number_id: str, where: str = "status") -> WhatsAppStatus | None:
@@ -107,10 +142,16 @@ def _unix_seconds(value: Any, where: str) -> datetime:
 
 def _first_error(obj: dict[str, Any], where: str) -> ProviderError:
     errors = json_list(obj.get("errors"), f"{where}.errors")
-    if not errors or not isinstance(errors[0], dict) or "code" not in errors[0]:
-        return UNKNOWN_FAILURE
-    first = errors[0]
-    return ProviderError(str(first["code"]), str(first.get("title") or first.get("message", "")))
+    first = _error_of(errors[0]) if errors else None
+    return UNKNOWN_FAILURE if first is None else ProviderError(*first)
+
+
+def _error_of(error: Any) -> tuple[str, str] | None:
+    """(code, title) of one of Meta's error objects, as UTF-8 text; None without a code."""
+    if not isinstance(error, dict) or "code" not in error:
+        return None
+    title = error.get("title") or error.get("message", "")
+    return clean_text(str(error["code"])), clean_text(str(title))
 
 
 def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:
@@ -148,7 +189,7 @@ class WhatsAppConnector(MetaConnector[WhatsAppStatus]):
             raise TypeError("messages[0].id is not a string")
         return provider_id
 
-    def parse(self, payload: dict[str, Any]) -> list[WhatsAppStatus]:
+    def parse(self, payload: dict[str, Any]) -> Parsed[WhatsAppStatus]:
         return parse_statuses(payload)
 
     def named_messages(self, items: Sequence[WhatsAppStatus]) -> list[str]:

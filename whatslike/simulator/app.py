@@ -210,13 +210,21 @@ class Simulator:
 
     # -- control ----------------------------------------------------------------------
 
+    def _refused(self, request: Request) -> Response | None:
+        """403 unless the control is open or the request carries its token."""
+        if self._control_open:
+            return None
+        given = request.headers.get("authorization", "").encode()
+        if self._control_auth is not None and hmac.compare_digest(given, self._control_auth):
+            return None
+        return error_response(
+            403, "forbidden", "the simulator's control needs WHATSLIKE_SIM_CONTROL_TOKEN"
+        )
+
     async def control(self, request: Request) -> Response:
-        if not self._control_open:
-            given = request.headers.get("authorization", "").encode()
-            if self._control_auth is None or not hmac.compare_digest(given, self._control_auth):
-                return error_response(
-                    403, "forbidden", "the simulator's control needs WHATSLIKE_SIM_CONTROL_TOKEN"
-                )
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         if request.method == "POST":
             body = await read_body(request, MAX_REQUEST_BYTES)
             try:
@@ -230,7 +238,11 @@ class Simulator:
 
     async def sends(self, request: Request) -> Response:
         """The accepted sends, for a test oracle: how many, under how many keys, and the
-        keys sent more than once (keys: `payloads.whatsapp_send_key`, `instagram_send_key`)."""
+        keys sent more than once (keys: `payloads.whatsapp_send_key`, `instagram_send_key`).
+        The keys name every organization's recipients and texts: guarded like the control."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         try:
             return JSONResponse(await self.schedule.sends())
         except BackendUnavailable as exc:

@@ -15,7 +15,7 @@ A late lower-rank event only fills an empty (or later) timestamp, silently.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum, StrEnum
 
 
@@ -164,3 +164,16 @@ def apply(state: MessageState, obs: Observation) -> Transition:
     if folded == state:
         return Transition(state, Effect.NOOP)
     return Transition(folded, Effect.ANOMALY if action is Action.ANOMALY else Effect.FILLED)
+
+
+#: How far ahead of our clock a provider's timestamp may be (its clock, and WhatsApp's
+#: whole seconds): NTP keeps both within milliseconds, so a minute is generous; past it,
+#: a time is taken for wrong (a signed status dated the year 3000).
+PROVIDER_CLOCK_SKEW = timedelta(seconds=60)
+
+
+def bounded(observed: datetime, created_at: datetime, received_at: datetime) -> datetime:
+    """The provider's time of an observation, kept when plausible: never before the
+    message existed, never after we received the news plus PROVIDER_CLOCK_SKEW (and
+    `created_at` wins should the two bounds cross, e.g. across two machines' clocks)."""
+    return max(created_at, min(observed, received_at + PROVIDER_CLOCK_SKEW))

@@ -173,12 +173,29 @@ class Store(Protocol):
         read watermark marks READ. Filtered here, not by the caller, so a long
         conversation does not load its whole history on every read receipt."""
 
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        """The messages of this channel's conversations with `contact` (of every
+        organization: the provider keeps one thread per contact) that it accepted (a
+        provider id), are not READ and were SENT at or before `up_to`; oldest first, at
+        most `limit`: what a read watermark without a message id (Messenger's shape)
+        marks READ."""
+
     async def link_provider_id(
         self, channel: str, provider_message_id: str, message_id: str
     ) -> list[ParkedStatus]:
         """Index a provider id (idempotent; the first link wins) and return the statuses
         parked for it, oldest first. They stay parked until a `handoff` names them, so a
         crash before they were handed on loses nothing: the next link returns them again."""
+
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        """`link_provider_id` for the provider's own answer to our send, which wins over a
+        link made earlier from callback data (a signed status naming our message while
+        its send was in flight): the message takes this id, the other one no longer
+        names it. Answers the parked statuses and the provider id replaced (or None)."""
 
     async def expire_parked(self, before: datetime) -> int:
         """Drop statuses parked before this time (provider ids that never became ours:

@@ -177,6 +177,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE IF NOT EXISTS stuck_buckets (
             kind text, bucket bigint, PRIMARY KEY (kind, bucket))""",
     ),
+    # A channel's conversations with one contact, for read watermarks. Conversations
+    # made before this migration are not in it: their watermark reads apply nothing.
+    (
+        """CREATE TABLE IF NOT EXISTS contact_conversations (
+            channel text, contact text, conversation_id text,
+            PRIMARY KEY ((channel, contact), conversation_id))""",
+    ),
 )
 
 _MESSAGE_COLUMNS = (
@@ -196,6 +203,12 @@ _CQL = {
     "insert_conversation": (
         "INSERT INTO conversations (id, org_id, channel, contact, created_at)"
         " VALUES (?, ?, ?, ?, ?)"
+    ),
+    "index_contact": (
+        "INSERT INTO contact_conversations (channel, contact, conversation_id) VALUES (?, ?, ?)"
+    ),
+    "contact_conversations": (
+        "SELECT conversation_id FROM contact_conversations WHERE channel = ? AND contact = ?"
     ),
     "hint": "SELECT last_seq FROM seq_hints WHERE conversation_id = ?",
     "set_hint": "UPDATE seq_hints USING TIMESTAMP ? SET last_seq = ? WHERE conversation_id = ?",
@@ -255,6 +268,10 @@ _CQL = {
         "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?"
         " IF provider_message_id = null"
     ),
+    "replace_provider_id": (
+        "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?"
+        " IF provider_message_id = ?"
+    ),
     "begin_send": (
         "UPDATE messages SET send_started_at = ?, updated_at = ? WHERE id = ?"
         " IF send_started_at = null AND provider_message_id = null AND status = 'PENDING'"
@@ -310,6 +327,13 @@ _CQL = {
     "link": (
         "UPDATE provider_keys SET message_id = ? WHERE channel = ? AND provider_message_id = ?"
         " IF message_id = null"
+    ),
+    "relink": (
+        "UPDATE provider_keys SET message_id = ? WHERE channel = ? AND provider_message_id = ?"
+    ),
+    "unlink": (
+        "UPDATE provider_keys SET message_id = null WHERE channel = ? AND provider_message_id = ?"
+        " IF message_id = ?"
     ),
     "linked": (
         "SELECT message_id FROM provider_keys WHERE channel = ? AND provider_message_id = ? LIMIT 1"
@@ -662,13 +686,14 @@ class CassandraStore:
     async def create_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
         conversation = common.new_conversation(org_id, channel, contact)
         conversation = replace(conversation, created_at=_ms(conversation.created_at))
-        await self._run(
-            "insert_conversation",
-            conversation.id,
-            org_id,
-            channel,
-            contact,
-            conversation.created_at,
+        await self._batch(
+            [
+                ("index_contact", (channel, contact, conversation.id)),
+                (
+                    "insert_conversation",
+                    (conversation.id, org_id, channel, contact, conversation.created_at),
+                ),
+            ]
         )
         return conversation
 
@@ -794,6 +819,24 @@ class CassandraStore:
             and message.provider_message_id is not None
         ]
 
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        found: list[Message] = []
+        for row in await self._run("contact_conversations", channel, contact):
+            # Sent by `up_to` means created by then: the unread index is read up to it.
+            unread = await self._run("unread", row["conversation_id"], up_to)
+            found += [
+                message
+                for message in await self.get_messages([entry["id"] for entry in unread])
+                if message.status is not Status.READ
+                and message.provider_message_id is not None
+                and message.state.sent_at is not None
+                and message.state.sent_at <= up_to
+            ]
+        found.sort(key=lambda message: (message.created_at, message.id))
+        return found[:limit]
+
     # -- provider ids and parked statuses -------------------------------------------------
 
     async def link_provider_id(
@@ -810,6 +853,27 @@ class CassandraStore:
             for row in rows
             if row["parked_id"] is not None
         ]
+
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        message = await self.get_message(message_id)
+        before = message.provider_message_id if message is not None else None
+        if message is None or before in (None, provider_message_id):
+            return await self.link_provider_id(channel, provider_message_id, message_id), None
+        # The answer's key first: a crash after it leaves the message found by both ids,
+        # and the next attempt (the send's retry) finishes the move.
+        await self._run("relink", message_id, channel, provider_message_id)
+        now = _ms(utcnow())
+        moved = replace(message, provider_message_id=provider_message_id, updated_at=now)
+        await self._batch(self._stuck_inserts(moved))
+        applied, _ = await self._lwt(
+            "replace_provider_id", provider_message_id, now, message_id, before
+        )
+        if applied:
+            await self._stuck_moved(message, moved)
+        await self._lwt("unlink", channel, before, message_id)
+        return await self.link_provider_id(channel, provider_message_id, message_id), before
 
     async def _set_provider_id(self, message: Message, provider_message_id: str) -> None:
         now = _ms(utcnow())

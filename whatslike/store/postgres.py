@@ -125,6 +125,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
     ("CREATE INDEX changes_message ON changes (message_id, seq)",),
+    ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -332,6 +333,22 @@ class PostgresStore:
             )
         return [_message(row) for row in rows]
 
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM conversations c JOIN messages m"
+                " ON m.conversation_id = c.id WHERE c.channel = $1 AND c.contact = $2"
+                " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+                f" AND m.sent_at <= $3 {_MESSAGE_ORDER} LIMIT $4",
+                channel,
+                contact,
+                up_to,
+                limit,
+            )
+        return [_message(row) for row in rows]
+
     async def link_provider_id(
         self, channel: str, provider_message_id: str, message_id: str
     ) -> list[ParkedStatus]:
@@ -360,6 +377,47 @@ class PostgresStore:
                 provider_message_id,
             )
         return common.parked_of(channel, provider_message_id, rows)
+
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_PROVIDER_KEY_LOCK, channel, provider_message_id)
+            before = await conn.fetchval(
+                "SELECT provider_message_id FROM messages WHERE id = $1 FOR UPDATE", message_id
+            )
+            replaced = before if before not in (None, provider_message_id) else None
+            if replaced is not None:
+                await conn.execute(_PROVIDER_KEY_LOCK, channel, replaced)
+                await conn.execute(
+                    "DELETE FROM provider_ids WHERE channel = $1 AND provider_message_id = $2"
+                    " AND message_id = $3",
+                    channel,
+                    replaced,
+                    message_id,
+                )
+            await conn.execute(
+                "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
+                " VALUES ($1, $2, $3) ON CONFLICT (channel, provider_message_id)"
+                " DO UPDATE SET message_id = excluded.message_id",
+                channel,
+                provider_message_id,
+                message_id,
+            )
+            if before != provider_message_id:
+                await conn.execute(
+                    "UPDATE messages SET provider_message_id = $2, updated_at = $3 WHERE id = $1",
+                    message_id,
+                    provider_message_id,
+                    utcnow(),
+                )
+            rows = await conn.fetch(
+                "SELECT id, payload FROM parked_statuses"
+                " WHERE channel = $1 AND provider_message_id = $2",
+                channel,
+                provider_message_id,
+            )
+        return common.parked_of(channel, provider_message_id, rows), replaced
 
     async def expire_parked(self, before: datetime) -> int:
         async with self._connection() as conn:

@@ -122,6 +122,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX outbox_done ON outbox (done_key, topic)",
     ),
     ("CREATE INDEX changes_message ON changes (message_id, seq)",),
+    ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -380,6 +381,18 @@ class SQLiteStore:
         )
         return [_message(row) for row in rows]
 
+    async def unread_sent_to(
+        self, channel: str, contact: str, up_to: datetime, limit: int
+    ) -> list[Message]:
+        rows = await self._read(
+            f"SELECT {MESSAGE_COLUMNS} FROM conversations c JOIN messages m"
+            " ON m.conversation_id = c.id WHERE c.channel = ? AND c.contact = ?"
+            " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+            " AND m.sent_at <= ? ORDER BY m.created_at, m.id LIMIT ?",
+            (channel, contact, format_time(up_to), limit),
+        )
+        return [_message(row) for row in rows]
+
     async def link_provider_id(
         self, channel: str, provider_message_id: str, message_id: str
     ) -> list[ParkedStatus]:
@@ -406,6 +419,42 @@ class SQLiteStore:
 
         rows = await self._in_thread(work, write=True)
         return common.parked_of(channel, provider_message_id, rows)
+
+    async def link_answer(
+        self, channel: str, provider_message_id: str, message_id: str
+    ) -> tuple[list[ParkedStatus], str | None]:
+        def work(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], str | None]:
+            rows = conn.execute(
+                "SELECT provider_message_id FROM messages WHERE id = ?", (message_id,)
+            ).fetchall()
+            before = rows[0]["provider_message_id"] if rows else None
+            replaced = before if before not in (None, provider_message_id) else None
+            if replaced is not None:
+                conn.execute(
+                    "DELETE FROM provider_ids WHERE channel = ? AND provider_message_id = ?"
+                    " AND message_id = ?",
+                    (channel, replaced, message_id),
+                )
+            conn.execute(
+                "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
+                " VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET message_id = excluded.message_id",
+                (channel, provider_message_id, message_id),
+            )
+            if before != provider_message_id:
+                conn.execute(
+                    "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?",
+                    (provider_message_id, format_time(utcnow()), message_id),
+                )
+            parked = conn.execute(
+                "SELECT id, payload FROM parked_statuses"
+                " WHERE channel = ? AND provider_message_id = ?",
+                (channel, provider_message_id),
+            ).fetchall()
+            return parked, replaced
+
+        # One hop to the database thread, in the writes' group commit.
+        parked, replaced = await self._in_thread(work, write=True)
+        return common.parked_of(channel, provider_message_id, parked), replaced
 
     async def expire_parked(self, before: datetime) -> int:
         async with self._transaction() as db:
