@@ -4,10 +4,11 @@ parking statuses that beat the send answer, and sending through the Graph API.""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +45,8 @@ PHONE = "109876543210987"
 SECRET = "test-app-secret"
 WAMID = "wamid.HBgNNTUxMTk4ODg3NzY2NRUCABEYEjRBMkQ3QjE5QzA1RDk4RTFBAA=="
 
-SendHandler = Callable[[httpx.Request], httpx.Response]
+#: The Graph API's answer to a send (or a coroutine of it, for answers that wait).
+SendHandler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
 
 
 def fixture(name: str) -> dict[str, Any]:
@@ -111,7 +113,8 @@ class ScriptedHttp:
     ) -> Answer:
         request = httpx.Request("POST", url, content=body, headers=headers)
         try:
-            response = self._handler(request)
+            answer = self._handler(request)
+            response = await answer if inspect.isawaitable(answer) else answer
         except httpx.ConnectError as exc:
             raise NotSent(str(exc)) from exc
         except httpx.HTTPError as exc:
@@ -207,7 +210,7 @@ async def open_harness(
     await store.open()
     holder: list[Harness] = []
 
-    def graph_api(request: httpx.Request) -> httpx.Response:
+    def graph_api(request: httpx.Request) -> httpx.Response | Awaitable[httpx.Response]:
         holder[0].requests.append(request)
         return holder[0].send_handler(request)
 
@@ -226,10 +229,14 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         yield harness
 
 
-def answer_with(wamid: str) -> SendHandler:
+def send_answer(wamid: str) -> httpx.Response:
     answer = fixture("whatsapp-send-response.json")
     answer["messages"][0]["id"] = wamid
-    return lambda request: httpx.Response(200, json=answer)
+    return httpx.Response(200, json=answer)
+
+
+def answer_with(wamid: str) -> SendHandler:
+    return lambda request: send_answer(wamid)
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -788,9 +795,9 @@ async def test_the_send_answer_wins_over_callback_data_linked_while_in_flight(
         assert (await harness.post(forged)).status_code == 200
         during = await harness.store.get_message(message.id)
         taken.append(during.provider_message_id if during else None)
-        return answer_with(WAMID)(request)
+        return send_answer(WAMID)
 
-    harness.send_handler = forged_status_then_answer  # type: ignore[assignment]
+    harness.send_handler = forged_status_then_answer
     await harness.send(message)
     assert taken == ["wamid.forged"]
     stored = await harness.store.get_message(message.id)
