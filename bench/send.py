@@ -374,10 +374,10 @@ def profiled(deployment: Deployment, where: Path | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)
-        for spy in spies:
-            spy.wait(timeout=60)
+        for watcher in spies:
+            watcher.send_signal(signal.SIGINT)
+        for watcher in spies:
+            watcher.wait(timeout=60)
 
 
 @dataclass

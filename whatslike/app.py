@@ -96,7 +96,9 @@ class Runtime:
         self.deps = Deps(
             settings=settings,
             store=open_store(
-                settings.effective_database_url, sqlite_synchronous=settings.sqlite_synchronous
+                settings.effective_database_url,
+                sqlite_synchronous=settings.sqlite_synchronous,
+                pool_size=settings.database_pool_size,
             ),
             bus=open_bus(settings, self.metrics),
             fanout=open_fanout(settings),

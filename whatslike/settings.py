@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     #: SQLite's `synchronous` under WAL: "normal" survives a crash of the process (or of
     #: many), and a power loss may drop the last commits; "full" syncs every commit.
     sqlite_synchronous: Literal["normal", "full"] = "full"
+    #: PostgreSQL connections per process at most: the sends and statuses at work (many
+    #: conversations at once, see bus_concurrency) share them.
+    database_pool_size: int = Field(10, ge=1, le=1000)
     bus_url: str = "memory://"
     fanout_url: str = "memory://"
 

@@ -14,14 +14,16 @@ from whatslike.store.sqlite import SQLiteStore, SQLiteSynchronous
 _SQLITE_PREFIX = "sqlite:///"
 
 
-def open_store(url: str, *, sqlite_synchronous: SQLiteSynchronous = "full") -> Store:
+def open_store(
+    url: str, *, sqlite_synchronous: SQLiteSynchronous = "full", pool_size: int = 10
+) -> Store:
     """An unopened store for ``sqlite:///relative.db``, ``sqlite:////abs.db``,
     ``postgresql://…`` (``postgres://…``) or ``cassandra://host:port/keyspace``; call
-    `open()` on it before use."""
+    `open()` on it before use. `pool_size`: PostgreSQL connections at most."""
     if url.startswith(_SQLITE_PREFIX) and len(url) > len(_SQLITE_PREFIX):
         return SQLiteStore(Path(url[len(_SQLITE_PREFIX) :]), synchronous=sqlite_synchronous)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(url)
+        return PostgresStore(url, max_size=pool_size)
     if url.startswith("cassandra://"):
         return CassandraStore(url)
     # Only the scheme is echoed: the rest of a URL may hold a password.
