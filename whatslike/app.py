@@ -128,9 +128,10 @@ class Runtime:
             for role in self.roles
             if isinstance(role, MetaConnector)
         }
-        #: What the server serves: webhooks straight to their connector, the rest through
-        #: Starlette.
-        self.app: ASGIApp = _Webhooks(self.starlette, self, webhooks)
+        send = next((role.send_message for role in self.roles if isinstance(role, HttpApi)), None)
+        #: What the server serves: webhooks straight to their connector, a new message
+        #: straight to the API, the rest through Starlette.
+        self.app: ASGIApp = _HotRoutes(self.starlette, self, webhooks, send)
 
     async def open(self) -> None:
         """Reach the backends; raises WhatslikeError with a one-line reason."""
@@ -262,25 +263,44 @@ class _DrainGuard:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-class _Webhooks:
-    """`POST /webhooks/<channel>` (Meta's status callbacks, the busiest route) goes
-    straight to its connector, past Starlette's routing and middlewares, which cost more
-    per webhook than verifying and parsing it. What those would do is kept: while
-    draining, the request takes the usual way (`_DrainGuard` answers 503); an unexpected
-    error is logged and answered 500 by `on_unexpected`; a body over the limit
-    propagates to BodyLimit, outside, as it would."""
+class _HotRoutes:
+    """The busiest routes go straight to their endpoint, past Starlette's routing and
+    middlewares, which cost more per request than the work itself: `POST /webhooks/<channel>`
+    (Meta's status callbacks) to its connector, and `POST /api/conversations/{id}/messages`
+    (an agent's or a campaign's message) to the API. What those layers would do is kept:
+    while draining, the request takes the usual way (`_DrainGuard` answers 503); an API
+    error, an outage (503 with Retry-After) and an unexpected error (logged, 500) are
+    answered by the app's own handlers; a body over the limit propagates to BodyLimit,
+    outside, as it would."""
 
-    def __init__(self, app: ASGIApp, runtime: Runtime, endpoints: Mapping[str, Endpoint]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        runtime: Runtime,
+        webhooks: Mapping[str, Endpoint],
+        send_message: Endpoint | None,
+    ) -> None:
         self._app = app
         self._runtime = runtime
-        self._endpoints = endpoints
+        self._webhooks = webhooks
+        self._send_message = send_message
+        self._on_unavailable = unavailable_handler(runtime.settings.retry_after_s)
+
+    def _endpoint(self, scope: Scope) -> Endpoint | None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        path: str = scope["path"]
+        endpoint = self._webhooks.get(path)
+        if endpoint is not None or self._send_message is None:
+            return endpoint
+        head, _, conversation_id = path.removesuffix("/messages").rpartition("/")
+        if head == "/api/conversations" and path.endswith("/messages") and conversation_id:
+            scope["path_params"] = {"id": conversation_id}
+            return self._send_message
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = (
-            self._endpoints.get(scope["path"])
-            if scope["type"] == "http" and scope["method"] == "POST"
-            else None
-        )
+        endpoint = self._endpoint(scope)
         if endpoint is None or self._runtime.draining:
             await self._app(scope, receive, send)
             return
@@ -289,6 +309,10 @@ class _Webhooks:
             response = await endpoint(request)
         except HTTPException:
             raise  # a body over the limit: BodyLimit, outside, answers 413
+        except ApiError as exc:
+            response = await on_api_error(request, exc)
+        except BackendUnavailable as exc:
+            response = await self._on_unavailable(request, exc)
         except Exception as exc:
             response = await on_unexpected(request, exc)
         await response(scope, receive, send)

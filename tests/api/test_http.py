@@ -142,3 +142,26 @@ async def test_operators_find_a_message_by_id_or_provider_id(runtime: Runtime) -
             refused = await foreign.get(path)
             assert refused.status_code == 404
             assert refused.json()["error"]["code"] == "not_found"
+
+
+async def test_posting_a_message_answers_every_refusal_as_the_api_does(runtime: Runtime) -> None:
+    """`POST …/messages` skips Starlette's routing (the busiest API route): its refusals
+    are still the API's JSON errors, and only that path shape takes the short way."""
+    async with await client_for(runtime) as client:
+        url = await messages_url(client)
+        bare = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=runtime.app), base_url="http://t"
+        )
+        async with bare:
+            unsigned = await bare.post(url, json={"text": "oi"})
+        unknown = await client.post("/api/conversations/conv_nope/messages", json={"text": "oi"})
+        malformed = await client.post(url, content=b"{", headers={"Content-Type": "text/plain"})
+        odd_id = await client.post("/api/conversations/a%20b/messages", json={"text": "oi"})
+        nested = await client.post("/api/conversations/a/b/messages", json={"text": "oi"})
+        empty = await client.post("/api/conversations//messages", json={"text": "oi"})
+    assert (unsigned.status_code, unsigned.json()["error"]["code"]) == (401, "unauthorized")
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
+    assert (malformed.status_code, malformed.json()["error"]["code"]) == (400, "bad_request")
+    assert (odd_id.status_code, odd_id.json()["error"]["code"]) == (400, "bad_request")
+    for routed in (nested, empty):
+        assert (routed.status_code, routed.json()["error"]["code"]) == (404, "not_found")
