@@ -61,7 +61,8 @@ from prometheus_client import Gauge
 
 from whatslike.bus import BatchHandler, BusFull, Handler
 from whatslike.bus.memory import backoff_delay, dead_letter
-from whatslike.errors import BackendUnavailable, MalformedEvent
+from whatslike.bus.retry import Tries, retry_line
+from whatslike.errors import BackendUnavailable
 from whatslike.events import CHANNELS, TOPIC_MESSAGES, TOPIC_STATUS, dlq_topic, outbound_topic
 from whatslike.metrics import Metrics
 from whatslike.settings import Settings
@@ -517,38 +518,31 @@ class KafkaBus:
             partition.done = records[-1].offset + 1
 
     async def _handle(self, partition: _Partition, label: str, record: Any) -> None:
-        settings = self._settings
+        """Until the handler returns: an outage is waited out (never dead-lettered), a
+        malformed event and one failing `consumer_max_attempts` times go to the DLQ
+        (retry.py). Meanwhile the partition waits: its order is kept."""
         value: bytes = record.value or b""
-        attempt = 0
+        tries = Tries(self._settings.consumer_max_attempts)
         while True:
-            attempt += 1
             try:
                 await partition.handler(value)
             except asyncio.CancelledError:
                 raise
-            except MalformedEvent as exc:
-                await self._dead_letter(
-                    partition, label, record, reason=f"malformed: {exc}", attempts=attempt
-                )
-                return
             except Exception as exc:
-                if attempt >= settings.consumer_max_attempts:
-                    reason = f"failed {attempt} times, last: {type(exc).__name__}: {exc}"
+                step = tries.failed(exc, time.monotonic())
+                if step.dead_letter is not None:
                     await self._dead_letter(
-                        partition, label, record, reason=reason, attempts=attempt
+                        partition, label, record, reason=step.dead_letter, attempts=tries.total
                     )
                     return
                 self._metrics.bus_retries.labels(label, partition.group).inc()
-                log.warning(
-                    "handler %s on %s failed (attempt %d/%d): %s",
-                    partition.group,
-                    label,
-                    attempt,
-                    settings.consumer_max_attempts,
-                    exc,
-                )
-                await asyncio.sleep(self._delay(attempt))
+                if step.log:
+                    log.warning("%s", retry_line(step, tries, partition.group, label, exc))
+                await asyncio.sleep(self._delay(step.backoff_attempt))
             else:
+                recovered = tries.recovered(time.monotonic(), partition.group, label)
+                if recovered is not None:
+                    log.info("%s", recovered)
                 self._metrics.bus_handled.labels(label, partition.group).inc()
                 return
 
