@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -114,6 +116,40 @@ def test_a_start_that_cannot_succeed_says_why_in_one_line(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("whatslike: ")
     assert named in lines[0]
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, never listened, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_start_with_the_bus_away_says_why_in_one_line_and_exits(tmp_path: Path) -> None:
+    """The default SQLite store (its thread once kept the process alive), Kafka at a
+    closed port: one line naming the setting, exit code 1, no traceback, no hang (the
+    60 s limit of `whatslike` would fail the test)."""
+    started = time.monotonic()
+    done = whatslike(
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        env={
+            "WHATSLIKE_BUS_URL": f"kafka://127.0.0.1:{closed_port()}",
+            "WHATSLIKE_BUS_PUBLISH_TIMEOUT_S": "2",
+            "WHATSLIKE_ROLES": PIPELINE,
+            **OWN_SECRETS,
+        },
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("whatslike: Kafka at 127.0.0.1:"), lines
+    assert "(WHATSLIKE_BUS_URL)" in lines[0]
+    assert time.monotonic() - started < 30
 
 
 def test_token_is_signed_with_the_secret_serve_uses(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import logging
+import logging.handlers
 import socket
 import sys
 from collections.abc import Sequence
@@ -139,13 +140,63 @@ def _announce(runtime: Runtime) -> None:
     sys.stdout.flush()
 
 
-async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
+#: Log records of a start held back at most (beyond, they are written at once).
+START_LOG_RECORDS = 10_000
+
+
+def _log_to_stderr(level: str) -> logging.handlers.MemoryHandler:
+    """Log to stderr, but hold the records of the start back (see `_serve`)."""
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    held = logging.handlers.MemoryHandler(
+        START_LOG_RECORDS, flushLevel=logging.CRITICAL + 1, target=stream, flushOnClose=False
+    )
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    root.addHandler(held)
+    return held
+
+
+def _release_start_logs(held: logging.handlers.MemoryHandler, *, started: bool) -> None:
+    """Write the held records and log straight to stderr from now on (a start that
+    succeeded, or any start while debugging); drop them when it failed, since its one
+    line says why (a driver's own error lines about the same refused connection are
+    noise there)."""
+    root = logging.getLogger()
+    if started or root.level <= logging.DEBUG:
+        held.flush()
+    held.buffer.clear()
+    root.removeHandler(held)
+    if held.target is not None:
+        root.addHandler(held.target)
+    held.close()
+
+
+async def _serve(
+    settings: Settings, sock: socket.socket, log_level: str, held: logging.handlers.MemoryHandler
+) -> None:
     runtime = Runtime(settings)
-    await runtime.open()
-    config = serving.server_config(runtime.app, settings, log_level, runtime.ws_protocol)
-    serving.redact_logs(serving.secrets_of(settings, runtime.deps.jwt_secret))
-    server = _Server(config, runtime)
-    await server.serve(sockets=[sock])
+    secrets = serving.secrets_of(settings, runtime.deps.jwt_secret)
+    serving.redact_logs(secrets)
+    # Started before uvicorn, not in its lifespan: a start that fails (a backend away)
+    # then ends here with its one-line reason (WhatslikeError), having undone itself,
+    # instead of uvicorn's traceback, "Application startup failed" and a process that a
+    # leftover thread keeps alive.
+    try:
+        await runtime.start()
+    except BaseException:
+        _release_start_logs(held, started=False)
+        raise
+    _release_start_logs(held, started=True)
+    serving.redact_logs(secrets)  # on the handler that writes from now on
+    try:
+        config = serving.server_config(runtime.app, settings, log_level, runtime.ws_protocol)
+        server = _Server(config, runtime)
+        await server.serve(sockets=[sock])
+    finally:
+        await runtime.stop()  # already done by the lifespan, unless uvicorn never ran it
+    if not server.started:
+        raise WhatslikeError(f"the server did not start on {settings.host}:{settings.port}")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -161,12 +212,10 @@ def serve(args: argparse.Namespace) -> int:
     bound_port = sock.getsockname()[1]
     if bound_port != settings.port:
         settings = settings.model_copy(update={"port": bound_port})
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    held = _log_to_stderr(args.log_level)
     # uvloop: the event loop in C (uvicorn only picks it when it creates the loop itself).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(settings, sock, args.log_level))
+        runner.run(_serve(settings, sock, args.log_level, held))
     return 0
 
 

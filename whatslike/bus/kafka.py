@@ -84,6 +84,21 @@ _PRODUCER_BROKEN = (
 _END = object()
 
 
+#: How long the broker keeps a silent member (aiokafka's default, said here because the
+#: join bound depends on it).
+SESSION_TIMEOUT_MS = 10_000
+#: The rebalance timeout beyond the handler grace: the broker waits that long for
+#: members to rejoin.
+REBALANCE_MARGIN_MS = 30_000
+
+
+def join_timeout_s(settings: Settings) -> float:
+    """The longest a group join may take when the broker is well: a dead member's session
+    expiry or a live member's rejoin, whichever is longer, plus the publish timeout."""
+    rebalance_s = settings.kafka_handler_grace_s + REBALANCE_MARGIN_MS / 1000
+    return max(SESSION_TIMEOUT_MS / 1000, rebalance_s) + settings.bus_publish_timeout_s
+
+
 def bootstrap_servers(bus_url: str) -> list[str]:
     """`kafka://host:port[,host:port]` → ["host:port", …] (the settings validated it)."""
     return [part.strip() for part in bus_url.removeprefix("kafka://").split(",") if part.strip()]
@@ -176,9 +191,12 @@ class KafkaBus:
             self._producer = await self._new_producer()
             for group in self._groups.values():
                 await self._start_group(group)
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except (KafkaError, OSError, TimeoutError, BackendUnavailable) as exc:
             await self.stop()
-            raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
+            why = str(exc) if isinstance(exc, BackendUnavailable) else repr(exc)
+            raise BackendUnavailable(
+                f"Kafka at {','.join(self._servers)} (WHATSLIKE_BUS_URL): {why}"
+            ) from exc
         self._started = True
 
     async def stop(self) -> None:
@@ -326,13 +344,25 @@ class KafkaBus:
             auto_offset_reset="earliest",
             # The broker waits this long for members to rejoin; ours may spend the grace
             # on in-flight handlers first.
-            rebalance_timeout_ms=grace_ms + 30_000,
+            rebalance_timeout_ms=grace_ms + REBALANCE_MARGIN_MS,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
             max_poll_records=self._settings.kafka_partition_buffer,
             fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
-        async with asyncio.timeout(self._settings.bus_publish_timeout_s):
-            await group.consumer.start()
+        # `start` returns once the group gave this member its partitions. A member that
+        # died (kill -9) holds the group's join until its session expires, and a live one
+        # may take the rebalance timeout to rejoin: the broker ends the join within the
+        # longer of the two, so the start waits that out (plus a publish timeout for the
+        # round trips) rather than fail, as it did within the publish timeout alone.
+        bound = join_timeout_s(self._settings)
+        try:
+            async with asyncio.timeout(bound):
+                await group.consumer.start()
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"consumer group {group.name!r} not joined within {bound:g} s"
+            ) from exc
         group.poller = asyncio.create_task(self._poll(group), name=f"kafka-poll-{group.name}")
         group.poller.add_done_callback(_report_poller_end)
 
