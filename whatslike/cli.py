@@ -1,4 +1,5 @@
-"""The `whatslike` command line: `serve` runs roles, `token` prints a signed JWT.
+"""The `whatslike` command line: `serve` runs roles, `token` prints a signed JWT, `stuck`
+and `dlq list|replay` are for operators.
 
 Settings come from `WHATSLIKE_*` variables; flags win. A start that cannot succeed exits
 non-zero with one line on stderr naming the reason.
@@ -14,7 +15,8 @@ import logging
 import logging.handlers
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
@@ -25,6 +27,7 @@ from whatslike.app import Runtime, check_wiring
 from whatslike.auth import TokenService
 from whatslike.clock import format_time, utcnow
 from whatslike.errors import ConfigError, WhatslikeError
+from whatslike.roles import dead_letters
 from whatslike.roles.watchdog import find_stuck
 from whatslike.settings import (
     ROLES,
@@ -35,6 +38,7 @@ from whatslike.settings import (
     unknown_variables,
 )
 from whatslike.store import open_store
+from whatslike.store.base import Store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     stuck.add_argument("--older-than", type=float, help="seconds, for every kind")
     stuck.add_argument("--json", action="store_true", help="one JSON object per line")
     stuck.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+
+    dlq = commands.add_parser(
+        "dlq",
+        help="list and replay dead letters (for operators)",
+        description="Dead letters are events set aside as poison (never for an outage: "
+        "those are retried for as long as they last). Each is kept in the configured "
+        "store; a status among them that would still change its message is 'unapplied' "
+        "(the watchdog counts those) and can be replayed.",
+    )
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = dlq_commands.add_parser("list", help="the newest dead letters, newest first")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+    replaying = dlq_commands.add_parser(
+        "replay",
+        help="hand a dead-lettered status to the outbox again",
+        description="The relay of a running process publishes it and the status worker "
+        "applies it (or sets it aside again if it is poison still). Sends are not "
+        "replayed: their message is FAILED send_failed and the agent sends it again.",
+    )
+    replaying.add_argument("id", help="the id `whatslike dlq list` shows")
+    replaying.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
     return parser
 
 
@@ -273,9 +300,65 @@ async def _print_stuck(settings: Settings, older_than_s: float | None, *, as_jso
     return 0
 
 
+def dlq(args: argparse.Namespace) -> int:
+    settings = load_settings(data_dir=args.data_dir)
+    if args.dlq_command == "list":
+        if args.limit < 1:
+            raise ConfigError("--limit must be at least 1")
+        return asyncio.run(_print_dead_letters(settings, args.limit, as_json=args.json))
+    return asyncio.run(_replay(settings, args.id))
+
+
+async def _print_dead_letters(settings: Settings, limit: int, *, as_json: bool) -> int:
+    async with _opened_store(settings) as store:
+        reviews = await dead_letters.review(store, limit)
+    for reviewed in reviews:
+        fields = {
+            "id": reviewed.dead.id,
+            "at": format_time(reviewed.dead.at),
+            "topic": reviewed.source,
+            "kind": reviewed.kind.value,
+            "message_id": reviewed.status.message_id if reviewed.status else None,
+            "status": reviewed.status.status.value if reviewed.status else None,
+            "reason": reviewed.dead.reason,
+        }
+        if as_json:
+            print(json.dumps(fields))
+        else:
+            print("  ".join(str(value) for value in fields.values()))
+    if not as_json:
+        unapplied = sum(r.kind is dead_letters.Kind.UNAPPLIED for r in reviews)
+        print(f"{len(reviews)} dead letters, {unapplied} unapplied", file=sys.stderr)
+    return 0
+
+
+async def _replay(settings: Settings, dead_letter_id: str) -> int:
+    async with _opened_store(settings) as store:
+        reviewed = await dead_letters.replay(store, dead_letter_id)
+    status = reviewed.status
+    assert status is not None  # replay refuses a dead letter without one
+    print(
+        f"dead letter {reviewed.dead.id} ({reviewed.kind.value}): status {status.status.value} "
+        f"of message {status.message_id} handed to the outbox again"
+    )
+    return 0
+
+
+@asynccontextmanager
+async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
+    store = open_store(
+        settings.effective_database_url, sqlite_synchronous=settings.sqlite_synchronous
+    )
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": serve, "token": token, "stuck": stuck}
+    commands = {"serve": serve, "token": token, "stuck": stuck, "dlq": dlq}
     try:
         return commands[args.command](args)
     except WhatslikeError as exc:

@@ -8,10 +8,11 @@ a poison event.
 - Any **other error** may be the event's fault (a poison event) or a passing one: it is
   tried `consumer_max_attempts` times, then dead-lettered.
 
-Outage failures are recognized by type (with the exception's explicit `__cause__`
-chain): ours (`BackendUnavailable`, `BusFull`), the operating system's (`OSError`, which
-includes `ConnectionError` and `TimeoutError`), and the drivers' own outage types, named
-here by module and class so that this module imports none of the drivers.
+Outage failures are recognized by the exception's type: ours (`BackendUnavailable`,
+`BusFull`), the operating system's (`OSError`, which includes `ConnectionError` and
+`TimeoutError`), and the drivers' own outage types, named here by module and class so
+that this module imports none of the drivers. The provider (Meta) is not infrastructure
+here: a send it does not take counts toward the budget (see `classify`).
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ OUTAGE_TYPES = frozenset(
         ("aiokafka.errors", "NotLeaderForPartitionError"),
     }
 )
-#: Longest `__cause__` chain followed (a cycle or a very deep one ends the walk).
-CAUSE_DEPTH = 8
 #: While an outage lasts, a partition logs its retries at the 1st, 2nd, 4th, 8th … try,
 #: and otherwise at most once per this many seconds.
 OUTAGE_LOG_EVERY_S = 60.0
@@ -74,17 +73,14 @@ def _is_outage(exc: BaseException) -> bool:
 
 
 def classify(exc: BaseException) -> Failure:
-    """What a handler's exception means for its event (see the module's docstring)."""
-    seen: BaseException | None = exc
-    for _ in range(CAUSE_DEPTH):
-        if seen is None:
-            break
-        if isinstance(seen, MalformedEvent):
-            return Failure.MALFORMED
-        if _is_outage(seen):
-            return Failure.OUTAGE
-        seen = seen.__cause__
-    return Failure.ERROR
+    """What a handler's exception means for its event (see the module's docstring). By
+    the exception's own type only, not by what caused it: the connector's
+    `ProviderUnavailable` is often caused by an OSError (Meta unreachable), and a
+    provider that stays away must still end the send FAILED `send_failed` after the
+    budget, as it always has, instead of holding the partition."""
+    if isinstance(exc, MalformedEvent):
+        return Failure.MALFORMED
+    return Failure.OUTAGE if _is_outage(exc) else Failure.ERROR
 
 
 @dataclass(frozen=True)
