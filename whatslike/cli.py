@@ -215,9 +215,11 @@ async def _serve(
         _release_start_logs(held, started=False)
         raise
     _release_start_logs(held, started=True)
-    serving.redact_logs(secrets)  # on the handler that writes from now on
     try:
         config = serving.server_config(runtime.app, settings, log_level, runtime.ws_protocol)
+        # On the handlers that write from now on: the root's, and uvicorn's own, which
+        # its configuration has just made.
+        serving.redact_logs(secrets)
         server = _Server(config, runtime)
         await server.serve(sockets=[sock])
     finally:
