@@ -2,26 +2,51 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# What `make lock` resolves with (uv, from PyPI, into the venv) and how: one lock for every
+# platform (Linux x86_64 and aarch64 alike, markers where they differ) from Python 3.11 on,
+# with the hash of every wheel and sdist of each pinned version.
+UV_VERSION := 0.13.8
+UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(LOCK_FLAGS)
 
-.PHONY: run test lint install install-test
+# A dependency of pyproject.toml that the lock lacks (it was not run again) is named here.
+CHECK_LOCKED = @$(BIN)/pip check >/dev/null || { $(BIN)/pip check; echo "make: the locks miss a dependency: run make lock" >&2; exit 1; }
+
+.PHONY: run test lint install install-test lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamps: the package is installed in editable mode, so only a changed pyproject.toml
-# (dependencies, entry points) needs pip again; `make run` starts at once otherwise.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+# Stamps: the dependencies come from the hashed locks (pip refuses a file whose hash is not
+# in them) and the package itself is installed in editable mode without dependencies, so
+# only a changed lock, or pyproject.toml (entry points), needs pip again; `make run` starts
+# at once otherwise. The package is built with the locked setuptools, not a fetched one.
+$(VENV)/.installed: requirements.lock requirements-build.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock -r requirements-build.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(CHECK_LOCKED)
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test]'
+$(VENV)/.installed-test: requirements-test.lock requirements-build.lock pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r requirements-test.lock -r requirements-build.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(CHECK_LOCKED)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+
+## Resolve pyproject.toml's ranges again into the locks, keeping every pin they still allow
+## (`make lock LOCK_FLAGS=--upgrade`: the newest allowed of each). The test lock is held to
+## the runtime lock's pins, so both install the same versions.
+lock: | $(BIN)/python
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(UV_COMPILE) pyproject.toml -o requirements.lock
+	$(UV_COMPILE) pyproject.toml --extra test -c requirements.lock -o requirements-test.lock
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(UV_COMPILE) - -o requirements-build.lock
 
 ## Install and run Whatslike on the embedded default (one process, SQLite, simulator).
 run: install

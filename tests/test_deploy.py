@@ -248,6 +248,34 @@ def dockerfile_problems(text: str) -> list[str]:
         problems.append("no HEALTHCHECK on /healthz")
     if re.search(r"^(ENV|ARG)\b.*(SECRET|TOKEN|PASSWORD)", text, flags=re.MULTILINE):
         problems.append("a secret is baked into the image (ENV/ARG)")
+    return problems + reproducibility_problems(text)
+
+
+def reproducibility_problems(text: str) -> list[str]:
+    """The image is built from pinned inputs only: every base image by digest, every
+    dependency from the hashed lock, nothing else fetched by pip."""
+    joined = re.sub(r"\\\n\s*", " ", text)  # continuation lines joined
+    problems = [
+        f"{line.split()[1]} is not pinned by digest"
+        for line in joined.splitlines()
+        if re.match(r"FROM\s", line) and not re.search(r"@sha256:[0-9a-f]{64}\b", line)
+    ]
+    pips = [
+        command.strip()
+        for line in joined.splitlines()
+        if line.startswith("RUN ")
+        for command in line.removeprefix("RUN ").split("&&")
+        if re.search(r"\bpip3? (install|wheel)\b", command)
+    ]
+    if not any("--require-hashes" in pip and "-r requirements.lock" in pip for pip in pips):
+        problems.append("no pip command takes requirements.lock with --require-hashes")
+    problems += [
+        f"pip may fetch what no lock pins: {pip}"
+        for pip in pips
+        if "--require-hashes" not in pip
+        and "--no-index" not in pip
+        and not ("--no-deps" in pip and "--no-build-isolation" in pip)
+    ]
     return problems
 
 
@@ -434,6 +462,8 @@ def test_the_dockerfile_builds_a_slim_non_root_image() -> None:
     assert ignored[[line.startswith("#") for line in ignored].index(False)] == "*"
     assert {line for line in ignored if line.startswith("!")} == {
         "!pyproject.toml",
+        "!requirements.lock",
+        "!requirements-build.lock",
         "!README.md",
         "!whatslike/",
     }
@@ -494,3 +524,25 @@ def test_a_root_single_stage_dockerfile_is_caught() -> None:
     assert "not multi-stage (fewer than two FROM)" in problems
     assert "the runtime stage runs as root (no non-root USER)" in problems
     assert "no HEALTHCHECK on /healthz" in problems
+
+
+def test_an_unpinned_image_or_an_unlocked_install_is_caught() -> None:
+    text = DOCKERFILE.read_text()
+    unpinned = re.sub(r"@sha256:[0-9a-f]{64}", "", text)
+    assert reproducibility_problems(unpinned) == [
+        "python:3.11-slim-bookworm is not pinned by digest",
+        "python:3.11-slim-bookworm is not pinned by digest",
+    ]
+    unlocked = text.replace("--require-hashes ", "").replace("--no-build-isolation ", "")
+    problems = reproducibility_problems(unlocked)
+    assert "no pip command takes requirements.lock with --require-hashes" in problems
+    unlocked_wheels = "pip wheel --wheel-dir /wheels -r requirements.lock"
+    assert f"pip may fetch what no lock pins: {unlocked_wheels}" in problems
+    assert "pip may fetch what no lock pins: pip wheel --no-deps --wheel-dir /wheels ." in problems
+    # The image before the locks: a tag, and `pip wheel .` resolving the ranges afresh.
+    old = "FROM python:3.11-slim-bookworm AS builder\nRUN pip wheel --wheel-dir /wheels .\n"
+    assert reproducibility_problems(old) == [
+        "python:3.11-slim-bookworm is not pinned by digest",
+        "no pip command takes requirements.lock with --require-hashes",
+        "pip may fetch what no lock pins: pip wheel --wheel-dir /wheels .",
+    ]

@@ -166,6 +166,52 @@ async def test_a_chunked_body_is_cut_at_the_limit_with_413(tmp_path: Path) -> No
         assert b'"too_large"' in answer
 
 
+async def test_a_body_never_sent_after_its_head_gets_408_and_the_connection_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: the unauthenticated webhook waited for ever for a body announced and
+    never sent (300 such connections took /healthz down under 256 descriptors)."""
+    async with serving(tmp_path, body_timeout_s=0.5) as (host, port):
+        started = time.monotonic()
+        head = b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        answer = await _exchange(host, port, head)  # read until the server closes
+        assert _status(answer) == 408
+        assert b'"timeout"' in answer
+        assert time.monotonic() - started < 5
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_body_trickled_a_byte_at_a_time_gets_408_at_the_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(tmp_path, body_timeout_s=1) as (host, port):
+        token = _token(tmp_path, "org-a")
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"POST /api/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nAuthorization: Bearer " + token.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
+        )
+        started = time.monotonic()
+        answer = b""
+        for _ in range(100):  # a byte each 0.1 s: 10 s, were it not cut
+            try:
+                writer.write(b" ")
+                await writer.drain()
+                answer += await asyncio.wait_for(reader.read(4096), 0.1)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            if answer and not answer.endswith(b"}"):
+                continue
+            if answer:
+                break
+        writer.close()
+        assert _status(answer) == 408
+        assert 0.9 < time.monotonic() - started < 5
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def _token(data_dir: Path, org: str) -> str:
     settings = load_settings(data_dir=data_dir)
     now = int(time.time())

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,6 +34,7 @@ from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
 from whatslike.fanout.factory import open_fanout
+from whatslike.http_client import AiohttpClient
 from whatslike.hub.server import Hub
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
@@ -100,7 +100,9 @@ class Runtime:
             ),
             bus=open_bus(settings, self.metrics),
             fanout=open_fanout(settings),
-            http=httpx.AsyncClient(timeout=settings.send_timeout_s),
+            http=AiohttpClient(
+                connections=settings.http_connections, keepalive_s=settings.http_keepalive_s
+            ),
             metrics=self.metrics,
             jwt_secret=resolve_jwt_secret(settings),
         )
@@ -142,7 +144,7 @@ class Runtime:
         WhatslikeError with a one-line reason."""
         if self._started:
             return
-        undo: list[Callable[[], Awaitable[None]]] = [self.deps.http.aclose]
+        undo: list[Callable[[], Awaitable[None]]] = [self.deps.http.close]
         try:
             await self.open()
             undo.append(self.deps.store.close)
@@ -176,7 +178,7 @@ class Runtime:
         await self.deps.fanout.stop()
         for role in reversed(self.roles):
             await role.stop()
-        await self.deps.http.aclose()
+        await self.deps.http.close()
         await self.deps.store.close()
         self._opened = False
 

@@ -1,6 +1,7 @@
 """The HTTP server's own defences, around uvicorn: request heads bounded in size (431) and
-time (408), request bodies bounded before they are read (413), and log lines that never
-carry a token or a secret (query values, JWTs and the configured secrets are redacted).
+time (408), request bodies bounded before they are read (413) and in time (408), and log
+lines that never carry a token or a secret (query values, JWTs and the configured secrets
+are redacted).
 """
 
 from __future__ import annotations
@@ -115,16 +116,22 @@ def redact_logs(secrets: Iterable[str]) -> RedactSecrets:
 # -- request heads -------------------------------------------------------------------
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[HttpToolsProtocol]:
+def guarded_protocol(
+    max_header_bytes: int, header_timeout_s: float, body_timeout_s: float
+) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, refusing request heads (request line and headers,
     an upgrade's included) larger than `max_header_bytes` with 431 and closing with 408
-    a connection whose head is not complete within `header_timeout_s` (slowloris)."""
+    a connection whose head is not complete within `header_timeout_s` (slowloris), or
+    whose body is not received whole within `body_timeout_s` of its head (a body
+    trickled, or never sent). Between requests of a keep-alive connection the next head
+    is awaited as any head is, so an idle connection is closed too."""
 
     class GuardedHttpProtocol(HttpToolsProtocol):
         _head_bytes = 0
         _tail = b""
         _in_head = True
         _head_timer: asyncio.TimerHandle | None = None
+        _body_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -132,7 +139,21 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_timer()
+            self._stop_body_timer()
             super().connection_lost(exc)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            # Only a request that announces a body waits for one (an upgrade has none).
+            if any(
+                name in (b"content-length", b"transfer-encoding") and value not in (b"0", b"")
+                for name, value in self.headers
+            ):
+                self._body_timer = self.loop.call_later(body_timeout_s, self._body_timeout)
+
+        def on_message_complete(self) -> None:
+            self._stop_body_timer()
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -165,6 +186,26 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
                 self._head_timer.cancel()
                 self._head_timer = None
 
+        def _stop_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_timeout(self) -> None:
+            self._body_timer = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # The app stops waiting for the body (it reads a disconnect) and nothing
+                # it sends is written after this answer.
+                cycle.disconnected = True
+                cycle.message_event.set()
+                if cycle.response_started:  # too late for an answer: just close
+                    self.transport.close()
+                    return
+            self._answer(408, f"request body not received within {body_timeout_s} s")
+
         def _head_timeout(self) -> None:
             self._head_timer = None
             if self._in_head and not self.transport.is_closing():
@@ -172,6 +213,7 @@ def guarded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[Htt
 
         def _answer(self, status: int, message: str) -> None:
             self._stop_timer()
+            self._stop_body_timer()
             code = "header_too_large" if status == 431 else "timeout"
             body = json.dumps({"error": {"code": code, "message": message}}).encode()
             head = (
@@ -194,10 +236,20 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is over {limit} bytes")
 
 
+class BodyNotReceived(HTTPException):
+    """The body stopped coming: the client left, or its time ran out (the protocol has
+    answered 408). Nothing more can be sent; raised where the app reads the body, so a
+    handler cannot mistake it for an error of its own (no traceback, no answer)."""
+
+    def __init__(self) -> None:
+        super().__init__(408, "request body not received whole")
+
+
 class BodyLimit:
     """ASGI middleware: a request whose Content-Length is over the limit is answered 413
     at once, unread; a body that turns out larger while it is read (chunked) stops the
-    reading with BodyTooLarge (413) at the first chunk past the limit."""
+    reading with BodyTooLarge (413) at the first chunk past the limit; a body cut short
+    (the client left, or BODY_TIMEOUT_S passed) stops it with BodyNotReceived."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
         self._app = app
@@ -213,14 +265,18 @@ class BodyLimit:
                 await _send_413(send, limit)
                 return
         received = 0
+        complete = False
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, complete
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not complete:
+                raise BodyNotReceived
             return message
 
         started = False
@@ -235,6 +291,8 @@ class BodyLimit:
         except BodyTooLarge:
             if not started:
                 await _send_413(send, limit)
+        except BodyNotReceived:
+            pass  # nobody to answer: the client is gone or has its 408
 
 
 async def _send_413(send: Send, limit: int) -> None:
@@ -277,7 +335,9 @@ def server_config(
         # builds each line's arguments (client address, path) per request.
         access_log=log_level in ("debug", "info"),
         lifespan="on",
-        http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_s),
+        http=guarded_protocol(
+            settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s
+        ),
         # The hub speaks WebSocket itself (see whatslike.hub.transport), and compresses
         # nothing: its frames are a few hundred bytes.
         ws=cast(Any, ws) if ws is not None else "websockets-sansio",

@@ -65,13 +65,20 @@ class Settings(BaseSettings):
     # HTTP server limits.
     max_header_bytes: int = Field(8192, ge=1024)
     header_timeout_s: float = Field(10.0, gt=0)
+    #: A request body not received whole this long after its head → 408, closed.
+    body_timeout_s: float = Field(10.0, gt=0)
     max_body_bytes: int = Field(65_536, ge=1024)
-    org_requests_per_s: float = Field(50.0, gt=0)
-    org_request_burst: int = Field(100, ge=1)
+    # An organization may post as fast as Meta sends for a number after its upgrade
+    # (1,000/s), a campaign's burst of two seconds of that at once.
+    org_requests_per_s: float = Field(1000.0, gt=0)
+    org_request_burst: int = Field(2000, ge=1)
 
     # Bus (in-process adapter) and consumers.
     bus_partitions: int = Field(4, ge=1, le=256)
     bus_queue_size: int = Field(10_000, ge=1)
+    #: Events handled at once per partition and consumer group (in-process and Kafka),
+    #: each key's (conversation's) in order.
+    bus_concurrency: int = Field(64, ge=1, le=10_000)
     bus_publish_timeout_s: float = Field(5.0, gt=0)
     # About 40 s of retries (worst case ~90 s) before a dead letter: enough to ride out a
     # database failover or a provider blip while holding the partition's order.
@@ -115,6 +122,8 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(4096, ge=256)
     max_subscriptions: int = Field(200, ge=1)
     connection_queue_size: int = Field(256, ge=1)
+    #: Bytes waiting per socket (queued frames and the socket's own write buffer).
+    connection_queue_bytes: int = Field(1024 * 1024, ge=65_536)
     bad_frame_tolerance: int = Field(10, ge=1)
     client_frames_per_s: float = Field(20.0, gt=0)
     client_frame_burst: int = Field(40, ge=1)
@@ -138,6 +147,19 @@ class Settings(BaseSettings):
     whatsapp_phone_number_id: str = "109876543210987"
     instagram_account_id: str = "17841400000000001"
     send_timeout_s: float = Field(10.0, gt=0)
+    #: Sends per second we allow ourselves per WhatsApp business number (Meta's default
+    #: tier is 80/s, 1,000/s after its upgrade) and per Instagram account (Meta: 100
+    #: text sends/s); more would earn 130429.
+    whatsapp_sends_per_s: float = Field(80.0, gt=0)
+    instagram_sends_per_s: float = Field(100.0, gt=0)
+    #: After a 130429 the account's sends pause this long (times the throttles in a
+    #: row, up to 60 s); after a 131056 (pair rate) that customer's next try waits this.
+    throttle_hold_s: float = Field(1.0, gt=0)
+    pair_retry_s: float = Field(6.0, gt=0)
+    #: Outbound HTTP (Graph API sends, simulator webhooks): connections at once, and how
+    #: long an idle one is kept (below the server's idle timeout: see http_client.py).
+    http_connections: int = Field(256, ge=1, le=10_000)
+    http_keepalive_s: float = Field(4.0, gt=0)
     #: How long a status waits for its send answer before it is taken for someone else's.
     parked_ttl_s: int = Field(86_400, gt=0)
 
@@ -145,8 +167,16 @@ class Settings(BaseSettings):
     sim_delay_ms: int = Field(300, ge=0)
     sim_disorder: bool = False
     sim_failure_rate: float = Field(0.0, ge=0, le=1)
+    #: Simulator: Meta's rate limits, off when 0. Sends per second per WhatsApp number
+    #: beyond which it answers 130429; sends to one customer in a burst beyond which it
+    #: answers 131056, one more allowed per `sim_pair_interval_s` after that.
+    sim_sends_per_s: float = Field(0.0, ge=0)
+    sim_pair_burst: int = Field(0, ge=0)
+    sim_pair_interval_s: float = Field(6.0, gt=0)
     sim_seed: int | None = None
     sim_queue_size: int = Field(10_000, ge=1)
+    #: Most notifications the simulator puts in one webhook (those due together).
+    sim_webhook_batch: int = Field(100, ge=1, le=1000)
     #: Multiplies the webhook retry schedule (back-off from 0.5 s doubling up to 60 s, for
     #: up to 7 days, like Meta): below 1 for tests.
     sim_time_scale: float = Field(1.0, gt=0, allow_inf_nan=False)
@@ -215,8 +245,11 @@ class Settings(BaseSettings):
         return (self.graph_url or f"{self.base_url}/simulator").rstrip("/")
 
     @property
-    def effective_sim_webhook_url(self) -> str:
-        return (self.sim_webhook_url or self.base_url).rstrip("/")
+    def sim_webhook_urls(self) -> tuple[str, ...]:
+        """Where the simulator posts webhooks: one base URL, or several (comma-separated)
+        taken in turn, as a load balancer in front of several connectors would."""
+        given = [url.strip().rstrip("/") for url in self.sim_webhook_url.split(",")]
+        return tuple(url for url in given if url) or (self.base_url.rstrip("/"),)
 
     @property
     def effective_database_url(self) -> str:

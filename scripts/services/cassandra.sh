@@ -26,6 +26,14 @@ PY
 }
 
 port=$(env_value "$envfile" WHATSLIKE_TEST_CASSANDRA_PORT)
+# stop / status: only the node of this checkout's pid file (its command line names our yaml).
+case "${1:-start}" in
+  stop) stop_own Cassandra "$dir/cassandra.pid" "-Dcassandra.config=file://$dir/cassandra.yaml"; exit ;;
+  status)
+    status_of cassandra "$dir/cassandra.pid" "-Dcassandra.config=file://$dir/cassandra.yaml" \
+      "${port:+127.0.0.1:$port}" cql_ready "$port"
+    exit ;;
+esac
 if [ -n "$port" ] && cql_ready "$port" 2>/dev/null; then
   echo "services: Cassandra already running on 127.0.0.1:$port"
   exit 0

@@ -3,20 +3,20 @@
 # broker and controller, on free loopback ports, data under .services/kafka/data.
 # The jars (kafka_2.13 and its runtime dependencies) are fetched once with Maven into
 # .services/kafka/libs. Writes .services/kafka.env.
+#   kafka.sh [start|stop|status]   (stop: only the broker of this checkout's pid file)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/services/lib.sh
 
 KAFKA_VERSION=4.1.1
 
-apt_install maven openjdk-17-jre-headless
+case "${1:-start}" in stop | status) ;; *) apt_install maven openjdk-17-jre-headless ;; esac
 # Java 17 by its own path: /usr/bin/java may be switched to another JDK on the machine.
 JAVA=${JAVA:-/usr/lib/jvm/java-17-openjdk-amd64/bin/java}
 [ -x "$JAVA" ] || JAVA=/usr/bin/java
 
 dir=$PWD/.services/kafka
 libs=$dir/libs
-mkdir -p "$dir"
 
 # port_free PORT: nobody listens on 127.0.0.1:PORT (connections of a broker that ended,
 # still in TIME_WAIT, do not count: Kafka binds with SO_REUSEADDR too).
@@ -48,6 +48,16 @@ EOF
 }
 
 port=$(env_value .services/kafka.env WHATSLIKE_TEST_KAFKA_PORT)
+# The broker's command line names this checkout's server.properties: that is how a pid is ours.
+case "${1:-start}" in
+  stop) stop_own Kafka "$dir/kafka.pid" "$dir/server.properties"; exit ;;
+  status)
+    status_of kafka "$dir/kafka.pid" "$dir/server.properties" "${port:+127.0.0.1:$port}" \
+      kafka_answers "$port"
+    exit ;;
+esac
+mkdir -p "$dir"
+
 if [ -n "$port" ] && kafka_answers "$port" 2>/dev/null; then
   echo "services: Kafka already running on 127.0.0.1:$port"
 else

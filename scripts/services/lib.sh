@@ -36,3 +36,59 @@ wait_for() {
   done
   return 1
 }
+
+# running PID: the process runs (a killed one waiting to be reaped does not count).
+running() {
+  ps -o stat= -p "$1" 2>/dev/null | grep -qv Z
+}
+
+# own_pid PIDFILE PATTERN: print the pid in PIDFILE if that process runs and its command line
+# holds PATTERN (so a pid reused by another process, or a stale file, is not ours).
+own_pid() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(tr -cd '0-9' < "$1")
+  [ -n "$pid" ] && running "$pid" && [ -r "/proc/$pid/cmdline" ] || return 1
+  tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$2" || return 1
+  echo "$pid"
+}
+
+# stop_own NAME PIDFILE PATTERN: stop the server this checkout started (its pid file under
+# .services/<name>/): SIGTERM, up to 60 s to finish, then SIGKILL. Nothing else is touched.
+stop_own() {
+  local name=$1 pidfile=$2 pid
+  if ! pid=$(own_pid "$pidfile" "$3"); then
+    echo "services: $name is not running from this checkout"
+    rm -f "$pidfile"
+    return 0
+  fi
+  echo "services: stopping $name (pid $pid)"
+  kill "$pid" 2>/dev/null || true
+  if ! wait_for 60 sh -c "! ps -o stat= -p $pid | grep -qv Z"; then
+    echo "services: $name (pid $pid) did not stop in 60 s; killing it"
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+  echo "services: $name stopped"
+}
+
+# status_of NAME PIDFILE PATTERN ADDRESS CHECK...: one line on NAME; CHECK (a command) tells
+# whether ADDRESS answers. Returns 3 when nothing answers there (LSB's "not running").
+status_of() {
+  local name=$1 pidfile=$2 pattern=$3 address=$4 pid
+  shift 4
+  local answers=no
+  [ -n "$address" ] && "$@" >/dev/null 2>&1 && answers=yes
+  if pid=$(own_pid "$pidfile" "$pattern"); then
+    if [ $answers = yes ]; then
+      echo "$name: running (pid $pid) on $address"
+    else
+      echo "$name: running (pid $pid), not answering${address:+ on $address} yet"
+    fi
+  elif [ $answers = yes ]; then
+    echo "$name: answers on $address, not started from this checkout (no pid file here)"
+  else
+    echo "$name: stopped"
+    return 3
+  fi
+}

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Redis from Debian's packages: a server of this checkout's own on a free loopback port,
 # no persistence, data under .services/redis. Writes .services/redis.env.
+#   redis.sh [start|stop|status]   (stop: only the server of this checkout's pid file)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/services/lib.sh
 
-apt_install redis-server redis-tools
-
 dir=.services/redis
 port=$(env_value .services/redis.env WHATSLIKE_TEST_REDIS_PORT)
+case "${1:-start}" in
+  stop) stop_own Redis "$dir/redis.pid" redis-server; exit ;;
+  status)
+    status_of redis "$dir/redis.pid" redis-server "${port:+127.0.0.1:$port}" \
+      sh -c "redis-cli -h 127.0.0.1 -p '$port' ping | grep -q PONG"
+    exit ;;
+esac
+
+apt_install redis-server redis-tools
+
 if [ -n "$port" ] && redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then
   echo "services: Redis already running on 127.0.0.1:$port"
 else

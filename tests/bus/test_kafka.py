@@ -28,7 +28,7 @@ from tests.e2e.conftest import (
     start_server,
     stop_server,
 )
-from whatslike.bus import BusFull
+from whatslike.bus import BusFull, PublishIncomplete
 from whatslike.bus.factory import open_bus
 from whatslike.bus.kafka import KafkaBus, bootstrap_servers
 from whatslike.bus.memory import MemoryBus
@@ -208,6 +208,45 @@ async def test_a_committed_event_is_not_seen_again_and_an_unfinished_one_is(
     assert again.items == [b"e3", b"e4", b"e5", b"end"]
 
 
+async def test_a_stuck_conversation_holds_up_only_itself_and_the_commit_stays_below_it(
+    kafka_url: str, prefix: str
+) -> None:
+    # One partition, two conversations: "slow" never finishes its first event.
+    settings = kafka_settings(kafka_url, prefix, kafka_partitions=1, kafka_handler_grace_s=0.5)
+    stuck = asyncio.Event()
+    seen = Collector()
+
+    async def handler(value: bytes) -> None:
+        if value == b"slow/1":
+            stuck.set()
+            await asyncio.Event().wait()  # never returns: abandoned at stop
+        await seen(value)
+
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", handler)
+    async with running(bus):
+        for value in (b"slow/1", b"fast/1", b"slow/2", b"fast/2", b"fast/3"):
+            await bus.publish(TOPIC, key_of(value), value)
+        await seen.until(lambda items: len(items) == 3)
+        await bus._commit(bus._groups["g"], list(bus._groups["g"].partitions.values()))
+    assert stuck.is_set()
+    assert seen.items == [b"fast/1", b"fast/2", b"fast/3"]
+
+    # The group's position stayed at slow/1: the next member gets it and what followed.
+    again = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", again)
+    async with running(bus):
+        await bus.publish(TOPIC, "end", b"end/1")
+        await again.until(lambda items: b"end/1" in items)
+    assert [v for v in again.items if v.startswith(b"slow/")] == [b"slow/1", b"slow/2"]
+    assert sorted(v for v in again.items if v.startswith(b"fast/")) == [
+        b"fast/1",
+        b"fast/2",
+        b"fast/3",
+    ]
+
+
 async def test_keys_keep_their_order_while_partitions_run_concurrently(
     kafka_url: str, prefix: str
 ) -> None:
@@ -301,6 +340,40 @@ async def test_dead_letters_after_max_attempts_and_at_once_when_malformed(
     assert malformed["reason"] == "malformed: not JSON"
     assert malformed["event_b64"] == "//4="
     assert calls == {b"broken": 3, b"\xff\xfe": 1, b"after": 1}
+
+
+async def test_a_dead_letter_topic_gets_no_dead_letter_topic_and_its_handler_is_retried(
+    kafka_url: str, prefix: str
+) -> None:
+    """The dead-letter recorder subscribes to `.dlq` topics: none gets a `.dlq.dlq`, and a
+    dead letter it cannot record yet (its store down) is retried past the attempts an
+    ordinary event gets, staying uncommitted, instead of going anywhere else."""
+    calls: list[bytes] = []
+    recorded = asyncio.Event()
+
+    async def recorder(value: bytes) -> None:
+        calls.append(value)
+        if len(calls) <= 5:  # more than consumer_max_attempts (3)
+            raise ConnectionError("database down")
+        recorded.set()
+
+    metrics = Metrics()
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), metrics)
+    bus.subscribe(TOPIC, "g", Collector())
+    bus.subscribe(dlq_topic(TOPIC), "dlq-recorder", recorder)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(kafka_url))
+    async with running(bus):
+        await admin.start()
+        try:
+            topics = {t for t in await admin.list_topics() if t.startswith(prefix)}
+        finally:
+            await admin.close()
+        await bus.publish(dlq_topic(TOPIC), "c1", b"a dead letter")
+        await asyncio.wait_for(recorded.wait(), WAIT_S)
+    assert f"{prefix}{dlq_topic(TOPIC)}" in topics
+    assert [t for t in topics if t.endswith(".dlq.dlq")] == []
+    assert calls == [b"a dead letter"] * 6
+    assert metrics.bus_dead_letters.labels(dlq_topic(TOPIC), "dlq-recorder")._value.get() == 0
 
 
 async def test_consumer_groups_carry_the_topic_prefix(kafka_url: str, prefix: str) -> None:
@@ -400,6 +473,26 @@ async def test_publishing_to_a_topic_the_broker_lacks_raises_busfull(
     async with running(KafkaBus(settings, Metrics())) as bus:
         with pytest.raises(BusFull, match="in time"):
             await bus.publish("no-such-topic", "c1", b"{}")
+
+
+async def test_publish_many_takes_them_at_once_in_order_and_says_how_far_it_got(
+    kafka_url: str, prefix: str
+) -> None:
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=1.0)
+    seen = Collector()
+    bus = KafkaBus(settings, Metrics())
+    bus.subscribe(TOPIC, "g", seen)
+    sent = [f"c{i % 3}/{i}".encode() for i in range(60)]
+    async with running(bus):
+        await bus.publish_many([(TOPIC, key_of(value), value) for value in sent])
+        await seen.until(lambda items: len(items) == len(sent))
+        with pytest.raises(PublishIncomplete) as refused:
+            await bus.publish_many([(TOPIC, "c0", b"c0/ok"), ("no-such-topic", "c1", b"{}")])
+    for key in ("c0", "c1", "c2"):
+        got = [v for v in seen.items if key_of(v) == key and v != b"c0/ok"]
+        assert got == [v for v in sent if key_of(v) == key]
+    assert refused.value.taken == 1
+    assert isinstance(refused.value.error, BusFull)
 
 
 @pytest.fixture

@@ -163,7 +163,9 @@ async def test_a_malformed_event_is_dead_lettered_at_once() -> None:
 
 
 async def test_a_full_partition_makes_publish_raise_after_the_timeout() -> None:
-    bus = make_bus(bus_queue_size=2, bus_partitions=1, bus_publish_timeout_s=0.05)
+    bus = make_bus(
+        bus_queue_size=2, bus_partitions=1, bus_publish_timeout_s=0.05, bus_concurrency=3
+    )
     release = asyncio.Event()
 
     async def stuck(value: bytes) -> None:
@@ -171,11 +173,12 @@ async def test_a_full_partition_makes_publish_raise_after_the_timeout() -> None:
 
     bus.subscribe("t", "g", stuck)
     await bus.start()
-    # One event is being handled, two wait in the queue: the fourth cannot get in.
-    for i in range(3):
-        await bus.publish("t", "k", str(i).encode())
+    # Three events are taken (one at work in each key's lane, or waiting in one), two
+    # wait in the queue: the sixth cannot get in.
+    for i in range(5):
+        await bus.publish("t", "k" if i % 2 else "j", str(i).encode())
     with pytest.raises(BusFull, match="full"):
-        await bus.publish("t", "k", b"3")
+        await bus.publish("t", "k", b"5")
     release.set()
     await bus.stop()
 
@@ -211,3 +214,23 @@ def test_backoff_has_full_jitter_below_the_cap() -> None:
         delays = [backoff_delay(attempt, 0.05, 2.0, rng) for _ in range(200)]
         assert all(0 <= d <= bound for d in delays)
         assert max(delays) > bound / 2
+
+
+async def test_a_conversation_that_waits_does_not_hold_up_the_others_of_its_partition() -> None:
+    bus = make_bus(bus_partitions=1)
+    release = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(value: bytes) -> None:
+        if value == b"slow/0":
+            await release.wait()
+        handled.append(value)
+        if value == b"fast/2":
+            release.set()  # reached only while slow/0 waits
+
+    bus.subscribe("t", "g", handler)
+    await bus.start()
+    for value in (b"slow/0", b"slow/1", b"fast/0", b"fast/1", b"fast/2"):
+        await bus.publish("t", value.decode().split("/")[0], value)
+    await asyncio.wait_for(bus.stop(), 5)
+    assert handled == [b"fast/0", b"fast/1", b"fast/2", b"slow/0", b"slow/1"]

@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Opcode
 from websockets.typing import Origin, Subprotocol
 
 from tests.hub.test_server import (
@@ -29,6 +32,7 @@ from tests.hub.test_server import (
     running_hub,
     send,
 )
+from tests.hub.test_wire import client_frame
 
 
 async def _status_of_upgrade(url: str, **options: Any) -> int:
@@ -288,10 +292,10 @@ async def test_lone_surrogates_and_odd_ids_are_bad_requests_not_1011(
 async def test_refused_upgrades_are_logged_at_info_at_most_once_per_interval(
     hub: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="whatslike.hub.server")
+    caplog.set_level(logging.INFO, logger="whatslike.hub.admission")
     for _ in range(20):
         assert await _status_of_upgrade(f"{hub.url}?access_token=forged") == 401
-    lines = [r for r in caplog.records if r.name == "whatslike.hub.server"]
+    lines = [r for r in caplog.records if r.name == "whatslike.hub.admission"]
     assert len(lines) == 1
     assert lines[0].levelno == logging.INFO
     assert "forged" not in lines[0].getMessage()
@@ -306,3 +310,79 @@ async def test_the_embedded_mode_allows_only_the_served_origin_by_default(hub: H
     for served in ("http://127.0.0.1:8000", "http://localhost:8000"):
         async with connect(url, origin=Origin(served)) as ws:
             await connected(ws)
+
+
+async def test_a_ping_nested_a_thousand_deep_is_a_bad_request_not_1011(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Around 950 levels a `ts` parsed, then broke the pong's serializer: 1011 and an
+    ERROR traceback (the exact depth depends on the stack; every one near it is tried)."""
+    limits: dict[str, Any] = {"bad_frame_tolerance": 1000, "client_frame_burst": 1000}
+    async with running_hub(tmp_path, **limits) as harness:
+        async with harness.client() as ws:
+            await connected(ws)
+            for depth in range(900, 1000):
+                await ws.send('{"type":"ping","ts":' + "[" * depth + "]" * depth + "}")
+                answer = await receive(ws)
+                assert (answer["type"], answer["code"]) == ("error", "bad_request"), depth
+                assert "deeper than" in answer["message"]
+            await send(ws, type="ping", ts=[[1]])
+            assert await receive(ws) == {"type": "pong", "ts": [[1]]}
+        assert harness.closes(1011) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- a client that asks for replays and never reads them (issue 14) ------------------------
+
+
+async def _never_reading(harness: Harness) -> tuple[asyncio.StreamWriter, socket.socket]:
+    """An upgraded socket that reads nothing (a small receive buffer, so the kernel
+    holds little of what is sent to it)."""
+    where = urlsplit(harness.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (where.hostname, where.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        f"GET /ws/status?access_token={harness.token()} HTTP/1.1\r\nHost: x\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+    )
+    return writer, sock
+
+
+async def test_replays_to_a_socket_that_never_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """Each `subscribe … since` answers a replay (here 300 frames, ~65 KB) as one queued
+    item: a socket that never read held ~44 MB before the item bound closed it. Now what
+    waits for it (queued and in the socket's own buffer) stays within
+    CONNECTION_QUEUE_BYTES, and past it the socket is closed with 4009. Neither the item
+    bound nor the write timeout can close it here."""
+    bound = 256 * 1024
+    limits: dict[str, Any] = {
+        "connection_queue_size": 100_000,
+        "connection_queue_bytes": bound,
+        "write_timeout_s": 60,
+        "client_frame_burst": 100_000,
+    }
+    async with running_hub(tmp_path, **limits) as harness:
+        conversation = await harness.conversation()
+        replay = await harness.changes(conversation, 300)
+        replay_bytes = sum(map(len, replay))
+        writer, sock = await _never_reading(harness)
+        await eventually(lambda: harness.hub.connection_count == 1, "it is connected")
+        (conn,) = harness.hub.connections.values()
+        subscribe = json.dumps(
+            {"type": "subscribe", "conversation_id": conversation.id, "since": 0}
+        )
+        sent = 0
+        while harness.closes(4009) == 0:
+            assert sent < 300, f"{sent * replay_bytes} bytes of replays asked, not closed"
+            held = conn.backlog_bytes + conn.unsent if conn.open else 0
+            assert held <= bound + replay_bytes  # the bound, and one answer written whole
+            writer.write(client_frame(Opcode.TEXT, subscribe.encode()))
+            sent += 1
+            await asyncio.sleep(0.01)
+        assert harness.closes(1011) == 0
+        writer.close()
+        sock.close()

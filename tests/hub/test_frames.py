@@ -100,6 +100,9 @@ def test_lone_surrogates_are_bad_requests(raw: str) -> None:
     assert result.code == "bad_request"
 
 
+DEEP = f"frame nests arrays and objects deeper than {frames.MAX_DEPTH} levels"
+
+
 @pytest.mark.parametrize(
     ("raw", "message", "ref"),
     [
@@ -154,7 +157,7 @@ def test_lone_surrogates_are_bad_requests(raw: str) -> None:
         ('{"type":"ping","ts":NaN}', "frame is not valid JSON", None),
         ('{"type":"ping","ts":-Infinity}', "frame is not valid JSON", None),
         ('{"type":"ping","ts":1e999}', "frame is not valid JSON", None),
-        ("[" * 2000 + "]" * 2000, "frame is not valid JSON", None),
+        ("[" * 2000 + "]" * 2000, DEEP, None),
         ("[]", "frame must be a JSON object", None),
         ('"subscribe"', "frame must be a JSON object", None),
         ("null", "frame must be a JSON object", None),
@@ -189,6 +192,30 @@ def test_frame_at_the_limit_is_accepted() -> None:
     raw = head + "a" * (LIMIT - len(head) - 2) + '"}'
     assert len(raw) == LIMIT
     assert isinstance(parse(raw), Ping)
+
+
+@given(
+    st.integers(0, 2000),
+    st.lists(st.sampled_from(["[]", "{}"]), min_size=1),
+    st.sampled_from(["ping", "subscribe", "nope"]),
+)
+def test_any_nesting_is_parsed_or_refused_and_pongs_serialize(
+    depth: int, brackets: list[str], kind: str
+) -> None:
+    """A `ts` nested ~1,000 deep once parsed, and then broke the pong's serializer (1011
+    and a traceback): nesting past MAX_DEPTH is a bad request, whatever the depth."""
+    ts = "1"
+    for level in range(depth):
+        ts = "[" + ts + "]" if brackets[level % len(brackets)] == "[]" else '{"k":' + ts + "}"
+    raw = f'{{"type":"{kind}","conversation_id":"c","ts":{ts}}}'
+    result = parse_client_frame(raw, 100_000)
+    if depth + 1 > frames.MAX_DEPTH:
+        assert result == FrameError(DEEP)
+    else:
+        assert result != FrameError(DEEP)
+        if kind == "ping":
+            assert isinstance(result, Ping)
+            assert json.loads(frames.pong(result.ts))["ts"] == result.ts
 
 
 @given(st.text(max_size=300))

@@ -110,7 +110,7 @@ async def test_a_gap_during_a_subscribes_store_read_is_read_again(hub: Harness) 
 
 
 def _gap_noted(harness: Harness, conversation_id: str) -> bool:
-    for conn in harness.hub._connections.values():
+    for conn in harness.hub.connections.values():
         subscription = conn.subscriptions.get(conversation_id)
         if subscription is not None and subscription.gap:
             return True

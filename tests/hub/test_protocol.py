@@ -10,12 +10,16 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from websockets.frames import Close, Opcode
 
 from tests.hub.test_server import TIMEOUT_S, Harness, connected, eventually, hub, running_hub
 from tests.hub.test_wire import client_frame
+from whatslike.hub import transport
+from whatslike.hub.transport import WebSocketProtocol
 
 __all__ = ["hub"]  # the fixture, used by name
 
@@ -202,3 +206,90 @@ async def test_addresses_come_from_x_forwarded_for_of_a_trusted_proxy(tmp_path: 
         headers = upgrade_headers(**{"X-Forwarded-For": "10.9.9.9, 10.0.0.1"})
         status, body, _ = await upgrade(harness.url, path, headers)
     assert (status, json.loads(body)["error"]["code"]) == (429, "too_many_connections")
+
+
+# -- control frames (issue 14) ---------------------------------------------------------------
+
+
+async def test_pings_take_from_the_frame_budget_and_a_flood_closes_4008(tmp_path: Path) -> None:
+    """Every ping was answered, outside the budget, however many came (400 MiB of them
+    took the process from 118 to 679 MB): now each takes a token like a message, one
+    over the budget is dropped unanswered, and past the strikes the socket is closed."""
+    limits: dict[str, Any] = {
+        "client_frame_burst": 5,
+        "rate_limit_strikes": 3,
+        "client_frames_per_s": 0.1,
+    }
+    async with running_hub(tmp_path, **limits) as harness, raw_client(harness) as client:
+        for index in range(200):
+            client.send(Opcode.PING, str(index).encode())
+        pongs = 0
+        while True:
+            opcode, payload = await client.frame()
+            if opcode == Opcode.CLOSE:
+                break
+            assert opcode == Opcode.PONG
+            pongs += 1
+        assert Close.parse(payload).code == 4008
+        assert pongs == 5  # the burst; then 3 strikes are allowed, and the 4th closes
+        assert harness.closes(4008) == 1
+
+
+async def test_a_client_still_flooding_after_the_servers_close_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its close frame the server reads on only for the client's: every byte of a
+    flood that goes on was parsed until the close timeout (5 s of a socket's worth kept
+    /healthz waiting over a second). Past CLOSING_READ_BYTES the connection is cut."""
+    monkeypatch.setattr(transport, "CLOSE_TIMEOUT_S", 60.0)  # only the cut can end it
+    limits: dict[str, Any] = {"client_frame_burst": 1, "rate_limit_strikes": 1}
+    async with running_hub(tmp_path, **limits) as harness, raw_client(harness) as client:
+        flood = client_frame(Opcode.PING, b"p" * 125) * 1000  # 131 KB
+        for _ in range(3):  # the close comes in the first
+            client.writer.write(flood)
+        await eventually(lambda: harness.closes(4008) == 1, "the flood is refused")
+        await eventually(lambda: harness.hub._closing == 0, "the socket is cut")
+
+
+class _Transport(asyncio.Transport):
+    """What a socket that takes no writes looks like to a protocol: writes pile up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self.written))
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Plain(WebSocketProtocol):
+    def control(self) -> bool:
+        return True
+
+
+def test_behind_a_socket_that_does_not_read_only_the_latest_ping_is_answered() -> None:
+    """RFC 6455 §5.5.3: a pong may answer only the most recent ping. While the transport
+    is over its high-water mark no pong is written (they piled up in its buffer, one per
+    ping); the latest waits, counted in `unsent`, and is written when the socket drains."""
+    protocol = _Plain(4096)
+    transport = _Transport()
+    protocol.connection_made(transport)
+    protocol.accept(KEY, None, b"")
+    transport.written.clear()
+    protocol.pause_writing()
+    protocol.data_received(b"".join(client_frame(Opcode.PING, b"p%d" % i) for i in range(1000)))
+    assert transport.written == []
+    assert protocol.unsent == len(b"p999") + 2
+    protocol.resume_writing()
+    assert transport.written == [client_frame(Opcode.PONG, b"p999", mask=None)]
+    protocol.data_received(client_frame(Opcode.PING, b"now"))  # taking writes: at once
+    assert transport.written[1:] == [client_frame(Opcode.PONG, b"now", mask=None)]

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -27,7 +26,10 @@ from whatslike.clock import new_id, utcnow
 from whatslike.events import StatusEvent, status_channel
 from whatslike.fanout import Fanout
 from whatslike.fanout.memory import MemoryFanout
-from whatslike.hub.server import MAX_BATCH, Hub, Reply, coalesce, status_seq
+from whatslike.http_client import AiohttpClient
+from whatslike.hub.connection import Reply
+from whatslike.hub.delivery import MAX_BATCH, coalesce, status_seq
+from whatslike.hub.server import Hub
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings
@@ -155,38 +157,38 @@ async def running_hub(
     await store.open()
     fanout = MemoryFanout() if fanout is None else fanout
     metrics = Metrics()
-    async with httpx.AsyncClient() as http:
-        deps = Deps(
-            settings=settings,
-            store=store,
-            bus=cast(Bus, None),  # the hub never uses the bus
-            fanout=fanout,
-            http=http,
-            metrics=metrics,
-            jwt_secret=SECRET,
+    http = AiohttpClient(connections=1, keepalive_s=1.0)  # the hub never calls out
+    deps = Deps(
+        settings=settings,
+        store=store,
+        bus=cast(Bus, None),  # the hub never uses the bus
+        fanout=fanout,
+        http=http,
+        metrics=metrics,
+        jwt_secret=SECRET,
+    )
+    hub = Hub(deps)
+    app = Starlette(routes=hub.routes())
+    protocol: Any = hub.protocol if ws is None else ws
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=protocol)
+    server = uvicorn.Server(config)
+    sock = _free_socket()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    await eventually(lambda: server.started or serving.done(), "uvicorn serves")
+    host, port = sock.getsockname()
+    await hub.start()
+    await fanout.start()
+    try:
+        yield Harness(
+            f"ws://{host}:{port}/ws/status", hub, store, fanout, metrics, TokenService(SECRET)
         )
-        hub = Hub(deps)
-        app = Starlette(routes=hub.routes())
-        protocol: Any = hub.protocol if ws is None else ws
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", ws=protocol)
-        server = uvicorn.Server(config)
-        sock = _free_socket()
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        await eventually(lambda: server.started or serving.done(), "uvicorn serves")
-        host, port = sock.getsockname()
-        await hub.start()
-        await fanout.start()
-        try:
-            yield Harness(
-                f"ws://{host}:{port}/ws/status", hub, store, fanout, metrics, TokenService(SECRET)
-            )
-        finally:
-            await fanout.stop()
-            await hub.stop()
-            server.should_exit = True
-            await serving
-            sock.close()
-            await store.close()
+    finally:
+        await fanout.stop()
+        await hub.stop()
+        server.should_exit = True
+        await serving
+        sock.close()
+        await store.close()
 
 
 async def receive(ws: ClientConnection) -> Frame:
@@ -539,7 +541,7 @@ async def test_frames_queued_behind_a_slow_socket_are_sent_as_one_batch(hub: Har
         await connected(ws)
         await send(ws, type="subscribe", conversation_id=conversation.id)
         await receive(ws)
-        (conn,) = hub.hub._connections.values()
+        (conn,) = hub.hub.connections.values()
         # As the transport does when its buffer passes the high-water mark.
         conn.pause_writing()
         frames = await hub.changes(conversation, 3)

@@ -152,6 +152,45 @@ def test_fragments_count_together_against_the_limit() -> None:
     assert whole.feed(client_frame(Opcode.CONT, b"y" * 40)) == [(wire.TEXT, b"x" * 60 + b"y" * 40)]
 
 
+def test_a_stream_of_empty_continuation_frames_is_closed_at_the_fragment_cap() -> None:
+    """180 KB of empty continuation frames (30,000 of them, each 6 bytes): once cost a
+    sum over every fragment so far at each frame (quadratic; it held the loop for 9 s);
+    now the message is refused with 1009 at fragment MAX_FRAGMENTS + 1."""
+    reader = FrameReader(LIMIT)
+    assert reader.feed(client_frame(Opcode.TEXT, b"{", fin=False)) == []
+    empty = client_frame(Opcode.CONT, b"", fin=False)
+    stream = empty * 30_000
+    fed = 0
+    with pytest.raises(WireError) as raised:
+        while fed < len(stream):
+            reader.feed(stream[fed : fed + len(empty)])
+            fed += len(empty)
+    assert raised.value.code == 1009
+    assert raised.value.reason == f"message in over {wire.MAX_FRAGMENTS} fragments"
+    assert fed // len(empty) == wire.MAX_FRAGMENTS - 1  # the first fragment, then these
+
+
+@given(st.binary(max_size=200), st.data())
+def test_a_message_in_up_to_max_fragments_pieces_is_read_back(
+    payload: bytes, data: st.DataObject
+) -> None:
+    """Empty fragments included, and a ping after the first: the cap refuses nothing a
+    client may send."""
+    pieces = data.draw(st.integers(1, wire.MAX_FRAGMENTS))
+    cuts = data.draw(
+        st.lists(st.integers(0, len(payload)), min_size=pieces - 1, max_size=pieces - 1)
+    )
+    bounds = [0, *sorted(cuts), len(payload)]
+    stream = b""
+    for i in range(pieces):
+        kind = Opcode.TEXT if i == 0 else Opcode.CONT
+        stream += client_frame(kind, payload[bounds[i] : bounds[i + 1]], fin=i == pieces - 1)
+        if i == 0 and pieces > 1:
+            stream += client_frame(Opcode.PING, b"p")
+    expected = [(wire.PING, b"p")] if pieces > 1 else []
+    assert FrameReader(LIMIT).feed(stream) == [*expected, (wire.TEXT, payload)]
+
+
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [

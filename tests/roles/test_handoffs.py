@@ -5,16 +5,16 @@ are noticed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from whatslike.bus import BusFull, Handler
+from whatslike.bus import BusFull, Event, Handler, publish_in_turn
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import AiohttpClient
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.roles.relay import OutboxRelay
@@ -51,6 +51,9 @@ class ScriptedBus:
             raise BusFull("full")
         self.published.append((topic, key, value))
 
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        await publish_in_turn(self.publish, events)
+
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
@@ -66,7 +69,7 @@ def deps(store: SQLiteStore, bus: Any, metrics: Metrics | None = None, **setting
         store=store,
         bus=bus,
         fanout=MemoryFanout(),
-        http=httpx.AsyncClient(),
+        http=AiohttpClient(connections=1, keepalive_s=1.0),
         metrics=metrics or Metrics(),
         jwt_secret="x",
     )
@@ -209,4 +212,4 @@ async def test_a_stop_that_meets_a_wake_up_still_stops_the_relay(
         for _ in range(steps):
             await asyncio.sleep(0)
         await asyncio.wait_for(relay.stop(), 5)
-    await wiring.http.aclose()
+    await wiring.http.close()

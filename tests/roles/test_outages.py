@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.bus.test_kafka import kafka_url, prefix
@@ -25,6 +24,7 @@ from whatslike.bus.memory import MemoryBus
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import AiohttpClient
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, dead_letters
 from whatslike.roles.relay import OutboxRelay
@@ -91,7 +91,7 @@ async def running_worker(
         store=store,
         bus=bus_of(settings, metrics),  # type: ignore[arg-type]
         fanout=MemoryFanout(),
-        http=httpx.AsyncClient(),
+        http=AiohttpClient(connections=1, keepalive_s=1.0),
         metrics=metrics,
         jwt_secret="x",
     )
@@ -110,7 +110,7 @@ async def running_worker(
         await relay.stop()
         await deps.bus.stop()
         await worker.stop()
-        await deps.http.aclose()
+        await deps.http.close()
 
 
 def sent(message: Message, n: int) -> StatusEvent:

@@ -10,7 +10,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from whatslike.bus.memory import MemoryBus
@@ -18,6 +17,7 @@ from whatslike.connectors.base import ProviderUnavailable
 from whatslike.errors import MalformedEvent
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import AiohttpClient
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.roles.relay import OutboxRelay
@@ -62,7 +62,7 @@ def deps(store: SQLiteStore, fanout: FlakyFanout, metrics: Metrics) -> Deps:
         store=store,
         bus=MemoryBus(settings, metrics, seed=3),
         fanout=fanout,
-        http=httpx.AsyncClient(),
+        http=AiohttpClient(connections=1, keepalive_s=1.0),
         metrics=metrics,
         jwt_secret="x",
     )
@@ -93,7 +93,7 @@ async def test_a_failed_fanout_after_commit_is_retried_and_the_frame_goes_out(
     await wiring.bus.publish(TOPIC_STATUS, conversation.id, sent(message).to_json())
     await asyncio.wait_for(fanout.arrived.wait(), 5)
     await wiring.bus.stop()
-    await wiring.http.aclose()
+    await wiring.http.close()
 
     [(channel, payload)] = fanout.published
     assert channel == f"status:{conversation.id}"
@@ -116,7 +116,7 @@ async def test_an_event_for_no_message_is_dead_lettered_and_kept(store: SQLiteSt
     await wiring.bus.start()
     await wiring.bus.publish(TOPIC_STATUS, conversation.id, ghost.to_json())
     await wiring.bus.stop()
-    await wiring.http.aclose()
+    await wiring.http.close()
     assert await store.dead_letter_count() == 1
     assert fanout.published == []
 
@@ -150,7 +150,7 @@ async def test_a_message_the_provider_never_got_becomes_failed(store: SQLiteStor
     await asyncio.wait_for(fanout.arrived.wait(), 5)
     await relay.stop()
     await wiring.bus.stop()
-    await wiring.http.aclose()
+    await wiring.http.close()
 
     frame = json.loads(fanout.published[0][1])
     assert (frame["status"], frame["seq"]) == ("FAILED", 1)
@@ -191,7 +191,7 @@ async def test_statuses_arriving_together_are_applied_in_few_transactions(
     await asyncio.wait_for(_published(fanout, len(messages) * 3), 10)
     await wiring.bus.stop()
     await worker.stop()
-    await wiring.http.aclose()
+    await wiring.http.close()
 
     by_conversation: dict[str, list[int]] = {}
     for channel, payload in fanout.published:

@@ -392,6 +392,8 @@ class Verdict:
     finals: Counter[str]
     repeated: int
     sends: dict[str, Any]
+    #: Messages that ended FAILED `send_outcome_unknown`.
+    unknown: int = 0
 
 
 async def oracle(
@@ -468,7 +470,8 @@ async def oracle(
     assert not sends["duplicates"], f"sent twice: {sends['duplicates']}"
     unsent = len(load.sent) - sends["keys"]
     assert unsent == 0 or (unknown_outcomes and 0 < unsent <= unknown), (sends, unknown)
-    return Verdict(statuses, Counter(final[s.message_id] for s in load.sent), repeated, sends)
+    finals = Counter(final[s.message_id] for s in load.sent)
+    return Verdict(statuses, finals, repeated, sends, unknown)
 
 
 def latencies(load: Load, watchers: list[Watcher]) -> list[float]:

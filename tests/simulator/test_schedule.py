@@ -99,7 +99,7 @@ async def test_pending_deliveries_survive_a_reopen(tmp_path: Path) -> None:
     start = time.time() - 10  # all due already: take() does not wait
     first = await schedule.accept("whatsapp:m1", planned(3, start))
     assert first is not None and [d.id for d in first] == sorted(d.id for d in first)
-    await schedule.settle(first[0])
+    await schedule.settle([first[0]])
     retried = first[1]
     retried.failures, retried.due = 2, start + 5
     await schedule.retry(retried)

@@ -11,7 +11,8 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -27,11 +28,18 @@ from whatslike.connectors.meta import signature_valid
 from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import AiohttpClient, HttpClient
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import Settings, load_settings
 from whatslike.simulator import payloads
-from whatslike.simulator.app import MAX_DELAY_MS, Controls, Simulator, changed_controls
+from whatslike.simulator.app import (
+    MAX_DELAY_MS,
+    Controls,
+    RateLimits,
+    Simulator,
+    changed_controls,
+)
 from whatslike.status.rules import Status
 from whatslike.store.sqlite import SQLiteStore
 
@@ -61,7 +69,7 @@ def settings(data_dir: Path, port: int = 8123, **overrides: Any) -> Settings:
     )
 
 
-def deps(config: Settings, http: httpx.AsyncClient, store: Any = None) -> Deps:
+def deps(config: Settings, http: HttpClient, store: Any = None) -> Deps:
     return Deps(
         settings=config,
         store=store,
@@ -162,16 +170,16 @@ async def in_process(
     data_dir: Path, **overrides: Any
 ) -> AsyncIterator[tuple[Simulator, httpx.AsyncClient]]:
     """A simulator with its schedule open but no delivery workers: webhooks stay queued."""
-    async with httpx.AsyncClient() as http:
-        simulator = Simulator(deps(settings(data_dir, **overrides), http))
-        await simulator.schedule.open()
-        app = Starlette(routes=simulator.routes())
-        transport = httpx.ASGITransport(app=app)
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
-                yield simulator, client
-        finally:
-            await simulator.schedule.close()
+    http = AiohttpClient(connections=1, keepalive_s=1.0)  # never used: no workers
+    simulator = Simulator(deps(settings(data_dir, **overrides), http))
+    await simulator.schedule.open()
+    app = Starlette(routes=simulator.routes())
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+            yield simulator, client
+    finally:
+        await simulator.schedule.close()
 
 
 async def test_whatsapp_send_answers_like_meta(tmp_path: Path) -> None:
@@ -272,12 +280,15 @@ class Receiver:
         self.answered: list[int] = []  # the status of each post, in order
         self.answers: list[int] = []  # statuses to answer first, then 200
         self.down = False  # answer 503 to everything
+        self.gate = asyncio.Event()  # answers wait for it
+        self.gate.set()
 
     def routes(self) -> list[BaseRoute]:
         return [Route("/webhooks/{channel}", self.receive, methods=["POST"])]
 
     async def receive(self, request: Request) -> Response:
         body = await request.body()
+        await self.gate.wait()
         header = request.headers.get("X-Hub-Signature-256")
         self.posts.append((request.path_params["channel"], body, header))
         status = 503 if self.down else (self.answers.pop(0) if self.answers else 200)
@@ -292,7 +303,7 @@ class Receiver:
         return by_body
 
 
-Builder = Callable[[Settings, httpx.AsyncClient], list[BaseRoute]]
+Builder = Callable[[Settings, HttpClient], list[BaseRoute]]
 
 
 @asynccontextmanager
@@ -306,7 +317,8 @@ async def served(
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     config = settings(data_dir, port=sock.getsockname()[1], **overrides)
-    async with httpx.AsyncClient() as http:
+    http = AiohttpClient(connections=16, keepalive_s=config.http_keepalive_s)
+    try:
         app = Starlette(routes=build(config, http))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -321,13 +333,15 @@ async def served(
             server.should_exit = True
             await task
             sock.close()
+    finally:
+        await http.close()
 
 
 async def test_whatsapp_webhooks_signed_in_order(tmp_path: Path) -> None:
     receiver = Receiver()
     sims: list[Simulator] = []
 
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
@@ -355,7 +369,7 @@ async def test_instagram_seen_webhook_and_retries(tmp_path: Path) -> None:
     receiver.answers = [500, 503]
     sims: list[Simulator] = []
 
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         return sims[0].routes() + receiver.routes()
 
@@ -385,7 +399,7 @@ async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
     sims: list[Simulator] = []
     connectors: list[WhatsAppConnector] = []
 
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         connectors.append(WhatsAppConnector(deps(config, http, store)))
         return sims[0].routes() + connectors[0].routes()
@@ -432,7 +446,7 @@ def stored_deliveries(data_dir: Path) -> list[tuple[bytes, int]]:
 
 
 def simulator_with(receiver: Receiver, sims: list[Simulator]) -> Builder:
-    def build(config: Settings, http: httpx.AsyncClient) -> list[BaseRoute]:
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         return sims[-1].routes() + receiver.routes()
 
@@ -460,7 +474,9 @@ async def test_the_schedule_survives_a_restart(tmp_path: Path) -> None:
     refusing = Receiver()
     refusing.down = True
     first: list[Simulator] = []
-    async with served(simulator_with(refusing, first), lambda: first, tmp_path) as config:
+    # One notification per webhook: each is recognised by its bytes.
+    one = {"sim_webhook_batch": 1}
+    async with served(simulator_with(refusing, first), lambda: first, tmp_path, **one) as config:
         await send_messages(config, whatsapp=2, instagram=1)
         # Every one of the 7 webhooks was tried and refused at least once.
         await eventually(lambda: len(refusing.answers_by_body()) == 7)
@@ -471,7 +487,7 @@ async def test_the_schedule_survives_a_restart(tmp_path: Path) -> None:
 
     accepting = Receiver()
     second: list[Simulator] = []
-    async with served(simulator_with(accepting, second), lambda: second, tmp_path):
+    async with served(simulator_with(accepting, second), lambda: second, tmp_path, **one):
         await eventually(lambda: second[0].schedule.pending == 0)
     assert accepting.answers_by_body() == {body: [200] for body in refusing.answers_by_body()}
     for _, body, header in accepting.posts:
@@ -487,7 +503,9 @@ async def test_retries_outlast_an_outage(tmp_path: Path, caplog: pytest.LogCaptu
     receiver.down = True
     sims: list[Simulator] = []
     build = simulator_with(receiver, sims)
-    async with served(build, lambda: sims, tmp_path, sim_delay_ms=5, sim_time_scale=0.02) as config:
+    async with served(
+        build, lambda: sims, tmp_path, sim_delay_ms=5, sim_time_scale=0.02, sim_webhook_batch=1
+    ) as config:
         await send_messages(config, whatsapp=5, instagram=2)
         expected = 5 * 3 + 2
 
@@ -524,6 +542,7 @@ async def test_an_early_webhook_that_fails_is_retried_like_any_other(tmp_path: P
         sim_delay_ms=MAX_DELAY_MS,
         sim_disorder=True,
         sim_time_scale=0.02,
+        sim_webhook_batch=1,
     ) as config:
         await send_messages(config, whatsapp=12, instagram=0)
         early = set(receiver.answers_by_body())
@@ -539,3 +558,166 @@ async def test_an_early_webhook_that_fails_is_retried_like_any_other(tmp_path: P
     left = stored_deliveries(tmp_path)
     assert len(left) == sims[0].schedule.pending > 0
     assert all(failures == 0 for _, failures in left)
+
+
+async def test_notifications_due_together_go_out_in_one_webhook(tmp_path: Path) -> None:
+    receiver = Receiver()
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[0].routes() + receiver.routes()
+
+    # The first webhooks wait for an answer until every send is in, so the notifications
+    # behind them are all due together.
+    receiver.gate.clear()
+    async with served(build, lambda: sims, tmp_path, sim_delay_ms=0) as config:
+        async with httpx.AsyncClient(base_url=config.base_url) as client:
+            wamids = []
+            for n in range(20):
+                request = fixture("whatsapp-send-request.json")
+                request["biz_opaque_callback_data"] = f"msg_{n}"
+                response = await client.post(WA_SEND, json=request, headers=AUTH)
+                wamids.append(response.json()["messages"][0]["id"])
+        receiver.gate.set()
+        await eventually(lambda: sims[0].schedule.pending == 0)
+    statuses = []
+    for channel, body, header in receiver.posts:
+        assert channel == "whatsapp"
+        assert signature_valid(SECRET, body, header)
+        statuses += parse_statuses(json.loads(body))
+    assert len(receiver.posts) < len(statuses) == 60
+    for wamid in wamids:
+        mine = [s.status for s in statuses if s.provider_message_id == wamid]
+        assert mine == [Status.SENT, Status.DELIVERED, Status.READ]
+
+
+def test_merged_webhooks_keep_every_entry_in_order() -> None:
+    bodies = [
+        json.dumps(
+            payloads.whatsapp_status_webhook(
+                PHONE, [payloads.whatsapp_status(f"w{n}", "sent", 1764072000 + n, "55", None)]
+            )
+        ).encode()
+        for n in range(3)
+    ]
+    merged = json.loads(payloads.merge_webhooks(bodies))
+    assert [s.provider_message_id for s in parse_statuses(merged)] == ["w0", "w1", "w2"]
+    seen = payloads.instagram_webhook(ACCOUNT, [], 1)
+    with pytest.raises(ValueError, match="different objects"):
+        payloads.merge_webhooks([bodies[0], json.dumps(seen).encode()])
+
+
+def test_the_simulator_takes_several_webhook_urls_in_turn(tmp_path: Path) -> None:
+    config = settings(tmp_path, sim_webhook_url=" http://a:1/, http://b:2 ,")
+    assert config.sim_webhook_urls == ("http://a:1", "http://b:2")
+    assert settings(tmp_path, port=9).sim_webhook_urls == ("http://127.0.0.1:9",)
+
+
+async def test_the_simulator_answers_meta_rate_limit_errors_when_asked(tmp_path: Path) -> None:
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[0].routes()
+
+    request = fixture("whatsapp-send-request.json")
+    other = {**request, "to": "+5511900000001"}
+    async with (
+        served(build, lambda: sims, tmp_path, sim_sends_per_s=0.001) as config,
+        httpx.AsyncClient(base_url=config.base_url) as client,
+    ):
+        assert (await client.post(WA_SEND, json=request, headers=AUTH)).status_code == 200
+        refused = await client.post(WA_SEND, json=other, headers=AUTH)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == 130429
+
+    sims.clear()
+    async with (
+        served(build, lambda: sims, tmp_path / "pair", sim_pair_burst=2) as config,
+        httpx.AsyncClient(base_url=config.base_url) as client,
+    ):
+        codes = [
+            (await client.post(WA_SEND, json=body, headers=AUTH)).status_code
+            for body in (request, request, other, request)
+        ]
+        last = await client.post(WA_SEND, json=request, headers=AUTH)
+    assert codes == [200, 200, 200, 400]
+    assert last.json()["error"]["code"] == 131056
+
+
+@pytest.mark.parametrize(
+    ("limits", "code", "scope"),
+    [
+        ({"sim_sends_per_s": 1}, 130429, "throttled_account"),
+        ({"sim_pair_burst": 1, "sim_pair_interval_s": 3}, 131056, "throttled_pair"),
+    ],
+)
+async def test_throttled_sends_wait_and_never_fail(
+    tmp_path: Path, limits: dict[str, float], code: int, scope: str
+) -> None:
+    """The simulator's clock stands still until it refuses a send, so every send after the
+    first meets the limit (130429 for the number; 131056 for one customer) until the test
+    moves the clock on: each one waits (the number held, the customer retried later) and
+    goes once; none is FAILED, none is sent twice."""
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    sims: list[Simulator] = []
+    connectors: list[WhatsAppConnector] = []
+    now = [0.0]
+    refusals: list[int] = []
+
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        real = RateLimits(config, clock=lambda: now[0])
+
+        def refusal(recipient: str) -> Response | None:
+            answer = real.refusal(recipient)
+            if answer is not None:
+                refusals.append(json.loads(bytes(answer.body))["error"]["code"])
+            return answer
+
+        sims[0]._limits = cast(RateLimits, SimpleNamespace(refusal=refusal))
+        connectors.append(WhatsAppConnector(deps(config, http, store)))
+        return sims[0].routes() + connectors[0].routes()
+
+    async with served(
+        build,
+        lambda: sims,
+        tmp_path / "sim",
+        sim_delay_ms=5,
+        throttle_hold_s=0.01,
+        pair_retry_s=0.01,
+        **limits,
+    ):
+        conversation = await store.create_conversation("org1", "whatsapp", "+5511988877665")
+        messages = [
+            (await store.create_message(conversation, f"text {n}", f"c{n}"))[0] for n in range(3)
+        ]
+        sends = []
+        for n, message in enumerate(messages):
+            to = f"+551190000000{n}" if code == 130429 else "+5511988877665"
+            outbound = OutboundMessage(
+                "evt", message.id, conversation.id, "org1", "whatsapp",
+                to, message.text, message.client_message_id, message.created_at,
+            )  # fmt: skip
+            sends.append(asyncio.create_task(connectors[0].send(outbound.to_json())))
+        seen = 0
+        while not all(send.done() for send in sends):
+            if len(refusals) > seen:
+                seen = len(refusals)
+                now[0] += 3  # the limits let one more through
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*sends)
+        await eventually(lambda: sims[0].schedule.pending == 0)
+        counted = await sims[0].schedule.sends()
+    handed = await store.outbox_batch("test", 10_000)
+    await store.close()
+    assert set(refusals) == {code}
+    statuses = [StatusEvent.from_json(i.payload) for i in handed if i.topic == TOPIC_STATUS]
+    assert {e.message_id for e in statuses if e.status is Status.READ} == {m.id for m in messages}
+    assert not [e for e in statuses if e.status is Status.FAILED]
+    assert counted["sends"] == 3 and not counted["duplicates"]
+    labels = {"channel": "whatsapp", "outcome": scope}
+    sample = connectors[0]._metrics.registry.get_sample_value
+    assert sample("whatslike_provider_sends_total", labels) == len(refusals)

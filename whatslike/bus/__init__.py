@@ -11,7 +11,7 @@ handled in publish order.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 Handler = Callable[[bytes], Awaitable[None]]
@@ -24,6 +24,31 @@ BatchHandler = Callable[[list[bytes]], Awaitable[None]]
 
 class BusFull(Exception):
     """The bus could not take the event within the publish timeout. Retriable."""
+
+
+#: (topic, key, value) of one event to publish.
+Event = tuple[str, str, bytes]
+
+
+class PublishIncomplete(Exception):
+    """`publish_many` took only the first `taken` events; `error` is why the next one was
+    not taken (BusFull, BackendUnavailable, ...)."""
+
+    def __init__(self, taken: int, error: Exception) -> None:
+        super().__init__(f"{taken} events taken, then: {error}")
+        self.taken = taken
+        self.error = error
+
+
+async def publish_in_turn(
+    publish: Callable[[str, str, bytes], Awaitable[None]], events: Sequence[Event]
+) -> None:
+    """`publish_many` for a bus without batches of its own: one event after the other."""
+    for taken, event in enumerate(events):
+        try:
+            await publish(*event)
+        except Exception as exc:
+            raise PublishIncomplete(taken, exc) from exc
 
 
 class Bus(Protocol):
@@ -43,6 +68,11 @@ class Bus(Protocol):
 
     async def publish(self, topic: str, key: str, value: bytes) -> None:
         """Hand an event to the bus; waits while the bus is full, then raises BusFull."""
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """Hand several events to the bus at once (one round trip to a broker for all),
+        each key's in the given order; raises PublishIncomplete when only a first part of
+        them was taken."""
 
     async def ping(self) -> None: ...
 

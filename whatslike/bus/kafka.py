@@ -6,13 +6,14 @@ has stored the record, and raises `BusFull` (nothing acknowledged within
 keyed by conversation id, so one conversation lives on one partition.
 
 Consuming: one consumer per group name (the group id is the name the role passes). Each
-assigned partition gets its own task that handles its records one after the other
-(per-key order) while the partitions of a process run concurrently. A group that
+assigned partition gets its own task that hands each record to its key's lane
+(whatslike/bus/lanes.py): up to `bus_concurrency` records at work at once, each key's in
+order, while the partitions of a process run concurrently. A group that
 subscribed with `subscribe_batch` gets, at each turn of the partition's task, everything
 the partition has buffered (at least what one fetch brought) in one call of its batch
 handler; if that raises, the same records go one by one through the per-event handler,
-with its retries and dead letters. Offsets are committed by hand, only up to records
-whose handler returned (a batch: the whole batch) or that were dead-lettered, every
+with its retries and dead letters. Offsets are committed by hand, only below the oldest record
+whose handler has not returned (a batch: the whole batch) nor dead-lettered, every
 `kafka_commit_interval_s`, on rebalance and on stop: at-least-once, as in memory.py.
 
 Lag: after each fetch, `whatslike_bus_consumer_lag{topic,group,partition}` is the
@@ -23,7 +24,8 @@ every `kafka_commit_interval_s`.
 A partition's gauge appears with its first fetched record and goes when it is revoked.
 
 Bounds: each partition buffers at most `kafka_partition_buffer` fetched records (plus
-the one at work, or the batch at work: at most as many again); a full partition is not
+up to `bus_concurrency` at work in its lanes, or the batch at work: at most as many
+again); a full partition is not
 fetched again until its task catches up, so the broker keeps the backlog and nothing is
 dropped. The producer holds at most a batch
 (`max_batch_size`, 16 KiB) per partition beside the ones in flight; a publisher waits
@@ -43,9 +45,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -59,9 +61,10 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Gauge
 
-from whatslike.bus import BatchHandler, BusFull, Handler
+from whatslike.bus import BatchHandler, BusFull, Event, Handler, PublishIncomplete
+from whatslike.bus.lanes import Lanes, Offsets
 from whatslike.bus.memory import backoff_delay, dead_letter
-from whatslike.bus.retry import Tries, retry_line
+from whatslike.bus.retry import Failure, Tries, retry_line
 from whatslike.errors import BackendUnavailable
 from whatslike.events import CHANNELS, TOPIC_MESSAGES, TOPIC_STATUS, dlq_topic, outbound_topic
 from whatslike.metrics import Metrics
@@ -104,6 +107,11 @@ def bootstrap_servers(bus_url: str) -> list[str]:
     return [part.strip() for part in bus_url.removeprefix("kafka://").split(",") if part.strip()]
 
 
+def is_dead_letter_topic(label: str) -> bool:
+    """A `<topic>.dlq`: the end of the line, with no dead-letter topic of its own."""
+    return label.endswith(dlq_topic(""))
+
+
 @dataclass(frozen=True)
 class ProducerConfig:
     """What the running producer does, read back from it (not from our arguments)."""
@@ -124,6 +132,8 @@ class _Partition:
     buffer: asyncio.Queue[Any]  # aiokafka ConsumerRecord
     lag: Gauge  # its child of `whatslike_bus_consumer_lag`, bound once
     task: asyncio.Task[None] | None = None
+    lanes: Lanes[Any] | None = None  # per-event handling: records at work, by key
+    offsets: Offsets = field(default_factory=Offsets)  # ... and how far they are done
     done: int | None = None  # offset of the next record to read: all before it are handled
     committed: int | None = None
     fed_from: int | None = None  # offset of the first record fetched here (lag until `done`)
@@ -231,20 +241,48 @@ class KafkaBus:
             raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
 
     async def publish(self, topic: str, key: str, value: bytes) -> None:
+        try:
+            await self.publish_many([(topic, key, value)])
+        except PublishIncomplete as exc:
+            raise exc.error from exc
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """Every record goes to the producer's batches at once and is then awaited: one
+        round trip to the broker (per partition batch) for all of them, not one each. The
+        idempotent producer keeps each partition's records in the given order."""
         producer = self._producer
         if producer is None:
-            raise BackendUnavailable("the Kafka bus is not started")
-        name = self.topic_name(topic)
+            raise PublishIncomplete(0, BackendUnavailable("the Kafka bus is not started"))
+        sent: list[asyncio.Future[Any]] = []
+        failure: Exception | None = None
         try:
             async with asyncio.timeout(self._settings.bus_publish_timeout_s):
-                await producer.send_and_wait(name, value, key=key.encode())
-        except TimeoutError as exc:
-            raise BusFull(f"Kafka did not acknowledge an event on {name!r} in time") from exc
+                for topic, key, value in events:
+                    sent.append(
+                        await producer.send(self.topic_name(topic), value, key=key.encode())
+                    )
+                await asyncio.wait(sent)
+        except TimeoutError:
+            failure = BusFull("Kafka did not acknowledge an event in time")
         except KafkaError as exc:
-            if isinstance(exc, _PRODUCER_BROKEN) or producer._sender.sender_task.done():
+            failure = exc
+        taken = 0
+        for future in sent:
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                break
+            taken += 1
+        for topic, _, _ in events[:taken]:
+            self._metrics.bus_published.labels(topic).inc()
+        if taken == len(events):
+            return
+        if failure is None and taken < len(sent):
+            failure = cast(Exception, sent[taken].exception())
+        if isinstance(failure, KafkaError):
+            if isinstance(failure, _PRODUCER_BROKEN) or producer._sender.sender_task.done():
                 await self._replace_producer(producer)
-            raise BackendUnavailable(f"Kafka refused an event on {name!r}: {exc!r}") from exc
-        self._metrics.bus_published.labels(topic).inc()
+            failure = BackendUnavailable(f"Kafka refused an event: {failure!r}")
+        assert failure is not None
+        raise PublishIncomplete(taken, failure)
 
     async def _new_producer(self) -> Any:
         producer = AIOKafkaProducer(
@@ -305,8 +343,11 @@ class KafkaBus:
         wanted = {self.topic_name(t) for t in PROTOCOL_TOPICS}
         for group in self._groups.values():
             wanted.update(group.handlers)
+        # A `.dlq` topic (the dead-letter recorder subscribes to them) has none of its own.
         wanted |= {
-            self.topic_name(dlq_topic(name.removeprefix(self._prefix))) for name in list(wanted)
+            self.topic_name(dlq_topic(label))
+            for label in map(self._label, list(wanted))
+            if not is_dead_letter_topic(label)
         }
         wanted -= set(await self._admin.list_topics())
         if not wanted:
@@ -474,7 +515,7 @@ class KafkaBus:
                 )
         tasks = [p.task for p in leaving if p.task is not None]
         if tasks:
-            # Each task ends at the marker: only the record at work, if any, remains.
+            # Each task ends at the marker, once the records at work in its lanes finish.
             _, late = await asyncio.wait(tasks, timeout=self._settings.kafka_handler_grace_s)
             for task in late:
                 log.warning("abandoning a handler still running on %s", task.get_name())
@@ -501,28 +542,57 @@ class KafkaBus:
                 partition.committed = offsets[partition.tp].offset
 
     async def _drain(self, group: _Group, partition: _Partition) -> None:
-        """Handle one partition's records in order, until the end-of-work marker: one at
-        a time, or, with a batch handler, everything buffered at each turn."""
+        """Handle one partition's records until the end-of-work marker: with a batch
+        handler, everything buffered at each turn; otherwise each record in its key's
+        lane (many conversations at once, each in order), `done` following the oldest
+        record still at work."""
         label = self._label(partition.tp.topic)
-        while True:
-            records = [await partition.buffer.get()]
-            if partition.batch is not None:
-                while not partition.buffer.empty():
-                    records.append(partition.buffer.get_nowait())
-            ended = records[-1] is _END
-            if ended:
-                records.pop()
-            if records:
-                self._metrics.bus_queue_depth.labels(label, group.name).dec(len(records))
-                group.room.set()
-                if partition.batch is not None and len(records) > 1:
-                    await self._handle_batch(partition, partition.batch, label, records)
-                else:
-                    for record in records:
-                        await self._handle(partition, label, record)
-                        partition.done = record.offset + 1
-            if ended:
-                return
+        depth = self._metrics.bus_queue_depth.labels(label, group.name)
+        if partition.batch is None:
+
+            async def handle(record: Any) -> None:
+                await self._handle(partition, label, record)
+                partition.offsets.finish(record.offset)
+                partition.done = partition.offsets.done
+
+            partition.lanes = Lanes(
+                self._settings.bus_concurrency, handle, f"kafka-{group.name}-{label}"
+            )
+        try:
+            while True:
+                if partition.lanes is not None:
+                    await partition.lanes.reserve()
+                records = [await partition.buffer.get()]
+                if partition.batch is not None:
+                    while not partition.buffer.empty():
+                        records.append(partition.buffer.get_nowait())
+                ended = records[-1] is _END
+                if ended:
+                    records.pop()
+                    if partition.lanes is not None:
+                        partition.lanes.unreserve()
+                if records:
+                    depth.dec(len(records))
+                    group.room.set()
+                    if partition.lanes is not None:
+                        [record] = records
+                        partition.offsets.take(record.offset)
+                        partition.lanes.add(record.key, record)
+                    elif partition.batch is not None and len(records) > 1:
+                        await self._handle_batch(partition, partition.batch, label, records)
+                    else:
+                        for record in records:
+                            await self._handle(partition, label, record)
+                            partition.done = record.offset + 1
+                if ended:
+                    if partition.lanes is not None:
+                        await partition.lanes.drain()
+                    return
+        except asyncio.CancelledError:
+            # Abandoned (the grace ran out): what is at work stays uncommitted.
+            if partition.lanes is not None:
+                await partition.lanes.cancel()
+            raise
 
     async def _handle_batch(
         self, partition: _Partition, batch: BatchHandler, label: str, records: list[Any]
@@ -560,13 +630,18 @@ class KafkaBus:
                 raise
             except Exception as exc:
                 step = tries.failed(exc, time.monotonic())
-                if step.dead_letter is not None:
+                # A dead letter's handler is retried until it succeeds: there is no further
+                # topic to put it in, and it stays uncommitted in its `.dlq` meanwhile (an
+                # unreadable one is logged and left there by `_dead_letter`).
+                if step.dead_letter is not None and (
+                    step.failure is Failure.MALFORMED or not is_dead_letter_topic(label)
+                ):
                     await self._dead_letter(
                         partition, label, record, reason=step.dead_letter, attempts=tries.total
                     )
                     return
                 self._metrics.bus_retries.labels(label, partition.group).inc()
-                if step.log:
+                if step.log or step.dead_letter is not None:
                     log.warning("%s", retry_line(step, tries, partition.group, label, exc))
                 await asyncio.sleep(self._delay(step.backoff_attempt))
             else:
@@ -580,7 +655,17 @@ class KafkaBus:
         self, partition: _Partition, label: str, record: Any, *, reason: str, attempts: int
     ) -> None:
         """Publish the DLQ record; until Kafka takes it the event stays uncommitted and
-        this partition waits (retrying with back-off), so it is never lost."""
+        this partition waits (retrying with back-off), so it is never lost. A dead letter
+        its handler cannot read has no further topic: it is logged and left where it is."""
+        if is_dead_letter_topic(label):
+            log.critical(
+                "unreadable dead letter kept in %s partition %d offset %d: %s",
+                label,
+                record.partition,
+                record.offset,
+                reason,
+            )
+            return
         self._metrics.bus_dead_letters.labels(label, partition.group).inc()
         log.error("dead-lettering an event of %s (group %s): %s", label, partition.group, reason)
         letter = dead_letter(label, partition.group, record.value or b"", reason, attempts)

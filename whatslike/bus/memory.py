@@ -1,8 +1,9 @@
 """The in-process bus: every topic's consumer groups get their own bounded partitions.
 
-Like Kafka, a key always lands on the same partition and one task drains each
-partition in order, so one conversation's events are handled in publish order; a handler
-being retried holds its partition (later events of that key wait — order over speed).
+Like Kafka, a key always lands on the same partition. A partition is drained into lanes
+(whatslike/bus/lanes.py): up to `bus_concurrency` events at work at once, each key's
+(conversation's) in publish order; a handler being retried holds its key's lane (later
+events of that conversation wait — order over speed) and one place of the window.
 Full partitions make `publish` wait up to `bus_publish_timeout_s`, then raise `BusFull`:
 the caller (an HTTP request, a webhook) answers 503 and the sender retries; nothing is
 dropped silently. Events still queued when the process exits are not kept here; every
@@ -19,9 +20,11 @@ import logging
 import random
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from whatslike.bus import BusFull, Handler
+from whatslike.bus import BusFull, Event, Handler, publish_in_turn
+from whatslike.bus.lanes import Lanes
 from whatslike.bus.retry import Tries, retry_line
 from whatslike.events import dlq_topic
 from whatslike.metrics import Metrics
@@ -56,6 +59,7 @@ class _Group:
     name: str
     handler: Handler
     partitions: list[asyncio.Queue[tuple[str, bytes]]] = field(default_factory=list)
+    lanes: list[Lanes[tuple[str, bytes]]] = field(default_factory=list)
 
 
 class MemoryBus:
@@ -107,6 +111,11 @@ class MemoryBus:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for groups in self._groups.values():
+            for group in groups:
+                for lanes in group.lanes:
+                    await lanes.cancel()
+                group.lanes.clear()
         self._started = False
 
     async def ping(self) -> None:
@@ -129,17 +138,29 @@ class MemoryBus:
             self._metrics.bus_queue_depth.labels(topic, group.name).inc()
         self._metrics.bus_published.labels(topic).inc()
 
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        await publish_in_turn(self.publish, events)
+
     async def _consume(self, group: _Group, partition: asyncio.Queue[tuple[str, bytes]]) -> None:
-        settings = self._settings
-        while True:
-            key, value = await partition.get()
-            self._metrics.bus_queue_depth.labels(group.topic, group.name).dec()
+        """Hand each event of the partition to its key's lane: many conversations at
+        once, each one's events in publish order."""
+        depth = self._metrics.bus_queue_depth.labels(group.topic, group.name)
+
+        async def handle(event: tuple[str, bytes]) -> None:
             try:
-                await self._handle(group, key, value, settings.consumer_max_attempts)
+                await self._handle(group, *event, self._settings.consumer_max_attempts)
             finally:
                 self._unfinished -= 1
                 if not self._unfinished:
                     self._idle.set()
+
+        lanes = Lanes(self._settings.bus_concurrency, handle, f"bus-{group.name}")
+        group.lanes.append(lanes)
+        while True:
+            await lanes.reserve()
+            event = await partition.get()
+            depth.dec()
+            lanes.add(event[0], event)
 
     async def _handle(self, group: _Group, key: str, value: bytes, max_attempts: int) -> None:
         """Until the handler returns: an outage is waited out (never dead-lettered), a

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import random
 import time
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -38,10 +38,13 @@ from whatslike.connectors.meta import (
     signature_valid,
     verification_response,
 )
+from whatslike.connectors.pacing import Pacer
 from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.grouping import Grouped
+from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
+from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
 from whatslike.store.common import status_entry
@@ -54,9 +57,6 @@ MAX_WEBHOOK_BYTES = 4 * 1024 * 1024
 #: Meta error codes that mean "slow down" even when the HTTP status is 400: retrying
 #: later succeeds, so they must not turn into a FAILED message.
 THROTTLING_CODES = frozenset({4, 17, 32, 613, 80007, 130429, 131048, 131056})
-
-#: Transport failures after which the request certainly never reached the provider.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -87,7 +87,23 @@ class ProviderUnavailable(WhatslikeError):
     """Meta could not take the send now (5xx, 429, throttling, network). Retriable."""
 
 
-def meta_error(response: httpx.Response) -> tuple[ProviderError, bool]:
+#: Meta's "too fast" (and "not now") codes, by what they hold back: every send of the
+#: business number (130429 its throughput, 131057 its upgrade), or the sends to one
+#: customer (131056, the pair rate).
+ACCOUNT_RATE = "throttled_account"
+PAIR_RATE = "throttled_pair"
+THROTTLED = {"130429": ACCOUNT_RATE, "131057": ACCOUNT_RATE, "131056": PAIR_RATE}
+
+
+class ProviderThrottled(WhatslikeError):
+    """Meta refused the send as too fast (the attempt was released): try again later."""
+
+    def __init__(self, scope: str, detail: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
+
+
+def meta_error(response: Answer) -> tuple[ProviderError, bool]:
     """Meta's `{"error":{...}}` answer as (our error, retriable)."""
     try:
         error = response.json()["error"]
@@ -95,7 +111,7 @@ def meta_error(response: httpx.Response) -> tuple[ProviderError, bool]:
         title = str(error.get("error_user_title") or error["message"])
         transient = error.get("is_transient") is True or code in THROTTLING_CODES
     except (ValueError, KeyError, TypeError):
-        return ProviderError(f"http_{response.status_code}", response.reason_phrase), False
+        return ProviderError(f"http_{response.status}", response.reason), False
     return ProviderError(str(code), title), transient
 
 
@@ -114,6 +130,11 @@ class MetaConnector(ABC, Generic[T]):
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
         self._bus = deps.bus
+        self._pacer = Pacer(self.sends_per_s(deps.settings), self.sends_burst(deps.settings))
+        self._send_headers = {
+            "Authorization": f"Bearer {deps.settings.meta_access_token}",
+            "Content-Type": "application/json",
+        }
         self._relay_run = deps.relay_run
         # Bound once: per webhook, a labelled child is looked up otherwise.
         self._handoff_seconds = deps.metrics.store_seconds.labels("handoff")
@@ -137,6 +158,14 @@ class MetaConnector(ABC, Generic[T]):
         await self._webhook_handoffs.stop()
 
     # -- channel specifics ------------------------------------------------------------
+
+    @abstractmethod
+    def sends_per_s(self, settings: Settings) -> float:
+        """The provider's send rate of this channel's account (we stay below it)."""
+
+    def sends_burst(self, settings: Settings) -> float:
+        """Sends that may leave at once after a quiet while: a tenth of a second's worth."""
+        return max(1.0, self.sends_per_s(settings) / 10)
 
     @abstractmethod
     def send_url(self) -> str: ...
@@ -174,8 +203,39 @@ class MetaConnector(ABC, Generic[T]):
     # -- sending ----------------------------------------------------------------------
 
     async def send(self, raw: bytes) -> None:
-        """Bus handler of `outbound.<channel>`: raising makes the bus retry."""
+        """Bus handler of `outbound.<channel>`: raising makes the bus retry. Meta's "too
+        fast" answers are waited out here, holding only this conversation (its lane of
+        the bus): 130429 holds every send of the account a while, 131056 (the pair rate
+        to one customer) waits for that customer's next slot; neither ever fails the
+        message."""
         outbound = OutboundMessage.from_json(raw)
+        throttled = 0
+        while True:
+            try:
+                await self._send_once(outbound)
+                return
+            except ProviderThrottled as exc:
+                throttled += 1
+                self._metrics.sends.labels(self.channel, exc.scope).inc()
+                if exc.scope == ACCOUNT_RATE:
+                    # Every later send of the account waits too: the limit is the number's.
+                    wait = min(60.0, self._settings.throttle_hold_s * throttled)
+                    self._pacer.hold(wait)
+                else:
+                    wait = self._settings.pair_retry_s
+                if throttled == 1 or throttled % 10 == 0:
+                    log.info(
+                        "%s: message %s throttled by Meta (%s, %d times); again in %.1f s",
+                        self.name,
+                        outbound.message_id,
+                        exc,
+                        throttled,
+                        wait,
+                    )
+                if exc.scope == PAIR_RATE:
+                    await asyncio.sleep(wait)
+
+    async def _send_once(self, outbound: OutboundMessage) -> None:
         claim, stored = await self._store.begin_send(outbound.message_id)
         if claim is SendClaim.MISSING or stored is None:
             raise MalformedEvent(f"no message {outbound.message_id!r}")
@@ -194,6 +254,7 @@ class MetaConnector(ABC, Generic[T]):
             log.info("%s: message %s not sent again (%s)", self.name, stored.id, claim.value)
             await self._store.handoff(done=[(TOPIC_MESSAGES, stored.id)])
             return
+        await self._pacer.slot()
         provider_id = await self._post(outbound, stored)
         if provider_id is not None:
             await self._finish(stored, provider_id, announce=True)
@@ -241,20 +302,20 @@ class MetaConnector(ABC, Generic[T]):
         try:
             response = await self._http.post(
                 self.send_url(),
-                json=self.send_body(outbound),
-                headers={"Authorization": f"Bearer {self._settings.meta_access_token}"},
-                timeout=self._settings.send_timeout_s,
+                json.dumps(self.send_body(outbound), separators=(",", ":")).encode(),
+                self._send_headers,
+                self._settings.send_timeout_s,
             )
-        except NOT_SENT as exc:
+        except NotSent as exc:
             await self._not_sent(stored)
-            raise ProviderUnavailable(f"send of {stored.id} failed: {exc!r}") from exc
-        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(f"send of {stored.id} failed: {exc}") from exc
+        except OutcomeUnknown as exc:
             # The request may have reached Meta: sending again could send twice.
             self._metrics.sends.labels(self.channel, "unknown").inc()
-            log.warning("%s: outcome of the send of %s unknown: %r", self.name, stored.id, exc)
+            log.warning("%s: outcome of the send of %s unknown: %s", self.name, stored.id, exc)
             await self._store.handoff(done=[(TOPIC_MESSAGES, stored.id)])
             return None
-        if response.is_success:
+        if response.ok:
             try:
                 provider_id = self.provider_id_of(response.json())
             except (ValueError, LookupError, TypeError):
@@ -268,16 +329,20 @@ class MetaConnector(ABC, Generic[T]):
             self._metrics.sends.labels(self.channel, "ok").inc()
             return provider_id
         error, transient = meta_error(response)
-        if response.status_code == 429 or response.status_code >= 500 or transient:
+        scope = THROTTLED.get(error.code)
+        if scope is not None:
+            await self._not_sent(stored)
+            raise ProviderThrottled(scope, f"{error.code} {error.title}")
+        if response.status == 429 or response.status >= 500 or transient:
             await self._not_sent(stored)
             raise ProviderUnavailable(
-                f"send of {stored.id}: HTTP {response.status_code} {error.code} {error.title}"
+                f"send of {stored.id}: HTTP {response.status} {error.code} {error.title}"
             )
         log.warning(
             "%s: Meta refused %s: HTTP %s %s %s",
             self.name,
             stored.id,
-            response.status_code,
+            response.status,
             error.code,
             error.title,
         )
@@ -319,8 +384,7 @@ class MetaConnector(ABC, Generic[T]):
         """Publish committed entries. If the bus does not take them, they are durable
         already: the relay's run is renewed, so the relay hands them on again."""
         try:
-            for entry in entries:
-                await self._bus.publish(entry.topic, entry.key, entry.payload)
+            await self._bus.publish_many([(e.topic, e.key, e.payload) for e in entries])
         except Exception as exc:
             log.warning("%s: hand-offs left to the outbox relay: %s", self.name, exc)
             self._relay_run.renew()

@@ -14,6 +14,7 @@ from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MetaConnector
 from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
 from whatslike.events import OutboundMessage
+from whatslike.settings import Settings
 from whatslike.status.rules import Status
 from whatslike.store.base import Message, ParkedStatus
 
@@ -78,6 +79,9 @@ def send_body(recipient_id: str, text: str) -> dict[str, Any]:
 class InstagramConnector(MetaConnector[InstagramRead]):
     name = "connector-instagram"
     channel = "instagram"
+
+    def sends_per_s(self, settings: Settings) -> float:
+        return settings.instagram_sends_per_s
 
     def send_url(self) -> str:
         s = self._settings

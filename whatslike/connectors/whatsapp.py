@@ -15,6 +15,7 @@ from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MetaConnector
 from whatslike.connectors.meta import WebhookPayloadError, json_list, json_object, json_text
 from whatslike.events import OutboundMessage
+from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, ParkedStatus
 
@@ -128,6 +129,9 @@ def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:
 class WhatsAppConnector(MetaConnector[WhatsAppStatus]):
     name = "connector-whatsapp"
     channel = "whatsapp"
+
+    def sends_per_s(self, settings: Settings) -> float:
+        return settings.whatsapp_sends_per_s
 
     def send_url(self) -> str:
         s = self._settings

@@ -15,6 +15,11 @@ Ref = str | int | None
 
 BAD_REQUEST: Final = "bad_request"
 
+#: Deepest nesting of arrays and objects a client frame may hold (a `ping`'s `ts` is any
+#: JSON value, echoed in the pong): deeper ones are bad requests, before anything
+#: recursive (the parser, the pong's serializer) meets them.
+MAX_DEPTH: Final = 32
+
 #: What an id (a conversation's, a message's) may look like (protocol.md §2): ASCII
 #: letters, digits and `_ . : -`, 1 to 128 of them. Anything else cannot name one.
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -131,6 +136,22 @@ def _ref(data: dict[str, Any]) -> Ref:
     raise _Invalid("field 'ref' must be a string or an integer")
 
 
+def _depth(value: object) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (0 for a scalar);
+    iterative, so any depth is measured without recursion."""
+    deepest = 0
+    pending: list[tuple[object, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            depth += 1
+            deepest = max(deepest, depth)
+            pending.extend((child, depth) for child in item)
+    return deepest
+
+
 def _decode(raw: str | bytes, max_bytes: int) -> str | FrameError:
     size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
@@ -166,12 +187,17 @@ def parse_client_frame(raw: str | bytes, max_bytes: int) -> ClientFrame | FrameE
     text = _decode(raw, max_bytes)
     if isinstance(text, FrameError):
         return text
+    too_deep = FrameError(f"frame nests arrays and objects deeper than {MAX_DEPTH} levels")
     try:
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError):
-        # ValueError covers bad JSON, NaN/Infinity and integers too long to convert;
-        # RecursionError a frame nested deeper than the parser allows.
+    except ValueError:
+        # Bad JSON, NaN/Infinity and integers too long to convert.
         return FrameError("frame is not valid JSON")
+    except RecursionError:  # nested deeper than the parser allows
+        return too_deep
+    # Fewer brackets than MAX_DEPTH cannot nest deeper (the usual case, counted in C).
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(data) > MAX_DEPTH:
+        return too_deep
     if not isinstance(data, dict):
         return FrameError("frame must be a JSON object")
     try:

@@ -6,7 +6,12 @@ itself, then reads client frames in `data_received` and hands each message on, w
 task, no ASGI scope and nothing of the handshake kept per connection.
 
 The subclass implements `upgrade` (answer with `accept` or `refuse`), `message`,
-`closing` (the connection stops taking frames) and `lost` (the socket is gone).
+`control` (a ping or pong came: may it be answered?), `closing` (the connection stops
+taking frames) and `lost` (the socket is gone).
+
+A PING is answered with a PONG at once while the socket takes writes; behind a socket
+that does not, only the latest ping waits for its answer (RFC 6455 §5.5.3 allows
+answering only the most recent), so pings never pile up bytes a client will not read.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ __all__ = ["Request", "WebSocketProtocol", "text_frame"]
 #: How long a close frame may wait for the client's answer (or behind a socket that does
 #: not drain) before the connection is cut.
 CLOSE_TIMEOUT_S: Final = 5.0
+
+#: Bytes read after the server's close frame while waiting for the client's: past them
+#: the connection is cut (a client still flooding has had its answer; a well-behaved one
+#: sends its close frame long before).
+CLOSING_READ_BYTES: Final = 64 * 1024
 
 _REASONS: Final = {
     400: "Bad Request",
@@ -99,7 +109,17 @@ class WebSocketProtocol(asyncio.Protocol):
     """One WebSocket, server side. Writes go straight to the transport; `paused` says
     that the transport's buffer is over its high-water mark (write nothing more now)."""
 
-    __slots__ = ("_drained", "_heard", "_reader", "_state", "_timer", "paused", "transport")
+    __slots__ = (
+        "_closing_read",
+        "_drained",
+        "_heard",
+        "_pong",
+        "_reader",
+        "_state",
+        "_timer",
+        "paused",
+        "transport",
+    )
 
     def __init__(self, max_size: int) -> None:
         self.transport: asyncio.Transport | None = None
@@ -110,6 +130,11 @@ class WebSocketProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         #: The client's close frame came: the TCP connection may be closed.
         self._heard = False
+        #: The payload of the latest ping not answered yet (the socket was not taking
+        #: writes); answered when it takes them again.
+        self._pong: bytes | None = None
+        #: Bytes read since the server's close frame (see CLOSING_READ_BYTES).
+        self._closing_read = 0
 
     # -- what the subclass implements
 
@@ -119,6 +144,10 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def message(self, data: str | bytes) -> None:
         """A complete text (str) or binary (bytes) message from the client."""
+        raise NotImplementedError
+
+    def control(self) -> bool:
+        """A ping or pong came (while open): False drops it (a ping is not answered)."""
         raise NotImplementedError
 
     def closing(self, code: int, reason: str, by_server: bool) -> None:
@@ -163,6 +192,11 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         if self._state != _OPEN and not (self._state == _CLOSING and not self._heard):
             return
+        if self._state == _CLOSING:
+            self._closing_read += len(data)
+            if self._closing_read > CLOSING_READ_BYTES:
+                self._abort()
+                return
         try:
             messages = self._reader.feed(data)
         except WireError as exc:
@@ -180,9 +214,9 @@ class WebSocketProtocol(asyncio.Protocol):
             elif opcode == wire.BINARY:
                 if self._state == _OPEN:
                     self.message(payload)
-            elif opcode == wire.PING:
-                if self._state == _OPEN:
-                    self.write(wire.frame(wire.PONG, payload))
+            elif opcode in (wire.PING, wire.PONG):
+                if self._state == _OPEN and self.control() and opcode == wire.PING:
+                    self._answer_ping(payload)
             elif opcode == wire.CLOSE:
                 self._closed_by_client(payload)
                 return
@@ -194,11 +228,15 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+        pong, self._pong = self._pong, None
+        if pong is not None:
+            self.write(wire.frame(wire.PONG, pong))
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         state, self._state = self._state, _CLOSED
+        self._pong = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -217,6 +255,21 @@ class WebSocketProtocol(asyncio.Protocol):
     def open(self) -> bool:
         """Accepted, and neither closing nor gone: frames written now are delivered."""
         return self._state == _OPEN
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written and not yet taken by the socket (the transport's buffer), and
+        the pong waiting for it."""
+        if self.transport is None:
+            return 0
+        pong = 0 if self._pong is None else len(self._pong) + 2
+        return self.transport.get_write_buffer_size() + pong
+
+    def _answer_ping(self, payload: bytes) -> None:
+        if self.paused:
+            self._pong = payload  # replaces an older one: only the latest is answered
+        else:
+            self.write(wire.frame(wire.PONG, payload))
 
     def write(self, data: bytes) -> None:
         """Write ready frames (see `text_frame`); dropped once the connection is closing."""

@@ -22,6 +22,12 @@ PROTOCOL_ERROR: Final = 1002
 INVALID_DATA: Final = 1007
 TOO_BIG: Final = 1009
 
+#: Most frames one data message may come in. Browsers never fragment what they send and
+#: libraries do only when asked; a cap makes every frame of a message cost something (an
+#: empty continuation frame is 6 bytes of header), so a stream of them is closed (1009)
+#: long before its parsing could hold up the event loop.
+MAX_FRAGMENTS: Final = 64
+
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _CONTROL_MAX: Final = 125
 _FIN: Final = 0x80
@@ -104,19 +110,28 @@ class FrameReader:
     """Client frames in, messages out: `feed` any piece of the byte stream and get the
     complete messages it finished, as (opcode, payload) with opcode TEXT, BINARY, CLOSE,
     PING or PONG. A data message is bounded by `max_size` (its fragments together),
-    refused from its header, before its payload is buffered. Holds no buffer between
-    calls unless a frame is incomplete."""
+    refused from its header, before its payload is buffered, and by MAX_FRAGMENTS frames.
+    The work is linear in the bytes fed: an incomplete frame waits in a growing buffer
+    (never copied whole again), and a message's length so far is kept, not recounted.
+    Holds no buffer between calls unless a frame is incomplete."""
 
-    __slots__ = ("_buffer", "_fragments", "_opcode", "max_size")
+    __slots__ = ("_buffer", "_fragments", "_opcode", "_size", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._buffer: bytes = b""
+        self._buffer = bytearray()
         self._fragments: list[bytes] | None = None
+        #: Bytes of the fragments of the message being assembled.
+        self._size = 0
         self._opcode = 0
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buffer = self._buffer + data if self._buffer else data
+        buffer: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            buffer = self._buffer
+        else:
+            buffer = data
         messages: list[tuple[int, bytes]] = []
         offset, end = 0, len(buffer)
         while end - offset >= 2:
@@ -145,12 +160,16 @@ class FrameReader:
             start = offset + head + 4
             if end - start < size:
                 break
-            payload = unmask(buffer[offset + head : start], buffer[start : start + size])
+            mask = bytes(buffer[offset + head : start])
+            payload = unmask(mask, bytes(buffer[start : start + size]))
             offset = start + size
             message = self._assemble(opcode, fin, payload)
             if message is not None:
                 messages.append(message)
-        self._buffer = buffer[offset:] if offset < end else b""
+        if buffer is self._buffer:
+            del self._buffer[:offset]
+        elif offset < end:
+            self._buffer = bytearray(memoryview(buffer)[offset:])
         return messages
 
     def _check(self, opcode: int, fin: bool, size: int) -> None:
@@ -167,9 +186,11 @@ class FrameReader:
         if opcode == CONTINUATION:
             if self._fragments is None:
                 raise WireError(PROTOCOL_ERROR, "continuation without a message to continue")
+            if len(self._fragments) >= MAX_FRAGMENTS:
+                raise WireError(TOO_BIG, f"message in over {MAX_FRAGMENTS} fragments")
         elif self._fragments is not None:
             raise WireError(PROTOCOL_ERROR, "new message before the last one ended")
-        total = size + sum(map(len, self._fragments or ()))
+        total = self._size + size if opcode == CONTINUATION else size
         if total > self.max_size:
             raise WireError(TOO_BIG, f"frame is {total} bytes; the limit is {self.max_size}")
 
@@ -179,11 +200,12 @@ class FrameReader:
         if opcode != CONTINUATION:
             if fin:
                 return opcode, payload
-            self._opcode, self._fragments = opcode, [payload]
+            self._opcode, self._fragments, self._size = opcode, [payload], len(payload)
             return None
         assert self._fragments is not None  # checked in _check
         self._fragments.append(payload)
+        self._size += len(payload)
         if not fin:
             return None
-        whole, self._fragments = b"".join(self._fragments), None
+        whole, self._fragments, self._size = b"".join(self._fragments), None, 0
         return self._opcode, whole

@@ -11,12 +11,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import httpx
 from starlette.routing import BaseRoute
 
 from whatslike.bus import Bus
 from whatslike.clock import new_id
 from whatslike.fanout import Fanout
+from whatslike.http_client import HttpClient
 from whatslike.metrics import Metrics
 from whatslike.settings import Settings
 from whatslike.store.base import Store
@@ -47,7 +47,7 @@ class Deps:
     store: Store
     bus: Bus
     fanout: Fanout
-    http: httpx.AsyncClient
+    http: HttpClient
     metrics: Metrics
     jwt_secret: str
     #: Set by whoever adds to the store's outbox in this process; the relay waits on it.

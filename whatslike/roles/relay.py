@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 
-from whatslike.bus import BusFull
+from whatslike.bus import BusFull, PublishIncomplete
 from whatslike.bus.memory import backoff_delay
 from whatslike.errors import WhatslikeError
 from whatslike.roles import BackgroundRole, Deps
@@ -58,9 +58,11 @@ class OutboxRelay(BackgroundRole):
             items = await self._store.outbox_batch(run, BATCH)
         handed: list[int] = []
         try:
-            for item in items:
-                await self._bus.publish(item.topic, item.key, item.payload)
-                handed.append(item.id)
+            await self._bus.publish_many([(item.topic, item.key, item.payload) for item in items])
+            handed = [item.id for item in items]
+        except PublishIncomplete as exc:
+            handed = [item.id for item in items[: exc.taken]]
+            raise exc.error from exc
         finally:
             if handed:
                 self._metrics.outbox_relayed.inc(len(handed))

@@ -10,24 +10,28 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_body, sign
+from whatslike.connectors.pacing import TokenBucket
 from whatslike.errors import BackendUnavailable
+from whatslike.http_client import NotSent, OutcomeUnknown
 from whatslike.roles import Deps
-from whatslike.settings import simulator_database
+from whatslike.settings import Settings, simulator_database
 from whatslike.simulator import payloads
 from whatslike.simulator.schedule import Backoff, Delivery, Planned, WebhookSchedule
 
 log = logging.getLogger(__name__)
 
 WORKERS = 4
+#: Customers whose pair rate the simulator keeps track of at most (see RateLimits).
+MAX_PAIR_BUCKETS = 100_000
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_DELAY_MS = 600_000
 #: At most one warning about failed webhook attempts per this many seconds.
@@ -110,6 +114,38 @@ class FailureLog:
         self._last, self._quiet = now, 0
 
 
+class RateLimits:
+    """Meta's throughput limit per business number (130429) and pair rate limit per
+    customer (131056), when the settings switch them on. The customers' buckets are
+    bounded: past `MAX_PAIR_BUCKETS`, the full (idle) ones are forgotten."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        rate = settings.sim_sends_per_s
+        self._number = TokenBucket(rate, max(1.0, rate / 10)) if rate else None
+        self._pair_burst = settings.sim_pair_burst
+        self._pair_rate = 1 / settings.sim_pair_interval_s
+        self._pairs: dict[str, TokenBucket] = {}
+
+    def refusal(self, recipient: str) -> JSONResponse | None:
+        now = self._clock()
+        if self._number is not None and not self._number.take(now):
+            return _graph_error(400, 130429, "(#130429) Rate limit hit")
+        if self._pair_burst:
+            if len(self._pairs) >= MAX_PAIR_BUCKETS:
+                self._pairs = {k: b for k, b in self._pairs.items() if not b.full(now)}
+            bucket = self._pairs.setdefault(
+                recipient, TokenBucket(self._pair_rate, self._pair_burst)
+            )
+            if not bucket.take(now):
+                return _graph_error(
+                    400,
+                    131056,
+                    "(#131056) (Business Account, Consumer Account) pair rate limit hit",
+                )
+        return None
+
+
 class Simulator:
     name = "simulator"
 
@@ -127,6 +163,9 @@ class Simulator:
         )
         self._backoff = Backoff(scale=deps.settings.sim_time_scale)
         self._failures = FailureLog()
+        self._limits = RateLimits(deps.settings)
+        self._webhook_urls = deps.settings.sim_webhook_urls
+        self._next_url = 0
         self._workers: list[asyncio.Task[None]] = []
         # The control changes every tenant's statuses: it needs its own token, except for
         # the demo's switch in the embedded mode on a loopback address.
@@ -217,6 +256,9 @@ class Simulator:
         problem = payloads.whatsapp_send_problem(body)
         if problem is not None:
             return _graph_error(400, 100, problem)
+        refusal = self._limits.refusal(body["to"])
+        if refusal is not None:
+            return refusal
         wamid = payloads.new_wamid()
         callback_data = body.get("biz_opaque_callback_data", "")
         plan = self._plan_whatsapp(wamid, body["to"], callback_data)
@@ -283,7 +325,7 @@ class Simulator:
             self.schedule.put(delivery)
         if early is not None:
             # Before the answer, like Meta under load: the connector has no provider id yet.
-            await self._attempt(early, wait_s=min(2.0, self._settings.send_timeout_s / 2))
+            await self._attempt([early], wait_s=min(2.0, self._settings.send_timeout_s / 2))
         return JSONResponse(answer)
 
     # -- plans: what webhooks one send produces ---------------------------------------
@@ -336,47 +378,56 @@ class Simulator:
 
     async def _deliver_forever(self) -> None:
         while True:
-            await self._attempt(await self.schedule.take())
+            first = await self.schedule.take()
+            # Notifications due together go out together, as Meta sends them under load.
+            await self._attempt(self.schedule.take_due(first, self._settings.sim_webhook_batch))
 
-    async def _attempt(self, delivery: Delivery, wait_s: float | None = None) -> None:
-        """POST once; on failure store and queue a retry with back-off, or give up once
-        the retry horizon has passed."""
-        problem = await self._post(delivery, wait_s or self._settings.send_timeout_s)
+    async def _attempt(self, deliveries: list[Delivery], wait_s: float | None = None) -> None:
+        """POST them once, as one webhook; on failure store and queue a retry of each with
+        back-off, or give up on those whose retry horizon has passed."""
+        body = (
+            deliveries[0].body
+            if len(deliveries) == 1
+            else payloads.merge_webhooks([d.body for d in deliveries])
+        )
+        problem = await self._post(
+            deliveries[0].channel, body, wait_s or self._settings.send_timeout_s
+        )
         if problem is None:
-            await self.schedule.settle(delivery)
+            await self.schedule.settle(deliveries)
             return
-        delivery.failures += 1
         now = time.time()
-        due = self._backoff.next_due(delivery.first_due, now, delivery.failures, self._rng)
-        if due is None:
-            log.error(
-                "simulator gave up a %s webhook after %d attempts (%s)",
-                delivery.channel,
-                delivery.failures,
-                problem,
-            )
-            await self.schedule.settle(delivery)
-            return
-        self._failures.failed(delivery, problem, due - now)
-        delivery.due = due
-        await self.schedule.retry(delivery)
+        for delivery in deliveries:
+            delivery.failures += 1
+            due = self._backoff.next_due(delivery.first_due, now, delivery.failures, self._rng)
+            if due is None:
+                log.error(
+                    "simulator gave up a %s webhook after %d attempts (%s)",
+                    delivery.channel,
+                    delivery.failures,
+                    problem,
+                )
+                await self.schedule.settle([delivery])
+                continue
+            self._failures.failed(delivery, problem, due - now)
+            delivery.due = due
+            await self.schedule.retry(delivery)
 
-    async def _post(self, delivery: Delivery, wait_s: float) -> str | None:
-        """POST the webhook; None when answered 2xx, else what went wrong."""
-        url = f"{self._settings.effective_sim_webhook_url}/webhooks/{delivery.channel}"
+    async def _post(self, channel: str, body: bytes, wait_s: float) -> str | None:
+        """POST one webhook body; None when answered 2xx, else what went wrong."""
+        self._next_url = (self._next_url + 1) % len(self._webhook_urls)
+        url = f"{self._webhook_urls[self._next_url]}/webhooks/{channel}"
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "facebookexternalua",
-            SIGNATURE_HEADER: sign(self._settings.meta_app_secret, delivery.body),
+            SIGNATURE_HEADER: sign(self._settings.meta_app_secret, body),
         }
         try:
-            response = await self._http.post(
-                url, content=delivery.body, headers=headers, timeout=wait_s
-            )
-        except httpx.HTTPError as exc:
-            return type(exc).__name__
-        if not response.is_success:
-            return f"HTTP {response.status_code}"
+            response = await self._http.post(url, body, headers, wait_s)
+        except (NotSent, OutcomeUnknown) as exc:
+            return str(exc).split(":", 1)[0]  # the failure's kind, never the URL
+        if not response.ok:
+            return f"HTTP {response.status}"
         return None
 
 

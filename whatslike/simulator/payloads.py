@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 import string
+from collections.abc import Sequence
 from typing import Any
 
 #: Made-up account data the simulator reports about "its" WhatsApp Business Account.
@@ -217,3 +219,20 @@ def instagram_webhook(
         "object": "instagram",
         "entry": [{"id": account_id, "time": time_ms, "messaging": messaging}],
     }
+
+
+def merge_webhooks(bodies: Sequence[bytes]) -> bytes:
+    """Several webhook bodies of one object (channel) as one, their entries in order, as
+    Meta batches the notifications that are due together."""
+    merged: dict[str, Any] | None = None
+    for body in bodies:
+        payload = json.loads(body)
+        if merged is None:
+            merged = {"object": payload["object"], "entry": list(payload["entry"])}
+        elif payload["object"] != merged["object"]:
+            raise ValueError("webhooks of different objects cannot be merged")
+        else:
+            merged["entry"].extend(payload["entry"])
+    if merged is None:
+        raise ValueError("no webhook to merge")
+    return json.dumps(merged, separators=(",", ":")).encode()

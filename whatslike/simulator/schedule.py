@@ -202,17 +202,34 @@ class WebhookSchedule:
                 async with asyncio.timeout(wait):
                     await self._wakeup.wait()
 
-    async def settle(self, delivery: Delivery) -> None:
-        """The delivery is done (answered 2xx, or given up): delete it, free its place."""
+    def take_due(self, first: Delivery, limit: int) -> list[Delivery]:
+        """`first` and the deliveries of its channel due now behind it in the heap, up to
+        `limit` in all: what Meta would put in one webhook."""
+        taken = [first]
+        now = time.time()
+        while (
+            len(taken) < limit
+            and self._heap
+            and self._heap[0].due <= now
+            and self._heap[0].channel == first.channel
+        ):
+            taken.append(heapq.heappop(self._heap))
+        return taken
+
+    async def settle(self, deliveries: Sequence[Delivery]) -> None:
+        """The deliveries are done (answered 2xx, or given up): delete them, free their
+        places."""
         try:
             async with self._transaction() as db:
-                await db.execute("DELETE FROM deliveries WHERE id = ?", (delivery.id,))
+                await db.executemany(
+                    "DELETE FROM deliveries WHERE id = ?", [(d.id,) for d in deliveries]
+                )
         except BackendUnavailable as exc:
-            # At least once: the row stays and is posted again after a restart.
-            log.error("simulator could not delete a delivered webhook: %s", exc)
+            # At least once: the rows stay and are posted again after a restart.
+            log.error("simulator could not delete delivered webhooks: %s", exc)
         finally:
             # After the write: no pending delivery means none left on disk either.
-            self._pending -= 1
+            self._pending -= len(deliveries)
 
     async def retry(self, delivery: Delivery) -> None:
         """Store the delivery's new due time and failure count, and queue it again."""

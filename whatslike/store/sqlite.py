@@ -300,9 +300,9 @@ class SQLiteStore:
         self, conversation: Conversation, text: str, client_message_id: str
     ) -> tuple[Message, bool]:
         message = common.new_message(conversation, text, client_message_id)
-        async with self._transaction() as db:
-            inserted = await _fetch(
-                db,
+
+        def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
+            inserted = conn.execute(
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
                 " client_message_id, created_at, status, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -319,17 +319,19 @@ class SQLiteStore:
                     message.status.value,
                     format_time(message.created_at),
                 ),
-            )
+            ).fetchall()
             if inserted:
-                await _add_outbox_async(db, [common.outbound_entry(conversation, message)])
+                _add_outbox(conn, [common.outbound_entry(conversation, message)], None)
                 return message, True
-            rows = await _fetch(
-                db,
+            rows = conn.execute(
                 f"SELECT {MESSAGE_COLUMNS} FROM messages m"
                 " WHERE m.conversation_id = ? AND m.client_message_id = ?",
                 (conversation.id, client_message_id),
-            )
-        return _message(rows[0]), False
+            ).fetchall()
+            return _message(rows[0]), False
+
+        # One hop to the database thread, in the writes' group commit.
+        return await self._in_thread(work, write=True)
 
     async def get_message(self, message_id: str) -> Message | None:
         rows = await self._read(
@@ -383,25 +385,27 @@ class SQLiteStore:
         self, channel: str, provider_message_id: str, message_id: str
     ) -> list[ParkedStatus]:
         key = (channel, provider_message_id)
-        async with self._transaction() as db:
+
+        def work(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             # The first link of a provider id wins; a conflicting later one changes nothing.
-            await db.execute(
+            conn.execute(
                 "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
                 " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (*key, message_id),
             )
-            await db.execute(
+            conn.execute(
                 "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id ="
                 " (SELECT message_id FROM provider_ids WHERE channel = ? AND"
                 " provider_message_id = ?) AND provider_message_id IS NULL",
                 (provider_message_id, format_time(utcnow()), *key),
             )
-            rows = await _fetch(
-                db,
+            return conn.execute(
                 "SELECT id, payload FROM parked_statuses"
                 " WHERE channel = ? AND provider_message_id = ?",
                 key,
-            )
+            ).fetchall()
+
+        rows = await self._in_thread(work, write=True)
         return common.parked_of(channel, provider_message_id, rows)
 
     async def expire_parked(self, before: datetime) -> int:
@@ -506,28 +510,32 @@ class SQLiteStore:
         return int(rows[0]["n"])
 
     async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
-        async with self._transaction() as db:
-            rows = await _fetch(
-                db, f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
-            )
+        def work(conn: sqlite3.Connection) -> tuple[SendClaim, Message | None]:
+            rows = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
+            ).fetchall()
             message = _message(rows[0]) if rows else None
             claim = common.send_claim(message)
             if message is not None and claim is SendClaim.GO:
                 now = utcnow()
-                await db.execute(
+                conn.execute(
                     "UPDATE messages SET send_started_at = ?, updated_at = ? WHERE id = ?",
                     (format_time(now), format_time(now), message_id),
                 )
                 message = replace(message, send_started_at=now, updated_at=now)
-        return claim, message
+            return claim, message
+
+        return await self._in_thread(work, write=True)
 
     async def release_send(self, message_id: str) -> None:
-        async with self._transaction() as db:
-            await db.execute(
+        await self._in_thread(
+            lambda conn: conn.execute(
                 "UPDATE messages SET send_started_at = NULL, updated_at = ?"
                 " WHERE id = ? AND provider_message_id IS NULL",
                 (format_time(utcnow()), message_id),
-            )
+            ),
+            write=True,
+        )
 
     async def stuck(
         self,

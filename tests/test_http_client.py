@@ -1,0 +1,108 @@
+"""The outbound HTTP adapter against real sockets: what it answers, and which failures
+mean "never sent" and which "may have been sent" (the connector sends exactly once on
+the difference)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from whatslike.http_client import AiohttpClient, NotSent, OutcomeUnknown
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def server(serve: Serve) -> AsyncIterator[str]:
+    listening = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        listening.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return await reader.readexactly(length)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_an_answer_of_any_status_comes_back_with_its_body() -> None:
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                seen.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            status = b"400 Bad Request" if seen[-1] == b"bad" else b"200 OK"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    client = AiohttpClient(connections=4, keepalive_s=1.0)
+    async with server(answer) as url:
+        good = await client.post(url + "/x", b"good", {"Content-Type": "text/plain"}, 5)
+        bad = await client.post(url + "/x", b"bad", {}, 5)
+    await client.close()
+    assert (good.status, good.ok, good.body) == (200, True, b"ok")
+    assert (bad.status, bad.ok, bad.reason) == (400, False, "Bad Request")
+    assert seen == [b"good", b"bad"]
+
+
+async def test_a_refused_connection_is_never_sent() -> None:
+    client = AiohttpClient(connections=4, keepalive_s=1.0)
+    with pytest.raises(NotSent):
+        await client.post(f"http://127.0.0.1:{closed_port()}/x", b"{}", {}, 5)
+    await client.close()
+
+
+async def test_no_free_connection_in_time_is_never_sent() -> None:
+    release = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    client = AiohttpClient(connections=1, keepalive_s=1.0)
+    async with server(hold) as url:
+        first = asyncio.create_task(client.post(url, b"1", {}, 10))
+        await asyncio.sleep(0)  # the first takes the only connection
+        with pytest.raises(NotSent):
+            await client.post(url, b"2", {}, 0.2)
+        release.set()
+        assert (await first).status == 200
+    await client.close()
+
+
+@pytest.mark.parametrize("how", ["closes", "hangs"])
+async def test_a_request_written_and_not_answered_has_an_unknown_outcome(how: str) -> None:
+    async def no_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if how == "closes":
+            writer.close()
+        else:
+            await asyncio.sleep(5)
+
+    client = AiohttpClient(connections=4, keepalive_s=1.0)
+    async with server(no_answer) as url:
+        with pytest.raises(OutcomeUnknown):
+            await client.post(url, b"{}", {}, 0.5)
+    await client.close()

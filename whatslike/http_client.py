@@ -1,0 +1,119 @@
+"""Outbound HTTP: the connector's calls to the Graph API and the simulator's webhooks.
+
+A narrow port (`HttpClient.post`: bytes in, status and bytes out) whose failures say what
+the caller must know to send exactly once: `NotSent` (the request certainly never reached
+the server: it failed before its first byte was written — no connection, or none free in
+time) or `OutcomeUnknown` (it was written, and no answer came).
+
+`AiohttpClient` is the adapter: one aiohttp session per process, a pool of keep-alive
+connections (aiohttp costs a fraction of the CPU per request that httpx does, which the
+send path measured as its largest single cost). Idle connections are closed after
+`keepalive_s`, below the servers' own idle timeout (uvicorn's is 5 s), so a request is
+not written on a connection the server is closing at that very moment — which would make
+its outcome unknown for no reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+import aiohttp
+
+
+class NotSent(Exception):
+    """The request certainly never reached the server: sending again is safe."""
+
+
+class OutcomeUnknown(Exception):
+    """The request may have reached the server (it was written, and no answer came)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return json.loads(self.body)
+
+
+class HttpClient(Protocol):
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Answer:
+        """POST `body`; the answer, whatever its status. Raises NotSent or
+        OutcomeUnknown."""
+
+    async def close(self) -> None: ...
+
+
+class AiohttpClient:
+    """`HttpClient` on one aiohttp session, made at the first request (it needs the
+    running loop), with at most `connections` connections at once."""
+
+    def __init__(self, *, connections: int, keepalive_s: float) -> None:
+        self._connections = connections
+        self._keepalive_s = keepalive_s
+        self._session: aiohttp.ClientSession | None = None
+        # Whether a request's head was written is what tells the two failures apart:
+        # aiohttp's exceptions alone do not (a wait for a pooled connection and a wait
+        # for the answer both end in TimeoutError).
+        self._trace = aiohttp.TraceConfig()
+        self._trace.on_request_headers_sent.append(_written)
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._connections, keepalive_timeout=self._keepalive_s
+            )
+            # No cookies, no automatic headers beyond the protocol's: a server-to-server
+            # client.
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent",),
+                trace_configs=[self._trace],
+            )
+        return self._session
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> Answer:
+        state = SimpleNamespace(written=False)
+        try:
+            async with self._open().post(
+                url,
+                data=body,
+                headers=dict(headers),
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+                trace_request_ctx=state,
+            ) as response:
+                payload = await response.read()
+                return Answer(response.status, payload, response.reason or "")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failure = OutcomeUnknown if state.written else NotSent
+            raise failure(f"{type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _written(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceRequestHeadersSentParams,
+) -> None:
+    context.trace_request_ctx.written = True
