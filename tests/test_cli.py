@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -15,7 +19,10 @@ import jwt
 import pytest
 
 from tests.e2e.conftest import start_server, stop_server
+from whatslike.bus.memory import dead_letter
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.settings import load_settings, unknown_variables
+from whatslike.status.rules import Status
 from whatslike.store.sqlite import SQLiteStore
 
 OWN_SECRETS = {
@@ -38,7 +45,9 @@ def whatslike(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["token"], ["stuck"]])
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["token"], ["stuck"], ["dlq"], ["dlq", "list"], ["dlq", "replay"]]
+)
 def test_help_everywhere(command: list[str]) -> None:
     done = whatslike(*command, "--help")
     assert done.returncode == 0
@@ -114,6 +123,40 @@ def test_a_start_that_cannot_succeed_says_why_in_one_line(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("whatslike: ")
     assert named in lines[0]
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, never listened, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_start_with_the_bus_away_says_why_in_one_line_and_exits(tmp_path: Path) -> None:
+    """The default SQLite store (its thread once kept the process alive), Kafka at a
+    closed port: one line naming the setting, exit code 1, no traceback, no hang (the
+    60 s limit of `whatslike` would fail the test)."""
+    started = time.monotonic()
+    done = whatslike(
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        env={
+            "WHATSLIKE_BUS_URL": f"kafka://127.0.0.1:{closed_port()}",
+            "WHATSLIKE_BUS_PUBLISH_TIMEOUT_S": "2",
+            "WHATSLIKE_ROLES": PIPELINE,
+            **OWN_SECRETS,
+        },
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("whatslike: Kafka at 127.0.0.1:"), lines
+    assert "(WHATSLIKE_BUS_URL)" in lines[0]
+    assert time.monotonic() - started < 30
 
 
 def test_token_is_signed_with_the_secret_serve_uses(tmp_path: Path) -> None:
@@ -212,3 +255,66 @@ async def test_stuck_lists_what_stopped_moving(tmp_path: Path) -> None:
     assert all(r["org_id"] == "acme" and r["since"] for r in rows)
     quiet = whatslike("stuck", "--data-dir", str(tmp_path))  # default thresholds: minutes
     assert (quiet.returncode, quiet.stdout, quiet.stderr.strip()) == (0, "", "0 stuck")
+
+
+async def test_dlq_lists_dead_letters_and_replays_a_status(tmp_path: Path) -> None:
+    """What operators do with dead letters: list them (what each is now), replay a
+    status into the outbox; a send, an unknown id and an unknown message are refused
+    with one line each."""
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    conversation = await store.create_conversation("acme", "whatsapp", "+55")
+    message, _ = await store.create_message(conversation, "hi", "")
+    status = StatusEvent(
+        event_id="evt_poison",
+        message_id=message.id,
+        conversation_id=conversation.id,
+        org_id="acme",
+        channel="whatsapp",
+        status=Status.DELIVERED,
+        provider_message_id="wamid.1",
+        occurred_at=datetime(2026, 11, 25, 12, tzinfo=UTC),
+    )
+    ghost = replace(status, event_id="evt_ghost", message_id="msg_nobody")
+    letters = [
+        (TOPIC_STATUS, status.to_json(), "failed 12 times, last: ValueError: bug"),
+        (TOPIC_MESSAGES, b'{"message_id": "msg_x"}', "failed 12 times, last: KeyError"),
+        (TOPIC_STATUS, ghost.to_json(), "malformed: no message 'msg_nobody'"),
+        (TOPIC_STATUS, b"\xff\xfe", "malformed: not JSON"),
+    ]
+    for topic, event, reason in letters:
+        await store.record_dead_letter(topic, dead_letter(topic, "g", event, reason, 12), reason)
+    outbox_before = await store.outbox_size()
+    await store.close()
+
+    listed = whatslike("dlq", "list", "--json", "--data-dir", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["topic"], r["kind"], r["message_id"]) for r in rows] == [
+        (TOPIC_STATUS, "unreadable", None),
+        (TOPIC_STATUS, "unknown_message", "msg_nobody"),
+        (TOPIC_MESSAGES, "send", None),
+        (TOPIC_STATUS, "unapplied", message.id),
+    ]
+    plain = whatslike("dlq", "list", "--data-dir", str(tmp_path))
+    assert plain.stderr.strip() == "4 dead letters, 1 unapplied"
+
+    replayed = whatslike("dlq", "replay", rows[3]["id"], "--data-dir", str(tmp_path))
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"status DELIVERED of message {message.id} handed to the outbox" in replayed.stdout
+    for row, why in [
+        (rows[2], "is a send (messages): its message was made FAILED send_failed"),
+        (rows[1], "no message 'msg_nobody' in this store"),
+        (rows[0], "holds no status event that can be decoded"),
+        ({"id": "12345"}, "no dead letter '12345'"),
+    ]:
+        refused = whatslike("dlq", "replay", row["id"], "--data-dir", str(tmp_path))
+        assert refused.returncode == 1
+        assert refused.stderr.count("\n") == 1 and why in refused.stderr, refused.stderr
+
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    try:
+        assert await store.outbox_size() == outbox_before + 1  # the replayed status only
+    finally:
+        await store.close()

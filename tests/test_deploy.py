@@ -132,6 +132,21 @@ def dependency_problems(services: Services) -> list[str]:
     return problems
 
 
+#: Restart policies that bring back a process that exits, however often (a bounded
+#: `on-failure:N` gives up; a role that stays down leaves its work PENDING).
+RESTARTING = {"unless-stopped", "always", "on-failure"}
+
+
+def without_restart(services: Services) -> list[str]:
+    """Services Docker would leave down after their process exits (a kill, a failed
+    start)."""
+    return [
+        f"{name}: restart is {service.get('restart', 'no')!r}"
+        for name, service in services.items()
+        if service.get("restart") not in RESTARTING
+    ]
+
+
 def published_ports(services: Services) -> Iterator[tuple[str, str]]:
     for name, service in services.items():
         for port in service.get("ports") or []:
@@ -359,6 +374,23 @@ def test_every_dependency_exists_and_is_healthchecked(
 ) -> None:
     assert dependency_problems(services) == []
     assert dependency_problems(cassandra_services) == []
+
+
+def test_every_service_comes_back_when_its_process_exits(
+    services: Services, cassandra_services: Services
+) -> None:
+    assert without_restart(services) == []
+    assert without_restart(cassandra_services) == []
+
+
+def test_a_service_without_a_restart_policy_is_caught(services: Services) -> None:
+    broken = copy.deepcopy(services)
+    del broken["router"]["restart"]
+    broken["connector"]["restart"] = "on-failure:3"
+    assert without_restart(broken) == [
+        "router: restart is 'no'",
+        "connector: restart is 'on-failure:3'",
+    ]
 
 
 def test_published_ports_do_not_collide(services: Services) -> None:

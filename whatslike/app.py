@@ -110,6 +110,7 @@ class Runtime:
         )
         self.roles = build_roles(self.deps)
         self._opened = False
+        self._started = False
         #: Set when a stop began: new requests are answered 503 (see `_DrainGuard`).
         self.draining = False
         self.starlette = Starlette(
@@ -134,10 +135,55 @@ class Runtime:
         self.app: ASGIApp = _HotRoutes(self.starlette, self, webhooks, send)
 
     async def open(self) -> None:
-        """Reach the backends; raises WhatslikeError with a one-line reason."""
+        """Reach the store; raises WhatslikeError with a one-line reason."""
         if not self._opened:
             await self.deps.store.open()
             self._opened = True
+
+    async def start(self) -> None:
+        """Open the store, start the roles, the fan-out and the bus (idempotent). A start
+        that fails undoes what it started — the store's thread included, which would
+        otherwise keep the process alive — and raises; the bus and the backends raise
+        WhatslikeError with a one-line reason."""
+        if self._started:
+            return
+        undo: list[Callable[[], Awaitable[None]]] = [self.deps.http.close]
+        try:
+            await self.open()
+            undo.append(self.deps.store.close)
+            for role in self.roles:
+                await role.start()
+                undo.append(role.stop)
+            await self.deps.fanout.start()
+            undo.append(self.deps.fanout.stop)
+            await self.deps.bus.start()  # it stops itself when it cannot start
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    await step()
+                except Exception:
+                    log.exception("undoing a failed start")
+            self._opened = False
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop what `start` started (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        # Nothing more is handed to the bus; what the bus does not finish in time is
+        # still in the outbox and is relayed again at the next start.
+        for role in self.roles:
+            if isinstance(role, OutboxRelay):
+                await role.stop()
+        await self.deps.bus.stop()
+        await self.deps.fanout.stop()
+        for role in reversed(self.roles):
+            await role.stop()
+        await self.deps.http.close()
+        await self.deps.store.close()
+        self._opened = False
 
     def demo_url(self) -> str | None:
         """The demo page, in the embedded mode only. No token in it: the page asks for a
@@ -165,25 +211,11 @@ class Runtime:
 
     @asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        await self.open()
-        for role in self.roles:
-            await role.start()
-        await self.deps.fanout.start()
-        await self.deps.bus.start()
+        await self.start()  # `serve` started it already: nothing left to do then
         try:
             yield
         finally:
-            # Nothing more is handed to the bus; what the bus does not finish in time is
-            # still in the outbox and is relayed again at the next start.
-            for role in self.roles:
-                if isinstance(role, OutboxRelay):
-                    await role.stop()
-            await self.deps.bus.stop()
-            await self.deps.fanout.stop()
-            for role in reversed(self.roles):
-                await role.stop()
-            await self.deps.http.close()
-            await self.deps.store.close()
+            await self.stop()
 
     def _routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [

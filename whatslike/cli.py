@@ -1,4 +1,5 @@
-"""The `whatslike` command line: `serve` runs roles, `token` prints a signed JWT.
+"""The `whatslike` command line: `serve` runs roles, `token` prints a signed JWT, `stuck`
+and `dlq list|replay` are for operators.
 
 Settings come from `WHATSLIKE_*` variables; flags win. A start that cannot succeed exits
 non-zero with one line on stderr naming the reason.
@@ -11,9 +12,11 @@ import asyncio
 import gc
 import json
 import logging
+import logging.handlers
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
@@ -24,6 +27,7 @@ from whatslike.app import Runtime, check_wiring
 from whatslike.auth import TokenService
 from whatslike.clock import format_time, utcnow
 from whatslike.errors import ConfigError, WhatslikeError
+from whatslike.roles import dead_letters
 from whatslike.roles.watchdog import find_stuck
 from whatslike.settings import (
     ROLES,
@@ -34,6 +38,7 @@ from whatslike.settings import (
     unknown_variables,
 )
 from whatslike.store import open_store
+from whatslike.store.base import Store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     stuck.add_argument("--older-than", type=float, help="seconds, for every kind")
     stuck.add_argument("--json", action="store_true", help="one JSON object per line")
     stuck.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+
+    dlq = commands.add_parser(
+        "dlq",
+        help="list and replay dead letters (for operators)",
+        description="Dead letters are events set aside as poison (never for an outage: "
+        "those are retried for as long as they last). Each is kept in the configured "
+        "store; a status among them that would still change its message is 'unapplied' "
+        "(the watchdog counts those) and can be replayed.",
+    )
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = dlq_commands.add_parser("list", help="the newest dead letters, newest first")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+    replaying = dlq_commands.add_parser(
+        "replay",
+        help="hand a dead-lettered status to the outbox again",
+        description="The relay of a running process publishes it and the status worker "
+        "applies it (or sets it aside again if it is poison still). Sends are not "
+        "replayed: their message is FAILED send_failed and the agent sends it again.",
+    )
+    replaying.add_argument("id", help="the id `whatslike dlq list` shows")
+    replaying.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
     return parser
 
 
@@ -139,13 +167,65 @@ def _announce(runtime: Runtime) -> None:
     sys.stdout.flush()
 
 
-async def _serve(settings: Settings, sock: socket.socket, log_level: str) -> None:
+#: Log records of a start held back at most (beyond, they are written at once).
+START_LOG_RECORDS = 10_000
+
+
+def _log_to_stderr(level: str) -> logging.handlers.MemoryHandler:
+    """Log to stderr, but hold the records of the start back (see `_serve`)."""
+    stream = logging.StreamHandler()
+    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    held = logging.handlers.MemoryHandler(
+        START_LOG_RECORDS, flushLevel=logging.CRITICAL + 1, target=stream, flushOnClose=False
+    )
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    root.addHandler(held)
+    return held
+
+
+def _release_start_logs(held: logging.handlers.MemoryHandler, *, started: bool) -> None:
+    """Write the held records and log straight to stderr from now on (a start that
+    succeeded, or any start while debugging); drop them when it failed, since its one
+    line says why (a driver's own error lines about the same refused connection are
+    noise there)."""
+    root = logging.getLogger()
+    if started or root.level <= logging.DEBUG:
+        held.flush()
+    held.buffer.clear()
+    root.removeHandler(held)
+    if held.target is not None:
+        root.addHandler(held.target)
+    held.close()
+
+
+async def _serve(
+    settings: Settings, sock: socket.socket, log_level: str, held: logging.handlers.MemoryHandler
+) -> None:
     runtime = Runtime(settings)
-    await runtime.open()
-    config = serving.server_config(runtime.app, settings, log_level, runtime.ws_protocol)
-    serving.redact_logs(serving.secrets_of(settings, runtime.deps.jwt_secret))
-    server = _Server(config, runtime)
-    await server.serve(sockets=[sock])
+    secrets = serving.secrets_of(settings, runtime.deps.jwt_secret)
+    serving.redact_logs(secrets)
+    # Started before uvicorn, not in its lifespan: a start that fails (a backend away)
+    # then ends here with its one-line reason (WhatslikeError), having undone itself,
+    # instead of uvicorn's traceback, "Application startup failed" and a process that a
+    # leftover thread keeps alive.
+    try:
+        await runtime.start()
+    except BaseException:
+        _release_start_logs(held, started=False)
+        raise
+    _release_start_logs(held, started=True)
+    try:
+        config = serving.server_config(runtime.app, settings, log_level, runtime.ws_protocol)
+        # On the handlers that write from now on: the root's, and uvicorn's own, which
+        # its configuration has just made.
+        serving.redact_logs(secrets)
+        server = _Server(config, runtime)
+        await server.serve(sockets=[sock])
+    finally:
+        await runtime.stop()  # already done by the lifespan, unless uvicorn never ran it
+    if not server.started:
+        raise WhatslikeError(f"the server did not start on {settings.host}:{settings.port}")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -161,12 +241,10 @@ def serve(args: argparse.Namespace) -> int:
     bound_port = sock.getsockname()[1]
     if bound_port != settings.port:
         settings = settings.model_copy(update={"port": bound_port})
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    held = _log_to_stderr(args.log_level)
     # uvloop: the event loop in C (uvicorn only picks it when it creates the loop itself).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(settings, sock, args.log_level))
+        runner.run(_serve(settings, sock, args.log_level, held))
     return 0
 
 
@@ -224,9 +302,65 @@ async def _print_stuck(settings: Settings, older_than_s: float | None, *, as_jso
     return 0
 
 
+def dlq(args: argparse.Namespace) -> int:
+    settings = load_settings(data_dir=args.data_dir)
+    if args.dlq_command == "list":
+        if args.limit < 1:
+            raise ConfigError("--limit must be at least 1")
+        return asyncio.run(_print_dead_letters(settings, args.limit, as_json=args.json))
+    return asyncio.run(_replay(settings, args.id))
+
+
+async def _print_dead_letters(settings: Settings, limit: int, *, as_json: bool) -> int:
+    async with _opened_store(settings) as store:
+        reviews = await dead_letters.review(store, limit)
+    for reviewed in reviews:
+        fields = {
+            "id": reviewed.dead.id,
+            "at": format_time(reviewed.dead.at),
+            "topic": reviewed.source,
+            "kind": reviewed.kind.value,
+            "message_id": reviewed.status.message_id if reviewed.status else None,
+            "status": reviewed.status.status.value if reviewed.status else None,
+            "reason": reviewed.dead.reason,
+        }
+        if as_json:
+            print(json.dumps(fields))
+        else:
+            print("  ".join(str(value) for value in fields.values()))
+    if not as_json:
+        unapplied = sum(r.kind is dead_letters.Kind.UNAPPLIED for r in reviews)
+        print(f"{len(reviews)} dead letters, {unapplied} unapplied", file=sys.stderr)
+    return 0
+
+
+async def _replay(settings: Settings, dead_letter_id: str) -> int:
+    async with _opened_store(settings) as store:
+        reviewed = await dead_letters.replay(store, dead_letter_id)
+    status = reviewed.status
+    assert status is not None  # replay refuses a dead letter without one
+    print(
+        f"dead letter {reviewed.dead.id} ({reviewed.kind.value}): status {status.status.value} "
+        f"of message {status.message_id} handed to the outbox again"
+    )
+    return 0
+
+
+@asynccontextmanager
+async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
+    store = open_store(
+        settings.effective_database_url, sqlite_synchronous=settings.sqlite_synchronous
+    )
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": serve, "token": token, "stuck": stuck}
+    commands = {"serve": serve, "token": token, "stuck": stuck, "dlq": dlq}
     try:
         return commands[args.command](args)
     except WhatslikeError as exc:

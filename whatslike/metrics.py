@@ -134,6 +134,11 @@ class Metrics:
         self.redriven = Counter(
             "whatslike_redriven_total", "PENDING messages handed off again", registry=r
         )
+        self.dead_letters_unapplied = Gauge(
+            "whatslike_dead_letters_unapplied",
+            "Dead-lettered statuses that would still change their message (whatslike dlq list)",
+            registry=r,
+        )
         self.parked_statuses = Counter(
             "whatslike_parked_statuses_total",
             "Statuses that arrived before their send answer",

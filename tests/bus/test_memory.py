@@ -10,7 +10,7 @@ import pytest
 
 from whatslike.bus import BusFull
 from whatslike.bus.memory import MemoryBus, backoff_delay
-from whatslike.errors import MalformedEvent
+from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.metrics import Metrics
 from whatslike.settings import load_settings
 
@@ -80,7 +80,7 @@ async def test_after_max_attempts_the_event_goes_to_the_dlq_with_the_reason() ->
     dead = Collector(1)
 
     async def broken(value: bytes) -> None:
-        raise ConnectionError("database down")
+        raise ValueError("no such state")  # the event's fault, not an outage
 
     bus.subscribe("t", "g", broken)
     bus.subscribe("t.dlq", "dlq", dead)
@@ -91,8 +91,54 @@ async def test_after_max_attempts_the_event_goes_to_the_dlq_with_the_reason() ->
     record = json.loads(dead.items[0])
     assert record["topic"] == "t"
     assert record["attempts"] == 3
-    assert "database down" in record["reason"]
+    assert "ValueError: no such state" in record["reason"]
     assert record["event"] == '{"x":1}'
+
+
+async def test_an_outage_longer_than_the_retry_budget_is_waited_out_not_dead_lettered() -> None:
+    """Ten store outage failures in a row (the budget is 3 attempts), interleaved with
+    two failures of another kind (counted, still under the budget): the event is
+    handled in the end, nothing dead-lettered, every retry counted in the metric."""
+    metrics = Metrics()
+    bus = MemoryBus(
+        load_settings(
+            bus_partitions=1,
+            consumer_max_attempts=3,
+            consumer_backoff_base_s=0.001,
+            consumer_backoff_cap_s=0.005,
+        ),
+        metrics,
+        seed=1,
+    )
+    failures: list[Exception] = [
+        BackendUnavailable("store down"),
+        ValueError("passing"),
+        *(BackendUnavailable("store down") for _ in range(4)),
+        BusFull("bus full"),
+        ValueError("passing"),
+        *(TimeoutError() for _ in range(3)),
+        ConnectionResetError(),
+    ]
+    calls: list[bytes] = []
+    done = asyncio.Event()
+    dead = Collector(1)
+
+    async def during_outage(value: bytes) -> None:
+        calls.append(value)
+        if failures:
+            raise failures.pop(0)
+        done.set()
+
+    bus.subscribe("t", "g", during_outage)
+    bus.subscribe("t.dlq", "dlq", dead)
+    await bus.start()
+    await bus.publish("t", "k", b"e1")
+    await asyncio.wait_for(done.wait(), 5)
+    await bus.stop()
+    assert calls == [b"e1"] * 13
+    assert dead.items == []
+    assert metrics.bus_dead_letters.labels("t", "g")._value.get() == 0
+    assert metrics.bus_retries.labels("t", "g")._value.get() == 12
 
 
 async def test_a_malformed_event_is_dead_lettered_at_once() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from whatslike.bus.memory import MemoryBus
+from whatslike.connectors.base import ProviderUnavailable
 from whatslike.errors import MalformedEvent
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent, outbound_topic
 from whatslike.fanout.memory import MemoryFanout
@@ -129,7 +130,7 @@ async def test_a_message_the_provider_never_got_becomes_failed(store: SQLiteStor
     relay = OutboxRelay(wiring)
 
     async def unreachable_provider(raw: bytes) -> None:
-        raise ConnectionError("graph.facebook.com unreachable")
+        raise ProviderUnavailable("graph.facebook.com unreachable")  # as the connector does
 
     wiring.bus.subscribe(outbound_topic("whatsapp"), "connector-whatsapp", unreachable_provider)
     await relay.start()

@@ -748,6 +748,25 @@ async def test_dead_letters_are_counted(store: Store) -> None:
     assert await store.dead_letter_count() == 2
 
 
+async def test_dead_letters_are_listed_newest_first_and_found_by_id(store: Store) -> None:
+    assert await store.dead_letters(10) == []
+    await store.record_dead_letter("msg.status", b"\xff not json", "not JSON")
+    await asyncio.sleep(0.002)  # Cassandra orders them by their timeuuid's time
+    await store.record_dead_letter("messages", b"{}", "field 'event_id' missing")
+    newest, oldest = await store.dead_letters(10)
+    assert (newest.topic, newest.payload, newest.reason) == (
+        "messages",
+        b"{}",
+        "field 'event_id' missing",
+    )
+    assert (oldest.topic, oldest.payload) == ("msg.status", b"\xff not json")
+    assert oldest.at <= newest.at and newest.at.tzinfo is not None
+    assert [d.id for d in await store.dead_letters(1)] == [newest.id]
+    assert await store.dead_letter(oldest.id) == oldest
+    for missing in ("", "x", "999999", "2026-01-01/not-a-uuid", "9" * 40, newest.id + "0"):
+        assert await store.dead_letter(missing) is None, missing
+
+
 async def test_ping_answers_while_open_only(store_factory: StoreFactory) -> None:
     store = store_factory()
     with pytest.raises(BackendUnavailable):

@@ -1,9 +1,12 @@
 """The bus port: keyed events on topics, consumed by groups with at-least-once delivery.
 
 A handler that returns has processed the event (the bus commits it). A handler that
-raises gets the event again with exponential back-off; after `consumer_max_attempts`
-failures, or at once for `MalformedEvent` (retrying cannot help), the event goes to
-`<topic>.dlq` with the reason. Events with the same key are handled in publish order.
+raises gets the event again with exponential back-off. An outage (the store, the bus or
+the fan-out away or timing out) is retried for as long as it lasts and never
+dead-letters; any other error, after `consumer_max_attempts` failures, or at once for
+`MalformedEvent` (retrying cannot help), sends the event to `<topic>.dlq` with the
+reason (whatslike/bus/retry.py decides which is which). Events with the same key are
+handled in publish order.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ from prometheus_client import Gauge
 from whatslike.bus import BatchHandler, BusFull, Event, Handler, PublishIncomplete
 from whatslike.bus.lanes import Lanes, Offsets
 from whatslike.bus.memory import backoff_delay, dead_letter
-from whatslike.errors import BackendUnavailable, MalformedEvent
+from whatslike.bus.retry import Failure, Tries, retry_line
+from whatslike.errors import BackendUnavailable
 from whatslike.events import CHANNELS, TOPIC_MESSAGES, TOPIC_STATUS, dlq_topic, outbound_topic
 from whatslike.metrics import Metrics
 from whatslike.settings import Settings
@@ -84,6 +85,21 @@ _PRODUCER_BROKEN = (
 )
 #: Put in a released partition's buffer: its task ends there.
 _END = object()
+
+
+#: How long the broker keeps a silent member (aiokafka's default, said here because the
+#: join bound depends on it).
+SESSION_TIMEOUT_MS = 10_000
+#: The rebalance timeout beyond the handler grace: the broker waits that long for
+#: members to rejoin.
+REBALANCE_MARGIN_MS = 30_000
+
+
+def join_timeout_s(settings: Settings) -> float:
+    """The longest a group join may take when the broker is well: a dead member's session
+    expiry or a live member's rejoin, whichever is longer, plus the publish timeout."""
+    rebalance_s = settings.kafka_handler_grace_s + REBALANCE_MARGIN_MS / 1000
+    return max(SESSION_TIMEOUT_MS / 1000, rebalance_s) + settings.bus_publish_timeout_s
 
 
 def bootstrap_servers(bus_url: str) -> list[str]:
@@ -185,9 +201,12 @@ class KafkaBus:
             self._producer = await self._new_producer()
             for group in self._groups.values():
                 await self._start_group(group)
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except (KafkaError, OSError, TimeoutError, BackendUnavailable) as exc:
             await self.stop()
-            raise BackendUnavailable(f"Kafka at {','.join(self._servers)}: {exc!r}") from exc
+            why = str(exc) if isinstance(exc, BackendUnavailable) else repr(exc)
+            raise BackendUnavailable(
+                f"Kafka at {','.join(self._servers)} (WHATSLIKE_BUS_URL): {why}"
+            ) from exc
         self._started = True
 
     async def stop(self) -> None:
@@ -366,13 +385,25 @@ class KafkaBus:
             auto_offset_reset="earliest",
             # The broker waits this long for members to rejoin; ours may spend the grace
             # on in-flight handlers first.
-            rebalance_timeout_ms=grace_ms + 30_000,
+            rebalance_timeout_ms=grace_ms + REBALANCE_MARGIN_MS,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
             max_poll_records=self._settings.kafka_partition_buffer,
             fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
-        async with asyncio.timeout(self._settings.bus_publish_timeout_s):
-            await group.consumer.start()
+        # `start` returns once the group gave this member its partitions. A member that
+        # died (kill -9) holds the group's join until its session expires, and a live one
+        # may take the rebalance timeout to rejoin: the broker ends the join within the
+        # longer of the two, so the start waits that out (plus a publish timeout for the
+        # round trips) rather than fail, as it did within the publish timeout alone.
+        bound = join_timeout_s(self._settings)
+        try:
+            async with asyncio.timeout(bound):
+                await group.consumer.start()
+        except TimeoutError as exc:
+            raise BackendUnavailable(
+                f"consumer group {group.name!r} not joined within {bound:g} s"
+            ) from exc
         group.poller = asyncio.create_task(self._poll(group), name=f"kafka-poll-{group.name}")
         group.poller.add_done_callback(_report_poller_end)
 
@@ -587,40 +618,36 @@ class KafkaBus:
             partition.done = records[-1].offset + 1
 
     async def _handle(self, partition: _Partition, label: str, record: Any) -> None:
-        settings = self._settings
+        """Until the handler returns: an outage is waited out (never dead-lettered), a
+        malformed event and one failing `consumer_max_attempts` times go to the DLQ
+        (retry.py). Meanwhile the partition waits: its order is kept."""
         value: bytes = record.value or b""
-        attempt = 0
+        tries = Tries(self._settings.consumer_max_attempts)
         while True:
-            attempt += 1
             try:
                 await partition.handler(value)
             except asyncio.CancelledError:
                 raise
-            except MalformedEvent as exc:
-                await self._dead_letter(
-                    partition, label, record, reason=f"malformed: {exc}", attempts=attempt
-                )
-                return
             except Exception as exc:
+                step = tries.failed(exc, time.monotonic())
                 # A dead letter's handler is retried until it succeeds: there is no further
-                # topic to put it in, and it stays uncommitted in its `.dlq` meanwhile.
-                if attempt >= settings.consumer_max_attempts and not is_dead_letter_topic(label):
-                    reason = f"failed {attempt} times, last: {type(exc).__name__}: {exc}"
+                # topic to put it in, and it stays uncommitted in its `.dlq` meanwhile (an
+                # unreadable one is logged and left there by `_dead_letter`).
+                if step.dead_letter is not None and (
+                    step.failure is Failure.MALFORMED or not is_dead_letter_topic(label)
+                ):
                     await self._dead_letter(
-                        partition, label, record, reason=reason, attempts=attempt
+                        partition, label, record, reason=step.dead_letter, attempts=tries.total
                     )
                     return
                 self._metrics.bus_retries.labels(label, partition.group).inc()
-                log.warning(
-                    "handler %s on %s failed (attempt %d/%d): %s",
-                    partition.group,
-                    label,
-                    attempt,
-                    settings.consumer_max_attempts,
-                    exc,
-                )
-                await asyncio.sleep(self._delay(attempt))
+                if step.log or step.dead_letter is not None:
+                    log.warning("%s", retry_line(step, tries, partition.group, label, exc))
+                await asyncio.sleep(self._delay(step.backoff_attempt))
             else:
+                recovered = tries.recovered(time.monotonic(), partition.group, label)
+                if recovered is not None:
+                    log.info("%s", recovered)
                 self._metrics.bus_handled.labels(label, partition.group).inc()
                 return
 

@@ -18,13 +18,14 @@ import base64
 import json
 import logging
 import random
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from whatslike.bus import BusFull, Event, Handler, publish_in_turn
 from whatslike.bus.lanes import Lanes
-from whatslike.errors import MalformedEvent
+from whatslike.bus.retry import Tries, retry_line
 from whatslike.events import dlq_topic
 from whatslike.metrics import Metrics
 from whatslike.settings import Settings
@@ -162,40 +163,35 @@ class MemoryBus:
             lanes.add(event[0], event)
 
     async def _handle(self, group: _Group, key: str, value: bytes, max_attempts: int) -> None:
+        """Until the handler returns: an outage is waited out (never dead-lettered), a
+        malformed event and one failing `max_attempts` times go to the DLQ (retry.py)."""
         labels = (group.topic, group.name)
-        attempt = 0
+        tries = Tries(max_attempts)
         while True:
-            attempt += 1
             try:
                 await group.handler(value)
             except asyncio.CancelledError:
                 raise
-            except MalformedEvent as exc:
-                await self._dead_letter(group, key, value, f"malformed: {exc}", attempt)
-                return
             except Exception as exc:
-                if attempt >= max_attempts:
-                    reason = f"failed {attempt} times, last: {type(exc).__name__}: {exc}"
-                    await self._dead_letter(group, key, value, reason, attempt)
+                step = tries.failed(exc, time.monotonic())
+                if step.dead_letter is not None:
+                    await self._dead_letter(group, key, value, step.dead_letter, tries.total)
                     return
                 self._metrics.bus_retries.labels(*labels).inc()
-                log.warning(
-                    "handler %s on %s failed (attempt %d/%d): %s",
-                    group.name,
-                    group.topic,
-                    attempt,
-                    max_attempts,
-                    exc,
-                )
+                if step.log:
+                    log.warning("%s", retry_line(step, tries, group.name, group.topic, exc))
                 await asyncio.sleep(
                     backoff_delay(
-                        attempt,
+                        step.backoff_attempt,
                         self._settings.consumer_backoff_base_s,
                         self._settings.consumer_backoff_cap_s,
                         self._rng,
                     )
                 )
             else:
+                recovered = tries.recovered(time.monotonic(), group.name, group.topic)
+                if recovered is not None:
+                    log.info("%s", recovered)
                 self._metrics.bus_handled.labels(*labels).inc()
                 return
 

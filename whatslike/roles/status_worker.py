@@ -159,7 +159,10 @@ class StatusWorker(RoleDefaults):
         if topic in UNSENT_SOURCES:
             await self._fail_unsent(event.encode())
         elif topic == TOPIC_STATUS:
-            # Kept as a dead letter now: its hand-off is done, it must not come again.
+            # Kept in the store now, where operators see it (`whatslike dlq list`, the
+            # watchdog's count of unapplied ones) and replay it: its hand-off is done, it
+            # must not come again by itself. Only poison gets here: an outage is retried
+            # by the bus for as long as it lasts (whatslike/bus/retry.py).
             with contextlib.suppress(MalformedEvent):
                 status = StatusEvent.from_json(event.encode())
                 await self._store.handoff(done=[(TOPIC_STATUS, status.event_id)])

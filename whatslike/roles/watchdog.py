@@ -10,6 +10,10 @@ Every `watchdog_interval_s` it asks the store for
 - SENT messages with no provider news for `stuck_sent_s`: counted and listed only (a
   phone can stay off for days; nothing to redo).
 Each kind is a `whatslike_stuck_messages{kind}` gauge; `whatslike stuck` lists them.
+It also counts the dead-lettered statuses that would still change their message
+(`whatslike_dead_letters_unapplied`, among the newest SWEEP_LIMIT dead letters) and says
+so in the log when that number changes; `whatslike dlq list` shows them and
+`whatslike dlq replay <id>` applies one (see dead_letters.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from datetime import datetime, timedelta
 from whatslike.clock import utcnow
 from whatslike.errors import WhatslikeError
 from whatslike.events import StatusEvent
-from whatslike.roles import BackgroundRole, Deps
+from whatslike.roles import BackgroundRole, Deps, dead_letters
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Store, Stuck
@@ -82,6 +86,7 @@ class Watchdog(BackgroundRole):
         self._settings = deps.settings
         self._metrics = deps.metrics
         self._handoffs = deps.handoffs
+        self._unapplied = 0  # as the last sweep counted them
 
     async def sweep(self) -> Stuck:
         """One look: count every kind, re-drive the lost hand-offs, fail the unknown."""
@@ -107,7 +112,23 @@ class Watchdog(BackgroundRole):
             log.warning("message %s: send outcome unknown, marked FAILED", message.id)
         if handed:
             self._handoffs.set()
+        await self._count_unapplied()
         return stuck
+
+    async def _count_unapplied(self) -> None:
+        reviews = await dead_letters.review(self._store, SWEEP_LIMIT)
+        unapplied = [r for r in reviews if r.kind is dead_letters.Kind.UNAPPLIED]
+        self._metrics.dead_letters_unapplied.set(len(unapplied))
+        if len(unapplied) != self._unapplied:
+            self._unapplied = len(unapplied)
+            if unapplied:
+                shown = ", ".join(sorted({r.status.message_id for r in unapplied if r.status}))
+                log.warning(
+                    "%d dead-lettered statuses are not applied (messages %s): see "
+                    "`whatslike dlq list`, then `whatslike dlq replay <id>`",
+                    len(unapplied),
+                    shown[:500],
+                )
 
     async def run_forever(self) -> None:
         while True:

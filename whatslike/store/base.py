@@ -115,6 +115,18 @@ class OutboxItem:
     payload: bytes = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event set aside as poison (see whatslike/bus/retry.py), kept for operators:
+    `payload` is the dead-letter record (its topic, reason and the event verbatim)."""
+
+    id: str
+    topic: str
+    reason: str
+    at: datetime
+    payload: bytes = field(repr=False)
+
+
 class SendClaim(Enum):
     """What `begin_send` found, and so what the connector does."""
 
@@ -302,11 +314,19 @@ class Store(Protocol):
 
     async def dead_letter_count(self) -> int: ...
 
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """The newest dead letters, newest first, at most `limit` (for operators)."""
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter by the id `dead_letters` gave; None for no such (or a
+        malformed) id."""
+
 
 __all__ = [
     "ApplyResult",
     "Changes",
     "Conversation",
+    "DeadLetter",
     "Message",
     "OutboxEntry",
     "OutboxItem",

@@ -67,6 +67,7 @@ from cassandra.query import (
     SimpleStatement,
     dict_factory,
 )
+from cassandra.util import datetime_from_uuid1
 
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
@@ -78,6 +79,7 @@ from whatslike.store.base import (
     ApplyResult,
     Changes,
     Conversation,
+    DeadLetter,
     Message,
     OutboxEntry,
     OutboxItem,
@@ -372,6 +374,10 @@ _CQL = {
     ),
     "count_dead_letter": "UPDATE dead_letter_totals SET n = n + 1 WHERE one = 0",
     "dead_letters": "SELECT n FROM dead_letter_totals WHERE one = 0",
+    "list_dead_letters": "SELECT day, id, topic, payload, reason FROM dead_letters LIMIT ?",
+    "one_dead_letter": (
+        "SELECT day, id, topic, payload, reason FROM dead_letters WHERE day = ? AND id = ?"
+    ),
     "ping": "SELECT release_version FROM system.local",
 }
 
@@ -1382,6 +1388,34 @@ class CassandraStore:
     async def dead_letter_count(self) -> int:
         rows = await self._run("dead_letters")
         return int(rows[0]["n"]) if rows else 0
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """A scan of the (small: poison events only) table, newest first; at most
+        DEAD_LETTER_SCAN rows are read."""
+        rows = await self._run("list_dead_letters", DEAD_LETTER_SCAN)
+        found = sorted((_dead_letter_of(row) for row in rows), key=lambda d: d.at, reverse=True)
+        return found[:limit]
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        day, _, given = dead_letter_id.partition("/")
+        try:
+            key = (date.fromisoformat(day), uuid.UUID(given))
+        except ValueError:
+            return None
+        rows = await self._run("one_dead_letter", *key)
+        return _dead_letter_of(rows[0]) if rows else None
+
+
+#: The most dead letters `dead_letters` reads (newest first among them).
+DEAD_LETTER_SCAN = 10_000
+
+
+def _dead_letter_of(row: Row) -> DeadLetter:
+    """Its id is `<day>/<timeuuid>`, its time the timeuuid's."""
+    at = datetime_from_uuid1(row["id"]).replace(tzinfo=UTC)
+    return DeadLetter(
+        f"{row['day']}/{row['id']}", row["topic"], row["reason"], at, bytes(row["payload"])
+    )
 
 
 __all__ = ["CassandraAddress", "CassandraStore"]

@@ -22,6 +22,7 @@ from whatslike.store.base import (
     ApplyResult,
     Changes,
     Conversation,
+    DeadLetter,
     Message,
     OutboxEntry,
     OutboxItem,
@@ -634,6 +635,28 @@ class PostgresStore:
     async def dead_letter_count(self) -> int:
         async with self._connection() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM dead_letters"))
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, topic, payload, reason, at FROM dead_letters ORDER BY id DESC LIMIT $1",
+                limit,
+            )
+        return [_dead_letter_of(row) for row in rows]
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        if not dead_letter_id.isdigit() or len(dead_letter_id) > 18:
+            return None
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT id, topic, payload, reason, at FROM dead_letters WHERE id = $1",
+                int(dead_letter_id),
+            )
+        return _dead_letter_of(row) if row is not None else None
+
+
+def _dead_letter_of(row: asyncpg.Record) -> DeadLetter:
+    return DeadLetter(str(row["id"]), row["topic"], row["reason"], row["at"], row["payload"])
 
 
 async def _apply(conn: _Connection, event: StatusEvent) -> ApplyResult:

@@ -25,6 +25,7 @@ from whatslike.store.base import (
     ApplyResult,
     Changes,
     Conversation,
+    DeadLetter,
     Message,
     OutboxEntry,
     OutboxItem,
@@ -694,6 +695,28 @@ class SQLiteStore:
     async def dead_letter_count(self) -> int:
         rows = await self._read("SELECT count(*) AS n FROM dead_letters")
         return int(rows[0]["n"])
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        rows = await self._read(
+            "SELECT id, topic, payload, reason, at FROM dead_letters ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [_dead_letter_of(row) for row in rows]
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        if not dead_letter_id.isdigit() or len(dead_letter_id) > 18:
+            return None
+        rows = await self._read(
+            "SELECT id, topic, payload, reason, at FROM dead_letters WHERE id = ?",
+            (int(dead_letter_id),),
+        )
+        return _dead_letter_of(rows[0]) if rows else None
+
+
+def _dead_letter_of(row: sqlite3.Row) -> DeadLetter:
+    return DeadLetter(
+        str(row["id"]), row["topic"], row["reason"], parse_time(row["at"]), bytes(row["payload"])
+    )
 
 
 async def _fetch(db: aiosqlite.Connection, sql: str, parameters: Iterable[Any] = ()) -> _Rows:
