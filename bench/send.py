@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -339,6 +340,23 @@ async def phase(
     return Phase(len(posted), last - began, cpu, lat)
 
 
+async def send_outcomes(deployment: Deployment) -> dict[str, float]:
+    """`whatslike_provider_sends_total` by outcome, summed over the processes: an outcome
+    `unknown` in a run without faults would be a false one (issue 17)."""
+    found: dict[str, float] = {}
+    pattern = re.compile(r'^whatslike_provider_sends_total\{[^}]*outcome="([^"]+)"[^}]*\} (\S+)$')
+    async with httpx.AsyncClient(timeout=30) as client:
+        for name, server in deployment.servers.items():
+            if name == "simulator":
+                continue
+            text = (await client.get(server.url + "/metrics")).text
+            for line in text.splitlines():
+                match = pattern.match(line)
+                if match:
+                    found[match[1]] = found.get(match[1], 0.0) + float(match[2])
+    return found
+
+
 @contextmanager
 def profiled(deployment: Deployment, where: Path | None) -> Iterator[None]:
     """py-spy (all threads, collapsed stacks) on each of our processes and the stand-in
@@ -384,6 +402,8 @@ def profiled(deployment: Deployment, where: Path | None) -> Iterator[None]:
 class Run:
     throughput: Phase
     latency: Phase
+    #: Provider send calls by outcome (ok, unknown, retry, throttled_*), all connectors.
+    sends: dict[str, float]
 
 
 async def one_run(args: argparse.Namespace, extra: dict[str, str]) -> Run:
@@ -421,7 +441,9 @@ async def one_run(args: argparse.Namespace, extra: dict[str, str]) -> Run:
             finally:
                 for watcher in watchers:
                     await watcher.close()
-            return Run(throughput, latency)
+                sends = await send_outcomes(deployment)
+                print(f"  provider sends by outcome: {sends}")
+            return Run(throughput, latency, sends)
 
 
 def ours(deployment_cpu: dict[str, float]) -> list[str]:
@@ -472,6 +494,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> None:
     print(f"  stand-in busy (share of a core): {spread(sim_busy, '{:.2f}')}")
     print(f"  at {args.latency_rate:g}/s POST → READ p50:   {spread(p50)} ms")
     print(f"  at {args.latency_rate:g}/s POST → READ p99:   {spread(p99)} ms")
+    unknown = [r.sends.get("unknown", 0.0) for r in runs]
+    print(f"  sends of unknown outcome:       {spread(unknown)}")
     target_p99 = 100 if args.layout == "embedded" else 250
     median_rate = statistics.median(rates)
     verdicts = [
