@@ -5,14 +5,35 @@
 # this script), a small heap, one node on 127.0.0.1 with its CQL and storage ports free
 # loopback ports chosen at first start, no JMX, data under .services/cassandra.
 # Writes .services/cassandra.env.
+#
+# Writes are acknowledged only once in the commit log on disk: `commitlog_sync: batch`
+# (Cassandra's default, `periodic`, acknowledges first and syncs every 10 s, so a node
+# killed or powered off loses up to 10 s of acknowledged writes).
+#
+# For a node of one's own (tests that kill one, measurements), these may be set:
+#   CASSANDRA_DIR      its data, config and pid file (default .services/cassandra)
+#   CASSANDRA_ENV      the env file written (default .services/cassandra.env)
+#   CASSANDRA_LIBS     the jars (default $CASSANDRA_DIR/libs; fetched when missing)
+#   CASSANDRA_COMMITLOG_SYNC  batch (default), group (CASSANDRA_COMMITLOG_GROUP_WINDOW,
+#                      default 10ms) or periodic (only to measure what durability costs)
+#   CASSANDRA_HEAP     the JVM's maximum heap (default 1g)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/services/lib.sh
 
 VERSION=5.0.9
-dir=$PWD/.services/cassandra
-envfile=.services/cassandra.env
-libs=$dir/libs
+dir=${CASSANDRA_DIR:-$PWD/.services/cassandra}
+envfile=${CASSANDRA_ENV:-.services/cassandra.env}
+libs=${CASSANDRA_LIBS:-$dir/libs}
+heap=${CASSANDRA_HEAP:-1g}
+case ${CASSANDRA_COMMITLOG_SYNC:-batch} in
+  batch) commitlog="commitlog_sync: batch" ;;
+  group) commitlog="commitlog_sync: group
+commitlog_sync_group_window: ${CASSANDRA_COMMITLOG_GROUP_WINDOW:-10ms}" ;;
+  periodic) commitlog="commitlog_sync: periodic
+commitlog_sync_period: 10000ms" ;;
+  *) echo "services: CASSANDRA_COMMITLOG_SYNC must be batch, group or periodic" >&2; exit 2 ;;
+esac
 
 # cql_ready PORT: the node answers a CQL OPTIONS request (protocol v4) with SUPPORTED.
 cql_ready() {
@@ -27,8 +48,13 @@ PY
 
 port=$(env_value "$envfile" WHATSLIKE_TEST_CASSANDRA_PORT)
 if [ -n "$port" ] && cql_ready "$port" 2>/dev/null; then
-  echo "services: Cassandra already running on 127.0.0.1:$port"
-  exit 0
+  # A node started with an older config of this script (e.g. periodic commit-log sync)
+  # is stopped below and started afresh.
+  if grep -qxF "$(head -n 1 <<< "$commitlog")" "$dir/cassandra.yaml" 2>/dev/null; then
+    echo "services: Cassandra already running on 127.0.0.1:$port"
+    exit 0
+  fi
+  echo "services: the Cassandra on 127.0.0.1:$port runs an older config; restarting it"
 fi
 
 command -v java >/dev/null || apt_install openjdk-17-jre-headless
@@ -38,7 +64,7 @@ java_major=$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.sp
 
 if [ ! -f "$libs/cassandra-all-$VERSION.jar" ]; then
   echo "services: fetching cassandra-all $VERSION and its dependencies from Maven Central"
-  mkdir -p "$dir"
+  mkdir -p "$dir" "$(dirname "$libs")"
   cat > "$dir/pom.xml" <<POM
 <project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -67,7 +93,7 @@ pidfile=$dir/cassandra.pid
 if [ -f "$pidfile" ] && tr '\0' ' ' 2>/dev/null < "/proc/$(cat "$pidfile")/cmdline" |
   grep -q -- "-Dcassandra.config=file://$dir/cassandra.yaml"; then
   pid=$(cat "$pidfile")
-  echo "services: stopping Cassandra pid $pid, it does not answer on its CQL port"
+  echo "services: stopping Cassandra pid $pid"
   kill "$pid"
   wait_for 30 sh -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
 fi
@@ -100,8 +126,8 @@ commitlog_directory: $dir/commitlog
 saved_caches_directory: $dir/saved_caches
 hints_directory: $dir/hints
 cdc_raw_directory: $dir/cdc_raw
-commitlog_sync: periodic
-commitlog_sync_period: 10000ms
+# Acknowledge a write only once it is in the commit log on disk.
+$commitlog
 authenticator: AllowAllAuthenticator
 authorizer: AllowAllAuthorizer
 # Tests create and drop a keyspace each: no snapshot on drop/truncate keeps that cheap.
@@ -121,7 +147,7 @@ cat > "$dir/logback.xml" <<XML
 XML
 
 mapfile -t options < <(grep -E '^-' scripts/services/cassandra-jvm17-server.options)
-cmd=(java "${options[@]}" -Xms512m -Xmx1g -XX:+ExitOnOutOfMemoryError
+cmd=(java "${options[@]}" -Xms512m "-Xmx$heap" -XX:+ExitOnOutOfMemoryError
   "-javaagent:$(ls "$libs"/jamm-*.jar)"
   -Dcassandra.config="file://$dir/cassandra.yaml"
   -Dcassandra.storagedir="$dir"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -14,12 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy
 
 from tests.api.test_http import client_for, messages_url
 from tests.e2e.conftest import OWN_SECRETS, Server, one_message_to_read, start_server, stop_server
-from tests.store.conftest import fresh_cassandra_keyspace
+from tests.store.conftest import _admin_cluster, fresh_cassandra_keyspace
 from tests.store.test_contract import at, current, decoded, new_message, seqs, status_event
 from whatslike.app import Runtime
 from whatslike.clock import new_id, utcnow
@@ -418,3 +420,45 @@ async def test_an_unreachable_node_is_a_503_and_the_store_answers_again_within_s
         await runtime.deps.http.aclose()
     assert [m["id"] for m in listed] == [first.json()["message_id"]]
     assert answered < 3
+
+
+def _commitlog_sync(url: str) -> str:
+    cluster = _admin_cluster(CassandraAddress.parse(url))
+    try:
+        row = (
+            cluster.connect()
+            .execute("SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'")
+            .one()
+        )
+    finally:
+        cluster.shutdown()
+    return str(row.value)
+
+
+async def test_a_node_that_acknowledges_before_its_disk_is_named_at_open(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CassandraStore(url)
+    with caplog.at_level(logging.WARNING, logger="whatslike.store.cassandra"):
+        await store.open()
+    await store.close()
+    warned = any("commitlog_sync: periodic" in r.getMessage() for r in caplog.records)
+    assert warned == (await asyncio.to_thread(_commitlog_sync, url) == "periodic")
+
+
+async def test_the_node_make_test_starts_syncs_its_commit_log_before_it_answers(
+    url: str,
+) -> None:
+    """scripts/services/cassandra.sh: batch. (A node it started before this rule runs
+    `periodic`: the script restarts it at its next run.)"""
+    assert await asyncio.to_thread(_commitlog_sync, url) == "batch"
+
+
+def test_the_compose_cassandra_syncs_its_commit_log_before_it_answers() -> None:
+    compose = Path(__file__).parents[2] / "deploy" / "docker-compose.cassandra.yml"
+    cassandra = yaml.safe_load(compose.read_text())["services"]["cassandra"]
+    script = cassandra["entrypoint"][2]
+    assert "s/^commitlog_sync: .*/commitlog_sync: batch/" in script
+    assert "/^commitlog_sync_period:/d" in script
+    assert script.endswith('exec docker-entrypoint.sh "$$@"')
+    assert cassandra["command"] == ["cassandra", "-f"]

@@ -255,7 +255,10 @@ class Store(Protocol):
 
     async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
         """Record a send attempt before the provider is called (`GO`), in one
-        transaction with the check that no earlier attempt may have reached it."""
+        transaction with the check that no earlier attempt may have reached it. Where a
+        claim may apply though its writer never hears so (Cassandra: a lightweight
+        transaction whose answer was lost), the claim carries an id of this call, so that
+        the call recognizes its own claim (`GO`) rather than another's (`UNKNOWN`)."""
 
     async def release_send(self, message_id: str) -> None:
         """The attempt certainly did not reach the provider: it may be made again."""

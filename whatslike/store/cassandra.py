@@ -50,6 +50,7 @@ every `_RECONNECT_S`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import time
@@ -108,6 +109,8 @@ from whatslike.store.base import (
     Stuck,
     SubscriptionRead,
 )
+
+log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 #: A prepared statement's name and its parameters, for a logged batch.
@@ -565,6 +568,25 @@ class CassandraStore:
                 ) from exc
         await self._migrate()
         self._prepared = await asyncio.to_thread(self._prepare_all)
+        await self._check_commitlog()
+
+    async def _check_commitlog(self) -> None:
+        """Say so when the node acknowledges writes before they are on disk."""
+        try:
+            rows = await self._cql(
+                "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'",
+                [],
+                in_keyspace=False,
+            )
+        except (BackendUnavailable, DriverException):
+            return  # before Cassandra 4.0 there is no such table: nothing to tell
+        if rows and rows[0]["value"] == "periodic":
+            log.warning(
+                "Cassandra at %s runs commitlog_sync: periodic: it acknowledges writes before"
+                " they are on disk, and a node that dies loses them; set commitlog_sync:"
+                " batch (see the README, 'On Cassandra')",
+                self.address,
+            )
 
     def _connect(self) -> Session:
         profile = ExecutionProfile(
