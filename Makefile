@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint install install-test
+.PHONY: run test test-cluster lint install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,9 @@ test: install-test
 	$(BIN)/mypy
 	node --test tests/js/
 	$(BIN)/pytest
+
+## The fault tests on a three-node Cassandra cluster (127.0.0.2-4; three JVMs of up to
+## 1 GB each, started on demand and left running): a node killed under load.
+test-cluster: install-test
+	./scripts/services.sh cassandra-cluster
+	$(BIN)/pytest -m cluster tests/cluster
