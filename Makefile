@@ -12,7 +12,7 @@ UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --g
 # A dependency of pyproject.toml that the lock lacks (it was not run again) is named here.
 CHECK_LOCKED = @$(BIN)/pip check >/dev/null || { $(BIN)/pip check; echo "make: the locks miss a dependency: run make lock" >&2; exit 1; }
 
-.PHONY: run test lint install install-test lock
+.PHONY: run test test-cluster lint install install-test lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,9 @@ test: install-test
 	$(BIN)/mypy
 	node --test tests/js/
 	$(BIN)/pytest
+
+## The fault tests on a three-node Cassandra cluster (127.0.0.2-4; three JVMs of up to
+## 1 GB each, started on demand and left running): a node killed under load.
+test-cluster: install-test
+	./scripts/services.sh cassandra-cluster
+	$(BIN)/pytest -m cluster tests/cluster

@@ -5,25 +5,33 @@ steps (the state such a crash leaves is written here with CQL, on the real serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import RoundRobinPolicy
 
+from tests.api.test_http import client_for, messages_url
 from tests.e2e.conftest import OWN_SECRETS, Server, one_message_to_read, start_server, stop_server
-from tests.store.conftest import fresh_cassandra_keyspace
+from tests.store.conftest import _admin_cluster, fresh_cassandra_keyspace
 from tests.store.test_contract import at, current, decoded, new_message, seqs, status_event
+from whatslike.app import Runtime
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
 from whatslike.events import TOPIC_MESSAGES
+from whatslike.settings import load_settings
 from whatslike.status.frame import status_frame
 from whatslike.status.rules import Effect, Status
 from whatslike.store import CassandraStore, open_store
-from whatslike.store.base import Message
+from whatslike.store.base import Message, SendClaim
 from whatslike.store.cassandra import CassandraAddress
 from whatslike.store.common import status_entry
 
@@ -52,7 +60,11 @@ async def store(url: str) -> AsyncIterator[CassandraStore]:
 
 def test_the_url_names_hosts_port_keyspace_and_replication() -> None:
     address = CassandraAddress.parse("cassandra://db1:9142,db2/chat?replication_factor=3")
-    assert address == CassandraAddress(("db1", "db2"), 9142, "chat", 3)
+    assert address == CassandraAddress(("db1", "db2"), 9142, "chat", 3, "QUORUM", "SERIAL")
+    local = "cassandra://db/chat?consistency=local_quorum&serial_consistency=LOCAL_SERIAL"
+    assert CassandraAddress.parse(local) == CassandraAddress(
+        ("db",), 9042, "chat", 1, "LOCAL_QUORUM", "LOCAL_SERIAL"
+    )
     assert CassandraAddress.parse("cassandra://db/chat").port == 9042
     assert isinstance(open_store("cassandra://127.0.0.1:9042/whatslike"), CassandraStore)
     bad_urls = (
@@ -62,6 +74,8 @@ def test_the_url_names_hosts_port_keyspace_and_replication() -> None:
         "cassandra://db/chat;DROP",
         "cassandra://u:pw@db/chat",
         "cassandra://db/chat?replication_factor=0",
+        "cassandra://db/chat?consistency=ONE",
+        "cassandra://db/chat?serial_consistency=QUORUM",
     )
     for bad in bad_urls:
         with pytest.raises(ConfigError, match="WHATSLIKE_DATABASE_URL") as caught:
@@ -271,3 +285,180 @@ async def test_the_watchdog_drops_an_entry_a_failed_write_left(store: CassandraS
         [bucket],
     ).one()[0]
     assert left == 0
+
+
+class LostAnswer(CassandraStore):
+    """The node applies the first send claim, and its answer is lost on the way back (a
+    client timeout): what the driver reports then, after the claim is stored."""
+
+    lost = 1
+
+    async def _lwt(self, name: str, *params: Any) -> tuple[bool, dict[str, Any]]:
+        answer = await super()._lwt(name, *params)
+        if name == "begin_send" and self.lost:
+            self.lost -= 1
+            raise BackendUnavailable("Cassandra is unavailable: OperationTimedOut")
+        return answer
+
+
+async def test_a_send_claim_whose_answer_was_lost_is_recognized_as_ours(url: str) -> None:
+    store = LostAnswer(url)
+    await store.open()
+    try:
+        message = await new_message(store)
+        claim, claimed = await store.begin_send(message.id)
+        assert store.lost == 0  # the answer was lost
+        assert claim is SendClaim.GO  # before: the outage, then UNKNOWN on the retry
+        assert claimed is not None and claimed.send_started_at is not None
+        # Anyone else's claim now, this call's included, is not ours: never sent twice.
+        again, _ = await store.begin_send(message.id)
+        assert again is SendClaim.UNKNOWN
+        # A released attempt (it certainly did not reach the provider) may go again.
+        await store.release_send(message.id)
+        assert (await store.begin_send(message.id))[0] is SendClaim.GO
+    finally:
+        await store.close()
+
+
+class Proxy:
+    """A TCP proxy on loopback in front of the node: stopping it is the node going away
+    (every connection cut, new ones refused), starting it again on the same port, the
+    node coming back. Cheaper than a second Cassandra to kill."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._links:
+            writer.transport.abort()
+        self._links.clear()
+        await self._server.wait_closed()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._links |= {writer, upstream}
+        await asyncio.gather(self._pipe(reader, upstream), self._pipe(upstream_reader, writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65_536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+
+
+@pytest.fixture
+async def proxy(url: str) -> AsyncIterator[Proxy]:
+    proxy = Proxy(CassandraAddress.parse(url).port)
+    await proxy.start()
+    yield proxy
+    with contextlib.suppress(AssertionError):
+        await proxy.stop()
+
+
+async def test_an_unreachable_node_is_a_503_and_the_store_answers_again_within_seconds(
+    url: str, proxy: Proxy, tmp_path: Path
+) -> None:
+    keyspace = CassandraAddress.parse(url).keyspace
+    settings = load_settings(
+        data_dir=tmp_path,
+        retry_after_s=7,
+        database_url=f"cassandra://127.0.0.1:{proxy.port}/{keyspace}",
+        roles=("api", "router", "connector", "status-worker"),
+        jwt_secret="cassandra-outage-test-secret-4f1d9a2c7b",
+        **{name.removeprefix("WHATSLIKE_").lower(): value for name, value in OWN_SECRETS.items()},
+    )
+    runtime = Runtime(settings)
+    await runtime.open()
+    try:
+        async with await client_for(runtime) as client:
+            messages = await messages_url(client)
+            await proxy.stop()  # the node goes away
+            # 8 s of clients trying: long enough for the driver's default back-off to
+            # have grown (tries 1, 3, 7, 15 s after the loss); every answer is a 503.
+            answers: list[httpx.Response] = []
+            away = time.monotonic()
+            while time.monotonic() - away < 8:
+                answers.append(
+                    await client.post(messages, json={"text": "oi", "client_message_id": "c"})
+                )
+                answers.append(await client.get(messages))
+                await asyncio.sleep(0.2)
+            assert {a.status_code for a in answers} == {503}  # before: 500
+            assert {a.headers["Retry-After"] for a in answers} == {"7"}
+            assert {a.json()["error"]["code"] for a in answers} == {"unavailable"}
+            await proxy.start()  # it is back
+            back = time.monotonic()
+            # Before: the driver's next try came about 7 s later (then up to 10 min).
+            for _ in range(50):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            answered = time.monotonic() - back
+            first = await client.post(messages, json={"text": "oi", "client_message_id": "c"})
+            assert first.status_code == 202
+            listed = (await client.get(messages)).json()["messages"]
+    finally:
+        await runtime.deps.store.close()
+        await runtime.deps.http.close()
+    assert [m["id"] for m in listed] == [first.json()["message_id"]]
+    assert answered < 3
+
+
+def _commitlog_sync(url: str) -> str:
+    cluster = _admin_cluster(CassandraAddress.parse(url))
+    try:
+        row = (
+            cluster.connect()
+            .execute("SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'")
+            .one()
+        )
+    finally:
+        cluster.shutdown()
+    return str(row.value)
+
+
+async def test_a_node_that_acknowledges_before_its_disk_is_named_at_open(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CassandraStore(url)
+    with caplog.at_level(logging.WARNING, logger="whatslike.store.cassandra"):
+        await store.open()
+    await store.close()
+    warned = any("commitlog_sync: periodic" in r.getMessage() for r in caplog.records)
+    assert warned == (await asyncio.to_thread(_commitlog_sync, url) == "periodic")
+
+
+async def test_the_node_make_test_starts_syncs_its_commit_log_before_it_answers(
+    url: str,
+) -> None:
+    """scripts/services/cassandra.sh: batch. (A node it started before this rule runs
+    `periodic`: the script restarts it at its next run.)"""
+    assert await asyncio.to_thread(_commitlog_sync, url) == "batch"
+
+
+def test_the_compose_cassandra_syncs_its_commit_log_before_it_answers() -> None:
+    compose = Path(__file__).parents[2] / "deploy" / "docker-compose.cassandra.yml"
+    cassandra = yaml.safe_load(compose.read_text())["services"]["cassandra"]
+    script = cassandra["entrypoint"][2]
+    assert "s/^commitlog_sync: .*/commitlog_sync: batch/" in script
+    assert "/^commitlog_sync_period:/d" in script
+    assert script.endswith('exec docker-entrypoint.sh "$$@"')
+    assert cassandra["command"] == ["cassandra", "-f"]

@@ -34,7 +34,7 @@ from datetime import datetime
 
 from whatslike.bus import Batching
 from whatslike.clock import utcnow
-from whatslike.errors import MalformedEvent
+from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
     TOPIC_MESSAGES,
     TOPIC_STATUS,
@@ -119,6 +119,8 @@ class StatusWorker(RoleDefaults):
 
     def _outcome(self, event: StatusEvent, result: ApplyResult) -> list[tuple[str, bytes]]:
         """Count an applied event; its frames, to publish. An unknown message raises."""
+        if result.busy:  # retried by the bus, with back-off, like an outage
+            raise BackendUnavailable(f"message {event.message_id!r} is held by another writer")
         if result.unknown_message or result.message is None:
             raise MalformedEvent(f"no message {event.message_id!r}")
         self._applied[result.effect].inc()

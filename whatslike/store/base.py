@@ -61,6 +61,10 @@ class ApplyResult:
     frames: tuple[str, ...] = ()
     message: Message | None = None
     unknown_message: bool = False
+    #: Nothing was done: another transaction (a slow or stuck one) holds this message's
+    #: or its conversation's rows. The caller retries the event later (its earlier events
+    #: of the same conversation in the call are busy too, so their order is kept).
+    busy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +236,11 @@ class Store(Protocol):
         would have (a later event sees what the earlier ones did, even on the same
         message). If it raises, none is applied — except on a store with no transaction
         across partitions (Cassandra), where those before the failure may be, and the
-        retry finds them by event id (a replay: no change, their frames again)."""
+        retry finds them by event id (a replay: no change, their frames again).
+
+        A store may answer `busy` for the events of a conversation whose rows another
+        transaction holds (PostgreSQL does, after a brief wait), and apply the others:
+        one stuck conversation does not hold up the group commit."""
 
     # -- hand-offs (the transactional outbox) -------------------------------------------
 
@@ -276,7 +284,10 @@ class Store(Protocol):
 
     async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
         """Record a send attempt before the provider is called (`GO`), in one
-        transaction with the check that no earlier attempt may have reached it."""
+        transaction with the check that no earlier attempt may have reached it. Where a
+        claim may apply though its writer never hears so (Cassandra: a lightweight
+        transaction whose answer was lost), the claim carries an id of this call, so that
+        the call recognizes its own claim (`GO`) rather than another's (`UNKNOWN`)."""
 
     async def release_send(self, message_id: str) -> None:
         """The attempt certainly did not reach the provider: it may be made again."""

@@ -18,6 +18,8 @@ transaction is kept here by a lightweight transaction (Paxos) on ONE partition:
 
 - A send claim: one LWT on the message row, ``IF send_started_at = null AND
   provider_message_id = null AND status = 'PENDING'``: of concurrent claims one applies.
+  It writes a claim id of its own (``send_claim``): a claim that timed out at the client
+  but was applied is recognized by the read that follows as ours, not someone else's.
 
 Where no condition is needed, several partitions change together in a LOGGED batch (all
 of it, or — until the batch log replays it — none): a new message with its place in the
@@ -35,11 +37,20 @@ conversation's message list is bucketed by month, its changes by `bucket_size` s
 unread (accepted, not READ) messages are removed when READ; dead letters by day; the
 outbox and the watchdog's index by `index_bucket` of time (their lists of buckets lose
 the buckets found empty).
+
+Durability and availability: writes are QUORUM and lightweight transactions SERIAL by
+default (``?consistency=LOCAL_QUORUM&serial_consistency=LOCAL_SERIAL`` in the URL for
+several data centres), so with ``replication_factor=3`` a node may be lost; a write is
+durable when acknowledged only if the nodes sync their commit log before answering
+(``commitlog_sync: batch`` or ``group``: see the README). An unreachable or timing-out
+cluster is `BackendUnavailable` (a 503, a retry), and the driver tries a lost node again
+every `_RECONNECT_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import time
@@ -50,7 +61,14 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cassandra import ConsistencyLevel, DriverException
+from cassandra import (
+    ConsistencyLevel,
+    DriverException,
+    OperationTimedOut,
+    ReadTimeout,
+    Unavailable,
+    WriteTimeout,
+)
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
@@ -59,7 +77,12 @@ from cassandra.cluster import (
     ResponseFuture,
     Session,
 )
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.connection import ConnectionException
+from cassandra.policies import (
+    ConstantReconnectionPolicy,
+    DCAwareRoundRobinPolicy,
+    TokenAwarePolicy,
+)
 from cassandra.query import (
     BatchStatement,
     BatchType,
@@ -89,6 +112,8 @@ from whatslike.store.base import (
     SubscriptionRead,
 )
 
+log = logging.getLogger(__name__)
+
 Row = dict[str, Any]
 #: A prepared statement's name and its parameters, for a logged batch.
 Step = tuple[str, Sequence[Any]]
@@ -102,6 +127,29 @@ _INSERT_SKEW_US = 1_000_000
 _PRUNE_GRACE = timedelta(minutes=10)
 #: Rows read per query when scanning the outbox.
 _OUTBOX_PAGE = 500
+
+#: Failures that mean the cluster is out of reach or cannot answer now (too few replicas
+#: up, a timeout), not a bug: the caller may retry. A timed-out write may have applied.
+_OUTAGES = (
+    NoHostAvailable,
+    OperationTimedOut,
+    Unavailable,
+    ReadTimeout,
+    WriteTimeout,
+    ConnectionException,
+    OSError,
+)
+#: How often the driver tries a node it lost again (its default backs off to 10 min).
+_RECONNECT_S = 1.0
+#: How many times a send claim whose outcome is unknown (the answer was lost) is looked
+#: at again before the outage is reported; see `CassandraStore.begin_send`.
+_CLAIM_TRIES = 8
+#: The consistency levels the URL may name: any that keeps a quorum.
+_CONSISTENCY = {
+    name: getattr(ConsistencyLevel, name)
+    for name in ("QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL")
+}
+_SERIAL_CONSISTENCY = {name: getattr(ConsistencyLevel, name) for name in ("SERIAL", "LOCAL_SERIAL")}
 
 _DEFAULT_PORT = 9042
 #: Cassandra 4.0 and later speak native protocol v5 (per-statement keyspaces).
@@ -186,13 +234,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             channel text, contact text, conversation_id text,
             PRIMARY KEY ((channel, contact), conversation_id))""",
     ),
+    # Who made a send claim: one id per attempt.
+    ("ALTER TABLE messages ADD IF NOT EXISTS send_claim uuid",),
 )
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, channel, text, client_message_id, created_at, status,"
     " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
     " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since,"
-    " send_started_at, updated_at"
+    " send_started_at, updated_at, send_claim"
 )
 _STATE = (
     "status = ?, sent_at = ?, delivered_at = ?, read_at = ?, failed_at = ?,"
@@ -275,12 +325,12 @@ _CQL = {
         " IF provider_message_id = ?"
     ),
     "begin_send": (
-        "UPDATE messages SET send_started_at = ?, updated_at = ? WHERE id = ?"
+        "UPDATE messages SET send_started_at = ?, updated_at = ?, send_claim = ? WHERE id = ?"
         " IF send_started_at = null AND provider_message_id = null AND status = 'PENDING'"
     ),
     "release_send": (
-        "UPDATE messages SET send_started_at = null, updated_at = ? WHERE id = ?"
-        " IF provider_message_id = null"
+        "UPDATE messages SET send_started_at = null, updated_at = ?, send_claim = null"
+        " WHERE id = ? IF provider_message_id = null"
     ),
     "redrive": (
         "UPDATE messages SET updated_at = ? WHERE id = ?"
@@ -389,12 +439,16 @@ _SERIAL_READS = frozenset({"message", "linked", "parked", "last_change"})
 class CassandraAddress:
     """Where the store lives, parsed from ``cassandra://host[:port][,host…]/keyspace``
     with an optional ``?replication_factor=N`` (default 1) used when the keyspace is
-    created; an existing keyspace keeps its own replication."""
+    created (an existing keyspace keeps its own replication), ``consistency`` of reads
+    and writes (QUORUM, LOCAL_QUORUM, EACH_QUORUM or ALL; default QUORUM) and
+    ``serial_consistency`` of lightweight transactions (SERIAL or LOCAL_SERIAL)."""
 
     hosts: tuple[str, ...]
     port: int
     keyspace: str
     replication_factor: int
+    consistency: str = "QUORUM"
+    serial_consistency: str = "SERIAL"
 
     @classmethod
     def parse(cls, url: str) -> CassandraAddress:
@@ -420,7 +474,15 @@ class CassandraAddress:
         factor_text = query.get("replication_factor", ["1"])[-1]
         if not factor_text.isdigit() or int(factor_text) < 1:
             raise ConfigError(f"{where}: replication_factor must be a positive integer")
-        return cls(tuple(hosts), port, keyspace, int(factor_text))
+        consistency = query.get("consistency", ["QUORUM"])[-1].upper()
+        if consistency not in _CONSISTENCY:
+            raise ConfigError(f"{where}: consistency must be one of {', '.join(_CONSISTENCY)}")
+        serial = query.get("serial_consistency", ["SERIAL"])[-1].upper()
+        if serial not in _SERIAL_CONSISTENCY:
+            raise ConfigError(
+                f"{where}: serial_consistency must be one of {', '.join(_SERIAL_CONSISTENCY)}"
+            )
+        return cls(tuple(hosts), port, keyspace, int(factor_text), consistency, serial)
 
     def __str__(self) -> str:
         return f"{','.join(self.hosts)}:{self.port}/{self.keyspace}"
@@ -522,6 +584,7 @@ class CassandraStore:
         self._cluster: Cluster | None = None
         self._session: Session | None = None
         self._prepared: dict[str, PreparedStatement] = {}
+        self._serial = _SERIAL_CONSISTENCY[self.address.serial_consistency]
 
     # -- connection and schema ----------------------------------------------------------
 
@@ -535,12 +598,31 @@ class CassandraStore:
                 ) from exc
         await self._migrate()
         self._prepared = await asyncio.to_thread(self._prepare_all)
+        await self._check_commitlog()
+
+    async def _check_commitlog(self) -> None:
+        """Say so when the node acknowledges writes before they are on disk."""
+        try:
+            rows = await self._cql(
+                "SELECT value FROM system_views.settings WHERE name = 'commitlog_sync'",
+                [],
+                in_keyspace=False,
+            )
+        except (BackendUnavailable, DriverException):
+            return  # before Cassandra 4.0 there is no such table: nothing to tell
+        if rows and rows[0]["value"] == "periodic":
+            log.warning(
+                "Cassandra at %s runs commitlog_sync: periodic: it acknowledges writes before"
+                " they are on disk, and a node that dies loses them; set commitlog_sync:"
+                " batch (see the README, 'On Cassandra')",
+                self.address,
+            )
 
     def _connect(self) -> Session:
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
-            consistency_level=ConsistencyLevel.QUORUM,
-            serial_consistency_level=ConsistencyLevel.SERIAL,
+            consistency_level=_CONSISTENCY[self.address.consistency],
+            serial_consistency_level=self._serial,
             request_timeout=self._timeout,
             row_factory=dict_factory,
         )
@@ -550,6 +632,7 @@ class CassandraStore:
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
             protocol_version=_PROTOCOL_VERSION,
             connect_timeout=self._timeout,
+            reconnection_policy=ConstantReconnectionPolicy(_RECONNECT_S, max_attempts=None),
         )
         try:
             session = cluster.connect()
@@ -567,7 +650,7 @@ class CassandraStore:
             # warns about prepared statements that leave it to a keyspace given apart).
             statement = session.prepare(_qualified(cql, self.address.keyspace))
             if name in _SERIAL_READS:
-                statement.consistency_level = ConsistencyLevel.SERIAL
+                statement.consistency_level = self._serial
             prepared[name] = statement
         return prepared
 
@@ -633,7 +716,7 @@ class CassandraStore:
     ) -> list[Row]:
         """Every row of an unprepared statement (schema work)."""
         session = self._live()
-        level = ConsistencyLevel.SERIAL if serial else None
+        level = self._serial if serial else None
         keyspace = self.address.keyspace if in_keyspace else None
         statement = SimpleStatement(cql, consistency_level=level, keyspace=keyspace)
         return await self._execute(session.execute_async(statement, list(params)))
@@ -667,7 +750,12 @@ class CassandraStore:
             loop.call_soon_threadsafe(settle, exc)
 
         future.add_callbacks(on_page, on_error)
-        return await done
+        try:
+            return await done
+        except _OUTAGES as exc:
+            raise BackendUnavailable(
+                f"Cassandra at {self.address} is unavailable: {type(exc).__name__}"
+            ) from exc
 
     async def _lwt(self, name: str, *params: Any) -> tuple[bool, Row]:
         """Run a conditional statement: whether it applied, and the row it found."""
@@ -1267,17 +1355,37 @@ class CassandraStore:
     # -- provider sends -----------------------------------------------------------------
 
     async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
+        """The check and the record in one lightweight transaction: of concurrent claims
+        exactly one applies; the others read the attempt and answer UNKNOWN. The claim
+        carries an id of this call: when its answer is lost (a timeout, the node away) it
+        may have applied, and the (serial) read that follows tells ours from another's."""
+        claim_id = uuid.uuid4()
+        before: Message | None = None  # as read before our claim, once one was sent
+        tries = 0
         while True:
-            message = await self.get_message(message_id)
-            claim = common.send_claim(message)
-            if message is None or claim is not SendClaim.GO:
-                return claim, message
-            now = _ms(utcnow())
-            started = replace(message, send_started_at=now, updated_at=now)
-            await self._batch(self._stuck_inserts(started))
-            # The check and the record in one lightweight transaction: of concurrent
-            # claims exactly one applies; the others read the attempt and answer UNKNOWN.
-            applied, _ = await self._lwt("begin_send", now, now, message_id)
+            try:
+                rows = await self._run("message", message_id)
+                message = _message(rows[0]) if rows else None
+                if before is not None and message is not None and rows[0]["send_claim"] == claim_id:
+                    # Ours, applied though its answer was lost: judged as it was before it.
+                    claim = common.send_claim(replace(message, send_started_at=None))
+                    if claim is SendClaim.GO:
+                        await self._stuck_moved(before, message)
+                    return claim, message
+                claim = common.send_claim(message)
+                if message is None or claim is not SendClaim.GO:
+                    return claim, message
+                now = _ms(utcnow())
+                started = replace(message, send_started_at=now, updated_at=now)
+                await self._batch(self._stuck_inserts(started))
+                before = message
+                applied, _ = await self._lwt("begin_send", now, now, claim_id, message_id)
+            except BackendUnavailable:
+                tries += 1
+                if before is None or tries >= _CLAIM_TRIES:
+                    raise  # nothing claimed yet, or the outage outlasts our look-ups
+                await asyncio.sleep(min(2.0, 0.1 * 2**tries))
+                continue
             if applied:
                 await self._stuck_moved(message, started)
                 return SendClaim.GO, started

@@ -1,5 +1,16 @@
 """The shared store: the `Store` port on PostgreSQL through an asyncpg pool, for many
-processes. Row locks serialize a message's statuses; the conversation row hands out seqs."""
+processes. Row locks serialize a message's statuses; the conversation row hands out seqs.
+
+Every connection bounds how long anything may hold or wait for a row (`SERVER_SETTINGS`):
+a client paused or cut off inside a transaction loses its session after
+`idle_in_transaction_session_timeout`, and with it its locks; a statement waits for a lock
+at most `lock_timeout` and runs at most `statement_timeout`. Each ends in
+`BackendUnavailable`, so the caller retries and nothing acknowledged is lost. An operator
+may set other values in the database URL's query (``?lock_timeout=5s``).
+
+The status group commit never waits on a conversation another transaction holds: it
+locks with SKIP LOCKED, applies the other conversations' events, and answers `busy` for
+that conversation's (after one brief wait), which the status worker retries."""
 
 from __future__ import annotations
 
@@ -8,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import TypeAlias
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -136,6 +147,27 @@ _PROVIDER_KEY_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1 || ':' || $2))"
 
 _CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
+#: Set on every connection, unless the database URL's query sets them. Our transactions
+#: hold rows for milliseconds and never wait on anything but the database, so:
+SERVER_SETTINGS = {
+    # A client paused (SIGSTOP, a stalled host) or cut off inside a transaction holds its
+    # rows until the server ends its session: 5 s, far above any pause of ours between
+    # two statements of a transaction, and below Kafka's 10 s session timeout, so the rows
+    # are free when its partitions move to another worker.
+    "idle_in_transaction_session_timeout": "5s",
+    # Waiting longer than this for a row means its holder is stuck: the caller retries
+    # with back-off instead of spreading the stall to everyone queued behind it.
+    "lock_timeout": "2s",
+    # Our statements take milliseconds; one running this long holds a connection and
+    # its locks for nothing (migrations lift it, as they may build indexes on big tables).
+    "statement_timeout": "10s",
+}
+
+#: How long the status group commit waits, once, for a conversation another
+#: transaction holds (a send being linked holds a message for a few milliseconds), before
+#: answering `busy` for its events.
+BRIEF_LOCK_WAIT_MS = 100
+
 #: Failures that mean the server is out of reach or refusing work for now (network,
 #: restart, failover, too many connections), not a bug: the caller may retry.
 _OUTAGES = (
@@ -143,8 +175,10 @@ _OUTAGES = (
     TimeoutError,
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.OperatorInterventionError,  # includes statement_timeout
     asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
 )
 
 
@@ -156,6 +190,20 @@ def _where(dsn: str) -> str:
     except ValueError:
         return "(unparsable PostgreSQL URL)"
     return f"{parts.hostname or 'localhost'}:{port}{parts.path or '/'}"
+
+
+#: The answer to a status whose conversation another transaction holds: retry it.
+_BUSY = ApplyResult(effect=Effect.NOOP, busy=True)
+
+
+def _server_settings(dsn: str) -> dict[str, str]:
+    """`SERVER_SETTINGS` but those the URL's query names (asyncpg passes a URL's unknown
+    query parameters to the server, and an explicit setting would override them)."""
+    try:
+        named = parse_qs(urlsplit(dsn).query)
+    except ValueError:
+        named = {}
+    return {name: value for name, value in SERVER_SETTINGS.items() if name not in named}
 
 
 def _time(value: datetime) -> datetime:
@@ -184,7 +232,11 @@ class PostgresStore:
         if self._pool is None:
             try:
                 self._pool = await asyncpg.create_pool(
-                    self._dsn, min_size=self._min_size, max_size=self._max_size, timeout=10
+                    self._dsn,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    timeout=10,
+                    server_settings=_server_settings(self._dsn),
                 )
             except _CONNECTION_ERRORS as exc:
                 raise BackendUnavailable(
@@ -208,6 +260,9 @@ class PostgresStore:
 
     async def _migrate(self) -> None:
         async with self._connection() as conn, conn.transaction():
+            # Another process may be migrating (building an index on a big table): wait.
+            await conn.execute("SET LOCAL lock_timeout = 0")
+            await conn.execute("SET LOCAL statement_timeout = 0")
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
@@ -452,9 +507,25 @@ class PostgresStore:
         if not events:
             return []
         async with self._connection() as conn, conn.transaction():
-            if len(events) > 1:
-                return await _apply_batch(conn, events)
-            return [await _apply(conn, events[0])]
+            results = await _apply_batch(conn, events, skip_locked=True)
+        held = [i for i, result in enumerate(results) if result.busy]
+        if held:
+            again = await self._apply_waiting([events[i] for i in held])
+            for i, result in zip(held, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _apply_waiting(self, events: Sequence[StatusEvent]) -> list[ApplyResult]:
+        """The events of conversations held by another transaction, applied once their
+        rows are free, if that is within `BRIEF_LOCK_WAIT_MS`; else each is `busy`."""
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {BRIEF_LOCK_WAIT_MS}")
+                return await _apply_batch(conn, events, skip_locked=False)
+        except BackendUnavailable as exc:
+            if not isinstance(exc.__cause__, asyncpg.exceptions.LockNotAvailableError):
+                raise
+        return [_BUSY] * len(events)
 
     async def handoff(
         self,
@@ -659,91 +730,60 @@ def _dead_letter_of(row: asyncpg.Record) -> DeadLetter:
     return DeadLetter(str(row["id"]), row["topic"], row["reason"], row["at"], row["payload"])
 
 
-async def _apply(conn: _Connection, event: StatusEvent) -> ApplyResult:
-    """`apply_status` of one event, inside the caller's transaction."""
-    # The row lock serializes the statuses of one message; the conversation row
-    # (updated below, always after the message row) serializes its seqs.
-    row = await conn.fetchrow(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
-        event.message_id,
-    )
-    if row is None:
-        return common.UNKNOWN_MESSAGE
-    message = _message(row)
-    await conn.execute(
-        "DELETE FROM outbox WHERE done_key = $1 AND topic = $2",
-        event.event_id,
-        TOPIC_STATUS,
-    )
-    earlier = await conn.fetch(
-        "SELECT frame FROM changes WHERE event_id = $1 AND message_id = $2 ORDER BY seq",
-        event.event_id,
-        message.id,
-    )
-    if earlier:
-        return common.replayed(message, common.frames_of(earlier))
-    transition = rules.apply(message.state, common.observation_of(event))
-    if transition.effect is Effect.NOOP:
-        return ApplyResult(effect=Effect.NOOP, message=message)
-    state, seq = transition.state, message.seq
-    frames: tuple[str, ...] = ()
-    if transition.effect is Effect.CHANGED:
-        seq = int(
-            await conn.fetchval(
-                "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
-                message.conversation_id,
-            )
-        )
-        frame = common.change_frame(message, state, seq, event.occurred_at)
-        frames = (frame,)
-        await conn.execute(
-            "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            message.conversation_id,
-            seq,
-            message.id,
-            event.event_id,
-            frame,
-        )
-    now = utcnow()
-    await conn.execute(
-        "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
-        " read_at = $6, failed_at = $7, error_code = $8, error_title = $9,"
-        " updated_at = $10 WHERE id = $1",
-        message.id,
-        state.status.value,
-        seq,
-        state.sent_at,
-        state.delivered_at,
-        state.read_at,
-        state.failed_at,
-        state.error.code if state.error else None,
-        state.error.title if state.error else None,
-        now,
-    )
-    return common.applied(message, transition, seq, frames, now)
-
-
-async def _apply_batch(conn: _Connection, events: Sequence[StatusEvent]) -> list[ApplyResult]:
-    """`_apply` of each event in turn, inside the caller's transaction, in a fixed number
-    of statements: the rows are read and locked up front, in one order (messages, then
-    conversations, each by id: two batches, or a batch and one `apply_status`, cannot
-    deadlock), the rules run here, and the writes go out as pipelined `executemany`."""
+async def _lock(
+    conn: _Connection, events: Sequence[StatusEvent], *, skip_locked: bool
+) -> tuple[dict[str, Message], dict[str, int], set[str]]:
+    """Lock the rows of the events' messages and conversations (see `_apply_batch`):
+    the messages by id, the last seq of their conversations, and the ids of the messages
+    passed over (only with `skip_locked`), with every other of their conversations'."""
+    lock = "FOR NO KEY UPDATE SKIP LOCKED" if skip_locked else "FOR NO KEY UPDATE"
+    wanted = sorted({e.message_id for e in events})
     rows = await conn.fetch(
         f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ANY($1::text[])"
-        " ORDER BY m.id FOR UPDATE",
-        sorted({e.message_id for e in events}),
+        f" ORDER BY m.id {lock}",
+        wanted,
     )
     messages = {str(row["id"]): _message(row) for row in rows}
+    #: The conversation of each message passed over (held by another transaction).
+    passed: dict[str, str] = {}
+    if skip_locked and len(messages) < len(wanted):
+        # Passed over, or not there at all (an unknown message): a plain read tells.
+        passed = {
+            str(row["id"]): str(row["conversation_id"])
+            for row in await conn.fetch(
+                "SELECT id, conversation_id FROM messages WHERE id = ANY($1::text[])",
+                [i for i in wanted if i not in messages],
+            )
+        }
+    held = set(passed.values())  # conversations another transaction holds a row of
+    conversations = sorted({m.conversation_id for m in messages.values()} - held)
     last_seq = {
         str(row["id"]): int(row["last_seq"])
         for row in await conn.fetch(
-            "SELECT id, last_seq FROM conversations WHERE id = ANY($1::text[])"
-            " ORDER BY id FOR UPDATE",
-            sorted({m.conversation_id for m in messages.values()}),
+            f"SELECT id, last_seq FROM conversations WHERE id = ANY($1::text[]) ORDER BY id {lock}",
+            conversations,
         )
     }
-    event_ids = [e.event_id for e in events]
+    held.update(c for c in conversations if c not in last_seq)
+    busy = set(passed) | {m.id for m in messages.values() if m.conversation_id in held}
+    return messages, last_seq, busy
+
+
+async def _apply_batch(
+    conn: _Connection, events: Sequence[StatusEvent], *, skip_locked: bool
+) -> list[ApplyResult]:
+    """`apply_status` of each event in turn, inside the caller's transaction, in a fixed
+    number of statements: the rows are read and locked up front, in one order (messages,
+    then conversations, each by id: two batches cannot deadlock), the rules run here, and
+    the writes go out as pipelined `executemany`.
+
+    The row lock serializes the statuses of one message; the conversation's, its seqs.
+    Both are FOR NO KEY UPDATE, which rows referenced by a concurrent insert (a new
+    message, a change) do not block. With `skip_locked`, rows another transaction holds
+    are passed over: every event of a conversation with such a row is `busy` (none is
+    applied, so their order is kept) and touches nothing, the others are applied."""
+    messages, last_seq, busy = await _lock(conn, events, skip_locked=skip_locked)
+    event_ids = [e.event_id for e in events if e.message_id not in busy]
     await conn.execute(
         "DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])",
         TOPIC_STATUS,
@@ -761,6 +801,9 @@ async def _apply_batch(conn: _Connection, events: Sequence[StatusEvent]) -> list
     changes: list[tuple[str, int, str, str, str]] = []
     updated: dict[str, Message] = {}
     for event in events:
+        if event.message_id in busy:
+            results.append(_BUSY)
+            continue
         message = messages.get(event.message_id)
         if message is None:
             results.append(common.UNKNOWN_MESSAGE)

@@ -1,0 +1,249 @@
+"""PostgreSQL alone: a client stuck inside a transaction (paused, cut off) stalls only the
+conversations whose rows it holds, and only until the server ends its session; waits
+for locks and statements are bounded and end as `BackendUnavailable` (a retry)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import zlib
+from asyncio.subprocess import PIPE
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from whatslike.bus.memory import MemoryBus
+from whatslike.errors import BackendUnavailable
+from whatslike.events import TOPIC_STATUS, StatusEvent
+from whatslike.fanout.memory import MemoryFanout
+from whatslike.http_client import AiohttpClient
+from whatslike.metrics import Metrics
+from whatslike.roles import Deps
+from whatslike.roles.status_worker import StatusWorker
+from whatslike.settings import load_settings
+from whatslike.status.rules import Effect, Status
+from whatslike.store.base import Message, SendClaim
+from whatslike.store.postgres import SERVER_SETTINGS, PostgresStore
+
+from .conftest import fresh_postgres_database
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+#: Holds a message's and its conversation's rows in an open transaction of our own store
+#: (so with its server settings), says so on stdout, and waits to be paused.
+HOLDER = """
+import asyncio, sys
+from whatslike.store.postgres import PostgresStore
+
+async def main() -> None:
+    store = PostgresStore(sys.argv[1])
+    await store.open()
+    async with store._connection() as conn, conn.transaction():
+        await conn.execute(
+            "SELECT 1 FROM messages WHERE id = $1 FOR UPDATE", sys.argv[2])
+        await conn.execute(
+            "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", sys.argv[3])
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    async with fresh_postgres_database() as made:
+        yield made
+
+
+@pytest.fixture
+async def store(url: str) -> AsyncIterator[PostgresStore]:
+    opened = PostgresStore(url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def new_message(store: PostgresStore) -> Message:
+    conversation = await store.create_conversation("org_a", "whatsapp", "+5511999990000")
+    message, _ = await store.create_message(conversation, "hello", "")
+    return message
+
+
+def sent(message: Message) -> StatusEvent:
+    return StatusEvent(
+        event_id=f"evt_sent_{message.id}",
+        message_id=message.id,
+        conversation_id=message.conversation_id,
+        org_id=message.org_id,
+        channel=message.channel,
+        status=Status.SENT,
+        provider_message_id=f"wamid.{message.id}",
+        occurred_at=T0,
+    )
+
+
+async def holding(url: str, message: Message) -> asyncpg.Connection[asyncpg.Record]:
+    """Another client's open transaction holding the message's and conversation's rows."""
+    conn = await asyncpg.connect(url)
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE", message.id)
+    await conn.execute(
+        "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", message.conversation_id
+    )
+    return conn
+
+
+async def test_every_connection_bounds_locks_statements_and_idle_transactions(
+    url: str, store: PostgresStore
+) -> None:
+    async with store._connection() as conn:  # the pool's own connections
+        shown = {name: await conn.fetchval(f"SHOW {name}") for name in SERVER_SETTINGS}
+    assert shown == SERVER_SETTINGS
+    tuned = PostgresStore(f"{url}?lock_timeout=250ms")
+    await tuned.open()
+    try:
+        async with tuned._connection() as conn:
+            assert await conn.fetchval("SHOW lock_timeout") == "250ms"
+            assert await conn.fetchval("SHOW statement_timeout") == "10s"
+    finally:
+        await tuned.close()
+
+
+async def test_a_wait_for_a_held_row_ends_as_unavailable(url: str, store: PostgresStore) -> None:
+    message = await new_message(store)
+    holder = await holding(url, message)
+    waiting = PostgresStore(f"{url}?lock_timeout=200ms")
+    await waiting.open()
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="LockNotAvailableError"):
+            async with asyncio.timeout(10):
+                await waiting.begin_send(message.id)
+        assert time.monotonic() - started < 5
+    finally:
+        await holder.close()
+        await waiting.close()
+    # Nothing was recorded: the attempt can be made again.
+    claim, _ = await store.begin_send(message.id)
+    assert claim is SendClaim.GO
+
+
+async def test_a_held_conversation_is_busy_and_the_others_are_applied(
+    url: str, store: PostgresStore
+) -> None:
+    stuck, free = await new_message(store), await new_message(store)
+    holder = await holding(url, stuck)
+    try:
+        async with asyncio.timeout(5):  # before: waited for the holder, for ever
+            first, second = await store.apply_statuses([sent(stuck), sent(free)])
+        assert first.busy
+        assert (second.busy, second.effect) == (False, Effect.CHANGED)
+        assert (await store.get_message(stuck.id)).status is Status.PENDING  # type: ignore[union-attr]
+    finally:
+        await holder.close()  # its transaction ends: the rows are free
+    [again] = await store.apply_statuses([sent(stuck)])
+    assert (again.busy, again.effect) == (False, Effect.CHANGED)
+    assert json.loads(again.frames[0])["seq"] == 1
+
+
+async def test_a_paused_holder_loses_its_rows_when_its_session_times_out(
+    url: str, store: PostgresStore
+) -> None:
+    """The issue's scenario at the store: a process of ours paused (SIGSTOP) inside a
+    transaction. The other conversation is applied at once; the held one as soon as the
+    server ended the paused session (idle_in_transaction_session_timeout, 5 s)."""
+    stuck, free = await new_message(store), await new_message(store)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, url, stuck.id, stuck.conversation_id, stdout=PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        async with asyncio.timeout(30):
+            assert await holder.stdout.readline() == b"held\n"
+        os.kill(holder.pid, signal.SIGSTOP)
+        paused = time.monotonic()
+        async with asyncio.timeout(5):
+            first, second = await store.apply_statuses([sent(stuck), sent(free)])
+        assert first.busy and second.effect is Effect.CHANGED
+        async with asyncio.timeout(15):  # before: held for as long as the pause lasts
+            # Each try waits briefly (BRIEF_LOCK_WAIT_MS) for the rows before it answers.
+            while (await store.apply_statuses([sent(stuck)]))[0].busy:
+                pass
+        waited = time.monotonic() - paused
+        assert waited < 8  # the session timeout (5 s), not the pause
+        assert (await store.get_message(stuck.id)).status is Status.SENT  # type: ignore[union-attr]
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        os.kill(holder.pid, signal.SIGCONT)
+        await holder.wait()
+
+
+class Frames(MemoryFanout):
+    """Tells, per message, that a frame of it went out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        self.frames[json.loads(payload)["message_id"]].set()
+
+
+def _partition(key: str, partitions: int) -> int:
+    return zlib.crc32(key.encode()) % partitions
+
+
+async def test_the_status_worker_retries_a_held_conversation_and_applies_the_others(
+    url: str, store: PostgresStore
+) -> None:
+    stuck, free = await new_message(store), await new_message(store)
+    settings = load_settings(
+        bus_partitions=2,
+        consumer_max_attempts=1000,
+        consumer_backoff_base_s=0.01,
+        consumer_backoff_cap_s=0.05,
+    )
+    # Keys on different partitions: one group commit takes both events.
+    keys = ["a", next(k for k in "bcdefgh" if _partition(k, 2) != _partition("a", 2))]
+    fanout, metrics = Frames(), Metrics()
+    frames = fanout.frames
+    wiring = Deps(
+        settings=settings,
+        store=store,
+        bus=MemoryBus(settings, metrics, seed=3),
+        fanout=fanout,
+        http=AiohttpClient(connections=1, keepalive_s=1.0),
+        metrics=metrics,
+        jwt_secret="x",
+    )
+    worker = StatusWorker(wiring)
+    holder = await holding(url, stuck)
+    await worker.start()
+    await wiring.bus.start()
+    try:
+        await wiring.bus.publish(TOPIC_STATUS, keys[0], sent(stuck).to_json())
+        await wiring.bus.publish(TOPIC_STATUS, keys[1], sent(free).to_json())
+        async with asyncio.timeout(5):
+            await frames[free.id].wait()
+        assert not frames[stuck.id].is_set()
+        await holder.close()
+        async with asyncio.timeout(5):
+            await frames[stuck.id].wait()
+    finally:
+        if not holder.is_closed():
+            await holder.close()
+        await wiring.bus.stop()
+        await worker.stop()
+        await wiring.http.close()
+    assert await store.dead_letter_count() == 0
+    assert (await store.get_message(stuck.id)).status is Status.SENT  # type: ignore[union-attr]
