@@ -105,11 +105,29 @@ def _unix_seconds(value: Any, where: str) -> datetime:
 
 
 def _first_error(obj: dict[str, Any], where: str) -> ProviderError:
+    """The first of `errors`: its code (a number or text) and its title (or message).
+    A code that is missing or not a code reads as "unknown", keeping Meta's title."""
     errors = json_list(obj.get("errors"), f"{where}.errors")
-    if not errors or not isinstance(errors[0], dict) or "code" not in errors[0]:
-        return UNKNOWN_FAILURE
-    first = errors[0]
-    return ProviderError(str(first["code"]), str(first.get("title") or first.get("message", "")))
+    first: dict[str, Any] = errors[0] if errors and isinstance(errors[0], dict) else {}
+    titles = (_clean_text(first.get("title")), _clean_text(first.get("message")))
+    title = next((text for text in titles if text), "")
+    code = first.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        return ProviderError(str(code), title)
+    if text := _clean_text(code):
+        return ProviderError(text, title)
+    return ProviderError(UNKNOWN_FAILURE.code, title or UNKNOWN_FAILURE.title)
+
+
+def _clean_text(value: Any) -> str:
+    """`value` if it is text every store and log can take (UTF-8: no lone surrogate)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
+    return value
 
 
 def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:
