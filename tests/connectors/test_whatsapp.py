@@ -738,3 +738,12 @@ def test_the_item_is_kept_whole_as_compact_json() -> None:
     assert parsed is not None
     assert parsed.payload == json.dumps(item, separators=(",", ":")).encode()
     assert parsed.phone_number_id == PHONE
+
+
+async def test_a_status_of_another_phone_number_is_counted_as_foreign(harness: Harness) -> None:
+    message = await harness.message()
+    payload = status_webhook(status(WAMID, "sent", callback=message.id), phone="999")
+    assert (await harness.post(payload)).status_code == 200
+    labels = {"channel": "whatsapp", "outcome": "foreign_number"}
+    registry = harness.deps.metrics.registry
+    assert registry.get_sample_value("whatslike_webhooks_total", labels) == 1

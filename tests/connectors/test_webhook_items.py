@@ -1,0 +1,138 @@
+"""Meta's webhook shapes item by item (issue 17, "tests that pin the protocol"): one
+Instagram `messaging[]` item as `parse_messaging` reads it, and the JSON helpers every
+parser shares, with the exact error each bad shape gets."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from whatslike.connectors.instagram import parse_messaging
+from whatslike.connectors.meta import (
+    WebhookPayloadError,
+    json_list,
+    json_object,
+    json_text,
+    load_object,
+)
+
+ACCOUNT = "17841400000000001"
+
+
+def seen_item(**changes: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "sender": {"id": "7000000000000042"},
+        "recipient": {"id": ACCOUNT},
+        "timestamp": 1764072300120,
+        "read": {"mid": "aWdfZAG1"},
+    }
+    item.update(changes)
+    return item
+
+
+def refused(raw: Any) -> str:
+    with pytest.raises(WebhookPayloadError) as raised:
+        parse_messaging(raw, ACCOUNT, "m")
+    return str(raised.value)
+
+
+def test_a_seen_item_is_read() -> None:
+    item = seen_item()
+    read = parse_messaging(item, ACCOUNT, "m")
+    assert read is not None
+    assert read.account_id == ACCOUNT
+    assert read.provider_message_id == "aWdfZAG1"
+    assert read.occurred_at == datetime(2025, 11, 25, 12, 5, 0, 120000, tzinfo=UTC)
+    assert read.payload == json.dumps(item, separators=(",", ":")).encode()
+
+
+def test_a_fractional_or_float_millisecond_time_is_taken() -> None:
+    read = parse_messaging(seen_item(timestamp=1764072300120.0), ACCOUNT)
+    assert read is not None and read.occurred_at.microsecond == 120000
+
+
+def test_items_that_are_not_reads_are_none() -> None:
+    assert parse_messaging({"message": {"mid": "x"}, "timestamp": 1}, ACCOUNT) is None
+    assert parse_messaging({}, ACCOUNT) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (["read"], "m must be a JSON object"),
+        (seen_item(read="aWdfZAG1"), "m.read must be a JSON object"),
+        (seen_item(read=None), "m.read must be a JSON object"),
+        (seen_item(timestamp=None), "m.timestamp must be Unix milliseconds"),
+        (seen_item(timestamp="1764072300120"), "m.timestamp must be Unix milliseconds"),
+        (seen_item(timestamp=True), "m.timestamp must be Unix milliseconds"),
+        (seen_item(timestamp=10**30), "m.timestamp must be Unix milliseconds"),
+        (seen_item(timestamp=1e300), "m.timestamp must be Unix milliseconds"),
+        (seen_item(read={}), "m.read.mid must be a non-empty string"),
+        (seen_item(read={"mid": ""}), "m.read.mid must be a non-empty string"),
+        (seen_item(read={"mid": False}), "m.read.mid must be a non-empty string"),
+        (seen_item(read={"mid": "\ud800"}), "m.read.mid is not valid Unicode"),
+    ],
+)
+def test_a_bad_item_is_a_clear_error(raw: Any, message: str) -> None:
+    assert refused(raw) == message
+
+
+def test_an_item_without_timestamp_key_is_refused() -> None:
+    item = seen_item()
+    del item["timestamp"]
+    assert refused(item) == "m.timestamp must be Unix milliseconds"
+
+
+# -- the shared JSON helpers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "text"), [("abc", "abc"), (12, "12"), (0, "0"), ("0", "0")])
+def test_json_text_takes_text_and_integers(value: object, text: str) -> None:
+    assert json_text(value, "f") == text
+
+
+@pytest.mark.parametrize("value", ["", None, True, False, 1.5, [], {}, ["a"]])
+def test_json_text_refuses_anything_else(value: object) -> None:
+    with pytest.raises(WebhookPayloadError, match=r"^f must be a non-empty string$"):
+        json_text(value, "f")
+
+
+def test_json_list_reads_a_missing_list_as_empty_and_refuses_others() -> None:
+    assert json_list(None, "l") == []
+    assert json_list([1], "l") == [1]
+    assert json_list([], "l") == []
+    bad: tuple[object, ...] = ({}, "x", 0, False)
+    for value in bad:
+        with pytest.raises(WebhookPayloadError, match=r"^l must be a JSON array$"):
+            json_list(value, "l")
+
+
+def test_json_object_refuses_anything_but_an_object() -> None:
+    assert json_object({"a": 1}, "o") == {"a": 1}
+    not_objects: tuple[object, ...] = (None, [], "x", 1)
+    for value in not_objects:
+        with pytest.raises(WebhookPayloadError, match=r"^o must be a JSON object$"):
+            json_object(value, "o")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[1]", "body must be a JSON object"),
+        (b"null", "body must be a JSON object"),
+        (b"{", "body is not JSON: "),
+        (b"\xff", "body is not JSON: "),
+        (b"[" * 100_000, "body is not JSON: "),
+    ],
+)
+def test_load_object_refuses_what_is_not_a_json_object(body: bytes, message: str) -> None:
+    with pytest.raises(WebhookPayloadError) as raised:
+        load_object(body)
+    assert str(raised.value).startswith(message)
+
+
+def test_load_object_reads_an_object() -> None:
+    assert load_object(b'{"object":"instagram"}') == {"object": "instagram"}
