@@ -5,12 +5,16 @@ parser shares, with the exact error each bad shape gets."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from whatslike.connectors.instagram import parse_messaging
+from tests.connectors.test_instagram import seen, sent_message
+from tests.connectors.test_whatsapp import Harness, open_harness
+from whatslike.connectors.instagram import InstagramConnector, parse_messaging
 from whatslike.connectors.meta import (
     WebhookPayloadError,
     json_list,
@@ -18,8 +22,15 @@ from whatslike.connectors.meta import (
     json_text,
     load_object,
 )
+from whatslike.connectors.whatsapp import WhatsAppConnector
 
 ACCOUNT = "17841400000000001"
+
+
+@pytest.fixture
+async def instagram(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with open_harness(tmp_path, InstagramConnector) as harness:
+        yield harness
 
 
 def seen_item(**changes: Any) -> dict[str, Any]:
@@ -136,3 +147,44 @@ def test_load_object_refuses_what_is_not_a_json_object(body: bytes, message: str
 
 def test_load_object_reads_an_object() -> None:
     assert load_object(b'{"object":"instagram"}') == {"object": "instagram"}
+
+
+# -- Meta's send answers, and what an Instagram seen item turns into --------------------
+
+
+@pytest.mark.parametrize("answer", [{"message_id": ""}, {"message_id": 7}, {"message_id": None}])
+async def test_an_instagram_send_answer_without_a_text_id_is_unreadable(
+    instagram: Harness, answer: dict[str, Any]
+) -> None:
+    with pytest.raises(TypeError):
+        instagram.connector.provider_id_of(answer)
+    assert instagram.connector.provider_id_of({"message_id": "mid.1"}) == "mid.1"
+
+
+@pytest.mark.parametrize("answer", [{"messages": [{"id": ""}]}, {"messages": [{"id": 7}]}])
+async def test_a_whatsapp_send_answer_without_a_text_id_is_unreadable(
+    tmp_path: Path, answer: dict[str, Any]
+) -> None:
+    async with open_harness(tmp_path, WhatsAppConnector) as harness:
+        with pytest.raises(TypeError):
+            harness.connector.provider_id_of(answer)
+        assert harness.connector.provider_id_of({"messages": [{"id": "wamid.1"}]}) == "wamid.1"
+
+
+async def test_a_seen_marks_each_message_read_under_its_own_provider_id(
+    instagram: Harness,
+) -> None:
+    first = await sent_message(instagram, "mid.1", "one")
+    second = await sent_message(instagram, "mid.2", "two")
+    await instagram.clear()
+    assert (await instagram.post(seen("mid.2"))).status_code == 200
+    events = {e.message_id: e.provider_message_id for e in await instagram.statuses()}
+    assert events == {first.id: "mid.1", second.id: "mid.2"}
+
+
+async def test_a_seen_for_another_account_is_counted_as_foreign(instagram: Harness) -> None:
+    await sent_message(instagram, "mid.1", "one")
+    assert (await instagram.post(seen("mid.1", account="999"))).status_code == 200
+    labels = {"channel": "instagram", "outcome": "foreign_account"}
+    registry = instagram.deps.metrics.registry
+    assert registry.get_sample_value("whatslike_webhooks_total", labels) == 1
