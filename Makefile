@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint install install-test
+.PHONY: run test lint install install-test mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,21 @@ test: install-test
 	$(BIN)/mypy
 	node --test tests/js/
 	$(BIN)/pytest
+
+$(VENV)/.installed-mutation: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,mutation]'
+	touch $@
+
+## Mutation testing of the pure cores (docs/mutation.md): slow and CPU-heavy, so one
+## worker at the lowest priority, bounded by MUTATION_TIMEOUT seconds; not in CI nor in
+## `make test`. Starts afresh (mutants/ is removed) and ends with the score per module.
+MUTATION_TIMEOUT ?= 3600
+mutation: $(VENV)/.installed-mutation
+	rm -rf mutants
+	timeout $(MUTATION_TIMEOUT) nice -n 19 $(BIN)/mutmut run --max-children 1 > /dev/null
+	$(BIN)/mutmut results --all true | LC_ALL=C awk -F': ' \
+	  '{ k = $$1; sub(/^ +/, "", k); sub(/\.x.*/, "", k); n[k]++; all++ } \
+	   $$2 == "killed" || $$2 == "timeout" { ok[k]++; killed++ } \
+	   $$2 != "killed" && $$2 != "timeout" { print "  " $$2 ": " substr($$1, 5) } \
+	   END { for (m in n) printf "%-34s %4d of %4d killed  %5.1f %%\n", m, ok[m], n[m], 100 * ok[m] / n[m]; \
+	         printf "%-34s %4d of %4d killed  %5.1f %%\n", "all", killed, all, 100 * killed / all }'
