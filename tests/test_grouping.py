@@ -205,3 +205,37 @@ async def test_a_full_queue_holds_the_next_caller_until_there_is_room() -> None:
     assert [await answered(task) for task in (running, *queued)] == ["r0", "r1", "r2", "r3"]
     await grouped.stop()
     assert recorder.calls == [[0], [1, 2], [3]]
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+async def test_a_call_answering_the_wrong_number_of_results_fails_its_callers_only(
+    extra: int,
+) -> None:
+    calls: list[list[int]] = []
+
+    async def miscounting(items: list[int]) -> list[str]:
+        calls.append(items)
+        answers = [f"r{item}" for item in items]
+        if len(calls) > 1:
+            return answers
+        return answers[:-1] if extra < 0 else [*answers, "spare"]
+
+    grouped: Grouped[int, str] = Grouped(miscounting, "test", limit=10)
+    grouped.start()
+    callers = [asyncio.create_task(grouped(n)) for n in (1, 2)]
+    for caller in callers:
+        with pytest.raises(ValueError, match="zip"):
+            await answered(caller)
+    # The task lives on: the next call is made and answered.
+    assert await answered(asyncio.create_task(grouped(3))) == "r3"
+    await grouped.stop()
+
+
+async def test_the_task_carries_its_name_and_stop_waits_for_its_end() -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    grouped: Grouped[int, str] = Grouped(recorder.many, "store-writes", limit=10)
+    grouped.start()
+    [task] = [t for t in asyncio.all_tasks() if t.get_name() == "store-writes"]
+    await grouped.stop()
+    assert task.done()
