@@ -109,7 +109,7 @@ def test_late_sent_never_revives_a_failed_message() -> None:
 
 
 def test_pending_cannot_be_observed() -> None:
-    with pytest.raises(ValueError, match="PENDING"):
+    with pytest.raises(ValueError, match=r"^PENDING is never observed from a provider$"):
         Observation(Status.PENDING, at(0))
 
 
