@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 
 from tests.connectors.test_instagram import seen, sent_message
 from tests.connectors.test_whatsapp import Harness, open_harness
-from whatslike.connectors.instagram import InstagramConnector, parse_messaging
+from whatslike.connectors.instagram import InstagramConnector, parse_messaging, parse_reads
 from whatslike.connectors.meta import (
     WebhookPayloadError,
     json_list,
     json_object,
     json_text,
     load_object,
+    verification_response,
 )
 from whatslike.connectors.whatsapp import WhatsAppConnector
 
@@ -188,3 +191,51 @@ async def test_a_seen_for_another_account_is_counted_as_foreign(instagram: Harne
     labels = {"channel": "instagram", "outcome": "foreign_account"}
     registry = instagram.deps.metrics.registry
     assert registry.get_sample_value("whatslike_webhooks_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"object": "instagram", "entry": {}}, "entry must be a JSON array"),
+        ({"object": "instagram", "entry": [1]}, "entry[0] must be a JSON object"),
+        ({"object": "instagram", "entry": [{"id": ""}]}, "entry[0].id must be a non-empty string"),
+        (
+            {"object": "instagram", "entry": [{"id": "1", "messaging": {}}]},
+            "entry[0].messaging must be a JSON array",
+        ),
+    ],
+)
+def test_an_instagram_webhook_not_shaped_like_meta_s_names_where(
+    payload: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(WebhookPayloadError) as raised:
+        parse_reads(payload)
+    assert str(raised.value) == message
+
+
+def handshake(query: bytes, verify_token: str = "verify-me") -> Response:
+    return verification_response(
+        Request({"type": "http", "query_string": query, "headers": []}), verify_token
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"hub.mode=subscribe&hub.challenge=1",
+        b"hub.mode=subscribe&hub.verify_token=nope&hub.challenge=1",
+        b"hub.verify_token=verify-me&hub.challenge=1",
+        b"hub.mode=subscribe&hub.verify_token=verify-me",
+    ],
+)
+def test_a_refused_handshake_says_why(query: bytes) -> None:
+    response = handshake(query)
+    assert response.status_code == 403
+    assert json.loads(bytes(response.body)) == {
+        "error": {"code": "forbidden", "message": "verification token mismatch"}
+    }
+
+
+def test_an_accepted_handshake_echoes_the_challenge() -> None:
+    response = handshake(b"hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=42")
+    assert (response.status_code, bytes(response.body)) == (200, b"42")

@@ -747,3 +747,50 @@ async def test_a_status_of_another_phone_number_is_counted_as_foreign(harness: H
     labels = {"channel": "whatsapp", "outcome": "foreign_number"}
     registry = harness.deps.metrics.registry
     assert registry.get_sample_value("whatslike_webhooks_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda p: p.update(entry={}), "entry must be a JSON array"),
+        (lambda p: p.update(entry=[1]), "entry[0] must be a JSON object"),
+        (lambda p: p["entry"][0].update(changes=""), "entry[0].changes must be a JSON array"),
+        (lambda p: p["entry"][0].update(changes=[1]), "entry[0].changes[0] must be a JSON object"),
+        (
+            lambda p: p["entry"][0]["changes"][0].update(value=[]),
+            "entry[0].changes[0].value must be a JSON object",
+        ),
+        (
+            lambda p: p["entry"][0]["changes"][0]["value"].update(metadata=1),
+            "entry[0].changes[0].value.metadata must be a JSON object",
+        ),
+        (
+            lambda p: p["entry"][0]["changes"][0]["value"].update(statuses={}),
+            "entry[0].changes[0].value.statuses must be a JSON array",
+        ),
+    ],
+)
+def test_a_webhook_not_shaped_like_meta_s_names_where(
+    breakage: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    payload = fixture("whatsapp-status-sent.json")
+    breakage(payload)
+    with pytest.raises(WebhookPayloadError) as raised:
+        parse_statuses(payload)
+    assert str(raised.value) == message
+
+
+async def test_a_failed_webhook_hands_on_meta_s_error(harness: Harness) -> None:
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    failed = {
+        **status(WAMID, "failed"),
+        "errors": [{"code": 131026, "title": "Message undeliverable"}],
+    }
+    assert (await harness.post(status_webhook(failed))).status_code == 200
+    [event] = await harness.statuses()
+    assert (event.status, event.error) == (
+        Status.FAILED,
+        ProviderError("131026", "Message undeliverable"),
+    )
