@@ -23,6 +23,7 @@ from whatslike.connectors.meta import (
     json_object,
     json_text,
     load_object,
+    read_body,
     verification_response,
 )
 from whatslike.connectors.whatsapp import WhatsAppConnector
@@ -239,3 +240,32 @@ def test_a_refused_handshake_says_why(query: bytes) -> None:
 def test_an_accepted_handshake_echoes_the_challenge() -> None:
     response = handshake(b"hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=42")
     assert (response.status_code, bytes(response.body)) == (200, b"42")
+
+
+def streamed(*chunks: bytes) -> Request:
+    """A request whose body arrives in `chunks`."""
+    messages = [
+        {"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}
+        for index, chunk in enumerate(chunks)
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "limit", "body"),
+    [
+        ((b"abc", b"de"), 5, b"abcde"),  # exactly the limit, over two chunks
+        ((b"abc", b"def"), 5, None),  # one byte past it, only once both are counted
+        ((b"abcdef",), 5, None),
+        ((b"",), 0, b""),
+        ((b"a",), 0, None),
+    ],
+)
+async def test_read_body_stops_one_byte_past_the_limit(
+    chunks: tuple[bytes, ...], limit: int, body: bytes | None
+) -> None:
+    assert await read_body(streamed(*chunks), limit) == body

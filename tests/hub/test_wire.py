@@ -52,6 +52,7 @@ def hand_frame(first: int, payload: bytes, mask: bytes = b"\x05\x06\x07\x08") ->
 def refusal(reader: FrameReader, stream: bytes) -> tuple[int, str]:
     with pytest.raises(WireError) as raised:
         reader.feed(stream)
+    assert str(raised.value) == raised.value.reason
     return raised.value.code, raised.value.reason
 
 
@@ -521,3 +522,14 @@ def test_keys_of_16_bytes_only_are_valid() -> None:
     assert not wire.valid_key("AAAAAAAAAAAAAAAAAAAA")  # 15 bytes
     assert not wire.valid_key("AAAAAAAAAAAAAAAAAAAAAAA=")  # 17 bytes
     assert not wire.valid_key("AAAAAAAAAAAAAAAAAAAAAé==")  # not ASCII
+
+
+@pytest.mark.parametrize("size", [126, 65_536])
+def test_a_frame_then_an_extended_length_cut_short_gives_the_frame_and_waits(size: int) -> None:
+    one = client_frame(Opcode.TEXT, b"one")
+    big = client_frame(Opcode.BINARY, b"b" * size)
+    head = 4 if size < 65_536 else 10
+    for cut in range(1, head):
+        reader = FrameReader(LIMIT)
+        assert reader.feed(one + big[:cut]) == [(wire.TEXT, b"one")]
+        assert reader.feed(big[cut:]) == [(wire.BINARY, b"b" * size)]
