@@ -12,7 +12,7 @@ UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --g
 # A dependency of pyproject.toml that the lock lacks (it was not run again) is named here.
 CHECK_LOCKED = @$(BIN)/pip check >/dev/null || { $(BIN)/pip check; echo "make: the locks miss a dependency: run make lock" >&2; exit 1; }
 
-.PHONY: run test test-cluster lint install install-test lock
+.PHONY: run test test-cluster lint install install-test lock mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,3 +67,23 @@ test: install-test
 test-cluster: install-test
 	./scripts/services.sh cassandra-cluster
 	$(BIN)/pytest -m cluster tests/cluster
+
+# mutmut is a developer's tool outside the locks (like uv for `make lock`), installed over
+# the locked test environment.
+$(VENV)/.installed-mutation: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet 'mutmut>=3.8,<4'
+	touch $@
+
+## Mutation testing of the pure cores (docs/mutation.md): slow and CPU-heavy, so one
+## worker at the lowest priority, bounded by MUTATION_TIMEOUT seconds; not in CI nor in
+## `make test`. Starts afresh (mutants/ is removed) and ends with the score per module.
+MUTATION_TIMEOUT ?= 3600
+mutation: $(VENV)/.installed-mutation
+	rm -rf mutants
+	timeout $(MUTATION_TIMEOUT) nice -n 19 $(BIN)/mutmut run --max-children 1 > /dev/null
+	$(BIN)/mutmut results --all true | LC_ALL=C awk -F': ' \
+	  '{ k = $$1; sub(/^ +/, "", k); sub(/\.x.*/, "", k); n[k]++; all++ } \
+	   $$2 == "killed" || $$2 == "timeout" { ok[k]++; killed++ } \
+	   $$2 != "killed" && $$2 != "timeout" { print "  " $$2 ": " substr($$1, 5) } \
+	   END { for (m in n) printf "%-34s %4d of %4d killed  %5.1f %%\n", m, ok[m], n[m], 100 * ok[m] / n[m]; \
+	         printf "%-34s %4d of %4d killed  %5.1f %%\n", "all", killed, all, 100 * killed / all }'

@@ -9,6 +9,7 @@ import jwt
 import pytest
 
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
+from whatslike.settings import load_settings
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 NOW = 1_800_000_000
@@ -233,3 +234,72 @@ def test_repr_hides_the_secret() -> None:
 )
 def test_bearer_token(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
+
+
+# -- the edges of every bound ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("leeway", [0, 1, 59, 60])
+def test_a_leeway_of_0_to_60_seconds_is_taken(leeway: int) -> None:
+    TokenService(SECRET, leeway_s=leeway)
+
+
+@pytest.mark.parametrize("leeway", [-1, 61])
+def test_a_leeway_outside_0_to_60_seconds_is_refused(leeway: int) -> None:
+    with pytest.raises(ValueError, match="leeway must be 0 to 60 seconds"):
+        TokenService(SECRET, leeway_s=leeway)
+
+
+@pytest.mark.parametrize(("ttl", "takes"), [(-1, False), (0, False), (1, True), (600, True)])
+def test_a_token_lives_1_second_to_the_maximum(ttl: int, takes: bool) -> None:
+    service = TokenService(SECRET, max_ttl_s=600)
+    if takes:
+        claims = jwt.decode(
+            service.mint("u", "o", ttl, now=NOW), options={"verify_signature": False}
+        )
+        assert claims["exp"] - claims["iat"] == ttl
+    else:
+        with pytest.raises(ValueError, match=f"a token lives 1 to 600 seconds, not {ttl}"):
+            service.mint("u", "o", ttl, now=NOW)
+
+
+def test_the_lifetime_bound_is_the_maximum_plus_the_default_leeway_of_30_s() -> None:
+    """`verify(now=…)` measures the lifetime from the given time, not the clock's: a time
+    far from the clock's tells the two apart."""
+    service = TokenService(SECRET)
+    now = int(time.time()) - 1000
+    at_the_bound = _raw({"sub": "u", "org_id": "o", "exp": now + 86_400 + 30})
+    assert service.verify(at_the_bound, now=now).user_id == "u"
+    past_it = _raw({"sub": "u", "org_id": "o", "exp": now + 86_400 + 31})
+    with pytest.raises(InvalidToken, match="token lives longer than 86400 s"):
+        service.verify(past_it, now=now)
+
+
+def test_tokens_are_minted_and_checked_with_the_configured_algorithm() -> None:
+    long_secret = SECRET * 2  # HS512 wants 64 bytes or more
+    service = TokenService(long_secret, algorithm="HS512")
+    token = service.mint("u", "o", 60)
+    assert jwt.get_unverified_header(token)["alg"] == "HS512"
+    assert service.verify(token).user_id == "u"
+    assert _reason(TokenService(long_secret), token) == "token algorithm is not accepted"
+
+
+def test_a_token_that_is_not_utf8_text_is_malformed() -> None:
+    assert _reason(TokenService(SECRET), "\ud800.a.b") == "token is malformed"
+
+
+def test_from_settings_takes_issuer_audience_leeway_and_lifetime() -> None:
+    settings = load_settings(
+        jwt_issuer="iss-s", jwt_audience="aud-s", jwt_leeway_s=5, token_max_ttl_s=700
+    )
+    service = TokenService.from_settings(settings, SECRET)
+    assert service.max_ttl_s == 700
+    claims = jwt.decode(service.mint("u", "o", 700, now=NOW), options={"verify_signature": False})
+    assert (claims["iss"], claims["aud"]) == ("iss-s", "aud-s")
+    # A leeway of 5 s: 6 s past the maximum lifetime is refused, 5 s taken.
+    now = int(time.time())
+    token = _raw({"sub": "u", "org_id": "o", "exp": now + 705, "iss": "iss-s", "aud": "aud-s"})
+    assert service.verify(token, now=now).user_id == "u"
+    late = _raw({"sub": "u", "org_id": "o", "exp": now + 706, "iss": "iss-s", "aud": "aud-s"})
+    with pytest.raises(InvalidToken, match="token lives longer than 700 s"):
+        service.verify(late, now=now)

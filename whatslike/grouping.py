@@ -73,6 +73,9 @@ class Grouped(Generic[A, R]):
                 continue
             try:
                 results = await self._many([item for item, _ in live])
+                # A result too many or too few fails the call's callers (ValueError), as
+                # any failure of `many` does, rather than ending this task.
+                answers = list(zip(live, results, strict=True))
             except asyncio.CancelledError:
                 for _, future in live:  # stopped mid-call: its callers must not wait on
                     future.cancel()
@@ -82,6 +85,6 @@ class Grouped(Generic[A, R]):
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), result in zip(live, results, strict=True):
+            for (_, future), result in answers:
                 if not future.done():
                     future.set_result(result)

@@ -21,8 +21,8 @@ from starlette.applications import Starlette
 from whatslike.bus import BusFull, Event, publish_in_turn
 from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
-from whatslike.connectors.meta import Parsed, sign
-from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
+from whatslike.connectors.meta import Parsed, WebhookPayloadError, sign
+from whatslike.connectors.whatsapp import WhatsAppConnector, parse_status, parse_statuses
 from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
     TOPIC_MESSAGES,
@@ -833,3 +833,176 @@ async def test_send_of_unknown_message_is_dead_lettered(harness: Harness) -> Non
 
 async def test_subscribes_to_its_topic_as_its_group(harness: Harness) -> None:
     assert harness.bus.subscribed == (outbound_topic("whatsapp"), "connector-whatsapp")
+
+
+# -- one status item, as `parse_status` reads it ---------------------------------------
+
+
+def failed_with(*errors: Any) -> dict[str, Any]:
+    return {**status("w1", "failed"), "errors": list(errors)}
+
+
+@pytest.mark.parametrize(
+    ("errors", "expected"),
+    [
+        ([{"code": 131026, "title": "Undeliverable"}], ProviderError("131026", "Undeliverable")),
+        ([{"code": "131026", "title": "Undeliverable"}], ProviderError("131026", "Undeliverable")),
+        ([{"code": 131026, "message": "From message"}], ProviderError("131026", "From message")),
+        ([{"code": 131026, "title": "", "message": "m"}], ProviderError("131026", "m")),
+        ([{"code": 131026}], ProviderError("131026", "")),
+        ([{"code": 0, "title": "Zero"}], ProviderError("0", "Zero")),
+        # errors[0] without a code: "unknown", and Meta's words are kept.
+        ([{"title": "Rate limit hit"}], ProviderError("unknown", "Rate limit hit")),
+        ([{"message": "Only a message"}], ProviderError("unknown", "Only a message")),
+        ([{}], ProviderError("unknown", "Failed without error details")),
+        # A code that is not one: never "None", "True" or a dict's repr.
+        ([{"code": None, "title": "t"}], ProviderError("unknown", "t")),
+        ([{"code": True, "title": "t"}], ProviderError("unknown", "t")),
+        ([{"code": "", "title": "t"}], ProviderError("unknown", "t")),
+        ([{"code": {"n": 1}, "title": "t"}], ProviderError("unknown", "t")),
+        ([{"code": [131026]}], ProviderError("unknown", "Failed without error details")),
+        # A title that is not text is left out; a lone surrogate in one is replaced.
+        ([{"code": 1, "title": {"x": 1}}], ProviderError("1", "")),
+        ([{"code": 1, "title": 5, "message": "m"}], ProviderError("1", "m")),
+        ([{"code": 1, "title": "\ud800"}], ProviderError("1", "\ufffd")),
+        ([{"code": "\udfff", "title": "t"}], ProviderError("unknown", "t")),
+        # Only the first error counts; a first that is not an object is no error.
+        ([{"code": 1, "title": "a"}, {"code": 2, "title": "b"}], ProviderError("1", "a")),
+        (["131026"], ProviderError("unknown", "Failed without error details")),
+        ([], ProviderError("unknown", "Failed without error details")),
+    ],
+)
+def test_the_error_of_a_failed_status(errors: list[Any], expected: ProviderError) -> None:
+    parsed = parse_status(failed_with(*errors), PHONE)
+    assert parsed is not None
+    assert parsed.error == expected
+
+
+def test_errors_of_other_statuses_are_not_read() -> None:
+    item = {**status("w1", "delivered"), "errors": [{"code": 1, "title": "t"}]}
+    parsed = parse_status(item, PHONE)
+    assert parsed is not None and parsed.error is None
+
+
+def test_errors_that_are_not_a_list_are_a_clear_error() -> None:
+    with pytest.raises(WebhookPayloadError, match=r"^s\.errors must be a JSON array$"):
+        parse_status({**status("w1", "failed"), "errors": {"code": 1}}, PHONE, "s")
+
+
+@pytest.mark.parametrize("name", [None, 1, True, ["sent"], {"sent": 1}, "SENT", "", "sent "])
+def test_a_status_that_is_not_one_of_meta_s_four_is_skipped(name: object) -> None:
+    # Like a status Meta adds later ("deleted", "warning"): logged and skipped, the
+    # webhook's other statuses still count; never a crash (a list is not hashable).
+    assert parse_status({**status("w1", "sent"), "status": name}, PHONE) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"id": ""}, "s.id must be a non-empty string"),
+        ({"id": None}, "s.id must be a non-empty string"),
+        ({"id": False}, "s.id must be a non-empty string"),
+        ({"id": ["w1"]}, "s.id must be a non-empty string"),
+        ({"timestamp": ""}, "s.timestamp must be a non-empty string"),
+        ({"timestamp": "1.5"}, "s.timestamp must be Unix seconds"),
+        ({"timestamp": "99999999999999999999"}, "s.timestamp must be Unix seconds"),
+    ],
+)
+def test_a_bad_id_or_time_is_a_clear_error_for_the_item(
+    change: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(WebhookPayloadError) as raised:
+        parse_status({**status("w1", "sent"), **change}, PHONE, "s")
+    assert str(raised.value) == message
+
+
+def test_a_numeric_id_is_taken_as_text() -> None:
+    parsed = parse_status({**status("w1", "sent"), "id": 12345}, PHONE)
+    assert parsed is not None and parsed.provider_message_id == "12345"
+
+
+def test_an_item_that_is_not_an_object_is_a_clear_error() -> None:
+    with pytest.raises(WebhookPayloadError, match=r"^s must be a JSON object$"):
+        parse_status(["w1"], PHONE, "s")
+
+
+@pytest.mark.parametrize("phone", ["", None, 0.5])
+def test_an_empty_phone_number_id_is_a_clear_error(phone: object) -> None:
+    payload = status_webhook(status("w1", "sent"))
+    payload["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = phone
+    parsed = parse_statuses(payload)
+    assert parsed.items == []
+    [rejected] = parsed.rejected
+    assert rejected.endswith("metadata must be a non-empty string")
+
+
+@pytest.mark.parametrize(
+    ("callback", "kept"),
+    [("msg_01", "msg_01"), ("", ""), (7, ""), ("tab\there", ""), ("né", ""), (None, "")],
+)
+def test_callback_data_is_kept_only_as_clean_printable_ascii(callback: object, kept: str) -> None:
+    parsed = parse_status({**status("w1", "sent"), "biz_opaque_callback_data": callback}, PHONE)
+    assert parsed is not None and parsed.callback_data == kept
+
+
+def test_the_item_is_kept_whole_as_compact_json() -> None:
+    item = {**status("w1", "sent"), "extra": {"a": [1, 2]}}
+    parsed = parse_status(item, PHONE)
+    assert parsed is not None
+    assert parsed.payload == json.dumps(item, separators=(",", ":")).encode()
+    assert parsed.phone_number_id == PHONE
+
+
+async def test_a_status_of_another_phone_number_is_counted_as_foreign(harness: Harness) -> None:
+    message = await harness.message()
+    payload = status_webhook(status(WAMID, "sent", callback=message.id), phone="999")
+    assert (await harness.post(payload)).status_code == 200
+    labels = {"channel": "whatsapp", "outcome": "foreign_number"}
+    registry = harness.deps.metrics.registry
+    assert registry.get_sample_value("whatslike_webhooks_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda p: p.update(entry={}), "entry must be a JSON array"),
+        (lambda p: p.update(entry=[1]), "entry[0] must be a JSON object"),
+        (lambda p: p["entry"][0].update(changes=""), "entry[0].changes must be a JSON array"),
+        (lambda p: p["entry"][0].update(changes=[1]), "entry[0].changes[0] must be a JSON object"),
+        (
+            lambda p: p["entry"][0]["changes"][0].update(value=[]),
+            "entry[0].changes[0].value must be a JSON object",
+        ),
+        (
+            lambda p: p["entry"][0]["changes"][0]["value"].update(metadata=1),
+            "entry[0].changes[0].value.metadata must be a JSON object",
+        ),
+        (
+            lambda p: p["entry"][0]["changes"][0]["value"].update(statuses={}),
+            "entry[0].changes[0].value.statuses must be a JSON array",
+        ),
+    ],
+)
+def test_a_webhook_not_shaped_like_meta_s_names_where(
+    breakage: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    payload = fixture("whatsapp-status-sent.json")
+    breakage(payload)
+    parsed = parse_statuses(payload)
+    assert (parsed.items, parsed.rejected) == ([], [message])
+
+
+async def test_a_failed_webhook_hands_on_meta_s_error(harness: Harness) -> None:
+    message = await harness.message()
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    failed = {
+        **status(WAMID, "failed"),
+        "errors": [{"code": 131026, "title": "Message undeliverable"}],
+    }
+    assert (await harness.post(status_webhook(failed))).status_code == 200
+    [event] = await harness.statuses()
+    assert (event.status, event.error) == (
+        Status.FAILED,
+        ProviderError("131026", "Message undeliverable"),
+    )

@@ -111,7 +111,7 @@ def test_late_sent_never_revives_a_failed_message() -> None:
 
 
 def test_pending_cannot_be_observed() -> None:
-    with pytest.raises(ValueError, match="PENDING"):
+    with pytest.raises(ValueError, match=r"^PENDING is never observed from a provider$"):
         Observation(Status.PENDING, at(0))
 
 
@@ -200,3 +200,171 @@ def test_a_provider_time_is_kept_within_the_messages_life(
     assert bounded(kept, created, received) == kept
     later = observed + timedelta(seconds=1)
     assert bounded(later, created, received) >= kept  # order of observations is kept
+
+
+# --- every cell of the table: the effect and the whole resulting state ----------------------
+
+OTHER = ProviderError("131047", "Re-engagement message")
+P, S, D, R, F = Status.PENDING, Status.SENT, Status.DELIVERED, Status.READ, Status.FAILED
+
+
+def state(
+    status: Status,
+    *,
+    sent: int | None = None,
+    delivered: int | None = None,
+    read: int | None = None,
+    failed: int | None = None,
+    error: ProviderError | None = None,
+) -> MessageState:
+    def time(seconds: int | None) -> datetime | None:
+        return None if seconds is None else at(seconds)
+
+    return MessageState(status, time(sent), time(delivered), time(read), time(failed), error)
+
+
+#: Where each cell starts: every timestamp the status implies, at 10 s.
+START = {
+    P: state(P),
+    S: state(S, sent=10),
+    D: state(D, sent=10, delivered=10),
+    R: state(R, sent=10, delivered=10, read=10),
+    F: state(F, sent=10, failed=10, error=ERR),
+}
+
+_C, _FI, _A, _N = Effect.CHANGED, Effect.FILLED, Effect.ANOMALY, Effect.NOOP
+
+#: (current status, observed status, observed at) -> (effect, resulting state). The
+#: observation at 5 s is earlier than every timestamp of the start state, at 20 s later.
+#: A FAILED observation carries OTHER; the FAILED start state carries ERR.
+CELLS: dict[tuple[Status, Status, int], tuple[Effect, MessageState]] = {
+    (P, S, 5): (_C, state(S, sent=5)),
+    (P, D, 5): (_C, state(D, sent=5, delivered=5)),
+    (P, R, 5): (_C, state(R, sent=5, delivered=5, read=5)),
+    (P, F, 5): (_C, state(F, failed=5, error=OTHER)),
+    (S, S, 5): (_FI, state(S, sent=5)),
+    (S, D, 5): (_C, state(D, sent=5, delivered=5)),
+    (S, R, 5): (_C, state(R, sent=5, delivered=5, read=5)),
+    (S, F, 5): (_C, state(F, sent=10, failed=5, error=OTHER)),
+    (D, S, 5): (_FI, state(D, sent=5, delivered=10)),
+    (D, D, 5): (_FI, state(D, sent=5, delivered=5)),
+    (D, R, 5): (_C, state(R, sent=5, delivered=5, read=5)),
+    (D, F, 5): (_A, state(D, sent=10, delivered=10, failed=5, error=OTHER)),
+    (R, S, 5): (_FI, state(R, sent=5, delivered=10, read=10)),
+    (R, D, 5): (_FI, state(R, sent=5, delivered=5, read=10)),
+    (R, R, 5): (_FI, state(R, sent=5, delivered=5, read=5)),
+    (R, F, 5): (_A, state(R, sent=10, delivered=10, read=10, failed=5, error=OTHER)),
+    (F, S, 5): (_FI, state(F, sent=5, failed=10, error=ERR)),
+    (F, D, 5): (_C, state(D, sent=5, delivered=5, failed=10, error=ERR)),
+    (F, R, 5): (_C, state(R, sent=5, delivered=5, read=5, failed=10, error=ERR)),
+    (F, F, 5): (_FI, state(F, sent=10, failed=5, error=OTHER)),
+    (P, S, 20): (_C, state(S, sent=20)),
+    (P, D, 20): (_C, state(D, sent=20, delivered=20)),
+    (P, R, 20): (_C, state(R, sent=20, delivered=20, read=20)),
+    (P, F, 20): (_C, state(F, failed=20, error=OTHER)),
+    (S, S, 20): (_N, START[S]),
+    (S, D, 20): (_C, state(D, sent=10, delivered=20)),
+    (S, R, 20): (_C, state(R, sent=10, delivered=20, read=20)),
+    (S, F, 20): (_C, state(F, sent=10, failed=20, error=OTHER)),
+    (D, S, 20): (_N, START[D]),
+    (D, D, 20): (_N, START[D]),
+    (D, R, 20): (_C, state(R, sent=10, delivered=10, read=20)),
+    (D, F, 20): (_A, state(D, sent=10, delivered=10, failed=20, error=OTHER)),
+    (R, S, 20): (_N, START[R]),
+    (R, D, 20): (_N, START[R]),
+    (R, R, 20): (_N, START[R]),
+    (R, F, 20): (_A, state(R, sent=10, delivered=10, read=10, failed=20, error=OTHER)),
+    (F, S, 20): (_N, START[F]),
+    (F, D, 20): (_C, state(D, sent=10, delivered=20, failed=10, error=ERR)),
+    (F, R, 20): (_C, state(R, sent=10, delivered=20, read=20, failed=10, error=ERR)),
+    (F, F, 20): (_N, START[F]),
+}
+
+
+def test_the_cell_table_covers_every_cell_at_both_times() -> None:
+    assert {(current, seen) for current, seen, _ in CELLS} == set(TRANSITIONS)
+    assert len(CELLS) == 2 * len(TRANSITIONS)
+
+
+@pytest.mark.parametrize(("current", "seen", "seconds"), list(CELLS))
+def test_each_cell_has_its_effect_and_its_state(
+    current: Status, seen: Status, seconds: int
+) -> None:
+    obs = Observation(seen, at(seconds), OTHER if seen is F else None)
+    transition = apply(START[current], obs)
+    assert (transition.effect, transition.state) == CELLS[(current, seen, seconds)]
+
+
+def test_an_anomaly_seen_again_is_a_noop_and_an_earlier_one_refills() -> None:
+    delivered = START[D]
+    first = apply(delivered, Observation(F, at(20), OTHER)).state
+    assert apply(first, Observation(F, at(20), OTHER)).effect is Effect.NOOP
+    assert apply(first, Observation(F, at(25), ERR)).effect is Effect.NOOP
+    earlier = apply(first, Observation(F, at(15), ERR))
+    assert earlier.effect is Effect.ANOMALY
+    assert (earlier.state.failed_at, earlier.state.error) == (at(15), ERR)
+
+
+# --- FAILED at the same time with different errors: the kept error ---------------------------
+
+
+@pytest.mark.parametrize("start", [P, S, D, R])
+def test_two_failures_at_the_same_time_keep_the_error_that_sorts_first(start: Status) -> None:
+    low = ProviderError("131026", "Message undeliverable")
+    high = ProviderError("131047", "Re-engagement message")
+    same_code = ProviderError("131026", "Z later title")
+    ends = set()
+    for events in (
+        (low, high, same_code),
+        (high, same_code, low),
+        (same_code, low, high),
+        (high, low, same_code),
+    ):
+        current = START[start]
+        for error in events:
+            current = apply(current, Observation(F, at(30), error)).state
+        ends.add(current)
+        assert (current.failed_at, current.error) == (at(30), low)
+    assert len(ends) == 1
+
+
+def test_a_failure_without_an_error_and_one_with_an_empty_error_are_ordered_too() -> None:
+    empty = ProviderError("", "")
+    one = apply(apply(START[P], Observation(F, at(1))).state, Observation(F, at(1), empty))
+    other = apply(apply(START[P], Observation(F, at(1), empty)).state, Observation(F, at(1)))
+    assert one.state == other.state
+    assert one.state.error == empty  # an error, even an empty one, beats none
+
+
+# Errors drawn freely: codes and titles that tie, sort either way, are empty, or absent.
+any_error = st.none() | st.builds(
+    ProviderError, st.sampled_from(["", "1", "131026", "131047"]), st.sampled_from(["", "a", "b"])
+)
+failures_and_others = st.builds(
+    Observation,
+    status=st.sampled_from(OBSERVABLE),
+    occurred_at=st.integers(0, 3).map(at),
+    error=any_error,
+)
+
+
+@given(st.lists(failures_and_others, min_size=1, max_size=6), st.data())
+def test_any_order_any_duplicates_same_state_including_the_error(
+    events: list[Observation], data: st.DataObject
+) -> None:
+    copies = data.draw(st.lists(st.sampled_from(events), max_size=6))
+    arrival = data.draw(st.permutations(events + copies))
+    reference, _ = run(*events)
+    final, _ = run(*arrival)
+    assert final == reference
+    failures = [e for e in events if e.status is Status.FAILED]
+    if failures:
+        first = min(
+            failures,
+            key=lambda e: (
+                e.occurred_at,
+                e.error is None,
+                e.error and (e.error.code, e.error.title),
+            ),
+        )
+        assert (final.failed_at, final.error) == (first.occurred_at, first.error)

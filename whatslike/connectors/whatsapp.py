@@ -88,10 +88,10 @@ def _parse_change(change_value: Any, where: str, parsed: Parsed[WhatsAppStatus])
     if change.get("field") != "messages":
         return
     value = json_object(change.get("value"), f"{where}.value")
-    for k, error in enumerate(json_list(value.get("errors"), f"{where}.value.errors")):
+    for error in json_list(value.get("errors"), f"{where}.value.errors"):
         # Errors of the change itself (e.g. 131000, "Something went wrong"), no status.
-        code, title = _error_of(error) or (UNKNOWN_FAILURE.code, f"{where}.value.errors[{k}]")
-        parsed.errors.append((code, title))
+        found = _error_of(error)
+        parsed.errors.append((found.code, found.title))
     raw_statuses = json_list(value.get("statuses"), f"{where}.value.statuses")
     if not raw_statuses:
         return
@@ -141,17 +141,29 @@ def _unix_seconds(value: Any, where: str) -> datetime:
 
 
 def _first_error(obj: dict[str, Any], where: str) -> ProviderError:
+    """The first of `errors`: its code (a number or text) and its title (or message).
+    A code that is missing or not a code reads as "unknown", keeping Meta's title."""
     errors = json_list(obj.get("errors"), f"{where}.errors")
-    first = _error_of(errors[0]) if errors else None
-    return UNKNOWN_FAILURE if first is None else ProviderError(*first)
+    return _error_of(errors[0] if errors else None)
 
 
-def _error_of(error: Any) -> tuple[str, str] | None:
-    """(code, title) of one of Meta's error objects, as UTF-8 text; None without a code."""
-    if not isinstance(error, dict) or "code" not in error:
-        return None
-    title = error.get("title") or error.get("message", "")
-    return clean_text(str(error["code"])), clean_text(str(title))
+def _error_of(error: Any) -> ProviderError:
+    """One of Meta's error objects as text every store and log can take (lone surrogates
+    replaced): its code a number or text, else "unknown" keeping Meta's title."""
+    first: dict[str, Any] = error if isinstance(error, dict) else {}
+    titles = (_text(first.get("title")), _text(first.get("message")))
+    title = next((text for text in titles if text), "")
+    code = first.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        return ProviderError(str(code), title)
+    if isinstance(code, str) and code and clean_text(code) == code:
+        return ProviderError(code, title)
+    return ProviderError(UNKNOWN_FAILURE.code, title or UNKNOWN_FAILURE.title)
+
+
+def _text(value: Any) -> str:
+    """`value` if it is text (lone surrogates replaced), else nothing."""
+    return clean_text(value) if isinstance(value, str) else ""
 
 
 def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:

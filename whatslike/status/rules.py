@@ -131,8 +131,11 @@ def _earliest(current: datetime | None, seen: datetime) -> datetime:
     return seen if current is None or seen < current else current
 
 
-def _error_key(at: datetime, error: ProviderError | None) -> tuple[datetime, str, str]:
-    return (at, error.code, error.title) if error else (at, "", "")
+def _error_key(at: datetime, error: ProviderError | None) -> tuple[datetime, bool, str, str]:
+    """Which FAILED observation a message keeps: the earliest; at the same time, one with an
+    error before one without, then the error first by (code, title). A total order, so
+    the kept error never depends on arrival order (an error ("", "") ties with none no more)."""
+    return (at, False, error.code, error.title) if error else (at, True, "", "")
 
 
 def _with_observation(state: MessageState, obs: Observation) -> MessageState:
