@@ -119,6 +119,26 @@ async def test_every_connection_bounds_locks_statements_and_idle_transactions(
         await tuned.close()
 
 
+async def test_a_connection_goes_back_to_the_pool_without_a_reset_round_trip(
+    url: str,
+) -> None:
+    store = PostgresStore(url, max_size=1)  # one connection: each acquire gets the same one
+    await store.open()
+    try:
+        async with store._connection() as conn:
+            await conn.execute("SET application_name = 'kept'")  # session state we never make
+        async with store._connection() as conn:
+            # No RESET ALL round trip on release: the session is as it was left.
+            assert await conn.fetchval("SHOW application_name") == "kept"
+            await conn.execute("BEGIN")  # a caller cancelled mid-transaction
+        async with store._connection() as conn:
+            assert not conn.is_in_transaction()  # rolled back on release
+        conversation = await store.create_conversation("org_a", "whatsapp", "+55")
+        assert (await store.create_message(conversation, "hello", ""))[1]
+    finally:
+        await store.close()
+
+
 async def test_a_wait_for_a_held_row_ends_as_unavailable(url: str, store: PostgresStore) -> None:
     message = await new_message(store)
     holder = await holding(url, message)

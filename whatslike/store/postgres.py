@@ -237,6 +237,7 @@ class PostgresStore:
                     max_size=self._max_size,
                     timeout=10,
                     server_settings=_server_settings(self._dsn),
+                    reset=_reset,
                 )
             except _CONNECTION_ERRORS as exc:
                 raise BackendUnavailable(
@@ -923,3 +924,12 @@ async def _changes_up_to(
         last_seq,
     )
     return common.changes(last_seq, since, common.frames_of(rows))
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool, past what asyncpg does with
+    a custom reset anyway (it rolls back a transaction left open): nothing. asyncpg's default
+    reset is a round trip on every release (UNLISTEN, RESET ALL, advisory unlocks, CLOSE
+    ALL) for session state this store never creates; a profile of the connector found it
+    at 12 % of the process's samples."""
+    return None
