@@ -18,6 +18,7 @@ from whatslike.connectors.meta import (
     json_list,
     json_object,
     json_text,
+    webhook_entries,
 )
 from whatslike.events import OutboundMessage
 from whatslike.settings import Settings
@@ -52,15 +53,7 @@ def parse_reads(payload: dict[str, Any]) -> Parsed[InstagramRead]:
     messages, echoes, reactions) are skipped. A part not shaped like Meta's (an entry, an
     item) is rejected alone, said in `rejected`: the rest still applies."""
     parsed: Parsed[InstagramRead] = Parsed()
-    if payload.get("object") != WEBHOOK_OBJECT:
-        log.warning("Instagram webhook for object %r ignored", payload.get("object"))
-        return parsed
-    try:
-        entries = json_list(payload.get("entry"), "entry")
-    except WebhookPayloadError as exc:
-        parsed.rejected.append(str(exc))
-        return parsed
-    for i, entry_value in enumerate(entries):
+    for i, entry_value in enumerate(webhook_entries(payload, WEBHOOK_OBJECT, "Instagram", parsed)):
         try:
             entry = json_object(entry_value, f"entry[{i}]")
             account_id = json_text(entry.get("id"), f"entry[{i}].id")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from whatslike.errors import WhatslikeError
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 _PREFIX = "sha256="
@@ -42,6 +45,21 @@ class Parsed(Generic[T]):
     rejected: list[str] = field(default_factory=list)
     #: Errors Meta reported outside any item (WhatsApp's `value.errors`), as (code, title).
     errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def webhook_entries(
+    payload: dict[str, Any], expected_object: str, channel: str, parsed: Parsed[Any]
+) -> list[Any]:
+    """The entries of a webhook body about `expected_object`: none for another object
+    (logged), none when `entry` is not a list (said in `parsed.rejected`)."""
+    if payload.get("object") != expected_object:
+        log.warning("%s webhook for object %r ignored", channel, payload.get("object"))
+        return []
+    try:
+        return json_list(payload.get("entry"), "entry")
+    except WebhookPayloadError as exc:
+        parsed.rejected.append(str(exc))
+        return []
 
 
 def sign(app_secret: str, body: bytes) -> str:

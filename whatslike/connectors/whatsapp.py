@@ -20,6 +20,7 @@ from whatslike.connectors.meta import (
     json_list,
     json_object,
     json_text,
+    webhook_entries,
 )
 from whatslike.events import OutboundMessage
 from whatslike.settings import Settings
@@ -59,15 +60,7 @@ def parse_statuses(payload: dict[str, Any]) -> Parsed[WhatsAppStatus]:
     statuses are skipped. A part not shaped like Meta's (an entry, a change, a status) is
     rejected alone, said in `rejected`: the rest still applies."""
     parsed: Parsed[WhatsAppStatus] = Parsed()
-    if payload.get("object") != WEBHOOK_OBJECT:
-        log.warning("WhatsApp webhook for object %r ignored", payload.get("object"))
-        return parsed
-    try:
-        entries = json_list(payload.get("entry"), "entry")
-    except WebhookPayloadError as exc:
-        parsed.rejected.append(str(exc))
-        return parsed
-    for i, entry_value in enumerate(entries):
+    for i, entry_value in enumerate(webhook_entries(payload, WEBHOOK_OBJECT, "WhatsApp", parsed)):
         try:
             entry = json_object(entry_value, f"entry[{i}]")
             changes = json_list(entry.get("changes"), f"entry[{i}].changes")
