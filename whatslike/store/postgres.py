@@ -427,13 +427,7 @@ class PostgresStore:
                 provider_message_id,
                 utcnow(),
             )
-            rows = await conn.fetch(
-                "SELECT id, payload FROM parked_statuses"
-                " WHERE channel = $1 AND provider_message_id = $2",
-                channel,
-                provider_message_id,
-            )
-        return common.parked_of(channel, provider_message_id, rows)
+            return await _parked(conn, channel, provider_message_id)
 
     async def link_answer(
         self, channel: str, provider_message_id: str, message_id: str
@@ -468,13 +462,7 @@ class PostgresStore:
                     provider_message_id,
                     utcnow(),
                 )
-            rows = await conn.fetch(
-                "SELECT id, payload FROM parked_statuses"
-                " WHERE channel = $1 AND provider_message_id = $2",
-                channel,
-                provider_message_id,
-            )
-        return common.parked_of(channel, provider_message_id, rows), replaced
+            return await _parked(conn, channel, provider_message_id), replaced
 
     async def expire_parked(self, before: datetime) -> int:
         async with self._connection() as conn:
@@ -933,3 +921,13 @@ async def _reset(conn: asyncpg.Connection) -> None:
     ALL) for session state this store never creates; a profile of the connector found it
     at 12 % of the process's samples."""
     return None
+
+
+async def _parked(conn: _Connection, channel: str, provider_message_id: str) -> list[ParkedStatus]:
+    """The statuses parked for a provider id (they arrived before its send answer)."""
+    rows = await conn.fetch(
+        "SELECT id, payload FROM parked_statuses WHERE channel = $1 AND provider_message_id = $2",
+        channel,
+        provider_message_id,
+    )
+    return common.parked_of(channel, provider_message_id, rows)

@@ -399,7 +399,7 @@ class SQLiteStore:
     ) -> list[ParkedStatus]:
         key = (channel, provider_message_id)
 
-        def work(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+        def work(conn: sqlite3.Connection) -> list[ParkedStatus]:
             # The first link of a provider id wins; a conflicting later one changes nothing.
             conn.execute(
                 "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
@@ -412,19 +412,14 @@ class SQLiteStore:
                 " provider_message_id = ?) AND provider_message_id IS NULL",
                 (provider_message_id, format_time(utcnow()), *key),
             )
-            return conn.execute(
-                "SELECT id, payload FROM parked_statuses"
-                " WHERE channel = ? AND provider_message_id = ?",
-                key,
-            ).fetchall()
+            return _parked(conn, channel, provider_message_id)
 
-        rows = await self._in_thread(work, write=True)
-        return common.parked_of(channel, provider_message_id, rows)
+        return await self._in_thread(work, write=True)
 
     async def link_answer(
         self, channel: str, provider_message_id: str, message_id: str
     ) -> tuple[list[ParkedStatus], str | None]:
-        def work(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], str | None]:
+        def work(conn: sqlite3.Connection) -> tuple[list[ParkedStatus], str | None]:
             rows = conn.execute(
                 "SELECT provider_message_id FROM messages WHERE id = ?", (message_id,)
             ).fetchall()
@@ -446,16 +441,10 @@ class SQLiteStore:
                     "UPDATE messages SET provider_message_id = ?, updated_at = ? WHERE id = ?",
                     (provider_message_id, format_time(utcnow()), message_id),
                 )
-            parked = conn.execute(
-                "SELECT id, payload FROM parked_statuses"
-                " WHERE channel = ? AND provider_message_id = ?",
-                (channel, provider_message_id),
-            ).fetchall()
-            return parked, replaced
+            return _parked(conn, channel, provider_message_id), replaced
 
         # One hop to the database thread, in the writes' group commit.
-        parked, replaced = await self._in_thread(work, write=True)
-        return common.parked_of(channel, provider_message_id, parked), replaced
+        return await self._in_thread(work, write=True)
 
     async def expire_parked(self, before: datetime) -> int:
         async with self._transaction() as db:
@@ -853,3 +842,12 @@ async def _by_provider_id(
         (channel, provider_message_id),
     )
     return _message(rows[0]) if rows else None
+
+
+def _parked(conn: sqlite3.Connection, channel: str, provider_message_id: str) -> list[ParkedStatus]:
+    """The statuses parked for a provider id (they arrived before its send answer)."""
+    rows = conn.execute(
+        "SELECT id, payload FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
+        (channel, provider_message_id),
+    ).fetchall()
+    return common.parked_of(channel, provider_message_id, rows)
