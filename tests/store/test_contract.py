@@ -715,6 +715,49 @@ async def test_concurrent_claims_of_one_send_let_exactly_one_go(
     assert sorted(c.value for c, _ in claims) == ["go"] + ["unknown"] * 9
 
 
+async def test_calls_made_at_once_answer_each_as_one_at_a_time_would(store: Store) -> None:
+    """Calls made at the same time may share a transaction (group commit): each caller
+    still gets its own answer, and each call's writes are all there."""
+    conversations = [
+        await store.create_conversation("org_a", "whatsapp", f"+55{n}") for n in range(3)
+    ]
+    made = await asyncio.gather(
+        *(store.create_message(conversations[n % 3], f"m{n}", f"k{n}") for n in range(12))
+    )
+    assert all(created for _, created in made)
+    messages = [message for message, _ in made]
+    assert [(m.text, m.conversation_id) for m in messages] == [
+        (f"m{n}", conversations[n % 3].id) for n in range(12)
+    ]
+    handed = [OutboundMessage.from_json(i.payload) for i in await store.outbox_batch("r1", 100)]
+    assert sorted((e.message_id, e.text, e.to) for e in handed) == sorted(
+        (m.id, m.text, f"+55{n % 3}") for n, m in enumerate(messages)
+    )
+    claims = await asyncio.gather(*(store.begin_send(m.id) for m in messages))
+    assert [claim for claim, _ in claims] == [SendClaim.GO] * 12
+    assert [claimed.id for _, claimed in claims if claimed is not None] == [m.id for m in messages]
+    assert (await store.begin_send(messages[0].id))[0] is SendClaim.UNKNOWN
+    await store.park_status(ParkedStatus("whatsapp", "wamid.0", b"early"))
+    links = await asyncio.gather(
+        *(store.link_answer("whatsapp", f"wamid.{n}", m.id) for n, m in enumerate(messages))
+    )
+    assert links == [([ParkedStatus("whatsapp", "wamid.0", b"early")], None)] + [([], None)] * 11
+    for n, message in enumerate(messages):
+        assert (await current(store, message)).provider_message_id == f"wamid.{n}"
+    await asyncio.gather(
+        *(
+            store.handoff(
+                [status_entry(status_event(m, Status.SENT, at(1)))],
+                done=[(TOPIC_MESSAGES, m.id)],
+                parked=[("whatsapp", "wamid.0")] if n == 0 else [],
+            )
+            for n, m in enumerate(messages)
+        )
+    )
+    assert [i.topic for i in await store.outbox_batch("r2", 100)] == [TOPIC_STATUS] * 12
+    assert await store.link_answer("whatsapp", "wamid.0", messages[0].id) == ([], None)
+
+
 async def test_the_watchdog_finds_what_stopped_moving(store: Store) -> None:
     waiting = await new_message(store)
     unknown = await new_message(store)

@@ -21,7 +21,7 @@ import pytest
 
 from whatslike.bus.memory import MemoryBus
 from whatslike.errors import BackendUnavailable
-from whatslike.events import TOPIC_STATUS, StatusEvent
+from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import AiohttpClient
 from whatslike.metrics import Metrics
@@ -29,7 +29,7 @@ from whatslike.roles import Deps
 from whatslike.roles.status_worker import StatusWorker
 from whatslike.settings import load_settings
 from whatslike.status.rules import Effect, Status
-from whatslike.store.base import Message, SendClaim
+from whatslike.store.base import Message, OutboxEntry, SendClaim
 from whatslike.store.postgres import SERVER_SETTINGS, PostgresStore
 
 from .conftest import fresh_postgres_database
@@ -156,6 +156,58 @@ async def test_a_wait_for_a_held_row_ends_as_unavailable(url: str, store: Postgr
     # Nothing was recorded: the attempt can be made again.
     claim, _ = await store.begin_send(message.id)
     assert claim is SendClaim.GO
+
+
+async def test_a_call_that_fails_in_a_group_fails_alone(store: PostgresStore) -> None:
+    """Calls made at once share a transaction; one that cannot be made (here a link to
+    no message: a foreign key) makes the group go call by call, and only it fails."""
+    messages = [await new_message(store) for _ in range(4)]
+    outcomes = await asyncio.gather(
+        *(store.link_answer("whatsapp", f"wamid.{m.id}", m.id) for m in messages),
+        store.link_answer("whatsapp", "wamid.nobody", "msg_missing"),
+        return_exceptions=True,
+    )
+    assert outcomes[:4] == [([], None)] * 4
+    assert isinstance(outcomes[4], asyncpg.ForeignKeyViolationError)
+    for message in messages:
+        found = await store.get_message(message.id)
+        assert found is not None and found.provider_message_id == f"wamid.{message.id}"
+
+
+async def test_hand_offs_made_at_once_have_the_effect_of_their_order(
+    store: PostgresStore,
+) -> None:
+    """An entry completed by one hand-off and added again by a later one stays (as one
+    after the other), though the group deletes after it adds."""
+    message = await new_message(store)
+    again = OutboxEntry(TOPIC_MESSAGES, message.conversation_id, b"again", message.id)
+    await asyncio.gather(store.handoff(done=[(TOPIC_MESSAGES, message.id)]), store.handoff([again]))
+    assert [item.payload for item in await store.outbox_batch("run", 10)] == [b"again"]
+    # The other order: added, then completed.
+    await asyncio.gather(store.handoff([again]), store.handoff(done=[(TOPIC_MESSAGES, message.id)]))
+    assert await store.outbox_size() == 0
+
+
+async def test_a_held_row_holds_up_only_its_own_call_of_a_group(
+    url: str, store: PostgresStore
+) -> None:
+    """A send claim waiting for a row another transaction holds past `lock_timeout`
+    fails alone: the claims grouped with it go on."""
+    stuck, *free = [await new_message(store) for _ in range(3)]
+    holder = await holding(url, stuck)
+    waiting = PostgresStore(f"{url}?lock_timeout=200ms")
+    await waiting.open()
+    try:
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(
+                *(waiting.begin_send(m.id) for m in [stuck, *free]), return_exceptions=True
+            )
+    finally:
+        await holder.close()
+        await waiting.close()
+    assert isinstance(outcomes[0], BackendUnavailable)
+    assert [claim for claim, _ in outcomes[1:]] == [SendClaim.GO] * 2  # type: ignore[misc]
+    assert (await store.begin_send(stuck.id))[0] is SendClaim.GO
 
 
 async def test_a_held_conversation_is_busy_and_the_others_are_applied(

@@ -14,11 +14,11 @@ that conversation's (after one brief wait), which the status worker retries."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -26,6 +26,7 @@ import asyncpg
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
+from whatslike.grouping import Grouped
 from whatslike.status import rules
 from whatslike.status.rules import Effect
 from whatslike.store import common
@@ -45,6 +46,9 @@ from whatslike.store.base import (
 from whatslike.store.common import MESSAGE_COLUMNS
 
 _Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 #: Serializes schema migrations of processes starting together (an arbitrary constant).
 _MIGRATION_LOCK = 7_310_224_681
@@ -144,6 +148,36 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 _MESSAGE_ORDER = 'ORDER BY m.created_at, m.id COLLATE "C"'
 
 _PROVIDER_KEY_LOCK = "SELECT pg_advisory_xact_lock(hashtext($1 || ':' || $2))"
+#: The same locks for many `channel:provider id` keys at once, in the order of their
+#: hash (volatile functions of a select list are evaluated after its ORDER BY), so two
+#: transactions locking several keys cannot deadlock on them.
+_PROVIDER_KEY_LOCKS = (
+    "SELECT pg_advisory_xact_lock(h) FROM"
+    " (SELECT DISTINCT hashtext(k) AS h FROM unnest($1::text[]) AS k) AS keys ORDER BY h"
+)
+
+#: New messages and their `messages` outbox entries in one statement (atomic): the
+#: entries of the messages inserted, in the given order (outbox ids are that order).
+_CREATE_MESSAGES = """
+WITH given AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+        $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[])
+        WITH ORDINALITY AS g(id, conversation_id, org_id, channel, text, client_message_id,
+            created_at, status, key, payload, n)
+), inserted AS (
+    INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,
+        created_at, status, updated_at)
+    SELECT id, conversation_id, org_id, channel, text, client_message_id, created_at,
+        status, created_at FROM given ORDER BY n
+    ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''
+    DO NOTHING RETURNING id
+), handed AS (
+    INSERT INTO outbox (topic, key, payload, done_key, created_at)
+    SELECT $11, g.key, g.payload, g.id, $12 FROM given g JOIN inserted i ON i.id = g.id
+    ORDER BY g.n
+)
+SELECT id FROM inserted
+"""
 
 _CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -227,6 +261,17 @@ class PostgresStore:
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # Group commit: the calls of one kind made while the last one ran share the next
+        # statement or transaction (see `_group`), one round trip for all of them.
+        self._creates = _group(self._create_messages, "pg-creates")
+        self._claims = _group(self._begin_sends, "pg-send-claims")
+        self._links = _group(self._link_answers, "pg-links")
+        self._handoffs = _group(self._handoff_many, "pg-handoffs")
+        self._conversation_reads = _group(self._get_conversations, "pg-conversation-reads")
+        self._groups: tuple[Grouped[object, object], ...] = cast(
+            "tuple[Grouped[object, object], ...]",
+            (self._creates, self._claims, self._links, self._handoffs, self._conversation_reads),
+        )
 
     async def open(self) -> None:
         if self._pool is None:
@@ -243,10 +288,14 @@ class PostgresStore:
                 raise BackendUnavailable(
                     f"cannot connect to PostgreSQL at {_where(self._dsn)}: {exc}"
                 ) from exc
+            for group in self._groups:
+                group.start()
         await self._migrate()
 
     async def close(self) -> None:
         if self._pool is not None:
+            for group in self._groups:
+                await group.stop()
             pool, self._pool = self._pool, None
             await pool.close()
 
@@ -303,48 +352,74 @@ class PostgresStore:
         return conversation
 
     async def get_conversation(self, org_id: str, conversation_id: str) -> Conversation | None:
+        return await _one(self._conversation_reads, (org_id, conversation_id))
+
+    async def _get_conversations(self, keys: list[tuple[str, str]]) -> list[Conversation | None]:
+        """The conversations of (organization, id) pairs, in one read."""
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                "SELECT * FROM conversations WHERE id = $1 AND org_id = $2",
-                conversation_id,
-                org_id,
+            rows = await conn.fetch(
+                "SELECT * FROM conversations WHERE id = ANY($1::text[])",
+                sorted({conversation_id for _, conversation_id in keys}),
             )
-        return _conversation(row) if row else None
+        found = {str(row["id"]): _conversation(row) for row in rows}
+        answers: list[Conversation | None] = []
+        for org_id, conversation_id in keys:
+            conversation = found.get(conversation_id)
+            answers.append(conversation if conversation and conversation.org_id == org_id else None)
+        return answers
 
     async def create_message(
         self, conversation: Conversation, text: str, client_message_id: str
     ) -> tuple[Message, bool]:
-        message = common.new_message(conversation, text, client_message_id)
-        async with self._connection() as conn, conn.transaction():
-            # A concurrent insert of the same key waits for the first one to commit, then
-            # does nothing; the following read (a new snapshot under READ COMMITTED) sees
-            # that first message.
-            inserted = await conn.fetchval(
-                "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
-                " client_message_id, created_at, status, updated_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7)"
-                " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
-                " DO NOTHING RETURNING id",
-                message.id,
-                message.conversation_id,
-                message.org_id,
-                message.channel,
-                text,
-                client_message_id,
-                message.created_at,
-                message.status.value,
+        return await _one(self._creates, (conversation, text, client_message_id))
+
+    async def _create_messages(
+        self, items: list[tuple[Conversation, str, str]]
+    ) -> list[tuple[Message, bool]]:
+        """`create_message` of each item in ONE statement (the messages and their outbox
+        entries, atomically), then one read of the messages that existed already.
+
+        A concurrent insert of the same key waits for the first one to commit, then does
+        nothing, as does a second item of the same key in the batch; the read after the
+        statement (a new snapshot under READ COMMITTED) sees that first message."""
+        made = [common.new_message(c, text, key) for c, text, key in items]
+        entries = [common.outbound_entry(c, m) for (c, _, _), m in zip(items, made, strict=True)]
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                _CREATE_MESSAGES,
+                [m.id for m in made],
+                [m.conversation_id for m in made],
+                [m.org_id for m in made],
+                [m.channel for m in made],
+                [m.text for m in made],
+                [m.client_message_id for m in made],
+                [m.created_at for m in made],
+                [m.status.value for m in made],
+                [e.key for e in entries],
+                [e.payload for e in entries],
+                TOPIC_MESSAGES,
+                utcnow(),
             )
-            if inserted is not None:
-                await _add_outbox(conn, [common.outbound_entry(conversation, message)])
-                return message, True
-            row = await conn.fetchrow(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages m"
-                " WHERE m.conversation_id = $1 AND m.client_message_id = $2",
-                conversation.id,
-                client_message_id,
-            )
-        assert row is not None, "a conflicting message exists"
-        return _message(row), False
+            inserted = {str(row["id"]) for row in rows}
+            first: dict[tuple[str, str], Message] = {}
+            others = [m for m in made if m.id not in inserted]
+            if others:
+                for row in await conn.fetch(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN unnest($1::text[],"
+                    " $2::text[]) AS k(conversation_id, client_message_id)"
+                    " ON m.conversation_id = k.conversation_id"
+                    " AND m.client_message_id = k.client_message_id",
+                    [m.conversation_id for m in others],
+                    [m.client_message_id for m in others],
+                ):
+                    message = _message(row)
+                    first[(message.conversation_id, message.client_message_id)] = message
+        return [
+            (m, True)
+            if m.id in inserted
+            else (first[(m.conversation_id, m.client_message_id)], False)
+            for m in made
+        ]
 
     async def get_message(self, message_id: str) -> Message | None:
         async with self._connection() as conn:
@@ -432,37 +507,77 @@ class PostgresStore:
     async def link_answer(
         self, channel: str, provider_message_id: str, message_id: str
     ) -> tuple[list[ParkedStatus], str | None]:
+        return await _one(self._links, (channel, provider_message_id, message_id))
+
+    async def _link_answers(
+        self, items: list[tuple[str, str, str]]
+    ) -> list[tuple[list[ParkedStatus], str | None]]:
+        """`link_answer` of each (channel, provider id, message id) in one transaction.
+        The locks are taken in the one order every transaction here uses: the provider
+        ids' advisory locks (by their hash), then the messages (by id)."""
+        if len({(c, p) for c, p, _ in items}) < len(items) or len({m for _, _, m in items}) < len(
+            items
+        ):
+            raise _OneByOne("a provider id or a message twice in one group")
+        now = utcnow()
         async with self._connection() as conn, conn.transaction():
-            await conn.execute(_PROVIDER_KEY_LOCK, channel, provider_message_id)
-            before = await conn.fetchval(
-                "SELECT provider_message_id FROM messages WHERE id = $1 FOR UPDATE", message_id
-            )
-            replaced = before if before not in (None, provider_message_id) else None
-            if replaced is not None:
-                await conn.execute(_PROVIDER_KEY_LOCK, channel, replaced)
+            await conn.execute(_PROVIDER_KEY_LOCKS, [f"{c}:{p}" for c, p, _ in items])
+            before = {
+                str(row["id"]): row["provider_message_id"]
+                for row in await conn.fetch(
+                    "SELECT id, provider_message_id FROM messages WHERE id = ANY($1::text[])"
+                    " ORDER BY id FOR UPDATE",
+                    sorted(m for _, _, m in items),
+                )
+            }
+            replaced: dict[str, str] = {}
+            for channel, provider_message_id, message_id in items:
+                earlier = before.get(message_id)
+                if earlier is None or earlier == provider_message_id:
+                    continue
+                replaced[message_id] = earlier
+                await conn.execute(_PROVIDER_KEY_LOCK, channel, earlier)
                 await conn.execute(
                     "DELETE FROM provider_ids WHERE channel = $1 AND provider_message_id = $2"
                     " AND message_id = $3",
                     channel,
-                    replaced,
+                    earlier,
                     message_id,
                 )
+            channels = [c for c, _, _ in items]
+            provider_ids = [p for _, p, _ in items]
             await conn.execute(
                 "INSERT INTO provider_ids (channel, provider_message_id, message_id)"
-                " VALUES ($1, $2, $3) ON CONFLICT (channel, provider_message_id)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
+                " ON CONFLICT (channel, provider_message_id)"
                 " DO UPDATE SET message_id = excluded.message_id",
-                channel,
-                provider_message_id,
-                message_id,
+                channels,
+                provider_ids,
+                [m for _, _, m in items],
             )
-            if before != provider_message_id:
+            changed = [(m, p) for _, p, m in items if before.get(m) != p]
+            if changed:
                 await conn.execute(
-                    "UPDATE messages SET provider_message_id = $2, updated_at = $3 WHERE id = $1",
-                    message_id,
-                    provider_message_id,
-                    utcnow(),
+                    "UPDATE messages AS m SET provider_message_id = u.provider_message_id,"
+                    " updated_at = $3 FROM unnest($1::text[], $2::text[])"
+                    " AS u(id, provider_message_id) WHERE m.id = u.id",
+                    [m for m, _ in changed],
+                    [p for _, p in changed],
+                    now,
                 )
-            return await _parked(conn, channel, provider_message_id), replaced
+            parked: dict[tuple[str, str], list[asyncpg.Record]] = {}
+            for row in await conn.fetch(
+                "SELECT p.channel, p.provider_message_id, p.id, p.payload FROM parked_statuses p"
+                " JOIN unnest($1::text[], $2::text[]) AS k(channel, provider_message_id)"
+                " ON p.channel = k.channel AND p.provider_message_id = k.provider_message_id",
+                channels,
+                provider_ids,
+            ):
+                key = (str(row["channel"]), str(row["provider_message_id"]))
+                parked.setdefault(key, []).append(row)
+        return [
+            (common.parked_of(c, p, parked.get((c, p), [])), replaced.get(m)) for c, p, m in items
+        ]
 
     async def expire_parked(self, before: datetime) -> int:
         async with self._connection() as conn:
@@ -524,18 +639,58 @@ class PostgresStore:
         parked: Sequence[tuple[str, str]] = (),
         relayed_run: str | None = None,
     ) -> None:
+        if entries or done or parked:
+            await _one(
+                self._handoffs, _Handoff(tuple(entries), tuple(done), tuple(parked), relayed_run)
+            )
+
+    async def _handoff_many(self, items: list[_Handoff]) -> list[None]:
+        """`handoff` of each item in one transaction: the entries added in the items'
+        order, then the completed entries and the parked statuses deleted. Deleting after
+        adding is what the items one after another would do, unless an item completes
+        an entry that an item after it adds: such a group goes one by one."""
+        added = [(e, item.relayed_run) for item in items for e in item.entries]
+        done = [key for item in items for key in item.done]
+        parked = [key for item in items for key in item.parked]
+        if len(items) > 1 and done and added:
+            last_adding: dict[tuple[str, str], int] = {}
+            for n, item in enumerate(items):
+                for entry in item.entries:
+                    last_adding[(entry.topic, entry.done_key)] = n
+            for n, item in enumerate(items):
+                if any(last_adding.get(key, n) > n for key in item.done):
+                    raise _OneByOne("an entry completed before it is added")
         async with self._connection() as conn, conn.transaction():
-            await _add_outbox(conn, entries, relayed_run)
+            if added:
+                await conn.execute(
+                    "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run)"
+                    " SELECT e.topic, e.key, e.payload, e.done_key, $6, e.relayed_run"
+                    " FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[])"
+                    " WITH ORDINALITY AS e(topic, key, payload, done_key, relayed_run, n)"
+                    " ORDER BY e.n",
+                    [e.topic for e, _ in added],
+                    [e.key for e, _ in added],
+                    [e.payload for e, _ in added],
+                    [e.done_key for e, _ in added],
+                    [run for _, run in added],
+                    utcnow(),
+                )
             if done:
-                await conn.executemany(
-                    "DELETE FROM outbox WHERE done_key = $1 AND topic = $2",
-                    [(done_key, topic) for topic, done_key in done],
+                await conn.execute(
+                    "DELETE FROM outbox AS o USING unnest($1::text[], $2::text[])"
+                    " AS d(topic, done_key) WHERE o.done_key = d.done_key AND o.topic = d.topic",
+                    [topic for topic, _ in done],
+                    [done_key for _, done_key in done],
                 )
             if parked:
-                await conn.executemany(
-                    "DELETE FROM parked_statuses WHERE channel = $1 AND provider_message_id = $2",
-                    parked,
+                await conn.execute(
+                    "DELETE FROM parked_statuses AS p USING unnest($1::text[], $2::text[])"
+                    " AS k(channel, provider_message_id) WHERE p.channel = k.channel"
+                    " AND p.provider_message_id = k.provider_message_id",
+                    [channel for channel, _ in parked],
+                    [provider_message_id for _, provider_message_id in parked],
                 )
+        return [None] * len(items)
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         async with self._connection() as conn:
@@ -581,22 +736,40 @@ class PostgresStore:
             return int(await conn.fetchval("SELECT count(*) FROM outbox"))
 
     async def begin_send(self, message_id: str) -> tuple[SendClaim, Message | None]:
+        return await _one(self._claims, message_id)
+
+    async def _begin_sends(self, message_ids: list[str]) -> list[tuple[SendClaim, Message | None]]:
+        """`begin_send` of each message in one transaction (in order: the same message
+        twice gets `GO`, then `UNKNOWN`), the rows locked by id."""
         async with self._connection() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1 FOR UPDATE",
-                message_id,
-            )
-            message = _message(row) if row else None
-            claim = common.send_claim(message)
-            if message is not None and claim is SendClaim.GO:
-                now = utcnow()
+            found = {
+                str(row["id"]): _message(row)
+                for row in await conn.fetch(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ANY($1::text[])"
+                    " ORDER BY m.id FOR UPDATE",
+                    sorted(set(message_ids)),
+                )
+            }
+            now = utcnow()
+            answers: list[tuple[SendClaim, Message | None]] = []
+            claimed: list[str] = []
+            for message_id in message_ids:
+                message = found.get(message_id)
+                claim = common.send_claim(message)
+                if message is not None and claim is SendClaim.GO:
+                    message = found[message_id] = replace(
+                        message, send_started_at=now, updated_at=now
+                    )
+                    claimed.append(message_id)
+                answers.append((claim, message))
+            if claimed:
                 await conn.execute(
-                    "UPDATE messages SET send_started_at = $2, updated_at = $2 WHERE id = $1",
-                    message_id,
+                    "UPDATE messages SET send_started_at = $2, updated_at = $2"
+                    " WHERE id = ANY($1::text[])",
+                    claimed,
                     now,
                 )
-                message = replace(message, send_started_at=now, updated_at=now)
-        return claim, message
+        return answers
 
     async def release_send(self, message_id: str) -> None:
         async with self._connection() as conn:
@@ -931,3 +1104,63 @@ async def _parked(conn: _Connection, channel: str, provider_message_id: str) -> 
         provider_message_id,
     )
     return common.parked_of(channel, provider_message_id, rows)
+
+
+#: How many calls of one kind share a statement or transaction at most.
+_GROUP_LIMIT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Handoff:
+    entries: tuple[OutboxEntry, ...]
+    done: tuple[tuple[str, str], ...]
+    parked: tuple[tuple[str, str], ...]
+    relayed_run: str | None
+
+
+class _OneByOne(Exception):
+    """A group that cannot share one transaction: its calls are made one by one."""
+
+
+class _Failed:
+    """What one call of a group made one by one raised (the others went on)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _group(many: Callable[[list[A]], Awaitable[list[R]]], name: str) -> Grouped[A, R | _Failed]:
+    """Group commit of one kind of call (whatslike/grouping.py): the calls made while
+    the last group ran share one statement or transaction, and every caller is answered
+    after its commit. An outage fails the whole group (nothing of it was committed, each
+    caller retries). Anything else, a row lock not free within `lock_timeout` included,
+    belongs to one call, not to all: the group is then made again call by call, each in
+    its own transaction, and only the call that fails gets its error."""
+
+    async def run(items: list[A]) -> list[R | _Failed]:
+        try:
+            return list(await many(items))
+        except BackendUnavailable as exc:
+            lock_wait = isinstance(exc.__cause__, asyncpg.exceptions.LockNotAvailableError)
+            if len(items) == 1 or not lock_wait:
+                raise
+        except Exception:
+            if len(items) == 1:
+                raise
+        outcomes: list[R | _Failed] = []
+        for item in items:
+            try:
+                outcomes.extend(await many([item]))
+            except Exception as exc:
+                outcomes.append(_Failed(exc))
+        return outcomes
+
+    return Grouped(run, name, _GROUP_LIMIT)
+
+
+async def _one(group: Grouped[A, R | _Failed], item: A) -> R:
+    """One call through its group: its own answer, or its own error."""
+    outcome = await group(item)
+    if isinstance(outcome, _Failed):
+        raise outcome.error
+    return outcome
