@@ -177,6 +177,36 @@ def test_leeway_is_small_and_applies_to_exp() -> None:
     assert _reason(service, long_expired) == "token expired"
 
 
+def test_a_verified_token_is_remembered_until_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = TokenService(SECRET, leeway_s=0)
+    token = service.mint("u", "o", ttl_s=1)
+    other = service.mint("u2", "o", ttl_s=60)
+    assert service.verify(token).user_id == "u"
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(jwt, "decode", no_decoding)
+    assert service.verify(token).user_id == "u"  # remembered: not decoded again
+    with pytest.raises(AssertionError, match="decoded again"):
+        service.verify(other)  # never verified: decoded
+    monkeypatch.undo()
+    # Once past its `exp`, a remembered token is verified again, and refused.
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    assert _reason(service, token) == "token expired"
+    assert _reason(service, token) == "token expired"
+
+
+def test_a_refused_token_is_not_remembered() -> None:
+    service = TokenService(SECRET)
+    token = TokenService("another-secret-that-is-long-enough-too").mint("u", "o", 60)
+    for _ in range(2):
+        assert _reason(service, token) == "token signature is invalid"
+
+
 def test_original_claim_names_are_accepted() -> None:
     token = _raw({"userId": 42, "organizacaoId": "org-7", "exp": SOON})
     assert TokenService(SECRET).verify(token) == Identity("42", "org-7", SOON)

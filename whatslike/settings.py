@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     #: fetch of the idle others to return: this bounds that wait (Kafka's 500 ms default
     #: was most of the status path's latency); lower costs more empty fetches when idle.
     kafka_fetch_max_wait_ms: int = Field(20, ge=1, le=500)
+    #: What a fetch waits for (up to `kafka_fetch_max_wait_ms`) before the broker answers.
+    #: Under load, one byte (Kafka's default) answers every fetch with the few records
+    #: that came since the last one, and each fetch costs the same Python CPU in aiokafka
+    #: however few records it brings; more lets records come in bigger batches, at up to
+    #: the wait's latency per hop at low load.
+    kafka_fetch_min_bytes: int = Field(1, ge=1, le=1_048_576)
     #: How long handlers at work may finish when their partitions are revoked or on stop.
     kafka_handler_grace_s: float = Field(10.0, gt=0)
 

@@ -389,6 +389,7 @@ class KafkaBus:
             session_timeout_ms=SESSION_TIMEOUT_MS,
             max_poll_records=self._settings.kafka_partition_buffer,
             fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
+            fetch_min_bytes=self._settings.kafka_fetch_min_bytes,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))
         # `start` returns once the group gave this member its partitions. A member that
