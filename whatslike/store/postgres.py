@@ -10,7 +10,14 @@ may set other values in the database URL's query (``?lock_timeout=5s``).
 
 The status group commit never waits on a conversation another transaction holds: it
 locks with SKIP LOCKED, applies the other conversations' events, and answers `busy` for
-that conversation's (after one brief wait), which the status worker retries."""
+that conversation's (after one brief wait), which the status worker retries.
+
+The hot calls of the send path are group commits too (`_group`): the new messages of the
+API's concurrent requests go in one statement, and the send claims, the links of the
+provider's answers and the hand-offs of a connector's concurrent sends each share one
+transaction; every caller is answered after the commit, with its own answer or error.
+Every transaction that locks several things takes them in one order: the provider ids'
+advisory locks (by hash), then messages, then conversations (each by id)."""
 
 from __future__ import annotations
 
