@@ -931,6 +931,8 @@ class Run:
                     self.say(f"{service.name} exited ({process.returncode}); starting it again")
                     took = await service.start()
                     self.say(f"{service.name} serving again after {took:.1f} s")
+                except ChaosSetupError as exc:  # e.g. the store still away: next turn
+                    self.say(f"{service.name} not started yet: {exc}")
                 finally:
                     service.busy = False
 
