@@ -1028,7 +1028,13 @@ class Run:
         last_seq = -1
         while last_seq < 0 or (frames and frames[-1]["seq"] < last_seq):
             since = frames[-1]["seq"] if frames else 0
-            response = await self.get(f"/api/conversations/{conversation}/changes?since={since}")
+            path = f"/api/conversations/{conversation}/changes?since={since}"
+            response = await self.get(path)
+            for _ in range(12):  # as in `observe`
+                if response is not None and response.status_code == 200:
+                    break
+                await asyncio.sleep(5)
+                response = await self.get(path)
             if response is None or response.status_code != 200:
                 raise ChaosSetupError(f"/changes of {conversation} unavailable after the run")
             body = response.json()
@@ -1040,6 +1046,11 @@ class Run:
 
     async def observe(self, conversations: list[str]) -> Observed:
         stored = await self.snapshot(conversations)
+        for _ in range(12):  # a busy machine: a minute for the API to answer in full
+            if stored is not None:
+                break
+            await asyncio.sleep(5)
+            stored = await self.snapshot(conversations)
         if stored is None:
             raise ChaosSetupError("the pipeline's API did not answer after the run")
         changes = {c: await self.all_changes(c) for c in conversations}
