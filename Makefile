@@ -62,10 +62,11 @@ test: install-test
 	node --test tests/js/
 	$(BIN)/pytest
 
-## The fault tests on a three-node Cassandra cluster (127.0.0.2-4; three JVMs of up to
-## 1 GB each, started on demand and left running): a node killed under load.
+## The fault tests on a three-node Cassandra cluster and three Kafka brokers (127.0.0.2-4;
+## JVMs of up to 1 GB and 384 MB each, started on demand and left running): a Cassandra
+## node, and the broker leading a partition, killed under load.
 test-cluster: install-test
-	./scripts/services.sh cassandra-cluster
+	./scripts/services.sh redis cassandra-cluster kafka-cluster
 	$(BIN)/pytest -m cluster tests/cluster
 
 # mutmut is a developer's tool outside the locks (like uv for `make lock`), installed over

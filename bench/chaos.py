@@ -11,6 +11,17 @@ stored changes, and that no request was answered 500.
 
     python -m bench.chaos --kills 20 --database postgres --seed 7 --messages 500
 
+`--layout scaled` runs the pipeline as four processes instead (api, router, connector,
+status worker) on Kafka, Redis and PostgreSQL or Cassandra, kept running by a supervisor
+(the harness starts again a role that exits, and counts it), and can fault the servers
+themselves: `kill -9` of a Cassandra node or of the Kafka broker that leads a partition,
+started again `--node-down-s` later with the command line it ran with, or SIGSTOP of a
+node for as long. `--cluster` takes the three-node Cassandra cluster and the three Kafka
+brokers of `scripts/services.sh cassandra-cluster kafka-cluster`:
+
+    python -m bench.chaos --layout scaled --database cassandra --cluster --kills 0 \
+        --leader-kills 1 --messages 500 --rate 20
+
 The same seed replays the same fault schedule and the same load (the moments at which
 processes die relative to the work in flight still vary with the machine's timing).
 """
@@ -25,7 +36,9 @@ import json
 import os
 import random
 import re
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,16 +52,32 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+from aiokafka.admin import AIOKafkaAdminClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from whatslike.auth import TokenService
+from whatslike.events import TOPIC_MESSAGES
+from whatslike.store.cassandra import CassandraStore
 
-Database = Literal["sqlite", "postgres"]
-FaultKind = Literal["kill-pipeline", "stop-pipeline", "kill-simulator", "cut-database"]
+Database = Literal["sqlite", "postgres", "cassandra"]
+Layout = Literal["single", "scaled"]
+FaultKind = Literal[
+    "kill-pipeline",
+    "stop-pipeline",
+    "kill-simulator",
+    "cut-database",
+    "kill-store-node",
+    "stop-store-node",
+    "kill-bus-leader",
+]
 Output = Callable[[str], None]
 
 PIPELINE_ROLES = "api,router,connector,status-worker"
+#: The scaled layout's processes, one role each (the first serves the API).
+SCALED_ROLES = ("api", "router", "connector", "status-worker")
+#: Faults of the servers (not of our processes): one at a time, `node_down_s` each.
+NODE_FAULTS: tuple[FaultKind, ...] = ("kill-store-node", "stop-store-node", "kill-bus-leader")
 TERMINAL = ("READ", "FAILED")
 RANK = {"PENDING": 0, "SENT": 1, "DELIVERED": 2, "READ": 3}
 #: Seconds between two process kills at least, so each restart finishes before the next.
@@ -105,6 +134,25 @@ class ChaosConfig:
     workdir: Path | None = None
     #: WHATSLIKE_* settings of the pipeline.
     pipeline_env: dict[str, str] = field(default_factory=lambda: dict(WATCHDOG_ENV))
+    #: One `whatslike serve` with every role, or one process per role (SCALED_ROLES) on
+    #: `bus_url` and `fanout_url`.
+    layout: Layout = "single"
+    bus_url: str = ""
+    fanout_url: str = ""
+    #: Replicas of the run's Kafka topics (the pipeline creates them).
+    kafka_replication: int = 1
+    #: Cassandra's URL (a fresh keyspace is made on it per run).
+    cassandra_url: str = ""
+    #: Pid files of the store's nodes (Cassandra) and of the brokers by node id: the
+    #: servers the node faults act on.
+    store_nodes: tuple[Path, ...] = ()
+    bus_nodes: dict[int, Path] = field(default_factory=dict)
+    store_node_kills: int = 0
+    store_node_stops: int = 0
+    bus_leader_kills: int = 0
+    #: How long a node killed stays down before it is started again, or a node stopped
+    #: (SIGSTOP) stays stopped.
+    node_down_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +172,12 @@ def plan_faults(config: ChaosConfig) -> tuple[float, float, list[Fault]]:
     kills += ["kill-simulator"] * config.simulator_kills
     rng.shuffle(kills)
     cuts = config.database_cuts if config.database == "postgres" else 0
-    needed = MIN_FAULT_SPACING_S * len(kills) + config.cut_s * cuts + 2
+    node_faults = config.store_node_kills + config.store_node_stops + config.bus_leader_kills
+    needed = max(
+        MIN_FAULT_SPACING_S * len(kills) + config.cut_s * cuts + 2,
+        # Node faults one after the other within the first two thirds of the window.
+        (config.node_down_s + MIN_FAULT_SPACING_S) * node_faults * 1.5,
+    )
     window = max(needed, config.messages / config.rate if config.rate else 0.0)
     rate = config.rate or config.messages / window
     cut_starts: list[float] = []
@@ -146,7 +199,26 @@ def plan_faults(config: ChaosConfig) -> tuple[float, float, list[Fault]]:
             Fault(skip_quiet(n * width + rng.uniform(0.25, 0.75) * width), kind)
             for n, kind in enumerate(kills)
         ]
+    faults += plan_node_faults(config, window)
     return window, rate, sorted(faults, key=lambda fault: fault.at)
+
+
+def plan_node_faults(config: ChaosConfig, window: float) -> list[Fault]:
+    """The faults of the servers, from a seed of their own (the rest of the plan stays as
+    it was without them): spread over the window's first two thirds, one at a time, so
+    each is over (the node back) while messages still flow."""
+    kinds: list[FaultKind] = ["kill-store-node"] * config.store_node_kills
+    kinds += ["stop-store-node"] * config.store_node_stops
+    kinds += ["kill-bus-leader"] * config.bus_leader_kills
+    if not kinds:
+        return []
+    rng = random.Random(f"node-faults-{config.seed}")
+    rng.shuffle(kinds)
+    width = window * 2 / 3 / len(kinds)
+    return [
+        Fault(round(n * width + rng.uniform(0.2, 0.5) * width, 2), kind)
+        for n, kind in enumerate(kinds)
+    ]
 
 
 def free_port() -> int:
@@ -173,6 +245,10 @@ class Service:
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.failed_starts = 0
+        #: Exits nobody asked for (the supervisor started it again).
+        self.exits = 0
+        #: A fault or the supervisor is stopping or starting it.
+        self.busy = False
 
     def _open_log(self) -> int:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -295,6 +371,94 @@ class DatabaseProxy:
             for end in (writer, up_writer):
                 self._open.discard(end)
                 end.transport.abort()
+
+
+class Node:
+    """A server process of the store or the bus (a Cassandra node, a Kafka broker) named
+    by its pid file. `kill` is `kill -9`, then, after the down time, the same command line
+    started again in the same directory with the same environment (as a supervisor would
+    start it), its output appended to `<pid file's directory>/restarts.log`; `pause` is
+    SIGSTOP, then SIGCONT."""
+
+    def __init__(self, pid_file: Path) -> None:
+        self.pid_file = pid_file
+        self.name = pid_file.parent.name
+
+    def pid(self) -> int:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ChaosSetupError(f"no running server behind {self.pid_file}: {exc}") from None
+        if not Path(f"/proc/{pid}").exists():
+            raise ChaosSetupError(f"{self.pid_file} names pid {pid}, which does not run")
+        return pid
+
+    async def kill(self, down_s: float) -> tuple[int, int]:
+        """The pid killed and the pid started again."""
+        pid = self.pid()
+        proc = Path(f"/proc/{pid}")
+        argv = [arg.decode() for arg in (proc / "cmdline").read_bytes().split(b"\0") if arg]
+        environ = dict(
+            item.decode().split("=", 1)
+            for item in (proc / "environ").read_bytes().split(b"\0")
+            if b"=" in item
+        )
+        cwd = os.readlink(proc / "cwd")
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(_wait_gone, pid)
+        await asyncio.sleep(down_s)
+        log = os.open(
+            self.pid_file.parent / "restarts.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        try:
+            started = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            os.close(log)
+        self.pid_file.write_text(f"{started.pid}\n")
+        return pid, started.pid
+
+    async def pause(self, down_s: float) -> int:
+        pid = self.pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(down_s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return pid
+
+
+def _wait_gone(pid: int) -> None:
+    """Until the process no longer runs (a killed one waiting to be reaped does not)."""
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return
+        time.sleep(0.05)
+
+
+async def partition_leader(bus_url: str, topic: str) -> int:
+    """The node id of the broker that leads partition 0 of `topic`."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bus_url.removeprefix("kafka://").split(","))
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    for partition in described["partitions"]:
+        if partition["partition"] == 0:
+            return int(partition["leader"])
+    raise ChaosSetupError(f"Kafka describes no partition 0 of {topic}: {described}")
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -625,9 +789,21 @@ class Run:
         secret = uuid.uuid4().hex
         self.token = TokenService(secret).mint("chaos-agent", ORG, 4 * 3600)
         self.proxy: DatabaseProxy | None = None
-        self.pipeline = Service("pipeline", PIPELINE_ROLES, workdir / "pipeline", {})
-        self.tap = WebhookTap(self.pipeline.url)
+        # The pipeline's processes: one with every role, or one per role; the first
+        # serves the API, the webhooks go (through the tap) to the connector's.
+        if config.layout == "scaled":
+            self.roles = [Service(role, role, workdir / role, {}) for role in SCALED_ROLES]
+            webhooks = self.roles[SCALED_ROLES.index("connector")]
+        else:
+            self.roles = [Service("pipeline", PIPELINE_ROLES, workdir / "pipeline", {})]
+            webhooks = self.roles[0]
+        self.pipeline = self.roles[0]
+        self.tap = WebhookTap(webhooks.url)
         self.simulator = Service("simulator", "simulator", workdir / "simulator", {})
+        self.victims = random.Random(f"victims-{config.seed}")
+        self.store_nodes = [Node(path) for path in config.store_nodes]
+        self.bus_nodes = {node_id: Node(path) for node_id, path in config.bus_nodes.items()}
+        self.prefix = f"chaos-{uuid.uuid4().hex[:8]}."
         # Outside the embedded mode the development Meta credentials are refused: this
         # run's own, shared by the simulator and the pipeline.
         meta = {
@@ -640,6 +816,15 @@ class Run:
             **meta,
             **config.pipeline_env,
         }
+        if config.layout == "scaled":
+            self.pipeline.env |= {
+                "WHATSLIKE_BUS_URL": config.bus_url,
+                "WHATSLIKE_FANOUT_URL": config.fanout_url,
+                "WHATSLIKE_KAFKA_TOPIC_PREFIX": self.prefix,
+                "WHATSLIKE_KAFKA_REPLICATION_FACTOR": str(config.kafka_replication),
+            }
+        for role in self.roles:
+            role.env = self.pipeline.env  # one dict: the database URL is added later
         self.simulator.env = {
             "WHATSLIKE_JWT_SECRET": secret,
             **meta,
@@ -656,6 +841,21 @@ class Run:
         )
         self.fault_log: list[str] = []
 
+    async def use_database(self, database: str) -> None:
+        """Point the pipeline at its store: Cassandra's keyspace URL as given, PostgreSQL's
+        database through the proxy that can cut it, SQLite (nothing given) in its data
+        directory."""
+        if self.config.database == "cassandra":
+            self.pipeline.env["WHATSLIKE_DATABASE_URL"] = database
+        elif database:
+            admin = urlsplit(self.config.postgres_url)
+            self.proxy = DatabaseProxy(admin.hostname or "127.0.0.1", admin.port or 5432)
+            await self.proxy.start()
+            user = admin.username or "postgres"
+            auth = f"{user}:{admin.password}" if admin.password else user
+            url = f"postgresql://{auth}@127.0.0.1:{self.proxy.port}/{database}"
+            self.pipeline.env["WHATSLIKE_DATABASE_URL"] = url
+
     def say(self, line: str) -> None:
         self.out(f"[{time.monotonic() - self.began:6.1f}s] {line}")
 
@@ -667,18 +867,74 @@ class Run:
             self.say("database back")
             self.fault_log.append(f"cut-database {self.config.cut_s:.0f}s")
             return
-        service = self.simulator if fault.kind == "kill-simulator" else self.pipeline
-        if fault.kind == "stop-pipeline":
-            self.say(f"SIGTERM {service.name}")
-            began = time.monotonic()
-            pid = await service.stop()
-            self.say(f"{service.name} (pid {pid}) exited after {time.monotonic() - began:.1f} s")
+        if fault.kind in NODE_FAULTS:
+            await self.node_fault(fault.kind)
+            return
+        if fault.kind == "kill-simulator":
+            service = self.simulator
         else:
-            pid = await service.kill()
-            self.say(f"kill -9 {service.name} (pid {pid})")
-        took = await service.start()
+            service = self.victims.choice(self.roles)
+        service.busy = True
+        try:
+            if fault.kind == "stop-pipeline":
+                self.say(f"SIGTERM {service.name}")
+                began = time.monotonic()
+                pid = await service.stop()
+                took = time.monotonic() - began
+                self.say(f"{service.name} (pid {pid}) exited after {took:.1f} s")
+            else:
+                pid = await service.kill()
+                self.say(f"kill -9 {service.name} (pid {pid})")
+            took = await service.start()
+        finally:
+            service.busy = False
         self.say(f"{service.name} serving again after {took:.1f} s")
-        self.fault_log.append(f"{fault.kind} restart {took:.1f}s")
+        self.fault_log.append(f"{fault.kind} {service.name} restart {took:.1f}s")
+
+    async def node_fault(self, kind: FaultKind) -> None:
+        down = self.config.node_down_s
+        if kind == "kill-bus-leader":
+            topic = self.prefix + TOPIC_MESSAGES
+            leader = await partition_leader(self.config.bus_url, topic)
+            node = self.bus_nodes.get(leader)
+            if node is None:
+                raise ChaosSetupError(f"broker {leader} leads {topic}; no pid file given for it")
+            what = f"broker {leader} (leader of {topic} partition 0)"
+        else:
+            if not self.store_nodes:
+                raise ChaosSetupError(f"{kind} needs the store's nodes (--store-node)")
+            node = self.victims.choice(self.store_nodes)
+            what = f"store node {node.name}"
+        if kind == "stop-store-node":
+            self.say(f"SIGSTOP {what} for {down:g} s")
+            pid = await node.pause(down)
+            self.say(f"SIGCONT {what} (pid {pid})")
+            self.fault_log.append(f"{kind} {node.name} {down:g}s")
+            return
+        self.say(f"kill -9 {what}")
+        pid, again = await node.kill(down)
+        self.say(f"{what} (pid {pid}) started again after {down:g} s as pid {again}")
+        self.fault_log.append(f"{kind} {node.name} down {down:g}s")
+
+    async def supervise(self) -> None:
+        """Start again any process of the pipeline that exited on its own (the scaled
+        layout's supervisor, as supervisord in deploy/): counted in the report."""
+        while True:
+            await asyncio.sleep(0.5)
+            for service in self.roles:
+                process = service.process
+                if service.busy or process is None or process.returncode is None:
+                    continue
+                service.busy = True
+                try:
+                    service.exits += 1
+                    self.say(f"{service.name} exited ({process.returncode}); starting it again")
+                    took = await service.start()
+                    self.say(f"{service.name} serving again after {took:.1f} s")
+                except ChaosSetupError as exc:  # e.g. the store still away: next turn
+                    self.say(f"{service.name} not started yet: {exc}")
+                finally:
+                    service.busy = False
 
     async def faults(self, schedule: list[Fault], kinds: tuple[FaultKind, ...]) -> None:
         for fault in schedule:
@@ -772,7 +1028,13 @@ class Run:
         last_seq = -1
         while last_seq < 0 or (frames and frames[-1]["seq"] < last_seq):
             since = frames[-1]["seq"] if frames else 0
-            response = await self.get(f"/api/conversations/{conversation}/changes?since={since}")
+            path = f"/api/conversations/{conversation}/changes?since={since}"
+            response = await self.get(path)
+            for _ in range(12):  # as in `observe`
+                if response is not None and response.status_code == 200:
+                    break
+                await asyncio.sleep(5)
+                response = await self.get(path)
             if response is None or response.status_code != 200:
                 raise ChaosSetupError(f"/changes of {conversation} unavailable after the run")
             body = response.json()
@@ -784,6 +1046,11 @@ class Run:
 
     async def observe(self, conversations: list[str]) -> Observed:
         stored = await self.snapshot(conversations)
+        for _ in range(12):  # a busy machine: a minute for the API to answer in full
+            if stored is not None:
+                break
+            await asyncio.sleep(5)
+            stored = await self.snapshot(conversations)
         if stored is None:
             raise ChaosSetupError("the pipeline's API did not answer after the run")
         changes = {c: await self.all_changes(c) for c in conversations}
@@ -804,7 +1071,7 @@ class Run:
             changes=changes,
             sends=sends,
             sends_problem=problem,
-            pipeline_log=self.pipeline.log_text(),
+            pipeline_log="".join(role.log_text() for role in self.roles),
             simulator_log=self.simulator.log_text(),
         )
 
@@ -822,7 +1089,27 @@ async def run_chaos(config: ChaosConfig, out: Output = print) -> ChaosResult:
                 )
             async with fresh_database(config.postgres_url) as name:
                 return await _run(config, workdir, out, name)
+        if config.database == "cassandra":
+            return await _run(config, workdir, out, await fresh_keyspace(config.cassandra_url))
         return await _run(config, workdir, out, "")
+
+
+async def fresh_keyspace(cassandra_url: str) -> str:
+    """The URL of a new keyspace on the Cassandra of `cassandra_url`, its tables made (with
+    three replicas that takes longer than a process is given to start). Left in place."""
+    if not cassandra_url:
+        raise ChaosSetupError(
+            "no Cassandra URL: set WHATSLIKE_TEST_CASSANDRA_URL (./scripts/services.sh "
+            "cassandra writes it to .services/cassandra.env) or give --cassandra-url"
+        )
+    url = urlsplit(cassandra_url)._replace(path=f"/chaos_{uuid.uuid4().hex[:12]}").geturl()
+    store = CassandraStore(url)
+    try:
+        await store.open()
+    except Exception as exc:
+        raise ChaosSetupError(f"Cassandra at {cassandra_url} is unreachable ({exc})") from None
+    await store.close()
+    return url
 
 
 async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -> ChaosResult:
@@ -834,20 +1121,19 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
         f"workdir={workdir}"
     )
     out("faults: " + ", ".join(f"{f.at:.1f}s {f.kind}" for f in schedule))
-    if database:
-        admin = urlsplit(config.postgres_url)
-        run.proxy = DatabaseProxy(admin.hostname or "127.0.0.1", admin.port or 5432)
-        await run.proxy.start()
-        user = admin.username or "postgres"
-        auth = f"{user}:{admin.password}" if admin.password else user
-        url = f"postgresql://{auth}@127.0.0.1:{run.proxy.port}/{database}"
-        run.pipeline.env["WHATSLIKE_DATABASE_URL"] = url
+    if config.layout == "scaled" and not (config.bus_url and config.fanout_url):
+        raise ChaosSetupError("the scaled layout needs Kafka and Redis (--bus-url, --fanout-url)")
+    await run.use_database(database)
     await run.tap.start()
     run.simulator.env["WHATSLIKE_SIM_WEBHOOK_URL"] = run.tap.url
     watcher_task: asyncio.Task[None] | None = None
+    supervisor: asyncio.Task[None] | None = None
     try:
         await run.simulator.start()
-        await run.pipeline.start()
+        for role in reversed(run.roles):  # the API last: it serves once the rest runs
+            await role.start()
+        if config.layout == "scaled":
+            supervisor = asyncio.create_task(run.supervise())
         channels = await run.create_conversations()
         conversations = sorted(channels)
         watcher = Watcher(
@@ -861,6 +1147,7 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
             load.run(run.load_plan(channels), rate),
             run.faults(schedule, ("kill-pipeline", "stop-pipeline", "kill-simulator")),
             run.faults(schedule, ("cut-database",)),
+            run.faults(schedule, NODE_FAULTS),
         )
         accepted = {s.message_id for s in load.sent if s.message_id}
         run.say(f"load and faults done: {len(accepted)}/{len(load.sent)} messages got 202")
@@ -869,11 +1156,13 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
         await run.catch_up(watcher, observed.changes)
         checks = oracle(load.sent, observed, watcher, run.http_log, run.tap)
     finally:
-        if watcher_task is not None:
-            watcher_task.cancel()
-            await asyncio.gather(watcher_task, return_exceptions=True)
+        for task in (watcher_task, supervisor):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await run.api.aclose()
-        await run.pipeline.stop()
+        for role in run.roles:
+            await role.stop()
         await run.simulator.stop()
         await run.tap.close()
         if run.proxy is not None:
@@ -1143,10 +1432,14 @@ def render(
 ) -> str:
     retried = sum(1 for s in sent if s.attempts > 1)
     lines = [
-        f"== chaos report: seed {config.seed}, {config.database} ==",
+        f"== chaos report: seed {config.seed}, {config.database}, {config.layout} layout ==",
         "faults done: " + (", ".join(run.fault_log) or "none"),
-        f"starts: pipeline {run.pipeline.starts} (+{run.pipeline.failed_starts} failed), "
-        f"simulator {run.simulator.starts} (+{run.simulator.failed_starts} failed)",
+        "starts: "
+        + ", ".join(
+            f"{s.name} {s.starts} (+{s.failed_starts} failed"
+            + (f", {s.exits} after exiting on its own)" if s.exits else ")")
+            for s in [*run.roles, run.simulator]
+        ),
         f"load: {len(sent)} messages, {sum(s.attempts for s in sent)} POSTs, {retried} retried",
         f"websocket: {watcher.connects} connections",
         "logs: pipeline "
@@ -1179,6 +1472,16 @@ def replay_command(config: ChaosConfig) -> str:
     ]
     if config.rate:
         words.append(f"--rate {config.rate:g}")
+    if config.layout == "scaled":
+        words.append(f"--layout scaled --kafka-replication {config.kafka_replication}")
+    nodes = config.store_node_kills + config.store_node_stops + config.bus_leader_kills
+    if nodes:
+        words.append(
+            f"--node-kills {config.store_node_kills} --node-stops {config.store_node_stops} "
+            f"--leader-kills {config.bus_leader_kills} --node-down-s {config.node_down_s:g}"
+        )
+    if config.send_deadline_s != ChaosConfig.send_deadline_s:
+        words.append(f"--send-deadline-s {config.send_deadline_s:g}")
     words += [
         f"--pipeline-env {name}={value}"
         for name, value in config.pipeline_env.items()
@@ -1200,22 +1503,76 @@ def _log_counts(text: str) -> str:
 # -- command line ---------------------------------------------------------------------
 
 
-def postgres_url_from_services() -> str:
-    """WHATSLIKE_TEST_POSTGRES_URL, or the one scripts/services.sh wrote."""
-    if url := os.environ.get("WHATSLIKE_TEST_POSTGRES_URL"):
-        return url
-    env_file = Path(__file__).resolve().parent.parent / ".services" / "postgres.env"
+def from_services(variable: str, service: str) -> str:
+    """WHATSLIKE_TEST_<…>, or the value scripts/services.sh wrote to .services/<service>.env."""
+    if value := os.environ.get(variable):
+        return value
+    env_file = Path(__file__).resolve().parent.parent / ".services" / f"{service}.env"
     if env_file.exists():
         for line in env_file.read_text().splitlines():
             name, _, value = line.partition("=")
-            if name == "WHATSLIKE_TEST_POSTGRES_URL":
+            if name == variable:
                 return value
     return ""
 
 
+def postgres_url_from_services() -> str:
+    """WHATSLIKE_TEST_POSTGRES_URL, or the one scripts/services.sh wrote."""
+    return from_services("WHATSLIKE_TEST_POSTGRES_URL", "postgres")
+
+
+def cluster_nodes(directory: str, pid_file: str) -> list[Path]:
+    """The pid files of a cluster's nodes (node1, node2, …) under `directory`."""
+    found = sorted(Path(directory).glob(f"node*/{pid_file}")) if directory else []
+    if not found:
+        raise ChaosSetupError(
+            f"no nodes under {directory or '(unset)'}: run "
+            "./scripts/services.sh cassandra-cluster kafka-cluster"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Kafka and Cassandra as the command line names them, or the clusters (`--cluster`)."""
+
+    bus_url: str
+    cassandra_url: str
+    replication: int
+    store_nodes: tuple[Path, ...]
+    bus_nodes: dict[int, Path]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Servers:
+        if not args.cluster:
+            return cls(
+                args.bus_url or from_services("WHATSLIKE_TEST_KAFKA_URL", "kafka"),
+                args.cassandra_url or from_services("WHATSLIKE_TEST_CASSANDRA_URL", "cassandra"),
+                args.kafka_replication,
+                tuple(args.store_node),
+                {},
+            )
+        brokers = cluster_nodes(
+            from_services("WHATSLIKE_TEST_KAFKA_CLUSTER_DIR", "kafka-cluster"), "kafka.pid"
+        )
+        return cls(
+            from_services("WHATSLIKE_TEST_KAFKA_CLUSTER_URL", "kafka-cluster"),
+            from_services("WHATSLIKE_TEST_CASSANDRA_CLUSTER_URL", "cassandra-cluster"),
+            3,
+            tuple(
+                cluster_nodes(
+                    from_services("WHATSLIKE_TEST_CASSANDRA_CLUSTER_DIR", "cassandra-cluster"),
+                    "cassandra.pid",
+                )
+            ),
+            # node<N> runs the broker of node id N (scripts/services/kafka-cluster.sh).
+            {int(path.parent.name.removeprefix("node")): path for path in brokers},
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
-    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--database", choices=["sqlite", "postgres", "cassandra"], default="sqlite")
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     parser.add_argument("--messages", type=int, default=500)
     parser.add_argument("--conversations", type=int, default=20)
@@ -1229,6 +1586,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle-s", type=float, default=30.0)
     parser.add_argument("--workdir", type=Path, help="keep data and logs here (default: temp)")
     parser.add_argument("--postgres-url", default="", help="default: WHATSLIKE_TEST_POSTGRES_URL")
+    parser.add_argument("--send-deadline-s", type=float, default=60.0)
+    parser.add_argument("--layout", choices=["single", "scaled"], default="single")
+    parser.add_argument("--bus-url", default="", help="default: WHATSLIKE_TEST_KAFKA_URL")
+    parser.add_argument("--fanout-url", default="", help="default: WHATSLIKE_TEST_REDIS_URL")
+    parser.add_argument("--kafka-replication", type=int, default=1)
+    parser.add_argument("--cassandra-url", default="", help="default: WHATSLIKE_TEST_CASSANDRA_URL")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the 3-node Cassandra and Kafka clusters of scripts/services.sh (their URLs, "
+        "their nodes, 3 replicas)",
+    )
+    parser.add_argument(
+        "--store-node",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PIDFILE",
+        help="a Cassandra node the node faults may act on (repeatable)",
+    )
+    parser.add_argument("--node-kills", type=int, default=0, help="kill -9 of a store node")
+    parser.add_argument("--node-stops", type=int, default=0, help="SIGSTOP of a store node")
+    parser.add_argument(
+        "--leader-kills", type=int, default=0, help="kill -9 of a partition's Kafka leader"
+    )
+    parser.add_argument("--node-down-s", type=float, default=10.0)
     parser.add_argument(
         "--pipeline-env",
         action="append",
@@ -1237,6 +1620,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a pipeline setting (repeatable; WATCHDOG_ENV by default)",
     )
     args = parser.parse_args(argv)
+    try:
+        servers = Servers.of(args)
+    except ChaosSetupError as exc:
+        print(f"chaos: {exc}", file=sys.stderr)
+        return 2
     config = ChaosConfig(
         seed=args.seed if args.seed is not None else random.randrange(10**6),
         database=args.database,
@@ -1253,6 +1641,18 @@ def main(argv: list[str] | None = None) -> int:
         postgres_url=args.postgres_url or postgres_url_from_services(),
         workdir=args.workdir,
         pipeline_env={**WATCHDOG_ENV, **dict(item.split("=", 1) for item in args.pipeline_env)},
+        send_deadline_s=args.send_deadline_s,
+        layout=args.layout,
+        bus_url=servers.bus_url,
+        fanout_url=args.fanout_url or from_services("WHATSLIKE_TEST_REDIS_URL", "redis"),
+        kafka_replication=servers.replication,
+        cassandra_url=servers.cassandra_url,
+        store_nodes=servers.store_nodes,
+        bus_nodes=servers.bus_nodes,
+        store_node_kills=args.node_kills,
+        store_node_stops=args.node_stops,
+        bus_leader_kills=args.leader_kills,
+        node_down_s=args.node_down_s,
     )
     try:
         result = asyncio.run(run_chaos(config, out=lambda line: print(line, flush=True)))

@@ -4,11 +4,14 @@ stand-in → its status webhooks → applied → READ frames on subscribed socke
     python -m bench.send --runs 3                       # S1 embedded + S3/S4, 10,000 msgs
     python -m bench.send --layout scaled --runs 3       # S2: Kafka + Redis + PostgreSQL
     python -m bench.send --layout scaled --connectors 2 --workers 2
+    python -m bench.send --layout scaled --store cassandra   # Kafka + Redis + Cassandra
 
 Each run starts fresh processes: the simulator in a process of its own (`SIM_DELAY_MS=0`)
 and either the embedded pipeline (one `whatslike serve`, SQLite, in-process bus) or the
 scaled-out one (api, router, connector(s), status worker(s) as separate processes on the
-local Kafka, Redis and PostgreSQL of `scripts/services.sh`). It then
+local Kafka, Redis and PostgreSQL of `scripts/services.sh`, or Cassandra with `--store
+cassandra`: a fresh keyspace on `--cassandra-url`, default the node of
+`scripts/services.sh cassandra`). It then
 
 1. *throughput*: POSTs `--messages` over `--conversations` as fast as the API takes them
    (`--inflight` requests at once) and times the first POST to the last READ frame;
@@ -43,7 +46,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import httpx
 
-from bench.chaos import fresh_database
+from bench.chaos import fresh_database, fresh_keyspace
 from tests.e2e.conftest import OWN_SECRETS, Server, free_port, start_server, stop_server
 from tests.scale.harness import Watcher, percentile
 from whatslike.auth import TokenService
@@ -164,15 +167,34 @@ async def embedded(workdir: Path, extra: dict[str, str]) -> AsyncIterator[Deploy
 
 
 @asynccontextmanager
-async def scaled(
-    workdir: Path, connectors: int, workers: int, extra: dict[str, str]
-) -> AsyncIterator[Deployment]:
-    kafka = os.environ["WHATSLIKE_TEST_KAFKA_URL"]
+async def store_url(store: str, cassandra_url: str) -> AsyncIterator[str]:
+    """A fresh database on the local PostgreSQL (dropped afterwards), or a fresh keyspace
+    on Cassandra (left in place)."""
+    if store == "cassandra":
+        yield await fresh_keyspace(cassandra_url or os.environ["WHATSLIKE_TEST_CASSANDRA_URL"])
+        return
     admin_url = os.environ["WHATSLIKE_TEST_POSTGRES_URL"]
+    async with fresh_database(admin_url) as name:
+        yield urlsplit(admin_url)._replace(path=f"/{name}").geturl()
+
+
+#: The store's server processes, by command line (for Cassandra: every node on the
+#: machine, the one measured and any other).
+STORE_PROCESSES = {
+    "postgres": ("postgresql", "postgres"),
+    "cassandra": ("cassandra", "CassandraDaemon"),
+}
+
+
+@asynccontextmanager
+async def scaled(
+    workdir: Path, args: argparse.Namespace, extra: dict[str, str]
+) -> AsyncIterator[Deployment]:
+    connectors, workers = args.connectors, args.workers
+    kafka = os.environ["WHATSLIKE_TEST_KAFKA_URL"]
     jwt_secret = uuid.uuid4().hex * 2
     prefix = f"send-{uuid.uuid4().hex[:8]}."
-    async with fresh_database(admin_url) as name:
-        database = urlsplit(admin_url)._replace(path=f"/{name}").geturl()
+    async with store_url(args.store, args.cassandra_url) as database:
         connector_ports = [free_port() for _ in range(connectors)]
         servers: dict[str, Server] = {}
         with servers_stopped(servers):
@@ -196,11 +218,12 @@ async def scaled(
                 own = {**env, "WHATSLIKE_ROLES": roles}
                 servers[process_name] = start_server(workdir / process_name, own, port)
             ours = {n: s.process.pid for n, s in servers.items() if n != "simulator"}
+            store_name, store_pattern = STORE_PROCESSES[args.store]
             processes = Processes(
                 ours,
                 servers["simulator"].process.pid,
                 {
-                    "postgresql": pids_of("postgres"),
+                    store_name: pids_of(store_pattern),
                     "kafka": pids_of("kafka.Kafka"),
                     "redis": pids_of("redis-server"),
                 },
@@ -410,9 +433,7 @@ async def one_run(args: argparse.Namespace, extra: dict[str, str]) -> Run:
     with tempfile.TemporaryDirectory(prefix="bench-send-") as tmp:
         workdir = Path(tmp)
         context = (
-            embedded(workdir, extra)
-            if args.layout == "embedded"
-            else scaled(workdir, args.connectors, args.workers, extra)
+            embedded(workdir, extra) if args.layout == "embedded" else scaled(workdir, args, extra)
         )
         async with context as deployment:
             conversations = await create_conversations(deployment, args.conversations)
@@ -447,7 +468,7 @@ async def one_run(args: argparse.Namespace, extra: dict[str, str]) -> Run:
 
 
 def ours(deployment_cpu: dict[str, float]) -> list[str]:
-    others = {"simulator", "postgresql", "kafka", "redis", "generator"}
+    others = {"simulator", "postgresql", "cassandra", "kafka", "redis", "generator"}
     return [name for name in deployment_cpu if name not in others]
 
 
@@ -477,13 +498,13 @@ def report(args: argparse.Namespace, runs: list[Run]) -> None:
     p50 = [percentile(r.latency.latencies, 0.5) * 1000 for r in runs]
     layout = args.layout
     if layout == "scaled":
-        layout += f" ({args.connectors} connector, {args.workers} worker)"
+        layout += f" ({args.connectors} connector, {args.workers} worker, {args.store})"
     print(f"\n{layout}, {args.messages} messages over {args.conversations} conversations,")
     print(f"{len(runs)} runs (min / median / max):")
     print(f"  throughput, 202 → READ frame:   {spread(rates)} msg/s")
     print(f"  status changes (x3):            {spread([3 * r for r in rates])} /s")
     print(f"  our CPU per message:            {spread(cpu, '{:.2f}')} ms")
-    for server in ("postgresql", "kafka", "redis"):
+    for server in ("postgresql", "cassandra", "kafka", "redis"):
         if server in runs[0].throughput.cpu:
             values = [r.throughput.cpu_ms_per_message([server]) for r in runs]
             print(
@@ -532,6 +553,8 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=15.0)
     parser.add_argument("--connectors", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--store", choices=("postgres", "cassandra"), default="postgres")
+    parser.add_argument("--cassandra-url", default="", help="default: WHATSLIKE_TEST_CASSANDRA_URL")
     parser.add_argument("--profile", type=Path, help="py-spy profiles of the throughput phase")
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for our processes (repeatable)"

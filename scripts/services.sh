@@ -6,6 +6,8 @@
 #   scripts/services.sh postgres redis  # only these
 #   scripts/services.sh status [NAME…]  # one line each: running (pid, address) or stopped
 #   scripts/services.sh stop [NAME…]    # stop the servers this checkout started
+#   scripts/services.sh cassandra-cluster kafka-cluster  # the clusters of make test-cluster
+#                                       # (three nodes each on 127.0.0.2-4; not in ALL)
 #
 # `stop` acts only on the pid files of this checkout (.services/<name>/): a server another
 # checkout started is left alone, even when .services/<name>.env names it. `status` exits 3

@@ -63,3 +63,18 @@ def test_a_weak_secret_is_refused_with_one_line_naming_it(
 
 def test_the_development_mode_keeps_its_published_secrets(tmp_path: Path) -> None:
     check_safety(load_settings(data_dir=tmp_path, jwt_secret="short"))
+
+
+@pytest.mark.parametrize(("replicas", "in_sync"), [(1, 1), (2, 2), (3, 2), (5, 3)])
+def test_kafka_topics_need_a_majority_of_their_replicas_in_sync_by_default(
+    replicas: int, in_sync: int
+) -> None:
+    settings = load_settings(kafka_replication_factor=replicas)
+    assert settings.effective_min_insync_replicas == in_sync
+    chosen = load_settings(kafka_replication_factor=replicas, kafka_min_insync_replicas=1)
+    assert chosen.effective_min_insync_replicas == 1
+
+
+def test_more_replicas_in_sync_than_there_are_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"kafka_min_insync_replicas .*REPLICATION_FACTOR \(3\)"):
+        load_settings(kafka_replication_factor=3, kafka_min_insync_replicas=4)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from whatslike.errors import ConfigError
@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     #: Partitions of each topic the bus creates (at most this many consumers of a group work).
     kafka_partitions: int = Field(8, ge=1, le=1024)
     kafka_replication_factor: int = Field(1, ge=1, le=16)
+    #: The topics' `min.insync.replicas`: with the producer's `acks=all`, a record is
+    #: acknowledged once this many replicas have it. Default: a majority of the replicas
+    #: (1 of 1, 2 of 2 or 3, 3 of 5), so a broker lost loses nothing acknowledged.
+    kafka_min_insync_replicas: int | None = Field(None, ge=1, le=16)
     #: Put before every topic name (tests use it to keep their topics apart).
     kafka_topic_prefix: str = Field("", pattern=r"^[A-Za-z0-9._-]*$", max_length=100)
     #: Records fetched ahead per partition; a full partition is not fetched until it drains.
@@ -253,6 +257,23 @@ class Settings(BaseSettings):
         if value != "memory://" and not value.startswith(("redis://", "rediss://")):
             raise ValueError("must be memory:// or redis://host:port/db (rediss:// for TLS)")
         return value
+
+    @field_validator("kafka_min_insync_replicas")
+    @classmethod
+    def _insync_within_replicas(cls, value: int | None, info: ValidationInfo) -> int | None:
+        replicas = info.data.get("kafka_replication_factor")
+        if value is not None and replicas is not None and value > replicas:
+            raise ValueError(
+                f"must not exceed KAFKA_REPLICATION_FACTOR ({replicas}): no record could be "
+                "acknowledged"
+            )
+        return value
+
+    @property
+    def effective_min_insync_replicas(self) -> int:
+        if self.kafka_min_insync_replicas is not None:
+            return self.kafka_min_insync_replicas
+        return self.kafka_replication_factor // 2 + 1
 
     @property
     def base_url(self) -> str:

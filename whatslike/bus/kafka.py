@@ -250,6 +250,8 @@ class KafkaBus:
         """Every record goes to the producer's batches at once and is then awaited: one
         round trip to the broker (per partition batch) for all of them, not one each. The
         idempotent producer keeps each partition's records in the given order."""
+        if not events:
+            return  # the relay's idle turn (asyncio.wait refuses an empty set)
         producer = self._producer
         if producer is None:
             raise PublishIncomplete(0, BackendUnavailable("the Kafka bus is not started"))
@@ -358,6 +360,9 @@ class KafkaBus:
                     name,
                     num_partitions=self._settings.kafka_partitions,
                     replication_factor=self._settings.kafka_replication_factor,
+                    topic_configs={
+                        "min.insync.replicas": str(self._settings.effective_min_insync_replicas)
+                    },
                 )
                 for name in sorted(wanted)
             ]
