@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from whatslike.api.contract import Endpoint, Health, Operation, Readiness, Reply, document
+from whatslike.api.contract import routes as contract_routes
 from whatslike.api.errors import (
     ApiError,
     error_response,
@@ -276,7 +277,7 @@ class Runtime:
         return operations
 
     def _routes(self) -> list[BaseRoute]:
-        routes: list[BaseRoute] = [op.route() for op in self.operations]
+        routes: list[BaseRoute] = [*contract_routes(self.operations)]
         routes += [
             Route("/", self._index, methods=["GET"]),
             Route("/openapi.json", self._openapi, methods=["GET"]),

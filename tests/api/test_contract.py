@@ -4,12 +4,16 @@ alike — and it is a valid OpenAPI 3.1 document, served with its page."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import pytest
 import schemathesis
+from pydantic import Field, TypeAdapter, ValidationError
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
@@ -166,8 +170,80 @@ async def test_the_document_and_its_page_are_served_from_this_process(
         assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
         assert assets, page.text
         for asset in assets:
+            if asset == "data:,":
+                continue  # the empty icon: no request for /favicon.ico
             # Nothing from elsewhere: every file is this process's own.
             assert asset.startswith("/docs/assets/"), asset
             assert (await client.get(asset)).status_code == 200, asset
         license_file = await client.get("/docs/assets/swagger-ui/LICENSE")
         assert "Apache License" in license_file.text
+
+
+async def test_a_method_a_path_does_not_serve_is_405_naming_the_ones_it_does(
+    runtime: Runtime,
+) -> None:
+    """Found by schemathesis: 405s came without `Allow` (our handler dropped Starlette's
+    headers), and a path of two operations would have named only one of them."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=runtime.app), base_url="http://t"
+    ) as client:
+        for method, path, allowed in (
+            ("TRACE", "/api/conversations/c1/messages", {"GET", "HEAD", "POST"}),
+            ("DELETE", "/api/conversations", {"POST"}),
+            ("PUT", "/webhooks/whatsapp", {"GET", "HEAD", "POST"}),
+        ):
+            answer = await client.request(method, path)
+            assert answer.status_code == 405, (method, path)
+            assert answer.json()["error"]["code"] == "method_not_allowed"
+            assert {m.strip() for m in answer.headers["allow"].split(",")} == allowed
+        # Both operations of one path are still reached.
+        assert (await client.get("/api/conversations/c1/messages")).status_code == 401
+        assert (await client.post("/api/conversations/c1/messages")).status_code == 401
+
+
+def patterns(node: object) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["pattern"]} if isinstance(node.get("pattern"), str) else set()
+        for value in node.values():
+            found |= patterns(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(patterns(value) for value in node)) if node else set()
+    return set()
+
+
+#: Where regex engines differ: white space and control characters of every kind.
+TRICKY = ["a", "+5511", "a b", "\t", "\x7f", "\x85", "\xa0", "\u2028", "\u3000", "\ufeff", "é"]
+
+
+def test_every_pattern_means_to_the_document_what_it_means_to_the_validator(
+    runtime: Runtime,
+) -> None:
+    """Found by schemathesis: `contact` was `^\\S+$`, which pydantic (Rust's regexes)
+    refuses for U+0085 while the document (ECMAScript's) allows it. Each pattern of the
+    document is tried on both engines: node's for the document, pydantic's for us."""
+    found = sorted(patterns(runtime.openapi))
+    assert found
+    script = (
+        "const [patterns, samples] = JSON.parse(process.argv[1]);"
+        "console.log(JSON.stringify(patterns.map("
+        "p => samples.map(s => new RegExp(p, 'u').test(s)))));"
+    )
+    done = subprocess.run(
+        ["node", "-e", script, json.dumps([found, TRICKY])],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    ecmascript = json.loads(done.stdout)
+    for pattern, verdicts in zip(found, ecmascript, strict=True):
+        adapter = TypeAdapter(Annotated[str, Field(pattern=pattern)])
+        ours = []
+        for sample in TRICKY:
+            try:
+                adapter.validate_python(sample)
+                ours.append(True)
+            except ValidationError:
+                ours.append(False)
+        assert ours == verdicts, (pattern, list(zip(TRICKY, ours, verdicts, strict=True)))

@@ -87,9 +87,6 @@ class Operation:
     #: Served past Starlette's routing too (see `whatslike.app._HotRoutes`).
     hot: bool = False
 
-    def route(self) -> Route:
-        return Route(self.path, self.endpoint, methods=[self.method])
-
     def path_regex(self) -> re.Pattern[str]:
         """What the path template matches, its `{name}` parts as named groups (one path
         segment each, like Starlette's default convertor)."""
@@ -99,6 +96,31 @@ class Operation:
                 f"(?P<{part}>[^/]+)" if i % 2 else re.escape(part) for i, part in enumerate(parts)
             )
         )
+
+
+def routes(operations: Iterable[Operation]) -> list[Route]:
+    """One route per path, dispatching on the method: a method the path does not serve
+    answers 405 with an `Allow` that names every method it does (routes of one method
+    each would name only the first route's)."""
+    by_path: dict[str, dict[str, Endpoint]] = {}
+    for op in operations:
+        by_path.setdefault(op.path, {})[op.method] = op.endpoint
+    return [
+        Route(path, _dispatch(endpoints), methods=list(endpoints))
+        for path, endpoints in by_path.items()
+    ]
+
+
+def _dispatch(endpoints: Mapping[str, Endpoint]) -> Endpoint:
+    if len(endpoints) == 1:
+        [endpoint] = endpoints.values()
+        return endpoint
+
+    async def dispatch(request: Request) -> Response:
+        # HEAD is served as GET (Starlette adds it to a route that serves GET).
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return dispatch
 
 
 # -- shared shapes --------------------------------------------------------------------

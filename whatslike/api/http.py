@@ -49,7 +49,10 @@ class NewConversation(BaseModel):
         Field(
             min_length=1,
             max_length=128,
-            pattern=r"^\S+$",
+            # No white space nor control character. Spelled out rather than `\S` alone:
+            # JSON Schema's regexes (ECMAScript) and pydantic's (Rust) disagree on what
+            # `\s` is (U+0085 is white space only to Rust, U+FEFF only to ECMAScript).
+            pattern=r"^[^\s\x00-\x1f\x7f-\x9f\ufeff]+$",
             description="The contact's WhatsApp phone number or Instagram-scoped id.",
         ),
     ]

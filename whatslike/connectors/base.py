@@ -188,7 +188,7 @@ class MetaConnector(ABC, Generic[T]):
 
     def operations(self) -> list[Operation]:
         path = f"/webhooks/{self.channel}"
-        name = self.channel.capitalize()
+        name = {"whatsapp": "WhatsApp"}.get(self.channel, self.channel.capitalize())
         tag = "provider webhooks"
         return [
             Operation(
