@@ -14,10 +14,15 @@ seed so that a failure comes back the same way.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -237,3 +242,40 @@ def test_an_answer_the_document_does_not_describe_fails_the_run(
     [failure] = raised.value.exceptions
     assert isinstance(failure, JsonSchemaError), failure
     assert "'contact' was unexpected" in failure.message, failure.message
+
+
+def test_the_coverage_phase_finds_nothing(served: Server, known: Known, tmp_path: Path) -> None:
+    """Schemathesis's own runner, its coverage phase: for each operation, the boundary
+    values of every schema (lengths, patterns, enums, missing and extra fields, wrong
+    types) and the methods the path does not serve, with every check it has
+    (`--checks all`: 405 with `Allow` included). Deterministic; its size is set by the
+    document, not by a count."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{served.url}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {known.token}",
+            "--phases",
+            "coverage",
+            "--checks",
+            "all",
+            "--workers",
+            "1",
+            "--seed",
+            str(SEED),
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        cwd=tmp_path,  # whatever it writes stays out of the repository
+        env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+    )
+    summary = re.search(r"(\d+) generated", done.stdout)
+    assert done.returncode == 0 and summary, done.stdout[-6000:] + done.stderr[-2000:]
+    print(done.stdout[-1500:])
