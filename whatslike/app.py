@@ -4,9 +4,11 @@ and exposes one Starlette app. No globals, no import-time side effects."""
 from __future__ import annotations
 
 import hmac
+import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,10 +16,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from whatslike.api.contract import Endpoint, Health, Operation, Readiness, Reply, document
+from whatslike.api.contract import routes as contract_routes
 from whatslike.api.errors import (
     ApiError,
     error_response,
@@ -27,9 +32,8 @@ from whatslike.api.errors import (
     unavailable_handler,
 )
 from whatslike.api.http import HttpApi
-from whatslike.api.web import WebAssets
+from whatslike.api.web import STATIC, WebAssets
 from whatslike.bus.factory import open_bus
-from whatslike.connectors.base import MetaConnector
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
@@ -47,6 +51,14 @@ from whatslike.simulator.app import Simulator
 from whatslike.store import open_store
 
 log = logging.getLogger(__name__)
+
+PACKAGE_VERSION = version("whatslike")
+API_DESCRIPTION = (
+    "The HTTP API of Whatslike (docs/protocol.md §5, which makes this document normative): "
+    "conversations, messages and their statuses, tenant-scoped by the bearer JWT. Statuses "
+    "also arrive live over the WebSocket `/ws/status` (protocol.md §4), outside this "
+    'document. Every failure answers `{"error": {"code", "message"}}`.'
+)
 
 #: Roles that talk only through the bus; with the in-process bus they must share a process.
 PIPELINE_ROLES = ("api", "router", "connector", "status-worker")
@@ -113,6 +125,16 @@ class Runtime:
         self._started = False
         #: Set when a stop began: new requests are answered 503 (see `_DrainGuard`).
         self.draining = False
+        #: The operations of the HTTP API's contract this process serves, and their
+        #: OpenAPI document (served at /openapi.json).
+        self.operations = self._operations()
+        self.openapi = document(
+            self.operations,
+            title="Whatslike HTTP API",
+            version=PACKAGE_VERSION,
+            description=API_DESCRIPTION,
+        )
+        self._openapi_body = json.dumps(self.openapi).encode()
         self.starlette = Starlette(
             routes=self._routes(),
             lifespan=self._lifespan,
@@ -124,15 +146,10 @@ class Runtime:
                 Exception: on_unexpected,
             },
         )
-        webhooks: dict[str, Endpoint] = {
-            f"/webhooks/{role.channel}": role.receive
-            for role in self.roles
-            if isinstance(role, MetaConnector)
-        }
-        send = next((role.send_message for role in self.roles if isinstance(role, HttpApi)), None)
-        #: What the server serves: webhooks straight to their connector, a new message
-        #: straight to the API, the rest through Starlette.
-        self.app: ASGIApp = _HotRoutes(self.starlette, self, webhooks, send)
+        #: What the server serves: the hot operations (webhooks, a new message) straight to
+        #: their handler, the rest through Starlette.
+        self.hot_routes = _HotRoutes(self.starlette, self, [op for op in self.operations if op.hot])
+        self.app: ASGIApp = self.hot_routes
 
     async def open(self) -> None:
         """Reach the store; raises WhatslikeError with a one-line reason."""
@@ -217,16 +234,70 @@ class Runtime:
         finally:
             await self.stop()
 
+    def _operations(self) -> list[Operation]:
+        """Every operation of the contract this process serves: its own, then its roles'."""
+        operations = [
+            Operation(
+                "GET",
+                "/healthz",
+                self._healthz,
+                "health",
+                "Whether the process serves",
+                "operations",
+                200,
+                Reply("The process serves.", Health),
+                auth="none",
+            ),
+            Operation(
+                "GET",
+                "/readyz",
+                self._readyz,
+                "readiness",
+                "Whether every backend of the process's roles is reachable",
+                "operations",
+                200,
+                Reply("Every backend is reachable.", Readiness),
+                auth="none",
+                errors={503: Reply("A backend is out of reach.", Readiness)},
+            ),
+            Operation(
+                "GET",
+                "/metrics",
+                self._metrics,
+                "metrics",
+                "Prometheus metrics",
+                "operations",
+                200,
+                Reply("The Prometheus text exposition format.", media_type="text/plain"),
+                auth="metrics",
+            ),
+        ]
+        for role in self.roles:
+            operations += role.operations()
+        return operations
+
     def _routes(self) -> list[BaseRoute]:
-        routes: list[BaseRoute] = [
+        routes: list[BaseRoute] = [*contract_routes(self.operations)]
+        routes += [
             Route("/", self._index, methods=["GET"]),
-            Route("/healthz", self._healthz, methods=["GET"]),
-            Route("/readyz", self._readyz, methods=["GET"]),
-            Route("/metrics", self._metrics, methods=["GET"]),
+            Route("/openapi.json", self._openapi, methods=["GET"]),
+            Route("/docs", self._docs, methods=["GET"]),
+            Mount("/docs/assets", StaticFiles(directory=STATIC / "api-docs"), name="docs"),
         ]
         for role in self.roles:
             routes += role.routes()
         return routes
+
+    async def _openapi(self, request: Request) -> Response:
+        return Response(self._openapi_body, media_type="application/json")
+
+    async def _docs(self, request: Request) -> Response:
+        """The contract for a person: Swagger UI, served from this process."""
+        return FileResponse(
+            STATIC / "api-docs" / "index.html",
+            media_type="text/html",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "roles": list(self.settings.roles)})
@@ -253,7 +324,7 @@ class Runtime:
         """The address `serve` prints: the demo in the embedded mode, else a short map."""
         if self.settings.embedded and "api" in self.settings.roles:
             return RedirectResponse("/demo", status_code=303)
-        endpoints = ["/healthz", "/readyz", "/metrics"]
+        endpoints = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"]
         if "api" in self.settings.roles:
             endpoints += ["/api/conversations", "/ws/status", "/client/websocket-client.js"]
         return JSONResponse(
@@ -292,43 +363,46 @@ class _DrainGuard:
         await self._app(scope, receive, send)
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
 class _HotRoutes:
     """The busiest routes go straight to their endpoint, past Starlette's routing and
-    middlewares, which cost more per request than the work itself: `POST /webhooks/<channel>`
-    (Meta's status callbacks) to its connector, and `POST /api/conversations/{id}/messages`
-    (an agent's or a campaign's message) to the API. What those layers would do is kept:
+    middlewares, which cost more per request than the work itself: the operations declared
+    `hot` (`POST /webhooks/<channel>`, Meta's status callbacks, to its connector, and
+    `POST /api/conversations/{id}/messages`, an agent's or a campaign's message, to the
+    API). Starlette serves them too (`_DrainGuard` and the tests of the routing see the
+    same operations). What those layers would do is kept:
     while draining, the request takes the usual way (`_DrainGuard` answers 503); an API
     error, an outage (503 with Retry-After) and an unexpected error (logged, 500) are
     answered by the app's own handlers; a body over the limit propagates to BodyLimit,
     outside, as it would."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        runtime: Runtime,
-        webhooks: Mapping[str, Endpoint],
-        send_message: Endpoint | None,
-    ) -> None:
+    def __init__(self, app: ASGIApp, runtime: Runtime, hot: Sequence[Operation]) -> None:
         self._app = app
         self._runtime = runtime
-        self._webhooks = webhooks
-        self._send_message = send_message
+        self._exact: dict[tuple[str, str], Endpoint] = {
+            (op.method, op.path): op.endpoint for op in hot if "{" not in op.path
+        }
+        self._templates = [
+            (op.method, op.path_regex(), op.endpoint) for op in hot if "{" in op.path
+        ]
+        self._served = [(op.method, op.path) for op in hot]
         self._on_unavailable = unavailable_handler(runtime.settings.retry_after_s)
 
+    def served(self) -> list[tuple[str, str]]:
+        """(method, path template) of every route taken past Starlette."""
+        return list(self._served)
+
     def _endpoint(self, scope: Scope) -> Endpoint | None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return None
+        method: str = scope["method"]
         path: str = scope["path"]
-        endpoint = self._webhooks.get(path)
-        if endpoint is not None or self._send_message is None:
+        endpoint = self._exact.get((method, path))
+        if endpoint is not None:
             return endpoint
-        head, _, conversation_id = path.removesuffix("/messages").rpartition("/")
-        if head == "/api/conversations" and path.endswith("/messages") and conversation_id:
-            scope["path_params"] = {"id": conversation_id}
-            return self._send_message
+        for wanted, template, endpoint in self._templates:
+            if method == wanted and (match := template.fullmatch(path)):
+                scope["path_params"] = match.groupdict()
+                return endpoint
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from whatslike.api.contract import routes
 from whatslike.bus import BusFull, Event, publish_in_turn
 from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
@@ -153,7 +154,7 @@ class Harness:
         self.connector = connector_type(self.deps)
         self.channel = self.connector.channel
         self.conversations: dict[str, Conversation] = {}
-        app = Starlette(routes=self.connector.routes())
+        app = Starlette(routes=routes(self.connector.operations()))
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://test"
         )
@@ -455,7 +456,7 @@ async def test_a_change_with_only_errors_is_logged_and_counted(
 async def test_a_client_leaving_mid_body_leaves_no_traceback(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = Starlette(routes=harness.connector.routes())
+    app = Starlette(routes=routes(harness.connector.operations()))
     messages: list[dict[str, Any]] = [
         {"type": "http.request", "body": b'{"object": "whatsapp_bus', "more_body": True},
         {"type": "http.disconnect"},

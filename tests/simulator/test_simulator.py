@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from tests.connectors.test_whatsapp import RecordingBus
+from whatslike.api.contract import routes
 from whatslike.connectors.instagram import parse_reads
 from whatslike.connectors.meta import signature_valid
 from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
@@ -402,7 +403,7 @@ async def test_disorder_with_the_real_connector(tmp_path: Path) -> None:
     def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
         sims.append(Simulator(deps(config, http)))
         connectors.append(WhatsAppConnector(deps(config, http, store)))
-        return sims[0].routes() + connectors[0].routes()
+        return sims[0].routes() + routes(connectors[0].operations())
 
     async with served(
         build,
@@ -679,7 +680,7 @@ async def test_throttled_sends_wait_and_never_fail(
 
         sims[0]._limits = cast(RateLimits, SimpleNamespace(refusal=refusal))
         connectors.append(WhatsAppConnector(deps(config, http, store)))
-        return sims[0].routes() + connectors[0].routes()
+        return sims[0].routes() + routes(connectors[0].operations())
 
     async with served(
         build,

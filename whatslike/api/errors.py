@@ -53,7 +53,9 @@ async def on_api_error(request: Request, exc: Exception) -> Response:
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    # Its headers too: a 405 names the methods the path allows (`Allow`, RFC 9110).
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, str(exc.detail), headers)
 
 
 def unavailable_handler(retry_after_s: int) -> Callable[[Request, Exception], Awaitable[Response]]:

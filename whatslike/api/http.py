@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
+from whatslike.api.contract import (
+    Link,
+    Operation,
+    ProviderErrorOut,
+    Reply,
+    ResourceId,
+    StatusFrame,
+    StatusName,
+)
 from whatslike.api.errors import ApiError
 from whatslike.api.ratelimit import OrgRateLimit
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
@@ -27,16 +36,125 @@ from whatslike.store.base import Conversation, Message
 log = logging.getLogger(__name__)
 
 
+Channel = Literal["whatsapp", "instagram"]
+
+# -- requests (validated with these models) ---------------------------------------------
+
+
 class NewConversation(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    channel: Literal["whatsapp", "instagram"]
-    contact: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^\S+$")]
+    channel: Channel
+    contact: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=128,
+            # No white space nor control character. Spelled out rather than `\S` alone:
+            # JSON Schema's regexes (ECMAScript) and pydantic's (Rust) disagree on what
+            # `\s` is (U+0085 is white space only to Rust, U+FEFF only to ECMAScript).
+            pattern=r"^[^\s\x00-\x1f\x7f-\x9f\ufeff]+$",
+            description="The contact's WhatsApp phone number or Instagram-scoped id.",
+        ),
+    ]
 
 
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: Annotated[str, Field(min_length=1, max_length=4096)]
-    client_message_id: Annotated[str, Field(max_length=128)] = ""
+    client_message_id: Annotated[
+        str,
+        Field(
+            max_length=128,
+            description="The caller's key: the same one twice answers the first message.",
+        ),
+    ] = ""
+
+
+class ConversationPath(BaseModel):
+    id: ResourceId
+
+
+class MessagePath(BaseModel):
+    message_id: ResourceId
+
+
+class ChangesQuery(BaseModel):
+    since: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=10**18 - 1,
+            description="The last seq the caller has; the frames after it are answered.",
+        ),
+    ] = 0
+
+
+class FindMessageQuery(BaseModel):
+    provider_message_id: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=512,
+            pattern=r"^[^\x00-\x1f\x7f]+$",
+            description="A WhatsApp wamid or an Instagram mid.",
+        ),
+    ]
+    channel: Channel | None = None
+
+
+# -- responses (what the handlers below write) ------------------------------------------
+
+
+class ConversationOut(BaseModel):
+    id: str
+    org_id: str
+    channel: Channel
+    contact: str
+    last_seq: int = Field(ge=0, description="The seq of the conversation's latest change.")
+    created_at: datetime
+
+
+class MessageOut(BaseModel):
+    id: str
+    conversation_id: str
+    text: str
+    client_message_id: str
+    provider_message_id: str | None
+    status: StatusName
+    seq: int | None = Field(
+        description="The conversation seq of the message's latest applied change."
+    )
+    created_at: datetime
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    read_at: datetime | None
+    failed_at: datetime | None
+    error: ProviderErrorOut | None
+
+
+class MessageWithHistory(MessageOut):
+    history: list[StatusFrame] = Field(description="The message's status changes, in order.")
+
+
+class MessageList(BaseModel):
+    messages: list[MessageOut]
+
+
+class Accepted(BaseModel):
+    message_id: str
+    status: StatusName = Field(
+        description="PENDING for a new message; a retry answers the first message's status."
+    )
+
+
+class Changes(BaseModel):
+    conversation_id: str
+    last_seq: int = Field(ge=0)
+    complete: bool = Field(
+        description="False when more frames follow than one answer holds: ask again with "
+        "`since` = the last frame's seq."
+    )
+    frames: list[StatusFrame]
 
 
 def conversation_json(conversation: Conversation) -> dict[str, Any]:
@@ -76,15 +194,26 @@ def message_json(message: Message) -> dict[str, Any]:
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+def _refusal(exc: ValidationError, kind: str) -> ApiError:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = f"{kind} {where!r}: {first['msg']}" if where else first["msg"]
+    return ApiError(400, "bad_request", message)
+
+
 async def _body(request: Request, model: type[ModelT]) -> ModelT:
     raw = await request.body()
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = f"field {where!r}: {first['msg']}" if where else first["msg"]
-        raise ApiError(400, "bad_request", message) from exc
+        raise _refusal(exc, "field") from exc
+
+
+def _query(request: Request, model: type[ModelT]) -> ModelT:
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise _refusal(exc, "query") from exc
 
 
 class HttpApi(RoleDefaults):
@@ -101,15 +230,108 @@ class HttpApi(RoleDefaults):
             deps.settings.org_requests_per_s, deps.settings.org_request_burst
         )
 
-    def routes(self) -> list[BaseRoute]:
+    def operations(self) -> list[Operation]:
+        no_conversation = {404: "No such conversation in the caller's organization."}
+        no_message = {404: "No such message in the caller's organization."}
+        to_conversation = {"id": "$response.body#/id"}
         return [
-            Route("/api/conversations", self.create_conversation, methods=["POST"]),
-            Route("/api/conversations/{id}", self.get_conversation, methods=["GET"]),
-            Route("/api/conversations/{id}/messages", self.send_message, methods=["POST"]),
-            Route("/api/conversations/{id}/messages", self.list_messages, methods=["GET"]),
-            Route("/api/conversations/{id}/changes", self.changes, methods=["GET"]),
-            Route("/api/messages/{message_id}", self.get_message, methods=["GET"]),
-            Route("/api/messages", self.find_message, methods=["GET"]),
+            Operation(
+                "POST",
+                "/api/conversations",
+                self.create_conversation,
+                "createConversation",
+                "Open a conversation with a contact on a channel",
+                "conversations",
+                201,
+                Reply("The new conversation.", ConversationOut),
+                body=NewConversation,
+                links=[
+                    Link("getConversation", to_conversation),
+                    Link("sendMessage", to_conversation),
+                    Link("listMessages", to_conversation),
+                    Link("listChanges", to_conversation),
+                ],
+            ),
+            Operation(
+                "GET",
+                "/api/conversations/{id}",
+                self.get_conversation,
+                "getConversation",
+                "A conversation",
+                "conversations",
+                200,
+                Reply("The conversation.", ConversationOut),
+                path_params=ConversationPath,
+                errors=no_conversation,
+            ),
+            Operation(
+                "POST",
+                "/api/conversations/{id}/messages",
+                self.send_message,
+                "sendMessage",
+                "Send a text message",
+                "messages",
+                202,
+                Reply(
+                    "The message and the work of sending it are stored; its statuses "
+                    "follow over the WebSocket and `listChanges`.",
+                    Accepted,
+                ),
+                body=NewMessage,
+                path_params=ConversationPath,
+                errors=no_conversation,
+                links=[Link("getMessage", {"message_id": "$response.body#/message_id"})],
+                hot=True,
+            ),
+            Operation(
+                "GET",
+                "/api/conversations/{id}/messages",
+                self.list_messages,
+                "listMessages",
+                "A conversation's messages with their statuses",
+                "messages",
+                200,
+                Reply("The messages, oldest first.", MessageList),
+                path_params=ConversationPath,
+                errors=no_conversation,
+            ),
+            Operation(
+                "GET",
+                "/api/conversations/{id}/changes",
+                self.changes,
+                "listChanges",
+                "A conversation's status changes after a seq",
+                "messages",
+                200,
+                Reply("The status frames after `since`, in seq order.", Changes),
+                path_params=ConversationPath,
+                query=ChangesQuery,
+                errors=no_conversation,
+            ),
+            Operation(
+                "GET",
+                "/api/messages/{message_id}",
+                self.get_message,
+                "getMessage",
+                "A message with its status history",
+                "messages",
+                200,
+                Reply("The message.", MessageWithHistory),
+                path_params=MessagePath,
+                errors=no_message,
+            ),
+            Operation(
+                "GET",
+                "/api/messages",
+                self.find_message,
+                "findMessage",
+                "The message a provider knows by its id",
+                "messages",
+                200,
+                Reply("The message.", MessageWithHistory),
+                query=FindMessageQuery,
+                errors=no_message,
+            ),
         ]
 
     def _identity(self, request: Request) -> Identity:
@@ -182,15 +404,10 @@ class HttpApi(RoleDefaults):
         """The caller's message the provider knows by `provider_message_id` (a WhatsApp
         wamid or an Instagram mid), on `channel` or on either."""
         identity = self._identity(request)
-        provider_id = request.query_params.get("provider_message_id", "")
-        channel = request.query_params.get("channel")
-        if not provider_id or len(provider_id) > 512 or not provider_id.isprintable():
-            raise ApiError(400, "bad_request", "query 'provider_message_id' is required")
-        if channel is not None and channel not in CHANNELS:
-            raise ApiError(400, "bad_request", f"query 'channel' is one of {', '.join(CHANNELS)}")
+        query = _query(request, FindMessageQuery)
         found = None
-        for name in [channel] if channel else CHANNELS:
-            found = await self._store.find_by_provider_id(name, provider_id)
+        for name in [query.channel] if query.channel else CHANNELS:
+            found = await self._store.find_by_provider_id(name, query.provider_message_id)
             if found is not None and found.org_id == identity.org_id:
                 break
         return await self._with_history(identity, found)

@@ -21,12 +21,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
+from whatslike.api.contract import Operation, Reply
 from whatslike.bus.memory import backoff_delay
 from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
@@ -74,6 +76,38 @@ def observation_id(channel: str, message_id: str, status: Status, occurred_at: d
     and the fan-out publish loses no notification."""
     key = f"{channel}|{message_id}|{status.value}|{format_time(occurred_at)}"
     return "evt_" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class VerifyQuery(BaseModel):
+    """Meta's subscription handshake."""
+
+    mode: Annotated[Literal["subscribe"], Field(alias="hub.mode")]
+    verify_token: Annotated[
+        str, Field(alias="hub.verify_token", description="`META_VERIFY_TOKEN`.")
+    ]
+    challenge: Annotated[
+        str,
+        Field(alias="hub.challenge", min_length=1, description="Echoed back when it matches."),
+    ]
+
+
+class SignatureHeader(BaseModel):
+    signature: Annotated[
+        str,
+        Field(
+            alias=SIGNATURE_HEADER,
+            description="`sha256=` and the HMAC-SHA256 of the exact body with "
+            "`META_APP_SECRET` (or one of `META_PREVIOUS_APP_SECRETS`).",
+        ),
+    ]
+
+
+class MetaWebhook(BaseModel):
+    """Meta's webhook (`object`, `entry[].changes[]` for WhatsApp, `entry[].messaging[]`
+    for Instagram). Any signed JSON object is taken: the items not shaped like Meta's are
+    skipped one by one (protocol.md §5), since Meta would redeliver a refused body."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 @dataclass
@@ -150,10 +184,45 @@ class MetaConnector(ABC, Generic[T]):
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
 
     def routes(self) -> list[BaseRoute]:
+        return []  # its webhooks are operations of the contract
+
+    def operations(self) -> list[Operation]:
         path = f"/webhooks/{self.channel}"
+        name = {"whatsapp": "WhatsApp"}.get(self.channel, self.channel.capitalize())
+        tag = "provider webhooks"
         return [
-            Route(path, self.verify, methods=["GET"]),
-            Route(path, self.receive, methods=["POST"]),
+            Operation(
+                "GET",
+                path,
+                self.verify,
+                f"verify{name}Webhook",
+                f"Meta's subscription handshake for {name} webhooks",
+                tag,
+                200,
+                Reply("`hub.challenge`, echoed.", media_type="text/plain"),
+                auth="none",
+                query=VerifyQuery,
+                errors={403: "The mode is not `subscribe` or the token is not ours."},
+            ),
+            Operation(
+                "POST",
+                path,
+                self.receive,
+                f"receive{name}Webhook",
+                f"Meta's {name} status callbacks",
+                tag,
+                200,
+                Reply("What the body holds is stored (an empty body)."),
+                auth="none",
+                body=MetaWebhook,
+                headers=SignatureHeader,
+                errors={
+                    400: "The signed body is not a JSON object.",
+                    403: f"No `{SIGNATURE_HEADER}`, or one made with another secret.",
+                    413: "The body is larger than 4 MiB.",
+                },
+                hot=True,
+            ),
         ]
 
     async def start(self) -> None:

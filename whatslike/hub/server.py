@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket
 from uvicorn.server import ServerState
 
+from whatslike.api.contract import Operation
 from whatslike.auth import InvalidToken, TokenService
 from whatslike.clock import new_id
 from whatslike.errors import BackendUnavailable
@@ -91,6 +92,9 @@ class Hub:
         deps.metrics.ws_subscriptions.set_function(lambda: self.registry.subscription_count)
         deps.fanout.listen(self.on_fanout)
         deps.fanout.on_gap(self.on_gap)
+
+    def operations(self) -> list[Operation]:
+        return []  # outside the HTTP API's contract: its routes are below
 
     def routes(self) -> list[BaseRoute]:
         # Reached only when the server does not use `protocol` for WebSockets.

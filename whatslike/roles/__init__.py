@@ -1,4 +1,5 @@
-"""What a role is: routes to serve, and background work to start and stop.
+"""What a role is: routes to serve (the operations of the HTTP API's contract, see
+`whatslike.api.contract`, and others), and background work to start and stop.
 
 Roles are composed by `whatslike.app.build_app` from the settings; each is built with the
 ports it needs (store, bus, fan-out, HTTP client, metrics) and subscribes its bus
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.routing import BaseRoute
 
@@ -20,6 +21,9 @@ from whatslike.http_client import HttpClient
 from whatslike.metrics import Metrics
 from whatslike.settings import Settings
 from whatslike.store.base import Store
+
+if TYPE_CHECKING:
+    from whatslike.api.contract import Operation
 
 
 class RelayRun:
@@ -58,7 +62,12 @@ class Deps:
 class Role(Protocol):
     name: str
 
-    def routes(self) -> list[BaseRoute]: ...
+    def operations(self) -> list[Operation]:
+        """The role's operations of the HTTP API's contract (served and documented)."""
+
+    def routes(self) -> list[BaseRoute]:
+        """The role's routes outside the contract (pages, static files, the WebSocket,
+        the simulator's Graph API); its operations are served beside them."""
 
     async def start(self) -> None:
         """Start background work; called after the store opened, before the bus starts."""
@@ -69,6 +78,9 @@ class Role(Protocol):
 
 class RoleDefaults:
     """What a role without routes or background work of its own answers."""
+
+    def operations(self) -> list[Operation]:
+        return []
 
     def routes(self) -> list[BaseRoute]:
         return []

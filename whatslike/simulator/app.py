@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from whatslike.api.contract import Operation
 from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_body, sign
 from whatslike.connectors.pacing import TokenBucket
 from whatslike.errors import BackendUnavailable
@@ -172,6 +173,9 @@ class Simulator:
         token = deps.settings.sim_control_token
         self._control_auth = f"Bearer {token}".encode() if token else None
         self._control_open = not token and deps.settings.development
+
+    def operations(self) -> list[Operation]:
+        return []  # outside the HTTP API's contract: its routes are below
 
     def routes(self) -> list[BaseRoute]:
         return [
