@@ -16,31 +16,12 @@ envfile=.services/cassandra-cluster.env
 addresses=(127.0.0.2 127.0.0.3 127.0.0.4)
 mkdir -p "$root"
 
-# free_on_all: a TCP port nobody listens on at any of the three addresses.
-free_on_all() {
-  python3 - "${addresses[@]}" <<'PY'
-import socket, sys
-while True:
-    with socket.socket() as first:
-        first.bind((sys.argv[1], 0))
-        port = first.getsockname()[1]
-        try:
-            for address in sys.argv[2:]:
-                with socket.socket() as other:
-                    other.bind((address, port))
-        except OSError:
-            continue
-    print(port)
-    break
-PY
-}
-
 port=$(env_value "$envfile" WHATSLIKE_TEST_CASSANDRA_CLUSTER_PORT)
 storage_port=$(env_value "$envfile" WHATSLIKE_TEST_CASSANDRA_CLUSTER_STORAGE_PORT)
 if [ -z "$port" ] || [ -z "$storage_port" ]; then
-  port=$(free_on_all)
-  storage_port=$(free_on_all)
-  while [ "$storage_port" = "$port" ]; do storage_port=$(free_on_all); done
+  port=$(free_on_all "${addresses[@]}")
+  storage_port=$(free_on_all "${addresses[@]}")
+  while [ "$storage_port" = "$port" ]; do storage_port=$(free_on_all "${addresses[@]}"); done
   rm -rf "${root:?}"/node*  # new ports: a new cluster
 fi
 

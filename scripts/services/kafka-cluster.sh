@@ -19,25 +19,6 @@ envfile=.services/kafka-cluster.env
 addresses=(127.0.0.2 127.0.0.3 127.0.0.4)
 mkdir -p "$root"
 
-# free_on_all: a TCP port nobody listens on at any of the three addresses.
-free_on_all() {
-  python3 - "${addresses[@]}" <<'PY'
-import socket, sys
-while True:
-    with socket.socket() as first:
-        first.bind((sys.argv[1], 0))
-        port = first.getsockname()[1]
-        try:
-            for address in sys.argv[2:]:
-                with socket.socket() as other:
-                    other.bind((address, port))
-        except OSError:
-            continue
-    print(port)
-    break
-PY
-}
-
 # answers ADDRESS PORT: the broker there answers an ApiVersions request.
 answers() {
   python3 -c '
@@ -84,9 +65,9 @@ case "${1:-start}" in
 esac
 
 if [ -z "$port" ] || [ -z "$controller" ] || [ -z "$cluster_id" ]; then
-  port=$(free_on_all)
-  controller=$(free_on_all)
-  while [ "$controller" = "$port" ]; do controller=$(free_on_all); done
+  port=$(free_on_all "${addresses[@]}")
+  controller=$(free_on_all "${addresses[@]}")
+  while [ "$controller" = "$port" ]; do controller=$(free_on_all "${addresses[@]}"); done
   cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
   rm -rf "${root:?}"/node*  # new ports: a new cluster
   mkdir -p "$root"

@@ -92,3 +92,23 @@ status_of() {
     return 3
   fi
 }
+
+# free_on_all ADDRESS...: a TCP port nobody listens on at any of the ADDRESSes (the
+# clusters' nodes share port numbers on addresses of their own).
+free_on_all() {
+  python3 - "$@" <<'PY'
+import socket, sys
+while True:
+    with socket.socket() as first:
+        first.bind((sys.argv[1], 0))
+        port = first.getsockname()[1]
+        try:
+            for address in sys.argv[2:]:
+                with socket.socket() as other:
+                    other.bind((address, port))
+        except OSError:
+            continue
+    print(port)
+    break
+PY
+}
