@@ -16,6 +16,16 @@ A = TypeVar("A")
 R = TypeVar("R")
 
 
+class Failed:
+    """What one item of a group raised when the others went on (its own changes undone):
+    the answer its caller gets instead of a result, to raise as its own error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 class Grouped(Generic[A, R]):
     """`many` answers one result per item, in order; if it raises, every caller of that
     call gets the exception. The queue holds at most `limit` items: a caller finding it

@@ -33,7 +33,7 @@ import asyncpg
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
-from whatslike.grouping import Grouped
+from whatslike.grouping import Failed, Grouped
 from whatslike.status import rules
 from whatslike.status.rules import Effect
 from whatslike.store import common
@@ -1129,14 +1129,7 @@ class _OneByOne(Exception):
     """A group that cannot share one transaction: its calls are made one by one."""
 
 
-class _Failed:
-    """What one call of a group made one by one raised (the others went on)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _group(many: Callable[[list[A]], Awaitable[list[R]]], name: str) -> Grouped[A, R | _Failed]:
+def _group(many: Callable[[list[A]], Awaitable[list[R]]], name: str) -> Grouped[A, R | Failed]:
     """Group commit of one kind of call (whatslike/grouping.py): the calls made while
     the last group ran share one statement or transaction, and every caller is answered
     after its commit. An outage fails the whole group (nothing of it was committed, each
@@ -1144,7 +1137,7 @@ def _group(many: Callable[[list[A]], Awaitable[list[R]]], name: str) -> Grouped[
     belongs to one call, not to all: the group is then made again call by call, each in
     its own transaction, and only the call that fails gets its error."""
 
-    async def run(items: list[A]) -> list[R | _Failed]:
+    async def run(items: list[A]) -> list[R | Failed]:
         try:
             return list(await many(items))
         except BackendUnavailable as exc:
@@ -1154,20 +1147,20 @@ def _group(many: Callable[[list[A]], Awaitable[list[R]]], name: str) -> Grouped[
         except Exception:
             if len(items) == 1:
                 raise
-        outcomes: list[R | _Failed] = []
+        outcomes: list[R | Failed] = []
         for item in items:
             try:
                 outcomes.extend(await many([item]))
             except Exception as exc:
-                outcomes.append(_Failed(exc))
+                outcomes.append(Failed(exc))
         return outcomes
 
     return Grouped(run, name, _GROUP_LIMIT)
 
 
-async def _one(group: Grouped[A, R | _Failed], item: A) -> R:
+async def _one(group: Grouped[A, R | Failed], item: A) -> R:
     """One call through its group: its own answer, or its own error."""
     outcome = await group(item)
-    if isinstance(outcome, _Failed):
+    if isinstance(outcome, Failed):
         raise outcome.error
     return outcome

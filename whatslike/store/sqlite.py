@@ -17,7 +17,7 @@ import aiosqlite
 from whatslike.clock import format_time, parse_time, utcnow
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
-from whatslike.grouping import Grouped
+from whatslike.grouping import Failed, Grouped
 from whatslike.status import rules
 from whatslike.status.rules import Effect
 from whatslike.store import common
@@ -258,7 +258,7 @@ class SQLiteStore:
         if write:
             async with self._unavailable_on_error():
                 outcome = await self._writes(work)
-            if isinstance(outcome, _Failed):
+            if isinstance(outcome, Failed):
                 async with self._unavailable_on_error():
                     raise outcome.error
             return cast(T, outcome)
@@ -735,16 +735,9 @@ async def _add_outbox_async(db: aiosqlite.Connection, entries: Iterable[OutboxEn
     await db.executemany(_INSERT_OUTBOX, _outbox_rows(entries))
 
 
-class _Failed:
-    """What one write of a shared transaction raised (it alone was undone)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
 def _in_one_transaction(works: list[_Work]) -> Callable[[sqlite3.Connection], list[object]]:
     """`works` in one `BEGIN IMMEDIATE` transaction, each under a savepoint: answers each
-    one's result, or `_Failed` for one that raised (its changes rolled back). If the
+    one's result, or `Failed` for one that raised (its changes rolled back). If the
     transaction itself fails (begin, commit), it is rolled back and that error raised."""
 
     def run(conn: sqlite3.Connection) -> list[object]:
@@ -757,7 +750,7 @@ def _in_one_transaction(works: list[_Work]) -> Callable[[sqlite3.Connection], li
                     outcomes.append(work(conn))
                 except Exception as exc:
                     conn.execute("ROLLBACK TO work")
-                    outcomes.append(_Failed(exc))
+                    outcomes.append(Failed(exc))
                 conn.execute("RELEASE work")
             conn.execute("COMMIT")
         except BaseException:
