@@ -108,9 +108,15 @@ class Metrics:
         self.webhooks = Counter(
             "whatslike_webhooks_total", "Provider webhooks", ["channel", "outcome"], registry=r
         )
+        self.inbound_messages = Counter(
+            "whatslike_inbound_messages_total",
+            "Customers' messages stored (a redelivered one counts again)",
+            ["channel"],
+            registry=r,
+        )
         self.webhook_items_skipped = Counter(
             "whatslike_webhook_items_skipped_total",
-            "Items of accepted webhooks not applied (malformed, provider_error)",
+            "Items of accepted webhooks not applied (malformed, provider_error, ignored)",
             ["channel", "reason"],
             registry=r,
         )

@@ -171,6 +171,10 @@ class Settings(BaseSettings):
     meta_access_token: str = DEV_SECRETS["meta_access_token"]
     whatsapp_phone_number_id: str = "109876543210987"
     instagram_account_id: str = "17841400000000001"
+    #: The organizations that own the phone number and the Instagram account: customers'
+    #: messages to them go into these organizations' conversations.
+    whatsapp_org_id: str = "demo"
+    instagram_org_id: str = "demo"
     send_timeout_s: float = Field(10.0, gt=0)
     #: Sends per second we allow ourselves per WhatsApp business number (Meta's default
     #: tier is 80/s, 1,000/s after its upgrade) and per Instagram account (Meta: 100

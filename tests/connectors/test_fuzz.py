@@ -13,9 +13,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whatslike.connectors.instagram import parse_reads
-from whatslike.connectors.meta import WebhookPayloadError, load_object
-from whatslike.connectors.whatsapp import parse_statuses
+from whatslike.connectors import instagram
+from whatslike.connectors.instagram import InstagramRead
+from whatslike.connectors.meta import CustomerMessage, WebhookPayloadError, load_object
+from whatslike.connectors.whatsapp import WhatsAppStatus, parse_webhook
 from whatslike.events import StatusEvent
 from whatslike.status.rules import Status
 
@@ -140,6 +141,13 @@ def _parse_whole(body: bytes, parser: Any) -> list[Any]:
     return list(parsed.items)
 
 
+def _customer_storable(message: CustomerMessage) -> None:
+    """A customer's message goes into the store and a frame: all of it must be UTF-8."""
+    for text in (message.account_id, message.contact, message.provider_message_id, message.text):
+        text.encode("utf-8")
+    _storable(_event(message.provider_message_id, Status.DELIVERED, message.sent_at, None))
+
+
 def _storable(event: StatusEvent) -> None:
     """The event as the status worker would read it: it decodes, and every text in it is
     UTF-8 (no lone surrogate a store, a log or the fan-out would refuse)."""
@@ -166,7 +174,11 @@ def _event(provider_message_id: str, status: Status, at: datetime, error: Any) -
 @settings(max_examples=400)
 @given(_whatsapp)
 def test_whatsapp_statuses_never_raise_anything_else(payload: dict[str, Any]) -> None:
-    for status in _parse_whole(_body(payload), parse_statuses):
+    for status in _parse_whole(_body(payload), parse_webhook):
+        if isinstance(status, CustomerMessage):
+            _customer_storable(status)
+            continue
+        assert isinstance(status, WhatsAppStatus)
         status.callback_data.encode("utf-8")
         status.phone_number_id.encode("utf-8")
         _storable(
@@ -177,20 +189,24 @@ def test_whatsapp_statuses_never_raise_anything_else(payload: dict[str, Any]) ->
 @settings(max_examples=400)
 @given(_instagram)
 def test_instagram_reads_never_raise_anything_else(payload: dict[str, Any]) -> None:
-    for read in _parse_whole(_body(payload), parse_reads):
+    for read in _parse_whole(_body(payload), instagram.parse_webhook):
+        if isinstance(read, CustomerMessage):
+            _customer_storable(read)
+            continue
+        assert isinstance(read, InstagramRead)
         read.account_id.encode("utf-8")
         _storable(_event(read.provider_message_id or "-", Status.READ, read.occurred_at, None))
 
 
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_never_raise_anything_else(body: bytes) -> None:
-    _parse_whole(body, parse_statuses)
-    _parse_whole(body, parse_reads)
+    _parse_whole(body, parse_webhook)
+    _parse_whole(body, instagram.parse_webhook)
 
 
 def test_a_number_past_the_digit_limit_is_a_payload_error() -> None:
     body = b'{"object":"instagram","entry":[{"id":' + b"9" * 5000 + b"}]}"
-    assert _parse_whole(body, parse_reads) == []
+    assert _parse_whole(body, instagram.parse_webhook) == []
     huge_timestamp = {
         "object": "whatsapp_business_account",
         "entry": [
@@ -207,7 +223,7 @@ def test_a_number_past_the_digit_limit_is_a_payload_error() -> None:
             }
         ],
     }
-    assert _parse_whole(_body(huge_timestamp), parse_statuses) == []
+    assert _parse_whole(_body(huge_timestamp), parse_webhook) == []
 
 
 def test_a_lone_surrogate_is_replaced_and_the_rest_kept() -> None:
@@ -215,7 +231,7 @@ def test_a_lone_surrogate_is_replaced_and_the_rest_kept() -> None:
         b'{"object":"instagram","entry":[{"id":"1","messaging":[{"timestamp":1,'
         b'"read":{"mid":"m\\ud800\\ud83d\\ude00x"}}]}]}'
     )
-    [read] = parse_reads(load_object(body)).items
+    [read] = instagram.parse_webhook(load_object(body)).items
     assert read.provider_message_id == "m\ufffd\U0001f600x"
 
 
@@ -244,5 +260,9 @@ def test_callback_data_that_is_not_clean_text_is_dropped() -> None:
             }
         ],
     }
-    parsed = parse_statuses(load_object(_body(payload))).items
-    assert [status.callback_data for status in parsed] == ["msg_1", "", ""]
+    parsed = parse_webhook(load_object(_body(payload))).items
+    assert [status.callback_data for status in parsed if isinstance(status, WhatsAppStatus)] == [
+        "msg_1",
+        "",
+        "",
+    ]

@@ -18,8 +18,8 @@ import pytest
 from tests.connectors.test_whatsapp import SECRET, Harness, open_harness
 from whatslike.clock import utcnow
 from whatslike.connectors.base import ProviderUnavailable
-from whatslike.connectors.instagram import InstagramConnector, parse_reads
-from whatslike.connectors.meta import Parsed, sign
+from whatslike.connectors.instagram import InstagramConnector, InstagramRead, parse_webhook
+from whatslike.connectors.meta import CustomerMessage, Parsed, sign
 from whatslike.events import TOPIC_STATUS, StatusEvent
 from whatslike.status.rules import Status
 from whatslike.store.base import Message
@@ -73,24 +73,37 @@ async def reads(harness: Harness) -> list[str]:
 
 
 def test_parse_seen_fixture() -> None:
-    [read] = parse_reads(fixture("instagram-seen.json")).items
+    [read] = parse_webhook(fixture("instagram-seen.json")).items
+    assert isinstance(read, InstagramRead)
     assert read.account_id == ACCOUNT
     assert read.provider_message_id == fixture("instagram-send-response.json")["message_id"]
     assert read.occurred_at == datetime(2025, 11, 25, 12, 5, 0, 120000, tzinfo=UTC)
     assert json.loads(read.payload)["read"]["mid"] == read.provider_message_id
 
 
-def test_parse_skips_other_messaging_events_and_objects() -> None:
+def test_parse_reads_messages_and_skips_echoes_reactions_and_other_objects() -> None:
     payload = fixture("instagram-seen.json")
-    message_event = {"sender": {"id": USER}, "timestamp": 1, "message": {"mid": "m", "text": "oi"}}
-    payload["entry"][0]["messaging"].insert(0, message_event)
+    message_event = {
+        "sender": {"id": USER},
+        "timestamp": 1764072300120,
+        "message": {"mid": "m", "text": "oi"},
+    }
+    echo = {**message_event, "message": {"mid": "e", "text": "ours", "is_echo": True}}
+    reaction = {**message_event, "reaction": {"mid": "m", "action": "react", "emoji": "x"}}
+    photo = {**message_event, "message": {"mid": "p", "attachments": [{"type": "image"}]}}
+    payload["entry"][0]["messaging"][:0] = [message_event, echo, reaction, photo]
     second = copy.deepcopy(payload["entry"][0])
-    second["messaging"] = [second["messaging"][1]]
+    second["messaging"] = [second["messaging"][-1]]
     second["messaging"][0]["read"]["mid"] = "other"
     payload["entry"].append(second)
-    assert [r.provider_message_id for r in parse_reads(payload).items][1:] == ["other"]
-    assert len(parse_reads(payload).items) == 2
-    assert parse_reads({"object": "page", "entry": []}) == Parsed()
+    parsed = parse_webhook(payload)
+    message, _, other = parsed.items
+    assert message == CustomerMessage(
+        ACCOUNT, USER, "m", "oi", datetime(2025, 11, 25, 12, 5, 0, 120000, tzinfo=UTC)
+    )
+    assert other.provider_message_id == "other"
+    assert parsed.ignored == ["reaction", "attachments"]
+    assert parse_webhook({"object": "page", "entry": []}) == Parsed()
 
 
 @pytest.mark.parametrize(
@@ -108,7 +121,7 @@ def test_a_malformed_part_is_rejected_alone(breakage: Any) -> None:
     breakage(payload)
     if isinstance(payload["entry"], list):  # a good entry beside the broken one applies
         payload["entry"].append(seen("mid-good")["entry"][0])
-    parsed = parse_reads(payload)
+    parsed = parse_webhook(payload)
     assert len(parsed.rejected) == 1
     good = [] if not isinstance(payload["entry"], list) else ["mid-good"]
     assert [read.provider_message_id for read in parsed.items] == good

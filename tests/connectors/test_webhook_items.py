@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from tests.connectors.test_instagram import seen, sent_message
 from tests.connectors.test_whatsapp import Harness, open_harness
-from whatslike.connectors.instagram import InstagramConnector, parse_messaging, parse_reads
+from whatslike.connectors.instagram import InstagramConnector, parse_messaging, parse_webhook
 from whatslike.connectors.meta import (
     WebhookPayloadError,
     json_list,
@@ -208,7 +208,7 @@ async def test_a_seen_for_another_account_is_counted_as_foreign(instagram: Harne
 def test_an_instagram_webhook_not_shaped_like_meta_s_names_where(
     payload: dict[str, Any], message: str
 ) -> None:
-    parsed = parse_reads(payload)
+    parsed = parse_webhook(payload)
     assert (parsed.items, parsed.rejected) == ([], [message])
 
 

@@ -22,8 +22,13 @@ from whatslike.api.contract import routes
 from whatslike.bus import BusFull, Event, publish_in_turn
 from whatslike.clock import utcnow
 from whatslike.connectors.base import MetaConnector, ProviderUnavailable
-from whatslike.connectors.meta import Parsed, WebhookPayloadError, sign
-from whatslike.connectors.whatsapp import WhatsAppConnector, parse_status, parse_statuses
+from whatslike.connectors.meta import CustomerMessage, Parsed, WebhookPayloadError, sign
+from whatslike.connectors.whatsapp import (
+    WhatsAppConnector,
+    WhatsAppStatus,
+    parse_status,
+    parse_webhook,
+)
 from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
     TOPIC_MESSAGES,
@@ -244,7 +249,7 @@ def answer_with(wamid: str) -> SendHandler:
 
 
 def test_parse_sent_fixture() -> None:
-    [sent] = parse_statuses(fixture("whatsapp-status-sent.json")).items
+    [sent] = statuses(fixture("whatsapp-status-sent.json"))
     assert sent.phone_number_id == PHONE
     assert sent.provider_message_id == WAMID
     assert sent.status is Status.SENT
@@ -255,25 +260,55 @@ def test_parse_sent_fixture() -> None:
 
 
 def test_parse_delivered_fixture_without_callback_data() -> None:
-    [delivered] = parse_statuses(fixture("whatsapp-status-delivered.json")).items
+    [delivered] = statuses(fixture("whatsapp-status-delivered.json"))
     assert delivered.status is Status.DELIVERED
     assert delivered.callback_data == ""
 
 
 def test_parse_failed_fixture_keeps_the_first_error() -> None:
-    [failed] = parse_statuses(fixture("whatsapp-status-failed.json")).items
+    [failed] = statuses(fixture("whatsapp-status-failed.json"))
     assert failed.status is Status.FAILED
     assert failed.error == ProviderError("131026", "Message undeliverable")
     assert failed.occurred_at == datetime.fromtimestamp(1764072130, UTC)
 
 
-def test_parse_inbound_text_has_no_statuses() -> None:
-    assert parse_statuses(fixture("whatsapp-inbound-text.json")) == Parsed()
+def statuses(payload: dict[str, Any]) -> list[WhatsAppStatus]:
+    parsed = parse_webhook(payload)
+    assert not parsed.rejected
+    return [item for item in parsed.items if isinstance(item, WhatsAppStatus)]
+
+
+def test_parse_inbound_text_fixture() -> None:
+    [message] = parse_webhook(fixture("whatsapp-inbound-text.json")).items
+    assert message == CustomerMessage(
+        account_id=PHONE,
+        contact="5511988877665",
+        provider_message_id="wamid.HBgNNTUxMTk4ODg3NzY2NRUCABIYFjNFQjBBQkNERUYwMTIzNDU2Nzg5AA==",
+        text="Oi, recebi sim, obrigada!",
+        sent_at=datetime.fromtimestamp(1764072200, UTC),
+    )
+
+
+def test_parse_ignores_reactions_and_media_on_purpose_and_rejects_a_bodyless_text() -> None:
+    payload = fixture("whatsapp-inbound-text.json")
+    value = payload["entry"][0]["changes"][0]["value"]
+    text = value["messages"][0]
+    reaction = {**text, "type": "reaction", "reaction": {"message_id": "wamid.x", "emoji": "👍"}}
+    image = {**text, "type": "image", "image": {"id": "1", "mime_type": "image/jpeg"}}
+    button = {**text, "id": "wamid.b", "type": "button", "button": {"text": "Yes", "payload": "y"}}
+    bodyless = {**text, "id": "wamid.e", "text": {}}
+    value["messages"] = [reaction, image, button, bodyless]
+    parsed = parse_webhook(payload)
+    assert parsed.ignored == ["reaction", "image"]
+    assert [
+        (m.provider_message_id, m.text) for m in parsed.items if isinstance(m, CustomerMessage)
+    ] == [("wamid.b", "Yes")]
+    assert len(parsed.rejected) == 1 and "text.body" in parsed.rejected[0]
 
 
 def test_parse_read_and_failed_without_errors() -> None:
     payload = status_webhook(status("w1", "read"), status("w2", "failed"))
-    read, failed = parse_statuses(payload).items
+    read, failed = statuses(payload)
     assert read.status is Status.READ
     assert failed.error is not None and failed.error.code == "unknown"
 
@@ -286,7 +321,7 @@ def test_parse_every_entry_change_and_status() -> None:
     second["changes"].append(copy.deepcopy(second["changes"][0]))
     second["changes"][2]["value"]["statuses"] = [status("w1", "read")]
     payload["entry"].append(second)
-    parsed = [(s.provider_message_id, s.status) for s in parse_statuses(payload).items]
+    parsed = [(s.provider_message_id, s.status) for s in statuses(payload)]
     assert parsed == [
         ("w1", Status.SENT),
         ("w2", Status.DELIVERED),
@@ -297,11 +332,11 @@ def test_parse_every_entry_change_and_status() -> None:
 
 def test_unknown_status_is_skipped() -> None:
     payload = status_webhook(status("w1", "deleted"), status("w2", "sent"), status("w3", "warning"))
-    assert [s.provider_message_id for s in parse_statuses(payload).items] == ["w2"]
+    assert [s.provider_message_id for s in parse_webhook(payload).items] == ["w2"]
 
 
 def test_other_objects_are_ignored() -> None:
-    assert parse_statuses({"object": "page", "entry": "whatever"}) == Parsed()
+    assert parse_webhook({"object": "page", "entry": "whatever"}) == Parsed()
 
 
 @pytest.mark.parametrize(
@@ -322,7 +357,7 @@ def test_a_malformed_part_is_rejected_alone(breakage: Callable[[dict[str, Any]],
     payload.setdefault("entry", [])
     if isinstance(payload["entry"], list):  # a good entry beside the broken one applies
         payload["entry"].append(status_webhook(status("w-good", "read"))["entry"][0])
-    parsed = parse_statuses(payload)
+    parsed = parse_webhook(payload)
     assert len(parsed.rejected) == 1
     good = [] if not isinstance(payload["entry"], list) else ["w-good"]
     assert [s.provider_message_id for s in parsed.items] == good
@@ -931,7 +966,7 @@ def test_an_item_that_is_not_an_object_is_a_clear_error() -> None:
 def test_an_empty_phone_number_id_is_a_clear_error(phone: object) -> None:
     payload = status_webhook(status("w1", "sent"))
     payload["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = phone
-    parsed = parse_statuses(payload)
+    parsed = parse_webhook(payload)
     assert parsed.items == []
     [rejected] = parsed.rejected
     assert rejected.endswith("metadata must be a non-empty string")
@@ -989,7 +1024,7 @@ def test_a_webhook_not_shaped_like_meta_s_names_where(
 ) -> None:
     payload = fixture("whatsapp-status-sent.json")
     breakage(payload)
-    parsed = parse_statuses(payload)
+    parsed = parse_webhook(payload)
     assert (parsed.items, parsed.rejected) == ([], [message])
 
 

@@ -24,9 +24,10 @@ from starlette.routing import BaseRoute, Route
 
 from tests.connectors.test_whatsapp import RecordingBus
 from whatslike.api.contract import routes
-from whatslike.connectors.instagram import parse_reads
+from whatslike.connectors import instagram
+from whatslike.connectors.instagram import InstagramRead
 from whatslike.connectors.meta import signature_valid
-from whatslike.connectors.whatsapp import WhatsAppConnector, parse_statuses
+from whatslike.connectors.whatsapp import WhatsAppConnector, WhatsAppStatus, parse_webhook
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import AiohttpClient, HttpClient
@@ -52,6 +53,10 @@ ACCOUNT = "17841400000000001"
 WA_SEND = f"/simulator/v21.0/{PHONE}/messages"
 IG_SEND = "/simulator/v21.0/me/messages"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def whatsapp_statuses(payload: dict[str, Any]) -> list[WhatsAppStatus]:
+    return [item for item in parse_webhook(payload).items if isinstance(item, WhatsAppStatus)]
 
 
 def fixture(name: str) -> dict[str, Any]:
@@ -116,7 +121,7 @@ def test_built_webhooks_parse_back() -> None:
         payloads.whatsapp_status("w1", "sent", 1764072000, "55", "msg_1"),
         payloads.whatsapp_status("w1", "read", 1764072003, "55", None),
     ]
-    parsed = parse_statuses(payloads.whatsapp_status_webhook(PHONE, statuses)).items
+    parsed = whatsapp_statuses(payloads.whatsapp_status_webhook(PHONE, statuses))
     assert [(s.status, s.callback_data) for s in parsed] == [
         (Status.SENT, "msg_1"),
         (Status.READ, ""),
@@ -124,7 +129,8 @@ def test_built_webhooks_parse_back() -> None:
     seen = payloads.instagram_seen(ACCOUNT, "7000000000000042", "mid.1", 1764072300120)
     webhook = payloads.instagram_webhook(ACCOUNT, [seen], 1764072300500)
     assert shape(webhook) == shape(fixture("instagram-seen.json"))
-    [read] = parse_reads(webhook).items
+    [read] = instagram.parse_webhook(webhook).items
+    assert isinstance(read, InstagramRead)
     assert (read.account_id, read.provider_message_id) == (ACCOUNT, "mid.1")
 
 
@@ -357,7 +363,7 @@ async def test_whatsapp_webhooks_signed_in_order(tmp_path: Path) -> None:
     for channel, body, header in receiver.posts:
         assert channel == "whatsapp"
         assert signature_valid(SECRET, body, header)
-        statuses += parse_statuses(json.loads(body)).items
+        statuses += whatsapp_statuses(json.loads(body))
     assert [s.status for s in statuses] == [Status.SENT, Status.DELIVERED, Status.READ]
     assert {s.provider_message_id for s in statuses} == {wamid}
     assert {s.callback_data for s in statuses} == {"msg_01JCXZ7Q3W"}
@@ -388,7 +394,8 @@ async def test_instagram_seen_webhook_and_retries(tmp_path: Path) -> None:
     assert len(bodies) == 1  # a retry resends the very same bytes
     [(channel, body, header)] = receiver.posts[-1:]
     assert channel == "instagram" and signature_valid(SECRET, body, header)
-    [read] = parse_reads(json.loads(body)).items
+    [read] = instagram.parse_webhook(json.loads(body)).items
+    assert isinstance(read, InstagramRead)
     assert (read.account_id, read.provider_message_id) == (ACCOUNT, mid)
 
 
@@ -586,7 +593,7 @@ async def test_notifications_due_together_go_out_in_one_webhook(tmp_path: Path) 
     for channel, body, header in receiver.posts:
         assert channel == "whatsapp"
         assert signature_valid(SECRET, body, header)
-        statuses += parse_statuses(json.loads(body)).items
+        statuses += whatsapp_statuses(json.loads(body))
     assert len(receiver.posts) < len(statuses) == 60
     for wamid in wamids:
         mine = [s.status for s in statuses if s.provider_message_id == wamid]
@@ -603,7 +610,7 @@ def test_merged_webhooks_keep_every_entry_in_order() -> None:
         for n in range(3)
     ]
     merged = json.loads(payloads.merge_webhooks(bodies))
-    assert [s.provider_message_id for s in parse_statuses(merged).items] == ["w0", "w1", "w2"]
+    assert [s.provider_message_id for s in whatsapp_statuses(merged)] == ["w0", "w1", "w2"]
     seen = payloads.instagram_webhook(ACCOUNT, [], 1)
     with pytest.raises(ValueError, match="different objects"):
         payloads.merge_webhooks([bodies[0], json.dumps(seen).encode()])

@@ -33,6 +33,7 @@ from whatslike.bus.memory import backoff_delay
 from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
     SIGNATURE_HEADER,
+    CustomerMessage,
     Parsed,
     WebhookPayloadError,
     error_response,
@@ -49,7 +50,7 @@ from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status, bounded
-from whatslike.store.base import Message, OutboxEntry, ParkedStatus, SendClaim
+from whatslike.store.base import InboundMessage, Message, OutboxEntry, ParkedStatus, SendClaim
 from whatslike.store.common import status_entry
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class MetaConnector(ABC, Generic[T]):
         # Bound once: per webhook, a labelled child is looked up otherwise.
         self._handoff_seconds = deps.metrics.store_seconds.labels("handoff")
         self._webhooks_ok = deps.metrics.webhooks.labels(self.channel, "ok")
+        self._inbound = deps.metrics.inbound_messages.labels(self.channel)
         self._rng = random.Random()
         # Webhooks answered at the same time share one store transaction.
         self._webhook_handoffs = Grouped(self._hand_off_many, f"{self.name}-handoffs", 256)
@@ -273,6 +275,36 @@ class MetaConnector(ABC, Generic[T]):
     def accepted(self, message: Message, provider_message_id: str, handoff: Handoff) -> None:
         """Called once Meta accepted the send (or it was accepted before a redelivery)."""
         return None
+
+    @abstractmethod
+    def account(self) -> tuple[str, str]:
+        """Our account on this channel (the phone number id, the Instagram account id)
+        and the organization that owns it."""
+
+    # -- customers' messages ----------------------------------------------------------
+
+    async def receive_customer_message(self, item: CustomerMessage, handoff: Handoff) -> None:
+        """Store a customer's message, then hand off its arrival (DELIVERED, which gives
+        it its seq and `message` frame) with the webhook's other hand-offs. A crash in
+        between loses nothing: the webhook had no 200, and its redelivery finds the
+        message stored and hands off the same arrival (one event id)."""
+        account_id, org_id = self.account()
+        if item.account_id != account_id:
+            self._metrics.webhooks.labels(self.channel, "foreign_account").inc()
+            log.warning("%s: a message to account %s ignored", self.name, item.account_id)
+            return
+        message = await self._store.receive_message(
+            InboundMessage(
+                account_org_id=org_id,
+                channel=self.channel,
+                contact=item.contact,
+                provider_message_id=item.provider_message_id,
+                text=item.text,
+                sent_at=item.sent_at,
+            )
+        )
+        self._inbound.inc()
+        self.add_status(handoff, message, Status.DELIVERED, item.provider_message_id, item.sent_at)
 
     # -- sending ----------------------------------------------------------------------
 
@@ -550,6 +582,16 @@ class MetaConnector(ABC, Generic[T]):
                 self.name,
                 len(parsed.rejected),
                 parsed.rejected[0],
+            )
+        if parsed.ignored:
+            self._metrics.webhook_items_skipped.labels(self.channel, "ignored").inc(
+                len(parsed.ignored)
+            )
+            log.info(
+                "%s: %d webhook item(s) ignored on purpose: %s",
+                self.name,
+                len(parsed.ignored),
+                ", ".join(sorted(set(parsed.ignored))),
             )
         if parsed.errors:
             self._metrics.webhook_items_skipped.labels(self.channel, "provider_error").inc(

@@ -1,5 +1,6 @@
-"""The Instagram Messaging connector: sends through `/me/messages` (SENT once Meta answers)
-and turns `messaging_seen` webhooks, read watermarks, into READ events.
+"""The Instagram Messaging connector: sends through `/me/messages` (SENT once Meta answers),
+turns `messaging_seen` webhooks, read watermarks, into READ events, and stores the
+customers' messages (`messaging[].message`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MetaConnector
 from whatslike.connectors.meta import (
+    CustomerMessage,
     Parsed,
     WebhookPayloadError,
+    clean_text,
     json_list,
     json_object,
     json_text,
@@ -48,11 +51,21 @@ class InstagramRead:
     contact: str = ""  # `sender.id` of a watermark read: who read (our recipient)
 
 
-def parse_reads(payload: dict[str, Any]) -> Parsed[InstagramRead]:
-    """Every `read` of every messaging item of every entry; other events (inbound
-    messages, echoes, reactions) are skipped. A part not shaped like Meta's (an entry, an
-    item) is rejected alone, said in `rejected`: the rest still applies."""
-    parsed: Parsed[InstagramRead] = Parsed()
+#: What a webhook item is: a read of our messages, or a customer's message.
+InstagramItem = InstagramRead | CustomerMessage
+
+#: `messaging[]` events ignored on purpose (protocol.md §5): a reaction changes no
+#: message of ours; an edit or an unsend of a customer's message, a postback (a button
+#: of ours) and a referral (an ad) are not kept yet.
+IGNORED_EVENTS = ("reaction", "message_edit", "postback", "referral", "optin")
+
+
+def parse_webhook(payload: dict[str, Any]) -> Parsed[InstagramItem]:
+    """Every read and customer's message of every messaging item of every entry; our
+    own messages' echoes (`is_echo`) and the events of `IGNORED_EVENTS` are skipped. A
+    part not shaped like Meta's (an entry, an item) is rejected alone, said in
+    `rejected`: the rest still applies."""
+    parsed: Parsed[InstagramItem] = Parsed()
     for i, entry_value in enumerate(webhook_entries(payload, WEBHOOK_OBJECT, "Instagram", parsed)):
         try:
             entry = json_object(entry_value, f"entry[{i}]")
@@ -62,14 +75,48 @@ def parse_reads(payload: dict[str, Any]) -> Parsed[InstagramRead]:
             parsed.rejected.append(str(exc))
             continue
         for j, item in enumerate(items):
+            where = f"entry[{i}].messaging[{j}]"
             try:
-                read = parse_messaging(item, account_id, f"entry[{i}].messaging[{j}]")
+                found = parse_messaging(item, account_id, where) or parse_message(
+                    item, account_id, where
+                )
             except WebhookPayloadError as exc:
                 parsed.rejected.append(str(exc))
                 continue
-            if read is not None:
-                parsed.items.append(read)
+            if isinstance(found, str):
+                parsed.ignored.append(found)
+            elif found is not None:
+                parsed.items.append(found)
     return parsed
+
+
+def parse_message(raw: Any, account_id: str, where: str) -> CustomerMessage | str | None:
+    """A customer's message; the kind of an event ignored on purpose; None for an echo of
+    ours or a message with no text (attachments only: they wait for the media store)."""
+    obj = json_object(raw, where)
+    ignored = next((kind for kind in IGNORED_EVENTS if kind in obj), None)
+    if ignored is not None:
+        return ignored
+    if "message" not in obj:
+        return None
+    message = json_object(obj["message"], f"{where}.message")
+    if message.get("is_echo") is True:
+        return None
+    if message.get("is_deleted") is True:
+        return "unsend"
+    text = message.get("text")
+    if text is None:
+        return "attachments" if "attachments" in message else "unsupported"
+    if not isinstance(text, str) or not text:
+        raise WebhookPayloadError(f"{where}.message.text must be a non-empty string")
+    sender = json_object(obj.get("sender"), f"{where}.sender")
+    return CustomerMessage(
+        account_id=account_id,
+        contact=json_text(sender.get("id"), f"{where}.sender.id"),
+        provider_message_id=json_text(message.get("mid"), f"{where}.message.mid"),
+        text=clean_text(text),
+        sent_at=_unix_ms(obj.get("timestamp"), f"{where}.timestamp"),
+    )
 
 
 def parse_messaging(raw: Any, account_id: str, where: str = "messaging") -> InstagramRead | None:
@@ -111,7 +158,7 @@ def send_body(recipient_id: str, text: str) -> dict[str, Any]:
     return {"recipient": {"id": recipient_id}, "message": {"text": text}}
 
 
-class InstagramConnector(MetaConnector[InstagramRead]):
+class InstagramConnector(MetaConnector[InstagramItem]):
     name = "connector-instagram"
     channel = "instagram"
 
@@ -135,10 +182,16 @@ class InstagramConnector(MetaConnector[InstagramRead]):
         # Instagram sends no sent/delivered webhooks: Meta's answer is the SENT.
         self.add_status(handoff, message, Status.SENT, provider_message_id, handoff.received_at)
 
-    def parse(self, payload: dict[str, Any]) -> Parsed[InstagramRead]:
-        return parse_reads(payload)
+    def account(self) -> tuple[str, str]:
+        return self._settings.instagram_account_id, self._settings.instagram_org_id
 
-    async def collect(self, item: InstagramRead, handoff: Handoff) -> None:
+    def parse(self, payload: dict[str, Any]) -> Parsed[InstagramItem]:
+        return parse_webhook(payload)
+
+    async def collect(self, item: InstagramItem, handoff: Handoff) -> None:
+        if isinstance(item, CustomerMessage):
+            await self.receive_customer_message(item, handoff)
+            return
         if item.account_id != self._settings.instagram_account_id:
             self._metrics.webhooks.labels(self.channel, "foreign_account").inc()
             log.warning("Instagram read for account %s ignored", item.account_id)

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
@@ -45,6 +46,20 @@ class Parsed(Generic[T]):
     rejected: list[str] = field(default_factory=list)
     #: Errors Meta reported outside any item (WhatsApp's `value.errors`), as (code, title).
     errors: list[tuple[str, str]] = field(default_factory=list)
+    #: What is ignored on purpose (protocol.md §5), one kind per item: e.g. "reaction".
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerMessage:
+    """A customer's message in a webhook: `account_id` is ours (the phone number id, the
+    Instagram account id) it was sent to, `contact` who sent it, `sent_at` Meta's time."""
+
+    account_id: str
+    contact: str
+    provider_message_id: str
+    text: str
+    sent_at: datetime
 
 
 def webhook_entries(

@@ -1,5 +1,6 @@
-"""The WhatsApp Cloud API connector: sends through `/{phone_number_id}/messages` and turns
-status webhooks (sent, delivered, read, failed) into `msg.status` events.
+"""The WhatsApp Cloud API connector: sends through `/{phone_number_id}/messages`, turns
+status webhooks (sent, delivered, read, failed) into `msg.status` events, and stores the
+customers' messages of the same webhooks (`value.messages[]`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MetaConnector
 from whatslike.connectors.meta import (
+    CustomerMessage,
     Parsed,
     WebhookPayloadError,
     clean_text,
@@ -55,11 +57,43 @@ class WhatsAppStatus:
     payload: bytes = field(repr=False)  # this status alone, as JSON: what gets parked
 
 
-def parse_statuses(payload: dict[str, Any]) -> Parsed[WhatsAppStatus]:
-    """Every status of every change of every entry; inbound messages and unknown
-    statuses are skipped. A part not shaped like Meta's (an entry, a change, a status) is
-    rejected alone, said in `rejected`: the rest still applies."""
-    parsed: Parsed[WhatsAppStatus] = Parsed()
+#: What a webhook item is: one of our messages' statuses, or a customer's message.
+WhatsAppItem = WhatsAppStatus | CustomerMessage
+
+#: Customers' message types whose text is kept, and where it is.
+TEXT_OF: dict[str, tuple[str, ...]] = {
+    "text": ("text", "body"),
+    # A tap on a template's quick-reply button: its label.
+    "button": ("button", "text"),
+}
+
+#: Message types ignored on purpose (protocol.md §5). Media (image, audio, video,
+#: document, sticker) waits for the media store; a reaction changes no message of ours.
+IGNORED_TYPES = frozenset(
+    {
+        "image",
+        "audio",
+        "video",
+        "document",
+        "sticker",
+        "reaction",
+        "location",
+        "contacts",
+        "interactive",
+        "order",
+        "system",
+        "request_welcome",
+        "unsupported",
+    }
+)
+
+
+def parse_webhook(payload: dict[str, Any]) -> Parsed[WhatsAppItem]:
+    """Every status and customer's message of every change of every entry; unknown
+    statuses and the message types in `IGNORED_TYPES` are skipped. A part not shaped like
+    Meta's (an entry, a change, a status, a message) is rejected alone, said in
+    `rejected`: the rest still applies."""
+    parsed: Parsed[WhatsAppItem] = Parsed()
     for i, entry_value in enumerate(webhook_entries(payload, WEBHOOK_OBJECT, "WhatsApp", parsed)):
         try:
             entry = json_object(entry_value, f"entry[{i}]")
@@ -75,7 +109,7 @@ def parse_statuses(payload: dict[str, Any]) -> Parsed[WhatsAppStatus]:
     return parsed
 
 
-def _parse_change(change_value: Any, where: str, parsed: Parsed[WhatsAppStatus]) -> None:
+def _parse_change(change_value: Any, where: str, parsed: Parsed[WhatsAppItem]) -> None:
     """One change's statuses and errors into `parsed`; raises for the change as a whole."""
     change = json_object(change_value, where)
     if change.get("field") != "messages":
@@ -86,10 +120,21 @@ def _parse_change(change_value: Any, where: str, parsed: Parsed[WhatsAppStatus])
         found = _error_of(error)
         parsed.errors.append((found.code, found.title))
     raw_statuses = json_list(value.get("statuses"), f"{where}.value.statuses")
-    if not raw_statuses:
+    raw_messages = json_list(value.get("messages"), f"{where}.value.messages")
+    if not raw_statuses and not raw_messages:
         return
     metadata = json_object(value.get("metadata"), f"{where}.value.metadata")
     phone_number_id = json_text(metadata.get("phone_number_id"), f"{where}.metadata")
+    for k, raw in enumerate(raw_messages):
+        try:
+            message = parse_message(raw, phone_number_id, f"{where}.value.messages[{k}]")
+        except WebhookPayloadError as exc:
+            parsed.rejected.append(str(exc))
+            continue
+        if isinstance(message, str):
+            parsed.ignored.append(message)
+        else:
+            parsed.items.append(message)
     for k, raw in enumerate(raw_statuses):
         try:
             status = parse_status(raw, phone_number_id, f"{where}.value.statuses[{k}]")
@@ -123,6 +168,28 @@ def parse_status(raw: Any, phone_number_id: str, where: str = "status") -> Whats
         and callback_data.isascii()
         else "",
         payload=json.dumps(obj, separators=(",", ":")).encode(),
+    )
+
+
+def parse_message(raw: Any, phone_number_id: str, where: str = "message") -> CustomerMessage | str:
+    """One customer's message, or the kind it is when ignored on purpose."""
+    obj = json_object(raw, where)
+    kind = json_text(obj.get("type"), f"{where}.type")
+    path = TEXT_OF.get(kind)
+    if path is None:
+        if kind not in IGNORED_TYPES:
+            log.info("WhatsApp message type %r ignored", kind)
+        return kind
+    part = json_object(obj.get(path[0]), f"{where}.{path[0]}")
+    text = part.get(path[1])
+    if not isinstance(text, str) or not text:
+        raise WebhookPayloadError(f"{where}.{'.'.join(path)} must be a non-empty string")
+    return CustomerMessage(
+        account_id=phone_number_id,
+        contact=json_text(obj.get("from"), f"{where}.from"),
+        provider_message_id=json_text(obj.get("id"), f"{where}.id"),
+        text=clean_text(text),
+        sent_at=_unix_seconds(obj.get("timestamp"), f"{where}.timestamp"),
     )
 
 
@@ -172,7 +239,7 @@ def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:
     }
 
 
-class WhatsAppConnector(MetaConnector[WhatsAppStatus]):
+class WhatsAppConnector(MetaConnector[WhatsAppItem]):
     name = "connector-whatsapp"
     channel = "whatsapp"
 
@@ -194,13 +261,23 @@ class WhatsAppConnector(MetaConnector[WhatsAppStatus]):
             raise TypeError("messages[0].id is not a string")
         return provider_id
 
-    def parse(self, payload: dict[str, Any]) -> Parsed[WhatsAppStatus]:
-        return parse_statuses(payload)
+    def account(self) -> tuple[str, str]:
+        return self._settings.whatsapp_phone_number_id, self._settings.whatsapp_org_id
 
-    def named_messages(self, items: Sequence[WhatsAppStatus]) -> list[str]:
-        return [item.callback_data for item in items if item.callback_data]
+    def parse(self, payload: dict[str, Any]) -> Parsed[WhatsAppItem]:
+        return parse_webhook(payload)
 
-    async def collect(self, item: WhatsAppStatus, handoff: Handoff) -> None:
+    def named_messages(self, items: Sequence[WhatsAppItem]) -> list[str]:
+        return [
+            item.callback_data
+            for item in items
+            if isinstance(item, WhatsAppStatus) and item.callback_data
+        ]
+
+    async def collect(self, item: WhatsAppItem, handoff: Handoff) -> None:
+        if isinstance(item, CustomerMessage):
+            await self.receive_customer_message(item, handoff)
+            return
         if item.phone_number_id != self._settings.whatsapp_phone_number_id:
             # Another number on the same Meta app: not a tenant of this deployment.
             self._metrics.webhooks.labels(self.channel, "foreign_number").inc()

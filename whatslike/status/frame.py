@@ -1,4 +1,5 @@
-"""The `status` frame of protocol.md §4, serialized once where the change is made.
+"""The `status` and `message` frames of protocol.md §4, serialized once where the change
+is made.
 
 The worker publishes these exact bytes on the fan-out and the hub forwards them without
 re-encoding; `changes_since` returns the same text from the store.
@@ -11,6 +12,10 @@ from datetime import datetime
 
 from whatslike.clock import format_time
 from whatslike.status.rules import ProviderError, Status
+
+#: A message's direction: an agent's (sent by us) or the customer's (received).
+OUT = "out"
+IN = "in"
 
 
 def status_frame(
@@ -31,6 +36,31 @@ def status_frame(
             "seq": seq,
             "occurred_at": format_time(occurred_at),
             "error": {"code": error.code, "title": error.title} if error else None,
+        },
+        separators=(",", ":"),
+    )
+
+
+def message_frame(
+    *,
+    conversation_id: str,
+    message_id: str,
+    text: str,
+    status: Status,
+    seq: int,
+    occurred_at: datetime,
+) -> str:
+    """A customer's message arrived: its first change, in the conversation's seq stream."""
+    return json.dumps(
+        {
+            "type": "message",
+            "conversation_id": conversation_id,
+            "message_id": message_id,
+            "direction": IN,
+            "text": text,
+            "status": status.value,
+            "seq": seq,
+            "occurred_at": format_time(occurred_at),
         },
         separators=(",", ":"),
     )

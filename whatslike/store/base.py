@@ -44,10 +44,26 @@ class Message:
     send_started_at: datetime | None = None
     #: The last time anything about the message changed (created, send, status).
     updated_at: datetime | None = None
+    #: "out" (an agent's, sent by us) or "in" (the customer's, received from Meta).
+    direction: str = "out"
 
     @property
     def status(self) -> Status:
         return self.state.status
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A customer's message as a connector read it from Meta's webhook: what
+    `receive_message` stores. `account_org_id` owns the business account (phone number,
+    Instagram account) it was sent to; `sent_at` is Meta's time of it."""
+
+    account_org_id: str
+    channel: str
+    contact: str
+    provider_message_id: str
+    text: str
+    sent_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +161,8 @@ class SendClaim(Enum):
 class Stuck:
     """The messages that have not moved for a while, for the watchdog and operators."""
 
-    #: PENDING and not handed to the provider (no send under way) since `pending_before`.
+    #: Outbound, PENDING and not handed to the provider (no send under way) since
+    #: `pending_before`.
     pending: tuple[Message, ...]
     #: PENDING with a send attempt whose outcome is unknown, started before `unknown_before`.
     unknown: tuple[Message, ...]
@@ -175,6 +192,13 @@ class Store(Protocol):
         entry (the work of sending it). The same non-empty client_message_id in the same
         conversation returns the first message and False, and adds nothing."""
 
+    async def receive_message(self, inbound: InboundMessage) -> Message:
+        """Store a customer's message (direction "in", PENDING until its arrival is
+        applied like a status: DELIVERED, which gives it its seq and `message` frame) in
+        the organization's latest conversation with the contact on the channel, created
+        if there is none. Idempotent on the provider id: the same one again answers the
+        message stored the first time and changes nothing."""
+
     async def get_message(self, message_id: str) -> Message | None: ...
 
     async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
@@ -184,15 +208,15 @@ class Store(Protocol):
         """Oldest first; None when the conversation is not this organization's."""
 
     async def unread_up_to(self, message_id: str) -> list[Message]:
-        """The messages of the same conversation created no later than this one that the
-        provider accepted (a provider id) and are not READ, oldest first: what Instagram's
+        """The outbound messages of the same conversation created no later than this one
+        that the provider accepted (a provider id) and are not READ, oldest first: what Instagram's
         read watermark marks READ. Filtered here, not by the caller, so a long
         conversation does not load its whole history on every read receipt."""
 
     async def unread_sent_to(
         self, channel: str, contact: str, up_to: datetime, limit: int
     ) -> list[Message]:
-        """The messages of this channel's conversations with `contact` (of every
+        """The outbound messages of this channel's conversations with `contact` (of every
         organization: the provider keeps one thread per contact) that it accepted (a
         provider id), are not READ and were SENT at or before `up_to`; oldest first, at
         most `limit`: what a read watermark without a message id (Messenger's shape)
@@ -338,6 +362,7 @@ __all__ = [
     "Changes",
     "Conversation",
     "DeadLetter",
+    "InboundMessage",
     "Message",
     "OutboxEntry",
     "OutboxItem",

@@ -103,6 +103,7 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     DeadLetter,
+    InboundMessage,
     Message,
     OutboxEntry,
     OutboxItem,
@@ -236,13 +237,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Who made a send claim: one id per attempt.
     ("ALTER TABLE messages ADD IF NOT EXISTS send_claim uuid",),
+    # Customers' messages: "in"; null (every message before them) is an agent's.
+    ("ALTER TABLE messages ADD IF NOT EXISTS direction text",),
 )
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, channel, text, client_message_id, created_at, status,"
     " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
     " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since,"
-    " send_started_at, updated_at, send_claim"
+    " send_started_at, updated_at, send_claim, direction"
 )
 _STATE = (
     "status = ?, sent_at = ?, delivered_at = ?, read_at = ?, failed_at = ?,"
@@ -261,6 +264,15 @@ _CQL = {
     ),
     "contact_conversations": (
         "SELECT conversation_id FROM contact_conversations WHERE channel = ? AND contact = ?"
+    ),
+    "open_conversation": (
+        "INSERT INTO conversations (id, org_id, channel, contact, created_at)"
+        " VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
+    ),
+    "receive_message": (
+        "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
+        " created_at, status, updated_at, provider_message_id, direction, version)"
+        " VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, 0) IF NOT EXISTS"
     ),
     "hint": "SELECT last_seq FROM seq_hints WHERE conversation_id = ?",
     "set_hint": "UPDATE seq_hints USING TIMESTAMP ? SET last_seq = ? WHERE conversation_id = ?",
@@ -880,6 +892,66 @@ class CassandraStore:
         # finds the message PENDING with no hand-off and redrives it.
         await self._batch(self._indexed_message(conversation, message))
         return message, True
+
+    async def receive_message(self, inbound: InboundMessage) -> Message:
+        fresh = common.inbound_message(common.inbound_conversation(inbound), inbound)
+        message = await self.get_message(fresh.id)
+        if message is None:
+            conversation = await self._latest_conversation(inbound)
+            mine = replace(fresh, conversation_id=conversation.id, org_id=conversation.org_id)
+            applied, row = await self._lwt(
+                "receive_message",
+                mine.id,
+                mine.conversation_id,
+                mine.org_id,
+                mine.channel,
+                mine.text,
+                mine.created_at,
+                mine.status.value,
+                mine.updated_at,
+                mine.provider_message_id,
+                mine.direction,
+            )
+            message = mine if applied else _message(row)
+        # Its place in the list after the row, and again on a redelivery (the same row
+        # again): a crash in between leaves no message out of the list for good.
+        month = _month(message.created_at)
+        await self._batch(
+            [
+                ("add_month", (message.conversation_id, month)),
+                ("list_entry", (message.conversation_id, month, message.created_at, message.id)),
+            ]
+        )
+        return message
+
+    async def _latest_conversation(self, inbound: InboundMessage) -> Conversation:
+        """The organization's latest conversation with the contact on the channel (of
+        those in the contact index), or a new one, made once however many webhooks
+        open it at once."""
+        indexed = await self._run("contact_conversations", inbound.channel, inbound.contact)
+        rows = await asyncio.gather(
+            *(self._run("conversation", row["conversation_id"]) for row in indexed)
+        )
+        owned = [
+            found[0] for found in rows if found and found[0]["org_id"] == inbound.account_org_id
+        ]
+        if owned:
+            row = max(owned, key=lambda row: (row["created_at"], row["id"]))
+            return Conversation(
+                row["id"],
+                row["org_id"],
+                row["channel"],
+                row["contact"],
+                await self._last_seq(row["id"]),
+                _time(row["created_at"]),
+            )
+        new = common.inbound_conversation(inbound)
+        new = replace(new, created_at=_ms(new.created_at))
+        await self._run("index_contact", new.channel, new.contact, new.id)
+        applied, row = await self._lwt(
+            "open_conversation", new.id, new.org_id, new.channel, new.contact, new.created_at
+        )
+        return new if applied else replace(new, created_at=_time(row["created_at"]))
 
     async def get_message(self, message_id: str) -> Message | None:
         rows = await self._run("message", message_id)

@@ -3,6 +3,7 @@ Each adapter keeps only its queries and transactions, and builds its answers her
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -11,7 +12,7 @@ from typing import Any, Protocol
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import ConfigError
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
-from whatslike.status.frame import status_frame
+from whatslike.status.frame import IN, OUT, message_frame, status_frame
 from whatslike.status.rules import (
     Effect,
     MessageState,
@@ -24,6 +25,7 @@ from whatslike.store.base import (
     ApplyResult,
     Changes,
     Conversation,
+    InboundMessage,
     Message,
     OutboxEntry,
     OutboxItem,
@@ -41,7 +43,8 @@ class Row(Protocol):
 #: The columns `message_of` reads, from a query that names the messages table `m`.
 MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
     m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
-    m.error_code, m.error_title, m.provider_message_id, m.send_started_at, m.updated_at"""
+    m.error_code, m.error_title, m.provider_message_id, m.send_started_at, m.updated_at,
+    m.direction"""
 
 #: Turns a stored, non-null time into a datetime (SQLite keeps text, PostgreSQL datetimes).
 TimeOf = Callable[[Any], datetime]
@@ -75,6 +78,39 @@ def pending_migrations(
 
 def new_conversation(org_id: str, channel: str, contact: str) -> Conversation:
     return Conversation(new_id("conv"), org_id, channel, contact, 0, utcnow())
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def inbound_conversation(inbound: InboundMessage) -> Conversation:
+    """The conversation a customer's first message opens. Its id is made from the
+    organization, channel and contact, so webhooks creating it at once make one."""
+    org, channel, contact = inbound.account_org_id, inbound.channel, inbound.contact
+    return Conversation(
+        f"conv_in_{_digest(org, channel, contact)}", org, channel, contact, 0, utcnow()
+    )
+
+
+def inbound_message(conversation: Conversation, inbound: InboundMessage) -> Message:
+    """A customer's message, not yet stored: PENDING until its arrival is applied. Its id
+    is made from the channel and Meta's id, so a redelivered webhook finds it."""
+    now = utcnow()
+    return Message(
+        id=f"msg_in_{_digest(inbound.channel, inbound.provider_message_id)}",
+        conversation_id=conversation.id,
+        org_id=conversation.org_id,
+        channel=conversation.channel,
+        text=inbound.text,
+        client_message_id="",
+        created_at=_ms(now),
+        state=MessageState(),
+        seq=None,
+        provider_message_id=inbound.provider_message_id,
+        updated_at=_ms(now),
+        direction=IN,
+    )
 
 
 def new_message(conversation: Conversation, text: str, client_message_id: str) -> Message:
@@ -187,6 +223,8 @@ def message_of(row: Row, time_of: TimeOf) -> Message:
         provider_message_id=row["provider_message_id"],
         send_started_at=_optional(row["send_started_at"], time_of),
         updated_at=_optional(row["updated_at"], time_of),
+        # Rows of stores older than inbound messages have none: they are all outbound.
+        direction=row["direction"] or OUT,
     )
 
 
@@ -213,7 +251,17 @@ def replayed(message: Message, frames: tuple[str, ...]) -> ApplyResult:
 
 
 def change_frame(message: Message, state: MessageState, seq: int, occurred_at: datetime) -> str:
-    """The status frame of a change of `message` to `state`, numbered `seq`."""
+    """The frame of a change of `message` to `state`, numbered `seq`: the `message` frame
+    for a customer's message's arrival (its first change), else a `status` frame."""
+    if message.direction == IN and message.status is Status.PENDING:
+        return message_frame(
+            conversation_id=message.conversation_id,
+            message_id=message.id,
+            text=message.text,
+            status=state.status,
+            seq=seq,
+            occurred_at=occurred_at,
+        )
     return status_frame(
         conversation_id=message.conversation_id,
         message_id=message.id,

@@ -42,6 +42,7 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     DeadLetter,
+    InboundMessage,
     Message,
     OutboxEntry,
     OutboxItem,
@@ -149,6 +150,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     ("CREATE INDEX changes_message ON changes (message_id, seq)",),
     ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
+    # Customers' messages: "in"; every message before them was an agent's.
+    ("ALTER TABLE messages ADD COLUMN direction text NOT NULL DEFAULT 'out'",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -428,6 +431,36 @@ class PostgresStore:
             for m in made
         ]
 
+    async def receive_message(self, inbound: InboundMessage) -> Message:
+        """Two webhooks carrying the same message (or a contact's first two) at once:
+        the second insert waits for the first to commit, then does nothing, and the read
+        after it (a new snapshot under READ COMMITTED) sees the first one's row."""
+        fresh = common.inbound_message(common.inbound_conversation(inbound), inbound)
+        select = f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = $1"
+        async with self._connection() as conn, conn.transaction():
+            found = await conn.fetchrow(select, fresh.id)
+            if found is not None:
+                return _message(found)
+            conversation = await _latest_conversation(conn, inbound)
+            message = replace(fresh, conversation_id=conversation.id, org_id=conversation.org_id)
+            await conn.execute(
+                "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
+                " client_message_id, created_at, status, updated_at, provider_message_id,"
+                " direction) VALUES ($1, $2, $3, $4, $5, '', $6, $7, $6, $8, $9)"
+                " ON CONFLICT (id) DO NOTHING",
+                message.id,
+                message.conversation_id,
+                message.org_id,
+                message.channel,
+                message.text,
+                message.created_at,
+                message.status.value,
+                message.provider_message_id,
+                message.direction,
+            )
+            stored = await conn.fetchrow(select, message.id)
+        return _message(stored) if stored is not None else message
+
     async def get_message(self, message_id: str) -> Message | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
@@ -467,6 +500,7 @@ class PostgresStore:
                 f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = $1"
                 " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
                 " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+                " AND m.direction = 'out'"
                 f" {_MESSAGE_ORDER}",
                 message_id,
             )
@@ -480,6 +514,7 @@ class PostgresStore:
                 f"SELECT {MESSAGE_COLUMNS} FROM conversations c JOIN messages m"
                 " ON m.conversation_id = c.id WHERE c.channel = $1 AND c.contact = $2"
                 " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+                " AND m.direction = 'out'"
                 f" AND m.sent_at <= $3 {_MESSAGE_ORDER} LIMIT $4",
                 channel,
                 contact,
@@ -798,7 +833,7 @@ class PostgresStore:
         async with self._connection() as conn:
             pending = await conn.fetch(
                 f"{select} m.status = 'PENDING' AND m.send_started_at IS NULL"
-                " AND m.updated_at < $1 ORDER BY m.updated_at LIMIT $2",
+                " AND m.direction = 'out' AND m.updated_at < $1 ORDER BY m.updated_at LIMIT $2",
                 pending_before,
                 limit,
             )
@@ -1039,6 +1074,32 @@ async def _add_outbox(
             " VALUES ($1, $2, $3, $4, $5, $6)",
             [(e.topic, e.key, e.payload, e.done_key, now, relayed_run) for e in entries],
         )
+
+
+async def _latest_conversation(conn: _Connection, inbound: InboundMessage) -> Conversation:
+    """The organization's latest conversation with the contact on the channel, or a new
+    one (inside the caller's transaction)."""
+    select = (
+        "SELECT * FROM conversations WHERE channel = $1 AND contact = $2 AND org_id = $3"
+        ' ORDER BY created_at DESC, id COLLATE "C" DESC LIMIT 1'
+    )
+    keys = (inbound.channel, inbound.contact, inbound.account_org_id)
+    row = await conn.fetchrow(select, *keys)
+    if row is not None:
+        return _conversation(row)
+    conversation = common.inbound_conversation(inbound)
+    await _ensure_organization(conn, conversation.org_id)
+    await conn.execute(
+        "INSERT INTO conversations (id, org_id, channel, contact, last_seq, created_at)"
+        " VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (id) DO NOTHING",
+        conversation.id,
+        conversation.org_id,
+        conversation.channel,
+        conversation.contact,
+        conversation.created_at,
+    )
+    row = await conn.fetchrow(select, *keys)
+    return _conversation(row) if row is not None else conversation
 
 
 async def _ensure_organization(conn: _Connection, org_id: str) -> None:

@@ -26,6 +26,7 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     DeadLetter,
+    InboundMessage,
     Message,
     OutboxEntry,
     OutboxItem,
@@ -124,6 +125,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     ("CREATE INDEX changes_message ON changes (message_id, seq)",),
     ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
+    # Customers' messages: "in"; every message before them was an agent's.
+    ("ALTER TABLE messages ADD COLUMN direction TEXT NOT NULL DEFAULT 'out'",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -334,6 +337,37 @@ class SQLiteStore:
         # One hop to the database thread, in the writes' group commit.
         return await self._in_thread(work, write=True)
 
+    async def receive_message(self, inbound: InboundMessage) -> Message:
+        def work(conn: sqlite3.Connection) -> Message:
+            fresh = common.inbound_message(common.inbound_conversation(inbound), inbound)
+            found = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (fresh.id,)
+            ).fetchall()
+            if found:
+                return _message(found[0])
+            conversation = _latest_conversation(conn, inbound)
+            message = replace(fresh, conversation_id=conversation.id, org_id=conversation.org_id)
+            conn.execute(
+                "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
+                " client_message_id, created_at, status, updated_at, provider_message_id,"
+                " direction) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    message.conversation_id,
+                    message.org_id,
+                    message.channel,
+                    message.text,
+                    format_time(message.created_at),
+                    message.status.value,
+                    format_time(message.created_at),
+                    message.provider_message_id,
+                    message.direction,
+                ),
+            )
+            return message
+
+        return await self._in_thread(work, write=True)
+
     async def get_message(self, message_id: str) -> Message | None:
         rows = await self._read(
             f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
@@ -377,6 +411,7 @@ class SQLiteStore:
             f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN messages t ON t.id = ?"
             " WHERE m.conversation_id = t.conversation_id AND m.created_at <= t.created_at"
             " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+            " AND m.direction = 'out'"
             " ORDER BY m.created_at, m.id",
             (message_id,),
         )
@@ -389,6 +424,7 @@ class SQLiteStore:
             f"SELECT {MESSAGE_COLUMNS} FROM conversations c JOIN messages m"
             " ON m.conversation_id = c.id WHERE c.channel = ? AND c.contact = ?"
             " AND m.status <> 'READ' AND m.provider_message_id IS NOT NULL"
+            " AND m.direction = 'out'"
             " AND m.sent_at <= ? ORDER BY m.created_at, m.id LIMIT ?",
             (channel, contact, format_time(up_to), limit),
         )
@@ -587,7 +623,7 @@ class SQLiteStore:
             pending = await _fetch(
                 db,
                 f"{select} m.status = 'PENDING' AND m.send_started_at IS NULL"
-                " AND m.updated_at < ? ORDER BY m.updated_at LIMIT ?",
+                " AND m.direction = 'out' AND m.updated_at < ? ORDER BY m.updated_at LIMIT ?",
                 (format_time(pending_before), limit),
             )
             unknown = await _fetch(
@@ -700,6 +736,35 @@ class SQLiteStore:
             (int(dead_letter_id),),
         )
         return _dead_letter_of(rows[0]) if rows else None
+
+
+def _latest_conversation(conn: sqlite3.Connection, inbound: InboundMessage) -> Conversation:
+    """The organization's latest conversation with the contact on the channel, or a new
+    one (inside the caller's transaction)."""
+    rows = conn.execute(
+        "SELECT * FROM conversations WHERE channel = ? AND contact = ? AND org_id = ?"
+        " ORDER BY created_at DESC, id DESC LIMIT 1",
+        (inbound.channel, inbound.contact, inbound.account_org_id),
+    ).fetchall()
+    if rows:
+        return _conversation(rows[0])
+    conversation = common.inbound_conversation(inbound)
+    conn.execute(
+        "INSERT INTO organizations (id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (conversation.org_id, format_time(conversation.created_at)),
+    )
+    conn.execute(
+        "INSERT INTO conversations (id, org_id, channel, contact, last_seq, created_at)"
+        " VALUES (?, ?, ?, ?, 0, ?)",
+        (
+            conversation.id,
+            conversation.org_id,
+            conversation.channel,
+            conversation.contact,
+            format_time(conversation.created_at),
+        ),
+    )
+    return conversation
 
 
 def _dead_letter_of(row: sqlite3.Row) -> DeadLetter:
