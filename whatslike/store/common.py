@@ -252,8 +252,9 @@ def replayed(message: Message, frames: tuple[str, ...]) -> ApplyResult:
 
 def change_frame(message: Message, state: MessageState, seq: int, occurred_at: datetime) -> str:
     """The frame of a change of `message` to `state`, numbered `seq`: the `message` frame
-    for a customer's message's arrival (its first change), else a `status` frame."""
-    if message.direction == IN and message.status is Status.PENDING:
+    for a customer's message's first change (its arrival: no seq yet), else a `status`
+    frame."""
+    if message.direction == IN and message.seq is None:
         return message_frame(
             conversation_id=message.conversation_id,
             message_id=message.id,

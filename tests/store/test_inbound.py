@@ -1,0 +1,122 @@
+"""The contract of customers' messages (direction "in") in every store: SQLite, PostgreSQL
+and Cassandra, through the fixtures of tests/store/conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from tests.store.test_contract import T0, at, decoded, status_event
+from whatslike.clock import utcnow
+from whatslike.status.rules import Status
+from whatslike.store.base import InboundMessage, Message, Store
+
+CONTACT = "+5511988877665"
+
+
+def inbound(provider_id: str, org_id: str = "org_a", contact: str = CONTACT) -> InboundMessage:
+    return InboundMessage(org_id, "whatsapp", contact, provider_id, f"text of {provider_id}", T0)
+
+
+async def listed(store: Store, org_id: str, conversation_id: str) -> list[Message]:
+    messages = await store.list_messages(org_id, conversation_id)
+    assert messages is not None
+    return messages
+
+
+async def test_a_customers_message_goes_once_into_its_organizations_latest_conversation(
+    store: Store,
+) -> None:
+    await store.create_conversation("org_a", "whatsapp", CONTACT)
+    latest = await store.create_conversation("org_a", "whatsapp", CONTACT)
+    await store.create_conversation("org_a", "instagram", CONTACT)
+    other = await store.create_conversation("org_b", "whatsapp", CONTACT)
+
+    message = await store.receive_message(inbound("wamid.1"))
+    assert (message.conversation_id, message.org_id, message.direction) == (
+        latest.id,
+        "org_a",
+        "in",
+    )
+    assert (message.status, message.seq, message.provider_message_id) == (
+        Status.PENDING,
+        None,
+        "wamid.1",
+    )
+    assert message.text == "text of wamid.1"
+    again = await store.receive_message(inbound("wamid.1"))
+    assert again == message
+    assert await store.get_message(message.id) == message
+    assert [m.id for m in await listed(store, "org_a", latest.id)] == [message.id]
+    assert await listed(store, "org_b", other.id) == []
+
+
+async def test_a_contacts_first_messages_at_once_open_one_conversation(store: Store) -> None:
+    received = await asyncio.gather(
+        *(store.receive_message(inbound(f"wamid.{i % 3}", contact="+551100")) for i in range(9))
+    )
+    assert len({m.conversation_id for m in received}) == 1
+    assert len({m.id for m in received}) == 3
+    conversation = await store.get_conversation("org_a", received[0].conversation_id)
+    assert conversation is not None
+    assert (conversation.channel, conversation.contact, conversation.last_seq) == (
+        "whatsapp",
+        "+551100",
+        0,
+    )
+    assert await store.get_conversation("org_b", conversation.id) is None
+    assert len(await listed(store, "org_a", conversation.id)) == 3
+
+
+async def test_its_arrival_takes_the_next_seq_as_a_message_frame_then_reads_as_status(
+    store: Store,
+) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", CONTACT)
+    ours, _ = await store.create_message(conversation, "hello", "")
+    [sent] = await store.apply_statuses([status_event(ours, Status.SENT, at(1))])
+    theirs = await store.receive_message(inbound("wamid.in"))
+
+    [arrival] = await store.apply_statuses([status_event(theirs, Status.DELIVERED, at(2))])
+    assert decoded(arrival.frames) == [
+        {
+            "type": "message",
+            "conversation_id": conversation.id,
+            "message_id": theirs.id,
+            "direction": "in",
+            "text": "text of wamid.in",
+            "status": "DELIVERED",
+            "seq": 2,
+            "occurred_at": "2026-01-01T12:00:00.002Z",
+        }
+    ]
+    [read] = await store.apply_statuses([status_event(theirs, Status.READ, at(3))])
+    assert decoded(read.frames)[0]["type"] == "status"
+    assert decoded(read.frames)[0]["seq"] == 3
+    changes = await store.changes_since(conversation.id, 0, 100)
+    assert changes.frames == (*sent.frames, *arrival.frames, *read.frames)
+    both = await listed(store, "org_a", conversation.id)
+    assert {(m.id, m.direction, m.status) for m in both} == {
+        (ours.id, "out", Status.SENT),
+        (theirs.id, "in", Status.READ),
+    }
+
+
+async def test_customers_messages_are_never_sent_nor_read_by_the_customer(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", CONTACT)
+    ours, _ = await store.create_message(conversation, "hello", "")
+    await store.link_provider_id("whatsapp", "wamid.ours", ours.id)
+    await store.apply_statuses([status_event(ours, Status.SENT, at(1))])
+    theirs = await store.receive_message(inbound("wamid.theirs"))
+    later, _ = await store.create_message(conversation, "later", "")
+    await store.link_provider_id("whatsapp", "wamid.later", later.id)
+
+    # The customer's read receipts mark our messages READ, never the customer's own.
+    assert theirs.id not in {m.id for m in await store.unread_up_to(later.id)}
+    unread = await store.unread_sent_to("whatsapp", CONTACT, utcnow() + timedelta(1), 100)
+    assert ours.id in {m.id for m in unread}
+    assert theirs.id not in {m.id for m in unread}
+    # Nor is the watchdog's PENDING-with-no-send one of ours to send.
+    future = utcnow() + timedelta(hours=1)
+    stuck = await store.stuck(future, future, future, 100)
+    assert theirs.id not in {m.id for m in (*stuck.pending, *stuck.unknown)}
+    assert not await store.redrive(theirs.id)
