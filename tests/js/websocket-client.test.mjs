@@ -433,6 +433,23 @@ describe("subscriptions and seq", () => {
     t.client.disconnect();
   });
 
+  test("a customer's `message` frame shares the seq stream: no gap, emitted as `message`", () => {
+    const t = setup();
+    t.client.connect();
+    const ws = t.accept();
+    t.client.subscribe("c1");
+    t.answer(ws, "c1", 5);
+    const reply = { type: "message", conversation_id: "c1", message_id: "msg_in_1", direction: "in",
+      text: "oi", status: "DELIVERED", seq: 7, occurred_at: "2026-01-01T12:00:00.000Z" };
+    ws.message(t.status("c1", 6));
+    ws.message(reply);
+    ws.message({ type: "batch", frames: [reply, t.status("c1", 8)] });
+    assert.deepEqual(t.seqs("c1"), [6, 8]);
+    assert.deepEqual(t.of("message"), [reply]);
+    assert.equal(t.of("gap").length, 0);
+    t.client.disconnect();
+  });
+
   test("duplicates are ignored: the same seq twice, and an old seq after a newer one", () => {
     const t = setup();
     t.client.connect();

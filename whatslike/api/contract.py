@@ -352,3 +352,21 @@ class StatusFrame(BaseModel):
     seq: int = Field(ge=1, description="The conversation's sequence number of the change.")
     occurred_at: datetime
     error: ProviderErrorOut | None = Field(description="Set for FAILED.")
+
+
+class MessageFrame(BaseModel):
+    """A customer's message arrived, exactly as the WebSocket sends it (protocol.md §4):
+    its first change, in the same seq stream as the status frames."""
+
+    type: Literal["message"]
+    conversation_id: str
+    message_id: str
+    direction: Literal["in"]
+    text: str
+    status: StatusName = Field(description="DELIVERED: it reached us (READ once read).")
+    seq: int = Field(ge=1, description="The conversation's sequence number of the change.")
+    occurred_at: datetime = Field(description="When the customer sent it (Meta's clock).")
+
+
+#: A change of a conversation, as the WebSocket sends it.
+ChangeFrame = Annotated[StatusFrame | MessageFrame, Field(discriminator="type")]

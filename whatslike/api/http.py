@@ -16,12 +16,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from whatslike.api.contract import (
+    ChangeFrame,
     Link,
     Operation,
     ProviderErrorOut,
     Reply,
     ResourceId,
-    StatusFrame,
     StatusName,
 )
 from whatslike.api.errors import ApiError
@@ -117,6 +117,10 @@ class ConversationOut(BaseModel):
 class MessageOut(BaseModel):
     id: str
     conversation_id: str
+    direction: Literal["out", "in"] = Field(
+        description="`out`: an agent's, sent by us; `in`: the customer's. A customer's "
+        "message is DELIVERED once it reached us, READ once an agent read it."
+    )
     text: str
     client_message_id: str
     provider_message_id: str | None
@@ -133,7 +137,7 @@ class MessageOut(BaseModel):
 
 
 class MessageWithHistory(MessageOut):
-    history: list[StatusFrame] = Field(description="The message's status changes, in order.")
+    history: list[ChangeFrame] = Field(description="The message's changes, in order.")
 
 
 class MessageList(BaseModel):
@@ -154,7 +158,7 @@ class Changes(BaseModel):
         description="False when more frames follow than one answer holds: ask again with "
         "`since` = the last frame's seq."
     )
-    frames: list[StatusFrame]
+    frames: list[ChangeFrame]
 
 
 def conversation_json(conversation: Conversation) -> dict[str, Any]:
@@ -177,6 +181,7 @@ def message_json(message: Message) -> dict[str, Any]:
     return {
         "id": message.id,
         "conversation_id": message.conversation_id,
+        "direction": message.direction,
         "text": message.text,
         "client_message_id": message.client_message_id,
         "provider_message_id": message.provider_message_id,
@@ -288,7 +293,7 @@ class HttpApi(RoleDefaults):
                 "/api/conversations/{id}/messages",
                 self.list_messages,
                 "listMessages",
-                "A conversation's messages with their statuses",
+                "A conversation's messages, both directions, with their statuses",
                 "messages",
                 200,
                 Reply("The messages, oldest first.", MessageList),
@@ -300,10 +305,13 @@ class HttpApi(RoleDefaults):
                 "/api/conversations/{id}/changes",
                 self.changes,
                 "listChanges",
-                "A conversation's status changes after a seq",
+                "A conversation's changes after a seq",
                 "messages",
                 200,
-                Reply("The status frames after `since`, in seq order.", Changes),
+                Reply(
+                    "The frames after `since` (statuses, customers' messages), in seq order.",
+                    Changes,
+                ),
                 path_params=ConversationPath,
                 query=ChangesQuery,
                 errors=no_conversation,

@@ -211,7 +211,7 @@ class MetaConnector(ABC, Generic[T]):
                 path,
                 self.receive,
                 f"receive{name}Webhook",
-                f"Meta's {name} status callbacks",
+                f"Meta's {name} callbacks: statuses and customers' messages",
                 tag,
                 200,
                 Reply("What the body holds is stored (an empty body)."),

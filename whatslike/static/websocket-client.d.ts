@@ -17,6 +17,19 @@ export interface StatusFrame {
   error: { code: string; title: string } | null;
 }
 
+/** A customer's message arrived: the first change of a message with `direction: "in"`,
+ * in the same `seq` stream as the status frames (its later READ is a `status` frame). */
+export interface MessageFrame {
+  type: "message";
+  conversation_id: string;
+  message_id: string;
+  direction: "in";
+  text: string;
+  status: MessageStatus;
+  seq: number;
+  occurred_at: string;
+}
+
 export interface ClientError {
   /** The server's code (`forbidden`, `bad_request`, `rate_limited`, `too_many_subscriptions`)
    * or the client's own: `token_expired`, `token_renewal_failed` (getToken rejected; not
@@ -36,6 +49,8 @@ export interface ClientEvents {
   connected: { connection_id: string; user_id: string; org_id: string; heartbeat_s: number; token_exp: number };
   /** A status, once per `seq`, in `seq` order per conversation (batches are unwrapped). */
   status: StatusFrame;
+  /** A customer's message, in the same `seq` order as the statuses. */
+  message: MessageFrame;
   /** The answer to a subscribe (also after each automatic resubscribe). */
   subscribed: { conversationId: string; seq: number; recovered: boolean };
   /** The answer to an unsubscribe; not emitted when the conversation was subscribed again

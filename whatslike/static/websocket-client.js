@@ -394,10 +394,11 @@ export class ChatStatusClient {
     this.#emit("frame", frame);
     switch (frame.type) {
       case "connected": return this.#onConnected(frame);
-      case "status": return this.#onStatus(frame);
+      case "status":
+      case "message": return this.#onChange(frame);
       case "batch":
         // A malformed batch must not throw out of onmessage.
-        if (Array.isArray(frame.frames)) for (const f of frame.frames) this.#onStatus(f);
+        if (Array.isArray(frame.frames)) for (const f of frame.frames) this.#onChange(f);
         return;
       case "subscribed": return this.#onSubscribed(frame);
       case "unsubscribed": return this.#onUnsubscribed(frame);
@@ -422,7 +423,8 @@ export class ChatStatusClient {
     this.#scheduleRenewal();
   }
 
-  #onStatus(frame) {
+  /** A `status` or `message` frame: one seq stream per conversation, both kinds in it. */
+  #onChange(frame) {
     const sub = this.#subs.get(frame?.conversation_id);
     // No subscription: unsubscribed while it travelled. No baseline yet: the subscribe's
     // answer (and replay) will bring it.
@@ -430,7 +432,7 @@ export class ChatStatusClient {
     if (frame.seq <= sub.last) return; // duplicate or stale
     if (frame.seq === sub.last + 1) {
       sub.last = frame.seq;
-      this.#emit("status", frame);
+      this.#emit(frame.type === "message" ? "message" : "status", frame);
       return;
     }
     // A hole: frames after it are dropped, since the replay from `last` brings them in order.
