@@ -176,6 +176,29 @@ def _conversation_id(recipient_id: str) -> str:
     return hashlib.sha256(recipient_id.encode()).hexdigest()[:32]
 
 
+def whatsapp_message(from_: str, wamid: str, timestamp: int, text: str) -> dict[str, Any]:
+    """One `messages[]` item: the customer `from_` wrote `text`."""
+    return {
+        "from": from_,
+        "id": wamid,
+        "timestamp": str(timestamp),
+        "type": "text",
+        "text": {"body": text},
+    }
+
+
+def whatsapp_message_webhook(
+    phone_number_id: str, from_: str, messages: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Customers' messages as Meta sends them: with the sender's profile in `contacts`."""
+    webhook = whatsapp_status_webhook(phone_number_id, [])
+    value = webhook["entry"][0]["changes"][0]["value"]
+    del value["statuses"]
+    value["contacts"] = [{"profile": {"name": "Simulated customer"}, "wa_id": from_}]
+    value["messages"] = messages
+    return webhook
+
+
 def whatsapp_status_webhook(phone_number_id: str, statuses: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "object": "whatsapp_business_account",
@@ -209,6 +232,18 @@ def instagram_seen(
         "recipient": {"id": account_id},
         "timestamp": timestamp_ms,
         "read": {"mid": message_id},
+    }
+
+
+def instagram_message(
+    account_id: str, sender_id: str, mid: str, text: str, timestamp_ms: int
+) -> dict[str, Any]:
+    """One `messaging[]` item: the customer `sender_id` wrote `text`."""
+    return {
+        "sender": {"id": sender_id},
+        "recipient": {"id": account_id},
+        "timestamp": timestamp_ms,
+        "message": {"mid": mid, "text": text},
     }
 
 

@@ -1,0 +1,129 @@
+"""End to end: a customer's reply, posted as Meta does (a signed webhook), arrives while
+the agent's socket is down; the agent comes back and recovers it with `since`, in the
+same seq stream as the statuses; another organization with the same contact never sees
+it. Run here on the embedded default, and in tests/scale on the scaled-out layout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import connect
+
+from tests.e2e.conftest import Server, Socket, start_server, stop_server
+from whatslike.connectors.meta import sign
+from whatslike.settings import DEV_SECRETS, Settings
+from whatslike.simulator import payloads
+
+#: The phone number id of every deployment of these tests (the default).
+PHONE: str = Settings.model_fields["whatsapp_phone_number_id"].default
+
+
+async def socket_of(hub: Server, token: str) -> Socket:
+    connection = await connect(f"{hub.ws_url}?access_token={token}")
+    socket = Socket(connection)
+    await socket.next_of("connected")
+    return socket
+
+
+async def messages_of(client: httpx.AsyncClient, conversation: str) -> list[dict[str, Any]]:
+    answer = await client.get(f"/api/conversations/{conversation}/messages")
+    assert answer.status_code == 200, answer.text
+    messages: list[dict[str, Any]] = answer.json()["messages"]
+    return messages
+
+
+async def customer_reply_is_recovered_with_since(
+    hubs: tuple[Server, Server],
+    tokens: tuple[str, str],
+    webhooks: str,
+    app_secret: str,
+) -> None:
+    """`tokens`: of the organization owning the phone number, and of another one that
+    talks to the same contact; `webhooks`: the base URL serving /webhooks/whatsapp."""
+    contact = f"55119{uuid.uuid4().int % 10**8:08d}"
+    owner_hub, other_hub = hubs
+    owner_token, other_token = tokens
+    async with (
+        httpx.AsyncClient(
+            base_url=owner_hub.url, headers={"Authorization": f"Bearer {owner_token}"}
+        ) as owner,
+        httpx.AsyncClient(
+            base_url=other_hub.url, headers={"Authorization": f"Bearer {other_token}"}
+        ) as other,
+        httpx.AsyncClient(base_url=webhooks) as meta,
+    ):
+        mine = (
+            await owner.post("/api/conversations", json={"channel": "whatsapp", "contact": contact})
+        ).json()["id"]
+        theirs = (
+            await other.post("/api/conversations", json={"channel": "whatsapp", "contact": contact})
+        ).json()["id"]
+        watcher = await socket_of(other_hub, other_token)
+        await watcher.subscribe(theirs)
+        agent = await socket_of(owner_hub, owner_token)
+        since = (await agent.subscribe(mine))["seq"]
+        await agent.connection.close()  # the agent's socket is down
+
+        wamid = f"wamid.{uuid.uuid4().hex}"
+        message = payloads.whatsapp_message(contact, wamid, int(time.time()), "Oi, chegou sim!")
+        webhook = payloads.whatsapp_message_webhook(PHONE, contact, [message])
+        body = json.dumps(webhook).encode()
+        headers = {"X-Hub-Signature-256": sign(app_secret, body)}
+        for _ in range(2):  # Meta redelivers: stored once, one frame
+            answer = await meta.post("/webhooks/whatsapp", content=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+
+        # Its arrival is applied (a seq given) while nobody of the owner listens.
+        deadline = time.monotonic() + 20
+        while (listed := await messages_of(owner, mine)) == [] or listed[0]["seq"] is None:
+            assert time.monotonic() < deadline, listed
+            await asyncio.sleep(0.05)
+
+        agent = await socket_of(owner_hub, owner_token)
+        subscribed = await agent.subscribe(mine, since=since)
+        assert (subscribed["seq"], subscribed["recovered"]) == (since + 1, True)
+        frame = await agent.next_of("message")
+        assert frame["seq"] == since + 1
+        assert (frame["conversation_id"], frame["direction"], frame["text"]) == (
+            mine,
+            "in",
+            "Oi, chegou sim!",
+        )
+        assert frame["status"] == "DELIVERED"
+        assert await agent.ping_barrier() == []
+
+        listed = await messages_of(owner, mine)
+        assert [(m["id"], m["direction"], m["status"]) for m in listed] == [
+            (frame["message_id"], "in", "DELIVERED")
+        ]
+        changes = (await owner.get(f"/api/conversations/{mine}/changes?since={since}")).json()
+        assert changes["frames"] == [frame]
+
+        # The other organization, with the same contact, sees none of it.
+        assert await watcher.ping_barrier() == []
+        assert await messages_of(other, theirs) == []
+        assert (await other.get(f"/api/messages/{frame['message_id']}")).status_code == 404
+        for socket in (agent, watcher):
+            await socket.connection.close()
+
+
+async def test_a_reply_while_the_agent_is_away_is_recovered_on_the_embedded_default(
+    tmp_path: Path,
+) -> None:
+    owner = f"org-owner-{uuid.uuid4().hex[:8]}"
+    server = start_server(tmp_path / "serve", {"WHATSLIKE_WHATSAPP_ORG_ID": owner})
+    try:
+        await customer_reply_is_recovered_with_since(
+            (server, server),
+            (server.token(owner), server.token("org-other", "intruder")),
+            server.url,
+            DEV_SECRETS["meta_app_secret"],
+        )
+    finally:
+        stop_server(server)
