@@ -25,6 +25,11 @@ def outbound_topic(channel: str) -> str:
     return f"outbound.{channel}"
 
 
+def receipt_topic(channel: str) -> str:
+    """Where the read receipts to Meta of a channel's customers' messages go."""
+    return f"receipts.{channel}"
+
+
 def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
@@ -191,4 +196,46 @@ class StatusEvent:
             if error
             else None,
             received_at=_time(data, "received_at") if data.get("received_at") else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadReceipt:
+    """An agent read a customer's message: tell Meta (topics `receipts.<channel>`).
+    `provider_message_id` is Meta's id of it (WhatsApp marks that wamid read); `contact`
+    the customer (Instagram marks the whole thread seen)."""
+
+    message_id: str
+    conversation_id: str
+    org_id: str
+    channel: str
+    contact: str
+    provider_message_id: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "message_id": self.message_id,
+                "conversation_id": self.conversation_id,
+                "org_id": self.org_id,
+                "channel": self.channel,
+                "contact": self.contact,
+                "provider_message_id": self.provider_message_id,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ReadReceipt:
+        data = _load(raw)
+        channel = _text(data, "channel")
+        if channel not in CHANNELS:
+            raise MalformedEvent(f"unknown channel {channel!r}")
+        return cls(
+            message_id=_text(data, "message_id"),
+            conversation_id=_text(data, "conversation_id"),
+            org_id=_text(data, "org_id"),
+            channel=channel,
+            contact=_text(data, "contact"),
+            provider_message_id=_text(data, "provider_message_id"),
         )

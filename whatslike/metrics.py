@@ -108,6 +108,12 @@ class Metrics:
         self.webhooks = Counter(
             "whatslike_webhooks_total", "Provider webhooks", ["channel", "outcome"], registry=r
         )
+        self.receipts = Counter(
+            "whatslike_read_receipts_total",
+            "Read receipts of customers' messages sent to Meta, by outcome",
+            ["channel", "outcome"],
+            registry=r,
+        )
         self.inbound_messages = Counter(
             "whatslike_inbound_messages_total",
             "Customers' messages stored (a redelivered one counts again)",

@@ -38,14 +38,49 @@ async def messages_of(client: httpx.AsyncClient, conversation: str) -> list[dict
     return messages
 
 
+async def agent_reads_it(
+    owner: httpx.AsyncClient,
+    agent: Socket,
+    frame: dict[str, Any],
+    since: int,
+    wamid: str,
+    *,
+    simulator: str | None,
+) -> str:
+    """The agent reads the customer's message (twice): READ once, Meta told once.
+    Answers the path of the read call."""
+    mine = frame["conversation_id"]
+    read_path = f"/api/conversations/{mine}/messages/{frame['message_id']}/read"
+    for _ in range(2):
+        answer = await owner.post(read_path)
+        assert answer.status_code == 202, answer.text
+        assert answer.json() == {"message_id": frame["message_id"], "status": "READ"}
+    read = await agent.next_of("status", wait_s=20)
+    assert (read["message_id"], read["status"], read["seq"]) == (
+        frame["message_id"],
+        "READ",
+        since + 2,
+    )
+    if simulator is not None:
+        async with httpx.AsyncClient(base_url=simulator) as sim:
+            deadline = time.monotonic() + 20
+            while (await sim.get("/simulator/receipts")).json()["whatsapp"].get(wamid) != 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+    assert await agent.ping_barrier() == []
+    return read_path
+
+
 async def customer_reply_is_recovered_with_since(
     hubs: tuple[Server, Server],
     tokens: tuple[str, str],
     webhooks: str,
     app_secret: str,
+    simulator: str | None = None,
 ) -> None:
     """`tokens`: of the organization owning the phone number, and of another one that
-    talks to the same contact; `webhooks`: the base URL serving /webhooks/whatsapp."""
+    talks to the same contact; `webhooks`: the base URL serving /webhooks/whatsapp;
+    `simulator`: the simulator, when its count of read receipts is open to read."""
     contact = f"55119{uuid.uuid4().int % 10**8:08d}"
     owner_hub, other_hub = hubs
     owner_token, other_token = tokens
@@ -105,6 +140,14 @@ async def customer_reply_is_recovered_with_since(
         changes = (await owner.get(f"/api/conversations/{mine}/changes?since={since}")).json()
         assert changes["frames"] == [frame]
 
+        read_path = await agent_reads_it(owner, agent, frame, since, wamid, simulator=simulator)
+        assert (await other.post(read_path.replace(mine, theirs))).status_code == 404
+        ours = await owner.post(f"/api/conversations/{mine}/messages", json={"text": "De nada"})
+        refused = await owner.post(
+            f"/api/conversations/{mine}/messages/{ours.json()['message_id']}/read"
+        )
+        assert (refused.status_code, refused.json()["error"]["code"]) == (409, "not_inbound")
+
         # The other organization, with the same contact, sees none of it.
         assert await watcher.ping_barrier() == []
         assert await messages_of(other, theirs) == []
@@ -124,6 +167,7 @@ async def test_a_reply_while_the_agent_is_away_is_recovered_on_the_embedded_defa
             (server.token(owner), server.token("org-other", "intruder")),
             server.url,
             DEV_SECRETS["meta_app_secret"],
+            simulator=server.url,
         )
     finally:
         stop_server(server)

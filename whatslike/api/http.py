@@ -27,11 +27,14 @@ from whatslike.api.contract import (
 from whatslike.api.errors import ApiError
 from whatslike.api.ratelimit import OrgRateLimit
 from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
-from whatslike.clock import format_time
+from whatslike.clock import format_time, utcnow
 from whatslike.events import CHANNELS
 from whatslike.hub.frames import valid_id
 from whatslike.roles import Deps, RoleDefaults
+from whatslike.status.frame import IN
+from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
+from whatslike.store.common import read_event, status_entry
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,11 @@ class NewMessage(BaseModel):
 
 class ConversationPath(BaseModel):
     id: ResourceId
+
+
+class ConversationMessagePath(BaseModel):
+    id: ResourceId
+    message_id: ResourceId
 
 
 class MessagePath(BaseModel):
@@ -149,6 +157,11 @@ class Accepted(BaseModel):
     status: StatusName = Field(
         description="PENDING for a new message; a retry answers the first message's status."
     )
+
+
+class Read(BaseModel):
+    message_id: str
+    status: Literal["READ"]
 
 
 class Changes(BaseModel):
@@ -301,6 +314,26 @@ class HttpApi(RoleDefaults):
                 errors=no_conversation,
             ),
             Operation(
+                "POST",
+                "/api/conversations/{id}/messages/{message_id}/read",
+                self.read_message,
+                "readMessage",
+                "Mark a customer's message read, and tell Meta",
+                "messages",
+                202,
+                Reply(
+                    "Its READ is stored (once: reads made again apply as one); once it "
+                    "is applied, a `status` frame follows and the read receipt goes to "
+                    "Meta, once.",
+                    Read,
+                ),
+                path_params=ConversationMessagePath,
+                errors={
+                    404: "No such message in this conversation of the caller's organization.",
+                    409: "The message is an agent's (`direction` `out`), not the customer's.",
+                },
+            ),
+            Operation(
                 "GET",
                 "/api/conversations/{id}/changes",
                 self.changes,
@@ -399,6 +432,22 @@ class HttpApi(RoleDefaults):
             {"message_id": message.id, "status": message.status.value},
             status_code=202,
         )
+
+    async def read_message(self, request: Request) -> Response:
+        identity = self._identity(request)
+        message_id = request.path_params["message_id"]
+        if not valid_id(message_id):
+            raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")
+        conversation = await self._conversation(request, identity)
+        message = await self._store.get_message(message_id)
+        if message is None or message.conversation_id != conversation.id:
+            raise ApiError(404, "not_found", "no such message in this conversation")
+        if message.direction != IN:
+            raise ApiError(409, "not_inbound", "only a customer's message can be marked read")
+        if message.status is not Status.READ:
+            await self._store.handoff([status_entry(read_event(message, utcnow()))])
+            self._handoffs.set()
+        return JSONResponse({"message_id": message.id, "status": "READ"}, status_code=202)
 
     async def get_message(self, request: Request) -> Response:
         """One message of the caller's organization, with its status history."""

@@ -66,7 +66,14 @@ from whatslike.bus.lanes import Lanes, Offsets
 from whatslike.bus.memory import backoff_delay, dead_letter
 from whatslike.bus.retry import Failure, Tries, retry_line
 from whatslike.errors import BackendUnavailable
-from whatslike.events import CHANNELS, TOPIC_MESSAGES, TOPIC_STATUS, dlq_topic, outbound_topic
+from whatslike.events import (
+    CHANNELS,
+    TOPIC_MESSAGES,
+    TOPIC_STATUS,
+    dlq_topic,
+    outbound_topic,
+    receipt_topic,
+)
 from whatslike.metrics import Metrics
 from whatslike.settings import Settings
 
@@ -74,7 +81,12 @@ log = logging.getLogger(__name__)
 
 #: The topics of protocol.md §2 (each with its `.dlq`), created at start by every process:
 #: a publisher may start before the process that consumes the topic.
-PROTOCOL_TOPICS = (TOPIC_MESSAGES, *(outbound_topic(c) for c in CHANNELS), TOPIC_STATUS)
+PROTOCOL_TOPICS = (
+    TOPIC_MESSAGES,
+    *(outbound_topic(c) for c in CHANNELS),
+    TOPIC_STATUS,
+    *(receipt_topic(c) for c in CHANNELS),
+)
 _TOPIC_ALREADY_EXISTS = 36
 #: Errors after which an idempotent producer refuses every later record: it is replaced.
 _PRODUCER_BROKEN = (

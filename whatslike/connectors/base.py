@@ -44,7 +44,14 @@ from whatslike.connectors.meta import (
 )
 from whatslike.connectors.pacing import Pacer
 from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
-from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent, outbound_topic
+from whatslike.events import (
+    TOPIC_MESSAGES,
+    OutboundMessage,
+    ReadReceipt,
+    StatusEvent,
+    outbound_topic,
+    receipt_topic,
+)
 from whatslike.grouping import Grouped
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
@@ -184,6 +191,7 @@ class MetaConnector(ABC, Generic[T]):
         # Webhooks answered at the same time share one store transaction.
         self._webhook_handoffs = Grouped(self._hand_off_many, f"{self.name}-handoffs", 256)
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
+        deps.bus.subscribe(receipt_topic(self.channel), self.name, self.send_receipt)
 
     def routes(self) -> list[BaseRoute]:
         return []  # its webhooks are operations of the contract
@@ -250,6 +258,10 @@ class MetaConnector(ABC, Generic[T]):
     def send_body(self, message: OutboundMessage) -> dict[str, Any]: ...
 
     @abstractmethod
+    def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
+        """The Graph API call (to `send_url`) telling Meta the customer's message was read."""
+
+    @abstractmethod
     def provider_id_of(self, answer: Any) -> str:
         """The provider message id in a 2xx send answer; raises on an unexpected shape."""
 
@@ -305,6 +317,44 @@ class MetaConnector(ABC, Generic[T]):
         )
         self._inbound.inc()
         self.add_status(handoff, message, Status.DELIVERED, item.provider_message_id, item.sent_at)
+
+    # -- read receipts ----------------------------------------------------------------
+
+    async def send_receipt(self, raw: bytes) -> None:
+        """Bus handler of `receipts.<channel>`: tell Meta an agent read a customer's
+        message, then complete its hand-off. Meta takes a repeated receipt as a no-op, so
+        one whose outcome is unknown is simply made again (raising makes the bus retry);
+        one Meta refuses for good is logged and dropped (the message stays READ here)."""
+        receipt = ReadReceipt.from_json(raw)
+        await self._pacer.slot()
+        body = json.dumps(self.receipt_body(receipt), separators=(",", ":")).encode()
+        try:
+            response = await self._http.post(
+                self.send_url(), body, self._send_headers, self._settings.send_timeout_s
+            )
+        except (NotSent, OutcomeUnknown) as exc:
+            self._metrics.receipts.labels(self.channel, "retry").inc()
+            raise ProviderUnavailable(f"read receipt of {receipt.message_id}: {exc}") from exc
+        if not response.ok:
+            error, transient = meta_error(response)
+            if response.status == 429 or response.status >= 500 or transient:
+                self._metrics.receipts.labels(self.channel, "retry").inc()
+                raise ProviderUnavailable(
+                    f"read receipt of {receipt.message_id}: HTTP {response.status} {error.code}"
+                )
+            self._metrics.receipts.labels(self.channel, "refused").inc()
+            log.warning(
+                "%s: Meta refused the read receipt of %s: %s %s",
+                self.name,
+                receipt.message_id,
+                error.code,
+                error.title,
+            )
+        else:
+            self._metrics.receipts.labels(self.channel, "ok").inc()
+        await self._retrying(
+            lambda: self._store.handoff(done=[(receipt_topic(self.channel), receipt.message_id)])
+        )
 
     # -- sending ----------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from whatslike.connectors.meta import (
     json_text,
     webhook_entries,
 )
-from whatslike.events import OutboundMessage
+from whatslike.events import OutboundMessage, ReadReceipt
 from whatslike.settings import Settings
 from whatslike.status.rules import Status
 from whatslike.store.base import Message, ParkedStatus
@@ -158,6 +158,11 @@ def send_body(recipient_id: str, text: str) -> dict[str, Any]:
     return {"recipient": {"id": recipient_id}, "message": {"text": text}}
 
 
+def receipt_body(recipient_id: str) -> dict[str, Any]:
+    """Marks the thread with the customer seen (Instagram has no per-message receipt)."""
+    return {"recipient": {"id": recipient_id}, "sender_action": "mark_seen"}
+
+
 class InstagramConnector(MetaConnector[InstagramItem]):
     name = "connector-instagram"
     channel = "instagram"
@@ -171,6 +176,9 @@ class InstagramConnector(MetaConnector[InstagramItem]):
 
     def send_body(self, message: OutboundMessage) -> dict[str, Any]:
         return send_body(message.to, message.text)
+
+    def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
+        return receipt_body(receipt.contact)
 
     def provider_id_of(self, answer: Any) -> str:
         provider_id = answer["message_id"]

@@ -24,7 +24,7 @@ from whatslike.connectors.meta import (
     json_text,
     webhook_entries,
 )
-from whatslike.events import OutboundMessage
+from whatslike.events import OutboundMessage, ReadReceipt
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, ParkedStatus
@@ -239,6 +239,11 @@ def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:
     }
 
 
+def receipt_body(wamid: str) -> dict[str, Any]:
+    """Marks a customer's message read: the customer sees blue ticks."""
+    return {"messaging_product": "whatsapp", "status": "read", "message_id": wamid}
+
+
 class WhatsAppConnector(MetaConnector[WhatsAppItem]):
     name = "connector-whatsapp"
     channel = "whatsapp"
@@ -254,6 +259,9 @@ class WhatsAppConnector(MetaConnector[WhatsAppItem]):
 
     def send_body(self, message: OutboundMessage) -> dict[str, Any]:
         return send_body(message.to, message.text, message.message_id)
+
+    def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
+        return receipt_body(receipt.provider_message_id)
 
     def provider_id_of(self, answer: Any) -> str:
         provider_id = answer["messages"][0]["id"]

@@ -46,9 +46,10 @@ from whatslike.events import (
 )
 from whatslike.grouping import Grouped
 from whatslike.roles import Deps, RoleDefaults
+from whatslike.status.frame import IN
 from whatslike.status.rules import Effect, ProviderError, Status
 from whatslike.store.base import ApplyResult
-from whatslike.store.common import status_entry
+from whatslike.store.common import receipt_entry, status_entry
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class StatusWorker(RoleDefaults):
         event = StatusEvent.from_json(raw)
         self._taken([event], utcnow())
         result = await self._commit(event)
-        await self._fanout.publish_many(self._outcome(event, result))
+        frames = self._outcome(event, result)
+        await self._hand_off_receipts([result])
+        await self._fanout.publish_many(frames)
         self._published([(event, result)])
 
     async def apply_batch(self, raws: list[bytes]) -> None:
@@ -104,11 +107,38 @@ class StatusWorker(RoleDefaults):
         taken = utcnow()
         done = list(zip(events, await self._commit.many(events), strict=True))
         frames = [frame for event, result in done for frame in self._outcome(event, result)]
+        await self._hand_off_receipts([result for _, result in done])
         await self._fanout.publish_many(frames)
         # Counted once the batch is done: one that fails is handed over again one event
         # at a time (through `apply`), and each is counted there.
         self._taken(events, taken)
         self._published(done)
+
+    async def _hand_off_receipts(self, results: list[ApplyResult]) -> None:
+        """The read receipts to Meta of customers' messages that just became READ: only a
+        change makes one (a replayed or repeated READ does not), so Meta is told once. A
+        crash between the change and this hand-off loses that receipt; the next one of
+        the conversation covers it (WhatsApp marks the earlier messages read too,
+        Instagram the whole thread seen)."""
+        read = [
+            result.message
+            for result in results
+            if result.effect is Effect.CHANGED
+            and result.message is not None
+            and result.message.direction == IN
+            and result.message.status is Status.READ
+        ]
+        if not read:
+            return
+        entries = []
+        for message in read:
+            conversation = await self._store.get_conversation(
+                message.org_id, message.conversation_id
+            )
+            if conversation is not None:
+                entries.append(receipt_entry(conversation, message))
+        await self._store.handoff(entries)
+        self._handoffs.set()
 
     def _taken(self, events: list[StatusEvent], when: datetime) -> None:
         self._metrics.status_consumed.inc(len(events))

@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -168,6 +169,9 @@ class Simulator:
         self._webhook_urls = deps.settings.sim_webhook_urls
         self._next_url = 0
         self._workers: list[asyncio.Task[None]] = []
+        #: Read receipts taken, by channel and what they name (a wamid; an Instagram
+        #: customer), for a test oracle: each should be told once.
+        self.receipts: Counter[tuple[str, str]] = Counter()
         # The control changes every tenant's statuses: it needs its own token, except for
         # the demo's switch in the embedded mode on a loopback address.
         token = deps.settings.sim_control_token
@@ -181,6 +185,7 @@ class Simulator:
         return [
             Route("/simulator/control", self.control, methods=["GET", "POST"]),
             Route("/simulator/sends", self.sends, methods=["GET"]),
+            Route("/simulator/receipts", self.receipts_seen, methods=["GET"]),
             # Before the WhatsApp route, which would otherwise take "me" for a phone id.
             Route("/simulator/{version}/me/messages", self.instagram_send, methods=["POST"]),
             Route(
@@ -253,6 +258,22 @@ class Simulator:
             log.error("simulator cannot count sends: %s", exc)
             return error_response(503, "unavailable", "the simulator's database is unavailable")
 
+    async def receipts_seen(self, request: Request) -> Response:
+        """The read receipts taken: `{"whatsapp": {wamid: n}, "instagram": {id: n}}`."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        seen: dict[str, dict[str, int]] = {"whatsapp": {}, "instagram": {}}
+        for (channel, name), count in self.receipts.items():
+            seen[channel][name] = count
+        return JSONResponse(seen)
+
+    def _receipt(self, channel: str, name: Any) -> Response:
+        if not isinstance(name, str) or not name:
+            return _graph_error(400, 100, "(#100) The read receipt names no message")
+        self.receipts[(channel, name)] += 1
+        return JSONResponse({"success": True})
+
     # -- Graph API --------------------------------------------------------------------
 
     async def whatsapp_send(self, request: Request) -> Response:
@@ -269,6 +290,8 @@ class Simulator:
                 " operation.",
                 subcode=33,
             )
+        if isinstance(body, dict) and body.get("status") == "read":
+            return self._receipt("whatsapp", body.get("message_id"))
         problem = payloads.whatsapp_send_problem(body)
         if problem is not None:
             return _graph_error(400, 100, problem)
@@ -285,6 +308,11 @@ class Simulator:
         body, refusal = await self._accept(request)
         if refusal is not None:
             return refusal
+        if isinstance(body, dict) and body.get("sender_action") == "mark_seen":
+            recipient = body.get("recipient")
+            return self._receipt(
+                "instagram", recipient.get("id") if isinstance(recipient, dict) else None
+            )
         problem = payloads.instagram_send_problem(body)
         if problem is not None:
             return _graph_error(400, 100, problem)

@@ -11,7 +11,14 @@ from typing import Any, Protocol
 
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import ConfigError
-from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
+from whatslike.events import (
+    TOPIC_MESSAGES,
+    TOPIC_STATUS,
+    OutboundMessage,
+    ReadReceipt,
+    StatusEvent,
+    receipt_topic,
+)
 from whatslike.status.frame import IN, OUT, message_frame, status_frame
 from whatslike.status.rules import (
     Effect,
@@ -149,6 +156,38 @@ def outbound_entry(conversation: Conversation, message: Message) -> OutboxEntry:
 def status_entry(event: StatusEvent) -> OutboxEntry:
     """The `msg.status` hand-off of an observed status, completed when it is applied."""
     return OutboxEntry(TOPIC_STATUS, event.conversation_id, event.to_json(), event.event_id)
+
+
+def read_event(message: Message, at: datetime) -> StatusEvent:
+    """An agent read a customer's message. The event id is the message's, so reads made
+    at once (before the first is applied) apply once: one seq, one receipt to Meta."""
+    return StatusEvent(
+        event_id=f"evt_read_{message.id}",
+        message_id=message.id,
+        conversation_id=message.conversation_id,
+        org_id=message.org_id,
+        channel=message.channel,
+        status=Status.READ,
+        provider_message_id=message.provider_message_id or "",
+        occurred_at=at,
+        received_at=at,
+    )
+
+
+def receipt_entry(conversation: Conversation, message: Message) -> OutboxEntry:
+    """The hand-off of the read receipt to Meta of a customer's message now READ,
+    completed by the connector once Meta took it."""
+    receipt = ReadReceipt(
+        message_id=message.id,
+        conversation_id=conversation.id,
+        org_id=conversation.org_id,
+        channel=conversation.channel,
+        contact=conversation.contact,
+        provider_message_id=message.provider_message_id or "",
+    )
+    return OutboxEntry(
+        receipt_topic(message.channel), conversation.id, receipt.to_json(), message.id
+    )
 
 
 def redrivable(message: Message) -> bool:
