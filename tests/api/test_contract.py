@@ -38,6 +38,7 @@ OUTSIDE_CONTRACT = {
     "/ws/status",
     "/simulator/control",
     "/simulator/sends",
+    "/simulator/receipts",
     "/simulator/{version}/me/messages",
     "/simulator/{version}/{phone_number_id}/messages",
 }
@@ -87,6 +88,7 @@ def test_every_served_api_route_is_in_the_document(runtime: Runtime) -> None:
         "/api/conversations",
         "/api/conversations/{id}",
         "/api/conversations/{id}/messages",
+        "/api/conversations/{id}/messages/{message_id}/read",
         "/api/conversations/{id}/changes",
         "/api/messages/{message_id}",
         "/api/messages",

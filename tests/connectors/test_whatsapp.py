@@ -34,8 +34,10 @@ from whatslike.events import (
     TOPIC_MESSAGES,
     TOPIC_STATUS,
     OutboundMessage,
+    ReadReceipt,
     StatusEvent,
     outbound_topic,
+    receipt_topic,
 )
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
@@ -43,12 +45,13 @@ from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
 from whatslike.status.rules import PROVIDER_CLOCK_SKEW, ProviderError, Status
-from whatslike.store.base import Conversation, Message, ParkedStatus
+from whatslike.store.base import Conversation, Message, OutboxEntry, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
 PHONE = "109876543210987"
 SECRET = "test-app-secret"
+RECEIPTS = receipt_topic("whatsapp")
 WAMID = "wamid.HBgNNTUxMTk4ODg3NzY2NRUCABEYEjRBMkQ3QjE5QzA1RDk4RTFBAA=="
 
 #: The Graph API's answer to a send (or a coroutine of it, for answers that wait).
@@ -84,9 +87,10 @@ class RecordingBus:
     def __init__(self) -> None:
         self.published: list[tuple[str, str, bytes]] = []
         self.refuse = False
+        self.subscribed: list[tuple[str, str]] = []
 
     def subscribe(self, topic: str, group: str, handler: Callable[[bytes], Any]) -> None:
-        self.subscribed = (topic, group)
+        self.subscribed.append((topic, group))
 
     async def start(self) -> None:
         return None
@@ -867,8 +871,74 @@ async def test_send_of_unknown_message_is_dead_lettered(harness: Harness) -> Non
         await harness.connector.send(ghost.to_json())
 
 
-async def test_subscribes_to_its_topic_as_its_group(harness: Harness) -> None:
-    assert harness.bus.subscribed == (outbound_topic("whatsapp"), "connector-whatsapp")
+async def test_subscribes_to_its_topics_as_its_group(harness: Harness) -> None:
+    assert harness.bus.subscribed == [
+        (outbound_topic("whatsapp"), "connector-whatsapp"),
+        (receipt_topic("whatsapp"), "connector-whatsapp"),
+    ]
+
+
+# -- customers' messages and read receipts ------------------------------------------
+
+
+async def test_a_customers_message_is_stored_then_its_arrival_handed_off(
+    harness: Harness,
+) -> None:
+    payload = fixture("whatsapp-inbound-text.json")
+    for _ in range(2):  # a redelivery stores nothing new and hands off the same event
+        assert (await harness.post(payload)).status_code == 200
+    first, again = await harness.statuses()
+    assert first.event_id == again.event_id and first.message_id == again.message_id
+    message = await harness.store.get_message(first.message_id)
+    assert message is not None
+    assert (message.direction, message.org_id, message.text) == (
+        "in",
+        "demo",
+        "Oi, recebi sim, obrigada!",
+    )
+    assert (first.status, first.occurred_at) == (
+        Status.DELIVERED,
+        datetime.fromtimestamp(1764072200, UTC),
+    )
+    conversation = await harness.store.get_conversation("demo", message.conversation_id)
+    assert conversation is not None and conversation.contact == "5511988877665"
+
+
+async def test_a_message_to_another_number_is_not_stored(harness: Harness) -> None:
+    payload = fixture("whatsapp-inbound-text.json")
+    payload["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = "999"
+    assert (await harness.post(payload)).status_code == 200
+    assert await harness.handed() == []
+
+
+async def test_a_read_receipt_marks_the_wamid_read_then_completes_its_hand_off(
+    harness: Harness,
+) -> None:
+    receipt = ReadReceipt("msg_in_1", "conv_1", "demo", "whatsapp", "55119", "wamid.in")
+    await harness.store.handoff(
+        [OutboxEntry(receipt_topic("whatsapp"), "conv_1", b"x", "msg_in_1")]
+    )
+    harness.send_handler = lambda request: httpx.Response(200, json={"success": True})
+    await harness.connector.send_receipt(receipt.to_json())
+    [request] = harness.requests
+    assert str(request.url) == "http://127.0.0.1:8123/simulator/v21.0/109876543210987/messages"
+    assert json.loads(request.content) == {
+        "messaging_product": "whatsapp",
+        "status": "read",
+        "message_id": "wamid.in",
+    }
+    assert await harness.store.outbox_size() == 0
+
+
+async def test_a_read_receipt_meta_cannot_take_now_is_retried(harness: Harness) -> None:
+    receipt = ReadReceipt("msg_in_1", "conv_1", "demo", "whatsapp", "55119", "wamid.in")
+    await harness.store.handoff(
+        [OutboxEntry(receipt_topic("whatsapp"), "conv_1", b"x", "msg_in_1")]
+    )
+    harness.send_handler = lambda request: httpx.Response(503)
+    with pytest.raises(ProviderUnavailable):
+        await harness.connector.send_receipt(receipt.to_json())
+    assert await harness.store.outbox_size() == 1
 
 
 # -- one status item, as `parse_status` reads it ---------------------------------------

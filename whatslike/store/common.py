@@ -102,8 +102,9 @@ def inbound_conversation(inbound: InboundMessage) -> Conversation:
 
 def inbound_message(conversation: Conversation, inbound: InboundMessage) -> Message:
     """A customer's message, not yet stored: PENDING until its arrival is applied. Its id
-    is made from the channel and Meta's id, so a redelivered webhook finds it."""
-    now = utcnow()
+    is made from the channel and Meta's id, so a redelivered webhook finds it. It was
+    created when the customer sent it (Meta's clock), never later than now."""
+    now = _ms(min(inbound.sent_at, utcnow()))
     return Message(
         id=f"msg_in_{_digest(inbound.channel, inbound.provider_message_id)}",
         conversation_id=conversation.id,
@@ -111,11 +112,11 @@ def inbound_message(conversation: Conversation, inbound: InboundMessage) -> Mess
         channel=conversation.channel,
         text=inbound.text,
         client_message_id="",
-        created_at=_ms(now),
+        created_at=now,
         state=MessageState(),
         seq=None,
         provider_message_id=inbound.provider_message_id,
-        updated_at=_ms(now),
+        updated_at=now,
         direction=IN,
     )
 
