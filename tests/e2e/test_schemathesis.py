@@ -35,8 +35,10 @@ from schemathesis.core.result import Ok
 from schemathesis.openapi.checks import JsonSchemaError
 
 from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.test_inbound import PHONE
 from whatslike.connectors.meta import SIGNATURE_HEADER, sign
 from whatslike.settings import DEV_SECRETS
+from whatslike.simulator import payloads
 
 AnyOperation = APIOperation[Any, Any, Any, Any]
 AnyCase = Case[AnyOperation]
@@ -45,6 +47,7 @@ EXAMPLES = 25
 STATEFUL_RUNS = 20
 STEPS = 6
 SEED = 16
+ORG = "org-schemathesis"
 
 
 def closed(document: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +61,10 @@ def closed(document: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("schemathesis"))
+    # Customers' messages to the number go to the organization of the test's token.
+    running = start_server(
+        tmp_path_factory.mktemp("schemathesis"), {"WHATSLIKE_WHATSAPP_ORG_ID": ORG}
+    )
     yield running
     stop_server(running)
 
@@ -66,15 +72,20 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @dataclass(frozen=True)
 class Known:
     """A conversation and a message of the token's organization, the message sent (it has
-    its provider id): half the cases of an operation that takes one use these ids."""
+    its provider id), and a customer's message in that conversation: half the cases of
+    an operation that takes one use these ids."""
 
     token: str
     conversation_id: str
     message_id: str
     provider_message_id: str
+    inbound_message_id: str
 
     def fixed(self, operation: AnyOperation) -> dict[str, Any]:
         names = {parameter.name for parameter in operation.iter_parameters()}
+        if {"id", "message_id"} <= names:
+            ids = {"id": self.conversation_id, "message_id": self.inbound_message_id}
+            return {"path_parameters": ids}
         if "id" in names:
             return {"path_parameters": {"id": self.conversation_id}}
         if "message_id" in names:
@@ -86,7 +97,7 @@ class Known:
 
 @pytest.fixture(scope="module")
 def known(served: Server) -> Known:
-    token = served.token("org-schemathesis")
+    token = served.token(ORG)
     with httpx.Client(
         base_url=served.url, headers={"Authorization": f"Bearer {token}"}, timeout=10
     ) as client:
@@ -100,7 +111,17 @@ def known(served: Server) -> Known:
         ] is None:
             assert time.monotonic() < deadline, f"the message was never sent: {message}"
             time.sleep(0.05)
-    return Known(token, conversation_id, message_id, message["provider_message_id"])
+        reply = payloads.whatsapp_message("+55", "wamid.schemathesis", int(time.time()), "oi")
+        webhook = payloads.whatsapp_message_webhook(PHONE, "+55", [reply])
+        body = json.dumps(webhook).encode()
+        signature = sign(DEV_SECRETS["meta_app_secret"], body)
+        answer = client.post(
+            "/webhooks/whatsapp", content=body, headers={SIGNATURE_HEADER: signature}
+        )
+        assert answer.status_code == 200, answer.text
+        listed = client.get(f"/api/conversations/{conversation_id}/messages").json()["messages"]
+        [inbound] = [m["id"] for m in listed if m["direction"] == "in"]
+    return Known(token, conversation_id, message_id, message["provider_message_id"], inbound)
 
 
 def load(served: Server, known: Known, document: dict[str, Any]) -> BaseSchema:
