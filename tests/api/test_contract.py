@@ -39,6 +39,7 @@ OUTSIDE_CONTRACT = {
     "/simulator/control",
     "/simulator/sends",
     "/simulator/receipts",
+    "/simulator/reply",
     "/simulator/{version}/me/messages",
     "/simulator/{version}/{phone_number_id}/messages",
 }

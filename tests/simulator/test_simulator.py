@@ -26,7 +26,7 @@ from tests.connectors.test_whatsapp import RecordingBus
 from whatslike.api.contract import routes
 from whatslike.connectors import instagram
 from whatslike.connectors.instagram import InstagramRead
-from whatslike.connectors.meta import signature_valid
+from whatslike.connectors.meta import CustomerMessage, signature_valid
 from whatslike.connectors.whatsapp import WhatsAppConnector, WhatsAppStatus, parse_webhook
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
@@ -342,6 +342,40 @@ async def served(
             sock.close()
     finally:
         await http.close()
+
+
+async def test_the_customer_replies_on_both_channels_by_signed_webhooks(tmp_path: Path) -> None:
+    receiver = Receiver()
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[0].routes() + receiver.routes()
+
+    async with served(build, lambda: sims, tmp_path) as config:
+        async with httpx.AsyncClient(base_url=config.base_url) as client:
+            ids = []
+            for channel in ("whatsapp", "instagram"):
+                reply = {"channel": channel, "contact": "5511988877665", "text": "Oi!"}
+                answer = await client.post("/simulator/reply", json=reply)
+                assert answer.status_code == 202, answer.text
+                ids.append(answer.json()["provider_message_id"])
+            for bad in ({"channel": "sms"}, {"channel": "whatsapp", "contact": "5", "text": ""}):
+                assert (await client.post("/simulator/reply", json=bad)).status_code == 400
+            # Not a send: the oracle of sends does not count it.
+            assert (await client.get("/simulator/sends")).json()["sends"] == 0
+        await eventually(lambda: len(receiver.posts) == 2)
+    found = {}
+    for channel, body, header in receiver.posts:
+        assert signature_valid(SECRET, body, header)
+        parse = parse_webhook if channel == "whatsapp" else instagram.parse_webhook
+        [message] = parse(json.loads(body)).items
+        assert isinstance(message, CustomerMessage)
+        found[channel] = (message.contact, message.provider_message_id, message.text)
+    assert found == {
+        "whatsapp": ("5511988877665", ids[0], "Oi!"),
+        "instagram": ("5511988877665", ids[1], "Oi!"),
+    }
 
 
 async def test_whatsapp_webhooks_signed_in_order(tmp_path: Path) -> None:

@@ -89,6 +89,23 @@ def changed_controls(current: Controls, data: Any) -> Controls:
     return controls
 
 
+def customer_reply(data: Any) -> tuple[str, str, str]:
+    """(channel, contact, text) of a `POST /simulator/reply` body; ValueError says why not."""
+    if not isinstance(data, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = sorted(set(data) - {"channel", "contact", "text"})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    channel, contact, text = data.get("channel"), data.get("contact"), data.get("text")
+    if channel not in ("whatsapp", "instagram"):
+        raise ValueError("channel must be whatsapp or instagram")
+    if not isinstance(contact, str) or not 0 < len(contact) <= 128 or not contact.isprintable():
+        raise ValueError("contact must be 1 to 128 printable characters")
+    if not isinstance(text, str) or not 0 < len(text) <= payloads.WHATSAPP_TEXT_LIMIT:
+        raise ValueError(f"text must be 1 to {payloads.WHATSAPP_TEXT_LIMIT} characters")
+    return channel, contact, text
+
+
 class FailureLog:
     """Warnings about failed webhook attempts, at most one per interval: a connector that
     is down fails every pending delivery, which would flood the log. Never the URL (it may
@@ -186,6 +203,7 @@ class Simulator:
             Route("/simulator/control", self.control, methods=["GET", "POST"]),
             Route("/simulator/sends", self.sends, methods=["GET"]),
             Route("/simulator/receipts", self.receipts_seen, methods=["GET"]),
+            Route("/simulator/reply", self.reply, methods=["POST"]),
             # Before the WhatsApp route, which would otherwise take "me" for a phone id.
             Route("/simulator/{version}/me/messages", self.instagram_send, methods=["POST"]),
             Route(
@@ -267,6 +285,41 @@ class Simulator:
         for (channel, name), count in self.receipts.items():
             seen[channel][name] = count
         return JSONResponse(seen)
+
+    async def reply(self, request: Request) -> Response:
+        """The customer `contact` writes `text` on `channel`: its webhook is stored with
+        the others (it survives a restart) and delivered now. Answers Meta's id of it."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        raw = await read_body(request, MAX_REQUEST_BYTES)
+        try:
+            channel, contact, text = customer_reply(json.loads(raw if raw is not None else b""))
+        except ValueError as exc:
+            return error_response(400, "bad_request", str(exc))
+        now = time.time()
+        if channel == "whatsapp":
+            provider_id = payloads.new_wamid()
+            message = payloads.whatsapp_message(contact, provider_id, int(now), text)
+            webhook = payloads.whatsapp_message_webhook(
+                self._settings.whatsapp_phone_number_id, contact, [message]
+            )
+        else:
+            provider_id = payloads.new_instagram_mid()
+            account = self._settings.instagram_account_id
+            at_ms = int(now * 1000)
+            item = payloads.instagram_message(account, contact, provider_id, text, at_ms)
+            webhook = payloads.instagram_webhook(account, [item], at_ms)
+        try:
+            deliveries = await self.schedule.accept(None, [Planned(now, channel, _encode(webhook))])
+        except BackendUnavailable as exc:
+            log.error("simulator cannot store a reply: %s", exc)
+            return error_response(503, "unavailable", "the simulator's database is unavailable")
+        if deliveries is None:
+            return error_response(429, "rate_limited", "the simulator's webhook queue is full")
+        for delivery in deliveries:
+            self.schedule.put(delivery)
+        return JSONResponse({"provider_message_id": provider_id}, status_code=202)
 
     def _receipt(self, channel: str, name: Any) -> Response:
         if not isinstance(name, str) or not name:

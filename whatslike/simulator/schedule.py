@@ -156,21 +156,25 @@ class WebhookSchedule:
                 db, self._db = self._db, None
                 await db.close()
 
-    async def accept(self, send_key: str, planned: Sequence[Planned]) -> list[Delivery] | None:
-        """Store one send and its deliveries in one transaction; None when they do not fit
-        (nothing stored). The deliveries are not queued: `put` them. Raises
-        BackendUnavailable when the file cannot be written."""
+    async def accept(
+        self, send_key: str | None, planned: Sequence[Planned]
+    ) -> list[Delivery] | None:
+        """Store one send (counted under `send_key`; None: a customer's message, no send)
+        and its deliveries in one transaction; None when they do not fit (nothing
+        stored). The deliveries are not queued: `put` them. Raises BackendUnavailable
+        when the file cannot be written."""
         if self._pending + len(planned) > self.capacity:
             return None
         self._pending += len(planned)
         try:
             deliveries = []
             async with self._transaction() as db:
-                await db.execute(
-                    "INSERT INTO sends (key, count) VALUES (?, 1)"
-                    " ON CONFLICT (key) DO UPDATE SET count = count + 1",
-                    (send_key,),
-                )
+                if send_key is not None:
+                    await db.execute(
+                        "INSERT INTO sends (key, count) VALUES (?, 1)"
+                        " ON CONFLICT (key) DO UPDATE SET count = count + 1",
+                        (send_key,),
+                    )
                 for plan in planned:
                     [(row_id,)] = await db.execute_fetchall(
                         "INSERT INTO deliveries (channel, body, first_due, due)"
