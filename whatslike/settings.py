@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -18,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from whatslike.errors import ConfigError
 
 ROLES = ("api", "router", "connector", "status-worker", "simulator")
+#: Meta's own Graph API: what `CUSTOMER_WINDOW=auto` enforces the window against.
+META_GRAPH_HOST = "graph.facebook.com"
 
 #: The Meta credentials a fresh checkout runs with: fine for the embedded simulator,
 #: refused anywhere else (anyone who reads this file could forge webhooks with them).
@@ -175,6 +178,12 @@ class Settings(BaseSettings):
     #: messages to them go into these organizations' conversations.
     whatsapp_org_id: str = "demo"
     instagram_org_id: str = "demo"
+    #: The customer service window (24 h after the customer's last message): `enforce`
+    #: refuses a free-form send outside it (422 `outside_window`) rather than have Meta
+    #: refuse it (131047) after the send; `off` never does; `auto` enforces it only
+    #: against Meta's real Graph API, so the simulator, the demo and the benchmarks,
+    #: whose customers never write first, send as they always did.
+    customer_window: Literal["auto", "enforce", "off"] = "auto"
     send_timeout_s: float = Field(10.0, gt=0)
     #: Sends per second we allow ourselves per WhatsApp business number (Meta's default
     #: tier is 80/s, 1,000/s after its upgrade) and per Instagram account (Meta: 100
@@ -289,6 +298,12 @@ class Settings(BaseSettings):
     @property
     def effective_graph_url(self) -> str:
         return (self.graph_url or f"{self.base_url}/simulator").rstrip("/")
+
+    @property
+    def enforces_customer_window(self) -> bool:
+        if self.customer_window == "auto":
+            return urlsplit(self.effective_graph_url).hostname == META_GRAPH_HOST
+        return self.customer_window == "enforce"
 
     @property
     def sim_webhook_urls(self) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ same request is safe to repeat."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -13,9 +13,11 @@ import pytest
 
 from whatslike.app import Runtime
 from whatslike.auth import TokenService
+from whatslike.clock import format_time
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage, StatusEvent
 from whatslike.settings import load_settings, resolve_jwt_secret
 from whatslike.status.rules import Status
+from whatslike.store.base import InboundMessage
 
 
 @pytest.fixture
@@ -165,3 +167,50 @@ async def test_posting_a_message_answers_every_refusal_as_the_api_does(runtime: 
     assert (odd_id.status_code, odd_id.json()["error"]["code"]) == (400, "bad_request")
     for routed in (nested, empty):
         assert (routed.status_code, routed.json()["error"]["code"]) == (404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("window", "graph_url", "enforced"),
+    [
+        ("auto", "", False),  # the simulator: its customers never write first
+        ("auto", "https://graph.facebook.com", True),
+        ("enforce", "", True),
+        ("off", "https://graph.facebook.com", False),
+    ],
+)
+def test_the_customer_window_is_enforced_against_meta_only_by_default(
+    tmp_path: Path, window: str, graph_url: str, enforced: bool
+) -> None:
+    settings = load_settings(data_dir=tmp_path, customer_window=window, graph_url=graph_url)
+    assert settings.enforces_customer_window is enforced
+
+
+async def test_a_free_form_send_outside_the_window_is_422_naming_when_it_closed(
+    tmp_path: Path,
+) -> None:
+    runtime = Runtime(load_settings(data_dir=tmp_path, customer_window="enforce"))
+    await runtime.open()
+    store = runtime.deps.store
+    try:
+        async with await client_for(runtime) as client:
+            url = await messages_url(client)
+            never = await client.post(url, json={"text": "oi"})
+            assert never.status_code == 422
+            assert never.json()["error"]["code"] == "outside_window"
+            assert "has not written" in never.json()["error"]["message"]
+
+            wrote_at = datetime.now(UTC) - timedelta(hours=25)
+            await store.receive_message(
+                InboundMessage("acme", "whatsapp", "+55", "wamid.old", "oi", wrote_at)
+            )
+            closed = await client.post(url, json={"text": "oi"})
+            assert closed.status_code == 422
+            closed_at = format_time(wrote_at.replace(microsecond=0) + timedelta(hours=24))
+            assert closed_at[:16] in closed.json()["error"]["message"]
+
+            await store.receive_message(
+                InboundMessage("acme", "whatsapp", "+55", "wamid.new", "oi", datetime.now(UTC))
+            )
+            assert (await client.post(url, json={"text": "oi"})).status_code == 202
+    finally:
+        await store.close()

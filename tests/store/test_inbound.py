@@ -120,3 +120,15 @@ async def test_customers_messages_are_never_sent_nor_read_by_the_customer(store:
     stuck = await store.stuck(future, future, future, 100)
     assert theirs.id not in {m.id for m in (*stuck.pending, *stuck.unknown)}
     assert not await store.redrive(theirs.id)
+
+
+async def test_the_last_inbound_time_is_the_latest_customers_message(store: Store) -> None:
+    conversation = await store.create_conversation("org_a", "whatsapp", CONTACT)
+    assert await store.last_inbound_at(conversation.id) is None
+    later = InboundMessage("org_a", "whatsapp", CONTACT, "wamid.later", "b", at(5000))
+    await store.receive_message(later)
+    # An earlier one arriving after it (Meta does not keep order) moves nothing back.
+    await store.receive_message(inbound("wamid.earlier"))
+    await store.create_message(conversation, "ours", "")
+    assert await store.last_inbound_at(conversation.id) == at(5000)
+    assert await store.last_inbound_at("conv_none") is None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 
 Channel = Literal["whatsapp", "instagram"]
+
+#: How long after a customer's message a free-form message may be sent (Meta's rule).
+CUSTOMER_WINDOW = timedelta(hours=24)
 
 # -- requests (validated with these models) ---------------------------------------------
 
@@ -297,7 +300,11 @@ class HttpApi(RoleDefaults):
                 ),
                 body=NewMessage,
                 path_params=ConversationPath,
-                errors=no_conversation,
+                errors={
+                    **no_conversation,
+                    422: "`outside_window`: the customer service window is closed (24 h "
+                    "after the customer's last message; enforced per `CUSTOMER_WINDOW`).",
+                },
                 links=[Link("getMessage", {"message_id": "$response.body#/message_id"})],
                 hot=True,
             ),
@@ -420,6 +427,8 @@ class HttpApi(RoleDefaults):
         identity = self._identity(request)
         conversation = await self._conversation(request, identity)
         body = await _body(request, NewMessage)
+        if self._settings.enforces_customer_window:
+            await self._check_window(conversation)
         # The message and the work of sending it (an outbox entry) are stored in one
         # transaction before the 202; a retry with the same client_message_id answers the
         # same message and adds no work. The relay hands the entry to the bus.
@@ -432,6 +441,27 @@ class HttpApi(RoleDefaults):
             {"message_id": message.id, "status": message.status.value},
             status_code=202,
         )
+
+    async def _check_window(self, conversation: Conversation) -> None:
+        """A free-form message goes out only within the customer service window: 24 h
+        after the customer's last message (WhatsApp and Instagram alike)."""
+        last = await self._store.last_inbound_at(conversation.id)
+        if last is None:
+            raise ApiError(
+                422,
+                "outside_window",
+                "the customer has not written in this conversation: a free-form message "
+                "can be sent only within 24 h of the customer's last message",
+            )
+        closed_at = last + CUSTOMER_WINDOW
+        if closed_at <= utcnow():
+            raise ApiError(
+                422,
+                "outside_window",
+                f"the customer service window closed at {format_time(closed_at)} (24 h "
+                "after the customer's last message): a free-form message can no longer "
+                "be sent",
+            )
 
     async def read_message(self, request: Request) -> Response:
         identity = self._identity(request)

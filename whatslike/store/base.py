@@ -199,6 +199,11 @@ class Store(Protocol):
         if there is none. Idempotent on the provider id: the same one again answers the
         message stored the first time and changes nothing."""
 
+    async def last_inbound_at(self, conversation_id: str) -> datetime | None:
+        """When the customer last wrote in this conversation (Meta's time of their latest
+        message), or None: where WhatsApp's and Instagram's customer service window
+        starts."""
+
     async def get_message(self, message_id: str) -> Message | None: ...
 
     async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:

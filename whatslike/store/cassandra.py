@@ -237,8 +237,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Who made a send claim: one id per attempt.
     ("ALTER TABLE messages ADD IF NOT EXISTS send_claim uuid",),
-    # Customers' messages: "in"; null (every message before them) is an agent's.
-    ("ALTER TABLE messages ADD IF NOT EXISTS direction text",),
+    # Customers' messages: "in"; null (every message before them) is an agent's. And when
+    # each conversation's customer last wrote (the customer service window), written with
+    # that time as its write time, so the latest wins whatever the order of arrival.
+    (
+        "ALTER TABLE messages ADD IF NOT EXISTS direction text",
+        """CREATE TABLE IF NOT EXISTS inbound_times (
+            conversation_id text PRIMARY KEY, last_at timestamp)""",
+    ),
 )
 
 _MESSAGE_COLUMNS = (
@@ -274,6 +280,10 @@ _CQL = {
         " created_at, status, updated_at, provider_message_id, direction, version)"
         " VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, 0) IF NOT EXISTS"
     ),
+    "set_inbound_time": (
+        "UPDATE inbound_times USING TIMESTAMP ? SET last_at = ? WHERE conversation_id = ?"
+    ),
+    "inbound_time": "SELECT last_at FROM inbound_times WHERE conversation_id = ?",
     "hint": "SELECT last_seq FROM seq_hints WHERE conversation_id = ?",
     "set_hint": "UPDATE seq_hints USING TIMESTAMP ? SET last_seq = ? WHERE conversation_id = ?",
     "message": f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",
@@ -916,13 +926,22 @@ class CassandraStore:
         # Its place in the list after the row, and again on a redelivery (the same row
         # again): a crash in between leaves no message out of the list for good.
         month = _month(message.created_at)
+        written_at = int(message.created_at.timestamp() * 1_000_000)
         await self._batch(
             [
                 ("add_month", (message.conversation_id, month)),
                 ("list_entry", (message.conversation_id, month, message.created_at, message.id)),
+                (
+                    "set_inbound_time",
+                    (written_at, message.created_at, message.conversation_id),
+                ),
             ]
         )
         return message
+
+    async def last_inbound_at(self, conversation_id: str) -> datetime | None:
+        rows = await self._run("inbound_time", conversation_id)
+        return _time(rows[0]["last_at"]) if rows and rows[0]["last_at"] is not None else None
 
     async def _latest_conversation(self, inbound: InboundMessage) -> Conversation:
         """The organization's latest conversation with the contact on the channel (of

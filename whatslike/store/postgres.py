@@ -461,6 +461,15 @@ class PostgresStore:
             stored = await conn.fetchrow(select, message.id)
         return _message(stored) if stored is not None else message
 
+    async def last_inbound_at(self, conversation_id: str) -> datetime | None:
+        async with self._connection() as conn:
+            at = await conn.fetchval(
+                "SELECT max(created_at) FROM messages"
+                " WHERE conversation_id = $1 AND direction = 'in'",
+                conversation_id,
+            )
+        return _time(at) if at is not None else None
+
     async def get_message(self, message_id: str) -> Message | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(

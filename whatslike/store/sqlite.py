@@ -368,6 +368,14 @@ class SQLiteStore:
 
         return await self._in_thread(work, write=True)
 
+    async def last_inbound_at(self, conversation_id: str) -> datetime | None:
+        rows = await self._read(
+            "SELECT max(created_at) AS at FROM messages"
+            " WHERE conversation_id = ? AND direction = 'in'",
+            (conversation_id,),
+        )
+        return parse_time(rows[0]["at"]) if rows and rows[0]["at"] is not None else None
+
     async def get_message(self, message_id: str) -> Message | None:
         rows = await self._read(
             f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
