@@ -5,6 +5,7 @@ a phone-width layout that does not overflow."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,35 @@ def test_demo_link_shows_ticks_moving_live(embedded_server: Server, new_page: Ne
 
     assert_no_horizontal_overflow(page)
     print(f"\nscreenshot: {screenshot(page, 'demo-desktop')}")
+
+
+def test_the_customers_reply_shows_live_and_is_read_when_shown(
+    embedded_server: Server, new_page: NewPage
+) -> None:
+    page = new_page(1280, 800)
+    page.goto(printed_demo_url(embedded_server))
+    expect(page.get_by_test_id("conn-state")).to_have_text("open")
+    conversation_id = start_chat(page, "whatsapp", "5511977776666")
+    ours = send(page, "Seu pedido saiu para entrega")
+    expect(ours).to_have_attribute("data-status", "READ")
+
+    reply_url = f"{embedded_server.url}/simulator/reply"
+    with page.expect_response(lambda r: r.url == reply_url) as replied:
+        page.get_by_test_id("customer-reply").click()
+    wamid = replied.value.json()["provider_message_id"]
+    theirs = page.locator('[data-testid="message"][data-direction="in"]')
+    expect(theirs).to_have_count(1)
+    expect(theirs).to_have_text(re.compile(r"Oi! Recebi|Pode entregar|Perfeito"))
+    # Shown on the agent's screen: read, and Meta told once (the customer's ticks go blue).
+    expect(theirs).to_have_attribute("data-status", "READ")
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{embedded_server.url}/simulator/receipts").json()["whatsapp"].get(wamid) != 1:
+        assert time.monotonic() < deadline, "the read receipt never reached the simulator"
+        time.sleep(0.05)
+    inbound = page.evaluate("window.demo.inbound")
+    assert [(f["conversation_id"], f["seq"]) for f in inbound] == [(conversation_id, 4)]
+    assert_no_horizontal_overflow(page)
+    print(f"\nscreenshot: {screenshot(page, 'demo-two-way')}")
 
 
 def wait_for_last_seq(split: Split, token: str, conversation_id: str, seq: int) -> None:
