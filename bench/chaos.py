@@ -109,6 +109,8 @@ class ChaosConfig:
     seed: int
     database: Database = "sqlite"
     messages: int = 500
+    #: Customers' replies, made by the simulator (`POST /simulator/reply`) during the load.
+    replies: int = 50
     conversations: int = 20
     #: Messages per second; default: spread the messages over the fault window.
     rate: float | None = None
@@ -488,6 +490,8 @@ class WebhookTap:
         #: The WhatsApp statuses of every message that were posted at all, answered or not.
         self.whatsapp_posted: dict[str, set[str]] = {}
         self.instagram_reads_acked = 0
+        #: Meta's ids of the customers' messages whose webhook was answered 200.
+        self.customer_acked: list[str] = []
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -523,7 +527,7 @@ class WebhookTap:
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, bytes]:
         kept = ("content-type", "user-agent", "x-hub-signature-256")
-        statuses, reads = _webhook_contents(path, body)
+        statuses, reads, customers = _webhook_contents(path, body)
         for message_id, status in statuses:
             self.whatsapp_posted.setdefault(message_id, set()).add(status)
         try:
@@ -540,23 +544,31 @@ class WebhookTap:
         if response.status_code == 200:
             self.whatsapp_acked += statuses
             self.instagram_reads_acked += reads
+            self.customer_acked += customers
         return response.status_code, response.content
 
 
-def _webhook_contents(path: str, body: bytes) -> tuple[list[tuple[str, str]], int]:
+def _webhook_contents(path: str, body: bytes) -> tuple[list[tuple[str, str]], int, list[str]]:
     """The (message id, STATUS) pairs of a WhatsApp webhook (the message id is our own,
-    echoed in biz_opaque_callback_data), and the number of reads in an Instagram one."""
+    echoed in biz_opaque_callback_data), the number of reads in an Instagram one, and
+    Meta's ids of the customers' messages in either."""
     statuses: list[tuple[str, str]] = []
     reads = 0
+    customers: list[str] = []
     for entry in json.loads(body).get("entry", []):
         if path.endswith("/whatsapp"):
             for change in entry.get("changes", []):
-                for item in change.get("value", {}).get("statuses", []):
+                value = change.get("value", {})
+                for item in value.get("statuses", []):
                     message_id = item.get("biz_opaque_callback_data", "")
                     statuses.append((message_id, item["status"].upper()))
+                customers += [item["id"] for item in value.get("messages", [])]
         else:
             reads += sum(1 for item in entry.get("messaging", []) if "read" in item)
-    return statuses, reads
+            customers += [
+                item["message"]["mid"] for item in entry.get("messaging", []) if "message" in item
+            ]
+    return statuses, reads, customers
 
 
 # -- clients --------------------------------------------------------------------------
@@ -637,6 +649,41 @@ class Load:
             backoff = min(2.0, backoff * 2)
 
 
+class Replies:
+    """The customers answer: each reply is asked of the simulator (which stores its
+    webhook, then delivers it through the tap) and retried until it answers 202; the
+    simulator may be down meanwhile."""
+
+    def __init__(self, simulator: str, token: str, deadline_s: float) -> None:
+        self._simulator = simulator
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._deadline_s = deadline_s
+        #: Meta's ids of the replies the simulator took; how many were never taken.
+        self.made: list[str] = []
+        self.never = 0
+
+    async def run(self, plan: list[tuple[str, str, str]], rate: float) -> None:
+        began = time.monotonic()
+        async with httpx.AsyncClient(base_url=self._simulator, timeout=REQUEST_TIMEOUT_S) as sim:
+            for n, (channel, contact, text) in enumerate(plan):
+                await asyncio.sleep(max(0.0, began + n / rate - time.monotonic()))
+                await self._reply(sim, {"channel": channel, "contact": contact, "text": text})
+
+    async def _reply(self, sim: httpx.AsyncClient, body: dict[str, str]) -> None:
+        began = time.monotonic()
+        while time.monotonic() - began < self._deadline_s:
+            try:
+                response = await sim.post("/simulator/reply", json=body, headers=self._headers)
+            except httpx.TransportError:
+                pass
+            else:
+                if response.status_code == 202:
+                    self.made.append(str(response.json()["provider_message_id"]))
+                    return
+            await asyncio.sleep(random.uniform(0.1, 0.5))
+        self.never += 1
+
+
 class Watcher:
     """One WebSocket subscribed to every conversation; whenever it drops, it reconnects
     and resubscribes with `since` = the last seq it saw in each conversation."""
@@ -701,7 +748,7 @@ class Watcher:
             self.not_recovered.append(frame["conversation_id"])
         elif kind == "error":
             self.errors.append(json.dumps(frame))
-        elif kind == "status":
+        elif kind in ("status", "message"):  # one seq stream
             frames = self.frames[frame["conversation_id"]]
             seq = int(frame["seq"])
             if frames and seq <= int(frames[-1]["seq"]):
@@ -813,6 +860,9 @@ class Run:
         self.pipeline.env = {
             "WHATSLIKE_JWT_SECRET": secret,
             "WHATSLIKE_GRAPH_URL": f"{self.simulator.url}/simulator",
+            # The customers' replies go to the organization of this run.
+            "WHATSLIKE_WHATSAPP_ORG_ID": ORG,
+            "WHATSLIKE_INSTAGRAM_ORG_ID": ORG,
             **meta,
             **config.pipeline_env,
         }
@@ -825,8 +875,10 @@ class Run:
             }
         for role in self.roles:
             role.env = self.pipeline.env  # one dict: the database URL is added later
+        self.control_token = uuid.uuid4().hex
         self.simulator.env = {
             "WHATSLIKE_JWT_SECRET": secret,
+            "WHATSLIKE_SIM_CONTROL_TOKEN": self.control_token,
             **meta,
             "WHATSLIKE_SIM_DELAY_MS": str(config.sim_delay_ms),
             "WHATSLIKE_SIM_FAILURE_RATE": str(config.sim_failure_rate),
@@ -840,6 +892,8 @@ class Run:
             timeout=REQUEST_TIMEOUT_S,
         )
         self.fault_log: list[str] = []
+        #: Conversation id → (channel, contact).
+        self.contacts: dict[str, tuple[str, str]] = {}
 
     async def use_database(self, database: str) -> None:
         """Point the pipeline at its store: Cassandra's keyspace URL as given, PostgreSQL's
@@ -959,7 +1013,17 @@ class Run:
             if response.status_code != 201:
                 raise ChaosSetupError(f"creating a conversation answered {response.text}")
             ids[str(response.json()["id"])] = channel
+            self.contacts[str(response.json()["id"])] = (channel, contact)
         return ids
+
+    def reply_plan(self) -> list[tuple[str, str, str]]:
+        """(channel, contact, text) of each customer's reply."""
+        rng = random.Random(f"replies-{self.config.seed}")
+        conversations = sorted(self.contacts)
+        return [
+            (*self.contacts[rng.choice(conversations)], f"chaos reply {self.config.seed}-{n}")
+            for n in range(self.config.replies)
+        ]
 
     def load_plan(self, conversations: dict[str, str]) -> list[Sent]:
         rng = random.Random(f"load-{self.config.seed}")
@@ -1142,9 +1206,11 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
         )
         watcher_task = asyncio.create_task(watcher.run())
         load = Load(run.api, run.http_log, config.send_deadline_s)
+        replies = Replies(run.simulator.url, run.control_token, config.send_deadline_s)
         run.began = time.monotonic()
         await asyncio.gather(
             load.run(run.load_plan(channels), rate),
+            replies.run(run.reply_plan(), rate * config.replies / max(1, config.messages)),
             run.faults(schedule, ("kill-pipeline", "stop-pipeline", "kill-simulator")),
             run.faults(schedule, ("cut-database",)),
             run.faults(schedule, NODE_FAULTS),
@@ -1154,7 +1220,10 @@ async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -
         await run.quiesce(conversations, accepted)
         observed = await run.observe(conversations)
         await run.catch_up(watcher, observed.changes)
-        checks = oracle(load.sent, observed, watcher, run.http_log, run.tap)
+        checks = [
+            *oracle(load.sent, observed, watcher, run.http_log, run.tap),
+            _inbound(replies, observed, run.tap),
+        ]
     finally:
         for task in (watcher_task, supervisor):
             if task is not None:
@@ -1346,6 +1415,28 @@ def _acked_webhooks(seen: Observed, tap: WebhookTap) -> Check:
         f"{len(tap.whatsapp_acked)}, {len(lost)} not in the store; Instagram reads acked "
         f"{tap.instagram_reads_acked}",
         lost[:EXAMPLES],
+    )
+
+
+def _inbound(replies: Replies, seen: Observed, tap: WebhookTap) -> Check:
+    """Every customer's message whose webhook was answered 200 is stored, once."""
+    stored = Counter(
+        m["provider_message_id"]
+        for ms in seen.stored.values()
+        for m in ms
+        if m["direction"] == "in"
+    )
+    acked = set(tap.customer_acked)
+    lost = sorted(acked - set(stored))
+    twice = sorted(mid for mid, n in stored.items() if n > 1)
+    bad = [f"{mid}: answered 200, not stored" for mid in lost]
+    bad += [f"{mid}: stored {stored[mid]} times" for mid in twice]
+    return Check(
+        "every customer's message answered 200 is stored, once",
+        not bad,
+        f"{len(replies.made)} replies made ({replies.never} never taken), {len(acked)} "
+        f"answered 200 ({len(tap.customer_acked)} times), {sum(stored.values())} stored",
+        bad[:EXAMPLES],
     )
 
 
@@ -1575,6 +1666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", choices=["sqlite", "postgres", "cassandra"], default="sqlite")
     parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     parser.add_argument("--messages", type=int, default=500)
+    parser.add_argument("--replies", type=int, default=50, help="customers' replies")
     parser.add_argument("--conversations", type=int, default=20)
     parser.add_argument("--rate", type=float, default=None, help="msg/s (default: fit window)")
     parser.add_argument("--kills", type=int, default=5, help="kill -9 of the pipeline")
@@ -1629,6 +1721,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed if args.seed is not None else random.randrange(10**6),
         database=args.database,
         messages=args.messages,
+        replies=args.replies,
         conversations=args.conversations,
         rate=args.rate,
         pipeline_kills=args.kills,

@@ -35,6 +35,7 @@ async def test_nothing_acknowledged_is_lost_under_kills_and_outages(
         seed=SEED,
         database=database,
         messages=150,
+        replies=20,
         conversations=6,
         pipeline_kills=5,
         pipeline_stops=1,

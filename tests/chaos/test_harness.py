@@ -18,9 +18,11 @@ from bench.chaos import (
     DatabaseProxy,
     HttpLog,
     Observed,
+    Replies,
     Sent,
     Watcher,
     WebhookTap,
+    _inbound,
     fresh_database,
     oracle,
     plan_faults,
@@ -142,3 +144,22 @@ def test_the_oracle_passes_a_clean_run_and_fails_each_kind_of_loss() -> None:
     sent, observed, watcher, tap = _world()
     sent[0].message_id = None
     assert any("got 202" in name for name in _failed(sent, observed, watcher, tap))
+
+
+def test_the_inbound_check_fails_a_reply_answered_200_and_lost_or_stored_twice() -> None:
+    _, observed, _, tap = _world()
+    replies = Replies("http://unused", "token", 1)
+    replies.made = ["wamid.1", "wamid.2"]
+    reply = {"id": "in1", "direction": "in", "provider_message_id": "wamid.1"}
+    observed.messages["m1"]["direction"] = "out"
+    observed.stored["c1"].append(reply)
+    tap.customer_acked = ["wamid.1", "wamid.1"]  # a redelivery answered 200 twice
+    assert _inbound(replies, observed, tap).ok
+
+    tap.customer_acked.append("wamid.2")
+    lost = _inbound(replies, observed, tap)
+    assert not lost.ok and lost.examples == ["wamid.2: answered 200, not stored"]
+
+    tap.customer_acked.pop()
+    observed.stored["c1"].append({**reply, "id": "in2"})
+    assert not _inbound(replies, observed, tap).ok
