@@ -1122,7 +1122,10 @@ class Run:
         problem = ""
         try:
             async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
-                response = await client.get(self.simulator.url + "/simulator/sends")
+                response = await client.get(
+                    self.simulator.url + "/simulator/sends",
+                    headers={"Authorization": f"Bearer {self.control_token}"},
+                )
             if response.status_code == 200:
                 sends = response.json()
             else:
@@ -1324,14 +1327,16 @@ def _why_stuck(channel: str, status: str, posted: set[str], acked: set[str]) -> 
 
 def _idempotent(sent: list[Sent], seen: Observed) -> Check:
     ours = {s.client_message_id for s in sent}
-    by_cmid = Counter(m["client_message_id"] for m in seen.messages.values())
+    # The agents' messages (the customers' have no client id: see `_inbound`).
+    agents = [m for m in seen.messages.values() if m.get("direction", "out") == "out"]
+    by_cmid = Counter(m["client_message_id"] for m in agents)
     twice = [f"{cmid} stored {n} times" for cmid, n in by_cmid.items() if n > 1]
-    strangers = [m["id"] for m in seen.messages.values() if m["client_message_id"] not in ours]
+    strangers = [m["id"] for m in agents if m["client_message_id"] not in ours]
     unanswered = [s for s in sent if s.message_id is None and by_cmid[s.client_message_id]]
     return Check(
         "one stored message per client_message_id",
         not twice and not strangers,
-        f"{len(seen.messages)} stored, {len(twice)} client_message_ids stored twice, "
+        f"{len(agents)} stored, {len(twice)} client_message_ids stored twice, "
         f"{len(strangers)} unknown, {len(unanswered)} stored without ever getting a 202",
         (twice + strangers)[:EXAMPLES],
     )

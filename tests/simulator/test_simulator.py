@@ -255,9 +255,14 @@ async def test_instagram_failure_is_a_refused_send(tmp_path: Path) -> None:
 async def test_control_reads_and_changes_at_runtime(tmp_path: Path) -> None:
     async with in_process(tmp_path, sim_delay_ms=50) as (simulator, client):
         state = (await client.get("/simulator/control")).json()
-        assert state == {"disorder": False, "failure_rate": 0.0, "delay_ms": 50}
+        assert state == {
+            "disorder": False,
+            "failure_rate": 0.0,
+            "delay_ms": 50,
+            "auto_reply": False,
+        }
         changed = await client.post("/simulator/control", json={"disorder": True})
-        assert changed.json() == {"disorder": True, "failure_rate": 0.0, "delay_ms": 50}
+        assert changed.json() == {**state, "disorder": True}
         assert simulator.controls.disorder
         bad = await client.post("/simulator/control", json={"failure_rate": 7})
         assert bad.status_code == 400
@@ -376,6 +381,33 @@ async def test_the_customer_replies_on_both_channels_by_signed_webhooks(tmp_path
         "whatsapp": ("5511988877665", ids[0], "Oi!"),
         "instagram": ("5511988877665", ids[1], "Oi!"),
     }
+
+
+async def test_in_auto_reply_mode_the_customer_answers_after_the_statuses(
+    tmp_path: Path,
+) -> None:
+    receiver = Receiver()
+    sims: list[Simulator] = []
+
+    def build(config: Settings, http: HttpClient) -> list[BaseRoute]:
+        sims.append(Simulator(deps(config, http)))
+        return sims[0].routes() + receiver.routes()
+
+    async with served(build, lambda: sims, tmp_path, sim_delay_ms=20) as config:
+        async with httpx.AsyncClient(base_url=config.base_url) as client:
+            switched = await client.post("/simulator/control", json={"auto_reply": True})
+            assert switched.json()["auto_reply"] is True
+            request = fixture("whatsapp-send-request.json")
+            await client.post(WA_SEND, json=request, headers=AUTH)
+        await eventually(lambda: len(receiver.posts) == 4)
+    items = [
+        item for _, body, _ in receiver.posts for item in parse_webhook(json.loads(body)).items
+    ]
+    assert [type(item) for item in items] == [WhatsAppStatus] * 3 + [CustomerMessage]
+    reply = items[-1]
+    assert isinstance(reply, CustomerMessage)
+    assert reply.contact == request["to"]
+    assert reply.text
 
 
 async def test_whatsapp_webhooks_signed_in_order(tmp_path: Path) -> None:

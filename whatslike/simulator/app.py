@@ -39,6 +39,9 @@ MAX_DELAY_MS = 600_000
 #: At most one warning about failed webhook attempts per this many seconds.
 FAILURE_LOG_INTERVAL_S = 5.0
 
+#: What the customer answers in auto-reply mode.
+AUTO_REPLIES = ("Oi! Recebi, obrigada.", "Pode entregar amanhã?", "Perfeito 👍", "Qual o prazo?")
+
 # How often each kind of disorder happens when disorder is on.
 P_EARLY_WEBHOOK = 0.25
 P_DUPLICATE = 0.3
@@ -55,12 +58,15 @@ class Controls:
     disorder: bool
     failure_rate: float
     delay_ms: int
+    #: The customer answers every message (after its statuses): the demo's two-way chat.
+    auto_reply: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
             "disorder": self.disorder,
             "failure_rate": self.failure_rate,
             "delay_ms": self.delay_ms,
+            "auto_reply": self.auto_reply,
         }
 
 
@@ -68,7 +74,7 @@ def changed_controls(current: Controls, data: Any) -> Controls:
     """The controls after a `POST /simulator/control` body; ValueError names a bad field."""
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
-    unknown = sorted(set(data) - {"disorder", "failure_rate", "delay_ms"})
+    unknown = sorted(set(data) - {"disorder", "failure_rate", "delay_ms", "auto_reply"})
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}")
     controls = current
@@ -81,6 +87,10 @@ def changed_controls(current: Controls, data: Any) -> Controls:
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
             raise ValueError("failure_rate must be a number from 0 to 1")
         controls = replace(controls, failure_rate=float(rate))
+    if "auto_reply" in data:
+        if not isinstance(data["auto_reply"], bool):
+            raise ValueError("auto_reply must be true or false")
+        controls = replace(controls, auto_reply=data["auto_reply"])
     if "delay_ms" in data:
         delay = data["delay_ms"]
         if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay <= MAX_DELAY_MS:
@@ -298,20 +308,9 @@ class Simulator:
         except ValueError as exc:
             return error_response(400, "bad_request", str(exc))
         now = time.time()
-        if channel == "whatsapp":
-            provider_id = payloads.new_wamid()
-            message = payloads.whatsapp_message(contact, provider_id, int(now), text)
-            webhook = payloads.whatsapp_message_webhook(
-                self._settings.whatsapp_phone_number_id, contact, [message]
-            )
-        else:
-            provider_id = payloads.new_instagram_mid()
-            account = self._settings.instagram_account_id
-            at_ms = int(now * 1000)
-            item = payloads.instagram_message(account, contact, provider_id, text, at_ms)
-            webhook = payloads.instagram_webhook(account, [item], at_ms)
+        provider_id, webhook = self._customer_message(channel, contact, text, now)
         try:
-            deliveries = await self.schedule.accept(None, [Planned(now, channel, _encode(webhook))])
+            deliveries = await self.schedule.accept(None, [Planned(now, channel, webhook)])
         except BackendUnavailable as exc:
             log.error("simulator cannot store a reply: %s", exc)
             return error_response(503, "unavailable", "the simulator's database is unavailable")
@@ -320,6 +319,24 @@ class Simulator:
         for delivery in deliveries:
             self.schedule.put(delivery)
         return JSONResponse({"provider_message_id": provider_id}, status_code=202)
+
+    def _customer_message(
+        self, channel: str, contact: str, text: str, at: float
+    ) -> tuple[str, bytes]:
+        """Meta's id and the webhook of a customer's message sent at `at`."""
+        if channel == "whatsapp":
+            provider_id = payloads.new_wamid()
+            message = payloads.whatsapp_message(contact, provider_id, int(at), text)
+            webhook = payloads.whatsapp_message_webhook(
+                self._settings.whatsapp_phone_number_id, contact, [message]
+            )
+        else:
+            provider_id = payloads.new_instagram_mid()
+            account = self._settings.instagram_account_id
+            at_ms = int(at * 1000)
+            item = payloads.instagram_message(account, contact, provider_id, text, at_ms)
+            webhook = payloads.instagram_webhook(account, [item], at_ms)
+        return provider_id, _encode(webhook)
 
     def _receipt(self, channel: str, name: Any) -> Response:
         if not isinstance(name, str) or not name:
@@ -355,7 +372,8 @@ class Simulator:
         callback_data = body.get("biz_opaque_callback_data", "")
         plan = self._plan_whatsapp(wamid, body["to"], callback_data)
         key = payloads.whatsapp_send_key(body["to"], body["text"]["body"], callback_data)
-        return await self._answer(payloads.whatsapp_send_answer(body["to"], wamid), plan, key)
+        answer = payloads.whatsapp_send_answer(body["to"], wamid)
+        return await self._answer(answer, plan, key, ("whatsapp", body["to"]))
 
     async def instagram_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)
@@ -378,7 +396,8 @@ class Simulator:
         mid = payloads.new_instagram_mid()
         plan = self._plan_instagram(mid, recipient_id)
         key = payloads.instagram_send_key(recipient_id, body["message"]["text"])
-        return await self._answer(payloads.instagram_send_answer(recipient_id, mid), plan, key)
+        answer = payloads.instagram_send_answer(recipient_id, mid)
+        return await self._answer(answer, plan, key, ("instagram", recipient_id))
 
     async def _accept(self, request: Request) -> tuple[Any, Response | None]:
         """The JSON body of an authorized send, or the refusal Meta would give."""
@@ -397,17 +416,26 @@ class Simulator:
             return None, _graph_error(400, 100, "(#100) The request body must be JSON")
 
     async def _answer(
-        self, answer: dict[str, Any], plan: list[tuple[str, bytes]], send_key: str
+        self,
+        answer: dict[str, Any],
+        plan: list[tuple[str, bytes]],
+        send_key: str,
+        customer: tuple[str, str],
     ) -> Response:
-        """Store the send and its webhooks, then answer; 429 when they do not fit."""
+        """Store the send and its webhooks (and, in auto-reply mode, the `customer`'s
+        (channel, contact) answer after them), then answer; 429 when they do not fit."""
         step = self.controls.delay_ms / 1000
         now = time.time()
+        offsets = _offsets(plan, self._rng, self.controls)
         planned = [
             Planned(now + offset * step, channel, body)
-            for offset, (channel, body) in zip(
-                _offsets(plan, self._rng, self.controls), plan, strict=True
-            )
+            for offset, (channel, body) in zip(offsets, plan, strict=True)
         ]
+        if self.controls.auto_reply:
+            at = now + (max(offsets, default=0) + 1) * step
+            text = AUTO_REPLIES[self._rng.randrange(len(AUTO_REPLIES))]
+            _, webhook = self._customer_message(*customer, text, at)
+            planned.append(Planned(at, customer[0], webhook))
         try:
             deliveries = await self.schedule.accept(send_key, planned)
         except BackendUnavailable as exc:
