@@ -184,6 +184,17 @@ def test_the_customers_reply_shows_live_and_is_read_when_shown(
         time.sleep(0.05)
     inbound = page.evaluate("window.demo.inbound")
     assert [(f["conversation_id"], f["seq"]) for f in inbound] == [(conversation_id, 4)]
+
+    # In auto-reply mode the customer answers each message by themself.
+    control = f"{embedded_server.url}/simulator/control"
+    try:
+        with page.expect_response(lambda r: r.url == control and r.request.method == "POST"):
+            page.get_by_test_id("auto-reply").check()
+        send(page, "Chega amanhã entre 9h e 12h")
+        expect(theirs).to_have_count(2)
+        expect(theirs.last).to_have_attribute("data-status", "READ")
+    finally:
+        httpx.post(control, json={"auto_reply": False})
     assert_no_horizontal_overflow(page)
     print(f"\nscreenshot: {screenshot(page, 'demo-two-way')}")
 
