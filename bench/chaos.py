@@ -1388,6 +1388,8 @@ def _known_sent(sent: list[Sent], seen: Observed) -> int:
     channel = {s.message_id: s.channel for s in sent}
     known = 0
     for message in seen.messages.values():
+        if message.get("direction", "out") != "out":
+            continue  # a customer's message: never sent by us
         code = str((message["error"] or {}).get("code", ""))
         failed_after_send = (
             message["status"] == "FAILED"
