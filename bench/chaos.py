@@ -7,7 +7,9 @@ the pipeline and the simulator (and, on PostgreSQL, cuts the database through a 
 run here) at moments drawn from a seeded RNG. After quiescence an oracle checks that every
 message answered 202 reached READ or FAILED, that nothing was sent twice to the provider,
 that every conversation's seqs are 1..N without a gap, that the WebSocket saw exactly the
-stored changes, and that no request was answered 500.
+stored changes, that no request was answered 500, and that every customer's reply (made
+by the simulator during the faults, `--replies`) whose webhook was answered 200 is stored
+once.
 
     python -m bench.chaos --kills 20 --database postgres --seed 7 --messages 500
 
