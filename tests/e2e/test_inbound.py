@@ -137,6 +137,8 @@ async def customer_reply_is_recovered_with_since(
         assert [(m["id"], m["direction"], m["status"]) for m in listed] == [
             (frame["message_id"], "in", "DELIVERED")
         ]
+        by_wamid = await owner.get("/api/messages", params={"provider_message_id": wamid})
+        assert by_wamid.json()["id"] == frame["message_id"]
         changes = (await owner.get(f"/api/conversations/{mine}/changes?since={since}")).json()
         assert changes["frames"] == [frame]
 
@@ -152,6 +154,8 @@ async def customer_reply_is_recovered_with_since(
         assert await watcher.ping_barrier() == []
         assert await messages_of(other, theirs) == []
         assert (await other.get(f"/api/messages/{frame['message_id']}")).status_code == 404
+        hidden = await other.get("/api/messages", params={"provider_message_id": wamid})
+        assert hidden.status_code == 404
         for socket in (agent, watcher):
             await socket.connection.close()
 

@@ -34,7 +34,7 @@ from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.frame import IN
 from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
-from whatslike.store.common import read_event, status_entry
+from whatslike.store.common import inbound_message_id, read_event, status_entry
 
 log = logging.getLogger(__name__)
 
@@ -495,6 +495,10 @@ class HttpApi(RoleDefaults):
         found = None
         for name in [query.channel] if query.channel else CHANNELS:
             found = await self._store.find_by_provider_id(name, query.provider_message_id)
+            if found is None:  # a customer's message: its id is made from Meta's
+                found = await self._store.get_message(
+                    inbound_message_id(name, query.provider_message_id)
+                )
             if found is not None and found.org_id == identity.org_id:
                 break
         return await self._with_history(identity, found)

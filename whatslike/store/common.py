@@ -100,13 +100,18 @@ def inbound_conversation(inbound: InboundMessage) -> Conversation:
     )
 
 
+def inbound_message_id(channel: str, provider_message_id: str) -> str:
+    """Our id of the customer's message Meta knows by this id on this channel."""
+    return f"msg_in_{_digest(channel, provider_message_id)}"
+
+
 def inbound_message(conversation: Conversation, inbound: InboundMessage) -> Message:
     """A customer's message, not yet stored: PENDING until its arrival is applied. Its id
     is made from the channel and Meta's id, so a redelivered webhook finds it. It was
     created when the customer sent it (Meta's clock), never later than now."""
     now = _ms(min(inbound.sent_at, utcnow()))
     return Message(
-        id=f"msg_in_{_digest(inbound.channel, inbound.provider_message_id)}",
+        id=inbound_message_id(inbound.channel, inbound.provider_message_id),
         conversation_id=conversation.id,
         org_id=conversation.org_id,
         channel=conversation.channel,
