@@ -13,8 +13,12 @@ from whatslike.settings import load_settings
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 NOW = 1_800_000_000
-#: An expiry within the maximum lifetime of a token, for hand-made claims.
-SOON = int(time.time()) + 600
+
+
+def _soon() -> int:
+    """An expiry within the maximum lifetime of a token, for hand-made claims: taken when a
+    test runs, not at import (a long suite reaches this file more than 10 minutes later)."""
+    return int(time.time()) + 600
 
 
 def _raw(claims: dict[str, Any], secret: str = SECRET, **header: Any) -> str:
@@ -81,7 +85,7 @@ def test_garbage_is_refused() -> None:
 
 
 def test_unsigned_token_is_refused() -> None:
-    token = jwt.encode({"sub": "u", "org_id": "o", "exp": SOON}, None, algorithm="none")
+    token = jwt.encode({"sub": "u", "org_id": "o", "exp": _soon()}, None, algorithm="none")
     assert _reason(TokenService(SECRET), token) == "token algorithm is not accepted"
 
 
@@ -101,14 +105,14 @@ def test_an_audience_that_is_not_ours_is_refused_even_when_none_is_configured() 
     assert _reason(TokenService(SECRET, audience="agents"), token) == (
         "token audience is not accepted"
     )
-    listed = _raw({"sub": "u", "org_id": "o", "exp": SOON, "aud": ["agents", "billing"]})
+    listed = _raw({"sub": "u", "org_id": "o", "exp": _soon(), "aud": ["agents", "billing"]})
     assert TokenService(SECRET, audience="agents").verify(listed).user_id == "u"
 
 
 def test_minted_tokens_are_typed_and_the_type_is_checked() -> None:
     token = TokenService(SECRET).mint("u", "o", 60)
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
-    claims = {"sub": "u", "org_id": "o", "exp": SOON}
+    claims = {"sub": "u", "org_id": "o", "exp": _soon()}
     for accepted in ("JWT", "jwt", "at+jwt", "application/at+jwt"):
         assert TokenService(SECRET).verify(_raw(claims, typ=accepted)).user_id == "u"
     for refused in ("dpop+jwt", "logout+jwt", "", 7):
@@ -123,10 +127,10 @@ def test_minted_tokens_are_typed_and_the_type_is_checked() -> None:
     ("exp", "reason"),
     [
         ("9999999999", "token claim 'exp' must be a number of seconds"),
-        (str(SOON), "token claim 'exp' must be a number of seconds"),
+        (str(_soon()), "token claim 'exp' must be a number of seconds"),
         (True, "token expired"),  # PyJWT reads it as 1
         (95_617_584_000, "token lives longer than 86400 s"),  # the year 5000
-        (SOON + 86_400, "token lives longer than 86400 s"),
+        (_soon() + 86_400, "token lives longer than 86400 s"),
     ],
 )
 def test_exp_is_a_number_within_the_maximum_lifetime(exp: object, reason: str) -> None:
@@ -142,7 +146,7 @@ def test_exp_is_a_number_within_the_maximum_lifetime(exp: object, reason: str) -
 )
 def test_a_time_past_any_float_is_refused_not_a_crash(name: str, value: float) -> None:
     # A 400-digit `exp` made verification raise OverflowError: a 500 and a 1011.
-    token = _raw({"sub": "u", "org_id": "o", "exp": SOON, name: value})
+    token = _raw({"sub": "u", "org_id": "o", "exp": _soon(), name: value})
     assert _reason(TokenService(SECRET), token) in (
         f"token claim {name!r} must be a number of seconds",
         "token expired",
@@ -153,7 +157,7 @@ def test_a_time_past_any_float_is_refused_not_a_crash(name: str, value: float) -
 
 def test_nbf_and_iat_must_be_numbers_when_present() -> None:
     for name in ("nbf", "iat"):
-        token = _raw({"sub": "u", "org_id": "o", "exp": SOON, name: "0"})
+        token = _raw({"sub": "u", "org_id": "o", "exp": _soon(), name: "0"})
         assert _reason(TokenService(SECRET), token) in (
             f"token claim {name!r} must be a number of seconds",
             "token is malformed",
@@ -208,27 +212,28 @@ def test_a_refused_token_is_not_remembered() -> None:
 
 
 def test_original_claim_names_are_accepted() -> None:
-    token = _raw({"userId": 42, "organizacaoId": "org-7", "exp": SOON})
-    assert TokenService(SECRET).verify(token) == Identity("42", "org-7", SOON)
+    exp = _soon()
+    token = _raw({"userId": 42, "organizacaoId": "org-7", "exp": exp})
+    assert TokenService(SECRET).verify(token) == Identity("42", "org-7", exp)
 
 
 def test_standard_names_win_over_aliases() -> None:
-    token = _raw({"sub": "a", "userId": "b", "org_id": "o", "organizacaoId": "p", "exp": SOON})
-    assert TokenService(SECRET).verify(token) == Identity("a", "o", SOON)
+    token = _raw({"sub": "a", "userId": "b", "org_id": "o", "organizacaoId": "p", "exp": _soon()})
+    assert TokenService(SECRET).verify(token) == Identity("a", "o", _soon())
 
 
 @pytest.mark.parametrize(
     ("claims", "reason"),
     [
-        ({"org_id": "o", "exp": SOON}, "token has no user id ('sub' or 'userId')"),
-        ({"sub": "", "org_id": "o", "exp": SOON}, "token has no user id ('sub' or 'userId')"),
+        ({"org_id": "o", "exp": _soon()}, "token has no user id ('sub' or 'userId')"),
+        ({"sub": "", "org_id": "o", "exp": _soon()}, "token has no user id ('sub' or 'userId')"),
         (
-            {"userId": True, "org_id": "o", "exp": SOON},
+            {"userId": True, "org_id": "o", "exp": _soon()},
             "token has no user id ('sub' or 'userId')",
         ),
-        ({"sub": 7, "org_id": "o", "exp": SOON}, "token is malformed"),  # PyJWT: str only
+        ({"sub": 7, "org_id": "o", "exp": _soon()}, "token is malformed"),  # PyJWT: str only
         (
-            {"sub": "u", "exp": SOON},
+            {"sub": "u", "exp": _soon()},
             "token has no organization id ('org_id' or 'organizacaoId')",
         ),
         ({"sub": "u", "org_id": "o"}, "token has no 'exp' claim"),
