@@ -212,6 +212,47 @@ async def test_another_status_waits_for_a_pending_change_then_completes_it_after
     assert (await current(store, message)).seq == 3
 
 
+async def test_a_change_recorded_by_its_writer_is_complete_though_its_marker_is_still_set(
+    url: str, store: CassandraStore
+) -> None:
+    """A change is complete once its seq is recorded under the message: its marker stays
+    on the row until the next change, which neither waits for a lease nor takes it over
+    (with a lease of an hour, waiting would fail the bound below)."""
+    message = await new_message(store)
+    await store.apply_status(status_event(message, Status.SENT, at(1000)))
+    event_id = new_id("evt")
+    await _crash_after_begin(store, message, event_id)
+    await _claimed_by_dead_worker(store, message, event_id, 2)
+    _cql(
+        store,
+        "INSERT INTO {keyspace}.message_changes (message_id, event_id, seq, frame)"
+        " VALUES (%s, %s, 2, 'recorded')",
+        [message.id, event_id],
+    )
+    patient = CassandraStore(url, bucket_size=4, pending_lease=timedelta(hours=1))
+    await patient.open()
+    try:
+        stored = await current(patient, message)
+        assert (stored.status, stored.seq) == (Status.DELIVERED, 2)
+        async with asyncio.timeout(SERVE_WAIT_S):
+            read = await patient.apply_status(status_event(message, Status.READ, at(3000)))
+    finally:
+        await patient.close()
+    assert (read.effect, seqs(read.frames)) == (Effect.CHANGED, [3])
+    assert (await current(store, message)).seq == 3
+    # The marker left by a change is cleared by the next one, a fill included.
+    row = _cql(
+        store, "SELECT pending_event FROM {keyspace}.messages WHERE id = %s", [message.id]
+    ).one()
+    assert row[0] is not None
+    filled = await store.apply_status(status_event(message, Status.DELIVERED, at(1500)))
+    assert filled.effect is Effect.FILLED
+    row = _cql(
+        store, "SELECT pending_event, seq FROM {keyspace}.messages WHERE id = %s", [message.id]
+    ).one()
+    assert tuple(row) == (None, 3)
+
+
 @pytest.fixture
 def cassandra_server(url: str, tmp_path: Path) -> Iterator[Server]:
     env = {

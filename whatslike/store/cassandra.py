@@ -10,8 +10,12 @@ transaction is kept here by a lightweight transaction (Paxos) on ONE partition:
   `bucket_size` seqs keep the partitions bounded.
 - A message's statuses: the message row carries a ``version``; each update is
   conditional on it. A change first writes the new state with a *pending* marker (the
-  event, the time), then claims the seq, then clears the marker. Whoever finds a marker
-  waits for it to clear, or — after `pending_lease` (its writer died) — completes it.
+  event, the time), then claims the seq and records it under the message
+  (``message_changes``): the record completes the change. The marker stays on the row
+  until the next change of the message clears it (and writes the seq): a reader that
+  finds a marker looks for its record; without one, the change is under way, and it
+  waits, or — after `pending_lease` (its writer died) — completes it. Two lightweight
+  transactions per change, not three.
 - A provider id and its parked statuses share one partition: the link is a static
   column set ``IF message_id = null`` and parking is conditional on it, so a status is
   either parked before the link (and the link returns it) or refused after it.
@@ -26,7 +30,8 @@ of it, or — until the batch log replays it — none): a new message with its p
 conversation, its outbox entry and its watchdog entry; a `handoff`. The outbox lives in
 partitions of `index_bucket` of insertion time, ids are microseconds times a million
 plus the writer's random node (increasing in insertion order, varint); a relay claims an
-entry by an LWT on its lease (``IF claimed_until = <as read>``). A status's outbox entry
+entry by an LWT on its lease (``IF claimed_until = <as read>``), the entries of one
+bucket (one partition) together, in one conditional batch. A status's outbox entry
 is completed right after its change is stored; a crash in between leaves it, and its
 redelivery is a replay (found by event id) that completes it. The watchdog's index
 (kind, time bucket) is written before each change of a message and its old entry
@@ -37,6 +42,12 @@ conversation's message list is bucketed by month, its changes by `bucket_size` s
 unread (accepted, not READ) messages are removed when READ; dead letters by day; the
 outbox and the watchdog's index by `index_bucket` of time (their lists of buckets lose
 the buckets found empty).
+
+Reads are at the consistency of writes, not SERIAL (a serial read is a Paxos round):
+they see every lightweight transaction that answered, and a read that missed one still
+under way leads to a transaction that completes it first and is refused. Serial reads
+are kept where no transaction follows: telling a send claim whose answer was lost, and
+finding the seq a dead worker claimed.
 
 Durability and availability: writes are QUORUM and lightweight transactions SERIAL by
 default (``?consistency=LOCAL_QUORUM&serial_consistency=LOCAL_SERIAL`` in the URL for
@@ -128,6 +139,8 @@ _INSERT_SKEW_US = 1_000_000
 _PRUNE_GRACE = timedelta(minutes=10)
 #: Rows read per query when scanning the outbox.
 _OUTBOX_PAGE = 500
+#: Outbox entries claimed by one lightweight transaction (a conditional batch).
+_CLAIM_BATCH = 100
 
 #: Failures that mean the cluster is out of reach or cannot answer now (too few replicas
 #: up, a timeout), not a bug: the caller may retry. A timed-out write may have applied.
@@ -247,6 +260,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+_PENDING_COLUMNS = ("pending_event", "pending_at", "pending_floor", "pending_since")
 _MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, channel, text, client_message_id, created_at, status,"
     " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
@@ -287,6 +301,7 @@ _CQL = {
     "hint": "SELECT last_seq FROM seq_hints WHERE conversation_id = ?",
     "set_hint": "UPDATE seq_hints USING TIMESTAMP ? SET last_seq = ? WHERE conversation_id = ?",
     "message": f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",
+    "message_serial": f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",
     "insert_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
         " created_at, status, updated_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
@@ -315,6 +330,9 @@ _CQL = {
     "last_change": (
         "SELECT seq FROM changes WHERE conversation_id = ? AND bucket = ? ORDER BY seq DESC LIMIT 1"
     ),
+    "last_change_serial": (
+        "SELECT seq FROM changes WHERE conversation_id = ? AND bucket = ? ORDER BY seq DESC LIMIT 1"
+    ),
     "claim_seq": (
         "INSERT INTO changes (conversation_id, bucket, seq, message_id, event_id, frame)"
         " VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
@@ -326,15 +344,18 @@ _CQL = {
     "record_change": (
         "INSERT INTO message_changes (message_id, event_id, seq, frame) VALUES (?, ?, ?, ?)"
     ),
-    "message_changes": "SELECT frame FROM message_changes WHERE message_id = ? AND event_id = ?",
-    "update_state": (f"UPDATE messages SET {_STATE}, version = ? WHERE id = ? IF version = ?"),
-    "begin_change": (
-        f"UPDATE messages SET {_STATE}, version = ?, pending_event = ?, pending_at = ?,"
-        " pending_floor = ?, pending_since = ? WHERE id = ? IF version = ?"
+    "message_changes": (
+        "SELECT seq, frame FROM message_changes WHERE message_id = ? AND event_id = ?"
     ),
-    "end_change": (
-        "UPDATE messages SET seq = ?, version = ?, pending_event = null, pending_at = null,"
-        " pending_floor = null, pending_since = null WHERE id = ? IF version = ?"
+    # Both clear a marker found complete, and write the seq it was given.
+    "update_state": (
+        f"UPDATE messages SET {_STATE}, seq = ?, version = ?, pending_event = null,"
+        " pending_at = null, pending_floor = null, pending_since = null WHERE id = ?"
+        " IF version = ?"
+    ),
+    "begin_change": (
+        f"UPDATE messages SET {_STATE}, seq = ?, version = ?, pending_event = ?, pending_at = ?,"
+        " pending_floor = ?, pending_since = ? WHERE id = ? IF version = ?"
     ),
     "take_over": "UPDATE messages SET version = ?, pending_since = ? WHERE id = ? IF version = ?",
     # Not versioned: it would make a status change under way fail its last step.
@@ -453,8 +474,11 @@ _CQL = {
     "ping": "SELECT release_version FROM system.local",
 }
 
-#: Reads that must see the outcome of every lightweight transaction before them.
-_SERIAL_READS = frozenset({"message", "linked", "parked", "last_change"})
+#: Reads that complete a lightweight transaction whose answer may have been lost (its
+#: proposal accepted, not yet committed) before they read. Every other read is at the
+#: consistency of writes: it sees every transaction that answered, and one that reads a
+#: stale row is refused by the condition of the transaction that follows it.
+_SERIAL_READS = frozenset({"message_serial", "last_change_serial"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,6 +631,8 @@ class CassandraStore:
         self._session: Session | None = None
         self._prepared: dict[str, PreparedStatement] = {}
         self._serial = _SERIAL_CONSISTENCY[self.address.serial_consistency]
+        # The outbox entries of the last `claim_outbox`: id -> (topic, done key).
+        self._claimed: dict[int, tuple[str, str]] = {}
 
     # -- connection and schema ----------------------------------------------------------
 
@@ -784,12 +810,14 @@ class CassandraStore:
         [row] = await self._run(name, *params)
         return bool(row["[applied]"]), row
 
-    async def _batch(self, steps: Sequence[Step]) -> None:
+    async def _batch(self, steps: Sequence[Step], *, logged: bool = True) -> None:
         """Run the steps as one logged batch: all of them happen, or (until the batch log
-        replays them) none."""
+        replays them) none. Not `logged` (no batch log: two commit-log syncs fewer), all
+        of them happened when it returns, and any of them may have when it raises: for
+        steps that nothing relies on until the call has returned."""
         if not steps:
             return
-        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        batch = BatchStatement(batch_type=BatchType.LOGGED if logged else BatchType.UNLOGGED)
         for name, params in steps:
             statement = self._prepared.get(name)
             if statement is None:
@@ -974,7 +1002,20 @@ class CassandraStore:
 
     async def get_message(self, message_id: str) -> Message | None:
         rows = await self._run("message", message_id)
-        return _message(rows[0]) if rows else None
+        return _message(await self._settled(rows[0])) if rows else None
+
+    async def _settled(self, row: Row) -> Row:
+        """The message row, its pending change settled if that change is complete (its
+        seq claimed and recorded): the marker stays on the row until the message's next
+        change, which clears it (one lightweight transaction fewer per change)."""
+        event_id = row["pending_event"]
+        if event_id is None:
+            return row
+        recorded = await self._run("message_changes", row["id"], event_id)
+        if not recorded:
+            return row
+        seq = max(int(change["seq"]) for change in recorded)
+        return {**row, "seq": seq, **dict.fromkeys(_PENDING_COLUMNS)}
 
     async def get_messages(self, message_ids: Sequence[str]) -> list[Message]:
         # One partition per message: concurrent reads are the one round trip here.
@@ -1051,7 +1092,7 @@ class CassandraStore:
         await self._run("relink", message_id, channel, provider_message_id)
         now = _ms(utcnow())
         moved = replace(message, provider_message_id=provider_message_id, updated_at=now)
-        await self._batch(self._stuck_inserts(moved))
+        await self._batch(self._stuck_inserts(moved), logged=False)
         applied, _ = await self._lwt(
             "replace_provider_id", provider_message_id, now, message_id, before
         )
@@ -1063,7 +1104,7 @@ class CassandraStore:
     async def _set_provider_id(self, message: Message, provider_message_id: str) -> None:
         now = _ms(utcnow())
         linked = replace(message, provider_message_id=provider_message_id, updated_at=now)
-        await self._batch(self._stuck_inserts(linked))
+        await self._batch(self._stuck_inserts(linked), logged=False)
         applied, _ = await self._lwt("set_provider_id", provider_message_id, now, message.id)
         if applied:
             await self._stuck_moved(message, linked)
@@ -1108,13 +1149,15 @@ class CassandraStore:
     def _bucket(self, seq: int) -> int:
         return seq // self._bucket_size
 
-    async def _last_seq(self, conversation_id: str) -> int:
-        """The conversation's last seq: the highest change row, found from the hint."""
+    async def _last_seq(self, conversation_id: str, *, serial: bool = False) -> int:
+        """The conversation's last seq: the highest change row, found from the hint;
+        `serial`, after completing a claim whose writer may have died mid-way."""
         hints = await self._run("hint", conversation_id)
         last = int(hints[0]["last_seq"]) if hints and hints[0]["last_seq"] else 0
         bucket = self._bucket(last)
+        read = "last_change_serial" if serial else "last_change"
         while True:
-            rows = await self._run("last_change", conversation_id, bucket)
+            rows = await self._run(read, conversation_id, bucket)
             if not rows:
                 return last
             last = max(last, int(rows[0]["seq"]))
@@ -1142,7 +1185,7 @@ class CassandraStore:
             rows = await self._run("message", event.message_id)
             if not rows:
                 return common.UNKNOWN_MESSAGE
-            row = rows[0]
+            row = await self._settled(rows[0])
             message, version = _message(row), int(row["version"])
             if row["pending_event"] is not None:
                 if row["pending_event"] == event.event_id or self._lease_over(row):
@@ -1160,10 +1203,15 @@ class CassandraStore:
             updated = replace(message, state=transition.state, updated_at=now)
             # The watchdog entry of the new state first: one left by a failed write is
             # stale, and the watchdog drops it.
-            await self._batch(self._stuck_inserts(updated))
+            await self._batch(self._stuck_inserts(updated), logged=False)
             if transition.effect is not Effect.CHANGED:
                 applied, _ = await self._lwt(
-                    "update_state", *_state_values(updated), version + 1, message.id, version
+                    "update_state",
+                    *_state_values(updated),
+                    message.seq,
+                    version + 1,
+                    message.id,
+                    version,
                 )
                 if applied:
                     await self._after_state(updated)
@@ -1174,6 +1222,7 @@ class CassandraStore:
             applied, _ = await self._lwt(
                 "begin_change",
                 *_state_values(updated),
+                message.seq,
                 version + 1,
                 event.event_id,
                 observation.occurred_at,
@@ -1185,7 +1234,7 @@ class CassandraStore:
             if not applied:
                 continue
             pending = _Pending(event.event_id, observation.occurred_at, floor)
-            seq, frame = await self._complete(updated, version + 1, pending, recovering=False)
+            seq, frame = await self._complete(updated, pending, recovering=False)
             await self._after_state(updated)
             await self._stuck_moved(message, updated)
             return common.applied(message, transition, seq, (frame,), now)
@@ -1204,26 +1253,27 @@ class CassandraStore:
             pending = _Pending(
                 row["pending_event"], _time(row["pending_at"]), int(row["pending_floor"])
             )
-            await self._complete(message, version + 1, pending, recovering=True)
+            await self._complete(message, pending, recovering=True)
             await self._after_state(message)
 
     async def _complete(
-        self, message: Message, version: int, pending: _Pending, *, recovering: bool
+        self, message: Message, pending: _Pending, *, recovering: bool
     ) -> tuple[int, str]:
         """Claim the seq of the pending change (or, `recovering`, find the one claimed
-        before a crash), record it for redeliveries, and clear the marker."""
+        before a crash) and record it for redeliveries: the record completes the change
+        (see `_settled`)."""
         claimed = await self._claimed_change(message, pending) if recovering else None
         if claimed is None:
             claimed = await self._claim_seq(message, pending)
         seq, frame = claimed
         await self._run("record_change", message.id, pending.event_id, seq, frame)
         await self._run("set_hint", seq, seq, message.conversation_id)
-        await self._lwt("end_change", seq, version + 1, message.id, version)
         return seq, frame
 
     async def _claimed_change(self, message: Message, pending: _Pending) -> tuple[int, str] | None:
         """The change claimed for `pending` after its floor, if its writer got that far."""
-        last, floor = await self._last_seq(message.conversation_id), pending.floor
+        last = await self._last_seq(message.conversation_id, serial=True)
+        floor = pending.floor
         for bucket in range(self._bucket(floor + 1), self._bucket(last) + 1):
             for row in await self._run(
                 "changes_after", message.conversation_id, bucket, floor, last
@@ -1393,29 +1443,56 @@ class CassandraStore:
 
         while len(won) < limit:
             candidates = await self._outbox_rows(free, limit - len(won))
-            # One lightweight transaction per entry: of relays racing for it, one wins;
-            # the losers look further, as SKIP LOCKED would.
-            outcomes = await asyncio.gather(
-                *(
-                    self._lwt(
-                        "claim_outbox",
-                        until,
-                        self._outbox_bucket(int(row["id"])),
-                        row["id"],
-                        row["done_key"],
-                        row["claimed_until"],
-                    )
-                    for row in candidates
-                )
-            )
-            for row, (applied, _) in zip(candidates, outcomes, strict=True):
-                if applied:
-                    won.append(row)
-                else:
-                    lost.add(int(row["id"]))
-            if all(applied for applied, _ in outcomes):
+            by_bucket: dict[int, list[Row]] = {}
+            for row in candidates:
+                by_bucket.setdefault(self._outbox_bucket(int(row["id"])), []).append(row)
+            # A bucket is one partition: its entries are claimed together by one
+            # lightweight transaction (a conditional batch), all or none. A batch that
+            # lost a race is claimed entry by entry: of relays racing for an entry one
+            # wins; the losers look further, as SKIP LOCKED would.
+            chunks = [
+                rows[start : start + _CLAIM_BATCH]
+                for rows in by_bucket.values()
+                for start in range(0, len(rows), _CLAIM_BATCH)
+            ]
+            claimed = await asyncio.gather(*(self._claim_entries(until, rows) for rows in chunks))
+            for chunk, outcomes in zip(chunks, claimed, strict=True):
+                for row, applied in zip(chunk, outcomes, strict=True):
+                    if applied:
+                        won.append(row)
+                    else:
+                        lost.add(int(row["id"]))
+            if all(all(outcomes) for outcomes in claimed):
                 break
+        # What `delete_outbox` needs of them, so that it need not read them again.
+        self._claimed = {int(row["id"]): (row["topic"], row["done_key"]) for row in won}
         return sorted(common.outbox_items(won), key=lambda item: item.id)
+
+    def _claim_step(self, until: datetime, row: Row) -> Step:
+        outbox_id = int(row["id"])
+        return (
+            "claim_outbox",
+            (
+                until,
+                self._outbox_bucket(outbox_id),
+                outbox_id,
+                row["done_key"],
+                row["claimed_until"],
+            ),
+        )
+
+    async def _claim_entries(self, until: datetime, rows: Sequence[Row]) -> list[bool]:
+        """Claim entries of one bucket: whether each was won."""
+        if len(rows) > 1:
+            batch = BatchStatement(BatchType.UNLOGGED, serial_consistency_level=self._serial)
+            for name, params in (self._claim_step(until, row) for row in rows):
+                batch.add(self._prepared[name], params)
+            answer = await self._execute(self._live().execute_async(batch))
+            if answer and answer[0]["[applied]"]:
+                return [True] * len(rows)
+        steps = [self._claim_step(until, row) for row in rows]
+        outcomes = await asyncio.gather(*(self._lwt(name, *params) for name, params in steps))
+        return [applied for applied, _ in outcomes]
 
     async def unclaim_outbox(self, ids: Sequence[int]) -> None:
         await asyncio.gather(*(self._lwt("unclaim_outbox", self._outbox_bucket(i), i) for i in ids))
@@ -1426,15 +1503,21 @@ class CassandraStore:
         )
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
+        claimed, self._claimed = self._claimed, {}
+        unknown = [i for i in ids if i not in claimed]
         found = await asyncio.gather(
-            *(self._run("outbox_row", self._outbox_bucket(i), i) for i in ids)
+            *(self._run("outbox_row", self._outbox_bucket(i), i) for i in unknown)
         )
+        for outbox_id, rows in zip(unknown, found, strict=True):
+            if rows and rows[0]["topic"] is not None:
+                claimed[outbox_id] = (rows[0]["topic"], rows[0]["done_key"])
         steps: list[Step] = []
-        for outbox_id, rows in zip(ids, found, strict=True):
-            for row in rows:
-                if row["topic"] is not None:
-                    steps += self._outbox_deletes(outbox_id, row["topic"], row["done_key"])
-        await self._batch(steps)
+        for outbox_id in ids:
+            if outbox_id in claimed:
+                steps += self._outbox_deletes(outbox_id, *claimed[outbox_id])
+        # Unlogged: a delete left undone by a failure leaves an entry relayed again (the
+        # bus keeps it once; its consumers are idempotent) or an index row to nothing.
+        await self._batch(steps, logged=False)
 
     async def outbox_size(self) -> int:
         buckets = await self._run("outbox_buckets")
@@ -1455,8 +1538,12 @@ class CassandraStore:
         tries = 0
         while True:
             try:
-                rows = await self._run("message", message_id)
-                message = _message(rows[0]) if rows else None
+                # After a claim whose answer was lost: a serial read, which completes it
+                # first if the node accepted it.
+                rows = await self._run(
+                    "message" if before is None else "message_serial", message_id
+                )
+                message = _message(await self._settled(rows[0])) if rows else None
                 if before is not None and message is not None and rows[0]["send_claim"] == claim_id:
                     # Ours, applied though its answer was lost: judged as it was before it.
                     claim = common.send_claim(replace(message, send_started_at=None))
@@ -1468,7 +1555,7 @@ class CassandraStore:
                     return claim, message
                 now = _ms(utcnow())
                 started = replace(message, send_started_at=now, updated_at=now)
-                await self._batch(self._stuck_inserts(started))
+                await self._batch(self._stuck_inserts(started), logged=False)
                 before = message
                 applied, _ = await self._lwt("begin_send", now, now, claim_id, message_id)
             except BackendUnavailable:
@@ -1487,7 +1574,7 @@ class CassandraStore:
             return
         now = _ms(utcnow())
         released = replace(message, send_started_at=None, updated_at=now)
-        await self._batch(self._stuck_inserts(released))
+        await self._batch(self._stuck_inserts(released), logged=False)
         applied, _ = await self._lwt("release_send", now, message_id)
         if applied:
             await self._stuck_moved(message, released)
@@ -1563,7 +1650,7 @@ class CassandraStore:
             return False
         now = _ms(utcnow())
         touched = replace(message, updated_at=now)
-        await self._batch(self._stuck_inserts(touched))
+        await self._batch(self._stuck_inserts(touched), logged=False)
         # Still PENDING with no send under way, checked and touched at once: a send
         # claimed meanwhile wins, and the message is not handed off again.
         applied, _ = await self._lwt("redrive", now, message_id)
