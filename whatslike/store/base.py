@@ -264,8 +264,9 @@ class Store(Protocol):
         answers one result per event, in the same order, each as `apply_status` alone
         would have (a later event sees what the earlier ones did, even on the same
         message). If it raises, none is applied — except on a store with no transaction
-        across partitions (Cassandra), where those before the failure may be, and the
-        retry finds them by event id (a replay: no change, their frames again).
+        across partitions (Cassandra), where any but the failed one and the later ones of
+        its conversation may be, and the retry finds them by event id (a replay: no
+        change, their frames again).
 
         A store may answer `busy` for the events of a conversation whose rows another
         transaction holds (PostgreSQL does, after a brief wait), and apply the others:

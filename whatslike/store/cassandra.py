@@ -1166,10 +1166,28 @@ class CassandraStore:
             bucket += 1
 
     async def apply_statuses(self, events: Sequence[StatusEvent]) -> list[ApplyResult]:
-        """One after the other, in order: Cassandra has no transaction across partitions.
-        If one raises, those before it stay applied; the caller's retry finds them by
-        event id (a replay that changes nothing and gives their frames back)."""
-        return [await self.apply_status(event) for event in events]
+        """The events of one conversation one after the other, in order; conversations
+        side by side (a status is a chain of round trips, and the group commit's events
+        are of many conversations). Cassandra has no transaction across partitions: if
+        one raises, the events of its conversation after it are not applied, the others
+        (and those before it) may be; the caller's retry finds them by event id (a replay
+        that changes nothing and gives their frames back)."""
+        lanes: dict[str, list[int]] = {}
+        for index, event in enumerate(events):
+            lanes.setdefault(event.conversation_id, []).append(index)
+        results: dict[int, ApplyResult] = {}
+
+        async def lane(indexes: list[int]) -> None:
+            for index in indexes:
+                results[index] = await self.apply_status(events[index])
+
+        outcomes = await asyncio.gather(
+            *(lane(indexes) for indexes in lanes.values()), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [results[index] for index in range(len(events))]
 
     async def apply_status(self, event: StatusEvent) -> ApplyResult:
         result = await self._apply(event)
