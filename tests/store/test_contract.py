@@ -925,6 +925,35 @@ async def test_a_batch_answers_each_status_as_one_at_a_time_would(store: Store) 
     assert await store.apply_statuses([]) == []
 
 
+async def test_a_batch_of_several_conversations_answers_in_its_own_order(store: Store) -> None:
+    """Events of two conversations interleaved: each answer in the batch's place, each
+    conversation numbered in the batch's order (Cassandra applies them side by side)."""
+    first = await store.create_conversation("org_a", "whatsapp", "+1")
+    second = await store.create_conversation("org_a", "whatsapp", "+2")
+    a1, _ = await store.create_message(first, "a1", "")
+    b1, _ = await store.create_message(second, "b1", "")
+    b2, _ = await store.create_message(second, "b2", "")
+    batch = [
+        status_event(a1, Status.SENT, at(1000)),
+        status_event(b1, Status.SENT, at(1000)),
+        status_event(a1, Status.DELIVERED, at(2000)),
+        status_event(b2, Status.SENT, at(1000)),
+        status_event(b1, Status.READ, at(3000)),
+        status_event(a1, Status.READ, at(3000)),
+    ]
+    results = await store.apply_statuses(batch)
+    assert [r.message.id if r.message else None for r in results] == [
+        event.message_id for event in batch
+    ]
+    assert [r.message.status if r.message else None for r in results] == [
+        event.status for event in batch
+    ]
+    assert [seqs(r.frames) for r in results] == [[1], [1], [2], [2], [3], [3]]
+    for conversation in (first, second):
+        changes = await store.changes_since(conversation.id, 0, 100)
+        assert seqs(changes.frames) == [1, 2, 3]
+
+
 async def test_concurrent_batches_of_one_conversation_take_gap_free_seqs(store: Store) -> None:
     conversation = await store.create_conversation("org_a", "whatsapp", "+1")
     messages = [(await store.create_message(conversation, f"m{n}", ""))[0] for n in range(12)]
