@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -34,6 +35,8 @@ MESSAGES = 200
 PER_SECOND = 8.0
 KILL_AFTER_S = 8.0
 CONVERSATIONS = 8
+#: The simulator's sends are counted only for this token (they name every recipient).
+SIM_CONTROL_TOKEN = secrets.token_hex(16)
 #: The node killed: not the seed, one of the three contact points.
 VICTIM = 2
 #: After the load, how long the statuses may take to settle in all, and how long they may
@@ -74,6 +77,7 @@ def server(cluster_url: str, tmp_path: Path) -> Iterator[Server]:
         "WHATSLIKE_ROLES": "api,router,connector,status-worker,simulator",
         "WHATSLIKE_DATABASE_URL": cluster_url,
         "WHATSLIKE_SIM_DELAY_MS": "30",
+        "WHATSLIKE_SIM_CONTROL_TOKEN": SIM_CONTROL_TOKEN,
         **OWN_SECRETS,
     }
     started = start_server(tmp_path, env)
@@ -168,7 +172,10 @@ async def test_a_node_killed_under_load_loses_nothing_acknowledged_and_never_ans
         load = Load(client, conversations)
         await load.run(KILL_AFTER_S, lambda: kill_node(VICTIM))
         statuses = await load.statuses()
-        sends = (await client.get("/simulator/sends")).json()
+        guard = {"Authorization": f"Bearer {SIM_CONTROL_TOKEN}"}
+        counted = await client.get("/simulator/sends", headers=guard)
+        assert counted.status_code == 200, counted.text
+        sends = counted.json()
 
     print(f"answers: {dict(load.answers)}")  # 0: none in time (counted, then retried)
     assert 500 not in load.answers and set(load.answers) <= {200, 202, 503, 0}, load.answers

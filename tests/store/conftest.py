@@ -175,8 +175,12 @@ async def store_factory(
         async with fresh_cassandra_keyspace() as url:
             # Small buckets, so the suite crosses partitions of the change log, the outbox
             # and the watchdog's index.
+            # A missing message is waited for a second, not thirty.
             yield lambda: CassandraStore(
-                url, bucket_size=4, index_bucket=timedelta(milliseconds=200)
+                url,
+                bucket_size=4,
+                index_bucket=timedelta(milliseconds=200),
+                missing_wait=timedelta(seconds=1),
             )
         return
     async with fresh_postgres_database() as url:

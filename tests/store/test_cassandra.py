@@ -328,6 +328,32 @@ async def test_the_watchdog_drops_an_entry_a_failed_write_left(store: CassandraS
     assert left == 0
 
 
+async def test_a_send_waits_for_its_message_to_become_readable(store: CassandraStore) -> None:
+    """The relay may hand on a send before the logged batch that holds it and its message
+    is readable everywhere (a lost node, a batch log replay): the message is waited for,
+    not taken as missing and failed."""
+    conversation = await store.create_conversation("org_a", "whatsapp", "+1")
+    message_id = new_id("msg")
+    now = utcnow().replace(microsecond=0)
+
+    async def late() -> None:
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(
+            _cql,
+            store,
+            "INSERT INTO {keyspace}.messages (id, conversation_id, org_id, channel, text,"
+            " client_message_id, created_at, status, updated_at, version)"
+            " VALUES (%s, %s, 'org_a', 'whatsapp', 'hi', '', %s, 'PENDING', %s, 0)",
+            [message_id, conversation.id, now, now],
+        )
+
+    writer = asyncio.create_task(late())
+    claim, claimed = await store.begin_send(message_id)
+    await writer
+    assert claim is SendClaim.GO
+    assert claimed is not None and claimed.id == message_id
+
+
 class LostAnswer(CassandraStore):
     """The node applies the first send claim, and its answer is lost on the way back (a
     client timeout): what the driver reports then, after the claim is stored."""

@@ -605,7 +605,8 @@ class CassandraStore:
     `bucket_size` seqs share a `changes` partition; `pending_lease` is how long a
     status change may stay half-done before another worker completes it;
     `index_bucket` is the span of time one partition of the outbox and of the watchdog's
-    index covers."""
+    index covers; `missing_wait` how long a send waits for its message to become
+    readable (batch log replays included) before it is taken as missing."""
 
     def __init__(
         self,
@@ -615,6 +616,7 @@ class CassandraStore:
         pending_lease: timedelta = timedelta(seconds=10),
         request_timeout_s: float = 10.0,
         index_bucket: timedelta = timedelta(minutes=1),
+        missing_wait: timedelta = timedelta(seconds=30),
     ) -> None:
         self.address = CassandraAddress.parse(url)
         self._bucket_size = bucket_size
@@ -626,6 +628,7 @@ class CassandraStore:
         self._node = random.randrange(_NODES)
         self._last_us = 0
         self._lease = pending_lease
+        self._missing_wait = missing_wait
         self._timeout = request_timeout_s
         self._cluster: Cluster | None = None
         self._session: Session | None = None
@@ -1558,8 +1561,10 @@ class CassandraStore:
             try:
                 # After a claim whose answer was lost: a serial read, which completes it
                 # first if the node accepted it.
-                rows = await self._run(
-                    "message" if before is None else "message_serial", message_id
+                rows = await (
+                    self._appearing(message_id)
+                    if before is None
+                    else self._run("message_serial", message_id)
                 )
                 message = _message(await self._settled(rows[0])) if rows else None
                 if before is not None and message is not None and rows[0]["send_claim"] == claim_id:
@@ -1585,6 +1590,22 @@ class CassandraStore:
             if applied:
                 await self._stuck_moved(message, started)
                 return SendClaim.GO, started
+
+    async def _appearing(self, message_id: str) -> list[Row]:
+        """The message's row, waited for up to `missing_wait`. A send hand-off is written
+        in one logged batch with its message, but the batch's partitions become readable
+        one by one (and, when its coordinator was lost, only once the batch log replays
+        it): a relay may hand the entry on before the message can be read, and a message
+        read as missing then would fail (`send_failed`) though it was acknowledged."""
+        deadline = time.monotonic() + self._missing_wait.total_seconds()
+        delay = 0.05
+        while True:
+            rows = await self._run("message", message_id)
+            left = deadline - time.monotonic()
+            if rows or left <= 0:
+                return rows
+            await asyncio.sleep(min(delay, left))
+            delay = min(2 * delay, 1.0)
 
     async def release_send(self, message_id: str) -> None:
         message = await self.get_message(message_id)
