@@ -47,6 +47,7 @@ import aiohttp
 import httpx
 
 from bench.chaos import fresh_database, fresh_keyspace
+from bench.timeline import hops, print_hops
 from tests.e2e.conftest import OWN_SECRETS, Server, free_port, start_server, stop_server
 from tests.scale.harness import Watcher, percentile
 from whatslike.auth import TokenService
@@ -101,6 +102,8 @@ class Deployment:
     servers: dict[str, Server]
     jwt_secret: str
     processes: Processes
+    #: The Kafka topics' prefix (scaled layout), for `--trace`.
+    topic_prefix: str = ""
 
     @property
     def api(self) -> list[Server]:
@@ -228,7 +231,7 @@ async def scaled(
                     "redis": pids_of("redis-server"),
                 },
             )
-            yield Deployment(servers, jwt_secret, processes)
+            yield Deployment(servers, jwt_secret, processes, prefix)
 
 
 async def create_conversations(deployment: Deployment, count: int) -> list[str]:
@@ -263,6 +266,9 @@ class Phase:
     seconds: float
     cpu: dict[str, float]
     latencies: list[float]
+    #: Each message's POST and READ frame, wall-clock seconds (for `--trace`).
+    posted: dict[str, float] = field(default_factory=dict)
+    read: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -360,7 +366,15 @@ async def phase(
     last = max(at for at in reads.values() if at is not None)
     cpu = delta(before, deployment.processes.sample())
     lat = sorted((reads[m] or 0.0) - posted[m] for m in posted)
-    return Phase(len(posted), last - began, cpu, lat)
+    wall = time.time() - time.monotonic()
+    return Phase(
+        len(posted),
+        last - began,
+        cpu,
+        lat,
+        {m: at + wall for m, at in posted.items()},
+        {m: (at or 0.0) + wall for m, at in reads.items()},
+    )
 
 
 async def send_outcomes(deployment: Deployment) -> dict[str, float]:
@@ -459,6 +473,10 @@ async def one_run(args: argparse.Namespace, extra: dict[str, str]) -> Run:
                     rate=args.latency_rate,
                 )
                 print_phase(f"at {args.latency_rate:g}/s", latency, deployment)
+                if args.trace:
+                    kafka = os.environ["WHATSLIKE_TEST_KAFKA_URL"]
+                    found = await hops(kafka, deployment.topic_prefix, latency.posted, latency.read)
+                    print_hops(found, print)
             finally:
                 for watcher in watchers:
                     await watcher.close()
@@ -557,9 +575,16 @@ def main() -> None:
     parser.add_argument("--cassandra-url", default="", help="default: WHATSLIKE_TEST_CASSANDRA_URL")
     parser.add_argument("--profile", type=Path, help="py-spy profiles of the throughput phase")
     parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="scaled: the latency phase's messages hop by hop (bench/timeline.py)",
+    )
+    parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for our processes (repeatable)"
     )
     args = parser.parse_args()
+    if args.trace and args.layout != "scaled":
+        parser.error("--trace needs --layout scaled (it reads the Kafka topics)")
     extra = dict(item.split("=", 1) for item in args.env)
     if args.layout == "scaled":
         load_services()

@@ -3,6 +3,7 @@ SQLite file: what it keeps across a reopen, and how it counts sends."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import sqlite3
@@ -183,3 +184,31 @@ async def test_a_send_that_cannot_be_stored_is_a_transient_error(tmp_path: Path)
         assert counts.status_code == 503
         assert counts.json()["error"]["code"] == "unavailable"
         assert simulator.schedule.pending == 0
+
+
+async def test_sends_accepted_at_once_are_all_stored_with_ids_never_given_before(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "simulator.db"
+    schedule = WebhookSchedule(path, capacity=1000)
+    await schedule.open()
+    start = time.time() - 10
+    accepted = await asyncio.gather(
+        *(schedule.accept(f"whatsapp:m{n}", planned(3, start)) for n in range(50))
+    )
+    ids = [d.id for deliveries in accepted if deliveries for d in deliveries]
+    assert ids == list(range(1, 151))  # in the order of the calls
+    assert await schedule.sends() == {"sends": 50, "keys": 50, "duplicates": {}}
+    # The newest are settled: their ids must not be given again after a reopen.
+    last = accepted[-1]
+    assert last is not None
+    await schedule.settle(last)
+    await schedule.close()
+
+    again = WebhookSchedule(path, capacity=1000)
+    assert await again.open() == 147
+    more = await again.accept("whatsapp:m50", planned(1, start))
+    assert more is not None and more[0].id == 151
+    await again.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*), max(id) FROM deliveries").fetchone() == (148, 151)

@@ -2,11 +2,13 @@
 
 Every planned webhook delivery and every accepted send is written to one SQLite file
 (WAL) in one transaction before the send is answered; a delivery is deleted once the
-connector answered it with a 2xx. A restarted simulator loads what is pending and goes
-on retrying. An in-memory heap indexes what is due next; it is bounded by the number of
-pending deliveries, and a send whose webhooks do not fit is refused before it is accepted,
-so nothing accepted is ever dropped. Due times are wall-clock (Unix) seconds, so they
-keep their meaning across a restart.
+connector answered it with a 2xx. Sends answered at the same time share one transaction
+(a group commit, whatslike/grouping.py), and so do the deletes: under load one sync
+serves many sends instead of each waiting its turn for its own. A restarted simulator
+loads what is pending and goes on retrying. An in-memory heap indexes what is due next;
+it is bounded by the number of pending deliveries, and a send whose webhooks do not fit
+is refused before it is accepted, so nothing accepted is ever dropped. Due times are
+wall-clock (Unix) seconds, so they keep their meaning across a restart.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import aiosqlite
 
 from whatslike.errors import BackendUnavailable
+from whatslike.grouping import Grouped
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 RETRY_BASE_S = 0.5
 RETRY_CAP_S = 60.0
 RETRY_HORIZON_S = 7 * 24 * 3600.0
+#: Sends (or settled webhooks) written in one transaction at most.
+GROUP_LIMIT = 256
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS deliveries (
@@ -116,6 +121,11 @@ class WebhookSchedule:
         self._heap: list[Delivery] = []
         self._pending = 0  # stored and not yet settled: queued, in flight or waiting
         self._wakeup = asyncio.Event()
+        #: The next delivery's row id: ids are given here, so a group's rows go in with one
+        #: `executemany` (no RETURNING per row), in the order of the calls.
+        self._next_id = 1
+        self._accepts = Grouped(self._accept_many, "sim-accepts", GROUP_LIMIT)
+        self._settles = Grouped(self._settle_many, "sim-settles", GROUP_LIMIT)
 
     @property
     def pending(self) -> int:
@@ -137,6 +147,10 @@ class WebhookSchedule:
                 rows = await tx.execute_fetchall(
                     "SELECT id, channel, body, first_due, due, failures FROM deliveries"
                 )
+                # AUTOINCREMENT's counter: never an id given before, settled or not.
+                [(last,)] = await tx.execute_fetchall(
+                    "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'deliveries'"
+                )
         except (sqlite3.Error, BackendUnavailable) as exc:
             self._db = None
             await db.close()
@@ -147,10 +161,15 @@ class WebhookSchedule:
         ]
         heapq.heapify(self._heap)
         self._pending = len(self._heap)
+        self._next_id = int(last) + 1
+        self._accepts.start()
+        self._settles.start()
         self._wakeup.set()
         return self._pending
 
     async def close(self) -> None:
+        await self._accepts.stop()
+        await self._settles.stop()
         if self._db is not None:
             async with self._lock:
                 db, self._db = self._db, None
@@ -160,32 +179,39 @@ class WebhookSchedule:
         self, send_key: str | None, planned: Sequence[Planned]
     ) -> list[Delivery] | None:
         """Store one send (counted under `send_key`; None: a customer's message, no send)
-        and its deliveries in one transaction; None when they do not fit (nothing
-        stored). The deliveries are not queued: `put` them. Raises BackendUnavailable
-        when the file cannot be written."""
+        and its deliveries in one transaction (shared with the sends accepted at the same
+        time); None when they do not fit (nothing stored). The deliveries are not queued:
+        `put` them. Raises BackendUnavailable when the file cannot be written (nothing of
+        the group stored). A caller cancelled while its group commits may find its send
+        stored all the same: it then goes out after a restart, as a send Meta took before
+        the client hung up would."""
         if self._pending + len(planned) > self.capacity:
             return None
         self._pending += len(planned)
+        deliveries = [
+            Delivery(plan.due, self._next_id + n, plan.channel, plan.body, plan.due)
+            for n, plan in enumerate(planned)
+        ]
+        self._next_id += len(planned)
         try:
-            deliveries = []
-            async with self._transaction() as db:
-                if send_key is not None:
-                    await db.execute(
-                        "INSERT INTO sends (key, count) VALUES (?, 1)"
-                        " ON CONFLICT (key) DO UPDATE SET count = count + 1",
-                        (send_key,),
-                    )
-                for plan in planned:
-                    [(row_id,)] = await db.execute_fetchall(
-                        "INSERT INTO deliveries (channel, body, first_due, due)"
-                        " VALUES (?, ?, ?, ?) RETURNING id",
-                        (plan.channel, plan.body, plan.due, plan.due),
-                    )
-                    deliveries.append(Delivery(plan.due, row_id, plan.channel, plan.body, plan.due))
+            await self._accepts((send_key, deliveries))
         except BaseException:
             self._pending -= len(planned)
             raise
         return deliveries
+
+    async def _accept_many(self, sends: list[tuple[str | None, list[Delivery]]]) -> list[None]:
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT INTO sends (key, count) VALUES (?, 1)"
+                " ON CONFLICT (key) DO UPDATE SET count = count + 1",
+                [(key,) for key, _ in sends if key is not None],
+            )
+            await db.executemany(
+                "INSERT INTO deliveries (id, channel, body, first_due, due) VALUES (?, ?, ?, ?, ?)",
+                [(d.id, d.channel, d.body, d.due, d.due) for _, group in sends for d in group],
+            )
+        return [None] * len(sends)
 
     def put(self, delivery: Delivery) -> None:
         """Queue a stored delivery for its due time."""
@@ -224,16 +250,18 @@ class WebhookSchedule:
         """The deliveries are done (answered 2xx, or given up): delete them, free their
         places."""
         try:
-            async with self._transaction() as db:
-                await db.executemany(
-                    "DELETE FROM deliveries WHERE id = ?", [(d.id,) for d in deliveries]
-                )
+            await self._settles.many([d.id for d in deliveries])
         except BackendUnavailable as exc:
             # At least once: the rows stay and are posted again after a restart.
             log.error("simulator could not delete delivered webhooks: %s", exc)
         finally:
             # After the write: no pending delivery means none left on disk either.
             self._pending -= len(deliveries)
+
+    async def _settle_many(self, ids: list[int]) -> list[None]:
+        async with self._transaction() as db:
+            await db.executemany("DELETE FROM deliveries WHERE id = ?", [(i,) for i in ids])
+        return [None] * len(ids)
 
     async def retry(self, delivery: Delivery) -> None:
         """Store the delivery's new due time and failure count, and queue it again."""
