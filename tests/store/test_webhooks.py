@@ -15,7 +15,6 @@ from whatslike.status.rules import Status
 from whatslike.store.base import Store, WebhookEndpoint, WebhookStore
 from whatslike.webhooks.core import new_secret
 
-
 #: The stores that keep webhooks (the tests below run on these only, not skipped on
 #: Cassandra, where the API answers 501: see the first test).
 WEBHOOK_STORES = pytest.mark.parametrize(

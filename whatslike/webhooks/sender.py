@@ -41,7 +41,8 @@ from whatslike.webhooks.core import next_attempt as retry_at
 
 log = logging.getLogger(__name__)
 
-#: At most this many connections to all endpoints at once (per sender process).
+#: At most this many connections to all endpoints at once (per sender process): the
+#: default `webhook_endpoints_at_once` × `webhook_in_flight`.
 CONNECTIONS = 256
 
 
@@ -91,9 +92,10 @@ class WebhookSender(BackgroundRole):
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
+            # No limit per host: endpoints of several organizations on one host must not
+            # share one; each endpoint's own requests are bounded (`webhook_in_flight`).
             connector = aiohttp.TCPConnector(
                 limit=CONNECTIONS,
-                limit_per_host=self._settings.webhook_in_flight,
                 resolver=_CheckedResolver(allow_private=self._settings.webhook_allow_private),
             )
             self._session = aiohttp.ClientSession(
