@@ -27,6 +27,9 @@ from whatslike.webhooks.core import TargetRefused, check_url, new_secret
 
 #: How long the secret before a rotation still signs.
 PREVIOUS_SECRET_S = 86_400
+#: An endpoint's URL, as the schema admits it (ASCII classes only: JSON Schema's and
+#: pydantic's regexes agree on them).
+URL_PATTERN = r"^https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[!-\"$-~]*)?$"
 #: Parked deliveries answered at most by one list.
 PARKED_LIMIT = 100
 
@@ -36,9 +39,12 @@ class NewEndpoint(BaseModel):
     url: Annotated[
         str,
         Field(
-            min_length=1,
             max_length=2048,
-            description="Where events are POSTed: https, a public address (see the README).",
+            # The syntax (a host name or IPv4 address, a port, a path and query of
+            # printable ASCII, no fragment); what passes it may still be refused (403).
+            pattern=URL_PATTERN,
+            description="Where events are POSTed: https to a public address (plain http "
+            "and private addresses only where `WEBHOOK_ALLOW_PRIVATE` is set).",
         ),
     ]
 
@@ -141,7 +147,8 @@ class WebhookApi(RoleDefaults):
                 body=NewEndpoint,
                 errors={
                     409: "The organization has its maximum of endpoints already.",
-                    422: "The URL may not be called (scheme, address); the message says why.",
+                    403: "The URL may not be called (plain http, a private or loopback "
+                    "address, a port out of range); the message says why.",
                 }
                 | unsupported,
                 links=[
@@ -227,7 +234,7 @@ class WebhookApi(RoleDefaults):
         try:
             url = check_url(body.url, allow_private=self._settings.webhook_allow_private)
         except TargetRefused as exc:
-            raise ApiError(422, "refused_target", str(exc)) from exc
+            raise ApiError(403, "refused_target", str(exc)) from exc
         endpoint = WebhookEndpoint(
             id=new_id("whe"),
             org_id=identity.org_id,
