@@ -90,9 +90,11 @@ class Known:
     def fixed(self, operation: AnyOperation, mode: GenerationMode) -> dict[str, Any]:
         names = {parameter.name for parameter in operation.iter_parameters()}
         if "endpoint_id" in names:
-            chosen = self.spare_endpoint_id if operation.method == "DELETE" else self.endpoint_id
+            chosen = (
+                self.spare_endpoint_id if operation.method.upper() == "DELETE" else self.endpoint_id
+            )
             return {"path_parameters": {"endpoint_id": chosen}}
-        if operation.path == "/api/webhooks" and operation.method == "POST":
+        if operation.path == "/api/webhooks" and operation.method.upper() == "POST":
             return {"body": {"url": WEBHOOK_URL}} if mode.is_positive else {}
         if {"id", "message_id"} <= names:
             ids = {"id": self.conversation_id, "message_id": self.inbound_message_id}

@@ -42,7 +42,7 @@ from whatslike.webhooks.core import next_attempt as retry_at
 log = logging.getLogger(__name__)
 
 #: At most this many connections to all endpoints at once (per sender process): the
-#: default `webhook_endpoints_at_once` × `webhook_in_flight`.
+#: default `webhook_endpoints_at_once` times `webhook_in_flight`.
 CONNECTIONS = 256
 
 
