@@ -305,6 +305,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("webhook_lease_s")
+    @classmethod
+    def _lease_outlasts_a_post(cls, value: float, info: ValidationInfo) -> float:
+        timeout_s = info.data.get("webhook_timeout_s")
+        if timeout_s is not None and value <= timeout_s:
+            raise ValueError(
+                f"must exceed WEBHOOK_TIMEOUT_S ({timeout_s}): a lease must outlast a POST, "
+                "or another sender could deliver the same endpoint meanwhile"
+            )
+        return value
+
     @property
     def effective_min_insync_replicas(self) -> int:
         if self.kafka_min_insync_replicas is not None:

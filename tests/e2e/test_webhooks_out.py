@@ -32,6 +32,7 @@ ENV = {
     "WHATSLIKE_WEBHOOK_RETRY_FIRST_S": "0.05",
     "WHATSLIKE_WEBHOOK_RETRY_MAX_S": "0.3",
     "WHATSLIKE_WEBHOOK_TIMEOUT_S": "60",
+    "WHATSLIKE_WEBHOOK_IN_FLIGHT": "2",
     "WHATSLIKE_SIM_DELAY_MS": "20",
 }
 
@@ -223,7 +224,9 @@ def test_a_hanging_receiver_delays_only_its_organization(
     slow_target.open.clear()
     slow_endpoint = slow.add_endpoint(slow_url)
     fast_endpoint = fast.add_endpoint(fast_url)
-    slow_conversations = slow.send(conversations=2, messages=2)
+    # More conversations than requests in flight per endpoint: the slow endpoint holds
+    # as many connections as it may, all to the host the other one shares.
+    slow_conversations = slow.send(conversations=3, messages=2)
     fast_conversations = fast.send(conversations=2, messages=2)
     until(
         lambda: complete(fast, fast_target, fast_conversations, fast_endpoint["secret"]),
@@ -286,7 +289,9 @@ def test_given_up_deliveries_are_parked_then_replayed(tmp_path: Path, receiver: 
 
 
 def test_nothing_is_lost_across_a_kill_9(tmp_path: Path, receiver: Receiver) -> None:
-    running = start_server(tmp_path, ENV)
+    # The killed sender's lease of the endpoint lapses after WEBHOOK_LEASE_S: short here.
+    env = {**ENV, "WHATSLIKE_WEBHOOK_LEASE_S": "2", "WHATSLIKE_WEBHOOK_TIMEOUT_S": "1"}
+    running = start_server(tmp_path, env)
     org = Org(running, "org-kill")
     url, target = receiver.target("/kill")
     endpoint = org.add_endpoint(url)
@@ -297,7 +302,7 @@ def test_nothing_is_lost_across_a_kill_9(tmp_path: Path, receiver: Receiver) -> 
     assert running.reader is not None
     running.reader.join(timeout=15)
     assert running.leaked() == []
-    restarted = start_server(tmp_path, ENV)
+    restarted = start_server(tmp_path, env)
     try:
         again = Org(restarted, "org-kill")
         until(lambda: complete(again, target, conversations, endpoint["secret"]), "every change")
