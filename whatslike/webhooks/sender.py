@@ -6,9 +6,10 @@ in the store, so two senders — of one process or of several — never deliver 
 at once; a sender that dies lets its leases lapse after `webhook_lease_s`). Each leased
 endpoint is delivered by a task of its own, so a slow or failing endpoint delays only
 its organization: it reads at most `webhook_batch` deliveries — the oldest of each of its
-conversations, so seq order per conversation holds — and POSTs at most
-`webhook_in_flight` at once, each bounded by `webhook_timeout_s` (resolving the name
-included). A delivery is deleted after a 2xx only; any other answer, a timeout or a
+conversations, so seq order per conversation holds — and POSTs them in waves of at most
+`webhook_in_flight`, each POST bounded by `webhook_timeout_s` (resolving the name
+included), renewing its lease after each wave (the lease outlasts a POST: a setting
+check). A delivery is deleted after a 2xx only; any other answer, a timeout or a
 refused address counts as a failed attempt, retried after 1 s, 2 s, 4 s, … at most
 `webhook_retry_max_s`, and parked once it is older than `webhook_retry_for_s`, where the
 API and `whatslike webhooks` list and replay it. The conversation's later deliveries wait
@@ -149,12 +150,16 @@ class WebhookSender(BackgroundRole):
                 )
                 if not due:
                     return
-                slots = asyncio.Semaphore(settings.webhook_in_flight)
-                await asyncio.gather(*(self._attempt(store, endpoint, d, slots) for d in due))
-                if not await store.renew_webhook_lease(
-                    self._owner, endpoint.id, settings.webhook_lease_s
-                ):
-                    return
+                # In waves of `webhook_in_flight` POSTs, the lease renewed after each: a
+                # wave lasts at most `webhook_timeout_s`, which the lease outlasts.
+                step = settings.webhook_in_flight
+                for start in range(0, len(due), step):
+                    wave = due[start : start + step]
+                    await asyncio.gather(*(self._attempt(store, endpoint, d) for d in wave))
+                    if not await store.renew_webhook_lease(
+                        self._owner, endpoint.id, settings.webhook_lease_s
+                    ):
+                        return
         except WhatslikeError as exc:
             log.warning("webhook-sender: endpoint %s: %s", claimed.id, exc)
         finally:
@@ -167,10 +172,8 @@ class WebhookSender(BackgroundRole):
         store: WebhookStore,
         endpoint: WebhookEndpoint,
         delivery: WebhookDelivery,
-        slots: asyncio.Semaphore,
     ) -> None:
-        async with slots:
-            error = await self._post(endpoint, delivery)
+        error = await self._post(endpoint, delivery)
         now = utcnow()
         if not error:
             await store.webhook_delivered(delivery.id)
