@@ -27,9 +27,9 @@ from whatslike.webhooks.core import TargetRefused, check_url, new_secret
 
 #: How long the secret before a rotation still signs.
 PREVIOUS_SECRET_S = 86_400
-#: An endpoint's URL, as the schema admits it (ASCII classes only: JSON Schema's and
-#: pydantic's regexes agree on them).
-URL_PATTERN = r"^https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[!-\"$-~]*)?$"
+#: An endpoint's URL, as the schema admits it: a path and query of printable ASCII but
+#: `"` and `#` (no escapes nor classes JSON Schema's and pydantic's regexes disagree on).
+URL_PATTERN = r"^https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[!$-~]*)?$"
 #: Parked deliveries answered at most by one list.
 PARKED_LIMIT = 100
 
