@@ -1,7 +1,8 @@
 """Outbound webhooks against receivers this test runs, through a real `whatslike serve`
 (embedded: SQLite, the simulator's statuses): every status change arrives, verified with
 the `standardwebhooks` library as a receiver would, in seq order per conversation; a
-receiver that is down gets everything once it is up; a receiver that hangs does not hold
+receiver that is down gets everything once it is up; a redirect is never followed; a
+receiver that hangs does not hold
 up another organization's; what is given up is parked, listed and replayed; a rotation
 signs with both secrets; a `kill -9` of the server loses nothing."""
 
@@ -43,6 +44,8 @@ class Target:
     """One receiving URL: what it answers, and what it got."""
 
     answer: int = 200
+    #: A `Location` to answer with (a redirect).
+    location: str = ""
     #: While clear, a request waits (a receiver that hangs).
     open: threading.Event = field(default_factory=threading.Event)
     attempts: int = 0
@@ -72,6 +75,8 @@ class Receiver:
                     if 200 <= status < 300:
                         target.delivered.append((dict(self.headers.items()), body))
                 self.send_response(status)
+                if target.location:
+                    self.send_header("location", target.location)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -214,6 +219,20 @@ def test_a_receiver_down_for_a_while_gets_everything_once_up(
     assert target.delivered == []
     target.answer = 200
     until(lambda: complete(org, target, conversations, endpoint["secret"]), "every change")
+
+
+def test_a_redirect_is_a_failed_attempt_never_followed(server: Server, receiver: Receiver) -> None:
+    org = Org(server, "org-redirect")
+    url, target = receiver.target("/redirect")
+    elsewhere_url, elsewhere = receiver.target("/elsewhere")
+    target.answer, target.location = 307, elsewhere_url
+    endpoint = org.add_endpoint(url)
+    conversations = org.send(conversations=1, messages=1)
+    until(lambda: target.attempts >= 3, "attempts")
+    assert elsewhere.attempts == 0
+    target.answer = 200
+    until(lambda: complete(org, target, conversations, endpoint["secret"]), "every change")
+    assert elsewhere.attempts == 0
 
 
 def test_a_hanging_receiver_delays_only_its_organization(
