@@ -5,8 +5,9 @@ Signatures follow the Standard Webhooks specification (standardwebhooks.com): he
 `webhook-id`, `webhook-timestamp` (Unix seconds) and `webhook-signature`, a space-separated
 list of `v1,<base64 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`, one per valid
 secret (two for 24 h after a rotation). The secret is `whsec_` + base64 of 32 random
-bytes. Hand-written rather than the `standardwebhooks` package: signing is these few
-lines, and that package (used by the tests to verify) pins its own HTTP client stack.
+bytes. Hand-written (a dozen lines) rather than a runtime dependency on the
+`standardwebhooks` package; the tests verify every signature with that package, as a
+receiver would, so the two cannot disagree unnoticed.
 """
 
 from __future__ import annotations
