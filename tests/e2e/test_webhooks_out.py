@@ -310,7 +310,7 @@ def test_given_up_deliveries_are_parked_then_replayed(tmp_path: Path, receiver: 
 
 def test_nothing_is_lost_across_a_kill_9(tmp_path: Path, receiver: Receiver) -> None:
     # The killed sender's lease of the endpoint lapses after WEBHOOK_LEASE_S: short here.
-    env = {**ENV, "WHATSLIKE_WEBHOOK_LEASE_S": "2", "WHATSLIKE_WEBHOOK_TIMEOUT_S": "1"}
+    env = {**ENV, "WHATSLIKE_WEBHOOK_LEASE_S": "6", "WHATSLIKE_WEBHOOK_TIMEOUT_S": "5"}
     running = start_server(tmp_path, env)
     org = Org(running, "org-kill")
     url, target = receiver.target("/kill")

@@ -130,8 +130,10 @@ async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None
     now = utcnow() + timedelta(seconds=1)
     [first] = await hooks.due_webhook_deliveries(hook.id, now, 10)
     await hooks.webhook_failed(first.id, now + timedelta(seconds=5), "HTTP 503", now)
-    # Waiting: neither it nor the one behind it is due.
+    # Waiting: neither it nor the one behind it is due, and no sender leases the endpoint
+    # for nothing meanwhile.
     assert await hooks.due_webhook_deliveries(hook.id, now, 10) == []
+    assert await hooks.claim_webhook_endpoints("s1", 10, 30, now) == []
     [again] = await hooks.due_webhook_deliveries(hook.id, now + timedelta(seconds=5), 10)
     assert again.id == first.id and again.attempts == 1 and again.last_error == "HTTP 503"
     await hooks.webhook_failed(first.id, None, "HTTP 500", now)  # given up: parked

@@ -1052,7 +1052,9 @@ class PostgresStore:
                 " (SELECT e.id FROM webhook_endpoints e WHERE (e.lease_until IS NULL"
                 " OR e.lease_until < $2 OR e.lease_owner = $1) AND EXISTS (SELECT 1 FROM"
                 " webhook_deliveries d WHERE d.endpoint_id = e.id AND d.parked_at IS NULL"
-                " AND d.next_at <= $2) LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *",
+                " AND d.next_at <= $2 AND d.seq = (SELECT min(h.seq) FROM webhook_deliveries h"
+                " WHERE h.endpoint_id = e.id AND h.conversation_id = d.conversation_id"
+                " AND h.parked_at IS NULL)) LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *",
                 owner,
                 now,
                 lease_s,

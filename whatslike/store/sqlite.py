@@ -854,7 +854,9 @@ class SQLiteStore:
                 " (SELECT e.id FROM webhook_endpoints e WHERE (e.lease_until IS NULL"
                 " OR e.lease_until < ? OR e.lease_owner = ?) AND EXISTS (SELECT 1 FROM"
                 " webhook_deliveries d WHERE d.endpoint_id = e.id AND d.parked_at IS NULL"
-                " AND d.next_at <= ?) LIMIT ?) RETURNING *",
+                " AND d.next_at <= ? AND d.seq = (SELECT min(h.seq) FROM webhook_deliveries h"
+                " WHERE h.endpoint_id = e.id AND h.conversation_id = d.conversation_id"
+                " AND h.parked_at IS NULL)) LIMIT ?) RETURNING *",
                 (owner, until, at, owner, at, limit),
             ).fetchall()
             return [_endpoint(row) for row in rows]
