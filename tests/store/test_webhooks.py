@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 
 from tests.store.test_contract import applied, at, status_event
+from tests.store.test_inbound import CONTACT, inbound
 from whatslike.clock import utcnow
 from whatslike.status.rules import Status
 from whatslike.store.base import Store, WebhookEndpoint, WebhookStore
@@ -161,3 +162,29 @@ async def test_rotation_keeps_the_previous_secret_for_a_while(store: Store) -> N
     assert rotated.secret == "whsec_new" and rotated.previous_secret == hook.secret
     assert rotated.previous_until == until
     assert await hooks.rotate_webhook_secret("org-b", hook.id, "whsec_x", until) is None
+
+
+@WEBHOOK_STORES
+async def test_a_customers_message_is_a_message_received_event(store: Store) -> None:
+    hooks = webhooks_of(store)
+    hook = await hooks.add_webhook_endpoint(endpoint("org_a", "one"), 5)
+    assert hook is not None
+    conversation = await store.create_conversation("org_a", "whatsapp", CONTACT)
+    theirs = await store.receive_message(inbound("wamid.in"))
+    await applied(
+        store,
+        [
+            status_event(theirs, Status.DELIVERED, at(1)),  # its arrival
+            status_event(theirs, Status.READ, at(2)),  # an agent read it
+        ],
+    )
+    far = utcnow() + timedelta(days=1)
+    kinds = []
+    for _ in range(2):
+        [due] = await hooks.due_webhook_deliveries(hook.id, far, 10)
+        body = json.loads(due.body)
+        assert due.event_type == body["type"]
+        assert body["data"]["conversation_id"] == conversation.id
+        kinds.append((body["type"], body["data"]["type"], body["data"]["seq"]))
+        await hooks.webhook_delivered(due.id)
+    assert kinds == [("message.received", "message", 1), ("message.status", "status", 2)]

@@ -464,7 +464,7 @@ class HttpApi(RoleDefaults):
             )
 
     async def read_message(self, request: Request) -> Response:
-        identity = self._identity(request)
+        identity = self.identity(request)
         message_id = request.path_params["message_id"]
         if not valid_id(message_id):
             raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")

@@ -54,7 +54,7 @@ from whatslike.store.base import (
     WebhookEndpoint,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
-from whatslike.webhooks.core import MESSAGE_STATUS, event_body
+from whatslike.webhooks.core import event_body, event_type
 
 _Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
@@ -1455,21 +1455,22 @@ async def _queue_webhooks(
     changes: Sequence[tuple[str, int, str, str, str]],
     messages: dict[str, Message],
 ) -> None:
-    """The outbound webhook hook of status changes (conversation, seq, message id, event
-    id, frame): one delivery per endpoint of each message's organization, in the
-    transaction that applies them (see whatslike/webhooks)."""
+    """The outbound webhook hook of changes (conversation, seq, message id, event id,
+    frame): one delivery per endpoint of each message's organization, in the transaction
+    that applies them (see whatslike/webhooks)."""
     now = utcnow()
+    kinds = [event_type(c[4]) for c in changes]
     await conn.execute(
         "INSERT INTO webhook_deliveries (endpoint_id, conversation_id, seq, event_type, body,"
-        " created_at, next_at) SELECT e.id, c.conversation_id, c.seq, $5, c.body, $6, $6"
-        " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[]) WITH ORDINALITY"
-        " AS c(org_id, conversation_id, seq, body, n)"
+        " created_at, next_at) SELECT e.id, c.conversation_id, c.seq, c.kind, c.body, $6, $6"
+        " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bytea[])"
+        " WITH ORDINALITY AS c(org_id, conversation_id, seq, kind, body, n)"
         " JOIN webhook_endpoints e ON e.org_id = c.org_id ORDER BY c.n, e.id",
         [messages[c[2]].org_id for c in changes],
         [c[0] for c in changes],
         [c[1] for c in changes],
-        [event_body(MESSAGE_STATUS, c[4], now) for c in changes],
-        MESSAGE_STATUS,
+        kinds,
+        [event_body(kind, c[4], now) for kind, c in zip(kinds, changes, strict=True)],
         now,
     )
 

@@ -38,7 +38,7 @@ from whatslike.store.base import (
     WebhookEndpoint,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
-from whatslike.webhooks.core import MESSAGE_STATUS, event_body
+from whatslike.webhooks.core import event_body, event_type
 
 #: Migration n (1-based) brings the schema from version n-1 to n.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -1130,18 +1130,19 @@ def _parked(conn: sqlite3.Connection, channel: str, provider_message_id: str) ->
 
 
 def _queue_webhooks(conn: sqlite3.Connection, message: Message, seq: int, frame: str) -> None:
-    """The outbound webhook hook of a status change: one delivery per endpoint of the
-    message's organization, in the transaction that applies the change (whatslike/webhooks)."""
+    """The outbound webhook hook of a change: one delivery per endpoint of the message's
+    organization, in the transaction that applies it (see whatslike/webhooks)."""
     now = utcnow()
     at = format_time(now)
+    kind = event_type(frame)
     conn.execute(
         "INSERT INTO webhook_deliveries (endpoint_id, conversation_id, seq, event_type, body,"
         " created_at, next_at) SELECT id, ?, ?, ?, ?, ?, ? FROM webhook_endpoints WHERE org_id = ?",
         (
             message.conversation_id,
             seq,
-            MESSAGE_STATUS,
-            event_body(MESSAGE_STATUS, frame, now),
+            kind,
+            event_body(kind, frame, now),
             at,
             at,
             message.org_id,

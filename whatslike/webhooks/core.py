@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import json
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
@@ -23,9 +24,16 @@ from urllib.parse import urlsplit
 
 from whatslike.clock import format_time
 
-#: The event types (`type` of a body). `message.received` comes with inbound messages.
+#: The event types (`type` of a body): a status change of a message (either direction),
+#: and a customer's message arriving (its `message` frame, protocol.md §4).
 MESSAGE_STATUS = "message.status"
+MESSAGE_RECEIVED = "message.received"
 SECRET_PREFIX = "whsec_"
+
+
+def event_type(frame: str) -> str:
+    """The event type of a change's frame (a `message` frame or a `status` one)."""
+    return MESSAGE_RECEIVED if json.loads(frame)["type"] == "message" else MESSAGE_STATUS
 
 
 def event_body(event_type: str, frame: str, at: datetime) -> bytes:
