@@ -20,10 +20,13 @@ import pytest
 
 from tests.e2e.conftest import start_server, stop_server
 from whatslike.bus.memory import dead_letter
+from whatslike.clock import utcnow
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.settings import load_settings, unknown_variables
 from whatslike.status.rules import Status
+from whatslike.store.base import WebhookEndpoint
 from whatslike.store.sqlite import SQLiteStore
+from whatslike.webhooks.core import new_secret
 
 OWN_SECRETS = {
     "WHATSLIKE_META_APP_SECRET": "app-secret-of-this-deployment",
@@ -46,7 +49,17 @@ def whatslike(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["serve"], ["token"], ["stuck"], ["dlq"], ["dlq", "list"], ["dlq", "replay"]]
+    "command",
+    [
+        [],
+        ["serve"],
+        ["token"],
+        ["stuck"],
+        ["dlq"],
+        ["dlq", "list"],
+        ["dlq", "replay"],
+        ["webhooks"],
+    ],
 )
 def test_help_everywhere(command: list[str]) -> None:
     done = whatslike(*command, "--help")
@@ -318,3 +331,45 @@ async def test_dlq_lists_dead_letters_and_replays_a_status(tmp_path: Path) -> No
         assert await store.outbox_size() == outbox_before + 1  # the replayed status only
     finally:
         await store.close()
+
+
+async def test_webhooks_lists_endpoints_and_replays_parked_deliveries(tmp_path: Path) -> None:
+    """What operators do with parked webhook deliveries: list them, replay them; another
+    organization's endpoint is refused with one line."""
+    store = SQLiteStore(tmp_path / "whatslike.db")
+    await store.open()
+    endpoint = WebhookEndpoint("whe_1", "acme", "https://crm.example.com/h", new_secret(), utcnow())
+    assert await store.add_webhook_endpoint(endpoint, 5) is not None
+    conversation = await store.create_conversation("acme", "whatsapp", "+55")
+    message, _ = await store.create_message(conversation, "hi", "")
+    status = StatusEvent(
+        event_id="evt_1",
+        message_id=message.id,
+        conversation_id=conversation.id,
+        org_id="acme",
+        channel="whatsapp",
+        status=Status.SENT,
+        provider_message_id="wamid.1",
+        occurred_at=datetime(2026, 11, 25, 12, tzinfo=UTC),
+    )
+    await store.apply_status(status)
+    [due] = await store.due_webhook_deliveries("whe_1", utcnow(), 10)
+    await store.webhook_failed(due.id, None, "HTTP 500", utcnow())
+    await store.close()
+
+    listed = whatslike("webhooks", "list", "--org", "acme", "--json", "--data-dir", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == ["whe_1"]
+    assert endpoint.secret not in listed.stdout
+    parked = whatslike(
+        "webhooks", "parked", "whe_1", "--org", "acme", "--json", "--data-dir", str(tmp_path)
+    )
+    [row] = [json.loads(line) for line in parked.stdout.splitlines()]
+    assert (row["webhook_id"], row["last_error"]) == (f"{conversation.id}:1", "HTTP 500")
+    replayed = whatslike(
+        "webhooks", "replay", "whe_1", "--org", "acme", "--data-dir", str(tmp_path)
+    )
+    assert replayed.stdout.split() == ["whe_1", "1"]
+    other = whatslike("webhooks", "replay", "whe_1", "--org", "other", "--data-dir", str(tmp_path))
+    assert other.returncode == 1
+    assert other.stderr.strip() == "whatslike: no webhook endpoint whe_1 of other"

@@ -35,6 +35,7 @@ WHATSLIKE = {
     "status-worker-2",
     "router",
     "connector",
+    "webhook-sender",
     "simulator",
 }
 #: The roles that share the bus and the store.

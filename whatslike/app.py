@@ -33,6 +33,7 @@ from whatslike.api.errors import (
 )
 from whatslike.api.http import HttpApi
 from whatslike.api.web import STATIC, WebAssets
+from whatslike.api.webhooks import WebhookApi
 from whatslike.bus.factory import open_bus
 from whatslike.connectors.instagram import InstagramConnector
 from whatslike.connectors.whatsapp import WhatsAppConnector
@@ -49,6 +50,7 @@ from whatslike.roles.watchdog import Watchdog
 from whatslike.settings import Settings, check_safety, resolve_jwt_secret, secure_data_dir
 from whatslike.simulator.app import Simulator
 from whatslike.store import open_store
+from whatslike.webhooks.sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +86,16 @@ def build_roles(deps: Deps) -> list[Role]:
     if any(role in chosen for role in HANDOFF_ROLES):
         roles.append(OutboxRelay(deps))
     if "api" in chosen:
-        roles += [HttpApi(deps), Hub(deps), WebAssets(deps)]
+        api = HttpApi(deps)
+        roles += [api, WebhookApi(deps, api.identity), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
         roles.append(Router(deps))
     if "connector" in chosen:
         roles += [WhatsAppConnector(deps), InstagramConnector(deps)]
     if "status-worker" in chosen:
         roles += [StatusWorker(deps), Watchdog(deps)]
+    if "webhook-sender" in chosen:
+        roles.append(WebhookSender(deps))
     if "simulator" in chosen:
         roles.append(Simulator(deps))
     return roles

@@ -1,5 +1,5 @@
-"""The `whatslike` command line: `serve` runs roles, `token` prints a signed JWT, `stuck`
-and `dlq list|replay` are for operators.
+"""The `whatslike` command line: `serve` runs roles, `token` prints a signed JWT, `stuck`,
+`dlq list|replay` and `webhooks list|parked|replay` are for operators.
 
 Settings come from `WHATSLIKE_*` variables; flags win. A start that cannot succeed exits
 non-zero with one line on stderr naming the reason.
@@ -18,11 +18,13 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 import uvloop
 
 from whatslike import __version__, serving
+from whatslike.api.webhooks import endpoint_json, parked_json
 from whatslike.app import Runtime, check_wiring
 from whatslike.auth import TokenService
 from whatslike.clock import format_time, utcnow
@@ -38,7 +40,7 @@ from whatslike.settings import (
     unknown_variables,
 )
 from whatslike.store import open_store
-from whatslike.store.base import Store
+from whatslike.store.base import Store, WebhookStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,6 +110,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     replaying.add_argument("id", help="the id `whatslike dlq list` shows")
     replaying.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
+
+    hooks = commands.add_parser(
+        "webhooks",
+        help="an organization's webhook endpoints and parked deliveries (for operators)",
+        description="A delivery that failed for the whole retry period "
+        "(WHATSLIKE_WEBHOOK_RETRY_FOR_S) is parked; replaying an endpoint's parked "
+        "deliveries makes them due again, with a fresh retry period. The same as the "
+        "API's /api/webhooks operations, for one organization.",
+    )
+    hooks_commands = hooks.add_subparsers(dest="hooks_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("list", "the organization's endpoints (no secrets)"),
+        ("parked", "an endpoint's parked deliveries, oldest first"),
+        ("replay", "deliver an endpoint's parked deliveries again"),
+    ):
+        sub = hooks_commands.add_parser(action, help=text)
+        sub.add_argument("--org", required=True, help="the organization id")
+        if action != "list":
+            sub.add_argument("endpoint", help="the endpoint id `whatslike webhooks list` shows")
+        if action == "parked":
+            sub.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+        sub.add_argument("--json", action="store_true", help="one JSON object per line")
+        sub.add_argument("--data-dir", type=Path, help="where serve keeps its data (./data)")
     return parser
 
 
@@ -346,6 +371,35 @@ async def _replay(settings: Settings, dead_letter_id: str) -> int:
     return 0
 
 
+def webhooks(args: argparse.Namespace) -> int:
+    settings = load_settings(data_dir=args.data_dir)
+    if args.hooks_command == "parked" and args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    return asyncio.run(_webhooks(settings, args))
+
+
+async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
+    async with _opened_store(settings) as store:
+        if not isinstance(store, WebhookStore):
+            raise ConfigError("this store (Cassandra) keeps no outbound webhooks")
+        rows: list[dict[str, Any]]
+        if args.hooks_command == "list":
+            rows = [endpoint_json(e) for e in await store.webhook_endpoints(args.org)]
+        elif args.hooks_command == "parked":
+            parked = await store.parked_webhook_deliveries(args.org, args.endpoint, args.limit)
+            if parked is None:
+                raise ConfigError(f"no webhook endpoint {args.endpoint} of {args.org}")
+            rows = [parked_json(d) for d in parked]
+        else:
+            replayed = await store.replay_parked_webhooks(args.org, args.endpoint, utcnow())
+            if replayed is None:
+                raise ConfigError(f"no webhook endpoint {args.endpoint} of {args.org}")
+            rows = [{"endpoint": args.endpoint, "replayed": replayed}]
+    for row in rows:
+        print(json.dumps(row) if args.json else "  ".join(str(v) for v in row.values()))
+    return 0
+
+
 @asynccontextmanager
 async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
     store = open_store(
@@ -360,7 +414,7 @@ async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": serve, "token": token, "stuck": stuck, "dlq": dlq}
+    commands = {"serve": serve, "token": token, "stuck": stuck, "dlq": dlq, "webhooks": webhooks}
     try:
         return commands[args.command](args)
     except WhatslikeError as exc:

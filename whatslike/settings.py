@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from whatslike.errors import ConfigError
 
-ROLES = ("api", "router", "connector", "status-worker", "simulator")
+ROLES = ("api", "router", "connector", "status-worker", "webhook-sender", "simulator")
 #: Meta's own Graph API: what `CUSTOMER_WINDOW=auto` enforces the window against.
 META_GRAPH_HOST = "graph.facebook.com"
 
@@ -117,6 +117,29 @@ class Settings(BaseSettings):
     send_unknown_fail_s: float = Field(600.0, gt=0)
     #: The Retry-After of a 503 answered while the store is out of reach or on shutdown.
     retry_after_s: int = Field(5, ge=1)
+
+    # Outbound webhooks (whatslike/webhooks): delivered by the webhook-sender role.
+    #: Allow targets on private, loopback and link-local addresses (and plain http to
+    #: loopback): for development and tests, never where anyone with a token may reach
+    #: the internal network.
+    webhook_allow_private: bool = False
+    webhook_endpoints_per_org: int = Field(5, ge=1, le=100)
+    #: One POST at most this long (connecting and resolving included).
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60)
+    #: Retries wait 1 s, 2 s, 4 s, … at most `webhook_retry_max_s`, for
+    #: `webhook_retry_for_s` after the event; then the delivery is parked.
+    webhook_retry_first_s: float = Field(1.0, gt=0)
+    webhook_retry_max_s: float = Field(600.0, gt=0)
+    webhook_retry_for_s: float = Field(86_400.0, gt=0)
+    #: How often a sender looks for due deliveries.
+    webhook_poll_s: float = Field(0.5, gt=0)
+    #: Deliveries read per endpoint at once; conversations of one endpoint in flight at
+    #: once; endpoints one sender delivers at once.
+    webhook_batch: int = Field(100, ge=1, le=10_000)
+    webhook_in_flight: int = Field(4, ge=1, le=100)
+    webhook_endpoints_at_once: int = Field(64, ge=1, le=10_000)
+    #: A sender's lease of an endpoint; another sender takes it over after this.
+    webhook_lease_s: float = Field(60.0, gt=0)
 
     # Kafka bus (bus_url kafka://host:port[,host:port]).
     #: Partitions of each topic the bus creates (at most this many consumers of a group work).
@@ -279,6 +302,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must not exceed KAFKA_REPLICATION_FACTOR ({replicas}): no record could be "
                 "acknowledged"
+            )
+        return value
+
+    @field_validator("webhook_lease_s")
+    @classmethod
+    def _lease_outlasts_a_post(cls, value: float, info: ValidationInfo) -> float:
+        timeout_s = info.data.get("webhook_timeout_s")
+        if timeout_s is not None and value <= timeout_s:
+            raise ValueError(
+                f"must exceed WEBHOOK_TIMEOUT_S ({timeout_s}): a lease must outlast a POST, "
+                "or another sender could deliver the same endpoint meanwhile"
             )
         return value
 

@@ -93,6 +93,11 @@ def test_every_served_api_route_is_in_the_document(runtime: Runtime) -> None:
         "/api/conversations/{id}/changes",
         "/api/messages/{message_id}",
         "/api/messages",
+        "/api/webhooks",
+        "/api/webhooks/{endpoint_id}",
+        "/api/webhooks/{endpoint_id}/rotate",
+        "/api/webhooks/{endpoint_id}/parked",
+        "/api/webhooks/{endpoint_id}/replay",
     }
 
 

@@ -48,6 +48,8 @@ STATEFUL_RUNS = 20
 STEPS = 6
 SEED = 16
 ORG = "org-schemathesis"
+#: A target of the webhook endpoints made here: valid, and never reached (.invalid).
+WEBHOOK_URL = "https://crm.whatslike.invalid/hooks"
 
 
 def closed(document: dict[str, Any]) -> dict[str, Any]:
@@ -72,17 +74,28 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @dataclass(frozen=True)
 class Known:
     """A conversation and a message of the token's organization, the message sent (it has
-    its provider id), and a customer's message in that conversation: half the cases of
-    an operation that takes one use these ids."""
+    its provider id), a customer's message in that conversation, and two webhook
+    endpoints (one for the deletes, so the others still find theirs): half the cases of an
+    operation that takes one use these ids. Half the valid cases of adding an endpoint use
+    a valid https URL (the fuzzed ones never are)."""
 
     token: str
     conversation_id: str
     message_id: str
     provider_message_id: str
     inbound_message_id: str
+    endpoint_id: str
+    spare_endpoint_id: str
 
-    def fixed(self, operation: AnyOperation) -> dict[str, Any]:
+    def fixed(self, operation: AnyOperation, mode: GenerationMode) -> dict[str, Any]:
         names = {parameter.name for parameter in operation.iter_parameters()}
+        if "endpoint_id" in names:
+            chosen = (
+                self.spare_endpoint_id if operation.method.upper() == "DELETE" else self.endpoint_id
+            )
+            return {"path_parameters": {"endpoint_id": chosen}}
+        if operation.path == "/api/webhooks" and operation.method.upper() == "POST":
+            return {"body": {"url": WEBHOOK_URL}} if mode.is_positive else {}
         if {"id", "message_id"} <= names:
             ids = {"id": self.conversation_id, "message_id": self.inbound_message_id}
             return {"path_parameters": ids}
@@ -121,7 +134,12 @@ def known(served: Server) -> Known:
         assert answer.status_code == 200, answer.text
         listed = client.get(f"/api/conversations/{conversation_id}/messages").json()["messages"]
         [inbound] = [m["id"] for m in listed if m["direction"] == "in"]
-    return Known(token, conversation_id, message_id, message["provider_message_id"], inbound)
+        endpoints = [
+            client.post("/api/webhooks", json={"url": WEBHOOK_URL}).json()["id"] for _ in range(2)
+        ]
+    return Known(
+        token, conversation_id, message_id, message["provider_message_id"], inbound, *endpoints
+    )
 
 
 def load(served: Server, known: Known, document: dict[str, Any]) -> BaseSchema:
@@ -179,18 +197,21 @@ def run_each_operation(
     api_schema: BaseSchema, known: Known, mode: GenerationMode
 ) -> tuple[list[str], dict[str, Counter[int]]]:
     """Run `EXAMPLES` cases of `mode` on every operation that has an input to get wrong
-    (negative cases need one); the failures, one per operation, and the statuses seen."""
+    (negative cases need one: the token is not one); the failures, one per operation, and
+    the statuses seen."""
     failures = []
     statuses: dict[str, Counter[int]] = {}
     for result in api_schema.get_all_operations():
         assert isinstance(result, Ok), result
         operation = result.ok()
-        if not mode.is_positive and not (operation.body or any(operation.iter_parameters())):
+        # The token (a security scheme's header) is not an input negative cases change.
+        inputs = [p for p in operation.iter_parameters() if p.name != "Authorization"]
+        if not mode.is_positive and not (operation.body or inputs):
             continue
         seen = statuses.setdefault(operation.label, Counter())
 
         cases = operation.as_strategy(generation_mode=mode)
-        fixed = known.fixed(operation)
+        fixed = known.fixed(operation, mode)
         if fixed:
             cases = cases | operation.as_strategy(generation_mode=mode, **fixed)
 

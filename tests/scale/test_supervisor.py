@@ -40,7 +40,7 @@ def programs(text: str) -> dict[str, dict[str, str]]:
 
 
 def test_every_role_of_the_layout_is_restarted_whatever_its_exit() -> None:
-    """The file itself: the seven processes of the README, each restarted on any exit,
+    """The file itself: the eight processes of the README, each restarted on any exit,
     never given up on, and given time to drain."""
     found = programs(CONFIG.read_text())
     assert set(found) == {
@@ -49,6 +49,7 @@ def test_every_role_of_the_layout_is_restarted_whatever_its_exit() -> None:
         "router",
         "worker-1",
         "worker-2",
+        "webhook-sender",
         "api-1",
         "api-2",
     }

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from whatslike.status.rules import Status
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-Method = Literal["GET", "POST"]
+Method = Literal["GET", "POST", "DELETE"]
 #: Who may call an operation: an organization's JWT, the metrics token (when set), Meta
 #: (its signature header, declared as a header parameter), or anyone.
 Auth = Literal["bearer", "metrics", "none"]

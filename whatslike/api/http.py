@@ -382,7 +382,7 @@ class HttpApi(RoleDefaults):
             ),
         ]
 
-    def _identity(self, request: Request) -> Identity:
+    def identity(self, request: Request) -> Identity:
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
             raise ApiError(401, "unauthorized", "an Authorization: Bearer token is required")
@@ -412,7 +412,7 @@ class HttpApi(RoleDefaults):
         return conversation
 
     async def create_conversation(self, request: Request) -> Response:
-        identity = self._identity(request)
+        identity = self.identity(request)
         body = await _body(request, NewConversation)
         conversation = await self._store.create_conversation(
             identity.org_id, body.channel, body.contact
@@ -420,11 +420,11 @@ class HttpApi(RoleDefaults):
         return JSONResponse(conversation_json(conversation), status_code=201)
 
     async def get_conversation(self, request: Request) -> Response:
-        identity = self._identity(request)
+        identity = self.identity(request)
         return JSONResponse(conversation_json(await self._conversation(request, identity)))
 
     async def send_message(self, request: Request) -> Response:
-        identity = self._identity(request)
+        identity = self.identity(request)
         conversation = await self._conversation(request, identity)
         body = await _body(request, NewMessage)
         if self._settings.enforces_customer_window:
@@ -464,7 +464,7 @@ class HttpApi(RoleDefaults):
             )
 
     async def read_message(self, request: Request) -> Response:
-        identity = self._identity(request)
+        identity = self.identity(request)
         message_id = request.path_params["message_id"]
         if not valid_id(message_id):
             raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")
@@ -481,7 +481,7 @@ class HttpApi(RoleDefaults):
 
     async def get_message(self, request: Request) -> Response:
         """One message of the caller's organization, with its status history."""
-        identity = self._identity(request)
+        identity = self.identity(request)
         message_id = request.path_params["message_id"]
         if not valid_id(message_id):
             raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")
@@ -490,7 +490,7 @@ class HttpApi(RoleDefaults):
     async def find_message(self, request: Request) -> Response:
         """The caller's message the provider knows by `provider_message_id` (a WhatsApp
         wamid or an Instagram mid), on `channel` or on either."""
-        identity = self._identity(request)
+        identity = self.identity(request)
         query = _query(request, FindMessageQuery)
         found = None
         for name in [query.channel] if query.channel else CHANNELS:
@@ -515,14 +515,14 @@ class HttpApi(RoleDefaults):
         )
 
     async def list_messages(self, request: Request) -> Response:
-        identity = self._identity(request)
+        identity = self.identity(request)
         messages = await self._store.list_messages(identity.org_id, request.path_params["id"])
         if messages is None:
             raise ApiError(404, "not_found", "no such conversation")
         return JSONResponse({"messages": [message_json(m) for m in messages]})
 
     async def changes(self, request: Request) -> Response:
-        identity = self._identity(request)
+        identity = self.identity(request)
         conversation = await self._conversation(request, identity)
         raw_since = request.query_params.get("since", "0")
         # isdigit() alone admits "²" and digit strings int() refuses to convert.

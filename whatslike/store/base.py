@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from whatslike.events import StatusEvent
 from whatslike.status.rules import Effect, MessageState, ProviderError, Status
@@ -168,6 +168,43 @@ class Stuck:
     unknown: tuple[Message, ...]
     #: SENT with no provider news since `sent_before`.
     sent: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEndpoint:
+    """An organization's outbound webhook target (see whatslike/webhooks)."""
+
+    id: str
+    org_id: str
+    url: str
+    secret: str = field(repr=False)
+    created_at: datetime
+    #: The secret before the last rotation, and until when it still signs.
+    previous_secret: str | None = field(default=None, repr=False)
+    previous_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """An event waiting to be POSTed to one endpoint (or parked, `parked_at` set)."""
+
+    id: int
+    endpoint_id: str
+    conversation_id: str
+    seq: int
+    event_type: str
+    body: bytes = field(repr=False)
+    attempts: int
+    created_at: datetime
+    next_at: datetime
+    parked_at: datetime | None = None
+    last_error: str = ""
+
+    @property
+    def webhook_id(self) -> str:
+        """The Standard Webhooks `webhook-id`: the same on every attempt (receivers
+        drop duplicates by it)."""
+        return f"{self.conversation_id}:{self.seq}"
 
 
 class Store(Protocol):
@@ -363,6 +400,69 @@ class Store(Protocol):
         malformed) id."""
 
 
+@runtime_checkable
+class WebhookStore(Protocol):
+    """The stores that keep outbound webhooks (SQLite and PostgreSQL; not Cassandra).
+    Their `apply_status`/`apply_statuses` add, in the same transaction as a status
+    change, one delivery per endpoint of the message's organization."""
+
+    async def add_webhook_endpoint(
+        self, endpoint: WebhookEndpoint, limit: int
+    ) -> WebhookEndpoint | None:
+        """Add it unless its organization has `limit` endpoints already (then None)."""
+
+    async def webhook_endpoints(self, org_id: str) -> list[WebhookEndpoint]:
+        """The organization's endpoints, oldest first."""
+
+    async def webhook_endpoint(self, org_id: str, endpoint_id: str) -> WebhookEndpoint | None: ...
+
+    async def delete_webhook_endpoint(self, org_id: str, endpoint_id: str) -> bool:
+        """Delete it and its deliveries; False when there is no such endpoint."""
+
+    async def rotate_webhook_secret(
+        self, org_id: str, endpoint_id: str, secret: str, previous_until: datetime
+    ) -> WebhookEndpoint | None:
+        """Sign with `secret` from now on; the current one keeps signing until
+        `previous_until`. None when there is no such endpoint."""
+
+    async def claim_webhook_endpoints(
+        self, owner: str, limit: int, lease_s: float, now: datetime
+    ) -> list[WebhookEndpoint]:
+        """Lease up to `limit` endpoints that have a delivery due at `now` and that no
+        other owner holds (an owner's own lease is renewed), for `lease_s` seconds."""
+
+    async def renew_webhook_lease(self, owner: str, endpoint_id: str, lease_s: float) -> bool:
+        """Extend the lease; False when `owner` no longer holds it."""
+
+    async def release_webhook_lease(self, owner: str, endpoint_id: str) -> None: ...
+
+    async def due_webhook_deliveries(
+        self, endpoint_id: str, now: datetime, limit: int
+    ) -> list[WebhookDelivery]:
+        """The endpoint's deliveries that are due: only the oldest (lowest seq) unparked
+        one of each conversation, if its `next_at` has come; oldest first, at most
+        `limit`."""
+
+    async def webhook_delivered(self, delivery_id: int) -> None:
+        """The receiver answered 2xx: delete it."""
+
+    async def webhook_failed(
+        self, delivery_id: int, next_at: datetime | None, error: str, now: datetime
+    ) -> None:
+        """Count a failed attempt: try again at `next_at`, or park it (None)."""
+
+    async def parked_webhook_deliveries(
+        self, org_id: str, endpoint_id: str, limit: int
+    ) -> list[WebhookDelivery] | None:
+        """The endpoint's parked deliveries, oldest first; None for no such endpoint."""
+
+    async def replay_parked_webhooks(
+        self, org_id: str, endpoint_id: str, now: datetime
+    ) -> int | None:
+        """Make every parked delivery of the endpoint due again (a fresh retry period);
+        answer how many, or None for no such endpoint."""
+
+
 __all__ = [
     "ApplyResult",
     "Changes",
@@ -378,4 +478,7 @@ __all__ = [
     "Store",
     "Stuck",
     "SubscriptionRead",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookStore",
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeAlias, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -50,8 +50,11 @@ from whatslike.store.base import (
     SendClaim,
     Stuck,
     SubscriptionRead,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
+from whatslike.webhooks.core import event_body, event_type
 
 _Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
@@ -152,6 +155,39 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
     # Customers' messages: "in"; every message before them was an agent's.
     ("ALTER TABLE messages ADD COLUMN direction text NOT NULL DEFAULT 'out'",),
+    (
+        """CREATE TABLE webhook_endpoints (
+            id text PRIMARY KEY,
+            org_id text NOT NULL,
+            url text NOT NULL,
+            secret text NOT NULL,
+            previous_secret text,
+            previous_until timestamptz,
+            created_at timestamptz NOT NULL,
+            lease_owner text,
+            lease_until timestamptz
+        )""",
+        "CREATE INDEX webhook_endpoints_org ON webhook_endpoints (org_id, created_at)",
+        """CREATE TABLE webhook_deliveries (
+            id bigserial PRIMARY KEY,
+            endpoint_id text NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+            conversation_id text NOT NULL,
+            seq bigint NOT NULL,
+            event_type text NOT NULL,
+            body bytea NOT NULL,
+            attempts integer NOT NULL DEFAULT 0,
+            created_at timestamptz NOT NULL,
+            next_at timestamptz NOT NULL,
+            parked_at timestamptz,
+            last_error text NOT NULL DEFAULT ''
+        )""",
+        """CREATE INDEX webhook_deliveries_head
+            ON webhook_deliveries (endpoint_id, conversation_id, seq) WHERE parked_at IS NULL""",
+        """CREATE INDEX webhook_deliveries_due
+            ON webhook_deliveries (endpoint_id, next_at) WHERE parked_at IS NULL""",
+        """CREATE INDEX webhook_deliveries_parked
+            ON webhook_deliveries (endpoint_id, id) WHERE parked_at IS NOT NULL""",
+    ),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -938,6 +974,183 @@ class PostgresStore:
             )
         return _dead_letter_of(row) if row is not None else None
 
+    # -- outbound webhooks (WebhookStore) ------------------------------------------------
+
+    async def add_webhook_endpoint(
+        self, endpoint: WebhookEndpoint, limit: int
+    ) -> WebhookEndpoint | None:
+        async with self._connection() as conn, conn.transaction():
+            # One organization's adds one at a time, so two at once cannot pass the limit.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('webhooks:' || $1))", endpoint.org_id
+            )
+            count = await conn.fetchval(
+                "SELECT count(*) FROM webhook_endpoints WHERE org_id = $1", endpoint.org_id
+            )
+            if count >= limit:
+                return None
+            await conn.execute(
+                "INSERT INTO webhook_endpoints (id, org_id, url, secret, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                endpoint.id,
+                endpoint.org_id,
+                endpoint.url,
+                endpoint.secret,
+                endpoint.created_at,
+            )
+        return endpoint
+
+    async def webhook_endpoints(self, org_id: str) -> list[WebhookEndpoint]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM webhook_endpoints WHERE org_id = $1 ORDER BY created_at, id",
+                org_id,
+            )
+        return [_endpoint(row) for row in rows]
+
+    async def webhook_endpoint(self, org_id: str, endpoint_id: str) -> WebhookEndpoint | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM webhook_endpoints WHERE org_id = $1 AND id = $2",
+                org_id,
+                endpoint_id,
+            )
+        return _endpoint(row) if row is not None else None
+
+    async def delete_webhook_endpoint(self, org_id: str, endpoint_id: str) -> bool:
+        # Its deliveries go with it (ON DELETE CASCADE).
+        async with self._connection() as conn:
+            gone = await conn.fetchval(
+                "WITH gone AS (DELETE FROM webhook_endpoints WHERE org_id = $1 AND id = $2"
+                " RETURNING 1) SELECT count(*) FROM gone",
+                org_id,
+                endpoint_id,
+            )
+        return bool(gone)
+
+    async def rotate_webhook_secret(
+        self, org_id: str, endpoint_id: str, secret: str, previous_until: datetime
+    ) -> WebhookEndpoint | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "UPDATE webhook_endpoints SET previous_secret = secret, previous_until = $1,"
+                " secret = $2 WHERE org_id = $3 AND id = $4 RETURNING *",
+                previous_until,
+                secret,
+                org_id,
+                endpoint_id,
+            )
+        return _endpoint(row) if row is not None else None
+
+    async def claim_webhook_endpoints(
+        self, owner: str, limit: int, lease_s: float, now: datetime
+    ) -> list[WebhookEndpoint]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "UPDATE webhook_endpoints SET lease_owner = $1,"
+                " lease_until = $2 + make_interval(secs => $3) WHERE id IN"
+                " (SELECT e.id FROM webhook_endpoints e WHERE (e.lease_until IS NULL"
+                " OR e.lease_until < $2 OR e.lease_owner = $1) AND EXISTS (SELECT 1 FROM"
+                " webhook_deliveries d WHERE d.endpoint_id = e.id AND d.parked_at IS NULL"
+                " AND d.next_at <= $2 AND d.seq = (SELECT min(h.seq) FROM webhook_deliveries h"
+                " WHERE h.endpoint_id = e.id AND h.conversation_id = d.conversation_id"
+                " AND h.parked_at IS NULL)) LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *",
+                owner,
+                now,
+                lease_s,
+                limit,
+            )
+        return [_endpoint(row) for row in rows]
+
+    async def renew_webhook_lease(self, owner: str, endpoint_id: str, lease_s: float) -> bool:
+        async with self._connection() as conn:
+            renewed = await conn.fetchval(
+                "WITH renewed AS (UPDATE webhook_endpoints"
+                " SET lease_until = $3 WHERE id = $1 AND lease_owner = $2 RETURNING 1)"
+                " SELECT count(*) FROM renewed",
+                endpoint_id,
+                owner,
+                utcnow() + timedelta(seconds=lease_s),
+            )
+        return bool(renewed)
+
+    async def release_webhook_lease(self, owner: str, endpoint_id: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE webhook_endpoints SET lease_owner = NULL, lease_until = NULL"
+                " WHERE id = $1 AND lease_owner = $2",
+                endpoint_id,
+                owner,
+            )
+
+    async def due_webhook_deliveries(
+        self, endpoint_id: str, now: datetime, limit: int
+    ) -> list[WebhookDelivery]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM webhook_deliveries d WHERE d.endpoint_id = $1"
+                " AND d.parked_at IS NULL AND d.next_at <= $2 AND d.seq = (SELECT min(h.seq)"
+                " FROM webhook_deliveries h WHERE h.endpoint_id = d.endpoint_id"
+                " AND h.conversation_id = d.conversation_id AND h.parked_at IS NULL)"
+                " ORDER BY d.id LIMIT $3",
+                endpoint_id,
+                now,
+                limit,
+            )
+        return [_delivery(row) for row in rows]
+
+    async def webhook_delivered(self, delivery_id: int) -> None:
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM webhook_deliveries WHERE id = $1", delivery_id)
+
+    async def webhook_failed(
+        self, delivery_id: int, next_at: datetime | None, error: str, now: datetime
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = $2,"
+                " next_at = coalesce($3, next_at), parked_at = $4 WHERE id = $1",
+                delivery_id,
+                error,
+                next_at,
+                now if next_at is None else None,
+            )
+
+    async def parked_webhook_deliveries(
+        self, org_id: str, endpoint_id: str, limit: int
+    ) -> list[WebhookDelivery] | None:
+        if await self.webhook_endpoint(org_id, endpoint_id) is None:
+            return None
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM webhook_deliveries WHERE endpoint_id = $1"
+                " AND parked_at IS NOT NULL ORDER BY id LIMIT $2",
+                endpoint_id,
+                limit,
+            )
+        return [_delivery(row) for row in rows]
+
+    async def replay_parked_webhooks(
+        self, org_id: str, endpoint_id: str, now: datetime
+    ) -> int | None:
+        async with self._connection() as conn, conn.transaction():
+            found = await conn.fetchval(
+                "SELECT 1 FROM webhook_endpoints WHERE org_id = $1 AND id = $2 FOR UPDATE",
+                org_id,
+                endpoint_id,
+            )
+            if found is None:
+                return None
+            replayed = await conn.fetchval(
+                "WITH replayed AS (UPDATE webhook_deliveries SET parked_at = NULL,"
+                " attempts = 0, created_at = $2, next_at = $2"
+                " WHERE endpoint_id = $1 AND parked_at IS NOT NULL RETURNING 1)"
+                " SELECT count(*) FROM replayed",
+                endpoint_id,
+                now,
+            )
+        return int(replayed)
+
 
 def _dead_letter_of(row: asyncpg.Record) -> DeadLetter:
     return DeadLetter(str(row["id"]), row["topic"], row["reason"], row["at"], row["payload"])
@@ -1045,6 +1258,7 @@ async def _apply_batch(
             " VALUES ($1, $2, $3, $4, $5)",
             changes,
         )
+        await _queue_webhooks(conn, changes, messages)
         await conn.executemany(
             "UPDATE conversations SET last_seq = $2 WHERE id = $1",
             [(cid, last_seq[cid]) for cid in sorted({change[0] for change in changes})],
@@ -1234,3 +1448,56 @@ async def _one(group: Grouped[A, R | Failed], item: A) -> R:
     if isinstance(outcome, Failed):
         raise outcome.error
     return outcome
+
+
+async def _queue_webhooks(
+    conn: _Connection,
+    changes: Sequence[tuple[str, int, str, str, str]],
+    messages: dict[str, Message],
+) -> None:
+    """The outbound webhook hook of changes (conversation, seq, message id, event id,
+    frame): one delivery per endpoint of each message's organization, in the transaction
+    that applies them (see whatslike/webhooks)."""
+    now = utcnow()
+    kinds = [event_type(c[4]) for c in changes]
+    await conn.execute(
+        "INSERT INTO webhook_deliveries (endpoint_id, conversation_id, seq, event_type, body,"
+        " created_at, next_at) SELECT e.id, c.conversation_id, c.seq, c.kind, c.body, $6, $6"
+        " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bytea[])"
+        " WITH ORDINALITY AS c(org_id, conversation_id, seq, kind, body, n)"
+        " JOIN webhook_endpoints e ON e.org_id = c.org_id ORDER BY c.n, e.id",
+        [messages[c[2]].org_id for c in changes],
+        [c[0] for c in changes],
+        [c[1] for c in changes],
+        kinds,
+        [event_body(kind, c[4], now) for kind, c in zip(kinds, changes, strict=True)],
+        now,
+    )
+
+
+def _endpoint(row: asyncpg.Record) -> WebhookEndpoint:
+    return WebhookEndpoint(
+        id=row["id"],
+        org_id=row["org_id"],
+        url=row["url"],
+        secret=row["secret"],
+        created_at=row["created_at"],
+        previous_secret=row["previous_secret"],
+        previous_until=row["previous_until"],
+    )
+
+
+def _delivery(row: asyncpg.Record) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=int(row["id"]),
+        endpoint_id=row["endpoint_id"],
+        conversation_id=row["conversation_id"],
+        seq=int(row["seq"]),
+        event_type=row["event_type"],
+        body=bytes(row["body"]),
+        attempts=int(row["attempts"]),
+        created_at=row["created_at"],
+        next_at=row["next_at"],
+        parked_at=row["parked_at"],
+        last_error=row["last_error"],
+    )

@@ -34,8 +34,11 @@ from whatslike.store.base import (
     SendClaim,
     Stuck,
     SubscriptionRead,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
 from whatslike.store.common import MESSAGE_COLUMNS
+from whatslike.webhooks.core import event_body, event_type
 
 #: Migration n (1-based) brings the schema from version n-1 to n.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -127,6 +130,39 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
     # Customers' messages: "in"; every message before them was an agent's.
     ("ALTER TABLE messages ADD COLUMN direction TEXT NOT NULL DEFAULT 'out'",),
+    (
+        """CREATE TABLE webhook_endpoints (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            previous_secret TEXT,
+            previous_until TEXT,
+            created_at TEXT NOT NULL,
+            lease_owner TEXT,
+            lease_until TEXT
+        )""",
+        "CREATE INDEX webhook_endpoints_org ON webhook_endpoints (org_id, created_at)",
+        """CREATE TABLE webhook_deliveries (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+            conversation_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            event_type TEXT NOT NULL,
+            body BLOB NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            next_at TEXT NOT NULL,
+            parked_at TEXT,
+            last_error TEXT NOT NULL DEFAULT ''
+        )""",
+        """CREATE INDEX webhook_deliveries_head
+            ON webhook_deliveries (endpoint_id, conversation_id, seq) WHERE parked_at IS NULL""",
+        """CREATE INDEX webhook_deliveries_due
+            ON webhook_deliveries (endpoint_id, next_at) WHERE parked_at IS NULL""",
+        """CREATE INDEX webhook_deliveries_parked
+            ON webhook_deliveries (endpoint_id, id) WHERE parked_at IS NOT NULL""",
+    ),
 )
 
 _Rows = list[sqlite3.Row]
@@ -745,6 +781,179 @@ class SQLiteStore:
         )
         return _dead_letter_of(rows[0]) if rows else None
 
+    # -- outbound webhooks (WebhookStore) ------------------------------------------------
+
+    async def add_webhook_endpoint(
+        self, endpoint: WebhookEndpoint, limit: int
+    ) -> WebhookEndpoint | None:
+        def work(conn: sqlite3.Connection) -> WebhookEndpoint | None:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM webhook_endpoints WHERE org_id = ?", (endpoint.org_id,)
+            ).fetchone()
+            if count >= limit:
+                return None
+            conn.execute(
+                "INSERT INTO webhook_endpoints (id, org_id, url, secret, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    endpoint.id,
+                    endpoint.org_id,
+                    endpoint.url,
+                    endpoint.secret,
+                    format_time(endpoint.created_at),
+                ),
+            )
+            return endpoint
+
+        return await self._in_thread(work, write=True)
+
+    async def webhook_endpoints(self, org_id: str) -> list[WebhookEndpoint]:
+        rows = await self._read(
+            "SELECT * FROM webhook_endpoints WHERE org_id = ? ORDER BY created_at, id", (org_id,)
+        )
+        return [_endpoint(row) for row in rows]
+
+    async def webhook_endpoint(self, org_id: str, endpoint_id: str) -> WebhookEndpoint | None:
+        rows = await self._read(
+            "SELECT * FROM webhook_endpoints WHERE org_id = ? AND id = ?", (org_id, endpoint_id)
+        )
+        return _endpoint(rows[0]) if rows else None
+
+    async def delete_webhook_endpoint(self, org_id: str, endpoint_id: str) -> bool:
+        # Its deliveries go with it (ON DELETE CASCADE).
+        def work(conn: sqlite3.Connection) -> bool:
+            gone = conn.execute(
+                "DELETE FROM webhook_endpoints WHERE org_id = ? AND id = ?", (org_id, endpoint_id)
+            )
+            return gone.rowcount > 0
+
+        return await self._in_thread(work, write=True)
+
+    async def rotate_webhook_secret(
+        self, org_id: str, endpoint_id: str, secret: str, previous_until: datetime
+    ) -> WebhookEndpoint | None:
+        def work(conn: sqlite3.Connection) -> WebhookEndpoint | None:
+            rows = conn.execute(
+                "UPDATE webhook_endpoints SET previous_secret = secret, previous_until = ?,"
+                " secret = ? WHERE org_id = ? AND id = ? RETURNING *",
+                (format_time(previous_until), secret, org_id, endpoint_id),
+            ).fetchall()
+            return _endpoint(rows[0]) if rows else None
+
+        return await self._in_thread(work, write=True)
+
+    async def claim_webhook_endpoints(
+        self, owner: str, limit: int, lease_s: float, now: datetime
+    ) -> list[WebhookEndpoint]:
+        at = format_time(now)
+        until = format_time(now + timedelta(seconds=lease_s))
+
+        def work(conn: sqlite3.Connection) -> list[WebhookEndpoint]:
+            rows = conn.execute(
+                "UPDATE webhook_endpoints SET lease_owner = ?, lease_until = ? WHERE id IN"
+                " (SELECT e.id FROM webhook_endpoints e WHERE (e.lease_until IS NULL"
+                " OR e.lease_until < ? OR e.lease_owner = ?) AND EXISTS (SELECT 1 FROM"
+                " webhook_deliveries d WHERE d.endpoint_id = e.id AND d.parked_at IS NULL"
+                " AND d.next_at <= ? AND d.seq = (SELECT min(h.seq) FROM webhook_deliveries h"
+                " WHERE h.endpoint_id = e.id AND h.conversation_id = d.conversation_id"
+                " AND h.parked_at IS NULL)) LIMIT ?) RETURNING *",
+                (owner, until, at, owner, at, limit),
+            ).fetchall()
+            return [_endpoint(row) for row in rows]
+
+        return await self._in_thread(work, write=True)
+
+    async def renew_webhook_lease(self, owner: str, endpoint_id: str, lease_s: float) -> bool:
+        until = format_time(utcnow() + timedelta(seconds=lease_s))
+
+        def work(conn: sqlite3.Connection) -> bool:
+            renewed = conn.execute(
+                "UPDATE webhook_endpoints SET lease_until = ? WHERE id = ? AND lease_owner = ?",
+                (until, endpoint_id, owner),
+            )
+            return renewed.rowcount > 0
+
+        return await self._in_thread(work, write=True)
+
+    async def release_webhook_lease(self, owner: str, endpoint_id: str) -> None:
+        await self._in_thread(
+            lambda conn: conn.execute(
+                "UPDATE webhook_endpoints SET lease_owner = NULL, lease_until = NULL"
+                " WHERE id = ? AND lease_owner = ?",
+                (endpoint_id, owner),
+            ),
+            write=True,
+        )
+
+    async def due_webhook_deliveries(
+        self, endpoint_id: str, now: datetime, limit: int
+    ) -> list[WebhookDelivery]:
+        rows = await self._read(
+            "SELECT * FROM webhook_deliveries d WHERE d.endpoint_id = ? AND d.parked_at IS NULL"
+            " AND d.next_at <= ? AND d.seq = (SELECT min(h.seq) FROM webhook_deliveries h"
+            " WHERE h.endpoint_id = d.endpoint_id AND h.conversation_id = d.conversation_id"
+            " AND h.parked_at IS NULL) ORDER BY d.id LIMIT ?",
+            (endpoint_id, format_time(now), limit),
+        )
+        return [_delivery(row) for row in rows]
+
+    async def webhook_delivered(self, delivery_id: int) -> None:
+        await self._in_thread(
+            lambda conn: conn.execute(
+                "DELETE FROM webhook_deliveries WHERE id = ?", (delivery_id,)
+            ),
+            write=True,
+        )
+
+    async def webhook_failed(
+        self, delivery_id: int, next_at: datetime | None, error: str, now: datetime
+    ) -> None:
+        await self._in_thread(
+            lambda conn: conn.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, last_error = ?,"
+                " next_at = coalesce(?, next_at), parked_at = ? WHERE id = ?",
+                (
+                    error,
+                    _stored(next_at),
+                    format_time(now) if next_at is None else None,
+                    delivery_id,
+                ),
+            ),
+            write=True,
+        )
+
+    async def parked_webhook_deliveries(
+        self, org_id: str, endpoint_id: str, limit: int
+    ) -> list[WebhookDelivery] | None:
+        if await self.webhook_endpoint(org_id, endpoint_id) is None:
+            return None
+        rows = await self._read(
+            "SELECT * FROM webhook_deliveries WHERE endpoint_id = ? AND parked_at IS NOT NULL"
+            " ORDER BY id LIMIT ?",
+            (endpoint_id, limit),
+        )
+        return [_delivery(row) for row in rows]
+
+    async def replay_parked_webhooks(
+        self, org_id: str, endpoint_id: str, now: datetime
+    ) -> int | None:
+        def work(conn: sqlite3.Connection) -> int | None:
+            found = conn.execute(
+                "SELECT 1 FROM webhook_endpoints WHERE org_id = ? AND id = ?",
+                (org_id, endpoint_id),
+            ).fetchall()
+            if not found:
+                return None
+            at = format_time(now)
+            replayed = conn.execute(
+                "UPDATE webhook_deliveries SET parked_at = NULL, attempts = 0, created_at = ?,"
+                " next_at = ? WHERE endpoint_id = ? AND parked_at IS NOT NULL",
+                (at, at, endpoint_id),
+            )
+            return replayed.rowcount
+
+        return await self._in_thread(work, write=True)
+
 
 def _latest_conversation(conn: sqlite3.Connection, inbound: InboundMessage) -> Conversation:
     """The organization's latest conversation with the contact on the channel, or a new
@@ -870,6 +1079,7 @@ def _apply(conn: sqlite3.Connection, event: StatusEvent) -> ApplyResult:
             " VALUES (?, ?, ?, ?, ?)",
             (message.conversation_id, seq, message.id, event.event_id, frame),
         )
+        _queue_webhooks(conn, message, seq, frame)
     now = utcnow()
     conn.execute(
         "UPDATE messages SET status = ?, seq = ?, sent_at = ?, delivered_at = ?,"
@@ -917,3 +1127,52 @@ def _parked(conn: sqlite3.Connection, channel: str, provider_message_id: str) ->
         (channel, provider_message_id),
     ).fetchall()
     return common.parked_of(channel, provider_message_id, rows)
+
+
+def _queue_webhooks(conn: sqlite3.Connection, message: Message, seq: int, frame: str) -> None:
+    """The outbound webhook hook of a change: one delivery per endpoint of the message's
+    organization, in the transaction that applies it (see whatslike/webhooks)."""
+    now = utcnow()
+    at = format_time(now)
+    kind = event_type(frame)
+    conn.execute(
+        "INSERT INTO webhook_deliveries (endpoint_id, conversation_id, seq, event_type, body,"
+        " created_at, next_at) SELECT id, ?, ?, ?, ?, ?, ? FROM webhook_endpoints WHERE org_id = ?",
+        (
+            message.conversation_id,
+            seq,
+            kind,
+            event_body(kind, frame, now),
+            at,
+            at,
+            message.org_id,
+        ),
+    )
+
+
+def _endpoint(row: sqlite3.Row) -> WebhookEndpoint:
+    return WebhookEndpoint(
+        id=row["id"],
+        org_id=row["org_id"],
+        url=row["url"],
+        secret=row["secret"],
+        created_at=parse_time(row["created_at"]),
+        previous_secret=row["previous_secret"],
+        previous_until=parse_time(row["previous_until"]) if row["previous_until"] else None,
+    )
+
+
+def _delivery(row: sqlite3.Row) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=int(row["id"]),
+        endpoint_id=row["endpoint_id"],
+        conversation_id=row["conversation_id"],
+        seq=int(row["seq"]),
+        event_type=row["event_type"],
+        body=bytes(row["body"]),
+        attempts=int(row["attempts"]),
+        created_at=parse_time(row["created_at"]),
+        next_at=parse_time(row["next_at"]),
+        parked_at=parse_time(row["parked_at"]) if row["parked_at"] else None,
+        last_error=row["last_error"],
+    )
