@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from whatslike.api.campaigns import Campaigns
 from whatslike.api.contract import Endpoint, Health, Operation, Readiness, Reply, document
 from whatslike.api.contract import routes as contract_routes
 from whatslike.api.errors import (
@@ -84,7 +85,8 @@ def build_roles(deps: Deps) -> list[Role]:
     if any(role in chosen for role in HANDOFF_ROLES):
         roles.append(OutboxRelay(deps))
     if "api" in chosen:
-        roles += [HttpApi(deps), Hub(deps), WebAssets(deps)]
+        api = HttpApi(deps)
+        roles += [api, Campaigns(deps, api._identity), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
         roles.append(Router(deps))
     if "connector" in chosen:
