@@ -103,7 +103,14 @@ async def test_a_campaign_body_may_hold_10000_contacts_and_no_more(disordered: S
 async def test_a_kill_9_mid_campaign_sends_no_contact_twice_and_counts_stay_exact(
     tmp_path: Path,
 ) -> None:
-    env = {**DISORDER, "WHATSLIKE_WHATSAPP_SENDS_PER_S": "100"}
+    # The sends in flight at the kill have an unknown outcome: they are not sent again,
+    # and the watchdog fails them (send_outcome_unknown) after SEND_UNKNOWN_FAIL_S.
+    env = {
+        **DISORDER,
+        "WHATSLIKE_WHATSAPP_SENDS_PER_S": "100",
+        "WHATSLIKE_SEND_UNKNOWN_FAIL_S": "2",
+        "WHATSLIKE_WATCHDOG_INTERVAL_S": "0.5",
+    }
     server = start_server(tmp_path, env)
     recipients = contacts(600, first=1000)
     token = server.token("acme")

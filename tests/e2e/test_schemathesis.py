@@ -72,14 +72,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @dataclass(frozen=True)
 class Known:
     """A conversation and a message of the token's organization, the message sent (it has
-    its provider id), and a customer's message in that conversation: half the cases of
-    an operation that takes one use these ids."""
+    its provider id), a customer's message in that conversation, and a campaign: half the
+    cases of an operation that takes one use these ids."""
 
     token: str
     conversation_id: str
     message_id: str
     provider_message_id: str
     inbound_message_id: str
+    campaign_id: str
 
     def fixed(self, operation: AnyOperation) -> dict[str, Any]:
         names = {parameter.name for parameter in operation.iter_parameters()}
@@ -88,6 +89,8 @@ class Known:
             return {"path_parameters": ids}
         if "id" in names:
             return {"path_parameters": {"id": self.conversation_id}}
+        if "campaign_id" in names:
+            return {"path_parameters": {"campaign_id": self.campaign_id}}
         if "message_id" in names:
             return {"path_parameters": {"message_id": self.message_id}}
         if "provider_message_id" in names:
@@ -121,7 +124,24 @@ def known(served: Server) -> Known:
         assert answer.status_code == 200, answer.text
         listed = client.get(f"/api/conversations/{conversation_id}/messages").json()["messages"]
         [inbound] = [m["id"] for m in listed if m["direction"] == "in"]
-    return Known(token, conversation_id, message_id, message["provider_message_id"], inbound)
+        campaign = client.post(
+            "/api/campaigns",
+            json={
+                "client_campaign_id": "known",
+                "channel": "whatsapp",
+                "message": {"type": "text", "text": "oi"},
+                "contacts": ["+5511"],
+            },
+        )
+        assert campaign.status_code == 202, campaign.text
+    return Known(
+        token,
+        conversation_id,
+        message_id,
+        message["provider_message_id"],
+        inbound,
+        campaign.json()["id"],
+    )
 
 
 def load(served: Server, known: Known, document: dict[str, Any]) -> BaseSchema:
