@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ def start(data_dir: Path, rate: float, queue_s: float) -> tuple[subprocess.Popen
     for line in process.stdout:
         found = re.search(r"listening on (http://\S+)", line)
         if found:
+            # Keep reading its log, so that the server never blocks on a full pipe.
+            threading.Thread(target=process.stdout.read, daemon=True).start()
             return process, found.group(1)
     raise SystemExit("whatslike serve did not start")
 
