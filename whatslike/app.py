@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from whatslike.api.campaigns import Campaigns
 from whatslike.api.contract import Endpoint, Health, Operation, Readiness, Reply, document
 from whatslike.api.contract import routes as contract_routes
 from whatslike.api.errors import (
@@ -87,7 +88,8 @@ def build_roles(deps: Deps) -> list[Role]:
         roles.append(OutboxRelay(deps))
     if "api" in chosen:
         api = HttpApi(deps)
-        roles += [api, WebhookApi(deps, api.identity), Hub(deps), WebAssets(deps)]
+        roles += [api, WebhookApi(deps, api.identity), Campaigns(deps, api.identity)]
+        roles += [Hub(deps), WebAssets(deps)]
     if "router" in chosen:
         roles.append(Router(deps))
     if "connector" in chosen:

@@ -19,10 +19,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from whatslike.campaigns import CAMPAIGN_BODY_BYTES
 from whatslike.settings import Settings
 
-#: Request bodies Meta may send (it documents webhooks of up to 3 MB); elsewhere the
-#: `max_body_bytes` setting applies.
+#: Request bodies Meta may send (it documents webhooks of up to 3 MB); a campaign's
+#: (`CAMPAIGN_BODY_BYTES`, 2 MiB); elsewhere the `max_body_bytes` setting applies.
 WEBHOOK_BODY_BYTES = 4 * 1024 * 1024
 
 _HEAD_END = b"\r\n\r\n"
@@ -327,6 +328,8 @@ async def _send_413(send: Send, limit: int) -> None:
 
 def body_limit(settings: Settings) -> Callable[[str], int]:
     def limit_for(path: str) -> int:
+        if path == "/api/campaigns":
+            return max(CAMPAIGN_BODY_BYTES, settings.max_body_bytes)
         return WEBHOOK_BODY_BYTES if path.startswith("/webhooks/") else settings.max_body_bytes
 
     return limit_for

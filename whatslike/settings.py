@@ -213,6 +213,11 @@ class Settings(BaseSettings):
     #: text sends/s); more would earn 130429.
     whatsapp_sends_per_s: float = Field(80.0, gt=0)
     instagram_sends_per_s: float = Field(100.0, gt=0)
+    #: Campaign messages enter a channel's send queue only while less than this many
+    #: seconds of its rate wait there (agents' messages wait behind that much at most);
+    #: the campaign part creates at most `campaign_batch` messages per transaction.
+    campaign_queue_s: float = Field(1.25, gt=0)
+    campaign_batch: int = Field(200, ge=1, le=10_000)
     #: After a 130429 the account's sends pause this long (times the throttles in a
     #: row, up to 60 s); after a 131056 (pair rate) that customer's next try waits this.
     throttle_hold_s: float = Field(1.0, gt=0)

@@ -98,23 +98,26 @@ def test_every_served_api_route_is_in_the_document(runtime: Runtime) -> None:
         "/api/webhooks/{endpoint_id}/rotate",
         "/api/webhooks/{endpoint_id}/parked",
         "/api/webhooks/{endpoint_id}/replay",
+        "/api/campaigns",
+        "/api/campaigns/{campaign_id}",
+        "/api/campaigns/{campaign_id}/messages",
     }
 
 
 def test_a_route_served_outside_the_operations_is_caught(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sibling adding `Route("/api/campaigns", ...)` to a role's `routes()` instead of
+    """A sibling adding `Route("/api/broadcasts", ...)` to a role's `routes()` instead of
     declaring an `Operation` fails the test above."""
 
-    async def campaigns(request: object) -> Response:
+    async def broadcasts(request: object) -> Response:
         return Response()
 
     monkeypatch.setattr(
-        HttpApi, "routes", lambda self: [Route("/api/campaigns", campaigns, methods=["POST"])]
+        HttpApi, "routes", lambda self: [Route("/api/broadcasts", broadcasts, methods=["POST"])]
     )
     runtime = Runtime(load_settings(data_dir=tmp_path))
-    assert undocumented(runtime) == ["POST /api/campaigns"]
+    assert undocumented(runtime) == ["POST /api/broadcasts"]
 
 
 def test_the_document_is_valid_openapi_3_1(runtime: Runtime) -> None:

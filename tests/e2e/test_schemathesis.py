@@ -74,16 +74,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @dataclass(frozen=True)
 class Known:
     """A conversation and a message of the token's organization, the message sent (it has
-    its provider id), a customer's message in that conversation, and two webhook
-    endpoints (one for the deletes, so the others still find theirs): half the cases of an
-    operation that takes one use these ids. Half the valid cases of adding an endpoint use
-    a valid https URL (the fuzzed ones never are)."""
+    its provider id), a customer's message in that conversation, a campaign, and two
+    webhook endpoints (one for the deletes, so the others still find theirs): half the
+    cases of an operation that takes one use these ids. Half the valid cases of adding an
+    endpoint use a valid https URL (the fuzzed ones never are)."""
 
     token: str
     conversation_id: str
     message_id: str
     provider_message_id: str
     inbound_message_id: str
+    campaign_id: str
     endpoint_id: str
     spare_endpoint_id: str
 
@@ -101,6 +102,8 @@ class Known:
             return {"path_parameters": ids}
         if "id" in names:
             return {"path_parameters": {"id": self.conversation_id}}
+        if "campaign_id" in names:
+            return {"path_parameters": {"campaign_id": self.campaign_id}}
         if "message_id" in names:
             return {"path_parameters": {"message_id": self.message_id}}
         if "provider_message_id" in names:
@@ -134,11 +137,27 @@ def known(served: Server) -> Known:
         assert answer.status_code == 200, answer.text
         listed = client.get(f"/api/conversations/{conversation_id}/messages").json()["messages"]
         [inbound] = [m["id"] for m in listed if m["direction"] == "in"]
+        campaign = client.post(
+            "/api/campaigns",
+            json={
+                "client_campaign_id": "known",
+                "channel": "whatsapp",
+                "message": {"type": "text", "text": "oi"},
+                "contacts": ["+5511"],
+            },
+        )
+        assert campaign.status_code == 202, campaign.text
         endpoints = [
             client.post("/api/webhooks", json={"url": WEBHOOK_URL}).json()["id"] for _ in range(2)
         ]
     return Known(
-        token, conversation_id, message_id, message["provider_message_id"], inbound, *endpoints
+        token,
+        conversation_id,
+        message_id,
+        message["provider_message_id"],
+        inbound,
+        campaign.json()["id"],
+        *endpoints,
     )
 
 

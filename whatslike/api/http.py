@@ -47,21 +47,24 @@ CUSTOMER_WINDOW = timedelta(hours=24)
 # -- requests (validated with these models) ---------------------------------------------
 
 
+Contact = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        # No white space nor control character. Spelled out rather than `\S` alone:
+        # JSON Schema's regexes (ECMAScript) and pydantic's (Rust) disagree on what
+        # `\s` is (U+0085 is white space only to Rust, U+FEFF only to ECMAScript).
+        pattern=r"^[^\s\x00-\x1f\x7f-\x9f\ufeff]+$",
+        description="The contact's WhatsApp phone number or Instagram-scoped id.",
+    ),
+]
+
+
 class NewConversation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     channel: Channel
-    contact: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=128,
-            # No white space nor control character. Spelled out rather than `\S` alone:
-            # JSON Schema's regexes (ECMAScript) and pydantic's (Rust) disagree on what
-            # `\s` is (U+0085 is white space only to Rust, U+FEFF only to ECMAScript).
-            pattern=r"^[^\s\x00-\x1f\x7f-\x9f\ufeff]+$",
-            description="The contact's WhatsApp phone number or Instagram-scoped id.",
-        ),
-    ]
+    contact: Contact
 
 
 class NewMessage(BaseModel):

@@ -207,6 +207,45 @@ class WebhookDelivery:
         return f"{self.conversation_id}:{self.seq}"
 
 
+@dataclass(frozen=True, slots=True)
+class NewCampaign:
+    """A campaign as asked for: one message to each of `contacts` (distinct, in order)."""
+
+    org_id: str
+    client_campaign_id: str
+    #: The caller's request, canonical: the same key with another fingerprint is refused.
+    fingerprint: str
+    channel: str
+    text: str
+    contacts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """A stored campaign with its live counts: `counts` maps each bucket (see
+    `whatslike.campaigns.bucket_of`) to the number of the campaign's messages in it,
+    moved in the same transaction as each message's status."""
+
+    id: str
+    org_id: str
+    client_campaign_id: str
+    fingerprint: str
+    channel: str
+    text: str
+    total: int
+    #: Recipients whose message exists (the first `created` positions).
+    created: int
+    created_at: datetime
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignRecipient:
+    position: int
+    contact: str
+    message: Message | None
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect and create or migrate the schema. Idempotent."""
@@ -388,6 +427,33 @@ class Store(Protocol):
     async def message_history(self, message_id: str) -> tuple[str, ...]:
         """The status frames of one message's changes, oldest first (for operators)."""
 
+    # -- campaigns (whatslike/campaigns.py) ---------------------------------------------
+
+    async def create_campaign(self, new: NewCampaign) -> tuple[Campaign, bool]:
+        """Store the campaign and all its recipients in one transaction; the same
+        organization's `client_campaign_id` again answers the stored campaign and False
+        (the caller compares fingerprints)."""
+
+    async def get_campaign(self, org_id: str, campaign_id: str) -> Campaign | None: ...
+
+    async def campaign_recipients(
+        self, org_id: str, campaign_id: str, after: int, limit: int
+    ) -> list[CampaignRecipient] | None:
+        """Recipients past position `after`, in order, at most `limit`, each with its
+        message once created; None when the campaign is not this organization's."""
+
+    async def campaigns_to_run(self, limit: int) -> list[Campaign]:
+        """Campaigns with recipients whose message is not created yet, oldest first."""
+
+    async def campaign_backlog(self, channel: str) -> int:
+        """Campaign messages of this channel still PENDING (waiting to be sent)."""
+
+    async def campaign_step(self, campaign_id: str, limit: int) -> int:
+        """Create the messages of the next `limit` recipients (a conversation where the
+        organization has none with the contact), their `messages` outbox entries, and
+        count them queued, in one transaction; answer how many. A recipient's message is
+        created once: its position is passed in the same transaction."""
+
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None: ...
 
     async def dead_letter_count(self) -> int: ...
@@ -465,11 +531,14 @@ class WebhookStore(Protocol):
 
 __all__ = [
     "ApplyResult",
+    "Campaign",
+    "CampaignRecipient",
     "Changes",
     "Conversation",
     "DeadLetter",
     "InboundMessage",
     "Message",
+    "NewCampaign",
     "OutboxEntry",
     "OutboxItem",
     "ParkedStatus",

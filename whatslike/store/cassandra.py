@@ -103,6 +103,7 @@ from cassandra.query import (
 )
 from cassandra.util import datetime_from_uuid1
 
+from whatslike.campaigns import CampaignsUnsupported
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
@@ -111,11 +112,14 @@ from whatslike.status.rules import Effect, Status
 from whatslike.store import common
 from whatslike.store.base import (
     ApplyResult,
+    Campaign,
+    CampaignRecipient,
     Changes,
     Conversation,
     DeadLetter,
     InboundMessage,
     Message,
+    NewCampaign,
     OutboxEntry,
     OutboxItem,
     ParkedStatus,
@@ -1704,6 +1708,28 @@ class CassandraStore:
         return True
 
     # -- dead letters -------------------------------------------------------------------
+
+    # -- campaigns: not on Cassandra yet (the API answers 501) -------------------------
+
+    async def create_campaign(self, new: NewCampaign) -> tuple[Campaign, bool]:
+        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
+
+    async def get_campaign(self, org_id: str, campaign_id: str) -> Campaign | None:
+        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
+
+    async def campaign_recipients(
+        self, org_id: str, campaign_id: str, after: int, limit: int
+    ) -> list[CampaignRecipient] | None:
+        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
+
+    async def campaigns_to_run(self, limit: int) -> list[Campaign]:
+        return []  # none can have been created
+
+    async def campaign_backlog(self, channel: str) -> int:
+        return 0
+
+    async def campaign_step(self, campaign_id: str, limit: int) -> int:
+        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
 
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         day: date = utcnow().date()

@@ -30,10 +30,12 @@ from whatslike.status.rules import (
 )
 from whatslike.store.base import (
     ApplyResult,
+    Campaign,
     Changes,
     Conversation,
     InboundMessage,
     Message,
+    NewCampaign,
     OutboxEntry,
     OutboxItem,
     ParkedStatus,
@@ -123,6 +125,36 @@ def inbound_message(conversation: Conversation, inbound: InboundMessage) -> Mess
         provider_message_id=inbound.provider_message_id,
         updated_at=now,
         direction=IN,
+    )
+
+
+def new_campaign(new: NewCampaign) -> Campaign:
+    """A campaign with no message yet, not yet stored."""
+    return Campaign(
+        id=new_id("cmp"),
+        org_id=new.org_id,
+        client_campaign_id=new.client_campaign_id,
+        fingerprint=new.fingerprint,
+        channel=new.channel,
+        text=new.text,
+        total=len(new.contacts),
+        created=0,
+        created_at=_ms(utcnow()),
+    )
+
+
+def campaign_of(row: Row, time_of: TimeOf, counts: dict[str, int]) -> Campaign:
+    return Campaign(
+        id=row["id"],
+        org_id=row["org_id"],
+        client_campaign_id=row["client_campaign_id"],
+        fingerprint=row["fingerprint"],
+        channel=row["channel"],
+        text=row["text"],
+        total=int(row["total"]),
+        created=int(row["created"]),
+        created_at=time_of(row["created_at"]),
+        counts=counts,
     )
 
 

@@ -21,7 +21,7 @@ advisory locks (by hash), then messages, then conversations (each by id)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -30,20 +30,24 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
+from whatslike import campaigns
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.grouping import Failed, Grouped
 from whatslike.status import rules
-from whatslike.status.rules import Effect
+from whatslike.status.rules import Effect, MessageState, Status
 from whatslike.store import common
 from whatslike.store.base import (
     ApplyResult,
+    Campaign,
+    CampaignRecipient,
     Changes,
     Conversation,
     DeadLetter,
     InboundMessage,
     Message,
+    NewCampaign,
     OutboxEntry,
     OutboxItem,
     ParkedStatus,
@@ -187,6 +191,36 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ON webhook_deliveries (endpoint_id, next_at) WHERE parked_at IS NULL""",
         """CREATE INDEX webhook_deliveries_parked
             ON webhook_deliveries (endpoint_id, id) WHERE parked_at IS NOT NULL""",
+    ),
+    (
+        """CREATE TABLE campaigns (
+            id text PRIMARY KEY,
+            org_id text NOT NULL REFERENCES organizations (id),
+            client_campaign_id text NOT NULL,
+            fingerprint text NOT NULL,
+            channel text NOT NULL,
+            text text NOT NULL,
+            total integer NOT NULL,
+            created integer NOT NULL DEFAULT 0,
+            created_at timestamptz NOT NULL,
+            UNIQUE (org_id, client_campaign_id)
+        )""",
+        "CREATE INDEX campaigns_to_run ON campaigns (created_at) WHERE created < total",
+        """CREATE TABLE campaign_recipients (
+            campaign_id text NOT NULL REFERENCES campaigns (id),
+            position integer NOT NULL,
+            contact text NOT NULL,
+            message_id text REFERENCES messages (id),
+            PRIMARY KEY (campaign_id, position)
+        )""",
+        """CREATE UNIQUE INDEX campaign_recipients_message ON campaign_recipients (message_id)
+            WHERE message_id IS NOT NULL""",
+        """CREATE TABLE campaign_counts (
+            campaign_id text NOT NULL REFERENCES campaigns (id),
+            bucket text NOT NULL,
+            n integer NOT NULL,
+            PRIMARY KEY (campaign_id, bucket)
+        )""",
     ),
 )
 
@@ -942,6 +976,155 @@ class PostgresStore:
             )
         return common.frames_of(rows)
 
+    # -- campaigns -----------------------------------------------------------------
+
+    async def create_campaign(self, new: NewCampaign) -> tuple[Campaign, bool]:
+        campaign = common.new_campaign(new)
+        async with self._connection() as conn, conn.transaction():
+            await _ensure_organization(conn, new.org_id)
+            inserted = await conn.fetchval(
+                "INSERT INTO campaigns (id, org_id, client_campaign_id, fingerprint, channel,"
+                " text, total, created, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)"
+                " ON CONFLICT (org_id, client_campaign_id) DO NOTHING RETURNING id",
+                campaign.id,
+                new.org_id,
+                new.client_campaign_id,
+                new.fingerprint,
+                new.channel,
+                new.text,
+                campaign.total,
+                campaign.created_at,
+            )
+            if inserted is None:
+                row = await conn.fetchrow(
+                    "SELECT * FROM campaigns WHERE org_id = $1 AND client_campaign_id = $2",
+                    new.org_id,
+                    new.client_campaign_id,
+                )
+                assert row is not None  # the conflict was with it; campaigns are not deleted
+                return await _campaign(conn, row), False
+            await conn.execute(
+                "INSERT INTO campaign_recipients (campaign_id, position, contact)"
+                " SELECT $1, n - 1, contact"
+                " FROM unnest($2::text[]) WITH ORDINALITY AS c(contact, n)",
+                campaign.id,
+                list(new.contacts),
+            )
+        return campaign, True
+
+    async def get_campaign(self, org_id: str, campaign_id: str) -> Campaign | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM campaigns WHERE id = $1 AND org_id = $2", campaign_id, org_id
+            )
+            return await _campaign(conn, row) if row else None
+
+    async def campaign_recipients(
+        self, org_id: str, campaign_id: str, after: int, limit: int
+    ) -> list[CampaignRecipient] | None:
+        async with self._connection() as conn:
+            owned = await conn.fetchval(
+                "SELECT 1 FROM campaigns WHERE id = $1 AND org_id = $2", campaign_id, org_id
+            )
+            if owned is None:
+                return None
+            rows = await conn.fetch(
+                f"SELECT r.position, r.contact, {MESSAGE_COLUMNS} FROM campaign_recipients r"
+                " LEFT JOIN messages m ON m.id = r.message_id"
+                " WHERE r.campaign_id = $1 AND r.position > $2 ORDER BY r.position LIMIT $3",
+                campaign_id,
+                after,
+                limit,
+            )
+        return [
+            CampaignRecipient(
+                int(row["position"]), str(row["contact"]), _message(row) if row["id"] else None
+            )
+            for row in rows
+        ]
+
+    async def campaigns_to_run(self, limit: int) -> list[Campaign]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM campaigns WHERE created < total ORDER BY created_at LIMIT $1",
+                limit,
+            )
+            return [await _campaign(conn, row) for row in rows]
+
+    async def campaign_backlog(self, channel: str) -> int:
+        async with self._connection() as conn:
+            backlog = await conn.fetchval(
+                "SELECT coalesce(sum(k.n), 0) FROM campaign_counts k"
+                " JOIN campaigns c ON c.id = k.campaign_id WHERE c.channel = $1 AND k.bucket = $2",
+                channel,
+                Status.PENDING.value,
+            )
+        return int(backlog)
+
+    async def campaign_step(self, campaign_id: str, limit: int) -> int:
+        async with self._connection() as conn, conn.transaction():
+            # Another process's step of the same campaign holds the row: it does this one.
+            row = await conn.fetchrow(
+                "SELECT * FROM campaigns WHERE id = $1 FOR UPDATE SKIP LOCKED", campaign_id
+            )
+            if row is None:
+                return 0
+            campaign = common.campaign_of(row, _time, {})
+            contacts = [
+                str(r["contact"])
+                for r in await conn.fetch(
+                    "SELECT contact FROM campaign_recipients WHERE campaign_id = $1"
+                    " AND position >= $2 ORDER BY position LIMIT $3",
+                    campaign_id,
+                    campaign.created,
+                    limit,
+                )
+            ]
+            if not contacts:
+                return 0
+            conversations = await _conversations_with(conn, campaign, contacts)
+            made = [common.new_message(c, campaign.text, campaign_id) for c in conversations]
+            entries = [
+                common.outbound_entry(c, m) for c, m in zip(conversations, made, strict=True)
+            ]
+            await conn.execute(
+                _CREATE_MESSAGES,
+                [m.id for m in made],
+                [m.conversation_id for m in made],
+                [m.org_id for m in made],
+                [m.channel for m in made],
+                [m.text for m in made],
+                [m.client_message_id for m in made],
+                [m.created_at for m in made],
+                [m.status.value for m in made],
+                [e.key for e in entries],
+                [e.payload for e in entries],
+                TOPIC_MESSAGES,
+                utcnow(),
+            )
+            await conn.execute(
+                "UPDATE campaign_recipients r SET message_id = g.id"
+                " FROM unnest($2::text[]) WITH ORDINALITY AS g(id, n)"
+                " WHERE r.campaign_id = $1 AND r.position = $3 + g.n - 1",
+                campaign_id,
+                [m.id for m in made],
+                campaign.created,
+            )
+            await conn.execute(
+                "UPDATE campaigns SET created = created + $2 WHERE id = $1",
+                campaign_id,
+                len(made),
+            )
+            await conn.execute(
+                "INSERT INTO campaign_counts (campaign_id, bucket, n) VALUES ($1, $2, $3)"
+                " ON CONFLICT (campaign_id, bucket)"
+                " DO UPDATE SET n = campaign_counts.n + excluded.n",
+                campaign_id,
+                Status.PENDING.value,
+                len(made),
+            )
+        return len(made)
+
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._connection() as conn:
             await conn.execute(
@@ -1209,6 +1392,7 @@ async def _apply_batch(
     are passed over: every event of a conversation with such a row is `busy` (none is
     applied, so their order is kept) and touches nothing, the others are applied."""
     messages, last_seq, busy = await _lock(conn, events, skip_locked=skip_locked)
+    before = {message_id: m.state for message_id, m in messages.items()}
     event_ids = [e.event_id for e in events if e.message_id not in busy]
     await conn.execute(
         "DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])",
@@ -1284,7 +1468,34 @@ async def _apply_batch(
                 for m in updated.values()
             ],
         )
+        await _move_campaign_counts(conn, before, updated.values())
     return results
+
+
+async def _move_campaign_counts(
+    conn: _Connection, before: dict[str, MessageState], after: Iterable[Message]
+) -> None:
+    """Campaign messages' status changes move them between their campaigns' counts, in
+    the status changes' transaction (nothing for messages of no campaign). One row per
+    (campaign, bucket), in that order, so concurrent batches cannot deadlock on them."""
+    moves = [
+        (m.id, old, new)
+        for m in after
+        if (old := campaigns.bucket_of(before[m.id])) != (new := campaigns.bucket_of(m.state))
+    ]
+    if moves:
+        await conn.execute(
+            "INSERT INTO campaign_counts (campaign_id, bucket, n)"
+            " SELECT r.campaign_id, d.bucket, sum(d.delta) FROM unnest($1::text[], $2::text[],"
+            " $3::text[]) AS k(message_id, old, new) JOIN campaign_recipients r"
+            " ON r.message_id = k.message_id"
+            " CROSS JOIN LATERAL (VALUES (k.old, -1), (k.new, 1)) AS d(bucket, delta)"
+            " GROUP BY r.campaign_id, d.bucket ORDER BY r.campaign_id, d.bucket"
+            " ON CONFLICT (campaign_id, bucket) DO UPDATE SET n = campaign_counts.n + excluded.n",
+            [m for m, _, _ in moves],
+            [old for _, old, _ in moves],
+            [new for _, _, new in moves],
+        )
 
 
 async def _add_outbox(
@@ -1323,6 +1534,44 @@ async def _latest_conversation(conn: _Connection, inbound: InboundMessage) -> Co
     )
     row = await conn.fetchrow(select, *keys)
     return _conversation(row) if row is not None else conversation
+
+
+async def _campaign(conn: _Connection, row: asyncpg.Record) -> Campaign:
+    counts = await conn.fetch(
+        "SELECT bucket, n FROM campaign_counts WHERE campaign_id = $1", row["id"]
+    )
+    return common.campaign_of(row, _time, {str(c["bucket"]): int(c["n"]) for c in counts})
+
+
+async def _conversations_with(
+    conn: _Connection, campaign: Campaign, contacts: list[str]
+) -> list[Conversation]:
+    """For each contact, the organization's oldest conversation with it on the campaign's
+    channel, or a new one (inserted here)."""
+    found = {
+        str(row["contact"]): _conversation(row)
+        for row in await conn.fetch(
+            "SELECT DISTINCT ON (contact) * FROM conversations WHERE channel = $1"
+            " AND contact = ANY($2::text[]) AND org_id = $3"
+            ' ORDER BY contact, created_at, id COLLATE "C"',
+            campaign.channel,
+            contacts,
+            campaign.org_id,
+        )
+    }
+    new = [
+        common.new_conversation(campaign.org_id, campaign.channel, contact)
+        for contact in contacts
+        if contact not in found
+    ]
+    if new:
+        await conn.executemany(
+            "INSERT INTO conversations (id, org_id, channel, contact, last_seq, created_at)"
+            " VALUES ($1, $2, $3, $4, 0, $5)",
+            [(c.id, c.org_id, c.channel, c.contact, c.created_at) for c in new],
+        )
+        found.update((c.contact, c) for c in new)
+    return [found[contact] for contact in contacts]
 
 
 async def _ensure_organization(conn: _Connection, org_id: str) -> None:

@@ -14,20 +14,24 @@ from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
+from whatslike import campaigns
 from whatslike.clock import format_time, parse_time, utcnow
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.grouping import Failed, Grouped
 from whatslike.status import rules
-from whatslike.status.rules import Effect
+from whatslike.status.rules import Effect, MessageState
 from whatslike.store import common
 from whatslike.store.base import (
     ApplyResult,
+    Campaign,
+    CampaignRecipient,
     Changes,
     Conversation,
     DeadLetter,
     InboundMessage,
     Message,
+    NewCampaign,
     OutboxEntry,
     OutboxItem,
     ParkedStatus,
@@ -162,6 +166,36 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             ON webhook_deliveries (endpoint_id, next_at) WHERE parked_at IS NULL""",
         """CREATE INDEX webhook_deliveries_parked
             ON webhook_deliveries (endpoint_id, id) WHERE parked_at IS NOT NULL""",
+    ),
+    (
+        """CREATE TABLE campaigns (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL REFERENCES organizations (id),
+            client_campaign_id TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            text TEXT NOT NULL,
+            total INTEGER NOT NULL,
+            created INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            UNIQUE (org_id, client_campaign_id)
+        )""",
+        "CREATE INDEX campaigns_to_run ON campaigns (created_at) WHERE created < total",
+        """CREATE TABLE campaign_recipients (
+            campaign_id TEXT NOT NULL REFERENCES campaigns (id),
+            position INTEGER NOT NULL,
+            contact TEXT NOT NULL,
+            message_id TEXT REFERENCES messages (id),
+            PRIMARY KEY (campaign_id, position)
+        )""",
+        """CREATE UNIQUE INDEX campaign_recipients_message ON campaign_recipients (message_id)
+            WHERE message_id IS NOT NULL""",
+        """CREATE TABLE campaign_counts (
+            campaign_id TEXT NOT NULL REFERENCES campaigns (id),
+            bucket TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (campaign_id, bucket)
+        )""",
     ),
 )
 
@@ -754,6 +788,142 @@ class SQLiteStore:
         )
         return common.frames_of(rows)
 
+    # -- campaigns -----------------------------------------------------------------
+
+    async def create_campaign(self, new: NewCampaign) -> tuple[Campaign, bool]:
+        campaign = common.new_campaign(new)
+
+        def work(conn: sqlite3.Connection) -> tuple[Campaign, bool]:
+            _ensure_organization_now(conn, new.org_id)
+            inserted = conn.execute(
+                "INSERT INTO campaigns (id, org_id, client_campaign_id, fingerprint, channel,"
+                " text, total, created, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)"
+                " ON CONFLICT (org_id, client_campaign_id) DO NOTHING RETURNING id",
+                (
+                    campaign.id,
+                    new.org_id,
+                    new.client_campaign_id,
+                    new.fingerprint,
+                    new.channel,
+                    new.text,
+                    campaign.total,
+                    format_time(campaign.created_at),
+                ),
+            ).fetchall()
+            if not inserted:
+                rows = conn.execute(
+                    "SELECT * FROM campaigns WHERE org_id = ? AND client_campaign_id = ?",
+                    (new.org_id, new.client_campaign_id),
+                ).fetchall()
+                return _campaign(conn, rows[0]), False
+            conn.executemany(
+                "INSERT INTO campaign_recipients (campaign_id, position, contact) VALUES (?, ?, ?)",
+                [(campaign.id, n, contact) for n, contact in enumerate(new.contacts)],
+            )
+            return campaign, True
+
+        return await self._in_thread(work, write=True)
+
+    async def get_campaign(self, org_id: str, campaign_id: str) -> Campaign | None:
+        def work(conn: sqlite3.Connection) -> Campaign | None:
+            rows = conn.execute(
+                "SELECT * FROM campaigns WHERE id = ? AND org_id = ?", (campaign_id, org_id)
+            ).fetchall()
+            return _campaign(conn, rows[0]) if rows else None
+
+        return await self._in_thread(work, write=False)
+
+    async def campaign_recipients(
+        self, org_id: str, campaign_id: str, after: int, limit: int
+    ) -> list[CampaignRecipient] | None:
+        def work(conn: sqlite3.Connection) -> list[CampaignRecipient] | None:
+            if not conn.execute(
+                "SELECT 1 FROM campaigns WHERE id = ? AND org_id = ?", (campaign_id, org_id)
+            ).fetchall():
+                return None
+            rows = conn.execute(
+                f"SELECT r.position, r.contact, {MESSAGE_COLUMNS} FROM campaign_recipients r"
+                " LEFT JOIN messages m ON m.id = r.message_id"
+                " WHERE r.campaign_id = ? AND r.position > ? ORDER BY r.position LIMIT ?",
+                (campaign_id, after, limit),
+            ).fetchall()
+            return [
+                CampaignRecipient(
+                    row["position"], row["contact"], _message(row) if row["id"] else None
+                )
+                for row in rows
+            ]
+
+        return await self._in_thread(work, write=False)
+
+    async def campaigns_to_run(self, limit: int) -> list[Campaign]:
+        def work(conn: sqlite3.Connection) -> list[Campaign]:
+            rows = conn.execute(
+                "SELECT * FROM campaigns WHERE created < total ORDER BY created_at LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [_campaign(conn, row) for row in rows]
+
+        return await self._in_thread(work, write=False)
+
+    async def campaign_backlog(self, channel: str) -> int:
+        rows = await self._read(
+            "SELECT coalesce(sum(k.n), 0) AS n FROM campaign_counts k"
+            " JOIN campaigns c ON c.id = k.campaign_id WHERE c.channel = ? AND k.bucket = ?",
+            (channel, rules.Status.PENDING.value),
+        )
+        return int(rows[0]["n"])
+
+    async def campaign_step(self, campaign_id: str, limit: int) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            rows = conn.execute("SELECT * FROM campaigns WHERE id = ?", (campaign_id,)).fetchall()
+            if not rows:
+                return 0
+            campaign = _campaign_row(rows[0])
+            recipients = conn.execute(
+                "SELECT position, contact FROM campaign_recipients"
+                " WHERE campaign_id = ? AND position >= ? ORDER BY position LIMIT ?",
+                (campaign_id, campaign.created, limit),
+            ).fetchall()
+            for recipient in recipients:
+                conversation = _conversation_with(conn, campaign, recipient["contact"])
+                message = common.new_message(conversation, campaign.text, campaign_id)
+                conn.execute(
+                    "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
+                    " client_message_id, created_at, status, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message.id,
+                        conversation.id,
+                        message.org_id,
+                        message.channel,
+                        message.text,
+                        campaign_id,
+                        format_time(message.created_at),
+                        message.status.value,
+                        format_time(message.created_at),
+                    ),
+                )
+                _add_outbox(conn, [common.outbound_entry(conversation, message)], None)
+                conn.execute(
+                    "UPDATE campaign_recipients SET message_id = ?"
+                    " WHERE campaign_id = ? AND position = ?",
+                    (message.id, campaign_id, recipient["position"]),
+                )
+            if recipients:
+                conn.execute(
+                    "UPDATE campaigns SET created = created + ? WHERE id = ?",
+                    (len(recipients), campaign_id),
+                )
+                conn.execute(
+                    "INSERT INTO campaign_counts (campaign_id, bucket, n) VALUES (?, ?, ?)"
+                    " ON CONFLICT (campaign_id, bucket) DO UPDATE SET n = n + excluded.n",
+                    (campaign_id, rules.Status.PENDING.value, len(recipients)),
+                )
+            return len(recipients)
+
+        return await self._in_thread(work, write=True)
+
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         async with self._transaction() as db:
             await db.execute(
@@ -1098,7 +1268,68 @@ def _apply(conn: sqlite3.Connection, event: StatusEvent) -> ApplyResult:
             message.id,
         ),
     )
+    _move_campaign_count(conn, message.id, message.state, state)
     return common.applied(message, transition, seq, frames, now)
+
+
+def _move_campaign_count(
+    conn: sqlite3.Connection, message_id: str, before: MessageState, after: MessageState
+) -> None:
+    """A campaign message's status change moves it between its campaign's counts, in the
+    status change's transaction (nothing for a message of no campaign)."""
+    old, new = campaigns.bucket_of(before), campaigns.bucket_of(after)
+    if old != new:
+        conn.execute(
+            "INSERT INTO campaign_counts (campaign_id, bucket, n)"
+            " SELECT r.campaign_id, d.bucket, d.delta FROM campaign_recipients r"
+            " JOIN (SELECT ? AS bucket, -1 AS delta UNION ALL SELECT ?, 1) d"
+            " WHERE r.message_id = ?"
+            " ON CONFLICT (campaign_id, bucket) DO UPDATE SET n = n + excluded.n",
+            (old, new, message_id),
+        )
+
+
+def _ensure_organization_now(conn: sqlite3.Connection, org_id: str) -> None:
+    conn.execute(
+        "INSERT INTO organizations (id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (org_id, format_time(utcnow())),
+    )
+
+
+def _campaign_row(row: sqlite3.Row) -> Campaign:
+    return common.campaign_of(row, parse_time, {})
+
+
+def _campaign(conn: sqlite3.Connection, row: sqlite3.Row) -> Campaign:
+    counts = conn.execute(
+        "SELECT bucket, n FROM campaign_counts WHERE campaign_id = ?", (row["id"],)
+    ).fetchall()
+    return common.campaign_of(row, parse_time, {c["bucket"]: int(c["n"]) for c in counts})
+
+
+def _conversation_with(conn: sqlite3.Connection, campaign: Campaign, contact: str) -> Conversation:
+    """The organization's oldest conversation with the contact on the campaign's channel,
+    or a new one."""
+    rows = conn.execute(
+        "SELECT * FROM conversations WHERE channel = ? AND contact = ? AND org_id = ?"
+        " ORDER BY created_at, id LIMIT 1",
+        (campaign.channel, contact, campaign.org_id),
+    ).fetchall()
+    if rows:
+        return _conversation(rows[0])
+    conversation = common.new_conversation(campaign.org_id, campaign.channel, contact)
+    conn.execute(
+        "INSERT INTO conversations (id, org_id, channel, contact, last_seq, created_at)"
+        " VALUES (?, ?, ?, ?, 0, ?)",
+        (
+            conversation.id,
+            campaign.org_id,
+            campaign.channel,
+            contact,
+            format_time(conversation.created_at),
+        ),
+    )
+    return conversation
 
 
 async def _ensure_organization(db: aiosqlite.Connection, org_id: str) -> None:
