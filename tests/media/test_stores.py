@@ -111,11 +111,12 @@ async def test_refusals_leave_nothing(
     if isinstance(store, LocalMediaStore):
         assert not any(store.root.rglob(f"{media_id}*"))
     else:
-        listed = await store._client.list_objects_v2(  # type: ignore[attr-defined]
+        assert isinstance(store, S3MediaStore)
+        listed = await store._client.list_objects_v2(
             Bucket=os.environ["WHATSLIKE_TEST_S3_BUCKET"], Prefix=store._key(owner, media_id)
         )
         assert listed.get("KeyCount", 0) == 0
-        uploads = await store._client.list_multipart_uploads(  # type: ignore[attr-defined]
+        uploads = await store._client.list_multipart_uploads(
             Bucket=os.environ["WHATSLIKE_TEST_S3_BUCKET"], Prefix=store._key(owner, media_id)
         )
         assert not uploads.get("Uploads")
