@@ -40,6 +40,7 @@ from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
 from whatslike.fanout.factory import open_fanout
 from whatslike.http_client import AiohttpClient
 from whatslike.hub.server import Hub
+from whatslike.media.api import MediaApi
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
 from whatslike.roles.relay import OutboxRelay
@@ -84,7 +85,8 @@ def build_roles(deps: Deps) -> list[Role]:
     if any(role in chosen for role in HANDOFF_ROLES):
         roles.append(OutboxRelay(deps))
     if "api" in chosen:
-        roles += [HttpApi(deps), Hub(deps), WebAssets(deps)]
+        api = HttpApi(deps)
+        roles += [api, MediaApi(api, deps.settings, deps.jwt_secret), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
         roles.append(Router(deps))
     if "connector" in chosen:

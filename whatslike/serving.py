@@ -19,11 +19,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from whatslike.media.limits import SUPPORTED
 from whatslike.settings import Settings
 
 #: Request bodies Meta may send (it documents webhooks of up to 3 MB); elsewhere the
 #: `max_body_bytes` setting applies.
 WEBHOOK_BODY_BYTES = 4 * 1024 * 1024
+#: The largest medium Meta takes (a document).
+MEDIA_BODY_BYTES = max(limit for _, limit in SUPPORTED.values())
 
 _HEAD_END = b"\r\n\r\n"
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
@@ -327,7 +330,10 @@ async def _send_413(send: Send, limit: int) -> None:
 
 def body_limit(settings: Settings) -> Callable[[str], int]:
     def limit_for(path: str) -> int:
-        return WEBHOOK_BODY_BYTES if path.startswith("/webhooks/") else settings.max_body_bytes
+        if path.startswith("/webhooks/"):
+            return WEBHOOK_BODY_BYTES
+        # An upload: each type's own limit is checked while it streams (whatslike/media).
+        return MEDIA_BODY_BYTES if path == "/api/media" else settings.max_body_bytes
 
     return limit_for
 

@@ -93,7 +93,11 @@ def test_every_served_api_route_is_in_the_document(runtime: Runtime) -> None:
         "/api/conversations/{id}/changes",
         "/api/messages/{message_id}",
         "/api/messages",
+        "/api/media",
+        "/api/media/{media_id}",
     }
+    # The local store's signed links are served by this process too.
+    assert "/media/{media_id}" in runtime.openapi["paths"]
 
 
 def test_a_route_served_outside_the_operations_is_caught(

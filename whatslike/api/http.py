@@ -382,6 +382,10 @@ class HttpApi(RoleDefaults):
             ),
         ]
 
+    def identity(self, request: Request) -> Identity:
+        """The caller of an operation of the api role (`_identity`), for its other parts."""
+        return self._identity(request)
+
     def _identity(self, request: Request) -> Identity:
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
