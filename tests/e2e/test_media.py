@@ -1,0 +1,133 @@
+"""Media through a real `whatslike serve`, on the local store (embedded default) and on
+the real S3 server of scripts/services.sh: an upload, its short-lived URL fetched with no
+token, another organization's 404, and refusals (size while streaming, type, content)
+that leave nothing stored. The server's log is checked for the S3 secret (stop_server)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiobotocore.session import get_session
+from botocore.config import Config
+
+from tests.e2e.conftest import Server, start_server, stop_server
+from whatslike.media.limits import MB
+from whatslike.media.store import org_key
+
+PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+
+
+def s3_env() -> dict[str, str]:
+    return {
+        "WHATSLIKE_MEDIA_STORE": "s3",
+        "WHATSLIKE_MEDIA_S3_ENDPOINT": os.environ["WHATSLIKE_TEST_S3_URL"],
+        "WHATSLIKE_MEDIA_S3_BUCKET": os.environ["WHATSLIKE_TEST_S3_BUCKET"],
+        "WHATSLIKE_MEDIA_S3_ACCESS_KEY": os.environ["WHATSLIKE_TEST_S3_ACCESS_KEY"],
+        "WHATSLIKE_MEDIA_S3_SECRET_KEY": os.environ["WHATSLIKE_TEST_S3_SECRET_KEY"],
+    }
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    env = s3_env() if request.param == "s3" else {}
+    running = start_server(tmp_path_factory.mktemp(f"media-{request.param}"), env)
+    running.secrets |= {value for name, value in env.items() if name.endswith("SECRET_KEY")}
+    yield running
+    stop_server(running)
+
+
+async def stored_for(served: Server, org: str) -> list[str]:
+    """Every object or file kept for this organization (bytes or record)."""
+    if not _on_s3(served):
+        folder = served.data_dir / "media" / org_key(org)
+        return [path.name for path in folder.glob("*")] if folder.exists() else []
+    config = Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_required",
+    )
+    async with get_session().create_client(
+        "s3",
+        endpoint_url=os.environ["WHATSLIKE_TEST_S3_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=os.environ["WHATSLIKE_TEST_S3_ACCESS_KEY"],
+        aws_secret_access_key=os.environ["WHATSLIKE_TEST_S3_SECRET_KEY"],
+        config=config,
+    ) as s3:
+        listed = await s3.list_objects_v2(
+            Bucket=os.environ["WHATSLIKE_TEST_S3_BUCKET"], Prefix=f"media/{org_key(org)}/"
+        )
+        return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def _on_s3(served: Server) -> bool:
+    return "media-s3" in served.data_dir.name
+
+
+@pytest.fixture
+async def client(served: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        yield client
+
+
+def auth(served: Server, org: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {served.token(org)}"}
+
+
+async def test_round_trip_and_another_org(served: Server, client: httpx.AsyncClient) -> None:
+    org = f"media-{os.urandom(4).hex()}"
+    uploaded = await client.post(
+        "/api/media",
+        params={"filename": "photo.png"},
+        content=PNG,
+        headers={**auth(served, org), "Content-Type": "image/png"},
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    media = uploaded.json()
+    assert (media["kind"], media["size"], media["filename"]) == ("image", len(PNG), "photo.png")
+    again = await client.get(f"/api/media/{media['id']}", headers=auth(served, org))
+    assert again.status_code == 200
+    url = again.json()["url"]
+    assert os.environ["WHATSLIKE_TEST_S3_BUCKET"] in url if _on_s3(served) else "/media/" in url
+    async with httpx.AsyncClient() as anyone:  # no token: the URL is the credential
+        fetched = await anyone.get(url)
+    assert fetched.status_code == 200
+    assert fetched.content == PNG
+    assert fetched.headers["content-type"] == "image/png"
+    other = await client.get(f"/api/media/{media['id']}", headers=auth(served, "someone-else"))
+    assert other.status_code == 404
+    assert other.json()["error"]["code"] == "not_found"
+
+
+async def test_refusals_store_nothing(served: Server, client: httpx.AsyncClient) -> None:
+    org = f"media-{os.urandom(4).hex()}"
+    headers = auth(served, org)
+
+    async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        # Just over the limit in small chunks, so the client has sent it all when the 413
+        # comes (a client still writing would see the connection closed instead).
+        yield PNG
+        for _ in range(5 * MB // 65_536 + 1):
+            yield b"\x00" * 65_536
+
+    too_large = await client.post(
+        "/api/media", content=streamed(), headers={**headers, "Content-Type": "image/png"}
+    )
+    assert too_large.status_code == 413
+    assert "5000000 bytes" in too_large.json()["error"]["message"]
+    gif = await client.post(
+        "/api/media", content=b"GIF89a", headers={**headers, "Content-Type": "image/gif"}
+    )
+    assert gif.status_code == 415
+    assert gif.json()["error"]["code"] == "unsupported_media_type"
+    mismatch = await client.post(
+        "/api/media", content=b"<html>" * 10, headers={**headers, "Content-Type": "image/jpeg"}
+    )
+    assert mismatch.status_code == 422
+    assert await stored_for(served, org) == []
