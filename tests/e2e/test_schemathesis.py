@@ -43,6 +43,10 @@ from whatslike.simulator import payloads
 AnyOperation = APIOperation[Any, Any, Any, Any]
 AnyCase = Case[AnyOperation]
 
+#: The first bytes of the upload types whose content is checked (whatslike/media/limits).
+PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+SIGNATURES = {"image/png": PNG_HEAD, "image/jpeg": b"\xff\xd8\xff", "application/pdf": b"%PDF-"}
+
 EXAMPLES = 25
 STATEFUL_RUNS = 20
 STEPS = 6
@@ -80,12 +84,22 @@ class Known:
     message_id: str
     provider_message_id: str
     inbound_message_id: str
+    #: A medium of the token's organization, and the signed link of its bytes.
+    media_id: str
+    media_link: httpx.URL
 
     def fixed(self, operation: AnyOperation) -> dict[str, Any]:
         names = {parameter.name for parameter in operation.iter_parameters()}
         if {"id", "message_id"} <= names:
             ids = {"id": self.conversation_id, "message_id": self.inbound_message_id}
             return {"path_parameters": ids}
+        if "sig" in names:
+            return {
+                "path_parameters": {"media_id": self.media_id},
+                "query": dict(self.media_link.params),
+            }
+        if "media_id" in names:
+            return {"path_parameters": {"media_id": self.media_id}}
         if "id" in names:
             return {"path_parameters": {"id": self.conversation_id}}
         if "message_id" in names:
@@ -121,7 +135,18 @@ def known(served: Server) -> Known:
         assert answer.status_code == 200, answer.text
         listed = client.get(f"/api/conversations/{conversation_id}/messages").json()["messages"]
         [inbound] = [m["id"] for m in listed if m["direction"] == "in"]
-    return Known(token, conversation_id, message_id, message["provider_message_id"], inbound)
+        media = client.post(
+            "/api/media", content=PNG_HEAD + b"\x00", headers={"Content-Type": "image/png"}
+        ).json()
+    return Known(
+        token,
+        conversation_id,
+        message_id,
+        message["provider_message_id"],
+        inbound,
+        media["id"],
+        httpx.URL(media["url"]),
+    )
 
 
 def load(served: Server, known: Known, document: dict[str, Any]) -> BaseSchema:
@@ -148,7 +173,11 @@ def api_schema(served: Server, known: Known) -> BaseSchema:
 
 def prepare(case: AnyCase, mode: GenerationMode) -> dict[str, Any]:
     """What a valid case needs beyond its schema: Meta's signature over the exact body,
-    and the verify token of the handshake (this server's, the embedded default's)."""
+    the verify token of the handshake (this server's, the embedded default's), and an
+    upload's first bytes of its type (what no schema can say: the content is checked)."""
+    if mode.is_positive and case.path == "/api/media":
+        raw = case.body if isinstance(case.body, bytes) else str(case.body or "").encode()
+        return {"data": SIGNATURES.get(str(case.media_type), b"") + raw + b"\x00"}
     if not mode.is_positive or not case.path.startswith("/webhooks/"):
         return {}
     if case.method == "GET":
@@ -282,6 +311,10 @@ def test_the_coverage_phase_finds_nothing(served: Server, known: Known, tmp_path
             f"Authorization: Bearer {known.token}",
             "--phases",
             "coverage",
+            # An upload's content is checked against its type (422), which no schema can
+            # say; the tests above send it prepared bodies.
+            "--exclude-operation-id",
+            "uploadMedia",
             "--checks",
             "all",
             "--workers",

@@ -5,6 +5,7 @@ POSTs signed status webhooks back, with delays, failures and (on request) disord
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -35,6 +36,9 @@ WORKERS = 4
 #: Customers whose pair rate the simulator keeps track of at most (see RateLimits).
 MAX_PAIR_BUCKETS = 100_000
 MAX_REQUEST_BYTES = 64 * 1024
+#: Media the simulator holds for its customers (Graph's media endpoints serve them); the
+#: oldest is forgotten past this many.
+MAX_MEDIA = 256
 MAX_DELAY_MS = 600_000
 #: At most one warning about failed webhook attempts per this many seconds.
 FAILURE_LOG_INTERVAL_S = 5.0
@@ -204,6 +208,8 @@ class Simulator:
         token = deps.settings.sim_control_token
         self._control_auth = f"Bearer {token}".encode() if token else None
         self._control_open = not token and deps.settings.development
+        #: Graph media id → (MIME type, bytes): what a customer sent (`add_media`).
+        self.media: dict[str, tuple[str, bytes]] = {}
 
     def operations(self) -> list[Operation]:
         return []  # outside the HTTP API's contract: its routes are below
@@ -214,6 +220,9 @@ class Simulator:
             Route("/simulator/sends", self.sends, methods=["GET"]),
             Route("/simulator/receipts", self.receipts_seen, methods=["GET"]),
             Route("/simulator/reply", self.reply, methods=["POST"]),
+            Route("/simulator/media", self.post_media, methods=["POST"]),
+            Route("/simulator/media/{media_id}", self.media_download, methods=["GET"]),
+            Route("/simulator/{version}/{media_id}", self.media_url, methods=["GET"]),
             # Before the WhatsApp route, which would otherwise take "me" for a phone id.
             Route("/simulator/{version}/me/messages", self.instagram_send, methods=["POST"]),
             Route(
@@ -344,7 +353,66 @@ class Simulator:
         self.receipts[(channel, name)] += 1
         return JSONResponse({"success": True})
 
+    def add_media(self, content_type: str, data: bytes) -> str:
+        """Hold a customer's medium; answer its Graph media id."""
+        if len(self.media) >= MAX_MEDIA:
+            del self.media[next(iter(self.media))]
+        media_id = str(self._rng.randrange(10**15, 10**16))
+        self.media[media_id] = (content_type, data)
+        return media_id
+
+    async def post_media(self, request: Request) -> Response:
+        """A customer's medium (the body, its type in Content-Type, up to 64 KiB), for a
+        test or the demo: answers `{"id"}`, the Graph media id an inbound message names.
+        Guarded like the control."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        body = await read_body(request, MAX_REQUEST_BYTES)
+        if not body:
+            return error_response(400, "bad_request", "the body is the medium (up to 64 KiB)")
+        content_type = request.headers.get("content-type", "application/octet-stream")
+        return JSONResponse({"id": self.add_media(content_type, body)})
+
     # -- Graph API --------------------------------------------------------------------
+
+    def _token_refused(self, request: Request) -> Response | None:
+        expected = f"Bearer {self._settings.meta_access_token}".encode()
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return None
+        return _graph_error(401, 190, "Invalid OAuth access token - Cannot parse access token")
+
+    async def media_url(self, request: Request) -> Response:
+        """Graph's `GET /<media id>`: where to download a medium (with the same token)."""
+        refused = self._token_refused(request)
+        if refused is not None:
+            return refused
+        media_id = request.path_params["media_id"]
+        held = self.media.get(media_id)
+        if held is None:
+            return _graph_error(404, 100, "(#100) Invalid media id")
+        content_type, data = held
+        return JSONResponse(
+            {
+                "messaging_product": "whatsapp",
+                "url": f"{self._settings.effective_graph_url}/media/{media_id}",
+                "mime_type": content_type,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "file_size": len(data),
+                "id": media_id,
+            }
+        )
+
+    async def media_download(self, request: Request) -> Response:
+        """The download URL `media_url` answers: the bytes, with the access token only."""
+        refused = self._token_refused(request)
+        if refused is not None:
+            return refused
+        held = self.media.get(request.path_params["media_id"])
+        if held is None:
+            return _graph_error(404, 100, "(#100) Invalid media id")
+        return Response(held[1], media_type=held[0])
 
     async def whatsapp_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)
