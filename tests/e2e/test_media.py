@@ -5,17 +5,23 @@ that leave nothing stored. The server's log is checked for the S3 secret (stop_s
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
 
 from tests.e2e.conftest import Server, start_server, stop_server
+from whatslike.media.inbound import MediaFetchFailed, fetch_inbound_media
 from whatslike.media.limits import MB
+from whatslike.media.local import LocalMediaStore
 from whatslike.media.store import org_key
+from whatslike.settings import DEV_SECRETS, load_settings
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
 
@@ -130,3 +136,43 @@ async def test_refusals_store_nothing(served: Server, client: httpx.AsyncClient)
     )
     assert mismatch.status_code == 422
     assert await stored_for(served, org) == []
+
+
+async def test_inbound_media_is_fetched_from_graph(tmp_path: Path) -> None:
+    """A customer's medium held by the simulator, fetched the way Graph serves it (the
+    media URL, then its bytes, both with the access token) into a store."""
+    server = start_server(tmp_path / "serve")
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            held = await client.post(
+                "/simulator/media", content=PNG, headers={"Content-Type": "image/png"}
+            )
+        graph_id = held.json()["id"]
+        store = LocalMediaStore(tmp_path / "media", "http://h", b"k" * 32)
+        await store.open()
+        settings = load_settings()
+        async with aiohttp.ClientSession() as http:
+            record = await fetch_inbound_media(
+                http,
+                graph_url=f"{server.url}/simulator",
+                api_version=settings.graph_api_version,
+                access_token=DEV_SECRETS["meta_access_token"],
+                graph_media_id=graph_id,
+                org_id="acme",
+                store=store,
+            )
+            assert record.size == len(PNG)
+            assert record.sha256 == hashlib.sha256(PNG).hexdigest()
+            assert await store.record("acme", record.id) == record
+            with pytest.raises(MediaFetchFailed):
+                await fetch_inbound_media(
+                    http,
+                    graph_url=f"{server.url}/simulator",
+                    api_version=settings.graph_api_version,
+                    access_token="not-the-token",
+                    graph_media_id=graph_id,
+                    org_id="acme",
+                    store=store,
+                )
+    finally:
+        stop_server(server)
