@@ -156,7 +156,7 @@ class MediaApi(RoleDefaults):
                     "The bytes behind a signed media URL (the local store)",
                     "media",
                     200,
-                    Reply("The medium's bytes.", media_type="application/octet-stream"),
+                    Reply("The medium's bytes, of its own type.", media_type="*/*"),
                     auth="none",
                     path_params=MediaPath,
                     query=SignedQuery,

@@ -85,7 +85,13 @@ class S3MediaStore:
                     session.create_client("s3", endpoint_url=self._public_endpoint, **self._options)
                 )
             )
-            await self._client.head_bucket(Bucket=self._bucket)
+            try:
+                await self._client.head_bucket(Bucket=self._bucket)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                    raise
+                # Created at start, like a store's schema.
+                await self._client.create_bucket(Bucket=self._bucket)
         except (BotoCoreError, ClientError) as exc:
             await stack.aclose()
             raise BackendUnavailable(f"S3 bucket {self._bucket!r} is out of reach: {exc}") from exc
