@@ -176,3 +176,35 @@ async def test_inbound_media_is_fetched_from_graph(tmp_path: Path) -> None:
                 )
     finally:
         stop_server(server)
+
+
+async def test_a_send_by_link_is_fetched_by_the_simulator(
+    served: Server, client: httpx.AsyncClient
+) -> None:
+    """The simulator, like Meta, fetches a medium sent by link before it accepts the send:
+    a handed-out URL is accepted; the same URL tampered with, or a medium of another kind
+    than the send says, is refused with 131053."""
+    org = f"media-{os.urandom(4).hex()}"
+    uploaded = await client.post(
+        "/api/media", content=PNG, headers={**auth(served, org), "Content-Type": "image/png"}
+    )
+    link = uploaded.json()["url"]
+    graph = f"/simulator/{load_settings().graph_api_version}/109876543210987/messages"
+    graph_auth = {"Authorization": f"Bearer {DEV_SECRETS['meta_access_token']}"}
+
+    async def send(kind: str, url: str) -> httpx.Response:
+        body = {
+            "messaging_product": "whatsapp",
+            "to": "5511988877665",
+            "type": kind,
+            kind: {"link": url, "caption": "your receipt"},
+        }
+        return await client.post(graph, json=body, headers=graph_auth)
+
+    accepted = await send("image", link)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["messages"][0]["id"].startswith("wamid.")
+    tampered = link.replace("sig=", "sig=0").replace("Signature=", "Signature=0")
+    for refused in (await send("image", tampered), await send("document", link)):
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == 131053

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -25,6 +26,8 @@ from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_bod
 from whatslike.connectors.pacing import TokenBucket
 from whatslike.errors import BackendUnavailable
 from whatslike.http_client import NotSent, OutcomeUnknown
+from whatslike.media.limits import MediaRefused, media_type
+from whatslike.media.store import UploadCheck
 from whatslike.roles import Deps
 from whatslike.settings import Settings, simulator_database
 from whatslike.simulator import payloads
@@ -39,6 +42,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 #: Media the simulator holds for its customers (Graph's media endpoints serve them); the
 #: oldest is forgotten past this many.
 MAX_MEDIA = 256
+#: How long the fetch of a medium sent by link may take, whole.
+MEDIA_FETCH_S = 30.0
 MAX_DELAY_MS = 600_000
 #: At most one warning about failed webhook attempts per this many seconds.
 FAILURE_LOG_INTERVAL_S = 5.0
@@ -436,12 +441,46 @@ class Simulator:
         refusal = self._limits.refusal(body["to"])
         if refusal is not None:
             return refusal
+        kind = body.get("type", "text")
+        if kind in payloads.MEDIA_KINDS:
+            refusal = await self._fetch_media(kind, body[kind])
+            if refusal is not None:
+                return refusal
         wamid = payloads.new_wamid()
         callback_data = body.get("biz_opaque_callback_data", "")
         plan = self._plan_whatsapp(wamid, body["to"], callback_data)
-        key = payloads.whatsapp_send_key(body["to"], body["text"]["body"], callback_data)
+        content = payloads.whatsapp_send_content(body)
+        key = payloads.whatsapp_send_key(body["to"], content, callback_data)
         answer = payloads.whatsapp_send_answer(body["to"], wamid)
         return await self._answer(answer, plan, key, ("whatsapp", body["to"]))
+
+    async def _fetch_media(self, kind: str, media: dict[str, Any]) -> Response | None:
+        """Like Meta, fetch a medium sent by link before accepting the send (a held one,
+        sent by id, is there already): of a type of its kind and within its limit, or
+        the send is refused with 131053. The bytes are counted, then dropped."""
+        if "link" not in media:
+            if media["id"] in self.media:
+                return None
+            return _graph_error(400, 131053, "(#131053) Media upload error: unknown media id")
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MEDIA_FETCH_S)) as http,
+                http.get(media["link"]) as answer,
+            ):
+                if answer.status != 200:
+                    raise MediaRefused(422, "fetch", f"the link answered {answer.status}")
+                found = media_type(answer.headers.get("content-type"))
+                if found.kind != kind:
+                    raise MediaRefused(415, "kind", f"a {found.kind} sent as {kind}")
+                check = UploadCheck(found)
+                async for chunk in answer.content.iter_chunked(65_536):
+                    check.feed(chunk)
+                check.finish()
+        except (aiohttp.ClientError, TimeoutError, MediaRefused) as exc:
+            return _graph_error(
+                400, 131053, f"(#131053) Media upload error: could not use the link ({exc})"
+            )
+        return None
 
     async def instagram_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)
