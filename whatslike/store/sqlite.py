@@ -127,6 +127,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX conversations_contact ON conversations (channel, contact)",),
     # Customers' messages: "in"; every message before them was an agent's.
     ("ALTER TABLE messages ADD COLUMN direction TEXT NOT NULL DEFAULT 'out'",),
+    # The medium a message carries (whatslike/media).
+    ("ALTER TABLE messages ADD COLUMN media_id TEXT",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -301,15 +303,19 @@ class SQLiteStore:
         return _conversation(rows[0]) if rows else None
 
     async def create_message(
-        self, conversation: Conversation, text: str, client_message_id: str
+        self,
+        conversation: Conversation,
+        text: str,
+        client_message_id: str,
+        media_id: str | None = None,
     ) -> tuple[Message, bool]:
-        message = common.new_message(conversation, text, client_message_id)
+        message = common.new_message(conversation, text, client_message_id, media_id)
 
         def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
             inserted = conn.execute(
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
-                " client_message_id, created_at, status, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " client_message_id, created_at, status, updated_at, media_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
                 " DO NOTHING RETURNING id",
                 (
@@ -322,6 +328,7 @@ class SQLiteStore:
                     format_time(message.created_at),
                     message.status.value,
                     format_time(message.created_at),
+                    media_id,
                 ),
             ).fetchall()
             if inserted:
