@@ -41,6 +41,7 @@ from whatslike.fanout.factory import open_fanout
 from whatslike.http_client import AiohttpClient
 from whatslike.hub.server import Hub
 from whatslike.media.api import MediaApi
+from whatslike.media.factory import open_media_store
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
 from whatslike.roles.relay import OutboxRelay
@@ -85,8 +86,9 @@ def build_roles(deps: Deps) -> list[Role]:
     if any(role in chosen for role in HANDOFF_ROLES):
         roles.append(OutboxRelay(deps))
     if "api" in chosen:
-        api = HttpApi(deps)
-        roles += [api, MediaApi(api, deps.settings, deps.jwt_secret), Hub(deps), WebAssets(deps)]
+        media = open_media_store(deps.settings, deps.jwt_secret)
+        api = HttpApi(deps, media)
+        roles += [api, MediaApi(api, deps.settings, media), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
         roles.append(Router(deps))
     if "connector" in chosen:

@@ -40,6 +40,9 @@ OUTSIDE_CONTRACT = {
     "/simulator/sends",
     "/simulator/receipts",
     "/simulator/reply",
+    "/simulator/media",
+    "/simulator/media/{media_id}",
+    "/simulator/{version}/{media_id}",
     "/simulator/{version}/me/messages",
     "/simulator/{version}/{phone_number_id}/messages",
 }

@@ -6,7 +6,6 @@ named to a client."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,7 +23,6 @@ from whatslike.api.http import HttpApi
 from whatslike.clock import format_time, from_unix, new_id
 from whatslike.media.limits import SUPPORTED, MediaRefused, check_size, media_type
 from whatslike.media.local import LocalMediaStore
-from whatslike.media.s3 import S3MediaStore
 from whatslike.media.store import FILENAME, MEDIA_ID, MediaRecord, MediaStore
 from whatslike.roles import RoleDefaults
 from whatslike.settings import Settings
@@ -32,24 +30,6 @@ from whatslike.settings import Settings
 log = logging.getLogger(__name__)
 
 MediaId = Annotated[str, Field(pattern=MEDIA_ID.pattern)]
-
-
-def open_media_store(settings: Settings, signing_secret: str) -> MediaStore:
-    """The media store the settings choose (not opened yet)."""
-    if settings.media_store == "s3":
-        return S3MediaStore(
-            endpoint=settings.media_s3_endpoint,
-            public_endpoint=settings.media_s3_public_endpoint,
-            bucket=settings.media_s3_bucket,
-            region=settings.media_s3_region,
-            access_key=settings.media_s3_access_key,
-            secret_key=settings.media_s3_secret_key,
-        )
-    return LocalMediaStore(
-        settings.data_dir / "media",
-        settings.base_url,
-        hashlib.sha256(signing_secret.encode()).digest(),
-    )
 
 
 class UploadQuery(BaseModel):
@@ -96,10 +76,10 @@ class MediaApi(RoleDefaults):
 
     name = "api"
 
-    def __init__(self, api: HttpApi, settings: Settings, signing_secret: str) -> None:
+    def __init__(self, api: HttpApi, settings: Settings, store: MediaStore) -> None:
         self._api = api
         self._settings = settings
-        self.store = open_media_store(settings, signing_secret)
+        self.store = store
         self._uploads = 0
 
     async def start(self) -> None:
