@@ -5,8 +5,10 @@ that leave nothing stored. The server's log is checked for the S3 secret (stop_s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -208,3 +210,73 @@ async def test_a_send_by_link_is_fetched_by_the_simulator(
     for refused in (await send("image", tampered), await send("document", link)):
         assert refused.status_code == 400
         assert refused.json()["error"]["code"] == 131053
+
+
+async def test_a_message_with_a_medium_is_sent_by_link(
+    served: Server, client: httpx.AsyncClient
+) -> None:
+    """An image sent in a WhatsApp conversation: the connector sends its link, the
+    simulator fetches it and accepts the send (SENT, then its statuses); the message
+    keeps its medium. Another organization's medium, or an Instagram conversation, is
+    refused before anything is stored."""
+    org = f"media-{os.urandom(4).hex()}"
+    headers = auth(served, org)
+    media = (
+        await client.post(
+            "/api/media", content=PNG, headers={**headers, "Content-Type": "image/png"}
+        )
+    ).json()
+    conversation = (
+        await client.post(
+            "/api/conversations",
+            json={"channel": "whatsapp", "contact": "5511988877665"},
+            headers=headers,
+        )
+    ).json()
+    messages = f"/api/conversations/{conversation['id']}/messages"
+    # No caption: sent as a text, its empty body would be refused (FAILED).
+    sent = await client.post(messages, json={"media_id": media["id"]}, headers=headers)
+    assert sent.status_code == 202, sent.text
+    message_id = sent.json()["message_id"]
+    deadline = time.monotonic() + 20
+    while (message := (await client.get(f"/api/messages/{message_id}", headers=headers)).json())[
+        "status"
+    ] == "PENDING":
+        assert time.monotonic() < deadline, message
+        await asyncio.sleep(0.05)
+    assert message["status"] in ("SENT", "DELIVERED", "READ"), message
+    assert (message["media_id"], message["text"], message["error"]) == (media["id"], "", None)
+
+    other = await client.post(
+        messages, json={"media_id": media["id"]}, headers=auth(served, "someone-else")
+    )
+    assert other.status_code == 404
+    foreign = (
+        await client.post(
+            "/api/conversations",
+            json={"channel": "whatsapp", "contact": "5511"},
+            headers=auth(served, "someone-else"),
+        )
+    ).json()
+    stolen = await client.post(
+        f"/api/conversations/{foreign['id']}/messages",
+        json={"media_id": media["id"]},
+        headers=auth(served, "someone-else"),
+    )
+    assert stolen.status_code == 404
+    assert stolen.json()["error"]["message"] == "no such media"
+    instagram = (
+        await client.post(
+            "/api/conversations", json={"channel": "instagram", "contact": "1784"}, headers=headers
+        )
+    ).json()
+    refused = await client.post(
+        f"/api/conversations/{instagram['id']}/messages",
+        json={"media_id": media["id"]},
+        headers=headers,
+    )
+    assert refused.status_code == 422
+    long_caption = await client.post(
+        messages, json={"media_id": media["id"], "text": "x" * 1025}, headers=headers
+    )
+    assert long_caption.status_code == 400
