@@ -130,9 +130,12 @@ async def test_local_signed_urls(tmp_path: Path) -> None:
     url = httpx.URL(await store.url(saved, 60))
     q = url.params
     assert url.path == f"/media/{media_id}"
-    files = store.signed_file(media_id, q["o"], int(q["exp"]), q["sig"])
-    assert files is not None and files[0].read_bytes() == PNG
-    assert store.signed_file(media_id, q["o"], int(q["exp"]) + 1, q["sig"]) is None
-    assert store.signed_file(new_id("med"), q["o"], int(q["exp"]), q["sig"]) is None
+    assert store.signed(media_id, q["o"], int(q["exp"]), q["sig"])
+    found = await store.signed_file(media_id, q["o"])
+    assert found is not None and found[0].read_bytes() == PNG and found[1] == saved
+    assert not store.signed(media_id, q["o"], int(q["exp"]) + 1, q["sig"])
+    assert not store.signed(new_id("med"), q["o"], int(q["exp"]), q["sig"])
+    await store.delete(owner, media_id)
+    assert await store.signed_file(media_id, q["o"]) is None
     now[0] += 61
-    assert store.signed_file(media_id, q["o"], int(q["exp"]), q["sig"]) is None
+    assert not store.signed(media_id, q["o"], int(q["exp"]), q["sig"])

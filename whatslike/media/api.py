@@ -6,7 +6,6 @@ named to a client."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime
@@ -211,15 +210,13 @@ class MediaApi(RoleDefaults):
             query = SignedQuery.model_validate(dict(request.query_params))
         except ValidationError as exc:
             raise ApiError(400, "bad_request", f"query: {exc.errors()[0]['msg']}") from exc
-        files = self.store.signed_file(
-            request.path_params["media_id"], query.o, query.exp, query.sig
-        )
-        if files is None:
+        media_id = request.path_params["media_id"]
+        if not self.store.signed(media_id, query.o, query.exp, query.sig):
             raise ApiError(403, "forbidden", "this media link is not valid, or it expired")
-        data, meta = files
-        if not meta.exists():
+        found = await self.store.signed_file(media_id, query.o)
+        if found is None:
             raise ApiError(404, "not_found", "no such media")
-        record = MediaRecord.from_json(json.loads(meta.read_bytes()))
+        data, record = found
         headers = {"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"}
         if record.kind == "document" and record.filename:
             name = quote(record.filename, safe="")

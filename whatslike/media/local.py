@@ -113,17 +113,21 @@ class LocalMediaStore:
         )
         return f"{self._base_url}/media/{record.id}?{query}"
 
-    def signed_file(
-        self, media_id: str, owner: str, expires: int, signature: str
-    ) -> tuple[Path, Path] | None:
-        """The (bytes, record) files a signed URL names, or None when its signature is
-        wrong, it expired, or the id is malformed."""
+    def signed(self, media_id: str, owner: str, expires: int, signature: str) -> bool:
+        """Whether a URL's signature is this store's and it has not expired."""
         if not MEDIA_ID.match(media_id) or expires < self._clock():
-            return None
-        if not hmac.compare_digest(signature, self._sign(owner, media_id, expires)):
-            return None
+            return False
+        return hmac.compare_digest(signature, self._sign(owner, media_id, expires))
+
+    async def signed_file(self, media_id: str, owner: str) -> tuple[Path, MediaRecord] | None:
+        """The bytes and the record a signed URL names (`signed` said yes), or None when
+        the medium is gone."""
         folder = self.root / owner
-        return folder / f"{media_id}.bin", folder / f"{media_id}.json"
+        try:
+            raw = await asyncio.to_thread((folder / f"{media_id}.json").read_bytes)
+        except FileNotFoundError:
+            return None
+        return folder / f"{media_id}.bin", MediaRecord.from_json(json.loads(raw))
 
     async def delete(self, org_id: str, media_id: str) -> None:
         data, meta = self._paths(org_id, media_id)
