@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ALL=(postgres redis kafka prometheus cassandra)
+ALL=(postgres redis kafka prometheus cassandra s3proxy)
 action=start
 case "${1:-}" in
   start | stop | status) action=$1; shift ;;
@@ -28,7 +28,7 @@ wanted=("$@")
 if [ ${#wanted[@]} -eq 0 ]; then
   wanted=("${ALL[@]}")
   # The reverse of the start order.
-  [ "$action" != stop ] || wanted=(cassandra prometheus kafka redis postgres)
+  [ "$action" != stop ] || wanted=(s3proxy cassandra prometheus kafka redis postgres)
 fi
 mkdir -p .services
 for name in "${wanted[@]}"; do

@@ -27,7 +27,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 METRICS = ROOT / "whatslike" / "metrics.py"
 
-BACKENDS = {"kafka", "redis", "cassandra", "postgres", "prometheus", "grafana"}
+BACKENDS = {"kafka", "redis", "cassandra", "postgres", "prometheus", "grafana", "s3"}
 WHATSLIKE = {
     "api-1",
     "api-2",

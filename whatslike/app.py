@@ -42,6 +42,8 @@ from whatslike.errors import BackendUnavailable, ConfigError, WhatslikeError
 from whatslike.fanout.factory import open_fanout
 from whatslike.http_client import AiohttpClient
 from whatslike.hub.server import Hub
+from whatslike.media.api import MediaApi
+from whatslike.media.factory import open_media_store
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps, Role
 from whatslike.roles.relay import OutboxRelay
@@ -87,9 +89,10 @@ def build_roles(deps: Deps) -> list[Role]:
     if any(role in chosen for role in HANDOFF_ROLES):
         roles.append(OutboxRelay(deps))
     if "api" in chosen:
-        api = HttpApi(deps)
+        media = open_media_store(deps.settings, deps.jwt_secret)
+        api = HttpApi(deps, media)
         roles += [api, WebhookApi(deps, api.identity), Campaigns(deps, api.identity)]
-        roles += [Hub(deps), WebAssets(deps)]
+        roles += [MediaApi(api, deps.settings, media), Hub(deps), WebAssets(deps)]
     if "router" in chosen:
         roles.append(Router(deps))
     if "connector" in chosen:

@@ -91,10 +91,14 @@ class OutboundMessage:
     text: str
     client_message_id: str
     created_at: datetime
+    #: The medium it carries (`text` is then its caption, maybe empty).
+    media_id: str | None = None
 
     def to_json(self) -> bytes:
+        media = {"media_id": self.media_id} if self.media_id else {}
         return json.dumps(
             {
+                **media,
                 "event_id": self.event_id,
                 "message_id": self.message_id,
                 "conversation_id": self.conversation_id,
@@ -114,6 +118,7 @@ class OutboundMessage:
         channel = _text(data, "channel")
         if channel not in CHANNELS:
             raise MalformedEvent(f"unknown channel {channel!r}")
+        media_id = _text(data, "media_id", optional=True) or None
         return cls(
             event_id=_text(data, "event_id"),
             message_id=_text(data, "message_id"),
@@ -121,9 +126,11 @@ class OutboundMessage:
             org_id=_text(data, "org_id"),
             channel=channel,
             to=_text(data, "to"),
-            text=_text(data, "text"),
+            # A medium's caption may be empty; a text message's text may not.
+            text=_text(data, "text", optional=media_id is not None),
             client_message_id=_text(data, "client_message_id", optional=True),
             created_at=_time(data, "created_at"),
+            media_id=media_id,
         )
 
 

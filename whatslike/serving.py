@@ -20,11 +20,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from whatslike.campaigns import CAMPAIGN_BODY_BYTES
+from whatslike.media.limits import SUPPORTED
 from whatslike.settings import Settings
 
 #: Request bodies Meta may send (it documents webhooks of up to 3 MB); a campaign's
 #: (`CAMPAIGN_BODY_BYTES`, 2 MiB); elsewhere the `max_body_bytes` setting applies.
 WEBHOOK_BODY_BYTES = 4 * 1024 * 1024
+#: The largest medium Meta takes (a document).
+MEDIA_BODY_BYTES = max(limit for _, limit in SUPPORTED.values())
 
 _HEAD_END = b"\r\n\r\n"
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
@@ -330,7 +333,10 @@ def body_limit(settings: Settings) -> Callable[[str], int]:
     def limit_for(path: str) -> int:
         if path == "/api/campaigns":
             return max(CAMPAIGN_BODY_BYTES, settings.max_body_bytes)
-        return WEBHOOK_BODY_BYTES if path.startswith("/webhooks/") else settings.max_body_bytes
+        if path.startswith("/webhooks/"):
+            return WEBHOOK_BODY_BYTES
+        # An upload: each type's own limit is checked while it streams (whatslike/media).
+        return MEDIA_BODY_BYTES if path == "/api/media" else settings.max_body_bytes
 
     return limit_for
 

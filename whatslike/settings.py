@@ -229,6 +229,25 @@ class Settings(BaseSettings):
     #: How long a status waits for its send answer before it is taken for someone else's.
     parked_ttl_s: int = Field(86_400, gt=0)
 
+    # Media (whatslike/media): "local" keeps files under <data_dir>/media and serves them
+    # at signed, expiring /media/ URLs of this process; "s3" keeps them in a bucket of an
+    # S3-compatible server (S3Proxy in `make test`, AWS S3, …), handed out as pre-signed
+    # URLs. The credentials are never logged.
+    media_store: Literal["local", "s3"] = "local"
+    media_s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000; empty: AWS S3 itself
+    #: The endpoint as browsers and Meta reach it, when it differs from media_s3_endpoint
+    #: (pre-signed URLs are signed for this host).
+    media_s3_public_endpoint: str = ""
+    media_s3_bucket: str = ""
+    media_s3_region: str = "us-east-1"
+    media_s3_access_key: str = Field("", repr=False)
+    media_s3_secret_key: str = Field("", repr=False)
+    #: How long a handed-out media URL works (Meta fetches a link when it sends it).
+    media_url_ttl_s: int = Field(900, ge=10, le=7 * 86_400)
+    #: Uploads at work at once per process (each holds up to one 8 MiB part in memory on
+    #: S3); beyond it an upload answers 503 with Retry-After.
+    media_max_uploads: int = Field(8, ge=1, le=1000)
+
     # Simulator.
     sim_delay_ms: int = Field(300, ge=0)
     sim_disorder: bool = False

@@ -40,6 +40,9 @@ OUTSIDE_CONTRACT = {
     "/simulator/sends",
     "/simulator/receipts",
     "/simulator/reply",
+    "/simulator/media",
+    "/simulator/media/{media_id}",
+    "/simulator/{version}/{media_id}",
     "/simulator/{version}/me/messages",
     "/simulator/{version}/{phone_number_id}/messages",
 }
@@ -101,7 +104,11 @@ def test_every_served_api_route_is_in_the_document(runtime: Runtime) -> None:
         "/api/campaigns",
         "/api/campaigns/{campaign_id}",
         "/api/campaigns/{campaign_id}/messages",
+        "/api/media",
+        "/api/media/{media_id}",
     }
+    # The local store's signed links are served by this process too.
+    assert "/media/{media_id}" in runtime.openapi["paths"]
 
 
 def test_a_route_served_outside_the_operations_is_caught(

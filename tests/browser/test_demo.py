@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import httpx
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import FilePayload, Locator, Page, expect
 
 from tests.browser.conftest import ARTIFACTS, NewPage, printed_demo_url, screenshot
 from tests.e2e.conftest import Server, Split, split_deployment, stop_server
@@ -333,3 +335,42 @@ def test_phone_width_layout_fits_and_ticks_reach_read(
 
     assert_no_horizontal_overflow(page)
     print(f"\nscreenshot: {screenshot(page, 'demo-phone')}")
+
+
+def tiny_png() -> bytes:
+    """A real 2x2 PNG (the browser must draw it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)  # 8-bit RGB
+    pixels = zlib.compress(b"\x00\xff\x00\x00\x00\xff\x00" * 2)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_attached_image_shows_inline_in_its_bubble(
+    embedded_server: Server, new_page: NewPage
+) -> None:
+    page = new_page(1440, 900)
+    page.goto(printed_demo_url(embedded_server))
+    expect(page.get_by_test_id("conn-state")).to_have_text("open")
+    start_chat(page, "whatsapp", "5511988877600")
+    messages = page.get_by_test_id("message")
+    page.get_by_test_id("composer-text").fill("Seu recibo")
+    photo: FilePayload = {"name": "recibo.png", "mimeType": "image/png", "buffer": tiny_png()}
+    page.get_by_test_id("attach").set_input_files(files=[photo])
+    expect(messages).to_have_count(1)
+    message = messages.last
+    expect(message).to_contain_text("Seu recibo")
+    image = message.get_by_test_id("message-image")
+    expect(image).to_be_visible()
+    # Drawn: the signed URL served the bytes (a broken image has no natural width).
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth === 2", arg=image.element_handle()
+    )
+    # The simulator fetched the link and accepted the send: the ticks move on.
+    expect(message).to_have_attribute("data-status", "READ")
+    screenshot(page, "demo-media")

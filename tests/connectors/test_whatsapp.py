@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from whatslike.connectors.meta import CustomerMessage, Parsed, WebhookPayloadErr
 from whatslike.connectors.whatsapp import (
     WhatsAppConnector,
     WhatsAppStatus,
+    media_send_body,
     parse_status,
     parse_webhook,
 )
@@ -41,6 +43,7 @@ from whatslike.events import (
 )
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
+from whatslike.media.store import MediaRecord
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
@@ -1112,3 +1115,21 @@ async def test_a_failed_webhook_hands_on_meta_s_error(harness: Harness) -> None:
         Status.FAILED,
         ProviderError("131026", "Message undeliverable"),
     )
+
+
+def test_a_medium_is_sent_by_link_with_its_caption_and_filename() -> None:
+    record = MediaRecord(
+        "med_" + "0" * 32, "acme", "application/pdf", "document", 10, "", "r.pdf", utcnow()
+    )
+    body = media_send_body("5511", record, "https://h/x", "your receipt", "msg_1")
+    assert body["type"] == "document"
+    assert body["document"] == {
+        "link": "https://h/x",
+        "caption": "your receipt",
+        "filename": "r.pdf",
+    }
+    assert body["biz_opaque_callback_data"] == "msg_1"
+    audio = replace(record, kind="audio", content_type="audio/ogg", filename="")
+    assert media_send_body("5511", audio, "https://h/a", "ignored", "msg_2")["audio"] == {
+        "link": "https://h/a"
+    }

@@ -582,6 +582,26 @@ async def test_a_new_message_and_its_send_hand_off_are_stored_together(store: St
     assert await store.outbox_size() == 1
 
 
+async def test_a_message_with_a_medium_keeps_it_and_hands_it_on(store: Store) -> None:
+    """The medium is stored with the message (every read has it, so a redrive sends it
+    again) and goes in its send hand-off; the caption may be empty."""
+    conversation = await store.create_conversation("org_a", "whatsapp", "+5511")
+    plain, _ = await store.create_message(conversation, "hi", "")
+    message, created = await store.create_message(conversation, "", "c-1", "med_1")
+    assert created
+    assert message.media_id == "med_1"
+    stored = await store.get_message(message.id)
+    assert stored is not None
+    assert (stored.media_id, stored.text) == ("med_1", "")
+    listed = await store.list_messages("org_a", conversation.id)
+    assert [(m.id, m.media_id) for m in listed or []] == [(plain.id, None), (message.id, "med_1")]
+    events = [OutboundMessage.from_json(i.payload) for i in await store.outbox_batch("r", 10)]
+    assert [(e.message_id, e.media_id, e.text) for e in events] == [
+        (plain.id, None, "hi"),
+        (message.id, "med_1", ""),
+    ]
+
+
 async def test_a_hand_off_is_relayed_by_every_run_until_done(store: Store) -> None:
     """On a bus that keeps nothing, an entry marked relayed by one run is relayed again by
     the next (a restart) until the work downstream completes it: never lost, never

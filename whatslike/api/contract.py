@@ -74,6 +74,8 @@ class Operation:
     auth: Auth = "bearer"
     #: The JSON request body (validated with this model by the handler).
     body: type[BaseModel] | None = None
+    #: A binary request body instead (an upload): the media types it may be.
+    upload: tuple[str, ...] = ()
     #: Parameters: one model each for the path, the query and the headers (field aliases
     #: are the parameter names).
     path_params: type[BaseModel] | None = None
@@ -250,7 +252,7 @@ def _operation(op: Operation, refs: Mapping[type[BaseModel], dict[str, str]]) ->
         errors |= _BEARER_ERRORS
     elif op.auth == "metrics":
         errors[401] = "`METRICS_TOKEN` is set and the request does not carry it."
-    if op.body is not None:
+    if op.body is not None or op.upload:
         errors |= _BODY_ERRORS
     if op.path_params is not None or op.query is not None:
         errors.setdefault(400, "A parameter is outside its schema.")
@@ -290,6 +292,12 @@ def _operation(op: Operation, refs: Mapping[type[BaseModel], dict[str, str]]) ->
         described["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": refs[op.body]}},
+        }
+    elif op.upload:
+        binary = {"schema": {"type": "string", "format": "binary"}}
+        described["requestBody"] = {
+            "required": True,
+            "content": {media_type: binary for media_type in op.upload},
         }
     return described
 

@@ -11,7 +11,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -30,6 +30,7 @@ from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import format_time, utcnow
 from whatslike.events import CHANNELS
 from whatslike.hub.frames import valid_id
+from whatslike.media.store import MEDIA_ID, MediaStore
 from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.frame import IN
 from whatslike.status.rules import Status
@@ -67,9 +68,28 @@ class NewConversation(BaseModel):
     contact: Contact
 
 
+#: Meta: a medium's caption is at most 1,024 characters.
+CAPTION_LIMIT = 1024
+
+
 class NewMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: Annotated[str, Field(min_length=1, max_length=4096)]
+    """A text (`text`, not empty), or a medium uploaded with `POST /api/media`
+    (`media_id`, with `text` as its caption, maybe empty)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["media_id"], "properties": {"text": {"maxLength": CAPTION_LIMIT}}},
+                {
+                    "required": ["text"],
+                    "properties": {"text": {"minLength": 1}},
+                    "not": {"required": ["media_id"]},
+                },
+            ]
+        },
+    )
+    text: Annotated[str, Field(max_length=4096)] = ""
     client_message_id: Annotated[
         str,
         Field(
@@ -77,6 +97,17 @@ class NewMessage(BaseModel):
             description="The caller's key: the same one twice answers the first message.",
         ),
     ] = ""
+    media_id: Annotated[
+        str, Field(pattern=MEDIA_ID.pattern, description="A medium of `POST /api/media`.")
+    ] = ""
+
+    @model_validator(mode="after")
+    def _text_or_media(self) -> NewMessage:
+        if self.media_id and len(self.text) > CAPTION_LIMIT:
+            raise ValueError(f"a caption is at most {CAPTION_LIMIT} characters")
+        if not self.media_id and not self.text:
+            raise ValueError("a message needs a text or a media_id")
+        return self
 
 
 class ConversationPath(BaseModel):
@@ -148,6 +179,9 @@ class MessageOut(BaseModel):
     read_at: datetime | None
     failed_at: datetime | None
     error: ProviderErrorOut | None
+    media_id: str | None = Field(
+        description="The medium it carries (`getMedia` gives its URL); `text` is its caption."
+    )
 
 
 class MessageWithHistory(MessageOut):
@@ -212,6 +246,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "read_at": when(state.read_at),
         "failed_at": when(state.failed_at),
         "error": {"code": state.error.code, "title": state.error.title} if state.error else None,
+        "media_id": message.media_id,
     }
 
 
@@ -245,8 +280,9 @@ class HttpApi(RoleDefaults):
 
     name = "api"
 
-    def __init__(self, deps: Deps) -> None:
+    def __init__(self, deps: Deps, media: MediaStore) -> None:
         self._store = deps.store
+        self._media = media
         self._handoffs = deps.handoffs
         self._settings = deps.settings
         self._tokens = TokenService.from_settings(deps.settings, deps.jwt_secret)
@@ -293,7 +329,7 @@ class HttpApi(RoleDefaults):
                 "/api/conversations/{id}/messages",
                 self.send_message,
                 "sendMessage",
-                "Send a text message",
+                "Send a text message or a medium",
                 "messages",
                 202,
                 Reply(
@@ -304,9 +340,11 @@ class HttpApi(RoleDefaults):
                 body=NewMessage,
                 path_params=ConversationPath,
                 errors={
-                    **no_conversation,
+                    404: "No such conversation, or no such medium, in the caller's organization.",
                     422: "`outside_window`: the customer service window is closed (24 h "
-                    "after the customer's last message; enforced per `CUSTOMER_WINDOW`).",
+                    "after the customer's last message; enforced per `CUSTOMER_WINDOW`); "
+                    "`media_unsupported`: a medium on a channel that cannot send it yet "
+                    "(Instagram).",
                 },
                 links=[Link("getMessage", {"message_id": "$response.body#/message_id"})],
                 hot=True,
@@ -430,13 +468,15 @@ class HttpApi(RoleDefaults):
         identity = self.identity(request)
         conversation = await self._conversation(request, identity)
         body = await _body(request, NewMessage)
+        if body.media_id:
+            await self._check_media(identity, conversation, body.media_id)
         if self._settings.enforces_customer_window:
             await self._check_window(conversation)
         # The message and the work of sending it (an outbox entry) are stored in one
         # transaction before the 202; a retry with the same client_message_id answers the
         # same message and adds no work. The relay hands the entry to the bus.
         message, created = await self._store.create_message(
-            conversation, body.text, body.client_message_id
+            conversation, body.text, body.client_message_id, body.media_id or None
         )
         if created:
             self._handoffs.set()
@@ -481,6 +521,16 @@ class HttpApi(RoleDefaults):
             await self._store.handoff([status_entry(read_event(message, utcnow()))])
             self._handoffs.set()
         return JSONResponse({"message_id": message.id, "status": "READ"}, status_code=202)
+
+    async def _check_media(
+        self, identity: Identity, conversation: Conversation, media_id: str
+    ) -> None:
+        if await self._media.record(identity.org_id, media_id) is None:
+            raise ApiError(404, "not_found", "no such media")
+        if conversation.channel != "whatsapp":
+            raise ApiError(
+                422, "media_unsupported", "media can be sent on WhatsApp conversations only"
+            )
 
     async def get_message(self, request: Request) -> Response:
         """One message of the caller's organization, with its status history."""

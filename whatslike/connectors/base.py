@@ -150,6 +150,10 @@ class ProviderThrottled(WhatslikeError):
         self.scope = scope
 
 
+class MediaMissing(WhatslikeError):
+    """The medium a message carries is no longer in the media store."""
+
+
 def meta_error(response: Answer) -> tuple[ProviderError, bool]:
     """Meta's `{"error":{...}}` answer as (our error, retriable)."""
     try:
@@ -255,7 +259,9 @@ class MetaConnector(ABC, Generic[T]):
     def send_url(self) -> str: ...
 
     @abstractmethod
-    def send_body(self, message: OutboundMessage) -> dict[str, Any]: ...
+    async def send_body(self, message: OutboundMessage) -> dict[str, Any]:
+        """The send request of a message; MediaMissing when the medium it carries is gone
+        (the message fails), BackendUnavailable when the media store is out of reach."""
 
     @abstractmethod
     def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
@@ -466,9 +472,18 @@ class MetaConnector(ABC, Generic[T]):
         """Meta's provider id; None when the send is settled otherwise (refused for good:
         FAILED handed off; or the outcome is unknown)."""
         try:
+            body = await self.send_body(outbound)
+        except BackendUnavailable as exc:
+            await self._not_sent(stored)
+            raise ProviderUnavailable(f"send of {stored.id}: {exc}") from exc
+        except MediaMissing as exc:
+            log.warning("%s: %s", self.name, exc)
+            await self._fail(stored, ProviderError("media_gone", "The medium to send is gone"))
+            return None
+        try:
             response = await self._http.post(
                 self.send_url(),
-                json.dumps(self.send_body(outbound), separators=(",", ":")).encode(),
+                json.dumps(body, separators=(",", ":")).encode(),
                 self._send_headers,
                 self._settings.send_timeout_s,
             )

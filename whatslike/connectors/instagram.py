@@ -174,7 +174,8 @@ class InstagramConnector(MetaConnector[InstagramItem]):
         s = self._settings
         return f"{s.effective_graph_url}/{s.graph_api_version}/me/messages"
 
-    def send_body(self, message: OutboundMessage) -> dict[str, Any]:
+    async def send_body(self, message: OutboundMessage) -> dict[str, Any]:
+        # The API takes media for WhatsApp conversations only.
         return send_body(message.to, message.text)
 
     def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from whatslike.clock import from_unix
-from whatslike.connectors.base import Handoff, MetaConnector
+from whatslike.connectors.base import Handoff, MediaMissing, MetaConnector
 from whatslike.connectors.meta import (
     CustomerMessage,
     Parsed,
@@ -25,6 +25,9 @@ from whatslike.connectors.meta import (
     webhook_entries,
 )
 from whatslike.events import OutboundMessage, ReadReceipt
+from whatslike.media.factory import open_media_store
+from whatslike.media.store import MediaRecord
+from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, ParkedStatus
@@ -244,9 +247,42 @@ def receipt_body(wamid: str) -> dict[str, Any]:
     return {"messaging_product": "whatsapp", "status": "read", "message_id": wamid}
 
 
+def media_send_body(
+    to: str, record: MediaRecord, link: str, caption: str, message_id: str
+) -> dict[str, Any]:
+    """The send request of a medium, by link (a URL Meta fetches, valid for
+    `MEDIA_URL_TTL_S`): a caption for an image, a document or a video, a document's
+    filename."""
+    media: dict[str, Any] = {"link": link}
+    if caption and record.kind != "audio":
+        media["caption"] = caption
+    if record.kind == "document" and record.filename:
+        media["filename"] = record.filename
+    return {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": record.kind,
+        record.kind: media,
+        "biz_opaque_callback_data": message_id,
+    }
+
+
 class WhatsAppConnector(MetaConnector[WhatsAppItem]):
     name = "connector-whatsapp"
     channel = "whatsapp"
+
+    def __init__(self, deps: Deps) -> None:
+        super().__init__(deps)
+        self._media = open_media_store(deps.settings, deps.jwt_secret)
+
+    async def start(self) -> None:
+        await self._media.open()
+        await super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._media.close()
 
     def sends_per_s(self, settings: Settings) -> float:
         return settings.whatsapp_sends_per_s
@@ -257,8 +293,14 @@ class WhatsAppConnector(MetaConnector[WhatsAppItem]):
             f"{s.effective_graph_url}/{s.graph_api_version}/{s.whatsapp_phone_number_id}/messages"
         )
 
-    def send_body(self, message: OutboundMessage) -> dict[str, Any]:
-        return send_body(message.to, message.text, message.message_id)
+    async def send_body(self, message: OutboundMessage) -> dict[str, Any]:
+        if message.media_id is None:
+            return send_body(message.to, message.text, message.message_id)
+        record = await self._media.record(message.org_id, message.media_id)
+        if record is None:
+            raise MediaMissing(f"medium {message.media_id} of {message.message_id} is gone")
+        link = await self._media.url(record, self._settings.media_url_ttl_s)
+        return media_send_body(message.to, record, link, message.text, message.message_id)
 
     def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
         return receipt_body(receipt.provider_message_id)

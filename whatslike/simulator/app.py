@@ -5,6 +5,7 @@ POSTs signed status webhooks back, with delays, failures and (on request) disord
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -24,6 +26,8 @@ from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_bod
 from whatslike.connectors.pacing import TokenBucket
 from whatslike.errors import BackendUnavailable
 from whatslike.http_client import NotSent, OutcomeUnknown
+from whatslike.media.limits import MediaRefused, media_type
+from whatslike.media.store import UploadCheck
 from whatslike.roles import Deps
 from whatslike.settings import Settings, simulator_database
 from whatslike.simulator import payloads
@@ -35,6 +39,11 @@ WORKERS = 4
 #: Customers whose pair rate the simulator keeps track of at most (see RateLimits).
 MAX_PAIR_BUCKETS = 100_000
 MAX_REQUEST_BYTES = 64 * 1024
+#: Media the simulator holds for its customers (Graph's media endpoints serve them); the
+#: oldest is forgotten past this many.
+MAX_MEDIA = 256
+#: How long the fetch of a medium sent by link may take, whole.
+MEDIA_FETCH_S = 30.0
 MAX_DELAY_MS = 600_000
 #: At most one warning about failed webhook attempts per this many seconds.
 FAILURE_LOG_INTERVAL_S = 5.0
@@ -204,6 +213,8 @@ class Simulator:
         token = deps.settings.sim_control_token
         self._control_auth = f"Bearer {token}".encode() if token else None
         self._control_open = not token and deps.settings.development
+        #: Graph media id → (MIME type, bytes): what a customer sent (`add_media`).
+        self.media: dict[str, tuple[str, bytes]] = {}
 
     def operations(self) -> list[Operation]:
         return []  # outside the HTTP API's contract: its routes are below
@@ -214,6 +225,9 @@ class Simulator:
             Route("/simulator/sends", self.sends, methods=["GET"]),
             Route("/simulator/receipts", self.receipts_seen, methods=["GET"]),
             Route("/simulator/reply", self.reply, methods=["POST"]),
+            Route("/simulator/media", self.post_media, methods=["POST"]),
+            Route("/simulator/media/{media_id}", self.media_download, methods=["GET"]),
+            Route("/simulator/{version}/{media_id}", self.media_url, methods=["GET"]),
             # Before the WhatsApp route, which would otherwise take "me" for a phone id.
             Route("/simulator/{version}/me/messages", self.instagram_send, methods=["POST"]),
             Route(
@@ -344,7 +358,66 @@ class Simulator:
         self.receipts[(channel, name)] += 1
         return JSONResponse({"success": True})
 
+    def add_media(self, content_type: str, data: bytes) -> str:
+        """Hold a customer's medium; answer its Graph media id."""
+        if len(self.media) >= MAX_MEDIA:
+            del self.media[next(iter(self.media))]
+        media_id = str(self._rng.randrange(10**15, 10**16))
+        self.media[media_id] = (content_type, data)
+        return media_id
+
+    async def post_media(self, request: Request) -> Response:
+        """A customer's medium (the body, its type in Content-Type, up to 64 KiB), for a
+        test or the demo: answers `{"id"}`, the Graph media id an inbound message names.
+        Guarded like the control."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        body = await read_body(request, MAX_REQUEST_BYTES)
+        if not body:
+            return error_response(400, "bad_request", "the body is the medium (up to 64 KiB)")
+        content_type = request.headers.get("content-type", "application/octet-stream")
+        return JSONResponse({"id": self.add_media(content_type, body)})
+
     # -- Graph API --------------------------------------------------------------------
+
+    def _token_refused(self, request: Request) -> Response | None:
+        expected = f"Bearer {self._settings.meta_access_token}".encode()
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return None
+        return _graph_error(401, 190, "Invalid OAuth access token - Cannot parse access token")
+
+    async def media_url(self, request: Request) -> Response:
+        """Graph's `GET /<media id>`: where to download a medium (with the same token)."""
+        refused = self._token_refused(request)
+        if refused is not None:
+            return refused
+        media_id = request.path_params["media_id"]
+        held = self.media.get(media_id)
+        if held is None:
+            return _graph_error(404, 100, "(#100) Invalid media id")
+        content_type, data = held
+        return JSONResponse(
+            {
+                "messaging_product": "whatsapp",
+                "url": f"{self._settings.effective_graph_url}/media/{media_id}",
+                "mime_type": content_type,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "file_size": len(data),
+                "id": media_id,
+            }
+        )
+
+    async def media_download(self, request: Request) -> Response:
+        """The download URL `media_url` answers: the bytes, with the access token only."""
+        refused = self._token_refused(request)
+        if refused is not None:
+            return refused
+        held = self.media.get(request.path_params["media_id"])
+        if held is None:
+            return _graph_error(404, 100, "(#100) Invalid media id")
+        return Response(held[1], media_type=held[0])
 
     async def whatsapp_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)
@@ -368,12 +441,46 @@ class Simulator:
         refusal = self._limits.refusal(body["to"])
         if refusal is not None:
             return refusal
+        kind = body.get("type", "text")
+        if kind in payloads.MEDIA_KINDS:
+            refusal = await self._fetch_media(kind, body[kind])
+            if refusal is not None:
+                return refusal
         wamid = payloads.new_wamid()
         callback_data = body.get("biz_opaque_callback_data", "")
         plan = self._plan_whatsapp(wamid, body["to"], callback_data)
-        key = payloads.whatsapp_send_key(body["to"], body["text"]["body"], callback_data)
+        content = payloads.whatsapp_send_content(body)
+        key = payloads.whatsapp_send_key(body["to"], content, callback_data)
         answer = payloads.whatsapp_send_answer(body["to"], wamid)
         return await self._answer(answer, plan, key, ("whatsapp", body["to"]))
+
+    async def _fetch_media(self, kind: str, media: dict[str, Any]) -> Response | None:
+        """Like Meta, fetch a medium sent by link before accepting the send (a held one,
+        sent by id, is there already): of a type of its kind and within its limit, or
+        the send is refused with 131053. The bytes are counted, then dropped."""
+        if "link" not in media:
+            if media["id"] in self.media:
+                return None
+            return _graph_error(400, 131053, "(#131053) Media upload error: unknown media id")
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MEDIA_FETCH_S)) as http,
+                http.get(media["link"]) as answer,
+            ):
+                if answer.status != 200:
+                    raise MediaRefused(422, "fetch", f"the link answered {answer.status}")
+                found = media_type(answer.headers.get("content-type"))
+                if found.kind != kind:
+                    raise MediaRefused(415, "kind", f"a {found.kind} sent as {kind}")
+                check = UploadCheck(found)
+                async for chunk in answer.content.iter_chunked(65_536):
+                    check.feed(chunk)
+                check.finish()
+        except (aiohttp.ClientError, TimeoutError, MediaRefused) as exc:
+            return _graph_error(
+                400, 131053, f"(#131053) Media upload error: could not use the link ({exc})"
+            )
+        return None
 
     async def instagram_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)

@@ -20,6 +20,10 @@ DISPLAY_PHONE_NUMBER = "5511999990000"
 WHATSAPP_TEXT_LIMIT = 4096
 INSTAGRAM_TEXT_LIMIT = 1000
 CALLBACK_DATA_LIMIT = 512
+#: Meta: a medium's caption (image, document, video) is at most 1,024 characters.
+MEDIA_CAPTION_LIMIT = 1024
+#: The send types that carry a medium, by link or by an uploaded media id.
+MEDIA_KINDS = ("image", "document", "audio", "video")
 
 UNDELIVERABLE = {
     "code": 131026,
@@ -101,14 +105,17 @@ def whatsapp_send_problem(body: Any) -> str | None:
     to = body.get("to")
     if not isinstance(to, str) or not any(ch.isdigit() for ch in to):
         return "(#100) The parameter to is required."
-    if body.get("type", "text") != "text":
-        return "(#100) Param type must be one of {TEXT} in this simulator"
-    text = body.get("text")
-    text_body = text.get("body") if isinstance(text, dict) else None
-    if not isinstance(text_body, str) or not text_body.strip():
-        return "(#100) The parameter text['body'] is required."
-    if len(text_body) > WHATSAPP_TEXT_LIMIT:
-        return f"(#100) Param text['body'] must be at most {WHATSAPP_TEXT_LIMIT} characters long."
+    kind = body.get("type", "text")
+    if kind in MEDIA_KINDS:
+        problem = _media_problem(kind, body.get(kind))
+        if problem is not None:
+            return problem
+    elif kind != "text":
+        return "(#100) Param type must be one of {TEXT, IMAGE, DOCUMENT, AUDIO, VIDEO} here"
+    else:
+        problem = _text_problem(body.get("text"))
+        if problem is not None:
+            return problem
     callback = body.get("biz_opaque_callback_data", "")
     if not isinstance(callback, str) or len(callback) > CALLBACK_DATA_LIMIT:
         return (
@@ -116,6 +123,44 @@ def whatsapp_send_problem(body: Any) -> str | None:
             f" {CALLBACK_DATA_LIMIT} characters."
         )
     return None
+
+
+def _media_problem(kind: str, media: Any) -> str | None:
+    """A media send's object (`{"link"|"id", "caption"?, "filename"?}`): why Meta would
+    refuse it, or None."""
+    if not isinstance(media, dict):
+        return f"(#100) The parameter {kind} is required."
+    link, held = media.get("link"), media.get("id")
+    if not (isinstance(link, str) and link.startswith(("http://", "https://"))) and not (
+        isinstance(held, str) and held
+    ):
+        return f"(#100) Param {kind} must have a link (http or https) or an id."
+    caption = media.get("caption", "")
+    if kind == "audio" and caption:
+        return "(#100) Param audio['caption'] is not allowed."
+    if not isinstance(caption, str) or len(caption) > MEDIA_CAPTION_LIMIT:
+        return f"(#100) Param {kind}['caption'] must be at most {MEDIA_CAPTION_LIMIT} characters."
+    if not isinstance(media.get("filename", ""), str):
+        return f"(#100) Param {kind}['filename'] must be a string."
+    return None
+
+
+def _text_problem(text: Any) -> str | None:
+    text_body = text.get("body") if isinstance(text, dict) else None
+    if not isinstance(text_body, str) or not text_body.strip():
+        return "(#100) The parameter text['body'] is required."
+    if len(text_body) > WHATSAPP_TEXT_LIMIT:
+        return f"(#100) Param text['body'] must be at most {WHATSAPP_TEXT_LIMIT} characters long."
+    return None
+
+
+def whatsapp_send_content(body: dict[str, Any]) -> str:
+    """What a valid send says, for its key: the text, or the medium's caption or link."""
+    kind = body.get("type", "text")
+    if kind == "text":
+        return str(body["text"]["body"])
+    media = body[kind]
+    return str(media.get("caption") or media.get("link") or media.get("id"))
 
 
 def instagram_send_problem(body: Any) -> str | None:

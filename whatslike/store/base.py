@@ -46,6 +46,8 @@ class Message:
     updated_at: datetime | None = None
     #: "out" (an agent's, sent by us) or "in" (the customer's, received from Meta).
     direction: str = "out"
+    #: The medium it carries (whatslike/media; its `text` is then the caption).
+    media_id: str | None = None
 
     @property
     def status(self) -> Status:
@@ -262,11 +264,16 @@ class Store(Protocol):
     async def get_conversation(self, org_id: str, conversation_id: str) -> Conversation | None: ...
 
     async def create_message(
-        self, conversation: Conversation, text: str, client_message_id: str
+        self,
+        conversation: Conversation,
+        text: str,
+        client_message_id: str,
+        media_id: str | None = None,
     ) -> tuple[Message, bool]:
         """Insert a PENDING message and, in the same transaction, its `messages` outbox
         entry (the work of sending it). The same non-empty client_message_id in the same
-        conversation returns the first message and False, and adds nothing."""
+        conversation returns the first message and False, and adds nothing. With
+        `media_id` it carries that medium, `text` being its caption (maybe empty)."""
 
     async def receive_message(self, inbound: InboundMessage) -> Message:
         """Store a customer's message (direction "in", PENDING until its arrival is

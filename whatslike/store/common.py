@@ -53,7 +53,7 @@ class Row(Protocol):
 MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
     m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
     m.error_code, m.error_title, m.provider_message_id, m.send_started_at, m.updated_at,
-    m.direction"""
+    m.direction, m.media_id"""
 
 #: Turns a stored, non-null time into a datetime (SQLite keeps text, PostgreSQL datetimes).
 TimeOf = Callable[[Any], datetime]
@@ -158,7 +158,9 @@ def campaign_of(row: Row, time_of: TimeOf, counts: dict[str, int]) -> Campaign:
     )
 
 
-def new_message(conversation: Conversation, text: str, client_message_id: str) -> Message:
+def new_message(
+    conversation: Conversation, text: str, client_message_id: str, media_id: str | None = None
+) -> Message:
     """A PENDING message, not yet stored."""
     now = utcnow()
     return Message(
@@ -172,6 +174,7 @@ def new_message(conversation: Conversation, text: str, client_message_id: str) -
         state=MessageState(),
         seq=None,
         updated_at=now,
+        media_id=media_id,
     )
 
 
@@ -187,6 +190,7 @@ def outbound_entry(conversation: Conversation, message: Message) -> OutboxEntry:
         text=message.text,
         client_message_id=message.client_message_id,
         created_at=message.created_at,
+        media_id=message.media_id,
     )
     return OutboxEntry(TOPIC_MESSAGES, conversation.id, event.to_json(), message.id)
 
@@ -302,6 +306,7 @@ def message_of(row: Row, time_of: TimeOf) -> Message:
         updated_at=_optional(row["updated_at"], time_of),
         # Rows of stores older than inbound messages have none: they are all outbound.
         direction=row["direction"] or OUT,
+        media_id=row["media_id"],
     )
 
 

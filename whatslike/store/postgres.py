@@ -222,6 +222,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (campaign_id, bucket)
         )""",
     ),
+    # The medium a message carries (whatslike/media).
+    ("ALTER TABLE messages ADD COLUMN media_id text",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -241,14 +243,14 @@ _PROVIDER_KEY_LOCKS = (
 _CREATE_MESSAGES = """
 WITH given AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-        $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[])
+        $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[], $13::text[])
         WITH ORDINALITY AS g(id, conversation_id, org_id, channel, text, client_message_id,
-            created_at, status, key, payload, n)
+            created_at, status, key, payload, media_id, n)
 ), inserted AS (
     INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,
-        created_at, status, updated_at)
+        created_at, status, updated_at, media_id)
     SELECT id, conversation_id, org_id, channel, text, client_message_id, created_at,
-        status, created_at FROM given ORDER BY n
+        status, created_at, media_id FROM given ORDER BY n
     ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''
     DO NOTHING RETURNING id
 ), handed AS (
@@ -449,12 +451,16 @@ class PostgresStore:
         return answers
 
     async def create_message(
-        self, conversation: Conversation, text: str, client_message_id: str
+        self,
+        conversation: Conversation,
+        text: str,
+        client_message_id: str,
+        media_id: str | None = None,
     ) -> tuple[Message, bool]:
-        return await _one(self._creates, (conversation, text, client_message_id))
+        return await _one(self._creates, (conversation, text, client_message_id, media_id))
 
     async def _create_messages(
-        self, items: list[tuple[Conversation, str, str]]
+        self, items: list[tuple[Conversation, str, str, str | None]]
     ) -> list[tuple[Message, bool]]:
         """`create_message` of each item in ONE statement (the messages and their outbox
         entries, atomically), then one read of the messages that existed already.
@@ -462,8 +468,8 @@ class PostgresStore:
         A concurrent insert of the same key waits for the first one to commit, then does
         nothing, as does a second item of the same key in the batch; the read after the
         statement (a new snapshot under READ COMMITTED) sees that first message."""
-        made = [common.new_message(c, text, key) for c, text, key in items]
-        entries = [common.outbound_entry(c, m) for (c, _, _), m in zip(items, made, strict=True)]
+        made = [common.new_message(c, text, key, media) for c, text, key, media in items]
+        entries = [common.outbound_entry(c, m) for (c, _, _, _), m in zip(items, made, strict=True)]
         async with self._connection() as conn:
             rows = await conn.fetch(
                 _CREATE_MESSAGES,
@@ -479,6 +485,7 @@ class PostgresStore:
                 [e.payload for e in entries],
                 TOPIC_MESSAGES,
                 utcnow(),
+                [m.media_id for m in made],
             )
             inserted = {str(row["id"]) for row in rows}
             first: dict[tuple[str, str], Message] = {}

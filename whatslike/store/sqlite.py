@@ -197,6 +197,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (campaign_id, bucket)
         )""",
     ),
+    # The medium a message carries (whatslike/media).
+    ("ALTER TABLE messages ADD COLUMN media_id TEXT",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -371,15 +373,19 @@ class SQLiteStore:
         return _conversation(rows[0]) if rows else None
 
     async def create_message(
-        self, conversation: Conversation, text: str, client_message_id: str
+        self,
+        conversation: Conversation,
+        text: str,
+        client_message_id: str,
+        media_id: str | None = None,
     ) -> tuple[Message, bool]:
-        message = common.new_message(conversation, text, client_message_id)
+        message = common.new_message(conversation, text, client_message_id, media_id)
 
         def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
             inserted = conn.execute(
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
-                " client_message_id, created_at, status, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " client_message_id, created_at, status, updated_at, media_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
                 " DO NOTHING RETURNING id",
                 (
@@ -392,6 +398,7 @@ class SQLiteStore:
                     format_time(message.created_at),
                     message.status.value,
                     format_time(message.created_at),
+                    media_id,
                 ),
             ).fetchall()
             if inserted:
