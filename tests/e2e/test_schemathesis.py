@@ -161,9 +161,9 @@ def known(served: Server) -> Known:
             },
         )
         assert campaign.status_code == 202, campaign.text
-        endpoints = [
+        endpoint, spare_endpoint = (
             client.post("/api/webhooks", json={"url": WEBHOOK_URL}).json()["id"] for _ in range(2)
-        ]
+        )
         media = client.post(
             "/api/media", content=PNG_HEAD + b"\x00", headers={"Content-Type": "image/png"}
         ).json()
@@ -174,7 +174,8 @@ def known(served: Server) -> Known:
         message["provider_message_id"],
         inbound,
         campaign.json()["id"],
-        *endpoints,
+        endpoint,
+        spare_endpoint,
         media["id"],
         httpx.URL(media["url"]),
     )

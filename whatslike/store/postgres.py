@@ -1108,6 +1108,7 @@ class PostgresStore:
                 [e.payload for e in entries],
                 TOPIC_MESSAGES,
                 utcnow(),
+                [m.media_id for m in made],
             )
             await conn.execute(
                 "UPDATE campaign_recipients r SET message_id = g.id"
