@@ -261,6 +261,26 @@ WITH given AS (
 SELECT id FROM inserted
 """
 
+
+def _creation_arguments(made: list[Message], entries: list[OutboxEntry]) -> list[object]:
+    """`_CREATE_MESSAGES`'s arguments for these messages and their outbox entries."""
+    return [
+        [m.id for m in made],
+        [m.conversation_id for m in made],
+        [m.org_id for m in made],
+        [m.channel for m in made],
+        [m.text for m in made],
+        [m.client_message_id for m in made],
+        [m.created_at for m in made],
+        [m.status.value for m in made],
+        [e.key for e in entries],
+        [e.payload for e in entries],
+        TOPIC_MESSAGES,
+        utcnow(),
+        [m.media_id for m in made],
+    ]
+
+
 _CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 #: Set on every connection, unless the database URL's query sets them. Our transactions
@@ -471,22 +491,7 @@ class PostgresStore:
         made = [common.new_message(c, text, key, media) for c, text, key, media in items]
         entries = [common.outbound_entry(c, m) for (c, _, _, _), m in zip(items, made, strict=True)]
         async with self._connection() as conn:
-            rows = await conn.fetch(
-                _CREATE_MESSAGES,
-                [m.id for m in made],
-                [m.conversation_id for m in made],
-                [m.org_id for m in made],
-                [m.channel for m in made],
-                [m.text for m in made],
-                [m.client_message_id for m in made],
-                [m.created_at for m in made],
-                [m.status.value for m in made],
-                [e.key for e in entries],
-                [e.payload for e in entries],
-                TOPIC_MESSAGES,
-                utcnow(),
-                [m.media_id for m in made],
-            )
+            rows = await conn.fetch(_CREATE_MESSAGES, *_creation_arguments(made, entries))
             inserted = {str(row["id"]) for row in rows}
             first: dict[tuple[str, str], Message] = {}
             others = [m for m in made if m.id not in inserted]
@@ -1094,22 +1099,7 @@ class PostgresStore:
             entries = [
                 common.outbound_entry(c, m) for c, m in zip(conversations, made, strict=True)
             ]
-            await conn.execute(
-                _CREATE_MESSAGES,
-                [m.id for m in made],
-                [m.conversation_id for m in made],
-                [m.org_id for m in made],
-                [m.channel for m in made],
-                [m.text for m in made],
-                [m.client_message_id for m in made],
-                [m.created_at for m in made],
-                [m.status.value for m in made],
-                [e.key for e in entries],
-                [e.payload for e in entries],
-                TOPIC_MESSAGES,
-                utcnow(),
-                [m.media_id for m in made],
-            )
+            await conn.execute(_CREATE_MESSAGES, *_creation_arguments(made, entries))
             await conn.execute(
                 "UPDATE campaign_recipients r SET message_id = g.id"
                 " FROM unnest($2::text[]) WITH ORDINALITY AS g(id, n)"
