@@ -111,7 +111,14 @@ async def test_the_bus_makes_topics_of_three_replicas_two_in_sync_and_produces_w
 ):
     bus_url = setting("WHATSLIKE_TEST_KAFKA_CLUSTER_URL")
     prefix = f"topics-{SEED}-{random.randrange(10**9)}."
-    settings = load_settings(bus_url=bus_url, kafka_topic_prefix=prefix, kafka_replication_factor=3)
+    # A new topic's first record waits for its three replicas to be in sync: on a loaded
+    # machine (load 18, 2026-12-05) that took longer than the default 5 s publish timeout.
+    settings = load_settings(
+        bus_url=bus_url,
+        kafka_topic_prefix=prefix,
+        kafka_replication_factor=3,
+        bus_publish_timeout_s=60,
+    )
     bus = KafkaBus(settings, Metrics())
     await bus.start()
     try:
