@@ -7,6 +7,7 @@
 #
 # Idempotent: a node that answers is kept; one that does not (killed by a fault test) is
 # started again on its data, and rejoins. Writes .services/cassandra-cluster.env.
+#   cassandra-cluster.sh [start|stop|status]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/services/lib.sh
@@ -18,17 +19,11 @@ mkdir -p "$root"
 
 port=$(env_value "$envfile" WHATSLIKE_TEST_CASSANDRA_CLUSTER_PORT)
 storage_port=$(env_value "$envfile" WHATSLIKE_TEST_CASSANDRA_CLUSTER_STORAGE_PORT)
-if [ -z "$port" ] || [ -z "$storage_port" ]; then
-  port=$(free_on_all "${addresses[@]}")
-  storage_port=$(free_on_all "${addresses[@]}")
-  while [ "$storage_port" = "$port" ]; do storage_port=$(free_on_all "${addresses[@]}"); done
-  rm -rf "${root:?}"/node*  # new ports: a new cluster
-fi
-
 # The libraries of the single node (fetched there once), shared read-only.
 libs=$PWD/.services/cassandra/libs
-# One node at a time: a node joins a ring only while no other is joining.
-for i in 1 2 3; do
+node() {
+  local i=$1
+  shift
   CASSANDRA_DIR=$root/node$i \
     CASSANDRA_ENV=$root/node$i.env \
     CASSANDRA_LIBS=$libs \
@@ -39,8 +34,27 @@ for i in 1 2 3; do
     CASSANDRA_CLUSTER_NAME=whatslike-cluster \
     CASSANDRA_REPLICATION=3 \
     CASSANDRA_KEEP_DATA=1 \
-    scripts/services/cassandra.sh
-done
+    scripts/services/cassandra.sh "$@"
+}
+
+# stop / status: the nodes of this checkout's pid files only (as for the single node).
+case "${1:-start}" in
+  stop | status)
+    [ -n "$port" ] || { echo "cassandra-cluster: stopped"; [ "$1" = stop ] && exit 0 || exit 3; }
+    status=0
+    for i in 1 2 3; do node "$i" "$1" || status=$?; done
+    exit "$status" ;;
+esac
+
+if [ -z "$port" ] || [ -z "$storage_port" ]; then
+  port=$(free_on_all "${addresses[@]}")
+  storage_port=$(free_on_all "${addresses[@]}")
+  while [ "$storage_port" = "$port" ]; do storage_port=$(free_on_all "${addresses[@]}"); done
+  rm -rf "${root:?}"/node*  # new ports: a new cluster
+fi
+
+# One node at a time: a node joins a ring only while no other is joining.
+for i in 1 2 3; do node "$i"; done
 
 hosts=$(IFS=,; echo "${addresses[*]}")
 {

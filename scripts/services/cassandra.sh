@@ -67,7 +67,7 @@ case "${1:-start}" in
   stop) stop_own Cassandra "$dir/cassandra.pid" "-Dcassandra.config=file://$dir/cassandra.yaml"; exit ;;
   status)
     status_of cassandra "$dir/cassandra.pid" "-Dcassandra.config=file://$dir/cassandra.yaml" \
-      "${port:+127.0.0.1:$port}" cql_ready "$port"
+      "${port:+$address:$port}" cql_ready "$port"
     exit ;;
 esac
 if [ -n "$port" ] && cql_ready "$port" 2>/dev/null; then
