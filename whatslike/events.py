@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from whatslike.clock import format_time, parse_time
 from whatslike.errors import MalformedEvent
 from whatslike.status.rules import OBSERVABLE, Observation, ProviderError, Status
+from whatslike.templates import Template, canonical
 
 TOPIC_MESSAGES = "messages"
 TOPIC_STATUS = "msg.status"
@@ -93,12 +96,20 @@ class OutboundMessage:
     created_at: datetime
     #: The medium it carries (`text` is then its caption, maybe empty).
     media_id: str | None = None
+    #: A WhatsApp template it is (whatslike/templates: canonical JSON; `text` is empty).
+    template: str | None = None
+    #: Instagram's message tag it is sent with (`HUMAN_AGENT`), if any.
+    tag: str | None = None
 
     def to_json(self) -> bytes:
-        media = {"media_id": self.media_id} if self.media_id else {}
+        optional: dict[str, Any] = {"media_id": self.media_id} if self.media_id else {}
+        if self.template:
+            optional["template"] = json.loads(self.template)
+        if self.tag:
+            optional["tag"] = self.tag
         return json.dumps(
             {
-                **media,
+                **optional,
                 "event_id": self.event_id,
                 "message_id": self.message_id,
                 "conversation_id": self.conversation_id,
@@ -119,6 +130,7 @@ class OutboundMessage:
         if channel not in CHANNELS:
             raise MalformedEvent(f"unknown channel {channel!r}")
         media_id = _text(data, "media_id", optional=True) or None
+        template = _template(data)
         return cls(
             event_id=_text(data, "event_id"),
             message_id=_text(data, "message_id"),
@@ -126,12 +138,27 @@ class OutboundMessage:
             org_id=_text(data, "org_id"),
             channel=channel,
             to=_text(data, "to"),
-            # A medium's caption may be empty; a text message's text may not.
-            text=_text(data, "text", optional=media_id is not None),
+            # A medium's caption may be empty, a template has none; a text may not be empty.
+            text=_text(data, "text", optional=media_id is not None or template is not None),
             client_message_id=_text(data, "client_message_id", optional=True),
             created_at=_time(data, "created_at"),
             media_id=media_id,
+            template=template,
+            tag=_text(data, "tag", optional=True) or None,
         )
+
+
+def _template(data: dict[str, Any]) -> str | None:
+    """An event's template, as the canonical JSON text it was made from."""
+    value = data.get("template")
+    if value is None:
+        return None
+    try:
+        return canonical(Template.model_validate(value))
+    except ValidationError as exc:
+        raise MalformedEvent(
+            f"field 'template' is not a template: {exc.errors()[0]['msg']}"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)

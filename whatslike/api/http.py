@@ -36,6 +36,7 @@ from whatslike.status.frame import IN
 from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
 from whatslike.store.common import inbound_message_id, read_event, status_entry
+from whatslike.templates import Template, canonical
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ Channel = Literal["whatsapp", "instagram"]
 
 #: How long after a customer's message a free-form message may be sent (Meta's rule).
 CUSTOMER_WINDOW = timedelta(hours=24)
+#: Instagram: how long after it a human agent may still answer, with the HUMAN_AGENT tag.
+HUMAN_AGENT_WINDOW = timedelta(days=7)
+#: An agent's Instagram answer accepted this long after the customer's last message is
+#: tagged HUMAN_AGENT: an hour before the 24 h close, for the time it may wait to be sent.
+HUMAN_AGENT_FROM = CUSTOMER_WINDOW - timedelta(hours=1)
+HUMAN_AGENT = "HUMAN_AGENT"
 
 # -- requests (validated with these models) ---------------------------------------------
 
@@ -73,21 +80,37 @@ CAPTION_LIMIT = 1024
 
 
 class NewMessage(BaseModel):
-    """A text (`text`, not empty), or a medium uploaded with `POST /api/media`
-    (`media_id`, with `text` as its caption, maybe empty)."""
+    """A text (`text`, not empty), a medium uploaded with `POST /api/media` (`media_id`,
+    with `text` as its caption, maybe empty), or a WhatsApp template (`type` `template`
+    and `template`, nothing else). `type` may be left out of a text or a medium."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "anyOf": [
-                {"required": ["media_id"], "properties": {"text": {"maxLength": CAPTION_LIMIT}}},
+                {
+                    "required": ["media_id"],
+                    "properties": {
+                        "type": {"const": "media"},
+                        "text": {"maxLength": CAPTION_LIMIT},
+                    },
+                    "not": {"required": ["template"]},
+                },
                 {
                     "required": ["text"],
-                    "properties": {"text": {"minLength": 1}},
-                    "not": {"required": ["media_id"]},
+                    "properties": {"type": {"const": "text"}, "text": {"minLength": 1}},
+                    "not": {"anyOf": [{"required": ["media_id"]}, {"required": ["template"]}]},
+                },
+                {
+                    "required": ["type", "template"],
+                    "properties": {"type": {"const": "template"}},
+                    "not": {"anyOf": [{"required": ["media_id"]}, {"required": ["text"]}]},
                 },
             ]
         },
+    )
+    type: Literal["text", "media", "template"] | None = Field(
+        None, description="What the message is; a text or a medium may leave it out."
     )
     text: Annotated[str, Field(max_length=4096)] = ""
     client_message_id: Annotated[
@@ -100,13 +123,26 @@ class NewMessage(BaseModel):
     media_id: Annotated[
         str, Field(pattern=MEDIA_ID.pattern, description="A medium of `POST /api/media`.")
     ] = ""
+    template: Template | None = Field(
+        None, description="A WhatsApp template, in Meta's shape: sent any time."
+    )
 
     @model_validator(mode="after")
-    def _text_or_media(self) -> NewMessage:
-        if self.media_id and len(self.text) > CAPTION_LIMIT:
-            raise ValueError(f"a caption is at most {CAPTION_LIMIT} characters")
-        if not self.media_id and not self.text:
-            raise ValueError("a message needs a text or a media_id")
+    def _one_kind(self) -> NewMessage:
+        if self.type == "template" or self.template is not None:
+            if self.type != "template" or self.template is None:
+                raise ValueError('a template message has "type": "template" and a "template"')
+            if self.media_id or "text" in self.model_fields_set:
+                raise ValueError("a template message has no text nor media_id")
+        elif self.media_id:
+            if self.type not in (None, "media"):
+                raise ValueError('a message with a media_id is of "type": "media"')
+            if len(self.text) > CAPTION_LIMIT:
+                raise ValueError(f"a caption is at most {CAPTION_LIMIT} characters")
+        elif self.type == "media":
+            raise ValueError('a message of "type": "media" needs a media_id')
+        elif not self.text:
+            raise ValueError("a message needs a text, a media_id or a template")
         return self
 
 
@@ -182,6 +218,13 @@ class MessageOut(BaseModel):
     media_id: str | None = Field(
         description="The medium it carries (`getMedia` gives its URL); `text` is its caption."
     )
+    template: Template | None = Field(
+        description="The WhatsApp template it is (`text` is then empty)."
+    )
+    tag: Literal["HUMAN_AGENT"] | None = Field(
+        description="The Instagram message tag it is sent with: `HUMAN_AGENT` for an "
+        "agent's answer more than 23 h after the customer's last message."
+    )
 
 
 class MessageWithHistory(MessageOut):
@@ -247,6 +290,8 @@ def message_json(message: Message) -> dict[str, Any]:
         "failed_at": when(state.failed_at),
         "error": {"code": state.error.code, "title": state.error.title} if state.error else None,
         "media_id": message.media_id,
+        "template": json.loads(message.template) if message.template else None,
+        "tag": message.tag,
     }
 
 
@@ -329,7 +374,7 @@ class HttpApi(RoleDefaults):
                 "/api/conversations/{id}/messages",
                 self.send_message,
                 "sendMessage",
-                "Send a text message or a medium",
+                "Send a text message, a medium or a template",
                 "messages",
                 202,
                 Reply(
@@ -341,10 +386,12 @@ class HttpApi(RoleDefaults):
                 path_params=ConversationPath,
                 errors={
                     404: "No such conversation, or no such medium, in the caller's organization.",
-                    422: "`outside_window`: the customer service window is closed (24 h "
-                    "after the customer's last message; enforced per `CUSTOMER_WINDOW`); "
+                    422: "`outside_window`: the customer service window is closed for a "
+                    "free-form message (24 h after the customer's last message; on "
+                    "Instagram 7 days, with the HUMAN_AGENT tag after 23 h; enforced per "
+                    "`CUSTOMER_WINDOW`; a template is never refused for it); "
                     "`media_unsupported`: a medium on a channel that cannot send it yet "
-                    "(Instagram).",
+                    "(Instagram); `template_unsupported`: a template on Instagram.",
                 },
                 links=[Link("getMessage", {"message_id": "$response.body#/message_id"})],
                 hot=True,
@@ -470,13 +517,28 @@ class HttpApi(RoleDefaults):
         body = await _body(request, NewMessage)
         if body.media_id:
             await self._check_media(identity, conversation, body.media_id)
-        if self._settings.enforces_customer_window:
-            await self._check_window(conversation)
+        tag = None
+        if body.template is not None:
+            # Meta's templates are WhatsApp's; they are sent outside the window too.
+            if conversation.channel != "whatsapp":
+                raise ApiError(
+                    422,
+                    "template_unsupported",
+                    "templates are WhatsApp's: Instagram has none (answer within 24 h of "
+                    "the customer's last message, or 7 days with the HUMAN_AGENT tag)",
+                )
+        elif self._settings.enforces_customer_window:
+            tag = await self._check_window(conversation)
         # The message and the work of sending it (an outbox entry) are stored in one
         # transaction before the 202; a retry with the same client_message_id answers the
         # same message and adds no work. The relay hands the entry to the bus.
         message, created = await self._store.create_message(
-            conversation, body.text, body.client_message_id, body.media_id or None
+            conversation,
+            body.text,
+            body.client_message_id,
+            body.media_id or None,
+            template=canonical(body.template) if body.template is not None else None,
+            tag=tag,
         )
         if created:
             self._handoffs.set()
@@ -485,26 +547,41 @@ class HttpApi(RoleDefaults):
             status_code=202,
         )
 
-    async def _check_window(self, conversation: Conversation) -> None:
+    async def _check_window(self, conversation: Conversation) -> str | None:
         """A free-form message goes out only within the customer service window: 24 h
-        after the customer's last message (WhatsApp and Instagram alike)."""
+        after the customer's last message. On Instagram a human agent may answer for 7
+        days with the HUMAN_AGENT tag: the tag this message is sent with, if any."""
         last = await self._store.last_inbound_at(conversation.id)
         if last is None:
             raise ApiError(
                 422,
                 "outside_window",
                 "the customer has not written in this conversation: a free-form message "
-                "can be sent only within 24 h of the customer's last message",
+                "can be sent only within 24 h of the customer's last message"
+                + (" (use a template)" if conversation.channel == "whatsapp" else ""),
             )
+        now = utcnow()
+        if conversation.channel == "instagram":
+            closed_at = last + HUMAN_AGENT_WINDOW
+            if closed_at <= now:
+                raise ApiError(
+                    422,
+                    "outside_window",
+                    f"the customer service window closed at {format_time(closed_at)} (7 days "
+                    "after the customer's last message, with the HUMAN_AGENT tag): a message "
+                    "can no longer be sent",
+                )
+            return HUMAN_AGENT if now - last >= HUMAN_AGENT_FROM else None
         closed_at = last + CUSTOMER_WINDOW
-        if closed_at <= utcnow():
+        if closed_at <= now:
             raise ApiError(
                 422,
                 "outside_window",
                 f"the customer service window closed at {format_time(closed_at)} (24 h "
                 "after the customer's last message): a free-form message can no longer "
-                "be sent",
+                "be sent; a template can",
             )
+        return None
 
     async def read_message(self, request: Request) -> Response:
         identity = self.identity(request)

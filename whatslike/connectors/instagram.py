@@ -154,8 +154,11 @@ def _unix_ms(value: Any, where: str) -> datetime:
         raise WebhookPayloadError(f"{where} must be Unix milliseconds") from exc
 
 
-def send_body(recipient_id: str, text: str) -> dict[str, Any]:
-    return {"recipient": {"id": recipient_id}, "message": {"text": text}}
+def send_body(recipient_id: str, text: str, tag: str | None = None) -> dict[str, Any]:
+    """The send request; with a message tag (`HUMAN_AGENT`: a human agent's answer up to
+    7 days after the customer's last message), `messaging_type` `MESSAGE_TAG`."""
+    tagged = {"messaging_type": "MESSAGE_TAG", "tag": tag} if tag else {}
+    return {"recipient": {"id": recipient_id}, **tagged, "message": {"text": text}}
 
 
 def receipt_body(recipient_id: str) -> dict[str, Any]:
@@ -175,8 +178,8 @@ class InstagramConnector(MetaConnector[InstagramItem]):
         return f"{s.effective_graph_url}/{s.graph_api_version}/me/messages"
 
     async def send_body(self, message: OutboundMessage) -> dict[str, Any]:
-        # The API takes media for WhatsApp conversations only.
-        return send_body(message.to, message.text)
+        # The API takes media and templates for WhatsApp conversations only.
+        return send_body(message.to, message.text, message.tag)
 
     def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
         return receipt_body(receipt.contact)

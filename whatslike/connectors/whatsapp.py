@@ -31,6 +31,7 @@ from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
 from whatslike.store.base import Message, ParkedStatus
+from whatslike.templates import meta_template
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,18 @@ def send_body(to: str, text: str, message_id: str) -> dict[str, Any]:
     }
 
 
+def template_send_body(to: str, template: str, message_id: str) -> dict[str, Any]:
+    """The send request of a template (a stored one, whatslike/templates)."""
+    return {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "template",
+        "template": meta_template(template),
+        "biz_opaque_callback_data": message_id,
+    }
+
+
 def receipt_body(wamid: str) -> dict[str, Any]:
     """Marks a customer's message read: the customer sees blue ticks."""
     return {"messaging_product": "whatsapp", "status": "read", "message_id": wamid}
@@ -294,6 +307,8 @@ class WhatsAppConnector(MetaConnector[WhatsAppItem]):
         )
 
     async def send_body(self, message: OutboundMessage) -> dict[str, Any]:
+        if message.template is not None:
+            return template_send_body(message.to, message.template, message.message_id)
         if message.media_id is None:
             return send_body(message.to, message.text, message.message_id)
         record = await self._media.record(message.org_id, message.media_id)

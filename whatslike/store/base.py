@@ -48,6 +48,10 @@ class Message:
     direction: str = "out"
     #: The medium it carries (whatslike/media; its `text` is then the caption).
     media_id: str | None = None
+    #: The WhatsApp template it is (whatslike/templates' canonical JSON; `text` is empty).
+    template: str | None = None
+    #: The Instagram message tag it is sent with (`HUMAN_AGENT`), if any.
+    tag: str | None = None
 
     @property
     def status(self) -> Status:
@@ -220,6 +224,8 @@ class NewCampaign:
     channel: str
     text: str
     contacts: tuple[str, ...]
+    #: A WhatsApp template each recipient gets instead of `text` (empty then).
+    template: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +245,8 @@ class Campaign:
     created: int
     created_at: datetime
     counts: dict[str, int] = field(default_factory=dict)
+    #: The template each recipient gets (whatslike/templates' JSON), if not `text`.
+    template: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +277,16 @@ class Store(Protocol):
         text: str,
         client_message_id: str,
         media_id: str | None = None,
+        *,
+        template: str | None = None,
+        tag: str | None = None,
     ) -> tuple[Message, bool]:
         """Insert a PENDING message and, in the same transaction, its `messages` outbox
         entry (the work of sending it). The same non-empty client_message_id in the same
         conversation returns the first message and False, and adds nothing. With
-        `media_id` it carries that medium, `text` being its caption (maybe empty)."""
+        `media_id` it carries that medium, `text` being its caption (maybe empty); with
+        `template` it is that template (`text` empty); `tag` is the Instagram message
+        tag it is sent with. All three are kept with it, so a redrive sends the same."""
 
     async def receive_message(self, inbound: InboundMessage) -> Message:
         """Store a customer's message (direction "in", PENDING until its arrival is

@@ -264,6 +264,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # The medium a message carries (whatslike/media).
     ("ALTER TABLE messages ADD IF NOT EXISTS media_id text",),
+    # The WhatsApp template a message is (whatslike/templates); Instagram's message tag.
+    (
+        "ALTER TABLE messages ADD IF NOT EXISTS template text",
+        "ALTER TABLE messages ADD IF NOT EXISTS message_tag text",
+    ),
 )
 
 _PENDING_COLUMNS = ("pending_event", "pending_at", "pending_floor", "pending_since")
@@ -271,7 +276,8 @@ _MESSAGE_COLUMNS = (
     "id, conversation_id, org_id, channel, text, client_message_id, created_at, status,"
     " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
     " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since,"
-    " send_started_at, updated_at, send_claim, direction, media_id"
+    " send_started_at, updated_at, send_claim, direction, media_id,"
+    " template, message_tag"
 )
 _STATE = (
     "status = ?, sent_at = ?, delivered_at = ?, read_at = ?, failed_at = ?,"
@@ -310,15 +316,15 @@ _CQL = {
     "message_serial": f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",
     "insert_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
-        " created_at, status, updated_at, media_id, version)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        " created_at, status, updated_at, media_id, template, message_tag, version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
         " IF NOT EXISTS"
     ),
     # In the logged batch of a new message: its id is fresh, or claimed by its client id.
     "add_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
-        " created_at, status, updated_at, media_id, version)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) USING TIMESTAMP ?"
+        " created_at, status, updated_at, media_id, template, message_tag, version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) USING TIMESTAMP ?"
     ),
     "claim_client_id": (
         "INSERT INTO client_message_ids (conversation_id, client_message_id, message_id)"
@@ -873,8 +879,13 @@ class CassandraStore:
         text: str,
         client_message_id: str,
         media_id: str | None = None,
+        *,
+        template: str | None = None,
+        tag: str | None = None,
     ) -> tuple[Message, bool]:
-        message = common.new_message(conversation, text, client_message_id, media_id)
+        message = common.new_message(
+            conversation, text, client_message_id, media_id, template=template, tag=tag
+        )
         created_at = _ms(message.created_at)
         message = replace(message, created_at=created_at, updated_at=created_at)
         if client_message_id:
@@ -913,6 +924,8 @@ class CassandraStore:
             message.status.value,
             message.updated_at,
             message.media_id,
+            message.template,
+            message.tag,
         ]
 
     def _indexed_message(self, conversation: Conversation, message: Message) -> list[Step]:

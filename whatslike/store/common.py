@@ -53,7 +53,7 @@ class Row(Protocol):
 MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
     m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
     m.error_code, m.error_title, m.provider_message_id, m.send_started_at, m.updated_at,
-    m.direction, m.media_id"""
+    m.direction, m.media_id, m.template, m.message_tag"""
 
 #: Turns a stored, non-null time into a datetime (SQLite keeps text, PostgreSQL datetimes).
 TimeOf = Callable[[Any], datetime]
@@ -140,6 +140,7 @@ def new_campaign(new: NewCampaign) -> Campaign:
         total=len(new.contacts),
         created=0,
         created_at=_ms(utcnow()),
+        template=new.template,
     )
 
 
@@ -155,11 +156,18 @@ def campaign_of(row: Row, time_of: TimeOf, counts: dict[str, int]) -> Campaign:
         created=int(row["created"]),
         created_at=time_of(row["created_at"]),
         counts=counts,
+        template=row["template"],
     )
 
 
 def new_message(
-    conversation: Conversation, text: str, client_message_id: str, media_id: str | None = None
+    conversation: Conversation,
+    text: str,
+    client_message_id: str,
+    media_id: str | None = None,
+    *,
+    template: str | None = None,
+    tag: str | None = None,
 ) -> Message:
     """A PENDING message, not yet stored."""
     now = utcnow()
@@ -175,6 +183,8 @@ def new_message(
         seq=None,
         updated_at=now,
         media_id=media_id,
+        template=template,
+        tag=tag,
     )
 
 
@@ -191,6 +201,8 @@ def outbound_entry(conversation: Conversation, message: Message) -> OutboxEntry:
         client_message_id=message.client_message_id,
         created_at=message.created_at,
         media_id=message.media_id,
+        template=message.template,
+        tag=message.tag,
     )
     return OutboxEntry(TOPIC_MESSAGES, conversation.id, event.to_json(), message.id)
 
@@ -307,6 +319,8 @@ def message_of(row: Row, time_of: TimeOf) -> Message:
         # Rows of stores older than inbound messages have none: they are all outbound.
         direction=row["direction"] or OUT,
         media_id=row["media_id"],
+        template=row["template"],
+        tag=row["message_tag"],
     )
 
 

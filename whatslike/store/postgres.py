@@ -224,6 +224,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # The medium a message carries (whatslike/media).
     ("ALTER TABLE messages ADD COLUMN media_id text",),
+    # Templates (whatslike/templates) of a message and of a campaign; Instagram's tag.
+    (
+        "ALTER TABLE messages ADD COLUMN template text",
+        "ALTER TABLE messages ADD COLUMN message_tag text",
+        "ALTER TABLE campaigns ADD COLUMN template text",
+    ),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -243,14 +249,15 @@ _PROVIDER_KEY_LOCKS = (
 _CREATE_MESSAGES = """
 WITH given AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-        $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[], $13::text[])
+        $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::bytea[], $13::text[],
+        $14::text[], $15::text[])
         WITH ORDINALITY AS g(id, conversation_id, org_id, channel, text, client_message_id,
-            created_at, status, key, payload, media_id, n)
+            created_at, status, key, payload, media_id, template, message_tag, n)
 ), inserted AS (
     INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,
-        created_at, status, updated_at, media_id)
+        created_at, status, updated_at, media_id, template, message_tag)
     SELECT id, conversation_id, org_id, channel, text, client_message_id, created_at,
-        status, created_at, media_id FROM given ORDER BY n
+        status, created_at, media_id, template, message_tag FROM given ORDER BY n
     ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''
     DO NOTHING RETURNING id
 ), handed AS (
@@ -278,6 +285,8 @@ def _creation_arguments(made: list[Message], entries: list[OutboxEntry]) -> list
         TOPIC_MESSAGES,
         utcnow(),
         [m.media_id for m in made],
+        [m.template for m in made],
+        [m.tag for m in made],
     ]
 
 
@@ -476,11 +485,17 @@ class PostgresStore:
         text: str,
         client_message_id: str,
         media_id: str | None = None,
+        *,
+        template: str | None = None,
+        tag: str | None = None,
     ) -> tuple[Message, bool]:
-        return await _one(self._creates, (conversation, text, client_message_id, media_id))
+        message = common.new_message(
+            conversation, text, client_message_id, media_id, template=template, tag=tag
+        )
+        return await _one(self._creates, (conversation, message))
 
     async def _create_messages(
-        self, items: list[tuple[Conversation, str, str, str | None]]
+        self, items: list[tuple[Conversation, Message]]
     ) -> list[tuple[Message, bool]]:
         """`create_message` of each item in ONE statement (the messages and their outbox
         entries, atomically), then one read of the messages that existed already.
@@ -488,8 +503,8 @@ class PostgresStore:
         A concurrent insert of the same key waits for the first one to commit, then does
         nothing, as does a second item of the same key in the batch; the read after the
         statement (a new snapshot under READ COMMITTED) sees that first message."""
-        made = [common.new_message(c, text, key, media) for c, text, key, media in items]
-        entries = [common.outbound_entry(c, m) for (c, _, _, _), m in zip(items, made, strict=True)]
+        made = [message for _, message in items]
+        entries = [common.outbound_entry(c, m) for c, m in items]
         async with self._connection() as conn:
             rows = await conn.fetch(_CREATE_MESSAGES, *_creation_arguments(made, entries))
             inserted = {str(row["id"]) for row in rows}
@@ -996,7 +1011,8 @@ class PostgresStore:
             await _ensure_organization(conn, new.org_id)
             inserted = await conn.fetchval(
                 "INSERT INTO campaigns (id, org_id, client_campaign_id, fingerprint, channel,"
-                " text, total, created, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)"
+                " text, total, created, created_at, template)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9)"
                 " ON CONFLICT (org_id, client_campaign_id) DO NOTHING RETURNING id",
                 campaign.id,
                 new.org_id,
@@ -1006,6 +1022,7 @@ class PostgresStore:
                 new.text,
                 campaign.total,
                 campaign.created_at,
+                new.template,
             )
             if inserted is None:
                 row = await conn.fetchrow(
@@ -1095,7 +1112,10 @@ class PostgresStore:
             if not contacts:
                 return 0
             conversations = await _conversations_with(conn, campaign, contacts)
-            made = [common.new_message(c, campaign.text, campaign_id) for c in conversations]
+            made = [
+                common.new_message(c, campaign.text, campaign_id, template=campaign.template)
+                for c in conversations
+            ]
             entries = [
                 common.outbound_entry(c, m) for c, m in zip(conversations, made, strict=True)
             ]

@@ -199,6 +199,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # The medium a message carries (whatslike/media).
     ("ALTER TABLE messages ADD COLUMN media_id TEXT",),
+    # Templates (whatslike/templates) of a message and of a campaign; Instagram's tag.
+    (
+        "ALTER TABLE messages ADD COLUMN template TEXT",
+        "ALTER TABLE messages ADD COLUMN message_tag TEXT",
+        "ALTER TABLE campaigns ADD COLUMN template TEXT",
+    ),
 )
 
 _Rows = list[sqlite3.Row]
@@ -378,14 +384,19 @@ class SQLiteStore:
         text: str,
         client_message_id: str,
         media_id: str | None = None,
+        *,
+        template: str | None = None,
+        tag: str | None = None,
     ) -> tuple[Message, bool]:
-        message = common.new_message(conversation, text, client_message_id, media_id)
+        message = common.new_message(
+            conversation, text, client_message_id, media_id, template=template, tag=tag
+        )
 
         def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
             inserted = conn.execute(
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
-                " client_message_id, created_at, status, updated_at, media_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " client_message_id, created_at, status, updated_at, media_id, template,"
+                " message_tag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (conversation_id, client_message_id) WHERE client_message_id <> ''"
                 " DO NOTHING RETURNING id",
                 (
@@ -399,6 +410,8 @@ class SQLiteStore:
                     message.status.value,
                     format_time(message.created_at),
                     media_id,
+                    template,
+                    tag,
                 ),
             ).fetchall()
             if inserted:
@@ -804,7 +817,8 @@ class SQLiteStore:
             _ensure_organization_now(conn, new.org_id)
             inserted = conn.execute(
                 "INSERT INTO campaigns (id, org_id, client_campaign_id, fingerprint, channel,"
-                " text, total, created, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)"
+                " text, total, created, created_at, template)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)"
                 " ON CONFLICT (org_id, client_campaign_id) DO NOTHING RETURNING id",
                 (
                     campaign.id,
@@ -815,6 +829,7 @@ class SQLiteStore:
                     new.text,
                     campaign.total,
                     format_time(campaign.created_at),
+                    new.template,
                 ),
             ).fetchall()
             if not inserted:
@@ -894,11 +909,13 @@ class SQLiteStore:
             ).fetchall()
             for recipient in recipients:
                 conversation = _conversation_with(conn, campaign, recipient["contact"])
-                message = common.new_message(conversation, campaign.text, campaign_id)
+                message = common.new_message(
+                    conversation, campaign.text, campaign_id, template=campaign.template
+                )
                 conn.execute(
                     "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
-                    " client_message_id, created_at, status, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " client_message_id, created_at, status, updated_at, template)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         message.id,
                         conversation.id,
@@ -909,6 +926,7 @@ class SQLiteStore:
                         format_time(message.created_at),
                         message.status.value,
                         format_time(message.created_at),
+                        message.template,
                     ),
                 )
                 _add_outbox(conn, [common.outbound_entry(conversation, message)], None)
