@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from whatslike.errors import ConfigError
+from whatslike.templates import LANGUAGE_CODE, TEMPLATE_NAME
 
 ROLES = ("api", "router", "connector", "status-worker", "webhook-sender", "simulator")
 #: Meta's own Graph API: what `CUSTOMER_WINDOW=auto` enforces the window against.
@@ -270,6 +272,23 @@ class Settings(BaseSettings):
     #: Needed as `Authorization: Bearer …` by /simulator/control; unset, the control is
     #: open in the embedded mode and closed otherwise.
     sim_control_token: str = ""
+    #: The simulator enforces the customer service window like Meta: a free-form send to
+    #: a customer who has not written (to it: `POST /simulator/reply`, auto-replies) in
+    #: 24 h fails with 131047 on WhatsApp, is refused with code 10 on Instagram (7 days
+    #: with the HUMAN_AGENT tag). Off by default: the benchmarks' customers never write.
+    sim_customer_window: bool = False
+    #: The templates the simulator knows, `name:language` comma-separated; a template
+    #: send of any other is refused with 132001.
+    sim_templates: str = "hello_world:en_US,order_update:pt_BR"
+
+    @field_validator("sim_templates")
+    @classmethod
+    def _templates_named(cls, value: str) -> str:
+        for item in value.split(","):
+            name, _, language = item.strip().partition(":")
+            if not (re.fullmatch(TEMPLATE_NAME, name) and re.fullmatch(LANGUAGE_CODE, language)):
+                raise ValueError(f"{item.strip()!r} is not name:language (e.g. hello_world:en_US)")
+        return value
 
     @field_validator("roles", mode="before")
     @classmethod
@@ -362,6 +381,12 @@ class Settings(BaseSettings):
         if self.customer_window == "auto":
             return urlsplit(self.effective_graph_url).hostname == META_GRAPH_HOST
         return self.customer_window == "enforce"
+
+    @property
+    def sim_template_set(self) -> frozenset[tuple[str, str]]:
+        """The simulator's templates as (name, language code)."""
+        pairs = (item.strip().partition(":") for item in self.sim_templates.split(","))
+        return frozenset((name, language) for name, _, language in pairs)
 
     @property
     def sim_webhook_urls(self) -> tuple[str, ...]:

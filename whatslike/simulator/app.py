@@ -48,6 +48,15 @@ MAX_DELAY_MS = 600_000
 #: At most one warning about failed webhook attempts per this many seconds.
 FAILURE_LOG_INTERVAL_S = 5.0
 
+#: Customers whose last message the simulator keeps (for the window) at most; the one
+#: that wrote longest ago is forgotten past this many.
+MAX_CUSTOMERS = 100_000
+#: The customer service window, and Instagram's with the HUMAN_AGENT tag (seconds).
+WINDOW_S = 24 * 3600
+HUMAN_AGENT_WINDOW_S = 7 * 24 * 3600
+#: How long ago a customer's reply may say it was written (`ago_s`), for window tests.
+MAX_REPLY_AGO_S = 30 * 24 * 3600
+
 #: What the customer answers in auto-reply mode.
 AUTO_REPLIES = ("Oi! Recebi, obrigada.", "Pode entregar amanhã?", "Perfeito 👍", "Qual o prazo?")
 
@@ -108,11 +117,12 @@ def changed_controls(current: Controls, data: Any) -> Controls:
     return controls
 
 
-def customer_reply(data: Any) -> tuple[str, str, str]:
-    """(channel, contact, text) of a `POST /simulator/reply` body; ValueError says why not."""
+def customer_reply(data: Any) -> tuple[str, str, str, float]:
+    """(channel, contact, text, ago_s) of a `POST /simulator/reply` body (`ago_s`: the
+    message was written that many seconds ago, 0 if not given); ValueError says why not."""
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
-    unknown = sorted(set(data) - {"channel", "contact", "text"})
+    unknown = sorted(set(data) - {"channel", "contact", "text", "ago_s"})
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}")
     channel, contact, text = data.get("channel"), data.get("contact"), data.get("text")
@@ -122,7 +132,21 @@ def customer_reply(data: Any) -> tuple[str, str, str]:
         raise ValueError("contact must be 1 to 128 printable characters")
     if not isinstance(text, str) or not 0 < len(text) <= payloads.WHATSAPP_TEXT_LIMIT:
         raise ValueError(f"text must be 1 to {payloads.WHATSAPP_TEXT_LIMIT} characters")
-    return channel, contact, text
+    ago_s = data.get("ago_s", 0)
+    if (
+        isinstance(ago_s, bool)
+        or not isinstance(ago_s, int | float)
+        or not 0 <= ago_s <= MAX_REPLY_AGO_S
+    ):
+        raise ValueError(f"ago_s must be a number of seconds from 0 to {MAX_REPLY_AGO_S}")
+    return channel, contact, text, float(ago_s)
+
+
+def customer_key(channel: str, contact: str) -> tuple[str, str]:
+    """Who a customer is to the simulator: a WhatsApp number by its digits, as Meta."""
+    if channel == "whatsapp":
+        return channel, "".join(ch for ch in contact if ch.isdigit())
+    return channel, contact
 
 
 class FailureLog:
@@ -215,6 +239,10 @@ class Simulator:
         self._control_open = not token and deps.settings.development
         #: Graph media id → (MIME type, bytes): what a customer sent (`add_media`).
         self.media: dict[str, tuple[str, bytes]] = {}
+        #: `customer_key` → when that customer last wrote (Unix time), the window's start.
+        #: In memory: a restarted simulator has heard from no customer.
+        self.last_written: dict[tuple[str, str], float] = {}
+        self._templates = deps.settings.sim_template_set
 
     def operations(self) -> list[Operation]:
         return []  # outside the HTTP API's contract: its routes are below
@@ -318,11 +346,13 @@ class Simulator:
             return refused
         raw = await read_body(request, MAX_REQUEST_BYTES)
         try:
-            channel, contact, text = customer_reply(json.loads(raw if raw is not None else b""))
+            channel, contact, text, ago_s = customer_reply(
+                json.loads(raw if raw is not None else b"")
+            )
         except ValueError as exc:
             return error_response(400, "bad_request", str(exc))
         now = time.time()
-        provider_id, webhook = self._customer_message(channel, contact, text, now)
+        provider_id, webhook = self._customer_message(channel, contact, text, now - ago_s)
         try:
             deliveries = await self.schedule.accept(None, [Planned(now, channel, webhook)])
         except BackendUnavailable as exc:
@@ -338,6 +368,11 @@ class Simulator:
         self, channel: str, contact: str, text: str, at: float
     ) -> tuple[str, bytes]:
         """Meta's id and the webhook of a customer's message sent at `at`."""
+        key = customer_key(channel, contact)
+        last = max(at, self.last_written.pop(key, at))
+        if len(self.last_written) >= MAX_CUSTOMERS:
+            del self.last_written[next(iter(self.last_written))]
+        self.last_written[key] = last
         if channel == "whatsapp":
             provider_id = payloads.new_wamid()
             message = payloads.whatsapp_message(contact, provider_id, int(at), text)
@@ -442,17 +477,36 @@ class Simulator:
         if refusal is not None:
             return refusal
         kind = body.get("type", "text")
+        if kind == "template":
+            if payloads.template_of(body) not in self._templates:
+                return _graph_error(
+                    400, 132001, "(#132001) Template name does not exist in the translation"
+                )
+            # A template is what may be sent outside the window.
+            window_open = True
+        else:
+            window_open = self._window_open("whatsapp", body["to"], WINDOW_S)
         if kind in payloads.MEDIA_KINDS:
             refusal = await self._fetch_media(kind, body[kind])
             if refusal is not None:
                 return refusal
         wamid = payloads.new_wamid()
         callback_data = body.get("biz_opaque_callback_data", "")
-        plan = self._plan_whatsapp(wamid, body["to"], callback_data)
+        plan = self._plan_whatsapp(wamid, body["to"], callback_data, window_open=window_open)
         content = payloads.whatsapp_send_content(body)
         key = payloads.whatsapp_send_key(body["to"], content, callback_data)
         answer = payloads.whatsapp_send_answer(body["to"], wamid)
-        return await self._answer(answer, plan, key, ("whatsapp", body["to"]))
+        # Like Meta, a send outside the window is taken, then fails (131047) by webhook.
+        customer = ("whatsapp", body["to"]) if window_open else None
+        return await self._answer(answer, plan, key, customer)
+
+    def _window_open(self, channel: str, contact: str, window_s: float) -> bool:
+        """Whether a free-form message may reach the customer: always, unless the
+        simulator enforces the window; then only within `window_s` of its last message."""
+        if not self._settings.sim_customer_window:
+            return True
+        last = self.last_written.get(customer_key(channel, contact))
+        return last is not None and time.time() - last <= window_s
 
     async def _fetch_media(self, kind: str, media: dict[str, Any]) -> Response | None:
         """Like Meta, fetch a medium sent by link before accepting the send (a held one,
@@ -495,6 +549,12 @@ class Simulator:
         if problem is not None:
             return _graph_error(400, 100, problem)
         recipient_id = body["recipient"]["id"]
+        tagged = body.get("tag") == "HUMAN_AGENT"
+        window_s = HUMAN_AGENT_WINDOW_S if tagged else WINDOW_S
+        if not self._window_open("instagram", recipient_id, window_s):
+            return _graph_error(
+                400, 10, "(#10) This message is sent outside of allowed window.", subcode=2534022
+            )
         # Instagram has no failure webhooks: a failure is a refused send.
         if self._rng.random() < self.controls.failure_rate:
             return _graph_error(
@@ -527,10 +587,11 @@ class Simulator:
         answer: dict[str, Any],
         plan: list[tuple[str, bytes]],
         send_key: str,
-        customer: tuple[str, str],
+        customer: tuple[str, str] | None,
     ) -> Response:
         """Store the send and its webhooks (and, in auto-reply mode, the `customer`'s
-        (channel, contact) answer after them), then answer; 429 when they do not fit."""
+        (channel, contact) answer after them, if it reached one), then answer; 429 when
+        they do not fit."""
         step = self.controls.delay_ms / 1000
         now = time.time()
         offsets = _offsets(plan, self._rng, self.controls)
@@ -538,7 +599,7 @@ class Simulator:
             Planned(now + offset * step, channel, body)
             for offset, (channel, body) in zip(offsets, plan, strict=True)
         ]
-        if self.controls.auto_reply:
+        if self.controls.auto_reply and customer is not None:
             at = now + (max(offsets, default=0) + 1) * step
             text = AUTO_REPLIES[self._rng.randrange(len(AUTO_REPLIES))]
             _, webhook = self._customer_message(*customer, text, at)
@@ -562,10 +623,15 @@ class Simulator:
 
     # -- plans: what webhooks one send produces ---------------------------------------
 
-    def _plan_whatsapp(self, wamid: str, to: str, callback_data: str) -> list[tuple[str, bytes]]:
+    def _plan_whatsapp(
+        self, wamid: str, to: str, callback_data: str, *, window_open: bool = True
+    ) -> list[tuple[str, bytes]]:
         controls, rng = self.controls, self._rng
         names = ["sent"]
-        if rng.random() < controls.failure_rate:
+        error = None
+        if not window_open:
+            names, error = ["failed"], payloads.REENGAGEMENT
+        elif rng.random() < controls.failure_rate:
             names.append("failed")
         else:
             if not (controls.disorder and rng.random() < P_SKIP_DELIVERED):
@@ -579,7 +645,7 @@ class Simulator:
             at = int(now + position * step)
             statuses.append(
                 payloads.whatsapp_status(
-                    wamid, name, at, recipient_id, None if omit else callback_data
+                    wamid, name, at, recipient_id, None if omit else callback_data, error=error
                 )
             )
         if controls.disorder:

@@ -33,6 +33,21 @@ UNDELIVERABLE = {
     "href": "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/",
 }
 
+#: A free-form message outside the customer service window (a `failed` status, as Meta).
+REENGAGEMENT = {
+    "code": 131047,
+    "title": "Re-engagement message",
+    "message": "Re-engagement message",
+    "error_data": {
+        "details": "Message failed to send because more than 24 hours have passed since the"
+        " customer last replied to this number."
+    },
+    "href": "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/",
+}
+#: Instagram's message tags (the Send API's `tag` with `messaging_type` `MESSAGE_TAG`).
+INSTAGRAM_TAGS = ("HUMAN_AGENT",)
+INSTAGRAM_MESSAGING_TYPES = ("RESPONSE", "UPDATE", "MESSAGE_TAG")
+
 _TRACE_ALPHABET = string.ascii_letters + string.digits + "_-"
 
 
@@ -110,8 +125,14 @@ def whatsapp_send_problem(body: Any) -> str | None:
         problem = _media_problem(kind, body.get(kind))
         if problem is not None:
             return problem
+    elif kind == "template":
+        problem = _template_problem(body.get("template"))
+        if problem is not None:
+            return problem
     elif kind != "text":
-        return "(#100) Param type must be one of {TEXT, IMAGE, DOCUMENT, AUDIO, VIDEO} here"
+        return (
+            "(#100) Param type must be one of {TEXT, IMAGE, DOCUMENT, AUDIO, VIDEO, TEMPLATE} here"
+        )
     else:
         problem = _text_problem(body.get("text"))
         if problem is not None:
@@ -145,6 +166,28 @@ def _media_problem(kind: str, media: Any) -> str | None:
     return None
 
 
+def _template_problem(template: Any) -> str | None:
+    """A template send's object (`{"name", "language": {"code"}, "components"?}`): why
+    Meta would refuse its shape, or None (whether it knows the template is 132001's)."""
+    if not isinstance(template, dict) or not isinstance(template.get("name"), str):
+        return "(#100) The parameter template['name'] is required."
+    language = template.get("language")
+    if not isinstance(language, dict) or not isinstance(language.get("code"), str):
+        return "(#100) The parameter template['language']['code'] is required."
+    components = template.get("components", [])
+    if not isinstance(components, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("parameters"), list) for c in components
+    ):
+        return "(#100) Param template['components'] must be a list of components."
+    return None
+
+
+def template_of(body: dict[str, Any]) -> tuple[str, str]:
+    """(name, language code) of a valid template send."""
+    template = body["template"]
+    return str(template["name"]), str(template["language"]["code"])
+
+
 def _text_problem(text: Any) -> str | None:
     text_body = text.get("body") if isinstance(text, dict) else None
     if not isinstance(text_body, str) or not text_body.strip():
@@ -159,6 +202,8 @@ def whatsapp_send_content(body: dict[str, Any]) -> str:
     kind = body.get("type", "text")
     if kind == "text":
         return str(body["text"]["body"])
+    if kind == "template":
+        return "template:" + json.dumps(body["template"], sort_keys=True)
     media = body[kind]
     return str(media.get("caption") or media.get("link") or media.get("id"))
 
@@ -180,6 +225,13 @@ def instagram_send_problem(body: Any) -> str | None:
             "(#100) Length of param message[text] must be less than or equal to"
             f" {INSTAGRAM_TEXT_LIMIT}"
         )
+    messaging_type, tag = body.get("messaging_type", "RESPONSE"), body.get("tag")
+    if messaging_type not in INSTAGRAM_MESSAGING_TYPES:
+        return "(#100) Param messaging_type must be one of {RESPONSE, UPDATE, MESSAGE_TAG}"
+    if (messaging_type == "MESSAGE_TAG") != (tag is not None) or (
+        tag is not None and tag not in INSTAGRAM_TAGS
+    ):
+        return "(#100) Param tag must be HUMAN_AGENT, with messaging_type MESSAGE_TAG only"
     return None
 
 
@@ -189,9 +241,12 @@ def whatsapp_status(
     timestamp: int,
     recipient_id: str,
     callback_data: str | None,
+    *,
+    error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `statuses[]` item. Like Meta: conversation and pricing on sent and delivered,
-    `errors[]` on failed, callback data echoed when the send carried it."""
+    `errors[]` on failed (`error`, else undeliverable), callback data echoed when the
+    send carried it."""
     item: dict[str, Any] = {
         "id": wamid,
         "status": status,
@@ -213,7 +268,7 @@ def whatsapp_status(
             "category": "service",
         }
     if status == "failed":
-        item["errors"] = [dict(UNDELIVERABLE)]
+        item["errors"] = [dict(error or UNDELIVERABLE)]
     return item
 
 
