@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -32,6 +33,7 @@ from whatslike.errors import BackendUnavailable
 from whatslike.hub.frames import valid_id
 from whatslike.roles import BackgroundRole, Deps
 from whatslike.store.base import Campaign, NewCampaign
+from whatslike.templates import Template, canonical
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,22 @@ PAGE_LIMIT = 1000
 
 
 class TextContent(BaseModel):
-    """A text message. (Templates join as another `type` with the two-way issue.)"""
+    """A text message: free-form, so it reaches only customers within the window."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"] = "text"
     text: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class TemplateContent(BaseModel):
+    """A WhatsApp template: what reaches customers outside the customer service window."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["template"]
+    template: Template
+
+
+Content = TextContent | TemplateContent
 
 
 class NewCampaignBody(BaseModel):
@@ -67,7 +80,7 @@ class NewCampaignBody(BaseModel):
         ),
     ]
     channel: Channel
-    message: TextContent
+    message: Content
     contacts: Annotated[
         list[Contact],
         Field(
@@ -107,7 +120,7 @@ class CampaignOut(BaseModel):
     id: str
     client_campaign_id: str
     channel: Channel
-    message: TextContent
+    message: Content
     total: int = Field(ge=1, description="Distinct recipients.")
     created_at: datetime
     counts: Counts = Field(
@@ -134,7 +147,11 @@ def campaign_json(campaign: Campaign) -> dict[str, Any]:
         "id": campaign.id,
         "client_campaign_id": campaign.client_campaign_id,
         "channel": campaign.channel,
-        "message": {"type": "text", "text": campaign.text},
+        "message": (
+            {"type": "template", "template": json.loads(campaign.template)}
+            if campaign.template
+            else {"type": "text", "text": campaign.text}
+        ),
         "total": campaign.total,
         "created_at": format_time(campaign.created_at),
         "counts": counts,
@@ -173,7 +190,11 @@ class Campaigns(BackgroundRole):
                     CampaignOut,
                 ),
                 body=NewCampaignBody,
-                errors={409: "The key names a campaign made with another request."} | unsupported,
+                errors={
+                    409: "The key names a campaign made with another request.",
+                    422: "`template_unsupported`: a template on Instagram.",
+                }
+                | unsupported,
                 links=[
                     Link("getCampaign", to_campaign),
                     Link("listCampaignMessages", to_campaign),
@@ -211,13 +232,19 @@ class Campaigns(BackgroundRole):
         identity = self._identity(request)
         body = await _body(request, NewCampaignBody)
         given = body.model_dump(exclude={"client_campaign_id"})
+        message = body.message
+        if isinstance(message, TemplateContent) and body.channel != "whatsapp":
+            raise ApiError(
+                422, "template_unsupported", "templates are WhatsApp's: Instagram has none"
+            )
         new = NewCampaign(
             org_id=identity.org_id,
             client_campaign_id=body.client_campaign_id,
             fingerprint=campaigns.fingerprint(given),
             channel=body.channel,
-            text=body.message.text,
+            text=message.text if isinstance(message, TextContent) else "",
             contacts=campaigns.distinct(body.contacts),
+            template=canonical(message.template) if isinstance(message, TemplateContent) else None,
         )
         with _unsupported():
             campaign, created = await self._store.create_campaign(new)
