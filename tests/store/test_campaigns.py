@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.store.conftest import fresh_cassandra_keyspace, fresh_postgres_database
-from tests.store.test_contract import ERROR, OBSERVATIONS, at, status_event
+from tests.store.test_contract import ERROR, OBSERVATIONS, TEMPLATE, at, status_event
 from whatslike.campaigns import CampaignsUnsupported, bucket_of, fingerprint
-from whatslike.events import TOPIC_MESSAGES
+from whatslike.events import TOPIC_MESSAGES, OutboundMessage
 from whatslike.status.rules import Status
 from whatslike.store import CassandraStore, PostgresStore, SQLiteStore
 from whatslike.store.base import Campaign, Message, NewCampaign, Store
@@ -87,6 +88,20 @@ async def test_a_campaign_is_stored_with_its_recipients_and_its_key_answers_it_a
     assert await store.campaign_recipients("globex", campaign.id, -1, 10) is None
     _, created = await store.create_campaign(asked(["5511900000001"], org="globex"))
     assert created
+
+
+async def test_a_template_campaigns_messages_are_that_template(store: Store) -> None:
+    """The campaign keeps its template; each recipient's message is it, and so is its
+    send hand-off."""
+    new = asked(["5511900000001", "5511900000002"], text="")
+    campaign, _ = await store.create_campaign(replace(new, template=TEMPLATE))
+    again = await store.get_campaign("acme", campaign.id)
+    assert again is not None and (again.template, again.text) == (TEMPLATE, "")
+    assert await store.campaign_step(campaign.id, 10) == 2
+    messages = await messages_of(store, campaign)
+    assert [(m.template, m.text) for m in messages] == [(TEMPLATE, "")] * 2
+    events = [OutboundMessage.from_json(i.payload) for i in await store.outbox_batch("r", 10)]
+    assert {(e.message_id, e.template) for e in events} == {(m.id, TEMPLATE) for m in messages}
 
 
 async def test_steps_create_each_recipients_message_once_through_the_outbox(

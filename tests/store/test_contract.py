@@ -39,6 +39,7 @@ from whatslike.store.base import (
     SubscriptionRead,
 )
 from whatslike.store.common import status_entry
+from whatslike.templates import Template, canonical
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 ERROR = ProviderError("131026", "Message undeliverable")
@@ -601,6 +602,52 @@ async def test_a_message_with_a_medium_keeps_it_and_hands_it_on(store: Store) ->
         (plain.id, None, "hi"),
         (message.id, "med_1", ""),
     ]
+
+
+TEMPLATE = canonical(
+    Template.model_validate(
+        {
+            "name": "order_update",
+            "language": {"code": "pt_BR"},
+            "components": [{"type": "body", "parameters": [{"type": "text", "text": "Ana"}]}],
+        }
+    )
+)
+
+
+async def test_a_template_and_a_tag_are_kept_and_a_redrive_sends_them_again(
+    store: Store,
+) -> None:
+    """A template (and an Instagram message's tag) is stored with the message: every read
+    has it, its send hand-off carries it, and a redrive of the lost hand-off carries it
+    again, so the very same template is sent."""
+    whatsapp = await store.create_conversation("org_a", "whatsapp", "+5511")
+    instagram = await store.create_conversation("org_a", "instagram", "1789")
+    message, created = await store.create_message(whatsapp, "", "c-1", template=TEMPLATE)
+    assert created
+    assert (message.template, message.text, message.tag) == (TEMPLATE, "", None)
+    tagged, _ = await store.create_message(instagram, "oi", "", tag="HUMAN_AGENT")
+    for made in (message, tagged):
+        stored = await store.get_message(made.id)
+        assert stored is not None
+        assert (stored.template, stored.tag) == (made.template, made.tag)
+    [listed] = await store.list_messages("org_a", whatsapp.id) or []
+    assert listed.template == TEMPLATE
+    again, created = await store.create_message(whatsapp, "", "c-1", template=TEMPLATE)
+    assert (again.id, again.template, created) == (message.id, TEMPLATE, False)
+
+    first = await store.outbox_batch("run-1", 10)
+    events = {e.message_id: e for e in (OutboundMessage.from_json(i.payload) for i in first)}
+    assert (events[message.id].template, events[message.id].text) == (TEMPLATE, "")
+    assert (events[tagged.id].tag, events[tagged.id].template) == ("HUMAN_AGENT", None)
+    await store.mark_relayed([i.id for i in first], "run-1")
+    assert await store.redrive(message.id)
+    assert await store.redrive(tagged.id)
+    redriven = [OutboundMessage.from_json(i.payload) for i in await store.outbox_batch("run-1", 10)]
+    assert {(e.message_id, e.template, e.tag) for e in redriven} == {
+        (message.id, TEMPLATE, None),
+        (tagged.id, None, "HUMAN_AGENT"),
+    }
 
 
 async def test_a_hand_off_is_relayed_by_every_run_until_done(store: Store) -> None:
