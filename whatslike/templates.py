@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 #: Meta: a template's name is lowercase letters, digits and underscores, at most 512.
 TEMPLATE_NAME = r"^[a-z0-9_]{1,512}$"
@@ -114,7 +114,30 @@ class UrlButton(_Closed):
     parameters: Annotated[list[UrlSuffix], Field(min_length=1, max_length=1)]
 
 
-Component = Header | Body | QuickReply | UrlButton
+def _component_kind(value: Any) -> str | None:
+    """Which component a value is: its `type`, and a button's `sub_type` (so an error
+    names the component meant, not every one it is not)."""
+    if isinstance(value, dict):
+        kind, sub_type = value.get("type"), value.get("sub_type")
+    else:
+        kind, sub_type = getattr(value, "type", None), getattr(value, "sub_type", None)
+    if kind == "button":
+        return f"button:{sub_type}"
+    return kind if isinstance(kind, str) else None
+
+
+Component = Annotated[
+    Annotated[Header, Tag("header")]
+    | Annotated[Body, Tag("body")]
+    | Annotated[QuickReply, Tag("button:quick_reply")]
+    | Annotated[UrlButton, Tag("button:url")],
+    Discriminator(
+        _component_kind,
+        custom_error_type="component",
+        custom_error_message="a component is a header, a body, or a button of sub_type "
+        "quick_reply or url",
+    ),
+]
 
 
 class Template(_Closed):
