@@ -18,7 +18,12 @@ import pytest
 from tests.connectors.test_whatsapp import SECRET, Harness, open_harness
 from whatslike.clock import utcnow
 from whatslike.connectors.base import ProviderUnavailable
-from whatslike.connectors.instagram import InstagramConnector, InstagramRead, parse_webhook
+from whatslike.connectors.instagram import (
+    InstagramConnector,
+    InstagramRead,
+    parse_webhook,
+    send_body,
+)
 from whatslike.connectors.meta import CustomerMessage, Parsed, sign
 from whatslike.events import TOPIC_STATUS, StatusEvent
 from whatslike.status.rules import Status
@@ -144,6 +149,16 @@ async def test_send_shape_then_sent_published(harness: Harness) -> None:
     assert event.occurred_at >= before
     linked = await harness.store.find_by_provider_id("instagram", "mid.1")
     assert linked is not None and linked.id == message.id
+
+
+def test_an_answer_tagged_human_agent_says_so_in_the_send_apis_terms() -> None:
+    assert send_body(USER, "Seguimos com seu caso", "HUMAN_AGENT") == {
+        "recipient": {"id": USER},
+        "messaging_type": "MESSAGE_TAG",
+        "tag": "HUMAN_AGENT",
+        "message": {"text": "Seguimos com seu caso"},
+    }
+    assert send_body(USER, "oi") == {"recipient": {"id": USER}, "message": {"text": "oi"}}
 
 
 async def test_send_refused_publishes_failed_and_5xx_raises(harness: Harness) -> None:

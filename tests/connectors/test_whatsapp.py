@@ -30,6 +30,7 @@ from whatslike.connectors.whatsapp import (
     media_send_body,
     parse_status,
     parse_webhook,
+    template_send_body,
 )
 from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
@@ -50,6 +51,7 @@ from whatslike.settings import load_settings
 from whatslike.status.rules import PROVIDER_CLOCK_SKEW, ProviderError, Status
 from whatslike.store.base import Conversation, Message, OutboxEntry, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
+from whatslike.templates import Template, canonical
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
 PHONE = "109876543210987"
@@ -1133,3 +1135,45 @@ def test_a_medium_is_sent_by_link_with_its_caption_and_filename() -> None:
     assert media_send_body("5511", audio, "https://h/a", "ignored", "msg_2")["audio"] == {
         "link": "https://h/a"
     }
+
+
+def test_a_template_is_sent_in_metas_shape() -> None:
+    stored = canonical(
+        Template.model_validate(
+            {
+                "name": "order_update",
+                "language": {"code": "pt_BR"},
+                "components": [
+                    {"type": "body", "parameters": [{"type": "text", "text": "Ana"}]},
+                    {
+                        "type": "button",
+                        "sub_type": "quick_reply",
+                        "index": 0,
+                        "parameters": [{"type": "payload", "payload": "ok"}],
+                    },
+                ],
+            }
+        )
+    )
+    assert template_send_body("5511", stored, "msg_1") == {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": "5511",
+        "type": "template",
+        "template": {
+            "name": "order_update",
+            "language": {"code": "pt_BR", "policy": "deterministic"},
+            "components": [
+                {"type": "body", "parameters": [{"type": "text", "text": "Ana"}]},
+                {
+                    "type": "button",
+                    "sub_type": "quick_reply",
+                    "index": "0",
+                    "parameters": [{"type": "payload", "payload": "ok"}],
+                },
+            ],
+        },
+        "biz_opaque_callback_data": "msg_1",
+    }
+    bare = canonical(Template.model_validate({"name": "hello_world", "language": {"code": "en"}}))
+    assert "components" not in template_send_body("5511", bare, "msg_2")["template"]
