@@ -28,6 +28,7 @@ from whatslike.connectors import instagram
 from whatslike.connectors.instagram import InstagramRead
 from whatslike.connectors.meta import CustomerMessage, signature_valid
 from whatslike.connectors.whatsapp import WhatsAppConnector, WhatsAppStatus, parse_webhook
+from whatslike.errors import ConfigError
 from whatslike.events import TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import AiohttpClient, HttpClient
@@ -798,3 +799,111 @@ async def test_throttled_sends_wait_and_never_fail(
     labels = {"channel": "whatsapp", "outcome": scope}
     sample = connectors[0]._metrics.registry.get_sample_value
     assert sample("whatslike_provider_sends_total", labels) == len(refusals)
+
+
+# -- the customer service window and templates -----------------------------------------
+
+TEMPLATE_SEND = {
+    "messaging_product": "whatsapp",
+    "recipient_type": "individual",
+    "to": "5511988877665",
+    "type": "template",
+    "template": {"name": "hello_world", "language": {"code": "en_US"}},
+    "biz_opaque_callback_data": "msg_t",
+}
+
+
+async def test_a_known_template_is_sent_any_time_and_an_unknown_one_is_132001(
+    tmp_path: Path,
+) -> None:
+    async with in_process(tmp_path, sim_customer_window=True) as (simulator, client):
+        # The customer never wrote: a template is what may reach them.
+        known = await client.post(WA_SEND, json=TEMPLATE_SEND, headers=AUTH)
+        assert known.status_code == 200, known.text
+        assert simulator.schedule.pending == 3  # sent, delivered, read
+        for name, code in (("hello_world", "pt_BR"), ("order_shipped", "en_US")):
+            template = {"name": name, "language": {"code": code}}
+            unknown = await client.post(
+                WA_SEND, json={**TEMPLATE_SEND, "template": template}, headers=AUTH
+            )
+            assert_meta_error(unknown, 400, 132001)
+        shapeless = {**TEMPLATE_SEND, "template": {"name": "hello_world"}}
+        assert_meta_error(await client.post(WA_SEND, json=shapeless, headers=AUTH), 400, 100)
+        assert simulator.schedule.pending == 3
+
+
+def failed_codes(data_dir: Path) -> list[str]:
+    """The error codes of the failed statuses queued on the simulator's disk."""
+    return [
+        item.error.code
+        for body, _ in stored_deliveries(data_dir)
+        for item in whatsapp_statuses(json.loads(body))
+        if item.status is Status.FAILED and item.error is not None
+    ]
+
+
+async def test_the_window_when_enforced_fails_a_whatsapp_free_form_send_with_131047(
+    tmp_path: Path,
+) -> None:
+    text = fixture("whatsapp-send-request.json")
+    async with in_process(tmp_path, sim_customer_window=True) as (simulator, client):
+        never = await client.post(WA_SEND, json=text, headers=AUTH)
+        assert never.status_code == 200  # taken, then failed by webhook, as Meta does
+        assert simulator.schedule.pending == 1
+        assert failed_codes(tmp_path) == ["131047"]
+
+        old = {"channel": "whatsapp", "contact": "+55 11 98887-7665", "text": "oi", "ago_s": 90_000}
+        assert (await client.post("/simulator/reply", json=old)).status_code == 202
+        await client.post(WA_SEND, json=text, headers=AUTH)
+        assert failed_codes(tmp_path) == ["131047", "131047"]
+
+        fresh = {**old, "ago_s": 60}
+        assert (await client.post("/simulator/reply", json=fresh)).status_code == 202
+        pending = simulator.schedule.pending
+        assert (await client.post(WA_SEND, json=text, headers=AUTH)).status_code == 200
+        assert simulator.schedule.pending == pending + 3  # sent, delivered, read
+        assert failed_codes(tmp_path) == ["131047", "131047"]
+        too_old = {**old, "ago_s": 31 * 86_400}
+        assert (await client.post("/simulator/reply", json=too_old)).status_code == 400
+
+
+async def test_the_window_is_not_enforced_unless_asked(tmp_path: Path) -> None:
+    async with in_process(tmp_path) as (simulator, client):
+        answer = await client.post(
+            WA_SEND, json=fixture("whatsapp-send-request.json"), headers=AUTH
+        )
+        assert answer.status_code == 200
+        assert simulator.schedule.pending == 3
+        assert failed_codes(tmp_path) == []
+
+
+async def test_instagram_outside_the_window_is_refused_unless_tagged_human_agent_within_7_days(
+    tmp_path: Path,
+) -> None:
+    text = fixture("instagram-send-request.json")
+    recipient = text["recipient"]["id"]
+    tagged = {**text, "messaging_type": "MESSAGE_TAG", "tag": "HUMAN_AGENT"}
+    async with in_process(tmp_path, sim_customer_window=True) as (_, client):
+        assert_meta_error(await client.post(IG_SEND, json=text, headers=AUTH), 400, 10)
+        wrote = {"channel": "instagram", "contact": recipient, "text": "oi", "ago_s": 3 * 86_400}
+        assert (await client.post("/simulator/reply", json=wrote)).status_code == 202
+        assert_meta_error(await client.post(IG_SEND, json=text, headers=AUTH), 400, 10)
+        assert (await client.post(IG_SEND, json=tagged, headers=AUTH)).status_code == 200
+        for bad in ({**text, "tag": "HUMAN_AGENT"}, {**tagged, "tag": "CONFIRMED_EVENT_UPDATE"}):
+            assert_meta_error(await client.post(IG_SEND, json=bad, headers=AUTH), 400, 100)
+
+    async with in_process(tmp_path / "week", sim_customer_window=True) as (_, client):
+        wrote = {"channel": "instagram", "contact": recipient, "text": "oi", "ago_s": 8 * 86_400}
+        assert (await client.post("/simulator/reply", json=wrote)).status_code == 202
+        assert_meta_error(await client.post(IG_SEND, json=tagged, headers=AUTH), 400, 10)
+        fresh = {**wrote, "ago_s": 0}
+        assert (await client.post("/simulator/reply", json=fresh)).status_code == 202
+        assert (await client.post(IG_SEND, json=text, headers=AUTH)).status_code == 200
+
+
+def test_the_simulators_templates_are_name_and_language_pairs(tmp_path: Path) -> None:
+    config = settings(tmp_path, sim_templates="a_1:en, b:pt_BR")
+    assert config.sim_template_set == {("a_1", "en"), ("b", "pt_BR")}
+    for bad in ("Hello:en", "hello", "hello:english"):
+        with pytest.raises(ConfigError):
+            settings(tmp_path, sim_templates=bad)
