@@ -69,7 +69,16 @@ Content = TextContent | TemplateContent
 
 
 class NewCampaignBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A template only on WhatsApp (Instagram has none): 422 `template_unsupported`.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"channel": {"const": "whatsapp"}}},
+                {"properties": {"message": {"not": {"required": ["template"]}}}},
+            ]
+        },
+    )
     client_campaign_id: Annotated[
         str,
         Field(

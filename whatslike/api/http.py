@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.config import JsonDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -79,6 +80,17 @@ class NewConversation(BaseModel):
 CAPTION_LIMIT = 1024
 
 
+def _not_null(schema: JsonDict) -> None:
+    """An optional field's schema without its `null`: left out is the only way to not
+    give it."""
+    options = schema.pop("anyOf")
+    del schema["default"]
+    assert isinstance(options, list)
+    [given] = [o for o in options if isinstance(o, dict) and o.get("type") != "null"]
+    assert isinstance(given, dict)
+    schema.update(given)
+
+
 class NewMessage(BaseModel):
     """A text (`text`, not empty), a medium uploaded with `POST /api/media` (`media_id`,
     with `text` as its caption, maybe empty), or a WhatsApp template (`type` `template`
@@ -109,8 +121,11 @@ class NewMessage(BaseModel):
             ]
         },
     )
+    # None stands for "not given": the schema does not offer null (see `_one_kind`).
     type: Literal["text", "media", "template"] | None = Field(
-        None, description="What the message is; a text or a medium may leave it out."
+        None,
+        description="What the message is; a text or a medium may leave it out.",
+        json_schema_extra=_not_null,
     )
     text: Annotated[str, Field(max_length=4096)] = ""
     client_message_id: Annotated[
@@ -124,11 +139,16 @@ class NewMessage(BaseModel):
         str, Field(pattern=MEDIA_ID.pattern, description="A medium of `POST /api/media`.")
     ] = ""
     template: Template | None = Field(
-        None, description="A WhatsApp template, in Meta's shape: sent any time."
+        None,
+        description="A WhatsApp template, in Meta's shape: sent any time.",
+        json_schema_extra=_not_null,
     )
 
     @model_validator(mode="after")
     def _one_kind(self) -> NewMessage:
+        for name in ("type", "template"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} may be left out, not null")
         if self.type == "template" or self.template is not None:
             if self.type != "template" or self.template is None:
                 raise ValueError('a template message has "type": "template" and a "template"')
