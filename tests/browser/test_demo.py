@@ -374,3 +374,18 @@ def test_an_attached_image_shows_inline_in_its_bubble(
     # The simulator fetched the link and accepted the send: the ticks move on.
     expect(message).to_have_attribute("data-status", "READ")
     screenshot(page, "demo-media")
+
+
+def test_a_template_is_sent_from_the_composer_and_shown_by_its_name(
+    embedded_server: Server, new_page: NewPage
+) -> None:
+    page = new_page(1440, 900)
+    page.goto(printed_demo_url(embedded_server))
+    expect(page.get_by_test_id("conn-state")).to_have_text("open")
+    start_chat(page, "whatsapp", "5511988877601")
+    page.get_by_test_id("send-template").click()
+    message = page.get_by_test_id("message").last
+    expect(message).to_contain_text("Template hello_world (en_US)")
+    # The simulator knows hello_world: it goes on to READ.
+    expect(message).to_have_attribute("data-status", "READ")
+    screenshot(page, "demo-template")
