@@ -154,7 +154,7 @@ def _template(data: dict[str, Any]) -> str | None:
     if value is None:
         return None
     try:
-        return canonical(Template.model_validate(value))
+        return _utf8(canonical(Template.model_validate(value)), "template")
     except ValidationError as exc:
         raise MalformedEvent(
             f"field 'template' is not a template: {exc.errors()[0]['msg']}"

@@ -1177,3 +1177,33 @@ def test_a_template_is_sent_in_metas_shape() -> None:
     }
     bare = canonical(Template.model_validate({"name": "hello_world", "language": {"code": "en"}}))
     assert "components" not in template_send_body("5511", bare, "msg_2")["template"]
+
+
+def test_a_template_travels_in_its_event_and_a_broken_one_is_malformed() -> None:
+    stored = canonical(Template.model_validate({"name": "hello_world", "language": {"code": "en"}}))
+    event = OutboundMessage(
+        event_id="evt_1",
+        message_id="msg_1",
+        conversation_id="conv_1",
+        org_id="org1",
+        channel="whatsapp",
+        to="5511",
+        text="",
+        client_message_id="",
+        created_at=utcnow(),
+        template=stored,
+    )
+    decoded = OutboundMessage.from_json(event.to_json())
+    assert decoded.template == stored
+    assert decoded == replace(event, created_at=decoded.created_at)
+    for broken in ({"name": "Hello"}, {"name": "hi", "language": {"code": "\ud800"}}, "hi"):
+        data = json.loads(event.to_json())
+        data["template"] = broken
+        with pytest.raises(MalformedEvent, match="template"):
+            OutboundMessage.from_json(json.dumps(data).encode())
+    data = json.loads(event.to_json())
+    data["template"]["components"] = [
+        {"type": "body", "parameters": [{"type": "text", "text": "\ud800"}]}
+    ]
+    with pytest.raises(MalformedEvent, match="template"):
+        OutboundMessage.from_json(json.dumps(data).encode())
