@@ -162,11 +162,6 @@ def canonical(template: Template) -> str:
     )
 
 
-def parse(stored: str) -> Template:
-    """A stored template (ValueError if it is not one)."""
-    return Template.model_validate_json(stored)
-
-
 def meta_template(stored: str) -> dict[str, Any]:
     """Meta's `template` object of a stored template (a button's index as the string
     Meta's reference shows)."""
