@@ -9,6 +9,11 @@ Its live counts are kept per *bucket*: a message's status, with a FAILED one spl
 provider error code. Each status change moves one message from its old bucket to its new one
 in the same store transaction, so the counts are exactly the sum of the messages' statuses
 whenever nothing is in flight. Recipients whose message is not created yet are `waiting`.
+One more row of the counts, `CHANGES`, counts the moves themselves: it grows by one in
+every transaction that moves a count, so it is the counts' version (the live `campaign`
+frames carry it, and a client keeps the highest). It is a row of the counts rather than a
+column of the campaign so that status changes never lock the campaign's row, which the
+step that creates its messages takes (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
 
 Agents are not starved: campaign messages enter the send queue only while less than
 `CAMPAIGN_QUEUE_S` seconds' worth of the channel's rate is waiting there (`room`), so an
@@ -31,6 +36,11 @@ MAX_CONTACTS = 10_000
 #: The request body of a campaign at most (10,000 contacts of up to 128 characters fit).
 CAMPAIGN_BODY_BYTES = 2 * 1024 * 1024
 _FAILED = Status.FAILED.value
+#: The row of a campaign's counts that counts the moves: the counts' version.
+CHANGES = "changes"
+#: A campaign's id starts so (`whatslike.clock.new_id`); its messages carry it as their
+#: `client_message_id` (the store's `campaign_step` makes them so).
+_ID_PREFIX = "cmp_"
 
 
 class CampaignsUnsupported(WhatslikeError):
@@ -42,6 +52,12 @@ def bucket_of(state: MessageState) -> str:
     if state.status is Status.FAILED:
         return f"{_FAILED}:{state.error.code if state.error else ''}"
     return state.status.value
+
+
+def campaign_of(client_message_id: str) -> str | None:
+    """The campaign a message with this `client_message_id` may belong to: a hint (an
+    agent may choose such a key too), only ever used to look a campaign up again."""
+    return client_message_id if client_message_id.startswith(_ID_PREFIX) else None
 
 
 def fingerprint(request: Mapping[str, Any]) -> str:

@@ -247,6 +247,8 @@ class Campaign:
     counts: dict[str, int] = field(default_factory=dict)
     #: The template each recipient gets (whatslike/templates' JSON), if not `text`.
     template: str | None = None
+    #: How many moves the counts made (`whatslike.campaigns.CHANGES`): higher is newer.
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

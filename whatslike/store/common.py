@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, Protocol
 
+from whatslike import campaigns
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import ConfigError
 from whatslike.events import (
@@ -145,6 +146,9 @@ def new_campaign(new: NewCampaign) -> Campaign:
 
 
 def campaign_of(row: Row, time_of: TimeOf, counts: dict[str, int]) -> Campaign:
+    """A campaign from its row and the rows of its counts (the `CHANGES` row is its
+    version, not a count)."""
+    version = counts.pop(campaigns.CHANGES, 0)
     return Campaign(
         id=row["id"],
         org_id=row["org_id"],
@@ -157,6 +161,7 @@ def campaign_of(row: Row, time_of: TimeOf, counts: dict[str, int]) -> Campaign:
         created_at=time_of(row["created_at"]),
         counts=counts,
         template=row["template"],
+        version=version,
     )
 
 

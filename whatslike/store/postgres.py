@@ -1042,7 +1042,12 @@ class PostgresStore:
         return campaign, True
 
     async def get_campaign(self, org_id: str, campaign_id: str) -> Campaign | None:
-        async with self._connection() as conn:
+        # One snapshot for the row (`created`) and its counts: read apart, a step that
+        # commits between the two would show counts that do not add up to the total.
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             row = await conn.fetchrow(
                 "SELECT * FROM campaigns WHERE id = $1 AND org_id = $2", campaign_id, org_id
             )
@@ -1133,13 +1138,15 @@ class PostgresStore:
                 campaign_id,
                 len(made),
             )
+            # Both rows in one statement, in bucket order like the status changes' moves.
             await conn.execute(
-                "INSERT INTO campaign_counts (campaign_id, bucket, n) VALUES ($1, $2, $3)"
+                "INSERT INTO campaign_counts (campaign_id, bucket, n)"
+                " SELECT $1, b, n FROM unnest($2::text[], $3::int[]) AS k(b, n) ORDER BY b"
                 " ON CONFLICT (campaign_id, bucket)"
                 " DO UPDATE SET n = campaign_counts.n + excluded.n",
                 campaign_id,
-                Status.PENDING.value,
-                len(made),
+                [campaigns.CHANGES, Status.PENDING.value],
+                [1, len(made)],
             )
         return len(made)
 
@@ -1495,7 +1502,8 @@ async def _move_campaign_counts(
 ) -> None:
     """Campaign messages' status changes move them between their campaigns' counts, in
     the status changes' transaction (nothing for messages of no campaign). One row per
-    (campaign, bucket), in that order, so concurrent batches cannot deadlock on them."""
+    (campaign, bucket), in that order, so concurrent batches cannot deadlock on them;
+    each move also counts in its campaign's `CHANGES` row (the counts' version)."""
     moves = [
         (m.id, old, new)
         for m in after
@@ -1507,12 +1515,13 @@ async def _move_campaign_counts(
             " SELECT r.campaign_id, d.bucket, sum(d.delta) FROM unnest($1::text[], $2::text[],"
             " $3::text[]) AS k(message_id, old, new) JOIN campaign_recipients r"
             " ON r.message_id = k.message_id"
-            " CROSS JOIN LATERAL (VALUES (k.old, -1), (k.new, 1)) AS d(bucket, delta)"
+            " CROSS JOIN LATERAL (VALUES (k.old, -1), (k.new, 1), ($4, 1)) AS d(bucket, delta)"
             " GROUP BY r.campaign_id, d.bucket ORDER BY r.campaign_id, d.bucket"
             " ON CONFLICT (campaign_id, bucket) DO UPDATE SET n = campaign_counts.n + excluded.n",
             [m for m, _, _ in moves],
             [old for _, old, _ in moves],
             [new for _, _, new in moves],
+            campaigns.CHANGES,
         )
 
 

@@ -940,10 +940,13 @@ class SQLiteStore:
                     "UPDATE campaigns SET created = created + ? WHERE id = ?",
                     (len(recipients), campaign_id),
                 )
-                conn.execute(
+                conn.executemany(
                     "INSERT INTO campaign_counts (campaign_id, bucket, n) VALUES (?, ?, ?)"
                     " ON CONFLICT (campaign_id, bucket) DO UPDATE SET n = n + excluded.n",
-                    (campaign_id, rules.Status.PENDING.value, len(recipients)),
+                    [
+                        (campaign_id, campaigns.CHANGES, 1),
+                        (campaign_id, rules.Status.PENDING.value, len(recipients)),
+                    ],
                 )
             return len(recipients)
 
@@ -1301,16 +1304,18 @@ def _move_campaign_count(
     conn: sqlite3.Connection, message_id: str, before: MessageState, after: MessageState
 ) -> None:
     """A campaign message's status change moves it between its campaign's counts, in the
-    status change's transaction (nothing for a message of no campaign)."""
+    status change's transaction (nothing for a message of no campaign), and counts the
+    move (the counts' version)."""
     old, new = campaigns.bucket_of(before), campaigns.bucket_of(after)
     if old != new:
         conn.execute(
             "INSERT INTO campaign_counts (campaign_id, bucket, n)"
             " SELECT r.campaign_id, d.bucket, d.delta FROM campaign_recipients r"
-            " JOIN (SELECT ? AS bucket, -1 AS delta UNION ALL SELECT ?, 1) d"
+            " JOIN (SELECT ? AS bucket, -1 AS delta UNION ALL SELECT ?, 1"
+            " UNION ALL SELECT ?, 1) d"
             " WHERE r.message_id = ?"
             " ON CONFLICT (campaign_id, bucket) DO UPDATE SET n = n + excluded.n",
-            (old, new, message_id),
+            (old, new, campaigns.CHANGES, message_id),
         )
 
 
