@@ -104,7 +104,7 @@ async def hub(spec: dict[str, Any]) -> None:
         fanout = RedisFanout(spec["url"])
         fanout.listen(counter)
         await fanout.start()
-        await asyncio.gather(*(fanout.add(cid) for cid in local))
+        await asyncio.gather(*(fanout.add(status_channel(cid)) for cid in local))
     subscribe_s = time.perf_counter() - started
     print("ready", flush=True)
     cpu_ready: float | None = None

@@ -172,9 +172,9 @@ async def test_two_hubs_hear_the_conversations_they_follow(redis_url: str) -> No
         hub_fanout(redis_url) as (hub_b, heard_b),
         publisher(redis_url) as pub,
     ):
-        await hub_a.add(c1)
-        await hub_b.add(c1)
-        await hub_b.add(c2)
+        await hub_a.add(status_channel(c1))
+        await hub_b.add(status_channel(c1))
+        await hub_b.add(status_channel(c2))
         await pub.publish(status_channel(c2), b"two")
         await pub.publish(status_channel(c1), b"one")
         await eventually(lambda: len(heard_a.messages) == 1, "hub A hears c1")
@@ -183,8 +183,8 @@ async def test_two_hubs_hear_the_conversations_they_follow(redis_url: str) -> No
         assert heard_a.messages == [(status_channel(c1), b"one")]
         assert heard_b.messages == [(status_channel(c2), b"two"), (status_channel(c1), b"one")]
 
-        hub_b.discard(c1)
-        await hub_b.add(c2)  # a barrier: the UNSUBSCRIBE before it is in effect too
+        hub_b.discard(status_channel(c1))
+        await hub_b.add(status_channel(c2))  # a barrier: the UNSUBSCRIBE before it is in effect too
         await pub.publish(status_channel(c1), b"one again")
         await pub.publish(status_channel(c2), b"two again")
         await eventually(lambda: len(heard_b.messages) == 3, "hub B hears c2 again")
@@ -198,7 +198,7 @@ async def test_ten_thousand_conversations(redis_url: str) -> None:
     prefix = unique("many")
     conversations = [f"{prefix}_{n}" for n in range(10_000)]
     async with hub_fanout(redis_url) as (hub, heard):
-        await asyncio.gather(*(hub.add(cid) for cid in conversations))
+        await asyncio.gather(*(hub.add(status_channel(cid)) for cid in conversations))
         check = redis.asyncio.Redis.from_url(redis_url)
         try:
             channels = await check.pubsub_channels(f"status:{prefix}_*")
@@ -212,8 +212,8 @@ async def test_ten_thousand_conversations(redis_url: str) -> None:
             assert heard.messages == [(status_channel(c), c.encode()) for c in conversations]
 
             for cid in conversations[::2]:
-                hub.discard(cid)
-            await hub.add(conversations[1])  # a barrier after the UNSUBSCRIBEs
+                hub.discard(status_channel(cid))
+            await hub.add(status_channel(conversations[1]))  # a barrier after the UNSUBSCRIBEs
             channels = await check.pubsub_channels(f"status:{prefix}_*")
             assert sorted(channels) == sorted(
                 status_channel(c).encode() for c in conversations[1::2]
@@ -241,13 +241,15 @@ async def test_publish_and_ping_while_redis_is_down_raise_backend_unavailable(
 async def test_reconnects_resubscribes_and_announces_the_gap(own_redis: OwnRedis) -> None:
     before, during = unique("before"), unique("during")
     async with hub_fanout(own_redis.url) as (hub, heard), publisher(own_redis.url) as pub:
-        await hub.add(before)
+        await hub.add(status_channel(before))
         await pub.publish(status_channel(before), b"1")
         await eventually(lambda: heard.payloads(status_channel(before)) == [b"1"], "heard 1")
 
         own_redis.kill()
         await link_down(hub)
-        await hub.add(during)  # while Redis is down: subscribed once the link is back
+        await hub.add(
+            status_channel(during)
+        )  # while Redis is down: subscribed once the link is back
         own_redis.start()
         await eventually(lambda: heard.gaps == 1, "the gap is announced")
         await hub.ping()
@@ -269,7 +271,7 @@ async def test_a_redis_that_stops_answering_is_left_and_found_again(
     """SIGSTOP: the TCP connection stays open but nothing answers (a half-open link)."""
     conversation = unique("c")
     async with hub_fanout(own_redis.url) as (hub, heard), publisher(own_redis.url) as pub:
-        await hub.add(conversation)
+        await hub.add(status_channel(conversation))
         own_redis.pause()
         try:
             await eventually(
@@ -360,11 +362,13 @@ async def test_hub_hears_exactly_the_conversations_it_has_subscribers_for(
             assert await numsub(redis_url, conversation.id) == 1
             await send(first, type="unsubscribe", conversation_id=conversation.id, ref="u")
             assert (await receive(first))["type"] == "unsubscribed"
-            await fanout.add(new_id("barrier"))  # what was asked before it is in effect
+            await fanout.add(
+                status_channel(new_id("barrier"))
+            )  # what was asked before it is in effect
             assert await numsub(redis_url, conversation.id) == 1  # the second still follows
         # Both sockets closed: the hub's last subscriber left.
         await eventually(lambda: harness.hub.connection_count == 0, "both sockets gone")
-        await fanout.add(new_id("barrier"))
+        await fanout.add(status_channel(new_id("barrier")))
         assert await numsub(redis_url, conversation.id) == 0
 
 

@@ -1,12 +1,12 @@
-"""The fan-out port: bytes published on `status:{conversation_id}`, heard by every hub
-that has a local subscriber for that conversation."""
+"""The fan-out port: bytes published on a channel (`status:{conversation_id}`,
+`campaign:{campaign_id}`), heard by every hub that has a local subscriber for it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-#: Called with (channel, payload) for every message on a `status:*` channel.
+#: Called with (channel, payload) for every message on a channel heard.
 Listener = Callable[[str, bytes], None]
 
 #: Called when messages may have been missed (the link to the backend broke and is back):
@@ -16,19 +16,19 @@ GapListener = Callable[[], None]
 
 class Fanout(Protocol):
     def listen(self, listener: Listener) -> None:
-        """Register a listener for the `status:*` channels; call before `start`."""
+        """Register a listener for the channels heard; call before `start`."""
 
     def on_gap(self, listener: GapListener) -> None:
         """Register a listener told of a possible gap; call before `start`. It is called
         once the link is back and every added conversation is heard again, so a store
         read made after the call misses nothing."""
 
-    async def add(self, conversation_id: str) -> None:
-        """Hear this conversation (idempotent). Returns once its messages are heard, or
-        once the link is known to be down, in which case a gap is announced later."""
+    async def add(self, channel: str) -> None:
+        """Hear this channel (idempotent). Returns once its messages are heard, or once
+        the link is known to be down, in which case a gap is announced later."""
 
-    def discard(self, conversation_id: str) -> None:
-        """Stop hearing this conversation (its last local subscriber left)."""
+    def discard(self, channel: str) -> None:
+        """Stop hearing this channel (its last local subscriber left)."""
 
     async def start(self) -> None: ...
 

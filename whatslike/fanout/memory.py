@@ -1,7 +1,7 @@
 """The in-process fan-out: `publish` calls every listener synchronously.
 
 There is no queue here: listeners (the hub) only hand the bytes to per-connection bounded
-queues, which is where back-pressure and the slow-consumer policy live. Every conversation
+queues, which is where back-pressure and the slow-consumer policy live. Every channel
 is always heard and the link never breaks, so `add`, `discard` and gaps are no-ops.
 """
 
@@ -25,10 +25,10 @@ class MemoryFanout:
     def on_gap(self, listener: GapListener) -> None:
         return None
 
-    async def add(self, conversation_id: str) -> None:
+    async def add(self, channel: str) -> None:
         return None
 
-    def discard(self, conversation_id: str) -> None:
+    def discard(self, channel: str) -> None:
         return None
 
     async def start(self) -> None:

@@ -1,8 +1,9 @@
-"""The Redis Pub/Sub fan-out (protocol.md §3). `publish` is one PUBLISH on
-`status:{conversation_id}`; each hub's reader SUBSCRIBEs to one channel per conversation
-it has a local subscriber for (`add` / `discard`), not to the pattern `status:*`: with a
-pattern every hub reads, and Redis writes to every hub, every status of every conversation
-(bench/redis_fanout.py measures both).
+"""The Redis Pub/Sub fan-out (protocol.md §3). `publish` is one PUBLISH on a
+channel (`status:{conversation_id}`, `campaign:{campaign_id}`); each hub's reader
+SUBSCRIBEs to one channel per conversation or campaign it has a local subscriber for
+(`add` / `discard`), not to a pattern such as `status:*`: with a pattern every hub reads,
+and Redis writes to every hub, every status of every conversation (bench/redis_fanout.py
+measures both).
 
 `publish_many` writes a batch's PUBLISHes in one pipeline (one round trip).
 
@@ -14,8 +15,8 @@ sends a PING; when that PONG comes back every SUBSCRIBE before it is in effect, 
 listeners are told, so that their store reads from then on miss nothing.
 
 Buffers, all bounded:
-- a link's pending subscription changes: one entry per conversation at most (a later `add`
-  or `discard` of the same conversation replaces the earlier one);
+- a link's pending subscription changes: one entry per channel at most (a later `add`
+  or `discard` of the same channel replaces the earlier one);
 - PINGs in flight with the `add` calls waiting for them: one PING per sender wake-up; a
   link whose oldest PING is older than `liveness_s` is dropped, which releases the waiters;
 - no message queue here: each message goes to the listeners as it is read (the hub queues
@@ -43,7 +44,6 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from whatslike.errors import BackendUnavailable
-from whatslike.events import status_channel
 from whatslike.fanout import GapListener, Listener
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ class _Link:
 
     def __init__(self, conn: AbstractConnection, wanted: set[str]) -> None:
         self.conn = conn
-        #: Conversations whose SUBSCRIBE was written on this connection (and no UNSUBSCRIBE).
+        #: Channels whose SUBSCRIBE was written on this connection (and no UNSUBSCRIBE).
         self.sent: set[str] = set()
-        #: Conversation → True (subscribe) or False (unsubscribe), not written yet.
+        #: Channel → True (subscribe) or False (unsubscribe), not written yet.
         self.pending: dict[str, bool] = dict.fromkeys(wanted, True)
         #: Futures resolved by the PONG of the next PING written.
         self.waiters: list[asyncio.Future[None]] = []
@@ -78,11 +78,11 @@ class _Link:
         self.wake = asyncio.Event()
         self.live = False
 
-    def want(self, conversation_id: str, heard: bool) -> None:
-        if (conversation_id in self.sent) == heard:
-            self.pending.pop(conversation_id, None)
+    def want(self, channel: str, heard: bool) -> None:
+        if (channel in self.sent) == heard:
+            self.pending.pop(channel, None)
         else:
-            self.pending[conversation_id] = heard
+            self.pending[channel] = heard
         self.wake.set()
 
     def barrier(self) -> asyncio.Future[None]:
@@ -94,8 +94,8 @@ class _Link:
 
     def flush(self, now: float, ping: bool) -> list[bytes]:
         """The commands for the pending changes, and a PING when someone waits for one."""
-        on = [cid for cid, heard in self.pending.items() if heard]
-        off = [cid for cid, heard in self.pending.items() if not heard]
+        on = [channel for channel, heard in self.pending.items() if heard]
+        off = [channel for channel, heard in self.pending.items() if not heard]
         self.pending.clear()
         self.sent.update(on)
         self.sent.difference_update(off)
@@ -103,7 +103,7 @@ class _Link:
         for command, names in (("UNSUBSCRIBE", off), ("SUBSCRIBE", on)):
             for start in range(0, len(names), SUBSCRIBE_CHUNK):
                 chunk = names[start : start + SUBSCRIBE_CHUNK]
-                packed += self.conn.pack_command(command, *map(status_channel, chunk))
+                packed += self.conn.pack_command(command, *chunk)
         if ping or self.waiters:
             packed += self.conn.pack_command("PING")
             self.pongs.append((now, self.waiters))
@@ -176,18 +176,18 @@ class RedisFanout:
     def on_gap(self, listener: GapListener) -> None:
         self._gap_listeners.append(listener)
 
-    async def add(self, conversation_id: str) -> None:
-        self._wanted.add(conversation_id)
+    async def add(self, channel: str) -> None:
+        self._wanted.add(channel)
         link = self._link
         if link is None:
             return  # the next link subscribes to it, then announces a gap
-        link.want(conversation_id, True)
+        link.want(channel, True)
         await link.barrier()
 
-    def discard(self, conversation_id: str) -> None:
-        self._wanted.discard(conversation_id)
+    def discard(self, channel: str) -> None:
+        self._wanted.discard(channel)
         if self._link is not None:
-            self._link.want(conversation_id, False)
+            self._link.want(channel, False)
 
     async def start(self) -> None:
         """Start the reader and wait (at most `timeout_s`) for its first link; when Redis
@@ -316,7 +316,7 @@ class RedisFanout:
         link.live = True
         self._live.set()
         self._failures = 0
-        log.info("fan-out: Redis link to %s up (%d conversations)", self._where, len(link.sent))
+        log.info("fan-out: Redis link to %s up (%d channels)", self._where, len(link.sent))
         if not self._wanted:
             return  # nobody follows anything here: nothing can have been missed
         for listener in self._gap_listeners:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
+from whatslike.events import status_channel
 from whatslike.grouping import Grouped
 from whatslike.hub import frames
 from whatslike.hub.connection import INTERNAL_ERROR, Connection, Reply, Subscription
@@ -79,7 +80,7 @@ class Replays:
         replaced = conn.subscriptions.get(conversation_id)
         conn.subscriptions[conversation_id] = subscription
         # Heard from here on (or a gap is announced later), so the read below is enough.
-        await self._hub.fanout.add(conversation_id)
+        await self._hub.fanout.add(status_channel(conversation_id))
         # One read: the conversation is the organization's, and what the client missed
         # (without `since`, it loaded the conversation itself: only what comes after the
         # seq read now is news; what comes meanwhile is held).

@@ -25,6 +25,7 @@ from whatslike.api.contract import Operation
 from whatslike.auth import InvalidToken, TokenService
 from whatslike.clock import new_id
 from whatslike.errors import BackendUnavailable
+from whatslike.events import status_channel
 from whatslike.hub import frames
 from whatslike.hub.admission import Gate
 from whatslike.hub.connection import (
@@ -164,7 +165,7 @@ class Hub:
         """Tell the fan-out which of these conversations nobody here follows any more."""
         for conversation_id in conversation_ids:
             if not self.registry.subscribers(conversation_id):
-                self.fanout.discard(conversation_id)
+                self.fanout.discard(status_channel(conversation_id))
 
     # The connection's life.
 
