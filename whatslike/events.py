@@ -42,6 +42,16 @@ def status_channel(conversation_id: str) -> str:
     return f"status:{conversation_id}"
 
 
+#: The payload of a campaign's channel: only news that its counts may have moved (the hubs
+#: read them from the store; protocol.md §3).
+CAMPAIGN_HINT = b""
+
+
+def campaign_channel(campaign_id: str) -> str:
+    """The fan-out channel of one campaign's counts (protocol.md §3)."""
+    return f"campaign:{campaign_id}"
+
+
 def _load(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)

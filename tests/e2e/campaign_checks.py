@@ -99,3 +99,34 @@ async def check_counts(
     conversations = {r["message"]["conversation_id"] for r in listed}
     assert len(conversations) == len(recipients)
     return listed
+
+
+#: A hub reads a campaign's counts at most once per this many seconds (FRAME_INTERVAL_S).
+FRAME_INTERVAL_S = 0.25
+
+
+async def follow_live(socket: Any, campaign_id: str, within_s: float) -> list[dict[str, Any]]:
+    """Subscribe `socket` (tests.e2e.conftest.Socket) to the campaign and read its
+    `campaign` frames until one shows every recipient READ or FAILED; check on the way
+    that the versions only grow and that the frames came no faster than the hub's bound.
+    Answers the frames, the snapshot first."""
+    subscribed_at = time.monotonic()
+    await socket.send({"type": "subscribe_campaign", "campaign_id": campaign_id, "ref": "live"})
+    snapshot = await socket.next_of("campaign")
+    assert snapshot["ref"] == "live" and snapshot["campaign_id"] == campaign_id
+    seen = [snapshot]
+    deadline = subscribed_at + within_s
+    while sum(seen[-1]["counts"][name] for name in FINAL) < seen[-1]["total"]:
+        frame = await socket.next_of("campaign", wait_s=max(0.1, deadline - time.monotonic()))
+        assert frame["campaign_id"] == campaign_id and "ref" not in frame
+        assert frame["version"] > seen[-1]["version"], (frame, seen[-1])
+        assert (
+            sum(n for name, n in frame["counts"].items() if name != "failed_by_code")
+            == (frame["total"])
+        )
+        seen.append(frame)
+    # After the snapshot, reads start FRAME_INTERVAL_S apart at least (each frame was sent
+    # no earlier than its read began, and received no earlier than it was sent).
+    live = len(seen) - 1
+    assert live <= 1 + (time.monotonic() - subscribed_at) / FRAME_INTERVAL_S, live
+    return seen

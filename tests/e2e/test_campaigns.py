@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,10 +16,11 @@ from tests.e2e.campaign_checks import (
     campaign_now,
     check_counts,
     contacts,
+    follow_live,
     start_campaign,
     wait_quiescent,
 )
-from tests.e2e.conftest import Server, api, start_server, stop_server
+from tests.e2e.conftest import Server, Socket, api, start_server, stop_server
 
 #: Disorder on (duplicates, reordering, batches, a skipped DELIVERED), and failures.
 DISORDER = {
@@ -37,17 +39,57 @@ def disordered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 async def test_a_campaign_of_1000_contacts_counts_exactly_its_messages(
-    disordered: Server,
+    disordered: Server, open_socket: Any
 ) -> None:
+    """Its counts, live over the WebSocket and over HTTP, end exactly equal to its
+    messages' statuses. Live: a snapshot at once, then frames whose version only grows,
+    no faster than the hub's bound, the last one the final counts."""
     recipients = contacts(1000)
+    socket: Socket = await open_socket(disordered, disordered.token("acme"))
     async with api(disordered, disordered.token("acme")) as client:
         accepted = await start_campaign(client, recipients, "thousand")
         assert accepted["total"] == 1000
-        campaign = await wait_quiescent(client, accepted["id"], within_s=120)
+        seen = await follow_live(socket, accepted["id"], within_s=120)
+        campaign = await wait_quiescent(client, accepted["id"], within_s=10)
         listed = await check_counts(client, campaign, recipients)
     assert campaign["counts"]["failed"] > 0  # the failures were counted by code too
     assert set(campaign["counts"]["failed_by_code"]) == {"131026"}
     assert {r["message"]["text"] for r in listed} == {"Promo de verão"}
+    final = seen[-1]
+    assert final["counts"] == campaign["counts"] and final["finished"]
+    assert len(seen) > 2  # the counts were seen moving, not only at their end
+    # Nothing more is said once the counts stopped moving.
+    assert await socket.ping_barrier() == []
+    # Unsubscribed, the campaign says no more (and the answer names it).
+    await socket.send({"type": "unsubscribe_campaign", "campaign_id": accepted["id"], "ref": 9})
+    assert await socket.next_of("campaign_unsubscribed") == {
+        "type": "campaign_unsubscribed",
+        "campaign_id": accepted["id"],
+        "ref": 9,
+    }
+
+
+async def test_another_organizations_campaign_is_refused_like_an_unknown_one(
+    disordered: Server, open_socket: Any
+) -> None:
+    async with api(disordered, disordered.token("acme")) as client:
+        accepted = await start_campaign(client, contacts(2, first=9000), "private")
+    socket: Socket = await open_socket(disordered, disordered.token("globex"))
+    answers = []
+    for campaign_id in (accepted["id"], "cmp_unknown"):
+        await socket.send({"type": "subscribe_campaign", "campaign_id": campaign_id, "ref": 1})
+        answers.append(await socket.next_of("error"))
+    assert answers == [
+        {
+            "type": "error",
+            "code": "forbidden",
+            "message": f"campaign {campaign_id!r} is not available",
+            "ref": 1,
+        }
+        for campaign_id in (accepted["id"], "cmp_unknown")
+    ]
+    # Nothing of it leaks later either.
+    assert await socket.ping_barrier() == []
 
 
 async def test_the_callers_key_answers_the_same_campaign_and_refuses_another_request(

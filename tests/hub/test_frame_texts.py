@@ -17,6 +17,20 @@ def test_server_frames_are_compact_json_in_protocol_order() -> None:
         '{"type":"subscribed","conversation_id":"c1","seq":45,"recovered":false}'
     )
     assert frames.auth_ok(77, "r3") == '{"type":"auth_ok","token_exp":77,"ref":"r3"}'
+    assert frames.campaign(
+        "cmp_1",
+        version=7,
+        total=3,
+        counts={"waiting": 0, "read": 2, "failed": 1, "failed_by_code": {"131026": 1}},
+        finished=True,
+        ref="r",
+    ) == (
+        '{"type":"campaign","campaign_id":"cmp_1","version":7,"total":3,"counts":{"waiting":0,'
+        '"read":2,"failed":1,"failed_by_code":{"131026":1}},"finished":true,"ref":"r"}'
+    )
+    assert frames.campaign_unsubscribed("cmp_1", 4) == (
+        '{"type":"campaign_unsubscribed","campaign_id":"cmp_1","ref":4}'
+    )
     assert frames.error("forbidden", "no") == '{"type":"error","code":"forbidden","message":"no"}'
     assert frames.connected(
         connection_id="k", user_id="u", org_id="o", heartbeat_s=25, token_exp=99

@@ -15,7 +15,9 @@ from whatslike.hub.frames import (
     FrameError,
     Ping,
     Subscribe,
+    SubscribeCampaign,
     Unsubscribe,
+    UnsubscribeCampaign,
     parse_client_frame,
 )
 
@@ -43,6 +45,17 @@ def test_since_zero_is_valid() -> None:
 def test_unsubscribe() -> None:
     raw = '{"type":"unsubscribe","conversation_id":"c1","ref":7}'
     assert parse(raw) == Unsubscribe("c1", 7)
+
+
+def test_campaign_subscriptions() -> None:
+    raw = '{"type":"subscribe_campaign","campaign_id":"cmp_1","ref":"r1"}'
+    assert parse(raw) == SubscribeCampaign("cmp_1", "r1")
+    raw = '{"type":"unsubscribe_campaign","campaign_id":"cmp_1"}'
+    assert parse(raw) == UnsubscribeCampaign("cmp_1")
+    assert parse('{"type":"subscribe_campaign","campaign_id":"a b","ref":2}') == FrameError(
+        "field 'campaign_id' must be 1-128 of A-Z a-z 0-9 _ . : -", 2
+    )
+    assert parse('{"type":"subscribe_campaign"}') == FrameError("field 'campaign_id' is required")
 
 
 @pytest.mark.parametrize("ts", [123, "abc", None, [1, {"a": 2}], 1.5, {"x": True}])

@@ -30,6 +30,7 @@ from whatslike.auth import Identity
 from whatslike.campaigns import CampaignsUnsupported
 from whatslike.clock import format_time
 from whatslike.errors import BackendUnavailable
+from whatslike.events import CAMPAIGN_HINT, campaign_channel
 from whatslike.hub.frames import valid_id
 from whatslike.roles import BackgroundRole, Deps
 from whatslike.store.base import Campaign, NewCampaign
@@ -177,6 +178,7 @@ class Campaigns(BackgroundRole):
         self._store = deps.store
         self._settings = deps.settings
         self._handoffs = deps.handoffs
+        self._fanout = deps.fanout
         self._identity = identity
         self._wake = asyncio.Event()
 
@@ -329,7 +331,17 @@ class Campaigns(BackgroundRole):
                 backlog[channel] += made
                 if made:
                     self._handoffs.set()
+                    await self._hint(campaign.id)
         return bool(to_run)
+
+    async def _hint(self, campaign_id: str) -> None:
+        """Tell the hubs that follow the campaign that its counts moved (waiting to
+        queued). Lost (the fan-out away, or a kill before it), the next hint brings the
+        same news: every message made goes on to SENT or FAILED, which hints again."""
+        try:
+            await self._fanout.publish(campaign_channel(campaign_id), CAMPAIGN_HINT)
+        except BackendUnavailable as exc:
+            log.warning("campaigns: no hint for %s (%s)", campaign_id, exc)
 
 
 def _campaign_id(request: Request) -> str:

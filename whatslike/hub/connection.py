@@ -102,6 +102,7 @@ class Connection(WebSocketProtocol):
         "bad_frames",
         "budget",
         "byte_limit",
+        "campaigns",
         "close_code",
         "close_reason",
         "connections",
@@ -135,6 +136,8 @@ class Connection(WebSocketProtocol):
         self.user = ("", "")
         self.ip = ""
         self.subscriptions: dict[str, Subscription] = {}
+        #: Campaigns it follows: the highest version of their counts sent to it.
+        self.campaigns: dict[str, int] = {}
         self.backlog: deque[Outgoing] | None = None
         #: What the items in `backlog` hold (see `_size`).
         self.backlog_bytes = 0

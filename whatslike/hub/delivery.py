@@ -188,6 +188,20 @@ class Delivery:
         conn.backlog = None
         conn.drainer = None
 
+    def broadcast(self, connections: list[Connection], text: str) -> None:
+        """One frame to many connections (a campaign's counts): framed once, written now
+        to each socket that takes writes, queued behind the slow ones."""
+        framed = text_frame(text.encode())
+        for conn in connections:
+            if not conn.open:
+                continue
+            flush_out(conn)  # the frames before it go first
+            if conn.backlog is None and not conn.paused and conn.fits(len(framed)):
+                conn.write(framed)
+                self._frames_sent.inc()
+            else:
+                self.send(conn, Reply(text))
+
     def answer(self, conn: Connection, reply: Reply) -> None:
         """Send a reply to a connection still open."""
         if conn.open:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -62,7 +62,19 @@ class Auth:
     ref: Ref = None
 
 
-ClientFrame = Subscribe | Unsubscribe | Ping | Auth
+@dataclass(frozen=True, slots=True)
+class SubscribeCampaign:
+    campaign_id: str
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeCampaign:
+    campaign_id: str
+    ref: Ref = None
+
+
+ClientFrame = Subscribe | Unsubscribe | Ping | Auth | SubscribeCampaign | UnsubscribeCampaign
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +190,10 @@ def _frame(data: dict[str, Any], ref: Ref) -> ClientFrame:
         return Ping(data.get("ts"))
     if kind == "auth":
         return Auth(_text(data, "token"), ref)
+    if kind == "subscribe_campaign":
+        return SubscribeCampaign(_id(data, "campaign_id"), ref)
+    if kind == "unsubscribe_campaign":
+        return UnsubscribeCampaign(_id(data, "campaign_id"), ref)
     raise _Invalid(f"unknown frame type {kind!r}")
 
 
@@ -245,6 +261,34 @@ def subscribed(conversation_id: str, seq: int, recovered: bool, ref: Ref = None)
 
 def unsubscribed(conversation_id: str, ref: Ref = None) -> str:
     return _dump({"type": "unsubscribed", "conversation_id": conversation_id}, ref)
+
+
+def campaign(
+    campaign_id: str,
+    *,
+    version: int,
+    total: int,
+    counts: Mapping[str, object],
+    finished: bool,
+    ref: Ref = None,
+) -> str:
+    """A campaign's counts (`whatslike.campaigns.funnel`) at `version`: a client keeps the
+    frame of the highest version it saw and drops older ones."""
+    return _dump(
+        {
+            "type": "campaign",
+            "campaign_id": campaign_id,
+            "version": version,
+            "total": total,
+            "counts": dict(counts),
+            "finished": finished,
+        },
+        ref,
+    )
+
+
+def campaign_unsubscribed(campaign_id: str, ref: Ref = None) -> str:
+    return _dump({"type": "campaign_unsubscribed", "campaign_id": campaign_id}, ref)
 
 
 def pong(ts: object) -> str:

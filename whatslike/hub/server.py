@@ -4,7 +4,8 @@ frames and forwards fan-out status frames to each subscribed connection, in seq 
 This module ties the parts together and handles what clients send; each part reads on
 its own: connection.py (one client and what waits for it), admission.py (who may
 connect), delivery.py (frames out, behind slow sockets), replay.py (what a subscribe or
-a fan-out gap needs from the store), transport.py and wire.py (the WebSocket itself)."""
+a fan-out gap needs from the store), campaigns.py (campaigns' live counts), transport.py
+and wire.py (the WebSocket itself)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from whatslike.errors import BackendUnavailable
 from whatslike.events import status_channel
 from whatslike.hub import frames
 from whatslike.hub.admission import Gate
+from whatslike.hub.campaigns import CHANNEL_PREFIX, CampaignFeeds
 from whatslike.hub.connection import (
     GOING_AWAY,
     INBOX,
@@ -42,7 +44,16 @@ from whatslike.hub.connection import (
     Reply,
 )
 from whatslike.hub.delivery import Delivery
-from whatslike.hub.frames import Auth, ClientFrame, FrameError, Ping, Subscribe, Unsubscribe
+from whatslike.hub.frames import (
+    Auth,
+    ClientFrame,
+    FrameError,
+    Ping,
+    Subscribe,
+    SubscribeCampaign,
+    Unsubscribe,
+    UnsubscribeCampaign,
+)
 from whatslike.hub.registry import SubscriptionRegistry
 from whatslike.hub.replay import Replays
 from whatslike.hub.transport import CLOSE_TIMEOUT_S, Request, text_frame
@@ -85,6 +96,7 @@ class Hub:
         self._gate = Gate(deps.settings, TokenService.from_settings(deps.settings, deps.jwt_secret))
         self.delivery = Delivery(self)
         self.replays = Replays(self)
+        self.campaigns = CampaignFeeds(self)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         #: Connections accepted and not yet closed; `stop` waits for none to be left.
@@ -123,6 +135,7 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         await self.replays.stop()
+        self.campaigns.stop()
         for conn in list(self.connections.values()):
             conn.request_close(GOING_AWAY, "server shutting down")
         if not self._closing:
@@ -141,13 +154,18 @@ class Hub:
         return len(self.connections)
 
     def on_fanout(self, channel: str, payload: bytes) -> None:
-        """A status frame from the fan-out: to every subscriber (delivery.py)."""
-        self.delivery.fan_out(channel, payload)
+        """A status frame from the fan-out: to every subscriber (delivery.py); a hint
+        that a campaign's counts moved: to its feed (campaigns.py)."""
+        if channel.startswith(CHANNEL_PREFIX):
+            self.campaigns.changed(channel)
+        else:
+            self.delivery.fan_out(channel, payload)
 
     def on_gap(self) -> None:
         """The link to the fan-out broke and is back: every live subscription is read
-        again from the store (replay.py)."""
+        again from the store (replay.py), every followed campaign too (campaigns.py)."""
         self.replays.on_gap()
+        self.campaigns.on_gap()
 
     def spawn(self, work: Coroutine[None, None, None]) -> None:
         """Run `work` as a task of the hub's (cancelled at `stop`)."""
@@ -159,6 +177,7 @@ class Hub:
         """Close a connection at once, its subscriptions dropped."""
         self.release(self.registry.drop(conn.id))
         conn.subscriptions.clear()
+        self.campaigns.leave(conn)
         conn.request_close(code, reason)
 
     def release(self, conversation_ids: Iterable[str]) -> None:
@@ -221,6 +240,7 @@ class Hub:
             conn.drainer = None
         self.release(self.registry.drop(conn.id))
         conn.subscriptions.clear()
+        self.campaigns.leave(conn)
         conn.backlog = conn.out = conn.inbox = None
         conn.backlog_bytes = 0
         self.metrics.ws_connections.dec()
@@ -302,7 +322,7 @@ class Hub:
 
     def _handle(self, conn: Connection, frame: ClientFrame) -> None:
         match frame:
-            case Subscribe():
+            case Subscribe() | SubscribeCampaign():
                 # The messages behind it wait until its store read is answered.
                 conn.inbox = deque()
                 self.spawn(self._subscribing(conn, frame))
@@ -313,15 +333,23 @@ class Hub:
                 self.delivery.answer(
                     conn, Reply(frames.unsubscribed(frame.conversation_id, frame.ref))
                 )
+            case UnsubscribeCampaign():
+                self.campaigns.unsubscribe(conn, frame.campaign_id)
+                self.delivery.answer(
+                    conn, Reply(frames.campaign_unsubscribed(frame.campaign_id, frame.ref))
+                )
             case Ping():
                 self.delivery.answer(conn, Reply(frames.pong(frame.ts)))
             case Auth():
                 self._refresh(conn, frame)
 
-    async def _subscribing(self, conn: Connection, frame: Subscribe) -> None:
+    async def _subscribing(self, conn: Connection, frame: Subscribe | SubscribeCampaign) -> None:
         """Answer a subscribe, then the messages that came meanwhile, in order."""
         try:
-            await self.replays.subscribe(conn, frame)
+            if isinstance(frame, Subscribe):
+                await self.replays.subscribe(conn, frame)
+            else:
+                await self.campaigns.subscribe(conn, frame)
         except BackendUnavailable as exc:
             # The store is out: the client reconnects (with back-off) and resubscribes
             # with `since`, missing nothing; no traceback for this.

@@ -22,6 +22,11 @@ Publishing happens after the store committed (the same transaction completed the
 outbox entry). If it fails, the bus redelivers the event and `apply_status` returns the
 same frames again (matched by event_id), so a notification is never lost; clients drop
 the duplicate by seq.
+
+A campaign message's change also moved its campaign's counts (in the same transaction):
+the same publish carries one hint per campaign on `campaign:{id}` (no counts: the hubs
+that follow the campaign read them, at their own pace). Sent with the status frames,
+before the bus commits, it is as sure as they are: a redelivered event hints again.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ import time
 from datetime import datetime
 
 from whatslike.bus import Batching
+from whatslike.campaigns import campaign_of
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
+    CAMPAIGN_HINT,
     TOPIC_MESSAGES,
     TOPIC_STATUS,
     OutboundMessage,
     StatusEvent,
+    campaign_channel,
     dlq_topic,
     outbound_topic,
     status_channel,
@@ -97,7 +105,7 @@ class StatusWorker(RoleDefaults):
         event = StatusEvent.from_json(raw)
         self._taken([event], utcnow())
         result = await self._commit(event)
-        frames = self._outcome(event, result)
+        frames = self._outcome(event, result) + _hints([result])
         await self._hand_off_receipts([result])
         await self._fanout.publish_many(frames)
         self._published([(event, result)])
@@ -107,6 +115,7 @@ class StatusWorker(RoleDefaults):
         taken = utcnow()
         done = list(zip(events, await self._commit.many(events), strict=True))
         frames = [frame for event, result in done for frame in self._outcome(event, result)]
+        frames += _hints([result for _, result in done])
         await self._hand_off_receipts([result for _, result in done])
         await self._fanout.publish_many(frames)
         # Counted once the batch is done: one that fails is handed over again one event
@@ -223,3 +232,15 @@ class StatusWorker(RoleDefaults):
             [status_entry(failed)], done=[(TOPIC_MESSAGES, message.message_id)]
         )
         self._handoffs.set()
+
+
+def _hints(results: list[ApplyResult]) -> list[tuple[str, bytes]]:
+    """One hint per campaign whose messages these results are (counted or not: a
+    redelivery hints again, in case the first hint was lost with its process)."""
+    campaigns = {
+        campaign
+        for result in results
+        if result.message is not None
+        and (campaign := campaign_of(result.message.client_message_id)) is not None
+    }
+    return [(campaign_channel(c), CAMPAIGN_HINT) for c in sorted(campaigns)]
