@@ -974,3 +974,78 @@ describe("errors never throw", () => {
     assert.equal(client.state, "closed");
   });
 });
+
+describe("campaigns' live counts", () => {
+  const counts = (read, sent) => ({ waiting: 0, queued: 0, sent, delivered: 0, read, failed: 0, failed_by_code: {} });
+  const frame = (version, read, extra = {}) => ({
+    type: "campaign",
+    campaign_id: "cmp_1",
+    version,
+    total: 10,
+    counts: counts(read, 10 - read),
+    finished: true,
+    ...extra,
+  });
+
+  test("subscribes once open, emits the snapshot and only higher versions after it", () => {
+    const t = setup();
+    t.client.subscribeCampaign("cmp_1"); // before connecting: sent on `connected`
+    t.client.connect();
+    const ws = t.accept();
+    const [request] = ws.sentOf("subscribe_campaign");
+    assert.equal(request.campaign_id, "cmp_1");
+    ws.message(frame(3, 1, { ref: request.ref }));
+    ws.message(frame(5, 4));
+    ws.message(frame(4, 3)); // older: counts move between buckets, so only the version orders them
+    ws.message(frame(5, 4)); // the same again
+    ws.message(frame(9, 10));
+    assert.deepEqual(t.of("campaign").map((f) => f.version), [3, 5, 9]);
+    assert.equal(t.client.campaign("cmp_1").counts.read, 10);
+    t.client.subscribeCampaign("cmp_1"); // already followed: nothing sent
+    assert.equal(ws.sentOf("subscribe_campaign").length, 1);
+  });
+
+  test("a reconnect subscribes again and an older snapshot does not take the counts back", () => {
+    const t = setup();
+    t.client.connect();
+    let ws = t.accept();
+    t.client.subscribeCampaign("cmp_1");
+    ws.message(frame(7, 6, { ref: ws.sentOf("subscribe_campaign")[0].ref }));
+    ws.serverClose(1001, "going away");
+    t.clock.advance(20_000);
+    ws = t.accept();
+    const [again] = ws.sentOf("subscribe_campaign");
+    assert.equal(again.campaign_id, "cmp_1");
+    ws.message(frame(6, 5, { ref: again.ref })); // a hub behind: dropped
+    ws.message(frame(8, 7));
+    assert.deepEqual(t.of("campaign").map((f) => f.version), [7, 8]);
+  });
+
+  test("a refused subscribe is an error event naming the campaign, which is forgotten", () => {
+    const t = setup();
+    t.client.connect();
+    const ws = t.accept();
+    t.client.subscribeCampaign("cmp_other");
+    const [request] = ws.sentOf("subscribe_campaign");
+    ws.message({ type: "error", code: "forbidden", message: "campaign 'cmp_other' is not available", ref: request.ref });
+    assert.deepEqual(t.of("error").map((e) => [e.code, e.campaignId]), [["forbidden", "cmp_other"]]);
+    ws.message(frame(1, 1, { campaign_id: "cmp_other" }));
+    assert.deepEqual(t.of("campaign"), []);
+    assert.equal(t.client.campaign("cmp_other"), undefined);
+  });
+
+  test("unsubscribing sends unsubscribe_campaign, emits its answer and drops later frames", () => {
+    const t = setup();
+    t.client.connect();
+    const ws = t.accept();
+    t.client.subscribeCampaign("cmp_1");
+    ws.message(frame(1, 0, { ref: ws.sentOf("subscribe_campaign")[0].ref }));
+    t.client.unsubscribeCampaign("cmp_1");
+    const [request] = ws.sentOf("unsubscribe_campaign");
+    assert.equal(request.campaign_id, "cmp_1");
+    ws.message(frame(2, 1)); // on its way before the unsubscribe arrived
+    ws.message({ type: "campaign_unsubscribed", campaign_id: "cmp_1", ref: request.ref });
+    assert.deepEqual(t.of("campaign").map((f) => f.version), [1]);
+    assert.deepEqual(t.of("campaignUnsubscribed"), [{ campaignId: "cmp_1" }]);
+  });
+});

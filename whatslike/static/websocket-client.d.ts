@@ -1,6 +1,7 @@
 /**
  * Whatslike's browser client for `/ws/status` (docs/protocol.md §4): live message statuses
- * per conversation, with reconnection, recovery by `seq`, heartbeats and token renewal.
+ * per conversation and campaigns' live counts, with reconnection, recovery by `seq`,
+ * heartbeats and token renewal.
  */
 
 export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
@@ -30,8 +31,34 @@ export interface MessageFrame {
   occurred_at: string;
 }
 
+/** A campaign's counts (docs/protocol.md §4, "Campaigns' live counts"): each recipient in
+ * exactly one count. */
+export interface CampaignCounts {
+  waiting: number;
+  queued: number;
+  sent: number;
+  delivered: number;
+  read: number;
+  failed: number;
+  failed_by_code: Record<string, number>;
+}
+
+export interface CampaignFrame {
+  type: "campaign";
+  campaign_id: string;
+  /** Grows with every move of the counts: a higher version is newer counts. */
+  version: number;
+  total: number;
+  counts: CampaignCounts;
+  /** Every message created and none queued. */
+  finished: boolean;
+  /** Only on the snapshot answering a subscribe. */
+  ref?: string | number;
+}
+
 export interface ClientError {
-  /** The server's code (`forbidden`, `bad_request`, `rate_limited`, `too_many_subscriptions`)
+  /** The server's code (`forbidden`, `bad_request`, `rate_limited`, `too_many_subscriptions`,
+   * `not_implemented`)
    * or the client's own: `token_expired`, `token_renewal_failed` (getToken rejected; not
    * terminal, see `getToken`), `reconnect_failed`, `heartbeat_timeout` (no frame after a
    * ping, or no `connected` within `heartbeat.timeoutMs` of an attempt's start), `protocol`
@@ -39,6 +66,8 @@ export interface ClientError {
   code: string;
   message: string;
   conversationId?: string;
+  /** The campaign of a refused `subscribeCampaign` (which is then forgotten). */
+  campaignId?: string;
   ref?: string | number | null;
 }
 
@@ -49,6 +78,12 @@ export interface ClientEvents {
   connected: { connection_id: string; user_id: string; org_id: string; heartbeat_s: number; token_exp: number };
   /** A status, once per `seq`, in `seq` order per conversation (batches are unwrapped). */
   status: StatusFrame;
+  /** A followed campaign's counts: the snapshot, then each change, only ever a higher
+   * `version` (older or repeated ones are dropped); at most a few a second, the final
+   * counts always among them. */
+  campaign: CampaignFrame;
+  /** The answer to an unsubscribeCampaign; not emitted when followed again meanwhile. */
+  campaignUnsubscribed: { campaignId: string };
   /** A customer's message, in the same `seq` order as the statuses. */
   message: MessageFrame;
   /** The answer to a subscribe (also after each automatic resubscribe). */
@@ -155,6 +190,14 @@ export declare class ChatStatusClient {
    * reconnects, which resubscribe with `since` = the last seq seen. */
   subscribe(conversationId: string, options?: { since?: number }): void;
   unsubscribe(conversationId: string): void;
+  /** Follows a campaign's live counts (`campaign` events). Kept across reconnects, which
+   * subscribe again (a snapshot older than the counts already seen is dropped). A refused
+   * subscribe (`forbidden`: not a campaign of the organization) is an `error` event with
+   * `campaignId`, and the campaign is forgotten. */
+  subscribeCampaign(campaignId: string): void;
+  unsubscribeCampaign(campaignId: string): void;
+  /** The latest counts of a followed campaign, or undefined before its snapshot. */
+  campaign(campaignId: string): CampaignFrame | undefined;
   on<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
   off<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
   /** Closes with 1000 and stops reconnecting. */

@@ -59,7 +59,8 @@ function tokenExp(token) {
 }
 
 /**
- * Live message statuses per conversation over one WebSocket, with reconnection, recovery
+ * Live message statuses per conversation (and campaigns' counts) over one WebSocket, with
+ * reconnection, recovery
  * by `seq`, heartbeats and token renewal. Errors are reported as `error` events, never
  * thrown. See websocket-client.d.ts for the options and events.
  */
@@ -77,6 +78,7 @@ export class ChatStatusClient {
   #refs = new Map(); // ref → {kind, conversationId?, since?} of requests in flight
   #nextRef = 1;
   #subs = new Map(); // conversationId → {since, last, repairRef}: the restore set
+  #campaigns = new Map(); // campaignId → the latest `campaign` frame (or null): followed campaigns
   #t = { reconnect: null, handshake: null, ping: null, pingTimeout: null, renew: null };
   #heartbeatMs = 25000;
   #renewedExp; // the exp a renewal was already tried for (stops a tight renew loop)
@@ -148,6 +150,27 @@ export class ChatStatusClient {
     // An explicit `since` restarts the baseline: the app wants the replay from there.
     this.#subs.set(conversationId, { since, last: undefined, repairRef: null });
     this.#sendSubscribe(conversationId, since);
+  }
+
+  /** The latest counts of a followed campaign (the `campaign` frame of the highest
+   * version received), or undefined before its snapshot. */
+  campaign(campaignId) { return this.#campaigns.get(campaignId) ?? undefined; }
+
+  /**
+   * Follows a campaign's live counts: its snapshot, then a `campaign` event whenever they
+   * moved (only ever a higher `version`). Kept across reconnects.
+   * @param {string} campaignId
+   */
+  subscribeCampaign(campaignId) {
+    if (this.#campaigns.has(campaignId)) return;
+    this.#campaigns.set(campaignId, null);
+    this.#sendSubscribeCampaign(campaignId);
+  }
+
+  /** Stops following a campaign (and forgets it for reconnects). */
+  unsubscribeCampaign(campaignId) {
+    if (!this.#campaigns.delete(campaignId)) return;
+    this.#send({ type: "unsubscribe_campaign", campaign_id: campaignId, ref: this.#ref({ kind: "unsubscribe_campaign", campaignId }) });
   }
 
   /** Stops following a conversation (and forgets it for reconnects). */
@@ -226,6 +249,11 @@ export class ChatStatusClient {
     if (since !== undefined && since !== null) frame.since = since;
     this.#send(frame);
     return ref;
+  }
+
+  #sendSubscribeCampaign(campaignId) {
+    if (this.#state !== "open") return;
+    this.#send({ type: "subscribe_campaign", campaign_id: campaignId, ref: this.#ref({ kind: "subscribe_campaign", campaignId }) });
   }
 
   // --- the connection's life ---
@@ -401,6 +429,8 @@ export class ChatStatusClient {
         if (Array.isArray(frame.frames)) for (const f of frame.frames) this.#onChange(f);
         return;
       case "subscribed": return this.#onSubscribed(frame);
+      case "campaign": return this.#onCampaign(frame);
+      case "campaign_unsubscribed": return this.#onCampaignUnsubscribed(frame);
       case "unsubscribed": return this.#onUnsubscribed(frame);
       case "auth_ok": return this.#onAuthOk(frame);
       case "error": return this.#onServerError(frame);
@@ -419,6 +449,7 @@ export class ChatStatusClient {
     for (const [conversationId, sub] of this.#subs) {
       this.#sendSubscribe(conversationId, sub.last ?? sub.since);
     }
+    for (const campaignId of this.#campaigns.keys()) this.#sendSubscribeCampaign(campaignId);
     this.#schedulePing();
     this.#scheduleRenewal();
   }
@@ -462,6 +493,25 @@ export class ChatStatusClient {
     this.#emit("subscribed", { conversationId, seq: frame.seq, recovered: true });
   }
 
+  /** A campaign's counts: kept (and emitted) only when its version is above the last one's,
+   * so counts never go back, even across a reconnect to another hub. */
+  #onCampaign(frame) {
+    if (frame.ref != null) this.#refs.delete(frame.ref);
+    const campaignId = frame?.campaign_id;
+    if (!this.#campaigns.has(campaignId) || typeof frame.version !== "number") return;
+    const last = this.#campaigns.get(campaignId);
+    if (last && frame.version <= last.version) return; // older or the same counts
+    this.#campaigns.set(campaignId, frame);
+    this.#emit("campaign", frame);
+  }
+
+  #onCampaignUnsubscribed(frame) {
+    this.#refs.delete(frame.ref);
+    const campaignId = frame.campaign_id;
+    if (this.#campaigns.has(campaignId)) return; // followed again meanwhile
+    this.#emit("campaignUnsubscribed", { campaignId });
+  }
+
   #onUnsubscribed(frame) {
     this.#refs.delete(frame.ref);
     const conversationId = frame.conversation_id;
@@ -474,6 +524,11 @@ export class ChatStatusClient {
     const request = frame.ref != null ? this.#refs.get(frame.ref) : undefined;
     if (request) this.#refs.delete(frame.ref);
     const extra = { ref: frame.ref ?? null };
+    if (request?.campaignId) {
+      extra.campaignId = request.campaignId;
+      // Asking again after a reconnect would be refused the same way.
+      if (request.kind === "subscribe_campaign") this.#campaigns.delete(request.campaignId);
+    }
     if (request?.conversationId) {
       extra.conversationId = request.conversationId;
       const sub = this.#subs.get(request.conversationId);
