@@ -60,9 +60,8 @@ function tokenExp(token) {
 
 /**
  * Live message statuses per conversation (and campaigns' counts) over one WebSocket, with
- * reconnection, recovery
- * by `seq`, heartbeats and token renewal. Errors are reported as `error` events, never
- * thrown. See websocket-client.d.ts for the options and events.
+ * reconnection, recovery by `seq`, heartbeats and token renewal. Errors are reported as
+ * `error` events, never thrown. See websocket-client.d.ts for the options and events.
  */
 export class ChatStatusClient {
   #o; #WS; #timers; #random;
