@@ -389,3 +389,46 @@ def test_a_template_is_sent_from_the_composer_and_shown_by_its_name(
     # The simulator knows hello_world: it goes on to READ.
     expect(message).to_have_attribute("data-status", "READ")
     screenshot(page, "demo-template")
+
+
+def test_a_campaigns_funnel_moves_live_to_its_final_counts(
+    embedded_server: Server, new_page: NewPage
+) -> None:
+    """The campaign panel: N simulated contacts, the funnel moving over the WebSocket (only
+    ever to newer counts) until every message is READ, the same counts as the API's."""
+    simulator = f"{embedded_server.url}/simulator/control"
+    httpx.post(simulator, json={"failure_rate": 0, "disorder": False})
+    page = new_page(1440, 900)
+    page.goto(printed_demo_url(embedded_server))
+    expect(page.get_by_test_id("conn-state")).to_have_text("open")
+    page.get_by_test_id("campaign-size").fill("40")
+    with page.expect_response(
+        lambda r: r.url.endswith("/api/campaigns") and r.request.method == "POST"
+    ) as created:
+        page.get_by_test_id("start-campaign").click()
+    campaign_id = created.value.json()["id"]
+
+    panel = page.get_by_test_id("campaign")
+    expect(page.get_by_test_id("funnel-read")).to_have_text("40")
+    expect(panel).to_have_attribute("data-finished", "true")
+    for bucket in ("waiting", "queued", "sent", "delivered", "failed"):
+        expect(page.get_by_test_id(f"funnel-{bucket}")).to_have_text("0")
+    # The page's counts are the campaign's, as the API tells them.
+    token = httpx.post(f"{embedded_server.url}/demo/token").json()["token"]
+    answer = httpx.get(
+        f"{embedded_server.url}/api/campaigns/{campaign_id}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    counts = answer.json()["counts"]
+    shown = {
+        bucket: int(page.get_by_test_id(f"funnel-{bucket}").inner_text())
+        for bucket in ("waiting", "queued", "sent", "delivered", "read", "failed")
+    }
+    assert shown == {k: v for k, v in counts.items() if k != "failed_by_code"}
+    # It moved there live: a snapshot short of the end, then newer counts only.
+    frames: list[dict[str, Any]] = page.evaluate("window.demo.campaigns")
+    assert len(frames) >= 2 and frames[0]["counts"]["read"] < 40, frames[0]
+    versions = [frame["version"] for frame in frames]
+    assert versions == sorted(set(versions)), versions
+    assert_no_horizontal_overflow(page)
+    print(f"\nscreenshot: {screenshot(page, 'demo-campaign')}")
