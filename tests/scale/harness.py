@@ -101,11 +101,14 @@ def cluster_env(bus_url: str, fanout_url: str, database_url: str, prefix: str) -
 
 @contextmanager
 def running_cluster(
-    workdir: Path, env: dict[str, str], sim_delay_ms: int = 100
+    workdir: Path,
+    env: dict[str, str],
+    sim_delay_ms: int = 100,
+    processes: tuple[tuple[str, str], ...] = PROCESSES,
 ) -> Iterator[Cluster]:
-    """Start the simulator and every role's process at once (each on its own free port
-    with its own data directory, its output read continuously), wait for each one's
-    /readyz; stop them all afterwards and check no log line carries a secret."""
+    """Start the simulator and every role's process (`processes`) at once (each on its
+    own free port with its own data directory, its output read continuously), wait for
+    each one's /readyz; stop them all afterwards and check no log line carries a secret."""
     connector_port, simulator_port = free_port(), free_port()
     simulator_env = {
         "WHATSLIKE_ROLES": "simulator",
@@ -114,7 +117,7 @@ def running_cluster(
         **OWN_SECRETS,
     }
     plans: list[tuple[str, dict[str, str], int]] = [("simulator", simulator_env, simulator_port)]
-    for name, roles in PROCESSES:
+    for name, roles in processes:
         own = {**env, "WHATSLIKE_ROLES": roles}
         if roles == "connector":
             own["WHATSLIKE_GRAPH_URL"] = f"http://127.0.0.1:{simulator_port}/simulator"
