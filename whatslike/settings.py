@@ -140,8 +140,12 @@ class Settings(BaseSettings):
     webhook_batch: int = Field(100, ge=1, le=10_000)
     webhook_in_flight: int = Field(4, ge=1, le=100)
     webhook_endpoints_at_once: int = Field(64, ge=1, le=10_000)
-    #: A sender's lease of an endpoint; another sender takes it over after this.
-    webhook_lease_s: float = Field(60.0, gt=0)
+    #: A sender's lease of an endpoint; another sender takes it over after this. A
+    #: sender killed while delivering (kill -9, a lost machine) holds its endpoints off
+    #: for what is left of it, even from its own restart (a new sender: nothing can tell
+    #: a dead holder from a slow one), so it is kept short and renewed while delivering;
+    #: 20 s above a POST's timeout leaves room for a slow store.
+    webhook_lease_s: float = Field(30.0, gt=0)
 
     # Kafka bus (bus_url kafka://host:port[,host:port]).
     #: Partitions of each topic the bus creates (at most this many consumers of a group work).
