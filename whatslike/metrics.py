@@ -151,6 +151,21 @@ class Metrics:
             "Dead-lettered statuses that would still change their message (whatslike dlq list)",
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "whatslike_webhook_deliveries_total",
+            "Outbound webhook attempts by outcome: delivered (2xx), retried (a failed attempt"
+            " to try again), parked (given up after the retry period)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("delivered", "retried", "parked"):
+            self.webhook_deliveries.labels(outcome)  # 0 from the start, not absent
+        self.webhook_oldest_pending = Gauge(
+            "whatslike_webhook_oldest_pending_seconds",
+            "Age of the oldest outbound webhook delivery neither delivered nor parked (0: none;"
+            " every sender reports the same store-wide value)",
+            registry=r,
+        )
         self.parked_statuses = Counter(
             "whatslike_parked_statuses_total",
             "Statuses that arrived before their send answer",

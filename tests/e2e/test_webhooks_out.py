@@ -191,6 +191,15 @@ def received(target: Target, *secrets: str) -> dict[str, list[int]]:
     return seqs
 
 
+def metric(server: Server, line: str) -> float:
+    """The value of one line of the server's /metrics (`name{labels}`)."""
+    for text in httpx.get(f"{server.url}/metrics").text.splitlines():
+        name, _, value = text.rpartition(" ")
+        if name == line:
+            return float(value)
+    raise AssertionError(f"no {line} in /metrics")
+
+
 def complete(org: Org, target: Target, conversation_ids: list[str], secret: str) -> bool:
     """Every change of each conversation arrived, in seq order."""
     if not org.all_read(conversation_ids):
@@ -221,8 +230,13 @@ def test_a_receiver_down_for_a_while_gets_everything_once_up(
     until(lambda: org.all_read(conversations), "the statuses")
     until(lambda: target.attempts >= 10, "retries")  # several per conversation, backing off
     assert target.delivered == []
+    # The operator sees it: deliveries waiting ever longer (read every 5 s at most).
+    oldest = "whatslike_webhook_oldest_pending_seconds"
+    until(lambda: metric(server, oldest) > 0, "the age of the oldest pending delivery")
+    assert metric(server, 'whatslike_webhook_deliveries_total{outcome="retried"}') >= 10
     target.answer = 200
     until(lambda: complete(org, target, conversations, endpoint["secret"]), "every change")
+    until(lambda: metric(server, oldest) == 0, "no pending delivery left")
 
 
 def test_a_redirect_is_a_failed_attempt_never_followed(server: Server, receiver: Receiver) -> None:
@@ -300,6 +314,8 @@ def test_given_up_deliveries_are_parked_then_replayed(tmp_path: Path, receiver: 
             return deliveries
 
         until(lambda: len(parked()) == expected, "every delivery parked")
+        parked_total = 'whatslike_webhook_deliveries_total{outcome="parked"}'
+        assert metric(running, parked_total) == expected
         first = parked()[0]
         assert first["last_error"] == "HTTP 500" and first["attempts"] >= 1
         assert json.loads(first["body"])["data"]["seq"] == 1
@@ -308,6 +324,8 @@ def test_given_up_deliveries_are_parked_then_replayed(tmp_path: Path, receiver: 
         assert replay.json() == {"replayed": expected}
         until(lambda: complete(org, target, conversations, endpoint["secret"]), "the replay")
         assert parked() == []
+        delivered = 'whatslike_webhook_deliveries_total{outcome="delivered"}'
+        assert metric(running, delivered) == expected
     finally:
         stop_server(running)
 

@@ -122,6 +122,7 @@ async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None
     hooks = webhooks_of(store)
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
+    assert await hooks.oldest_pending_webhook() is None
     conversation = await store.create_conversation("org-a", "whatsapp", "+1")
     message, _ = await store.create_message(conversation, "hi", "")
     await applied(
@@ -130,6 +131,7 @@ async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None
     )
     now = utcnow() + timedelta(seconds=1)
     [first] = await hooks.due_webhook_deliveries(hook.id, now, 10)
+    assert await hooks.oldest_pending_webhook() == first.created_at  # the metric's age
     await hooks.webhook_failed(first.id, now + timedelta(seconds=5), "HTTP 503", now)
     # Waiting: neither it nor the one behind it is due, and no sender leases the endpoint
     # for nothing meanwhile.
@@ -141,6 +143,7 @@ async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None
     # The conversation's next delivery goes on.
     [behind] = await hooks.due_webhook_deliveries(hook.id, now, 10)
     assert behind.seq == 2
+    assert await hooks.oldest_pending_webhook() == behind.created_at  # a parked one is not
     parked = await hooks.parked_webhook_deliveries("org-a", hook.id, 10)
     assert parked is not None and [(d.seq, d.last_error) for d in parked] == [(1, "HTTP 500")]
     assert await hooks.parked_webhook_deliveries("org-b", hook.id, 10) is None

@@ -544,6 +544,10 @@ class WebhookStore(Protocol):
     ) -> list[WebhookDelivery] | None:
         """The endpoint's parked deliveries, oldest first; None for no such endpoint."""
 
+    async def oldest_pending_webhook(self) -> datetime | None:
+        """When the oldest delivery not yet delivered nor parked was queued (or made due
+        again by a replay); None when there is none. For the metrics: a scan of them."""
+
     async def replay_parked_webhooks(
         self, org_id: str, endpoint_id: str, now: datetime
     ) -> int | None:

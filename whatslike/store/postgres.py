@@ -1338,6 +1338,13 @@ class PostgresStore:
             )
         return [_delivery(row) for row in rows]
 
+    async def oldest_pending_webhook(self) -> datetime | None:
+        async with self._connection() as conn:
+            oldest: datetime | None = await conn.fetchval(
+                "SELECT min(created_at) FROM webhook_deliveries WHERE parked_at IS NULL"
+            )
+        return oldest
+
     async def replay_parked_webhooks(
         self, org_id: str, endpoint_id: str, now: datetime
     ) -> int | None:

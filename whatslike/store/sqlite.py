@@ -1132,6 +1132,13 @@ class SQLiteStore:
         )
         return [_delivery(row) for row in rows]
 
+    async def oldest_pending_webhook(self) -> datetime | None:
+        rows = await self._read(
+            "SELECT min(created_at) AS oldest FROM webhook_deliveries WHERE parked_at IS NULL"
+        )
+        oldest = rows[0]["oldest"]
+        return parse_time(oldest) if oldest else None
+
     async def replay_parked_webhooks(
         self, org_id: str, endpoint_id: str, now: datetime
     ) -> int | None:

@@ -19,6 +19,10 @@ Targets are checked at every attempt: the URL again (a literal address, the sche
 then every address the name resolves to (`_CheckedResolver`): aiohttp connects only to
 the addresses that passed, so a name that resolves to a private address after it was
 configured is not called. Redirects are never followed (a 3xx is a failed attempt).
+
+Metrics: each attempt's outcome (`whatslike_webhook_deliveries_total`), and at most every
+`OLDEST_EVERY_S` the age of the oldest pending delivery, read from the store (a slow or
+down endpoint shows there long before anything is parked).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ log = logging.getLogger(__name__)
 #: At most this many connections to all endpoints at once (per sender process): the
 #: default `webhook_endpoints_at_once` times `webhook_in_flight`.
 CONNECTIONS = 256
+#: How often the age of the oldest pending delivery is read (a scan of the pending ones);
+#: Prometheus scrapes every 15 s by default.
+OLDEST_EVERY_S = 5.0
 
 
 class _CheckedResolver(AbstractResolver):
@@ -91,6 +98,12 @@ class WebhookSender(BackgroundRole):
         self._owner = new_id("sender")
         self._running: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._outcomes = {
+            outcome: deps.metrics.webhook_deliveries.labels(outcome)
+            for outcome in ("delivered", "retried", "parked")
+        }
+        self._oldest = deps.metrics.webhook_oldest_pending
+        self._oldest_read = -OLDEST_EVERY_S
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -114,9 +127,18 @@ class WebhookSender(BackgroundRole):
         while True:
             try:
                 await self.round(self._store)
+                await self._measure(self._store)
             except WhatslikeError as exc:
                 log.warning("webhook-sender: %s", exc)
             await asyncio.sleep(self._settings.webhook_poll_s)
+
+    async def _measure(self, store: WebhookStore) -> None:
+        if time.monotonic() - self._oldest_read < OLDEST_EVERY_S:
+            return
+        self._oldest_read = time.monotonic()
+        oldest = await store.oldest_pending_webhook()
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+        self._oldest.set(max(0.0, age))
 
     async def round(self, store: WebhookStore) -> None:
         """Lease the endpoints with a delivery due and start a task for each new one."""
@@ -183,6 +205,7 @@ class WebhookSender(BackgroundRole):
         now = utcnow()
         if not error:
             await store.webhook_delivered(delivery.id)
+            self._outcomes["delivered"].inc()
             return
         settings = self._settings
         next_at = retry_at(
@@ -202,6 +225,7 @@ class WebhookSender(BackgroundRole):
                 error,
             )
         await store.webhook_failed(delivery.id, next_at, error, now)
+        self._outcomes["retried" if next_at is not None else "parked"].inc()
 
     async def _post(self, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> str:
         """POST one delivery; "" for a 2xx, else what went wrong (no secret, no URL)."""
