@@ -49,7 +49,9 @@ async def test_a_campaign_of_1000_contacts_counts_exactly_its_messages(
     async with api(disordered, disordered.token("acme")) as client:
         accepted = await start_campaign(client, recipients, "thousand")
         assert accepted["total"] == 1000
+        began = time.monotonic()
         seen = await follow_live(socket, accepted["id"], within_s=120)
+        print(f"\n{len(seen)} campaign frames in {time.monotonic() - began:.1f} s")
         campaign = await wait_quiescent(client, accepted["id"], within_s=10)
         listed = await check_counts(client, campaign, recipients)
     assert campaign["counts"]["failed"] > 0  # the failures were counted by code too
