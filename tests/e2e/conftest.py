@@ -25,7 +25,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from whatslike.settings import DEV_SECRETS as DEV_VALUES
 
-STARTUP_TIMEOUT_S = 30
+#: How long a `serve` may take to print its address, then to be ready. Generous: the
+#: scaled tests start 8-9 processes at once, and at load 20+ on two cores (other suites,
+#: Cassandra nodes) each took over 30 s; a process that exits fails at once anyway.
+STARTUP_TIMEOUT_S = 90
 
 #: The Meta credentials of a deployment outside the embedded mode (where the development
 #: ones are refused): the split deployment's two processes share them.
