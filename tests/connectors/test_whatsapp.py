@@ -39,6 +39,7 @@ from whatslike.events import (
     OutboundMessage,
     ReadReceipt,
     StatusEvent,
+    media_topic,
     outbound_topic,
     receipt_topic,
 )
@@ -49,7 +50,7 @@ from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
 from whatslike.status.rules import PROVIDER_CLOCK_SKEW, ProviderError, Status
-from whatslike.store.base import Conversation, Message, OutboxEntry, ParkedStatus
+from whatslike.store.base import Conversation, InboundMedia, Message, OutboxEntry, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
 from whatslike.templates import Template, canonical
 
@@ -298,17 +299,35 @@ def test_parse_inbound_text_fixture() -> None:
     )
 
 
-def test_parse_ignores_reactions_and_media_on_purpose_and_rejects_a_bodyless_text() -> None:
+def test_parse_inbound_media_fixture() -> None:
+    """An image with its caption and a document with its filename: Meta's media id, MIME
+    type and sha256 kept, to fetch the bytes after the webhook's 200."""
+    image, document = parse_webhook(fixture("whatsapp-inbound-image.json")).items
+    assert isinstance(image, CustomerMessage) and isinstance(document, CustomerMessage)
+    assert image.text == "A foto do recibo"
+    assert image.media == InboundMedia(
+        kind="image",
+        source="1234567890123456",
+        content_type="image/jpeg",
+        sha256="5bc5f5d4cf1fc4c6a6e7e1c8a0b6e6f9f3c0b5d8a2e4c6f8a1b3d5e7f9a1c3e5",
+    )
+    assert document.text == ""
+    assert document.media is not None
+    assert (document.media.kind, document.media.filename) == ("document", "recibo.pdf")
+    assert document.media.state == "fetching"
+
+
+def test_parse_ignores_reactions_and_stickers_on_purpose_and_rejects_a_bodyless_text() -> None:
     payload = fixture("whatsapp-inbound-text.json")
     value = payload["entry"][0]["changes"][0]["value"]
     text = value["messages"][0]
     reaction = {**text, "type": "reaction", "reaction": {"message_id": "wamid.x", "emoji": "👍"}}
-    image = {**text, "type": "image", "image": {"id": "1", "mime_type": "image/jpeg"}}
+    sticker = {**text, "type": "sticker", "sticker": {"id": "1", "mime_type": "image/webp"}}
     button = {**text, "id": "wamid.b", "type": "button", "button": {"text": "Yes", "payload": "y"}}
     bodyless = {**text, "id": "wamid.e", "text": {}}
-    value["messages"] = [reaction, image, button, bodyless]
+    value["messages"] = [reaction, sticker, button, bodyless]
     parsed = parse_webhook(payload)
-    assert parsed.ignored == ["reaction", "image"]
+    assert parsed.ignored == ["reaction", "sticker"]
     assert [
         (m.provider_message_id, m.text) for m in parsed.items if isinstance(m, CustomerMessage)
     ] == [("wamid.b", "Yes")]
@@ -880,6 +899,7 @@ async def test_subscribes_to_its_topics_as_its_group(harness: Harness) -> None:
     assert harness.bus.subscribed == [
         (outbound_topic("whatsapp"), "connector-whatsapp"),
         (receipt_topic("whatsapp"), "connector-whatsapp"),
+        (media_topic("whatsapp"), "connector-whatsapp"),
     ]
 
 

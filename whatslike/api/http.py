@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from whatslike.api.contract import (
     ChangeFrame,
+    InboundMediaOut,
     Link,
     Operation,
     ProviderErrorOut,
@@ -36,7 +37,7 @@ from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.frame import IN
 from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
-from whatslike.store.common import inbound_message_id, read_event, status_entry
+from whatslike.store.common import inbound_message_id, media_json, read_event, status_entry
 from whatslike.templates import Template, canonical
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,10 @@ class MessageOut(BaseModel):
         description="The Instagram message tag it is sent with: `HUMAN_AGENT` for an "
         "agent's answer more than 23 h after the customer's last message."
     )
+    media: InboundMediaOut | None = Field(
+        description="A customer's medium (null for an agent's message, and for a "
+        "customer's without one): its fetch's `state`, `media_id` once stored."
+    )
 
 
 class MessageWithHistory(MessageOut):
@@ -312,6 +317,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "media_id": message.media_id,
         "template": json.loads(message.template) if message.template else None,
         "tag": message.tag,
+        "media": media_json(message),
     }
 
 

@@ -287,6 +287,14 @@ def whatsapp_message(from_: str, wamid: str, timestamp: int, text: str) -> dict[
     }
 
 
+def whatsapp_media_message(
+    from_: str, wamid: str, timestamp: int, kind: str, media: dict[str, Any]
+) -> dict[str, Any]:
+    """One `messages[]` item: the customer `from_` sent a medium of `kind` (`media`:
+    Meta's `id`, `mime_type`, `sha256`, and a `caption` or a document's `filename`)."""
+    return {"from": from_, "id": wamid, "timestamp": str(timestamp), "type": kind, kind: media}
+
+
 def whatsapp_message_webhook(
     phone_number_id: str, from_: str, messages: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -344,6 +352,21 @@ def instagram_message(
         "recipient": {"id": account_id},
         "timestamp": timestamp_ms,
         "message": {"mid": mid, "text": text},
+    }
+
+
+def instagram_attachment_message(
+    account_id: str, sender_id: str, mid: str, attachment: tuple[str, str], timestamp_ms: int
+) -> dict[str, Any]:
+    """One `messaging[]` item: the customer `sender_id` sent an attachment (`image`,
+    `video`, `audio` or `file`) as `(type, url)`, its bytes at the URL (Meta's CDN, no
+    token)."""
+    kind, url = attachment
+    return {
+        "sender": {"id": sender_id},
+        "recipient": {"id": account_id},
+        "timestamp": timestamp_ms,
+        "message": {"mid": mid, "attachments": [{"type": kind, "payload": {"url": url}}]},
     }
 
 
