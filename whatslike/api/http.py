@@ -451,7 +451,9 @@ class HttpApi(RoleDefaults):
                 path_params=ConversationMessagePath,
                 errors={
                     404: "No such message in this conversation of the caller's organization.",
-                    409: "The message is an agent's (`direction` `out`), not the customer's.",
+                    409: "The message is an agent's (`direction` `out`), not the customer's "
+                    "(`not_inbound`); or its medium is still being fetched from Meta "
+                    "(`not_arrived`: read it once its `message` frame came).",
                 },
             ),
             Operation(
@@ -620,6 +622,12 @@ class HttpApi(RoleDefaults):
             raise ApiError(404, "not_found", "no such message in this conversation")
         if message.direction != IN:
             raise ApiError(409, "not_inbound", "only a customer's message can be marked read")
+        if message.inbound_media is not None and message.inbound_media.state == "fetching":
+            # Its arrival is announced with its medium: a READ first would announce it
+            # without (its `message` frame is its first change).
+            raise ApiError(
+                409, "not_arrived", "its medium is still being fetched: read it once it arrived"
+            )
         if message.status is not Status.READ:
             await self._store.handoff([status_entry(read_event(message, utcnow()))])
             self._handoffs.set()
