@@ -28,6 +28,19 @@ export interface MessageFrame {
   status: MessageStatus;
   seq: number;
   occurred_at: string;
+  /** Only when it carries a medium, fetched already: `stored` (get its URL with
+   * `GET /api/media/{media_id}`) or `failed`; `text` is then its caption, maybe empty. */
+  media?: InboundMedia;
+}
+
+/** A customer's medium (docs/protocol.md §4). */
+export interface InboundMedia {
+  kind: "image" | "document" | "audio" | "video";
+  content_type: string;
+  filename: string;
+  state: "fetching" | "stored" | "failed";
+  media_id: string | null;
+  error: string | null;
 }
 
 export interface ClientError {
