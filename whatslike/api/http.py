@@ -32,6 +32,7 @@ from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import format_time, utcnow
 from whatslike.events import CHANNELS
 from whatslike.hub.frames import valid_id
+from whatslike.media.limits import MediaRefused, instagram_attachment
 from whatslike.media.store import MEDIA_ID, MediaStore
 from whatslike.roles import Deps, RoleDefaults
 from whatslike.status.frame import IN
@@ -416,8 +417,9 @@ class HttpApi(RoleDefaults):
                     "free-form message (24 h after the customer's last message; on "
                     "Instagram 7 days, with the HUMAN_AGENT tag after 23 h; enforced per "
                     "`CUSTOMER_WINDOW`; a template is never refused for it); "
-                    "`media_unsupported`: a medium on a channel that cannot send it yet "
-                    "(Instagram); `template_unsupported`: a template on Instagram.",
+                    "`media_unsupported`: a medium Instagram does not take (its type or "
+                    "size; a caption with it); `template_unsupported`: a template on "
+                    "Instagram.",
                 },
                 links=[Link("getMessage", {"message_id": "$response.body#/message_id"})],
                 hot=True,
@@ -544,7 +546,7 @@ class HttpApi(RoleDefaults):
         conversation = await self._conversation(request, identity)
         body = await _body(request, NewMessage)
         if body.media_id:
-            await self._check_media(identity, conversation, body.media_id)
+            await self._check_media(identity, conversation, body.media_id, body.text)
         tag = None
         if body.template is not None:
             # Meta's templates are WhatsApp's; they are sent outside the window too.
@@ -634,14 +636,23 @@ class HttpApi(RoleDefaults):
         return JSONResponse({"message_id": message.id, "status": "READ"}, status_code=202)
 
     async def _check_media(
-        self, identity: Identity, conversation: Conversation, media_id: str
+        self, identity: Identity, conversation: Conversation, media_id: str, caption: str
     ) -> None:
-        if await self._media.record(identity.org_id, media_id) is None:
+        record = await self._media.record(identity.org_id, media_id)
+        if record is None:
             raise ApiError(404, "not_found", "no such media")
-        if conversation.channel != "whatsapp":
-            raise ApiError(
-                422, "media_unsupported", "media can be sent on WhatsApp conversations only"
-            )
+        if conversation.channel == "instagram":
+            if caption:
+                raise ApiError(
+                    422,
+                    "media_unsupported",
+                    "Instagram sends a medium without a caption: send the text as a "
+                    "message of its own",
+                )
+            try:
+                instagram_attachment(record.content_type, record.size)
+            except MediaRefused as exc:
+                raise ApiError(422, exc.code, exc.message) from exc
 
     async def get_message(self, request: Request) -> Response:
         """One message of the caller's organization, with its status history."""

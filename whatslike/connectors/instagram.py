@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from whatslike.clock import from_unix
-from whatslike.connectors.base import Handoff, MetaConnector
+from whatslike.connectors.base import Handoff, MediaMissing, MetaConnector
 from whatslike.connectors.meta import (
     CustomerMessage,
     Parsed,
@@ -27,6 +27,7 @@ from whatslike.connectors.meta import (
 )
 from whatslike.events import OutboundMessage, ReadReceipt
 from whatslike.media.inbound import fetch_attachment
+from whatslike.media.limits import MediaRefused, instagram_attachment
 from whatslike.media.store import MediaRecord
 from whatslike.settings import Settings
 from whatslike.status.rules import Status
@@ -192,6 +193,19 @@ def send_body(recipient_id: str, text: str, tag: str | None = None) -> dict[str,
     return {"recipient": {"id": recipient_id}, **tagged, "message": {"text": text}}
 
 
+def attachment_send_body(
+    recipient_id: str, attachment: str, link: str, tag: str | None = None
+) -> dict[str, Any]:
+    """The send request of a medium, by URL (one Meta fetches, valid `MEDIA_URL_TTL_S`):
+    Instagram takes no caption with it; a message tag as for a text."""
+    tagged = {"messaging_type": "MESSAGE_TAG", "tag": tag} if tag else {}
+    return {
+        "recipient": {"id": recipient_id},
+        **tagged,
+        "message": {"attachment": {"type": attachment, "payload": {"url": link}}},
+    }
+
+
 def receipt_body(recipient_id: str) -> dict[str, Any]:
     """Marks the thread with the customer seen (Instagram has no per-message receipt)."""
     return {"recipient": {"id": recipient_id}, "sender_action": "mark_seen"}
@@ -209,8 +223,17 @@ class InstagramConnector(MetaConnector[InstagramItem]):
         return f"{s.effective_graph_url}/{s.graph_api_version}/me/messages"
 
     async def send_body(self, message: OutboundMessage) -> dict[str, Any]:
-        # The API takes media and templates for WhatsApp conversations only.
-        return send_body(message.to, message.text, message.tag)
+        if message.media_id is None:
+            return send_body(message.to, message.text, message.tag)
+        record = await self._media.record(message.org_id, message.media_id)
+        if record is None:
+            raise MediaMissing(f"medium {message.media_id} of {message.message_id} is gone")
+        try:
+            attachment = instagram_attachment(record.content_type, record.size)
+        except MediaRefused as exc:  # checked by the API: only an old message gets here
+            raise MediaMissing(f"medium of {message.message_id}: {exc.message}") from exc
+        link = await self._media.url(record, self._settings.media_url_ttl_s)
+        return attachment_send_body(message.to, attachment, link, message.tag)
 
     def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
         return receipt_body(receipt.contact)

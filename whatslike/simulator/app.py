@@ -26,7 +26,7 @@ from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_bod
 from whatslike.connectors.pacing import TokenBucket
 from whatslike.errors import BackendUnavailable
 from whatslike.http_client import NotSent, OutcomeUnknown
-from whatslike.media.limits import MediaRefused, media_type
+from whatslike.media.limits import MediaRefused, instagram_attachment, media_type
 from whatslike.media.store import UploadCheck
 from whatslike.roles import Deps
 from whatslike.settings import Settings, simulator_database
@@ -609,6 +609,28 @@ class Simulator:
             )
         return None
 
+    async def _fetch_attachment(self, attachment: dict[str, Any]) -> Response | None:
+        """Like Meta, fetch an Instagram attachment's URL before accepting the send: of a
+        type Instagram takes for its attachment type, within its limit; else the send is
+        refused (#100, "Upload attachment failure")."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MEDIA_FETCH_S)) as http,
+                http.get(attachment["payload"]["url"]) as answer,
+            ):
+                if answer.status != 200:
+                    raise MediaRefused(422, "fetch", f"the URL answered {answer.status}")
+                found = media_type(answer.headers.get("content-type"))
+                check = UploadCheck(found)
+                async for chunk in answer.content.iter_chunked(65_536):
+                    check.feed(chunk)
+                check.finish()
+                if instagram_attachment(found.content_type, check.size) != attachment["type"]:
+                    raise MediaRefused(415, "kind", f"{found.content_type} sent as {attachment}")
+        except (aiohttp.ClientError, TimeoutError, MediaRefused) as exc:
+            return _graph_error(400, 100, f"(#100) Upload attachment failure ({exc})")
+        return None
+
     async def instagram_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)
         if refusal is not None:
@@ -621,6 +643,11 @@ class Simulator:
         problem = payloads.instagram_send_problem(body)
         if problem is not None:
             return _graph_error(400, 100, problem)
+        attachment = body["message"].get("attachment")
+        if attachment is not None:
+            refusal = await self._fetch_attachment(attachment)
+            if refusal is not None:
+                return refusal
         recipient_id = body["recipient"]["id"]
         tagged = body.get("tag") == "HUMAN_AGENT"
         window_s = HUMAN_AGENT_WINDOW_S if tagged else WINDOW_S
@@ -635,7 +662,9 @@ class Simulator:
             )
         mid = payloads.new_instagram_mid()
         plan = self._plan_instagram(mid, recipient_id)
-        key = payloads.instagram_send_key(recipient_id, body["message"]["text"])
+        key = payloads.instagram_send_key(
+            recipient_id, payloads.instagram_send_content(body["message"])
+        )
         answer = payloads.instagram_send_answer(recipient_id, mid)
         return await self._answer(answer, plan, key, ("instagram", recipient_id))
 
