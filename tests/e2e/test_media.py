@@ -271,12 +271,32 @@ async def test_a_message_with_a_medium_is_sent_by_link(
             "/api/conversations", json={"channel": "instagram", "contact": "1784"}, headers=headers
         )
     ).json()
-    refused = await client.post(
-        f"/api/conversations/{instagram['id']}/messages",
-        json={"media_id": media["id"]},
-        headers=headers,
+    on_instagram = f"/api/conversations/{instagram['id']}/messages"
+    captioned = await client.post(
+        on_instagram, json={"media_id": media["id"], "text": "oi"}, headers=headers
     )
-    assert refused.status_code == 422
+    assert (captioned.status_code, captioned.json()["error"]["code"]) == (
+        422,
+        "media_unsupported",
+    )
+    text_file = (
+        await client.post(
+            "/api/media", content=b"notes", headers={**headers, "Content-Type": "text/plain"}
+        )
+    ).json()
+    plain = await client.post(on_instagram, json={"media_id": text_file["id"]}, headers=headers)
+    assert (plain.status_code, plain.json()["error"]["code"]) == (422, "media_unsupported")
+    # An image goes as an attachment by its signed URL, which the simulator fetches.
+    attached = await client.post(on_instagram, json={"media_id": media["id"]}, headers=headers)
+    assert attached.status_code == 202, attached.text
+    attached_id = attached.json()["message_id"]
+    deadline = time.monotonic() + 20
+    while (sent_ig := (await client.get(f"/api/messages/{attached_id}", headers=headers)).json())[
+        "status"
+    ] == "PENDING":
+        assert time.monotonic() < deadline, sent_ig
+        await asyncio.sleep(0.05)
+    assert sent_ig["status"] in ("SENT", "READ"), sent_ig
     long_caption = await client.post(
         messages, json={"media_id": media["id"], "text": "x" * 1025}, headers=headers
     )

@@ -34,11 +34,10 @@ from whatslike.events import CHANNELS
 from whatslike.hub.frames import valid_id
 from whatslike.media.limits import MediaRefused, instagram_attachment
 from whatslike.media.store import MEDIA_ID, MediaStore
+from whatslike.reads import ReadRefused, mark_read
 from whatslike.roles import Deps, RoleDefaults
-from whatslike.status.frame import IN
-from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
-from whatslike.store.common import inbound_message_id, media_json, read_event, status_entry
+from whatslike.store.common import inbound_message_id, media_json
 from whatslike.templates import Template, canonical
 
 log = logging.getLogger(__name__)
@@ -619,21 +618,12 @@ class HttpApi(RoleDefaults):
         if not valid_id(message_id):
             raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")
         conversation = await self._conversation(request, identity)
-        message = await self._store.get_message(message_id)
-        if message is None or message.conversation_id != conversation.id:
-            raise ApiError(404, "not_found", "no such message in this conversation")
-        if message.direction != IN:
-            raise ApiError(409, "not_inbound", "only a customer's message can be marked read")
-        if message.inbound_media is not None and message.inbound_media.state == "fetching":
-            # Its arrival is announced with its medium: a READ first would announce it
-            # without (its `message` frame is its first change).
-            raise ApiError(
-                409, "not_arrived", "its medium is still being fetched: read it once it arrived"
-            )
-        if message.status is not Status.READ:
-            await self._store.handoff([status_entry(read_event(message, utcnow()))])
-            self._handoffs.set()
-        return JSONResponse({"message_id": message.id, "status": "READ"}, status_code=202)
+        try:
+            if await mark_read(self._store, conversation, message_id):
+                self._handoffs.set()
+        except ReadRefused as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from exc
+        return JSONResponse({"message_id": message_id, "status": "READ"}, status_code=202)
 
     async def _check_media(
         self, identity: Identity, conversation: Conversation, media_id: str, caption: str
