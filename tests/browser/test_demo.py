@@ -422,4 +422,9 @@ def test_a_customers_image_shows_inline_in_their_bubble(
         "img => img.complete && img.naturalWidth === 2", arg=image.element_handle()
     )
     expect(theirs).to_have_attribute("data-status", "READ")
+    # Read over the socket: one `read` frame, answered `read_ok`.
+    expect(page.locator(".entry-label", has_text=re.compile(r"^sent read$"))).to_have_count(1)
+    expect(page.locator(".entry-label", has_text=re.compile(r"^received read_ok$"))).to_have_count(
+        1
+    )
     screenshot(page, "demo-inbound-media")

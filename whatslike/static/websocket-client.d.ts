@@ -52,6 +52,8 @@ export interface ClientError {
   code: string;
   message: string;
   conversationId?: string;
+  /** The message of a refused `markRead`. */
+  messageId?: string;
   ref?: string | number | null;
 }
 
@@ -64,6 +66,9 @@ export interface ClientEvents {
   status: StatusFrame;
   /** A customer's message, in the same `seq` order as the statuses. */
   message: MessageFrame;
+  /** The server took a `markRead`: the message is READ (its `status` frame follows for
+   * the first read of it). */
+  read: { conversationId: string; messageId: string };
   /** The answer to a subscribe (also after each automatic resubscribe). */
   subscribed: { conversationId: string; seq: number; recovered: boolean };
   /** The answer to an unsubscribe; not emitted when the conversation was subscribed again
@@ -168,6 +173,9 @@ export declare class ChatStatusClient {
    * reconnects, which resubscribe with `since` = the last seq seen. */
   subscribe(conversationId: string, options?: { since?: number }): void;
   unsubscribe(conversationId: string): void;
+  /** Marks a customer's message read over the socket (`{"type":"read"}`); false when not
+   * open. Answered by a `read` event, or an `error` event with `messageId`. */
+  markRead(conversationId: string, messageId: string): boolean;
   on<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
   off<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
   /** Closes with 1000 and stops reconnecting. */

@@ -156,6 +156,22 @@ export class ChatStatusClient {
     this.#send({ type: "unsubscribe", conversation_id: conversationId, ref: this.#ref({ kind: "unsubscribe", conversationId }) });
   }
 
+  /**
+   * Marks a customer's message read (what `POST …/messages/{id}/read` does): answered by a
+   * `read` event, or an `error` event (`not_found`, `not_inbound`, `not_arrived`,
+   * `forbidden`) naming the conversation and message. Sent only while open (answers
+   * false otherwise: mark it again once connected, it is idempotent).
+   * @param {string} conversationId
+   * @param {string} messageId
+   * @returns {boolean}
+   */
+  markRead(conversationId, messageId) {
+    const ref = this.#ref({ kind: "read", conversationId, messageId });
+    const sent = this.#send({ type: "read", conversation_id: conversationId, message_id: messageId, ref });
+    if (!sent) this.#refs.delete(ref);
+    return sent;
+  }
+
   /** Closes with 1000 and stops reconnecting; `connect()` may start again later. */
   disconnect() {
     if (this.#state === "closed" || this.#state === "idle") {
@@ -403,6 +419,7 @@ export class ChatStatusClient {
       case "subscribed": return this.#onSubscribed(frame);
       case "unsubscribed": return this.#onUnsubscribed(frame);
       case "auth_ok": return this.#onAuthOk(frame);
+      case "read_ok": return this.#onReadOk(frame);
       case "error": return this.#onServerError(frame);
       default: return; // pong, and frame types of later versions
     }
@@ -474,6 +491,7 @@ export class ChatStatusClient {
     const request = frame.ref != null ? this.#refs.get(frame.ref) : undefined;
     if (request) this.#refs.delete(frame.ref);
     const extra = { ref: frame.ref ?? null };
+    if (request?.messageId) extra.messageId = request.messageId;
     if (request?.conversationId) {
       extra.conversationId = request.conversationId;
       const sub = this.#subs.get(request.conversationId);
@@ -562,6 +580,11 @@ export class ChatStatusClient {
       return;
     }
     this.#send({ type: "auth", token, ref: this.#ref({ kind: "auth" }) });
+  }
+
+  #onReadOk(frame) {
+    this.#refs.delete(frame.ref);
+    this.#emit("read", { conversationId: frame.conversation_id, messageId: frame.message_id });
   }
 
   #onAuthOk(frame) {
