@@ -135,9 +135,7 @@ def customer_reply(data: Any) -> CustomerReply:
     """The reply a `POST /simulator/reply` body asks for; ValueError says why not."""
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
-    unknown = sorted(
-        set(data) - {"channel", "contact", "text", "ago_s", "media_id", "filename"}
-    )
+    unknown = sorted(set(data) - {"channel", "contact", "text", "ago_s", "media_id", "filename"})
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}")
     channel, contact, text = data.get("channel"), data.get("contact"), data.get("text", "")
