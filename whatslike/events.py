@@ -33,6 +33,11 @@ def receipt_topic(channel: str) -> str:
     return f"receipts.{channel}"
 
 
+def media_topic(channel: str) -> str:
+    """Where the fetches of a channel's customers' media go (protocol.md §2)."""
+    return f"media.{channel}"
+
+
 def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
@@ -282,4 +287,40 @@ class ReadReceipt:
             channel=channel,
             contact=_text(data, "contact"),
             provider_message_id=_text(data, "provider_message_id"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MediaFetch:
+    """A customer's message carries a medium to fetch from Meta into the media store
+    (topics `media.<channel>`): where it is and what Meta said of it are the message's
+    (`inbound_media`), read by the connector when it fetches."""
+
+    message_id: str
+    conversation_id: str
+    org_id: str
+    channel: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "message_id": self.message_id,
+                "conversation_id": self.conversation_id,
+                "org_id": self.org_id,
+                "channel": self.channel,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> MediaFetch:
+        data = _load(raw)
+        channel = _text(data, "channel")
+        if channel not in CHANNELS:
+            raise MalformedEvent(f"unknown channel {channel!r}")
+        return cls(
+            message_id=_text(data, "message_id"),
+            conversation_id=_text(data, "conversation_id"),
+            org_id=_text(data, "org_id"),
+            channel=channel,
         )

@@ -120,6 +120,12 @@ class Metrics:
             ["channel"],
             registry=r,
         )
+        self.inbound_media = Counter(
+            "whatslike_inbound_media_total",
+            "Customers' media fetched from Meta, by outcome (stored, retry, failed)",
+            ["channel", "outcome"],
+            registry=r,
+        )
         self.webhook_items_skipped = Counter(
             "whatslike_webhook_items_skipped_total",
             "Items of accepted webhooks not applied (malformed, provider_error, ignored)",

@@ -253,6 +253,16 @@ class Settings(BaseSettings):
     #: Uploads at work at once per process (each holds up to one 8 MiB part in memory on
     #: S3); beyond it an upload answers 503 with Retry-After.
     media_max_uploads: int = Field(8, ge=1, le=1000)
+    #: Customers' media downloaded from Meta at once per connector (its connections; more
+    #: wait for one), each holding up to one 8 MiB part in memory on S3.
+    media_fetch_concurrency: int = Field(4, ge=1, le=100)
+    #: Tries of one customer's medium while Meta answers 5xx/429 or is out of reach, with
+    #: back-off from `media_fetch_backoff_s` (doubling, capped at 30 s); then it is given
+    #: up (`failed`) and its message announced without it.
+    media_fetch_attempts: int = Field(5, ge=1, le=20)
+    media_fetch_backoff_s: float = Field(1.0, gt=0, le=30)
+    #: How long one download may take, from its request to its last byte.
+    media_fetch_timeout_s: float = Field(60.0, gt=0, le=600)
 
     # Simulator.
     sim_delay_ms: int = Field(300, ge=0)

@@ -42,6 +42,7 @@ OUTSIDE_CONTRACT = {
     "/simulator/reply",
     "/simulator/media",
     "/simulator/media/{media_id}",
+    "/simulator/attachments/{media_id}",
     "/simulator/{version}/{media_id}",
     "/simulator/{version}/me/messages",
     "/simulator/{version}/{phone_number_id}/messages",

@@ -432,3 +432,42 @@ def test_a_campaigns_funnel_moves_live_to_its_final_counts(
     assert versions == sorted(set(versions)), versions
     assert_no_horizontal_overflow(page)
     print(f"\nscreenshot: {screenshot(page, 'demo-campaign')}")
+
+
+def test_a_customers_image_shows_inline_in_their_bubble(
+    embedded_server: Server, new_page: NewPage
+) -> None:
+    """The customer sends a photo (through the simulator, as Meta would: a Graph media
+    id): fetched into the media store, then announced, it shows inline in a customer's
+    bubble with its caption, and is read once shown."""
+    page = new_page(1440, 900)
+    page.goto(printed_demo_url(embedded_server))
+    expect(page.get_by_test_id("conn-state")).to_have_text("open")
+    start_chat(page, "whatsapp", "5511988877602")
+    held = httpx.post(
+        f"{embedded_server.url}/simulator/media",
+        content=tiny_png(),
+        headers={"Content-Type": "image/png"},
+    )
+    reply = {
+        "channel": "whatsapp",
+        "contact": "5511988877602",
+        "media_id": held.json()["id"],
+        "text": "Meu recibo",
+    }
+    assert httpx.post(f"{embedded_server.url}/simulator/reply", json=reply).status_code == 202
+    theirs = page.locator('[data-testid="message"][data-direction="in"]')
+    expect(theirs).to_have_count(1)
+    expect(theirs).to_contain_text("Meu recibo")
+    image = theirs.get_by_test_id("message-image")
+    expect(image).to_be_visible()
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth === 2", arg=image.element_handle()
+    )
+    expect(theirs).to_have_attribute("data-status", "READ")
+    # Read over the socket: one `read` frame, answered `read_ok`.
+    expect(page.locator(".entry-label", has_text=re.compile(r"^sent read$"))).to_have_count(1)
+    expect(page.locator(".entry-label", has_text=re.compile(r"^received read_ok$"))).to_have_count(
+        1
+    )
+    screenshot(page, "demo-inbound-media")

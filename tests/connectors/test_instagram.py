@@ -27,7 +27,7 @@ from whatslike.connectors.instagram import (
 from whatslike.connectors.meta import CustomerMessage, Parsed, sign
 from whatslike.events import TOPIC_STATUS, StatusEvent
 from whatslike.status.rules import Status
-from whatslike.store.base import Message
+from whatslike.store.base import InboundMedia, Message
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "meta"
 ACCOUNT = "17841400000000001"
@@ -95,7 +95,8 @@ def test_parse_reads_messages_and_skips_echoes_reactions_and_other_objects() -> 
     }
     echo = {**message_event, "message": {"mid": "e", "text": "ours", "is_echo": True}}
     reaction = {**message_event, "reaction": {"mid": "m", "action": "react", "emoji": "x"}}
-    photo = {**message_event, "message": {"mid": "p", "attachments": [{"type": "image"}]}}
+    share = {"type": "share", "payload": {"url": "https://example.com/post"}}
+    photo = {**message_event, "message": {"mid": "p", "attachments": [share]}}
     payload["entry"][0]["messaging"][:0] = [message_event, echo, reaction, photo]
     second = copy.deepcopy(payload["entry"][0])
     second["messaging"] = [second["messaging"][-1]]
@@ -109,6 +110,31 @@ def test_parse_reads_messages_and_skips_echoes_reactions_and_other_objects() -> 
     assert other.provider_message_id == "other"
     assert parsed.ignored == ["reaction", "attachments"]
     assert parse_webhook({"object": "page", "entry": []}) == Parsed()
+
+
+def test_parse_attachments_one_message_per_medium() -> None:
+    """Image, video, audio and file attachments are media (file: a document), each a
+    message of its own; a kind not kept (a shared post) is left out; an attachment
+    without a URL is malformed."""
+    image = {"type": "image", "payload": {"url": "https://lookaside.example/1"}}
+    share = {"type": "share", "payload": {"url": "https://example.com/post"}}
+    document = {"type": "file", "payload": {"url": "https://lookaside.example/2"}}
+    item = {
+        "sender": {"id": USER},
+        "timestamp": 1764072300120,
+        "message": {"mid": "m", "attachments": [image, share, document]},
+    }
+    broken = {**item, "message": {"mid": "b", "attachments": [{"type": "image"}]}}
+    parsed = parse_webhook(
+        {"object": "instagram", "entry": [{"id": ACCOUNT, "messaging": [item, broken]}]}
+    )
+    first, second = parsed.items
+    assert isinstance(first, CustomerMessage) and isinstance(second, CustomerMessage)
+    assert (first.provider_message_id, first.text) == ("m", "")
+    assert first.media == InboundMedia(kind="image", source="https://lookaside.example/1")
+    assert second.provider_message_id == "m#2"
+    assert second.media == InboundMedia(kind="document", source="https://lookaside.example/2")
+    assert len(parsed.rejected) == 1 and "payload" in parsed.rejected[0]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -36,20 +37,23 @@ from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
     TOPIC_MESSAGES,
     TOPIC_STATUS,
+    MediaFetch,
     OutboundMessage,
     ReadReceipt,
     StatusEvent,
+    media_topic,
     outbound_topic,
     receipt_topic,
 )
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
+from whatslike.media.inbound import MediaFetchFailed
 from whatslike.media.store import MediaRecord
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
 from whatslike.settings import load_settings
 from whatslike.status.rules import PROVIDER_CLOCK_SKEW, ProviderError, Status
-from whatslike.store.base import Conversation, Message, OutboxEntry, ParkedStatus
+from whatslike.store.base import Conversation, InboundMedia, Message, OutboxEntry, ParkedStatus
 from whatslike.store.sqlite import SQLiteStore
 from whatslike.templates import Template, canonical
 
@@ -298,17 +302,35 @@ def test_parse_inbound_text_fixture() -> None:
     )
 
 
-def test_parse_ignores_reactions_and_media_on_purpose_and_rejects_a_bodyless_text() -> None:
+def test_parse_inbound_media_fixture() -> None:
+    """An image with its caption and a document with its filename: Meta's media id, MIME
+    type and sha256 kept, to fetch the bytes after the webhook's 200."""
+    image, document = parse_webhook(fixture("whatsapp-inbound-image.json")).items
+    assert isinstance(image, CustomerMessage) and isinstance(document, CustomerMessage)
+    assert image.text == "A foto do recibo"
+    assert image.media == InboundMedia(
+        kind="image",
+        source="1234567890123456",
+        content_type="image/jpeg",
+        sha256="5bc5f5d4cf1fc4c6a6e7e1c8a0b6e6f9f3c0b5d8a2e4c6f8a1b3d5e7f9a1c3e5",
+    )
+    assert document.text == ""
+    assert document.media is not None
+    assert (document.media.kind, document.media.filename) == ("document", "recibo.pdf")
+    assert document.media.state == "fetching"
+
+
+def test_parse_ignores_reactions_and_stickers_on_purpose_and_rejects_a_bodyless_text() -> None:
     payload = fixture("whatsapp-inbound-text.json")
     value = payload["entry"][0]["changes"][0]["value"]
     text = value["messages"][0]
     reaction = {**text, "type": "reaction", "reaction": {"message_id": "wamid.x", "emoji": "👍"}}
-    image = {**text, "type": "image", "image": {"id": "1", "mime_type": "image/jpeg"}}
+    sticker = {**text, "type": "sticker", "sticker": {"id": "1", "mime_type": "image/webp"}}
     button = {**text, "id": "wamid.b", "type": "button", "button": {"text": "Yes", "payload": "y"}}
     bodyless = {**text, "id": "wamid.e", "text": {}}
-    value["messages"] = [reaction, image, button, bodyless]
+    value["messages"] = [reaction, sticker, button, bodyless]
     parsed = parse_webhook(payload)
-    assert parsed.ignored == ["reaction", "image"]
+    assert parsed.ignored == ["reaction", "sticker"]
     assert [
         (m.provider_message_id, m.text) for m in parsed.items if isinstance(m, CustomerMessage)
     ] == [("wamid.b", "Yes")]
@@ -880,6 +902,7 @@ async def test_subscribes_to_its_topics_as_its_group(harness: Harness) -> None:
     assert harness.bus.subscribed == [
         (outbound_topic("whatsapp"), "connector-whatsapp"),
         (receipt_topic("whatsapp"), "connector-whatsapp"),
+        (media_topic("whatsapp"), "connector-whatsapp"),
     ]
 
 
@@ -907,6 +930,65 @@ async def test_a_customers_message_is_stored_then_its_arrival_handed_off(
     )
     conversation = await harness.store.get_conversation("demo", message.conversation_id)
     assert conversation is not None and conversation.contact == "5511988877665"
+
+
+async def test_a_customers_medium_is_stored_before_the_200_and_fetched_after(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook stores the media messages with Meta's descriptor and hands off their
+    fetches, not their arrivals (nothing is downloaded in the webhook). A fetch Meta
+    answers 5xx is tried again, then stored: the arrival follows, and the fetch's
+    hand-off is done; one Meta refuses (404) is given up at once, `failed`, and
+    announced all the same. A redelivered webhook then hands off the same arrivals."""
+    payload = fixture("whatsapp-inbound-image.json")
+    assert (await harness.post(payload)).status_code == 200
+    handed = await harness.handed()
+    assert [topic for topic, _, _ in handed] == [media_topic("whatsapp")] * 2
+    fetches = [MediaFetch.from_json(value) for _, _, value in handed]
+    image, document = await harness.store.get_messages([f.message_id for f in fetches])
+    if image.text != "A foto do recibo":
+        image, document = document, image
+    assert image.inbound_media is not None and image.inbound_media.state == "fetching"
+    assert image.inbound_media.source == "1234567890123456"
+    fetched = replace(image.inbound_media, state="stored")
+
+    answers: list[Exception | None] = [
+        MediaFetchFailed("Meta answered 503", code="http_503", retriable=True),
+        None,
+        MediaFetchFailed("Meta answered 404", code="http_404"),
+    ]
+    stored = MediaRecord("med_" + "a" * 32, "demo", "image/jpeg", "image", 9, "s", "", utcnow())
+
+    async def download(http: Any, media: InboundMedia, org_id: str) -> MediaRecord:
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+        return stored
+
+    monkeypatch.setattr(harness.connector, "download", download)
+    quick = harness.settings.model_copy(update={"media_fetch_backoff_s": 0.001})
+    monkeypatch.setattr(harness.connector, "_settings", quick)
+    async with aiohttp.ClientSession() as session:
+        harness.connector._downloads = session
+        for fetch in fetches:
+            await harness.connector.fetch_media(fetch.to_json())
+    assert answers == []
+    image, document = await harness.store.get_messages([image.id, document.id])
+    if image.text != "A foto do recibo":
+        image, document = document, image
+    assert (image.media_id, image.inbound_media) == (stored.id, fetched)
+    assert document.media_id is None and document.inbound_media is not None
+    assert (document.inbound_media.state, document.inbound_media.error) == (
+        "failed",
+        "http_404: Meta answered 404",
+    )
+    arrivals = await harness.statuses()
+    assert sorted(e.message_id for e in arrivals) == sorted([image.id, document.id])
+    assert all(e.status is Status.DELIVERED for e in arrivals)
+    assert [t for t, _, _ in await harness.handed()] == [TOPIC_STATUS] * 2
+    assert (await harness.post(payload)).status_code == 200
+    again = await harness.statuses()
+    assert {e.event_id for e in again} == {e.event_id for e in arrivals}
 
 
 async def test_a_message_to_another_number_is_not_stored(harness: Harness) -> None:

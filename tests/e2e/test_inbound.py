@@ -175,3 +175,69 @@ async def test_a_reply_while_the_agent_is_away_is_recovered_on_the_embedded_defa
         )
     finally:
         stop_server(server)
+
+
+async def test_marking_read_from_the_socket(tmp_path: Path) -> None:
+    """The `read` frame does what the read call does: twice, one READ change and one
+    receipt to Meta, each answered `read_ok`; bad input is a clear error frame, another
+    organization's conversation `forbidden` like a subscribe."""
+    server = start_server(tmp_path / "serve")
+    contact = f"55119{uuid.uuid4().int % 10**8:08d}"
+    try:
+        token = server.token("demo")
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {token}"}
+        ) as owner:
+            reply = {"channel": "whatsapp", "contact": contact, "text": "Oi"}
+            wamid = (await owner.post("/simulator/reply", json=reply)).json()["provider_message_id"]
+            by_wamid = "/api/messages"
+            deadline = time.monotonic() + 20
+            while (
+                found := await owner.get(by_wamid, params={"provider_message_id": wamid})
+            ).json().get("seq") is None:
+                assert time.monotonic() < deadline, found.text
+                await asyncio.sleep(0.05)
+            message = found.json()
+            conversation = message["conversation_id"]
+            agent = await socket_of(server, token)
+            since = (await agent.subscribe(conversation))["seq"]
+            read = {"type": "read", "conversation_id": conversation, "message_id": message["id"]}
+            for ref in ("r1", "r2"):
+                await agent.send({**read, "ref": ref})
+            answers = [await agent.next() for _ in range(3)]
+            acks = [a for a in answers if a["type"] == "read_ok"]
+            assert [a["ref"] for a in acks] == ["r1", "r2"]
+            [status] = [a for a in answers if a["type"] == "status"]
+            assert (status["message_id"], status["status"], status["seq"]) == (
+                message["id"],
+                "READ",
+                since + 1,
+            )
+            deadline = time.monotonic() + 20
+            while (await owner.get("/simulator/receipts")).json()["whatsapp"].get(wamid) != 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+
+            ours = await owner.post(
+                f"/api/conversations/{conversation}/messages", json={"text": "De nada"}
+            )
+            refusals = [
+                ({**read, "message_id": "msg_none"}, "not_found"),
+                ({**read, "message_id": ours.json()["message_id"]}, "not_inbound"),
+                ({"type": "read", "conversation_id": conversation}, "bad_request"),
+                ({**read, "message_id": "a/b"}, "bad_request"),
+            ]
+            checker = await socket_of(server, token)  # subscribed to nothing: no statuses
+            for frame, code in refusals:
+                await checker.send({**frame, "ref": code})
+                error = await checker.next_of("error")
+                assert (error["code"], error["ref"]) == (code, code), error
+            assert await checker.ping_barrier() == []
+            intruder = await socket_of(server, server.token("org-other", "intruder"))
+            await intruder.send({**read, "ref": 9})
+            refused = await intruder.next_of("error")
+            assert (refused["code"], refused["ref"]) == ("forbidden", 9)
+            for socket in (agent, checker, intruder):
+                await socket.connection.close()
+    finally:
+        stop_server(server)

@@ -19,6 +19,7 @@ from aiobotocore.session import get_session
 from botocore.config import Config
 
 from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.test_inbound import socket_of
 from whatslike.media.inbound import MediaFetchFailed, fetch_inbound_media
 from whatslike.media.limits import MB
 from whatslike.media.local import LocalMediaStore
@@ -270,13 +271,99 @@ async def test_a_message_with_a_medium_is_sent_by_link(
             "/api/conversations", json={"channel": "instagram", "contact": "1784"}, headers=headers
         )
     ).json()
-    refused = await client.post(
-        f"/api/conversations/{instagram['id']}/messages",
-        json={"media_id": media["id"]},
-        headers=headers,
+    on_instagram = f"/api/conversations/{instagram['id']}/messages"
+    captioned = await client.post(
+        on_instagram, json={"media_id": media["id"], "text": "oi"}, headers=headers
     )
-    assert refused.status_code == 422
+    assert (captioned.status_code, captioned.json()["error"]["code"]) == (
+        422,
+        "media_unsupported",
+    )
+    text_file = (
+        await client.post(
+            "/api/media", content=b"notes", headers={**headers, "Content-Type": "text/plain"}
+        )
+    ).json()
+    plain = await client.post(on_instagram, json={"media_id": text_file["id"]}, headers=headers)
+    assert (plain.status_code, plain.json()["error"]["code"]) == (422, "media_unsupported")
+    # An image goes as an attachment by its signed URL, which the simulator fetches.
+    attached = await client.post(on_instagram, json={"media_id": media["id"]}, headers=headers)
+    assert attached.status_code == 202, attached.text
+    attached_id = attached.json()["message_id"]
+    deadline = time.monotonic() + 20
+    while (sent_ig := (await client.get(f"/api/messages/{attached_id}", headers=headers)).json())[
+        "status"
+    ] == "PENDING":
+        assert time.monotonic() < deadline, sent_ig
+        await asyncio.sleep(0.05)
+    assert sent_ig["status"] in ("SENT", "READ"), sent_ig
     long_caption = await client.post(
         messages, json={"media_id": media["id"], "text": "x" * 1025}, headers=headers
     )
     assert long_caption.status_code == 400
+
+
+async def customer_sends(
+    client: httpx.AsyncClient, channel: str, contact: str, media_id: str, text: str = ""
+) -> None:
+    """The simulator's customer sends a medium it holds (a signed webhook to us)."""
+    body = {"channel": channel, "contact": contact, "media_id": media_id, "text": text}
+    answer = await client.post("/simulator/reply", json=body)
+    assert answer.status_code == 202, answer.text
+
+
+@pytest.mark.parametrize("channel", ["whatsapp", "instagram"])
+async def test_a_customers_image_arrives_stored_and_is_recovered_with_since(
+    served: Server, client: httpx.AsyncClient, channel: str
+) -> None:
+    """A customer's image (WhatsApp: a Graph media id, fetched with the token; Instagram:
+    an attachment URL, fetched without) is fetched into the store after the webhook's
+    200, and its message announced with it: the `message` frame names its media id,
+    whose URL gives the very bytes; the same frame comes back with `since`, and the list
+    says where the medium is. A medium Meta does not give (Graph answers 404) ends
+    `failed`, its message announced all the same."""
+    served.secrets.add(DEV_SECRETS["meta_access_token"])  # never in the server's log
+    contact = f"55119{int.from_bytes(os.urandom(4)) % 10**8:08d}"
+    token = served.token("demo")
+    headers = {"Authorization": f"Bearer {token}"}
+    held = await client.post("/simulator/media", content=PNG, headers={"Content-Type": "image/png"})
+    conversation = (
+        await client.post(
+            "/api/conversations", json={"channel": channel, "contact": contact}, headers=headers
+        )
+    ).json()["id"]
+    agent = await socket_of(served, token)
+    since = (await agent.subscribe(conversation))["seq"]
+
+    await customer_sends(client, channel, contact, held.json()["id"], "o recibo")
+    frame = await agent.next_of("message", wait_s=30)
+    assert (frame["conversation_id"], frame["seq"], frame["text"]) == (
+        conversation,
+        since + 1,
+        "" if channel == "instagram" else "o recibo",  # Instagram has no captions
+    )
+    media = frame["media"]
+    assert (media["kind"], media["content_type"], media["state"], media["error"]) == (
+        "image",
+        "image/png",
+        "stored",
+        None,
+    )
+    url = (await client.get(f"/api/media/{media['media_id']}", headers=headers)).json()["url"]
+    async with httpx.AsyncClient() as browser:
+        assert (await browser.get(url)).content == PNG
+    changes = await client.get(
+        f"/api/conversations/{conversation}/changes", params={"since": since}, headers=headers
+    )
+    assert changes.json()["frames"] == [frame]
+    [listed] = (
+        await client.get(f"/api/conversations/{conversation}/messages", headers=headers)
+    ).json()["messages"]
+    assert (listed["media_id"], listed["media"]) == (media["media_id"], media)
+
+    await customer_sends(client, channel, contact, "4040404040404040")  # held by nobody
+    failed = await agent.next_of("message", wait_s=30)
+    assert failed["seq"] == since + 2
+    assert (failed["media"]["state"], failed["media"]["media_id"]) == ("failed", None)
+    assert "404" in failed["media"]["error"]
+    await agent.connection.close()

@@ -14,6 +14,7 @@ from whatslike.hub.frames import (
     Auth,
     FrameError,
     Ping,
+    Read,
     Subscribe,
     SubscribeCampaign,
     Unsubscribe,
@@ -69,6 +70,22 @@ def test_ping_without_ts() -> None:
 
 def test_auth() -> None:
     assert parse('{"type":"auth","token":"a.b.c","ref":"r3"}') == Auth("a.b.c", "r3")
+
+
+def test_read() -> None:
+    raw = '{"type":"read","conversation_id":"c1","message_id":"msg_in_1","ref":"r4"}'
+    assert parse(raw) == Read("c1", "msg_in_1", "r4")
+    for missing in ('{"type":"read","conversation_id":"c1"}', '{"type":"read","message_id":"m"}'):
+        result = parse(missing)
+        assert isinstance(result, FrameError) and "is required" in result.message
+    bad = parse('{"type":"read","conversation_id":"c1","message_id":"a/b","ref":1}')
+    assert isinstance(bad, FrameError) and (bad.code, bad.ref) == ("bad_request", 1)
+    assert json.loads(frames.read_ok("c1", "m1", "r4")) == {
+        "type": "read_ok",
+        "conversation_id": "c1",
+        "message_id": "m1",
+        "ref": "r4",
+    }
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -270,7 +287,7 @@ _surrogates = st.text(
 
 
 @given(
-    st.sampled_from(["subscribe", "unsubscribe", "auth", "ping", "nope"]),
+    st.sampled_from(["subscribe", "unsubscribe", "auth", "ping", "read", "nope"]),
     _surrogates,
     _surrogates | st.integers(),
 )
@@ -278,13 +295,22 @@ def test_what_the_parser_accepts_is_clean_text(kind: str, value: str, ref: objec
     """Every string that comes out of the parser can be encoded, stored and logged: a lone
     surrogate or an id outside the pattern is a FrameError, never an exception later."""
     raw = json.dumps(
-        {"type": kind, "conversation_id": value, "token": value, "ts": value, "ref": ref}
+        {
+            "type": kind,
+            "conversation_id": value,
+            "message_id": value,
+            "token": value,
+            "ts": value,
+            "ref": ref,
+        }
     )
     result = parse_client_frame(raw, 10_000)
     match result:
         case Subscribe(conversation_id=cid, ref=r) | Unsubscribe(conversation_id=cid, ref=r):
             assert frames.valid_id(cid)
             assert not isinstance(r, str) or not frames.has_lone_surrogate(r)
+        case Read(conversation_id=cid, message_id=mid):
+            assert frames.valid_id(cid) and frames.valid_id(mid)
         case Auth(token=token):
             token.encode("utf-8")
         case Ping(ts=ts):

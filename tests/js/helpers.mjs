@@ -109,7 +109,7 @@ export function setup({ random = () => 0.5, tokenTtlS = 3600, ...options } = {})
     token,
   });
   const events = [];
-  for (const name of ["state", "connected", "status", "message", "subscribed", "unsubscribed", "reload", "gap", "error", "close", "frame", "sent", "campaign", "campaignUnsubscribed"]) {
+  for (const name of ["state", "connected", "status", "message", "read", "subscribed", "unsubscribed", "reload", "gap", "error", "close", "frame", "sent", "campaign", "campaignUnsubscribed"]) {
     client.on(name, (payload) => events.push({ name, payload }));
   }
   const of = (name) => events.filter((e) => e.name === name).map((e) => e.payload);

@@ -450,6 +450,24 @@ describe("subscriptions and seq", () => {
     t.client.disconnect();
   });
 
+  test("markRead sends a read frame: read_ok is a `read` event, a refusal an error naming the message", () => {
+    const t = setup();
+    assert.equal(t.client.markRead("c1", "msg_in_1"), false, "not open: nothing sent");
+    t.client.connect();
+    const ws = t.accept();
+    assert.equal(t.client.markRead("c1", "msg_in_1"), true);
+    assert.equal(t.client.markRead("c1", "msg_none"), true);
+    const [first, second] = ws.sentOf("read");
+    assert.deepEqual([first.conversation_id, first.message_id], ["c1", "msg_in_1"]);
+    assert.notEqual(first.ref, second.ref);
+    ws.message({ type: "read_ok", conversation_id: "c1", message_id: "msg_in_1", ref: first.ref });
+    ws.message({ type: "error", code: "not_found", message: "no such message", ref: second.ref });
+    assert.deepEqual(t.of("read"), [{ conversationId: "c1", messageId: "msg_in_1" }]);
+    const [refused] = t.of("error");
+    assert.deepEqual([refused.code, refused.conversationId, refused.messageId], ["not_found", "c1", "msg_none"]);
+    t.client.disconnect();
+  });
+
   test("duplicates are ignored: the same seq twice, and an old seq after a newer one", () => {
     const t = setup();
     t.client.connect();

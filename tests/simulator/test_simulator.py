@@ -42,6 +42,7 @@ from whatslike.simulator.app import (
     RateLimits,
     Simulator,
     changed_controls,
+    customer_reply,
 )
 from whatslike.status.rules import Status
 from whatslike.store.sqlite import SQLiteStore
@@ -149,6 +150,33 @@ def test_send_answers_have_the_fixture_shapes() -> None:
     }
     assert payloads.whatsapp_send_problem(fixture("whatsapp-send-request.json")) is None
     assert payloads.instagram_send_problem(fixture("instagram-send-request.json")) is None
+
+
+def test_an_instagram_attachment_send_is_checked_like_meta() -> None:
+    def send(message: dict[str, Any]) -> str | None:
+        return payloads.instagram_send_problem({"recipient": {"id": "17841"}, "message": message})
+
+    image = {"type": "image", "payload": {"url": "https://example.com/x.png"}}
+    assert send({"attachment": image}) is None
+    assert payloads.instagram_send_content({"attachment": image}) == "https://example.com/x.png"
+    assert "Only one" in str(send({"attachment": image, "text": "oi"}))
+    assert "type" in str(send({"attachment": {**image, "type": "sticker"}}))
+    assert "url" in str(send({"attachment": {"type": "image", "payload": {"url": "ftp://x"}}}))
+
+
+def test_a_customer_reply_may_carry_a_medium() -> None:
+    reply = customer_reply(
+        {"channel": "whatsapp", "contact": "5511", "media_id": "123", "filename": "a.pdf"}
+    )
+    assert (reply.text, reply.media_id, reply.filename) == ("", "123", "a.pdf")
+    bad: Any
+    for bad in (
+        {"channel": "whatsapp", "contact": "5511"},  # neither a text nor a medium
+        {"channel": "whatsapp", "contact": "5511", "media_id": "../x"},
+        {"channel": "whatsapp", "contact": "5511", "media_id": "1", "filename": "a\nb"},
+    ):
+        with pytest.raises(ValueError):
+            customer_reply(bad)
 
 
 def test_controls_validation() -> None:

@@ -4,12 +4,13 @@ and Cassandra, through the fixtures of tests/store/conftest.py."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 from tests.store.test_contract import T0, at, decoded, status_event
 from whatslike.clock import utcnow
 from whatslike.status.rules import Status
-from whatslike.store.base import InboundMessage, Message, Store
+from whatslike.store.base import InboundMedia, InboundMessage, Message, Store
 
 CONTACT = "+5511988877665"
 
@@ -132,3 +133,46 @@ async def test_the_last_inbound_time_is_the_latest_customers_message(store: Stor
     await store.create_message(conversation, "ours", "")
     assert await store.last_inbound_at(conversation.id) == at(5000)
     assert await store.last_inbound_at("conv_none") is None
+
+
+async def test_a_customers_medium_is_kept_with_its_fetchs_state_and_announced_with_it(
+    store: Store,
+) -> None:
+    """Meta's descriptor is stored with the message; the fetch's outcome (its media id)
+    is written in place, with no change of the seq stream; the arrival's `message` frame
+    then carries the medium as stored, never Meta's source."""
+    described = InboundMedia("image", "1234567890", "image/jpeg", "ab" * 32, "")
+    received = await store.receive_message(
+        replace(inbound("wamid.photo"), text="a caption", media=described)
+    )
+    assert (received.inbound_media, received.media_id) == (described, None)
+    assert (await store.get_message(received.id)) == received
+    stored = replace(described, state="stored")
+    await store.set_inbound_media(received.id, stored, "med_" + "1" * 32)
+    message = await store.get_message(received.id)
+    assert message is not None
+    assert (message.inbound_media, message.media_id, message.seq) == (
+        stored,
+        "med_" + "1" * 32,
+        None,
+    )
+    [listed_one] = await listed(store, "org_a", message.conversation_id)
+    assert listed_one == message
+    [arrival] = await store.apply_statuses([status_event(message, Status.DELIVERED, at(2))])
+    [frame] = decoded(arrival.frames)
+    assert (frame["type"], frame["text"]) == ("message", "a caption")
+    assert frame["media"] == {
+        "kind": "image",
+        "content_type": "image/jpeg",
+        "filename": "",
+        "state": "stored",
+        "media_id": "med_" + "1" * 32,
+        "error": None,
+    }
+    failed = replace(described, state="failed", error="http_404: gone")
+    other = await store.receive_message(replace(inbound("wamid.gone"), media=described))
+    await store.set_inbound_media(other.id, failed, None)
+    found = await store.get_message(other.id)
+    assert found is not None and (found.inbound_media, found.media_id) == (failed, None)
+    text = await store.get_message((await store.receive_message(inbound("wamid.t"))).id)
+    assert text is not None and text.inbound_media is None

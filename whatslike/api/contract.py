@@ -362,6 +362,20 @@ class StatusFrame(BaseModel):
     error: ProviderErrorOut | None = Field(description="Set for FAILED.")
 
 
+class InboundMediaOut(BaseModel):
+    """A customer's medium: what Meta said of it and where its fetch is."""
+
+    kind: Literal["image", "document", "audio", "video"]
+    content_type: str = Field(description="Its MIME type (Meta's, or the download's).")
+    filename: str = Field(description="A document's name, as the customer sent it.")
+    state: Literal["fetching", "stored", "failed"] = Field(
+        description="`fetching`: its bytes are being fetched from Meta; `stored`: in the "
+        "media store, as `media_id`; `failed`: given up (`error` says why)."
+    )
+    media_id: str | None = Field(description="Once `stored`: `getMedia` gives its URL.")
+    error: str | None = Field(description="Why it was given up, once `failed`.")
+
+
 class MessageFrame(BaseModel):
     """A customer's message arrived, exactly as the WebSocket sends it (protocol.md §4):
     its first change, in the same seq stream as the status frames."""
@@ -374,6 +388,11 @@ class MessageFrame(BaseModel):
     status: StatusName = Field(description="DELIVERED: it reached us (READ once read).")
     seq: int = Field(ge=1, description="The conversation's sequence number of the change.")
     occurred_at: datetime = Field(description="When the customer sent it (Meta's clock).")
+    media: InboundMediaOut | None = Field(
+        None,
+        description="Present only when it carries a medium, fetched already (`stored` or "
+        "`failed`); `text` is then its caption, maybe empty.",
+    )
 
 
 #: A change of a conversation, as the WebSocket sends it.

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from whatslike.api.contract import (
     ChangeFrame,
+    InboundMediaOut,
     Link,
     Operation,
     ProviderErrorOut,
@@ -31,12 +32,12 @@ from whatslike.auth import Identity, InvalidToken, TokenService, bearer_token
 from whatslike.clock import format_time, utcnow
 from whatslike.events import CHANNELS
 from whatslike.hub.frames import valid_id
+from whatslike.media.limits import MediaRefused, instagram_attachment
 from whatslike.media.store import MEDIA_ID, MediaStore
+from whatslike.reads import ReadRefused, mark_read
 from whatslike.roles import Deps, RoleDefaults
-from whatslike.status.frame import IN
-from whatslike.status.rules import Status
 from whatslike.store.base import Conversation, Message
-from whatslike.store.common import inbound_message_id, read_event, status_entry
+from whatslike.store.common import inbound_message_id, media_json
 from whatslike.templates import Template, canonical
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,10 @@ class MessageOut(BaseModel):
         description="The Instagram message tag it is sent with: `HUMAN_AGENT` for an "
         "agent's answer more than 23 h after the customer's last message."
     )
+    media: InboundMediaOut | None = Field(
+        description="A customer's medium (null for an agent's message, and for a "
+        "customer's without one): its fetch's `state`, `media_id` once stored."
+    )
 
 
 class MessageWithHistory(MessageOut):
@@ -312,6 +317,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "media_id": message.media_id,
         "template": json.loads(message.template) if message.template else None,
         "tag": message.tag,
+        "media": media_json(message),
     }
 
 
@@ -410,8 +416,9 @@ class HttpApi(RoleDefaults):
                     "free-form message (24 h after the customer's last message; on "
                     "Instagram 7 days, with the HUMAN_AGENT tag after 23 h; enforced per "
                     "`CUSTOMER_WINDOW`; a template is never refused for it); "
-                    "`media_unsupported`: a medium on a channel that cannot send it yet "
-                    "(Instagram); `template_unsupported`: a template on Instagram.",
+                    "`media_unsupported`: a medium Instagram does not take (its type or "
+                    "size; a caption with it); `template_unsupported`: a template on "
+                    "Instagram.",
                 },
                 links=[Link("getMessage", {"message_id": "$response.body#/message_id"})],
                 hot=True,
@@ -445,7 +452,9 @@ class HttpApi(RoleDefaults):
                 path_params=ConversationMessagePath,
                 errors={
                     404: "No such message in this conversation of the caller's organization.",
-                    409: "The message is an agent's (`direction` `out`), not the customer's.",
+                    409: "The message is an agent's (`direction` `out`), not the customer's "
+                    "(`not_inbound`); or its medium is still being fetched from Meta "
+                    "(`not_arrived`: read it once its `message` frame came).",
                 },
             ),
             Operation(
@@ -536,7 +545,7 @@ class HttpApi(RoleDefaults):
         conversation = await self._conversation(request, identity)
         body = await _body(request, NewMessage)
         if body.media_id:
-            await self._check_media(identity, conversation, body.media_id)
+            await self._check_media(identity, conversation, body.media_id, body.text)
         tag = None
         if body.template is not None:
             # Meta's templates are WhatsApp's; they are sent outside the window too.
@@ -609,25 +618,31 @@ class HttpApi(RoleDefaults):
         if not valid_id(message_id):
             raise ApiError(400, "bad_request", "a message id is 1-128 of A-Z a-z 0-9 _ . : -")
         conversation = await self._conversation(request, identity)
-        message = await self._store.get_message(message_id)
-        if message is None or message.conversation_id != conversation.id:
-            raise ApiError(404, "not_found", "no such message in this conversation")
-        if message.direction != IN:
-            raise ApiError(409, "not_inbound", "only a customer's message can be marked read")
-        if message.status is not Status.READ:
-            await self._store.handoff([status_entry(read_event(message, utcnow()))])
-            self._handoffs.set()
-        return JSONResponse({"message_id": message.id, "status": "READ"}, status_code=202)
+        try:
+            if await mark_read(self._store, conversation, message_id):
+                self._handoffs.set()
+        except ReadRefused as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from exc
+        return JSONResponse({"message_id": message_id, "status": "READ"}, status_code=202)
 
     async def _check_media(
-        self, identity: Identity, conversation: Conversation, media_id: str
+        self, identity: Identity, conversation: Conversation, media_id: str, caption: str
     ) -> None:
-        if await self._media.record(identity.org_id, media_id) is None:
+        record = await self._media.record(identity.org_id, media_id)
+        if record is None:
             raise ApiError(404, "not_found", "no such media")
-        if conversation.channel != "whatsapp":
-            raise ApiError(
-                422, "media_unsupported", "media can be sent on WhatsApp conversations only"
-            )
+        if conversation.channel == "instagram":
+            if caption:
+                raise ApiError(
+                    422,
+                    "media_unsupported",
+                    "Instagram sends a medium without a caption: send the text as a "
+                    "message of its own",
+                )
+            try:
+                instagram_attachment(record.content_type, record.size)
+            except MediaRefused as exc:
+                raise ApiError(422, exc.code, exc.message) from exc
 
     async def get_message(self, request: Request) -> Response:
         """One message of the caller's organization, with its status history."""

@@ -71,6 +71,7 @@ from whatslike.events import (
     TOPIC_MESSAGES,
     TOPIC_STATUS,
     dlq_topic,
+    media_topic,
     outbound_topic,
     receipt_topic,
 )
@@ -86,6 +87,7 @@ PROTOCOL_TOPICS = (
     *(outbound_topic(c) for c in CHANNELS),
     TOPIC_STATUS,
     *(receipt_topic(c) for c in CHANNELS),
+    *(media_topic(c) for c in CHANNELS),
 )
 _TOPIC_ALREADY_EXISTS = 36
 #: Errors after which an idempotent producer refuses every later record: it is replaced.

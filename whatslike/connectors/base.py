@@ -19,10 +19,11 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -46,18 +47,30 @@ from whatslike.connectors.pacing import Pacer
 from whatslike.errors import BackendUnavailable, MalformedEvent, WhatslikeError
 from whatslike.events import (
     TOPIC_MESSAGES,
+    MediaFetch,
     OutboundMessage,
     ReadReceipt,
     StatusEvent,
+    media_topic,
     outbound_topic,
     receipt_topic,
 )
 from whatslike.grouping import Grouped
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
+from whatslike.media.factory import open_media_store
+from whatslike.media.inbound import MediaFetchFailed
+from whatslike.media.store import MediaRecord
 from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status, bounded
-from whatslike.store.base import InboundMessage, Message, OutboxEntry, ParkedStatus, SendClaim
+from whatslike.store.base import (
+    InboundMedia,
+    InboundMessage,
+    Message,
+    OutboxEntry,
+    ParkedStatus,
+    SendClaim,
+)
 from whatslike.store.common import status_entry
 
 log = logging.getLogger(__name__)
@@ -187,6 +200,10 @@ class MetaConnector(ABC, Generic[T]):
             "Content-Type": "application/json",
         }
         self._relay_run = deps.relay_run
+        self._media = open_media_store(deps.settings, deps.jwt_secret)
+        #: Customers' media are downloaded on a session of their own (opened at start):
+        #: long downloads never hold the sends' connections, and its pool bounds them.
+        self._downloads: aiohttp.ClientSession | None = None
         # Bound once: per webhook, a labelled child is looked up otherwise.
         self._handoff_seconds = deps.metrics.store_seconds.labels("handoff")
         self._webhooks_ok = deps.metrics.webhooks.labels(self.channel, "ok")
@@ -196,6 +213,7 @@ class MetaConnector(ABC, Generic[T]):
         self._webhook_handoffs = Grouped(self._hand_off_many, f"{self.name}-handoffs", 256)
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
         deps.bus.subscribe(receipt_topic(self.channel), self.name, self.send_receipt)
+        deps.bus.subscribe(media_topic(self.channel), self.name, self.fetch_media)
 
     def routes(self) -> list[BaseRoute]:
         return []  # its webhooks are operations of the contract
@@ -240,10 +258,18 @@ class MetaConnector(ABC, Generic[T]):
         ]
 
     async def start(self) -> None:
+        await self._media.open()
+        self._downloads = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._settings.media_fetch_concurrency)
+        )
         self._webhook_handoffs.start()
 
     async def stop(self) -> None:
         await self._webhook_handoffs.stop()
+        if self._downloads is not None:
+            await self._downloads.close()
+            self._downloads = None
+        await self._media.close()
 
     # -- channel specifics ------------------------------------------------------------
 
@@ -295,6 +321,13 @@ class MetaConnector(ABC, Generic[T]):
         return None
 
     @abstractmethod
+    async def download(
+        self, http: aiohttp.ClientSession, media: InboundMedia, org_id: str
+    ) -> MediaRecord:
+        """Fetch a customer's medium from Meta into the media store (MediaFetchFailed,
+        aiohttp.ClientError, TimeoutError; BackendUnavailable when the store is away)."""
+
+    @abstractmethod
     def account(self) -> tuple[str, str]:
         """Our account on this channel (the phone number id, the Instagram account id)
         and the organization that owns it."""
@@ -319,10 +352,97 @@ class MetaConnector(ABC, Generic[T]):
                 provider_message_id=item.provider_message_id,
                 text=item.text,
                 sent_at=item.sent_at,
+                media=item.media,
             )
         )
         self._inbound.inc()
-        self.add_status(handoff, message, Status.DELIVERED, item.provider_message_id, item.sent_at)
+        if message.inbound_media is None:
+            self.add_status(
+                handoff, message, Status.DELIVERED, item.provider_message_id, item.sent_at
+            )
+        elif message.inbound_media.state == "fetching":
+            # Its arrival is announced once its medium is fetched (`fetch_media`).
+            fetch = MediaFetch(message.id, message.conversation_id, message.org_id, self.channel)
+            handoff.entries.append(
+                OutboxEntry(
+                    media_topic(self.channel), message.conversation_id, fetch.to_json(), message.id
+                )
+            )
+        else:  # fetched before: its arrival again (one event id), which may be lost
+            self._add_arrival(handoff, message)
+
+    def _add_arrival(self, handoff: Handoff, message: Message) -> None:
+        """The arrival of a customer's message with a medium, dated by its stored time
+        (the same event whoever hands it off: the webhook again, or the fetch)."""
+        provider_id = message.provider_message_id or ""
+        self.add_status(handoff, message, Status.DELIVERED, provider_id, message.created_at)
+
+    # -- customers' media -------------------------------------------------------------
+
+    async def fetch_media(self, raw: bytes) -> None:
+        """Bus handler of `media.<channel>`: fetch a customer's medium into the media
+        store, record where it is, then hand off its message's arrival (its `message`
+        frame carries the medium, stored or failed) and complete this hand-off, in one
+        transaction. Meta out of reach or answering 5xx/429 is tried again with back-off
+        (`MEDIA_FETCH_ATTEMPTS`), a refusal is not; either way the medium ends `stored`
+        or `failed` (with why) and the message is announced: never lost, never pending
+        for ever. A media store out of reach raises: the bus retries while it lasts."""
+        fetch = MediaFetch.from_json(raw)
+        message = await self._retrying(lambda: self._store.get_message(fetch.message_id))
+        if message is None or message.inbound_media is None:
+            raise MalformedEvent(f"no customer's medium in {fetch.message_id!r}")
+        if message.inbound_media.state == "fetching":
+            media, media_id = await self._fetch_with_retries(message, message.inbound_media)
+            stored_media = media
+            await self._retrying(
+                lambda: self._store.set_inbound_media(fetch.message_id, stored_media, media_id)
+            )
+            message = replace(message, inbound_media=media, media_id=media_id)
+        handoff = Handoff(utcnow())
+        self._add_arrival(handoff, message)
+        await self._retrying(
+            lambda: self._hand_off(handoff, done=[(media_topic(self.channel), fetch.message_id)])
+        )
+
+    async def _fetch_with_retries(
+        self, message: Message, media: InboundMedia
+    ) -> tuple[InboundMedia, str | None]:
+        """The medium's final state and, once stored, its media id."""
+        assert self._downloads is not None, "the connector is not started"
+        attempts = self._settings.media_fetch_attempts
+        reason = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                record = await self.download(self._downloads, media, message.org_id)
+            except MediaFetchFailed as exc:
+                reason = f"{exc.code}: {exc}"
+                if not exc.retriable:
+                    break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                reason = f"unreachable: {type(exc).__name__}"
+            else:
+                self._metrics.inbound_media.labels(self.channel, "stored").inc()
+                log.info(
+                    "%s: medium of %s stored as %s (%s, %d bytes)",
+                    self.name,
+                    message.id,
+                    record.id,
+                    record.content_type,
+                    record.size,
+                )
+                stored = replace(
+                    media, state="stored", kind=record.kind, content_type=record.content_type
+                )
+                return stored, record.id
+            if attempt < attempts:
+                self._metrics.inbound_media.labels(self.channel, "retry").inc()
+                await asyncio.sleep(
+                    min(30.0, self._settings.media_fetch_backoff_s * 2 ** (attempt - 1))
+                    * self._rng.uniform(0.5, 1.0)
+                )
+        self._metrics.inbound_media.labels(self.channel, "failed").inc()
+        log.warning("%s: medium of %s given up: %s", self.name, message.id, reason)
+        return replace(media, state="failed", error=reason[:200]), None
 
     # -- read receipts ----------------------------------------------------------------
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import aiohttp
+
 from whatslike.clock import from_unix
-from whatslike.connectors.base import Handoff, MetaConnector
+from whatslike.connectors.base import Handoff, MediaMissing, MetaConnector
 from whatslike.connectors.meta import (
     CustomerMessage,
     Parsed,
@@ -24,9 +26,12 @@ from whatslike.connectors.meta import (
     webhook_entries,
 )
 from whatslike.events import OutboundMessage, ReadReceipt
+from whatslike.media.inbound import fetch_attachment
+from whatslike.media.limits import MediaRefused, instagram_attachment
+from whatslike.media.store import MediaRecord
 from whatslike.settings import Settings
 from whatslike.status.rules import Status
-from whatslike.store.base import Message, ParkedStatus
+from whatslike.store.base import InboundMedia, Message, ParkedStatus
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,9 @@ InstagramItem = InstagramRead | CustomerMessage
 #: of ours) and a referral (an ad) are not kept yet.
 IGNORED_EVENTS = ("reaction", "message_edit", "postback", "referral", "optin")
 
+#: Attachment types kept as media (fetched into the media store), as our media kinds.
+ATTACHMENT_KINDS = {"image": "image", "video": "video", "audio": "audio", "file": "document"}
+
 
 def parse_webhook(payload: dict[str, Any]) -> Parsed[InstagramItem]:
     """Every read and customer's message of every messaging item of every entry; our
@@ -77,22 +85,21 @@ def parse_webhook(payload: dict[str, Any]) -> Parsed[InstagramItem]:
         for j, item in enumerate(items):
             where = f"entry[{i}].messaging[{j}]"
             try:
-                found = parse_messaging(item, account_id, where) or parse_message(
-                    item, account_id, where
-                )
+                read = parse_messaging(item, account_id, where)
+                found = [read] if read is not None else parse_message(item, account_id, where)
             except WebhookPayloadError as exc:
                 parsed.rejected.append(str(exc))
                 continue
             if isinstance(found, str):
                 parsed.ignored.append(found)
             elif found is not None:
-                parsed.items.append(found)
+                parsed.items.extend(found)
     return parsed
 
 
-def parse_message(raw: Any, account_id: str, where: str) -> CustomerMessage | str | None:
-    """A customer's message; the kind of an event ignored on purpose; None for an echo of
-    ours or a message with no text (attachments only: they wait for the media store)."""
+def parse_message(raw: Any, account_id: str, where: str) -> list[CustomerMessage] | str | None:
+    """A customer's message (one per medium it carries: see `_attachments`); the kind of
+    an event ignored on purpose; None for an echo of ours."""
     obj = json_object(raw, where)
     ignored = next((kind for kind in IGNORED_EVENTS if kind in obj), None)
     if ignored is not None:
@@ -105,18 +112,43 @@ def parse_message(raw: Any, account_id: str, where: str) -> CustomerMessage | st
     if message.get("is_deleted") is True:
         return "unsend"
     text = message.get("text")
-    if text is None:
+    media = _attachments(message, f"{where}.message")
+    if text is None and not media:
         return "attachments" if "attachments" in message else "unsupported"
-    if not isinstance(text, str) or not text:
+    if text is not None and (not isinstance(text, str) or not text):
         raise WebhookPayloadError(f"{where}.message.text must be a non-empty string")
     sender = json_object(obj.get("sender"), f"{where}.sender")
-    return CustomerMessage(
+    first = CustomerMessage(
         account_id=account_id,
         contact=json_text(sender.get("id"), f"{where}.sender.id"),
         provider_message_id=json_text(message.get("mid"), f"{where}.message.mid"),
-        text=clean_text(text),
+        text=clean_text(text or ""),
         sent_at=_unix_ms(obj.get("timestamp"), f"{where}.timestamp"),
+        media=media[0] if media else None,
     )
+    # Each further medium is a message of its own (Meta's id, then `#2`, `#3`, …).
+    return [first] + [
+        replace(first, provider_message_id=f"{first.provider_message_id}#{k}", text="", media=m)
+        for k, m in enumerate(media[1:], start=2)
+    ]
+
+
+def _attachments(message: dict[str, Any], where: str) -> list[InboundMedia]:
+    """The media of a message's `attachments` of the kinds kept (`ATTACHMENT_KINDS`),
+    each by its `payload.url`; the other kinds (a shared post, a story mention, a reel)
+    are left out."""
+    media = []
+    for i, raw in enumerate(json_list(message.get("attachments"), f"{where}.attachments")):
+        attachment = json_object(raw, f"{where}.attachments[{i}]")
+        kind = ATTACHMENT_KINDS.get(str(attachment.get("type")))
+        if kind is None:
+            continue
+        payload = json_object(attachment.get("payload"), f"{where}.attachments[{i}].payload")
+        url = json_text(payload.get("url"), f"{where}.attachments[{i}].payload.url")
+        if not url.startswith(("https://", "http://")):
+            raise WebhookPayloadError(f"{where}.attachments[{i}].payload.url must be a URL")
+        media.append(InboundMedia(kind=kind, source=url))
+    return media
 
 
 def parse_messaging(raw: Any, account_id: str, where: str = "messaging") -> InstagramRead | None:
@@ -161,6 +193,19 @@ def send_body(recipient_id: str, text: str, tag: str | None = None) -> dict[str,
     return {"recipient": {"id": recipient_id}, **tagged, "message": {"text": text}}
 
 
+def attachment_send_body(
+    recipient_id: str, attachment: str, link: str, tag: str | None = None
+) -> dict[str, Any]:
+    """The send request of a medium, by URL (one Meta fetches, valid `MEDIA_URL_TTL_S`):
+    Instagram takes no caption with it; a message tag as for a text."""
+    tagged = {"messaging_type": "MESSAGE_TAG", "tag": tag} if tag else {}
+    return {
+        "recipient": {"id": recipient_id},
+        **tagged,
+        "message": {"attachment": {"type": attachment, "payload": {"url": link}}},
+    }
+
+
 def receipt_body(recipient_id: str) -> dict[str, Any]:
     """Marks the thread with the customer seen (Instagram has no per-message receipt)."""
     return {"recipient": {"id": recipient_id}, "sender_action": "mark_seen"}
@@ -178,11 +223,31 @@ class InstagramConnector(MetaConnector[InstagramItem]):
         return f"{s.effective_graph_url}/{s.graph_api_version}/me/messages"
 
     async def send_body(self, message: OutboundMessage) -> dict[str, Any]:
-        # The API takes media and templates for WhatsApp conversations only.
-        return send_body(message.to, message.text, message.tag)
+        if message.media_id is None:
+            return send_body(message.to, message.text, message.tag)
+        record = await self._media.record(message.org_id, message.media_id)
+        if record is None:
+            raise MediaMissing(f"medium {message.media_id} of {message.message_id} is gone")
+        try:
+            attachment = instagram_attachment(record.content_type, record.size)
+        except MediaRefused as exc:  # checked by the API: only an old message gets here
+            raise MediaMissing(f"medium of {message.message_id}: {exc.message}") from exc
+        link = await self._media.url(record, self._settings.media_url_ttl_s)
+        return attachment_send_body(message.to, attachment, link, message.tag)
 
     def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
         return receipt_body(receipt.contact)
+
+    async def download(
+        self, http: aiohttp.ClientSession, media: InboundMedia, org_id: str
+    ) -> MediaRecord:
+        return await fetch_attachment(
+            http,
+            url=media.source,
+            org_id=org_id,
+            store=self._media,
+            timeout_s=self._settings.media_fetch_timeout_s,
+        )
 
     def provider_id_of(self, answer: Any) -> str:
         provider_id = answer["message_id"]

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from whatslike.errors import WhatslikeError
+from whatslike.store.base import InboundMedia
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class CustomerMessage:
     provider_message_id: str
     text: str
     sent_at: datetime
+    #: The medium it carries, as Meta described it (`text` is then its caption).
+    media: InboundMedia | None = None
 
 
 def webhook_entries(

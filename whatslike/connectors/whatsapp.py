@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import aiohttp
+
 from whatslike.clock import from_unix
 from whatslike.connectors.base import Handoff, MediaMissing, MetaConnector
 from whatslike.connectors.meta import (
@@ -25,12 +27,11 @@ from whatslike.connectors.meta import (
     webhook_entries,
 )
 from whatslike.events import OutboundMessage, ReadReceipt
-from whatslike.media.factory import open_media_store
+from whatslike.media.inbound import fetch_inbound_media
 from whatslike.media.store import MediaRecord
-from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status
-from whatslike.store.base import Message, ParkedStatus
+from whatslike.store.base import InboundMedia, Message, ParkedStatus
 from whatslike.templates import meta_template
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,14 @@ TEXT_OF: dict[str, tuple[str, ...]] = {
     "button": ("button", "text"),
 }
 
-#: Message types ignored on purpose (protocol.md §5). Media (image, audio, video,
-#: document, sticker) waits for the media store; a reaction changes no message of ours.
+#: Customers' media kept (fetched into the media store): what Meta's media object says.
+MEDIA_TYPES = frozenset({"image", "audio", "video", "document"})
+
+#: Message types ignored on purpose (protocol.md §5). A sticker (image/webp) is not a
+#: type the media store takes (its limit depends on animation); a reaction changes no
+#: message of ours.
 IGNORED_TYPES = frozenset(
     {
-        "image",
-        "audio",
-        "video",
-        "document",
         "sticker",
         "reaction",
         "location",
@@ -179,6 +180,16 @@ def parse_message(raw: Any, phone_number_id: str, where: str = "message") -> Cus
     """One customer's message, or the kind it is when ignored on purpose."""
     obj = json_object(raw, where)
     kind = json_text(obj.get("type"), f"{where}.type")
+    if kind in MEDIA_TYPES:
+        media, caption = _media_of(obj, kind, where)
+        return CustomerMessage(
+            account_id=phone_number_id,
+            contact=json_text(obj.get("from"), f"{where}.from"),
+            provider_message_id=json_text(obj.get("id"), f"{where}.id"),
+            text=caption,
+            sent_at=_unix_seconds(obj.get("timestamp"), f"{where}.timestamp"),
+            media=media,
+        )
     path = TEXT_OF.get(kind)
     if path is None:
         if kind not in IGNORED_TYPES:
@@ -195,6 +206,20 @@ def parse_message(raw: Any, phone_number_id: str, where: str = "message") -> Cus
         text=clean_text(text),
         sent_at=_unix_seconds(obj.get("timestamp"), f"{where}.timestamp"),
     )
+
+
+def _media_of(obj: dict[str, Any], kind: str, where: str) -> tuple[InboundMedia, str]:
+    """A media message's medium (Meta's media id, MIME type, sha256, a document's
+    filename) and its caption (maybe empty)."""
+    part = json_object(obj.get(kind), f"{where}.{kind}")
+    media = InboundMedia(
+        kind=kind,
+        source=json_text(part.get("id"), f"{where}.{kind}.id"),
+        content_type=_text(part.get("mime_type")),
+        sha256=_text(part.get("sha256")),
+        filename=_text(part.get("filename")) if kind == "document" else "",
+    )
+    return media, _text(part.get("caption"))
 
 
 def _unix_seconds(value: Any, where: str) -> datetime:
@@ -285,18 +310,6 @@ class WhatsAppConnector(MetaConnector[WhatsAppItem]):
     name = "connector-whatsapp"
     channel = "whatsapp"
 
-    def __init__(self, deps: Deps) -> None:
-        super().__init__(deps)
-        self._media = open_media_store(deps.settings, deps.jwt_secret)
-
-    async def start(self) -> None:
-        await self._media.open()
-        await super().start()
-
-    async def stop(self) -> None:
-        await super().stop()
-        await self._media.close()
-
     def sends_per_s(self, settings: Settings) -> float:
         return settings.whatsapp_sends_per_s
 
@@ -319,6 +332,21 @@ class WhatsAppConnector(MetaConnector[WhatsAppItem]):
 
     def receipt_body(self, receipt: ReadReceipt) -> dict[str, Any]:
         return receipt_body(receipt.provider_message_id)
+
+    async def download(
+        self, http: aiohttp.ClientSession, media: InboundMedia, org_id: str
+    ) -> MediaRecord:
+        s = self._settings
+        return await fetch_inbound_media(
+            http,
+            graph_url=s.effective_graph_url,
+            api_version=s.graph_api_version,
+            access_token=s.meta_access_token,
+            graph_media_id=media.source,
+            org_id=org_id,
+            store=self._media,
+            timeout_s=s.media_fetch_timeout_s,
+        )
 
     def provider_id_of(self, answer: Any) -> str:
         provider_id = answer["messages"][0]["id"]

@@ -74,7 +74,16 @@ class UnsubscribeCampaign:
     ref: Ref = None
 
 
-ClientFrame = Subscribe | Unsubscribe | Ping | Auth | SubscribeCampaign | UnsubscribeCampaign
+@dataclass(frozen=True, slots=True)
+class Read:
+    """The agent read a customer's message (what `POST …/messages/{id}/read` does)."""
+
+    conversation_id: str
+    message_id: str
+    ref: Ref = None
+
+
+ClientFrame = Subscribe | Unsubscribe | Ping | Auth | SubscribeCampaign | UnsubscribeCampaign | Read
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +203,8 @@ def _frame(data: dict[str, Any], ref: Ref) -> ClientFrame:
         return SubscribeCampaign(_id(data, "campaign_id"), ref)
     if kind == "unsubscribe_campaign":
         return UnsubscribeCampaign(_id(data, "campaign_id"), ref)
+    if kind == "read":
+        return Read(_id(data, "conversation_id"), _id(data, "message_id"), ref)
     raise _Invalid(f"unknown frame type {kind!r}")
 
 
@@ -297,6 +308,12 @@ def pong(ts: object) -> str:
 
 def auth_ok(token_exp: int, ref: Ref = None) -> str:
     return _dump({"type": "auth_ok", "token_exp": token_exp}, ref)
+
+
+def read_ok(conversation_id: str, message_id: str, ref: Ref = None) -> str:
+    return _dump(
+        {"type": "read_ok", "conversation_id": conversation_id, "message_id": message_id}, ref
+    )
 
 
 def error(code: str, message: str, ref: Ref = None) -> str:

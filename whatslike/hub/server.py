@@ -49,6 +49,7 @@ from whatslike.hub.frames import (
     ClientFrame,
     FrameError,
     Ping,
+    Read,
     Subscribe,
     SubscribeCampaign,
     Unsubscribe,
@@ -57,6 +58,7 @@ from whatslike.hub.frames import (
 from whatslike.hub.registry import SubscriptionRegistry
 from whatslike.hub.replay import Replays
 from whatslike.hub.transport import CLOSE_TIMEOUT_S, Request, text_frame
+from whatslike.reads import ReadRefused, mark_read
 from whatslike.roles import Deps
 from whatslike.settings import Settings
 from whatslike.store.base import Store
@@ -87,6 +89,7 @@ class Hub:
     def __init__(self, deps: Deps) -> None:
         self.settings: Settings = deps.settings
         self.store: Store = deps.store
+        self._handoffs = deps.handoffs
         self.metrics = deps.metrics
         self.fanout = deps.fanout
         self.registry = SubscriptionRegistry(deps.settings.max_subscriptions)
@@ -322,10 +325,10 @@ class Hub:
 
     def _handle(self, conn: Connection, frame: ClientFrame) -> None:
         match frame:
-            case Subscribe() | SubscribeCampaign():
-                # The messages behind it wait until its store read is answered.
+            case Subscribe() | SubscribeCampaign() | Read():
+                # The messages behind it wait until its store work is answered.
                 conn.inbox = deque()
-                self.spawn(self._subscribing(conn, frame))
+                self.spawn(self._in_turn(conn, frame))
             case Unsubscribe():
                 if self.registry.unsubscribe(conn.id, frame.conversation_id):
                     self.release((frame.conversation_id,))
@@ -343,13 +346,15 @@ class Hub:
             case Auth():
                 self._refresh(conn, frame)
 
-    async def _subscribing(self, conn: Connection, frame: Subscribe | SubscribeCampaign) -> None:
-        """Answer a subscribe, then the messages that came meanwhile, in order."""
+    async def _in_turn(self, conn: Connection, frame: Subscribe | SubscribeCampaign | Read) -> None:
+        """Answer a subscribe or a read, then the messages that came meanwhile, in order."""
         try:
             if isinstance(frame, Subscribe):
                 await self.replays.subscribe(conn, frame)
-            else:
+            elif isinstance(frame, SubscribeCampaign):
                 await self.campaigns.subscribe(conn, frame)
+            else:
+                await self._read(conn, frame)
         except BackendUnavailable as exc:
             # The store is out: the client reconnects (with back-off) and resubscribes
             # with `since`, missing nothing; no traceback for this.
@@ -371,6 +376,24 @@ class Hub:
                 return
         if paused and conn.transport is not None and conn.close_code is None:
             conn.transport.resume_reading()
+
+    async def _read(self, conn: Connection, frame: Read) -> None:
+        """Mark a customer's message read, as the HTTP API does: another organization's
+        conversation, or none, answers `forbidden` (like a subscribe)."""
+        conversation = await self.store.get_conversation(
+            conn.identity.org_id, frame.conversation_id
+        )
+        if conversation is None:
+            self.refuse_request(conn, "forbidden", "no such conversation", frame.ref)
+            return
+        try:
+            if await mark_read(self.store, conversation, frame.message_id):
+                self._handoffs.set()
+        except ReadRefused as exc:
+            self.refuse_request(conn, exc.code, exc.message, frame.ref)
+            return
+        answer = frames.read_ok(frame.conversation_id, frame.message_id, frame.ref)
+        self.delivery.answer(conn, Reply(answer))
 
     def _refresh(self, conn: Connection, frame: Auth) -> None:
         try:

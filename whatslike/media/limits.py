@@ -42,6 +42,18 @@ SUPPORTED: dict[str, tuple[MediaKind, int]] = {
     ),
 }
 
+#: What Instagram's Send API takes by URL (Meta, Instagram Messaging: "Send a Message",
+#: "Upload Media"), among the types above: MIME type → (its attachment type, the largest
+#: size it takes). Stricter than WhatsApp for documents (a PDF only, 25 MB) and audio.
+INSTAGRAM_ATTACHMENTS: dict[str, tuple[str, int]] = {
+    "image/jpeg": ("image", 8 * MB),
+    "image/png": ("image", 8 * MB),
+    "video/mp4": ("video", 25 * MB),
+    "audio/aac": ("audio", 25 * MB),
+    "audio/mp4": ("audio", 25 * MB),
+    "application/pdf": ("file", 25 * MB),
+}
+
 #: The first bytes of the types whose content is checked against the declared type (a
 #: browser's or a client's Content-Type is a claim; Meta checks the bytes).
 _SIGNATURES: dict[str, tuple[bytes, ...]] = {
@@ -109,3 +121,24 @@ def check_content(kind: MediaType, head: bytes) -> None:
             "media_content_mismatch",
             f"the content is not {kind.content_type} (its first bytes say otherwise)",
         )
+
+
+def instagram_attachment(content_type: str, size: int) -> str:
+    """The Instagram attachment type a medium is sent as, or MediaRefused(422) when
+    Instagram does not take its type or size."""
+    found = INSTAGRAM_ATTACHMENTS.get(content_type)
+    if found is None:
+        raise MediaRefused(
+            422,
+            "media_unsupported",
+            f"Instagram does not take {content_type} media; it takes "
+            + ", ".join(sorted(INSTAGRAM_ATTACHMENTS)),
+        )
+    attachment, max_bytes = found
+    if size > max_bytes:
+        raise MediaRefused(
+            422,
+            "media_unsupported",
+            f"Instagram takes {content_type} media of at most {max_bytes} bytes",
+        )
+    return attachment

@@ -43,12 +43,14 @@ from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable, MalformedEvent
 from whatslike.events import (
     CAMPAIGN_HINT,
+    CHANNELS,
     TOPIC_MESSAGES,
     TOPIC_STATUS,
     OutboundMessage,
     StatusEvent,
     campaign_channel,
     dlq_topic,
+    media_topic,
     outbound_topic,
     status_channel,
 )
@@ -63,7 +65,10 @@ log = logging.getLogger(__name__)
 
 #: Topics whose dead letters are messages that never reached the provider.
 UNSENT_SOURCES = (TOPIC_MESSAGES, outbound_topic("whatsapp"), outbound_topic("instagram"))
-DEAD_LETTER_SOURCES = (*UNSENT_SOURCES, TOPIC_STATUS)
+#: A customer's medium whose fetch failed past the bus's retries (not Meta's failures:
+#: those end the medium `failed`; a bug, say) is kept like any dead letter, for operators.
+MEDIA_SOURCES = tuple(media_topic(channel) for channel in CHANNELS)
+DEAD_LETTER_SOURCES = (*UNSENT_SOURCES, TOPIC_STATUS, *MEDIA_SOURCES)
 SEND_FAILED = ProviderError("send_failed", "Could not be handed to the provider")
 #: Statuses applied in one store transaction at most.
 MAX_BATCH = 256

@@ -26,7 +26,7 @@ from whatslike.connectors.meta import SIGNATURE_HEADER, error_response, read_bod
 from whatslike.connectors.pacing import TokenBucket
 from whatslike.errors import BackendUnavailable
 from whatslike.http_client import NotSent, OutcomeUnknown
-from whatslike.media.limits import MediaRefused, media_type
+from whatslike.media.limits import MediaRefused, instagram_attachment, media_type
 from whatslike.media.store import UploadCheck
 from whatslike.roles import Deps
 from whatslike.settings import Settings, simulator_database
@@ -117,21 +117,40 @@ def changed_controls(current: Controls, data: Any) -> Controls:
     return controls
 
 
-def customer_reply(data: Any) -> tuple[str, str, str, float]:
-    """(channel, contact, text, ago_s) of a `POST /simulator/reply` body (`ago_s`: the
-    message was written that many seconds ago, 0 if not given); ValueError says why not."""
+@dataclass(frozen=True, slots=True)
+class CustomerReply:
+    """A `POST /simulator/reply` body: the customer `contact` writes `text` on `channel`,
+    or sends the medium `media_id` (of `POST /simulator/media`; `text` its caption,
+    `filename` a document's name), `ago_s` seconds ago (0 if not given)."""
+
+    channel: str
+    contact: str
+    text: str
+    ago_s: float = 0.0
+    media_id: str = ""
+    filename: str = ""
+
+
+def customer_reply(data: Any) -> CustomerReply:
+    """The reply a `POST /simulator/reply` body asks for; ValueError says why not."""
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
-    unknown = sorted(set(data) - {"channel", "contact", "text", "ago_s"})
+    unknown = sorted(set(data) - {"channel", "contact", "text", "ago_s", "media_id", "filename"})
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}")
-    channel, contact, text = data.get("channel"), data.get("contact"), data.get("text")
+    channel, contact, text = data.get("channel"), data.get("contact"), data.get("text", "")
+    media_id, filename = data.get("media_id", ""), data.get("filename", "")
     if channel not in ("whatsapp", "instagram"):
         raise ValueError("channel must be whatsapp or instagram")
     if not isinstance(contact, str) or not 0 < len(contact) <= 128 or not contact.isprintable():
         raise ValueError("contact must be 1 to 128 printable characters")
-    if not isinstance(text, str) or not 0 < len(text) <= payloads.WHATSAPP_TEXT_LIMIT:
-        raise ValueError(f"text must be 1 to {payloads.WHATSAPP_TEXT_LIMIT} characters")
+    if not isinstance(media_id, str) or not (media_id == "" or media_id.isdigit()):
+        raise ValueError("media_id must be an id of POST /simulator/media")
+    if not isinstance(filename, str) or len(filename) > 240 or not filename.isprintable():
+        raise ValueError("filename must be at most 240 printable characters")
+    shortest = 0 if media_id else 1
+    if not isinstance(text, str) or not shortest <= len(text) <= payloads.WHATSAPP_TEXT_LIMIT:
+        raise ValueError(f"text must be {shortest} to {payloads.WHATSAPP_TEXT_LIMIT} characters")
     ago_s = data.get("ago_s", 0)
     if (
         isinstance(ago_s, bool)
@@ -139,7 +158,7 @@ def customer_reply(data: Any) -> tuple[str, str, str, float]:
         or not 0 <= ago_s <= MAX_REPLY_AGO_S
     ):
         raise ValueError(f"ago_s must be a number of seconds from 0 to {MAX_REPLY_AGO_S}")
-    return channel, contact, text, float(ago_s)
+    return CustomerReply(channel, contact, text, float(ago_s), media_id, filename)
 
 
 def customer_key(channel: str, contact: str) -> tuple[str, str]:
@@ -255,6 +274,7 @@ class Simulator:
             Route("/simulator/reply", self.reply, methods=["POST"]),
             Route("/simulator/media", self.post_media, methods=["POST"]),
             Route("/simulator/media/{media_id}", self.media_download, methods=["GET"]),
+            Route("/simulator/attachments/{media_id}", self.attachment, methods=["GET"]),
             Route("/simulator/{version}/{media_id}", self.media_url, methods=["GET"]),
             # Before the WhatsApp route, which would otherwise take "me" for a phone id.
             Route("/simulator/{version}/me/messages", self.instagram_send, methods=["POST"]),
@@ -346,15 +366,18 @@ class Simulator:
             return refused
         raw = await read_body(request, MAX_REQUEST_BYTES)
         try:
-            channel, contact, text, ago_s = customer_reply(
-                json.loads(raw if raw is not None else b"")
-            )
+            asked = customer_reply(json.loads(raw if raw is not None else b""))
         except ValueError as exc:
             return error_response(400, "bad_request", str(exc))
         now = time.time()
-        provider_id, webhook = self._customer_message(channel, contact, text, now - ago_s)
+        if asked.media_id:
+            provider_id, webhook = self._customer_medium(asked, now - asked.ago_s)
+        else:
+            provider_id, webhook = self._customer_message(
+                asked.channel, asked.contact, asked.text, now - asked.ago_s
+            )
         try:
-            deliveries = await self.schedule.accept(None, [Planned(now, channel, webhook)])
+            deliveries = await self.schedule.accept(None, [Planned(now, asked.channel, webhook)])
         except BackendUnavailable as exc:
             log.error("simulator cannot store a reply: %s", exc)
             return error_response(503, "unavailable", "the simulator's database is unavailable")
@@ -368,11 +391,7 @@ class Simulator:
         self, channel: str, contact: str, text: str, at: float
     ) -> tuple[str, bytes]:
         """Meta's id and the webhook of a customer's message sent at `at`."""
-        key = customer_key(channel, contact)
-        last = max(at, self.last_written.pop(key, at))
-        if len(self.last_written) >= MAX_CUSTOMERS:
-            del self.last_written[next(iter(self.last_written))]
-        self.last_written[key] = last
+        self._wrote(channel, contact, at)
         if channel == "whatsapp":
             provider_id = payloads.new_wamid()
             message = payloads.whatsapp_message(contact, provider_id, int(at), text)
@@ -386,6 +405,58 @@ class Simulator:
             item = payloads.instagram_message(account, contact, provider_id, text, at_ms)
             webhook = payloads.instagram_webhook(account, [item], at_ms)
         return provider_id, _encode(webhook)
+
+    def _wrote(self, channel: str, contact: str, at: float) -> None:
+        """The customer wrote at `at`: their window opens (or stays open) from then."""
+        key = customer_key(channel, contact)
+        last = max(at, self.last_written.pop(key, at))
+        if len(self.last_written) >= MAX_CUSTOMERS:
+            del self.last_written[next(iter(self.last_written))]
+        self.last_written[key] = last
+
+    def _customer_medium(self, asked: CustomerReply, at: float) -> tuple[str, bytes]:
+        """Meta's id and the webhook of a customer's medium sent at `at`: on WhatsApp
+        its Graph media id, MIME type and sha256 (a medium the simulator does not hold
+        is named all the same: Graph then answers 404 for it); on Instagram an
+        attachment whose URL the simulator serves without a token, like Meta's CDN."""
+        self._wrote(asked.channel, asked.contact, at)
+        content_type, data = self.media.get(asked.media_id, ("image/jpeg", b""))
+        kind = _media_kind(content_type)
+        if asked.channel == "whatsapp":
+            provider_id = payloads.new_wamid()
+            media: dict[str, Any] = {
+                "mime_type": content_type,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "id": asked.media_id,
+            }
+            if asked.text and kind != "audio":
+                media["caption"] = asked.text
+            if kind == "document" and asked.filename:
+                media["filename"] = asked.filename
+            message = payloads.whatsapp_media_message(
+                asked.contact, provider_id, int(at), kind, media
+            )
+            webhook = payloads.whatsapp_message_webhook(
+                self._settings.whatsapp_phone_number_id, asked.contact, [message]
+            )
+        else:
+            provider_id = payloads.new_instagram_mid()
+            account = self._settings.instagram_account_id
+            at_ms = int(at * 1000)
+            url = f"{self._settings.effective_graph_url}/attachments/{asked.media_id}"
+            attachment = "file" if kind == "document" else kind
+            item = payloads.instagram_attachment_message(
+                account, asked.contact, provider_id, (attachment, url), at_ms
+            )
+            webhook = payloads.instagram_webhook(account, [item], at_ms)
+        return provider_id, _encode(webhook)
+
+    async def attachment(self, request: Request) -> Response:
+        """An Instagram attachment's URL (Meta's CDN): the bytes, with no token."""
+        held = self.media.get(request.path_params["media_id"])
+        if held is None:
+            return error_response(404, "not_found", "no such attachment")
+        return Response(held[1], media_type=held[0])
 
     def _receipt(self, channel: str, name: Any) -> Response:
         if not isinstance(name, str) or not name:
@@ -536,6 +607,28 @@ class Simulator:
             )
         return None
 
+    async def _fetch_attachment(self, attachment: dict[str, Any]) -> Response | None:
+        """Like Meta, fetch an Instagram attachment's URL before accepting the send: of a
+        type Instagram takes for its attachment type, within its limit; else the send is
+        refused (#100, "Upload attachment failure")."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=MEDIA_FETCH_S)) as http,
+                http.get(attachment["payload"]["url"]) as answer,
+            ):
+                if answer.status != 200:
+                    raise MediaRefused(422, "fetch", f"the URL answered {answer.status}")
+                found = media_type(answer.headers.get("content-type"))
+                check = UploadCheck(found)
+                async for chunk in answer.content.iter_chunked(65_536):
+                    check.feed(chunk)
+                check.finish()
+                if instagram_attachment(found.content_type, check.size) != attachment["type"]:
+                    raise MediaRefused(415, "kind", f"{found.content_type} sent as {attachment}")
+        except (aiohttp.ClientError, TimeoutError, MediaRefused) as exc:
+            return _graph_error(400, 100, f"(#100) Upload attachment failure ({exc})")
+        return None
+
     async def instagram_send(self, request: Request) -> Response:
         body, refusal = await self._accept(request)
         if refusal is not None:
@@ -548,6 +641,11 @@ class Simulator:
         problem = payloads.instagram_send_problem(body)
         if problem is not None:
             return _graph_error(400, 100, problem)
+        attachment = body["message"].get("attachment")
+        if attachment is not None:
+            refusal = await self._fetch_attachment(attachment)
+            if refusal is not None:
+                return refusal
         recipient_id = body["recipient"]["id"]
         tagged = body.get("tag") == "HUMAN_AGENT"
         window_s = HUMAN_AGENT_WINDOW_S if tagged else WINDOW_S
@@ -562,7 +660,9 @@ class Simulator:
             )
         mid = payloads.new_instagram_mid()
         plan = self._plan_instagram(mid, recipient_id)
-        key = payloads.instagram_send_key(recipient_id, body["message"]["text"])
+        key = payloads.instagram_send_key(
+            recipient_id, payloads.instagram_send_content(body["message"])
+        )
         answer = payloads.instagram_send_answer(recipient_id, mid)
         return await self._answer(answer, plan, key, ("instagram", recipient_id))
 
@@ -751,3 +851,12 @@ def _graph_error(
 ) -> JSONResponse:
     body = payloads.meta_error(code, message, subcode=subcode, transient=transient)
     return JSONResponse(body, status_code=status_code)
+
+
+def _media_kind(content_type: str) -> str:
+    """The WhatsApp message type of a medium of this MIME type (a document when it is
+    none Meta takes: Graph then names it all the same)."""
+    try:
+        return media_type(content_type).kind
+    except MediaRefused:
+        return "document"

@@ -217,6 +217,8 @@ def instagram_send_problem(body: Any) -> str | None:
     if not isinstance(recipient_id, str) or not recipient_id:
         return "(#100) The parameter recipient is required"
     message = body.get("message")
+    if isinstance(message, dict) and "attachment" in message:
+        return _attachment_problem(message)
     text = message.get("text") if isinstance(message, dict) else None
     if not isinstance(text, str) or not text.strip():
         return "(#100) The parameter message['text'] is required"
@@ -233,6 +235,33 @@ def instagram_send_problem(body: Any) -> str | None:
     ):
         return "(#100) Param tag must be HUMAN_AGENT, with messaging_type MESSAGE_TAG only"
     return None
+
+
+#: Instagram's attachment types a send may carry by URL.
+INSTAGRAM_ATTACHMENT_TYPES = ("image", "video", "audio", "file")
+
+
+def _attachment_problem(message: dict[str, Any]) -> str | None:
+    """An Instagram send of `message.attachment` (`{"type","payload":{"url"}}`, no text
+    beside it): why Meta would refuse it, or None."""
+    if "text" in message:
+        return "(#100) Only one of message['text'] and message['attachment'] may be set"
+    attachment = message["attachment"]
+    kind = attachment.get("type") if isinstance(attachment, dict) else None
+    if kind not in INSTAGRAM_ATTACHMENT_TYPES:
+        return "(#100) Param message[attachment][type] must be one of image, video, audio, file"
+    payload = attachment.get("payload")
+    url = payload.get("url") if isinstance(payload, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return "(#100) Param message[attachment][payload][url] must be a URL"
+    return None
+
+
+def instagram_send_content(message: dict[str, Any]) -> str:
+    """What a valid Instagram send says, for its key: the text, or the attachment's URL."""
+    if "attachment" in message:
+        return str(message["attachment"]["payload"]["url"])
+    return str(message["text"])
 
 
 def whatsapp_status(
@@ -285,6 +314,14 @@ def whatsapp_message(from_: str, wamid: str, timestamp: int, text: str) -> dict[
         "type": "text",
         "text": {"body": text},
     }
+
+
+def whatsapp_media_message(
+    from_: str, wamid: str, timestamp: int, kind: str, media: dict[str, Any]
+) -> dict[str, Any]:
+    """One `messages[]` item: the customer `from_` sent a medium of `kind` (`media`:
+    Meta's `id`, `mime_type`, `sha256`, and a `caption` or a document's `filename`)."""
+    return {"from": from_, "id": wamid, "timestamp": str(timestamp), "type": kind, kind: media}
 
 
 def whatsapp_message_webhook(
@@ -344,6 +381,21 @@ def instagram_message(
         "recipient": {"id": account_id},
         "timestamp": timestamp_ms,
         "message": {"mid": mid, "text": text},
+    }
+
+
+def instagram_attachment_message(
+    account_id: str, sender_id: str, mid: str, attachment: tuple[str, str], timestamp_ms: int
+) -> dict[str, Any]:
+    """One `messaging[]` item: the customer `sender_id` sent an attachment (`image`,
+    `video`, `audio` or `file`) as `(type, url)`, its bytes at the URL (Meta's CDN, no
+    token)."""
+    kind, url = attachment
+    return {
+        "sender": {"id": sender_id},
+        "recipient": {"id": account_id},
+        "timestamp": timestamp_ms,
+        "message": {"mid": mid, "attachments": [{"type": kind, "payload": {"url": url}}]},
     }
 
 

@@ -29,6 +29,19 @@ export interface MessageFrame {
   status: MessageStatus;
   seq: number;
   occurred_at: string;
+  /** Only when it carries a medium, fetched already: `stored` (get its URL with
+   * `GET /api/media/{media_id}`) or `failed`; `text` is then its caption, maybe empty. */
+  media?: InboundMedia;
+}
+
+/** A customer's medium (docs/protocol.md §4). */
+export interface InboundMedia {
+  kind: "image" | "document" | "audio" | "video";
+  content_type: string;
+  filename: string;
+  state: "fetching" | "stored" | "failed";
+  media_id: string | null;
+  error: string | null;
 }
 
 /** A campaign's counts (docs/protocol.md §4, "Campaigns' live counts"): each recipient in
@@ -68,6 +81,8 @@ export interface ClientError {
   conversationId?: string;
   /** The campaign of a refused `subscribeCampaign` (which is then forgotten). */
   campaignId?: string;
+  /** The message of a refused `markRead`. */
+  messageId?: string;
   ref?: string | number | null;
 }
 
@@ -86,6 +101,9 @@ export interface ClientEvents {
   campaignUnsubscribed: { campaignId: string };
   /** A customer's message, in the same `seq` order as the statuses. */
   message: MessageFrame;
+  /** The server took a `markRead`: the message is READ (its `status` frame follows for
+   * the first read of it). */
+  read: { conversationId: string; messageId: string };
   /** The answer to a subscribe (also after each automatic resubscribe). */
   subscribed: { conversationId: string; seq: number; recovered: boolean };
   /** The answer to an unsubscribe; not emitted when the conversation was subscribed again
@@ -198,6 +216,9 @@ export declare class ChatStatusClient {
   unsubscribeCampaign(campaignId: string): void;
   /** The latest counts of a followed campaign, or undefined before its snapshot. */
   campaign(campaignId: string): CampaignFrame | undefined;
+  /** Marks a customer's message read over the socket (`{"type":"read"}`); false when not
+   * open. Answered by a `read` event, or an `error` event with `messageId`. */
+  markRead(conversationId: string, messageId: string): boolean;
   on<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
   off<K extends keyof ClientEvents>(event: K, handler: (payload: ClientEvents[K]) => void): this;
   /** Closes with 1000 and stops reconnecting. */

@@ -178,6 +178,22 @@ export class ChatStatusClient {
     this.#send({ type: "unsubscribe", conversation_id: conversationId, ref: this.#ref({ kind: "unsubscribe", conversationId }) });
   }
 
+  /**
+   * Marks a customer's message read (what `POST …/messages/{id}/read` does): answered by a
+   * `read` event, or an `error` event (`not_found`, `not_inbound`, `not_arrived`,
+   * `forbidden`) naming the conversation and message. Sent only while open (answers
+   * false otherwise: mark it again once connected, it is idempotent).
+   * @param {string} conversationId
+   * @param {string} messageId
+   * @returns {boolean}
+   */
+  markRead(conversationId, messageId) {
+    const ref = this.#ref({ kind: "read", conversationId, messageId });
+    const sent = this.#send({ type: "read", conversation_id: conversationId, message_id: messageId, ref });
+    if (!sent) this.#refs.delete(ref);
+    return sent;
+  }
+
   /** Closes with 1000 and stops reconnecting; `connect()` may start again later. */
   disconnect() {
     if (this.#state === "closed" || this.#state === "idle") {
@@ -432,6 +448,7 @@ export class ChatStatusClient {
       case "campaign_unsubscribed": return this.#onCampaignUnsubscribed(frame);
       case "unsubscribed": return this.#onUnsubscribed(frame);
       case "auth_ok": return this.#onAuthOk(frame);
+      case "read_ok": return this.#onReadOk(frame);
       case "error": return this.#onServerError(frame);
       default: return; // pong, and frame types of later versions
     }
@@ -528,6 +545,7 @@ export class ChatStatusClient {
       // Asking again after a reconnect would be refused the same way.
       if (request.kind === "subscribe_campaign") this.#campaigns.delete(request.campaignId);
     }
+    if (request?.messageId) extra.messageId = request.messageId;
     if (request?.conversationId) {
       extra.conversationId = request.conversationId;
       const sub = this.#subs.get(request.conversationId);
@@ -616,6 +634,11 @@ export class ChatStatusClient {
       return;
     }
     this.#send({ type: "auth", token, ref: this.#ref({ kind: "auth" }) });
+  }
+
+  #onReadOk(frame) {
+    this.#refs.delete(frame.ref);
+    this.#emit("read", { conversationId: frame.conversation_id, messageId: frame.message_id });
   }
 
   #onAuthOk(frame) {

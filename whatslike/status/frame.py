@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 from whatslike.clock import format_time
 from whatslike.status.rules import ProviderError, Status
@@ -49,18 +50,21 @@ def message_frame(
     status: Status,
     seq: int,
     occurred_at: datetime,
+    media: dict[str, Any] | None = None,
 ) -> str:
-    """A customer's message arrived: its first change, in the conversation's seq stream."""
-    return json.dumps(
-        {
-            "type": "message",
-            "conversation_id": conversation_id,
-            "message_id": message_id,
-            "direction": IN,
-            "text": text,
-            "status": status.value,
-            "seq": seq,
-            "occurred_at": format_time(occurred_at),
-        },
-        separators=(",", ":"),
-    )
+    """A customer's message arrived: its first change, in the conversation's seq stream.
+    `media` (present only for a message with a medium) is its medium, fetched already:
+    `state` "stored" with its `media_id`, or "failed"."""
+    frame: dict[str, Any] = {
+        "type": "message",
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+        "direction": IN,
+        "text": text,
+        "status": status.value,
+        "seq": seq,
+        "occurred_at": format_time(occurred_at),
+    }
+    if media is not None:
+        frame["media"] = media
+    return json.dumps(frame, separators=(",", ":"))

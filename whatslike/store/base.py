@@ -7,11 +7,12 @@ rows, so a caller can never tell "not yours" from "does not exist". Worker-facin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from whatslike.events import StatusEvent
 from whatslike.status.rules import Effect, MessageState, ProviderError, Status
@@ -25,6 +26,55 @@ class Conversation:
     contact: str
     last_seq: int
     created_at: datetime
+
+
+#: Where a customer's medium is: its bytes being fetched from Meta, in the media store
+#: (the message's `media_id`), or given up on (`error` says why).
+MediaState = Literal["fetching", "stored", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMedia:
+    """The medium of a customer's message as Meta described it, and where its fetch is.
+    `source` is where its bytes are: a Graph media id (WhatsApp) or a URL (Instagram's
+    attachment); `content_type` and `sha256` are Meta's (Instagram gives neither: the
+    type is then the download's, and `kind` Meta's attachment type)."""
+
+    kind: str
+    source: str
+    content_type: str = ""
+    sha256: str = ""
+    filename: str = ""
+    state: MediaState = "fetching"
+    #: Why the fetch was given up (a short code and reason), when `failed`.
+    error: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "source": self.source,
+                "content_type": self.content_type,
+                "sha256": self.sha256,
+                "filename": self.filename,
+                "state": self.state,
+                "error": self.error,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> InboundMedia:
+        data: dict[str, Any] = json.loads(text)
+        return cls(
+            kind=str(data["kind"]),
+            source=str(data["source"]),
+            content_type=str(data.get("content_type", "")),
+            sha256=str(data.get("sha256", "")),
+            filename=str(data.get("filename", "")),
+            state=data.get("state", "fetching"),
+            error=str(data.get("error", "")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +102,9 @@ class Message:
     template: str | None = None
     #: The Instagram message tag it is sent with (`HUMAN_AGENT`), if any.
     tag: str | None = None
+    #: A customer's medium as Meta described it, and its fetch's state (`media_id` once
+    #: stored).
+    inbound_media: InboundMedia | None = None
 
     @property
     def status(self) -> Status:
@@ -70,6 +123,8 @@ class InboundMessage:
     provider_message_id: str
     text: str
     sent_at: datetime
+    #: The medium it carries (`text` is then its caption, maybe empty).
+    media: InboundMedia | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +351,13 @@ class Store(Protocol):
         the organization's latest conversation with the contact on the channel, created
         if there is none. Idempotent on the provider id: the same one again answers the
         message stored the first time and changes nothing."""
+
+    async def set_inbound_media(
+        self, message_id: str, media: InboundMedia, media_id: str | None
+    ) -> None:
+        """Record where a customer's medium is (its fetch's outcome): `media` and, once
+        stored, its `media_id`. Not a change of the seq stream: a medium is fetched
+        before its message's arrival is announced."""
 
     async def last_inbound_at(self, conversation_id: str) -> datetime | None:
         """When the customer last wrote in this conversation (Meta's time of their latest
@@ -562,7 +624,9 @@ __all__ = [
     "Changes",
     "Conversation",
     "DeadLetter",
+    "InboundMedia",
     "InboundMessage",
+    "MediaState",
     "Message",
     "NewCampaign",
     "OutboxEntry",

@@ -117,6 +117,7 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     DeadLetter,
+    InboundMedia,
     InboundMessage,
     Message,
     NewCampaign,
@@ -269,6 +270,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD IF NOT EXISTS template text",
         "ALTER TABLE messages ADD IF NOT EXISTS message_tag text",
     ),
+    # inbound-media: a customer's medium as Meta described it, and its fetch's state.
+    ("ALTER TABLE messages ADD IF NOT EXISTS inbound_media text",),
 )
 
 _PENDING_COLUMNS = ("pending_event", "pending_at", "pending_floor", "pending_since")
@@ -277,7 +280,7 @@ _MESSAGE_COLUMNS = (
     " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
     " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since,"
     " send_started_at, updated_at, send_claim, direction, media_id,"
-    " template, message_tag"
+    " template, message_tag, inbound_media"
 )
 _STATE = (
     "status = ?, sent_at = ?, delivered_at = ?, read_at = ?, failed_at = ?,"
@@ -303,8 +306,13 @@ _CQL = {
     ),
     "receive_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
-        " created_at, status, updated_at, provider_message_id, direction, version)"
-        " VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, 0) IF NOT EXISTS"
+        " created_at, status, updated_at, provider_message_id, direction, inbound_media,"
+        " version) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, 0) IF NOT EXISTS"
+    ),
+    # A lightweight transaction like the row's other writes (none is versioned: a status
+    # change under way keeps its version).
+    "set_inbound_media": (
+        "UPDATE messages SET inbound_media = ?, media_id = ? WHERE id = ? IF direction = 'in'"
     ),
     "set_inbound_time": (
         "UPDATE inbound_times USING TIMESTAMP ? SET last_at = ? WHERE conversation_id = ?"
@@ -977,6 +985,7 @@ class CassandraStore:
                 mine.updated_at,
                 mine.provider_message_id,
                 mine.direction,
+                common.stored_inbound_media(mine.inbound_media),
             )
             message = mine if applied else _message(row)
         # Its place in the list after the row, and again on a redelivery (the same row
@@ -994,6 +1003,11 @@ class CassandraStore:
             ]
         )
         return message
+
+    async def set_inbound_media(
+        self, message_id: str, media: InboundMedia, media_id: str | None
+    ) -> None:
+        await self._lwt("set_inbound_media", media.to_json(), media_id, message_id)
 
     async def last_inbound_at(self, conversation_id: str) -> datetime | None:
         rows = await self._run("inbound_time", conversation_id)

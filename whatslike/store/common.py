@@ -34,6 +34,7 @@ from whatslike.store.base import (
     Campaign,
     Changes,
     Conversation,
+    InboundMedia,
     InboundMessage,
     Message,
     NewCampaign,
@@ -54,7 +55,7 @@ class Row(Protocol):
 MESSAGE_COLUMNS = """m.id, m.conversation_id, m.org_id, m.channel, m.text, m.client_message_id,
     m.created_at, m.status, m.seq, m.sent_at, m.delivered_at, m.read_at, m.failed_at,
     m.error_code, m.error_title, m.provider_message_id, m.send_started_at, m.updated_at,
-    m.direction, m.media_id, m.template, m.message_tag"""
+    m.direction, m.media_id, m.template, m.message_tag, m.inbound_media"""
 
 #: Turns a stored, non-null time into a datetime (SQLite keeps text, PostgreSQL datetimes).
 TimeOf = Callable[[Any], datetime]
@@ -126,6 +127,7 @@ def inbound_message(conversation: Conversation, inbound: InboundMessage) -> Mess
         provider_message_id=inbound.provider_message_id,
         updated_at=now,
         direction=IN,
+        inbound_media=inbound.media,
     )
 
 
@@ -326,7 +328,17 @@ def message_of(row: Row, time_of: TimeOf) -> Message:
         media_id=row["media_id"],
         template=row["template"],
         tag=row["message_tag"],
+        inbound_media=inbound_media_of(row["inbound_media"]),
     )
+
+
+def inbound_media_of(stored: str | None) -> InboundMedia | None:
+    """A stored `inbound_media` column (JSON text, or null for a message with none)."""
+    return InboundMedia.from_json(stored) if stored else None
+
+
+def stored_inbound_media(media: InboundMedia | None) -> str | None:
+    return media.to_json() if media is not None else None
 
 
 def parked_of(channel: str, provider_message_id: str, rows: Iterable[Row]) -> list[ParkedStatus]:
@@ -363,6 +375,7 @@ def change_frame(message: Message, state: MessageState, seq: int, occurred_at: d
             status=state.status,
             seq=seq,
             occurred_at=occurred_at,
+            media=media_json(message),
         )
     return status_frame(
         conversation_id=message.conversation_id,
@@ -372,6 +385,23 @@ def change_frame(message: Message, state: MessageState, seq: int, occurred_at: d
         occurred_at=occurred_at,
         error=state.error if state.status is Status.FAILED else None,
     )
+
+
+def media_json(message: Message) -> dict[str, Any] | None:
+    """What the agent sees of a customer's medium (protocol.md §4): its kind, type and
+    filename, where it is (`state`) and, once stored, its `media_id`; never Meta's
+    source (a Graph id or a CDN URL)."""
+    media = message.inbound_media
+    if media is None:
+        return None
+    return {
+        "kind": media.kind,
+        "content_type": media.content_type,
+        "filename": media.filename,
+        "state": media.state,
+        "media_id": message.media_id,
+        "error": media.error or None,
+    }
 
 
 def applied(

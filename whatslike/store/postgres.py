@@ -45,6 +45,7 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     DeadLetter,
+    InboundMedia,
     InboundMessage,
     Message,
     NewCampaign,
@@ -230,6 +231,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD COLUMN message_tag text",
         "ALTER TABLE campaigns ADD COLUMN template text",
     ),
+    # inbound-media: a customer's medium as Meta described it, and its fetch's state.
+    ("ALTER TABLE messages ADD COLUMN inbound_media text",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -543,7 +546,8 @@ class PostgresStore:
             await conn.execute(
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
                 " client_message_id, created_at, status, updated_at, provider_message_id,"
-                " direction) VALUES ($1, $2, $3, $4, $5, '', $6, $7, $6, $8, $9)"
+                " direction, inbound_media)"
+                " VALUES ($1, $2, $3, $4, $5, '', $6, $7, $6, $8, $9, $10)"
                 " ON CONFLICT (id) DO NOTHING",
                 message.id,
                 message.conversation_id,
@@ -554,9 +558,22 @@ class PostgresStore:
                 message.status.value,
                 message.provider_message_id,
                 message.direction,
+                common.stored_inbound_media(message.inbound_media),
             )
             stored = await conn.fetchrow(select, message.id)
         return _message(stored) if stored is not None else message
+
+    async def set_inbound_media(
+        self, message_id: str, media: InboundMedia, media_id: str | None
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE messages SET inbound_media = $2, media_id = $3"
+                " WHERE id = $1 AND direction = 'in'",
+                message_id,
+                media.to_json(),
+                media_id,
+            )
 
     async def last_inbound_at(self, conversation_id: str) -> datetime | None:
         async with self._connection() as conn:

@@ -29,6 +29,7 @@ from whatslike.store.base import (
     Changes,
     Conversation,
     DeadLetter,
+    InboundMedia,
     InboundMessage,
     Message,
     NewCampaign,
@@ -205,6 +206,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD COLUMN message_tag TEXT",
         "ALTER TABLE campaigns ADD COLUMN template TEXT",
     ),
+    # inbound-media: a customer's medium as Meta described it, and its fetch's state.
+    ("ALTER TABLE messages ADD COLUMN inbound_media TEXT",),
 )
 
 _Rows = list[sqlite3.Row]
@@ -440,7 +443,7 @@ class SQLiteStore:
             conn.execute(
                 "INSERT INTO messages (id, conversation_id, org_id, channel, text,"
                 " client_message_id, created_at, status, updated_at, provider_message_id,"
-                " direction) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?)",
+                " direction, inbound_media) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)",
                 (
                     message.id,
                     message.conversation_id,
@@ -452,11 +455,24 @@ class SQLiteStore:
                     format_time(message.created_at),
                     message.provider_message_id,
                     message.direction,
+                    common.stored_inbound_media(message.inbound_media),
                 ),
             )
             return message
 
         return await self._in_thread(work, write=True)
+
+    async def set_inbound_media(
+        self, message_id: str, media: InboundMedia, media_id: str | None
+    ) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE messages SET inbound_media = ?, media_id = ? WHERE id = ?"
+                " AND direction = 'in'",
+                (media.to_json(), media_id, message_id),
+            )
+
+        await self._in_thread(work, write=True)
 
     async def last_inbound_at(self, conversation_id: str) -> datetime | None:
         rows = await self._read(
