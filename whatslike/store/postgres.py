@@ -1357,20 +1357,36 @@ def _dead_letter_of(row: asyncpg.Record) -> DeadLetter:
     return DeadLetter(str(row["id"]), row["topic"], row["reason"], row["at"], row["payload"])
 
 
-async def _lock(
-    conn: _Connection, events: Sequence[StatusEvent], *, skip_locked: bool
-) -> tuple[dict[str, Message], dict[str, int], set[str]]:
-    """Lock the rows of the events' messages and conversations (see `_apply_batch`):
-    the messages by id, the last seq of their conversations, and the ids of the messages
-    passed over (only with `skip_locked`), with every other of their conversations'."""
+@dataclass(frozen=True, slots=True)
+class _Locked:
+    """What `_lock` read: the messages by id, the last seq of their conversations, the
+    ids of the messages passed over (`busy`), and of those whose organization has a
+    webhook endpoint (`hooked`) or that are in a campaign (`in_campaign`)."""
+
+    messages: dict[str, Message]
+    last_seq: dict[str, int]
+    busy: set[str]
+    hooked: set[str]
+    in_campaign: set[str]
+
+
+async def _lock(conn: _Connection, events: Sequence[StatusEvent], *, skip_locked: bool) -> _Locked:
+    """Lock the rows of the events' messages and conversations (see `_apply_batch`);
+    the messages passed over (only with `skip_locked`) are `busy`, with every other of
+    their conversations'. The same read tells which messages have a webhook endpoint or
+    a campaign to update, so that a change with neither costs no statement for them."""
     lock = "FOR NO KEY UPDATE SKIP LOCKED" if skip_locked else "FOR NO KEY UPDATE"
     wanted = sorted({e.message_id for e in events})
     rows = await conn.fetch(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ANY($1::text[])"
-        f" ORDER BY m.id {lock}",
+        f"SELECT {MESSAGE_COLUMNS}, EXISTS (SELECT 1 FROM webhook_endpoints e"
+        " WHERE e.org_id = m.org_id) AS hooked, EXISTS (SELECT 1 FROM campaign_recipients r"
+        " WHERE r.message_id = m.id) AS in_campaign"
+        f" FROM messages m WHERE m.id = ANY($1::text[]) ORDER BY m.id {lock}",
         wanted,
     )
     messages = {str(row["id"]): _message(row) for row in rows}
+    hooked = {str(row["id"]) for row in rows if row["hooked"]}
+    in_campaign = {str(row["id"]) for row in rows if row["in_campaign"]}
     #: The conversation of each message passed over (held by another transaction).
     passed: dict[str, str] = {}
     if skip_locked and len(messages) < len(wanted):
@@ -1393,7 +1409,7 @@ async def _lock(
     }
     held.update(c for c in conversations if c not in last_seq)
     busy = set(passed) | {m.id for m in messages.values() if m.conversation_id in held}
-    return messages, last_seq, busy
+    return _Locked(messages, last_seq, busy, hooked, in_campaign)
 
 
 async def _apply_batch(
@@ -1409,7 +1425,8 @@ async def _apply_batch(
     message, a change) do not block. With `skip_locked`, rows another transaction holds
     are passed over: every event of a conversation with such a row is `busy` (none is
     applied, so their order is kept) and touches nothing, the others are applied."""
-    messages, last_seq, busy = await _lock(conn, events, skip_locked=skip_locked)
+    locked = await _lock(conn, events, skip_locked=skip_locked)
+    messages, last_seq, busy = locked.messages, locked.last_seq, locked.busy
     before = {message_id: m.state for message_id, m in messages.items()}
     event_ids = [e.event_id for e in events if e.message_id not in busy]
     await conn.execute(
@@ -1460,7 +1477,9 @@ async def _apply_batch(
             " VALUES ($1, $2, $3, $4, $5)",
             changes,
         )
-        await _queue_webhooks(conn, changes, messages)
+        hooked = [change for change in changes if change[2] in locked.hooked]
+        if hooked:
+            await _queue_webhooks(conn, hooked, messages)
         await conn.executemany(
             "UPDATE conversations SET last_seq = $2 WHERE id = $1",
             [(cid, last_seq[cid]) for cid in sorted({change[0] for change in changes})],
@@ -1486,7 +1505,9 @@ async def _apply_batch(
                 for m in updated.values()
             ],
         )
-        await _move_campaign_counts(conn, before, updated.values())
+        await _move_campaign_counts(
+            conn, before, [m for m in updated.values() if m.id in locked.in_campaign]
+        )
     return results
 
 

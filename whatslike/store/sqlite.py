@@ -1387,22 +1387,22 @@ def _parked(conn: sqlite3.Connection, channel: str, provider_message_id: str) ->
 
 def _queue_webhooks(conn: sqlite3.Connection, message: Message, seq: int, frame: str) -> None:
     """The outbound webhook hook of a change: one delivery per endpoint of the message's
-    organization, in the transaction that applies it (see whatslike/webhooks)."""
+    organization, in the transaction that applies it (see whatslike/webhooks). The body
+    is made only for an organization that has an endpoint (one indexed read otherwise)."""
+    endpoints = conn.execute(
+        "SELECT id FROM webhook_endpoints WHERE org_id = ? ORDER BY created_at, id",
+        (message.org_id,),
+    ).fetchall()
+    if not endpoints:
+        return
     now = utcnow()
     at = format_time(now)
     kind = event_type(frame)
-    conn.execute(
+    body = event_body(kind, frame, now)
+    conn.executemany(
         "INSERT INTO webhook_deliveries (endpoint_id, conversation_id, seq, event_type, body,"
-        " created_at, next_at) SELECT id, ?, ?, ?, ?, ?, ? FROM webhook_endpoints WHERE org_id = ?",
-        (
-            message.conversation_id,
-            seq,
-            kind,
-            event_body(kind, frame, now),
-            at,
-            at,
-            message.org_id,
-        ),
+        " created_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(row["id"], message.conversation_id, seq, kind, body, at, at) for row in endpoints],
     )
 
 
