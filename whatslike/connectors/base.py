@@ -29,6 +29,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from whatslike.api.contract import Operation, Reply
+from whatslike.bus import PublishIncomplete
 from whatslike.bus.memory import backoff_delay
 from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
@@ -55,6 +56,7 @@ from whatslike.events import (
 from whatslike.grouping import Grouped
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
+from whatslike.roles.relay import CLAIM_LEASE_S
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status, bounded
 from whatslike.store.base import InboundMessage, Message, OutboxEntry, ParkedStatus, SendClaim
@@ -194,6 +196,8 @@ class MetaConnector(ABC, Generic[T]):
         self._rng = random.Random()
         # Webhooks answered at the same time share one store transaction.
         self._webhook_handoffs = Grouped(self._hand_off_many, f"{self.name}-handoffs", 256)
+        # The deletes of the entries this process published itself share one statement.
+        self._published = Grouped(self._delete_published, f"{self.name}-published", 256)
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
         deps.bus.subscribe(receipt_topic(self.channel), self.name, self.send_receipt)
 
@@ -241,9 +245,11 @@ class MetaConnector(ABC, Generic[T]):
 
     async def start(self) -> None:
         self._webhook_handoffs.start()
+        self._published.start()
 
     async def stop(self) -> None:
         await self._webhook_handoffs.stop()
+        await self._published.stop()
 
     # -- channel specifics ------------------------------------------------------------
 
@@ -445,7 +451,12 @@ class MetaConnector(ABC, Generic[T]):
             await self.collect_parked(item, stored, handoff)
         if parked:
             handoff.parked.append((self.channel, provider_id))
-        await self._retrying(lambda: self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)]))
+        if handoff.entries or handoff.parked or not self._bus.durable:
+            await self._retrying(
+                lambda: self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)])
+            )
+        # Else nothing is left to store: on a durable bus the relay deleted the send's
+        # entry once the bus took it (a redelivery finds the link and comes back here).
 
     async def _retrying(self, step: Callable[[], Awaitable[R]]) -> R:
         """Run a store step, riding out an outage with back-off (bounded by the consumer
@@ -543,39 +554,76 @@ class MetaConnector(ABC, Generic[T]):
         await self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)])
 
     async def _hand_off_many(self, handoffs: list[Handoff]) -> list[None]:
-        """Several webhooks' hand-offs in one transaction: all of them, or none. On the
-        in-process bus the entries are then handed to it from here (added as relayed by
-        this run), rather than by a second pass of the relay over the outbox."""
+        """Several webhooks' hand-offs in one transaction: all of them, or none. The
+        entries are then handed to the bus from here (`_hand_on`) rather than by a pass
+        of the relay over the outbox."""
         started = time.perf_counter()
         entries = [entry for handoff in handoffs for entry in handoff.entries]
-        direct = bool(entries) and not self._bus.durable
-        await self._store.handoff(
+        durable = self._bus.durable
+        claimed = await self._store.handoff(
             entries,
             parked=[key for handoff in handoffs for key in handoff.parked],
-            relayed_run=self._relay_run.id if direct else None,
+            relayed_run=self._relay_run.id if entries and not durable else None,
+            claim_s=CLAIM_LEASE_S if entries and durable else None,
         )
         self._handoff_seconds.observe(time.perf_counter() - started)
-        if direct:
-            await self._hand_on(entries)
-        elif entries:
-            self._handoffs.set()
+        if entries:
+            await self._hand_on(entries, claimed)
         return [None] * len(handoffs)
 
-    async def _hand_on(self, entries: list[OutboxEntry]) -> None:
-        """Publish committed entries. If the bus does not take them, they are durable
-        already: the relay's run is renewed, so the relay hands them on again."""
+    async def _hand_on(self, entries: list[OutboxEntry], claimed: list[int]) -> None:
+        """Publish committed entries: on the in-process bus, entries added as relayed by
+        this run; on a durable bus, entries added claimed by this process (`claimed`, their
+        ids), deleted once the bus took them. Whatever the bus does not take is durable
+        already and left to the relay at once: on the in-process bus the relay's run is
+        renewed; on a durable one the claims are given back. Should this process die
+        before its publish, the claims lapse and any process's relay publishes them."""
         try:
             await self._bus.publish_many([(e.topic, e.key, e.payload) for e in entries])
         except Exception as exc:
             log.warning("%s: hand-offs left to the outbox relay: %s", self.name, exc)
-            self._relay_run.renew()
+            taken = exc.taken if isinstance(exc, PublishIncomplete) else 0
+            if claimed:
+                await self._settle_claims(claimed[:taken], claimed[taken:])
+            else:
+                self._relay_run.renew()
             self._handoffs.set()
             return
         self._metrics.outbox_relayed.inc(len(entries))
+        if claimed:
+            await self._settle_claims(claimed, [])
+
+    async def _settle_claims(self, published: list[int], left: list[int]) -> None:
+        """Delete the claimed entries the bus took (the deletes of concurrent sends and
+        webhooks share one statement), give the others back to the relays. A failure here
+        only makes the relays publish an entry again once its claim lapses (consumers are
+        idempotent), so it is logged, not raised."""
+        try:
+            if published:
+                await self._published(published)
+            if left:
+                await self._store.unclaim_outbox(left)
+        except WhatslikeError as exc:
+            log.warning("%s: published hand-offs left in the outbox: %s", self.name, exc)
+
+    async def _delete_published(self, batches: list[list[int]]) -> list[None]:
+        await self._store.delete_outbox([i for batch in batches for i in batch])
+        return [None] * len(batches)
 
     async def _hand_off(self, handoff: Handoff, done: Sequence[tuple[str, str]] = ()) -> None:
-        await self._store.handoff(handoff.entries, done=done, parked=handoff.parked)
-        if handoff.entries:
+        """One send's hand-off: on a durable bus its entries are published from here,
+        right after the commit (`_hand_on`); on the in-process bus the relay is woken."""
+        entries = handoff.entries
+        durable = self._bus.durable
+        claimed = await self._store.handoff(
+            entries,
+            done=done,
+            parked=handoff.parked,
+            claim_s=CLAIM_LEASE_S if entries and durable else None,
+        )
+        if entries and durable:
+            await self._hand_on(entries, claimed)
+        elif entries:
             self._handoffs.set()
 
     # -- webhooks ---------------------------------------------------------------------

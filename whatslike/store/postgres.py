@@ -786,18 +786,20 @@ class PostgresStore:
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
         relayed_run: str | None = None,
-    ) -> None:
-        if entries or done or parked:
-            await _one(
-                self._handoffs, _Handoff(tuple(entries), tuple(done), tuple(parked), relayed_run)
-            )
+        claim_s: float | None = None,
+    ) -> list[int]:
+        if not (entries or done or parked):
+            return []
+        item = _Handoff(tuple(entries), tuple(done), tuple(parked), relayed_run, claim_s)
+        return await _one(self._handoffs, item)
 
-    async def _handoff_many(self, items: list[_Handoff]) -> list[None]:
+    async def _handoff_many(self, items: list[_Handoff]) -> list[list[int]]:
         """`handoff` of each item in one transaction: the entries added in the items'
         order, then the completed entries and the parked statuses deleted. Deleting after
         adding is what the items one after another would do, unless an item completes
         an entry that an item after it adds: such a group goes one by one."""
-        added = [(e, item.relayed_run) for item in items for e in item.entries]
+        added = [(e, item) for item in items for e in item.entries]
+        ids: dict[int, int] = {}  # the position of an entry in `added`: its id
         done = [key for item in items for key in item.done]
         parked = [key for item in items for key in item.parked]
         if len(items) > 1 and done and added:
@@ -810,19 +812,17 @@ class PostgresStore:
                     raise _OneByOne("an entry completed before it is added")
         async with self._connection() as conn, conn.transaction():
             if added:
-                await conn.execute(
-                    "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run)"
-                    " SELECT e.topic, e.key, e.payload, e.done_key, $6, e.relayed_run"
-                    " FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[])"
-                    " WITH ORDINALITY AS e(topic, key, payload, done_key, relayed_run, n)"
-                    " ORDER BY e.n",
+                rows = await conn.fetch(
+                    _ADD_OUTBOX,
                     [e.topic for e, _ in added],
                     [e.key for e, _ in added],
                     [e.payload for e, _ in added],
                     [e.done_key for e, _ in added],
-                    [run for _, run in added],
+                    [item.relayed_run for _, item in added],
                     utcnow(),
+                    [item.claim_s for _, item in added],
                 )
+                ids = {int(row["n"]) - 1: int(row["id"]) for row in rows}
             if done:
                 await conn.execute(
                     "DELETE FROM outbox AS o USING unnest($1::text[], $2::text[])"
@@ -838,7 +838,13 @@ class PostgresStore:
                     [channel for channel, _ in parked],
                     [provider_message_id for _, provider_message_id in parked],
                 )
-        return [None] * len(items)
+        answers: list[list[int]] = []
+        start = 0
+        for item in items:
+            end = start + len(item.entries)
+            answers.append([ids[n] for n in range(start, end)] if item.claim_s is not None else [])
+            start = end
+        return answers
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         async with self._connection() as conn:
@@ -1695,6 +1701,25 @@ class _Handoff:
     done: tuple[tuple[str, str], ...]
     parked: tuple[tuple[str, str], ...]
     relayed_run: str | None
+    claim_s: float | None
+
+
+#: The outbox entries of a group of hand-offs, in order (a claim with `claim_s`), and
+#: their ids by position (n): each id is drawn once (the CTE is materialized), in order.
+_ADD_OUTBOX = """
+WITH e AS MATERIALIZED (
+    SELECT nextval('outbox_id_seq') AS id, e.*
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[], $7::float8[])
+        WITH ORDINALITY AS e(topic, key, payload, done_key, relayed_run, claim_s, n)
+), added AS (
+    INSERT INTO outbox (id, topic, key, payload, done_key, created_at, relayed_run,
+        claimed_until)
+    SELECT id, topic, key, payload, done_key, $6, relayed_run,
+        now() + make_interval(secs => claim_s)
+    FROM e ORDER BY n
+)
+SELECT id, n FROM e
+"""
 
 
 class _OneByOne(Exception):

@@ -623,9 +623,18 @@ class SQLiteStore:
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
         relayed_run: str | None = None,
-    ) -> None:
-        def work(conn: sqlite3.Connection) -> None:
-            _add_outbox(conn, entries, relayed_run)
+        claim_s: float | None = None,
+    ) -> list[int]:
+        def work(conn: sqlite3.Connection) -> list[int]:
+            if claim_s is None:
+                _add_outbox(conn, entries, relayed_run)
+                added: list[int] = []
+            else:
+                until = format_time(utcnow() + timedelta(seconds=claim_s))
+                added = [
+                    int(conn.execute(_CLAIMED_OUTBOX, (*row, until)).fetchall()[0]["id"])
+                    for row in _outbox_rows(entries, relayed_run)
+                ]
             conn.executemany(
                 "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
                 [(done_key, topic) for topic, done_key in done],
@@ -634,8 +643,9 @@ class SQLiteStore:
                 "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
                 parked,
             )
+            return added
 
-        await self._in_thread(work, write=True)
+        return await self._in_thread(work, write=True)
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         rows = await self._read(
@@ -1199,6 +1209,11 @@ def _outbox_rows(
 _INSERT_OUTBOX = (
     "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run)"
     " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+_CLAIMED_OUTBOX = (
+    "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run, claimed_until)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"
 )
 
 
