@@ -1435,17 +1435,8 @@ async def _apply_batch(
     messages, last_seq, busy = locked.messages, locked.last_seq, locked.busy
     before = {message_id: m.state for message_id, m in messages.items()}
     event_ids = [e.event_id for e in events if e.message_id not in busy]
-    await conn.execute(
-        "DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])",
-        TOPIC_STATUS,
-        event_ids,
-    )
     earlier: dict[tuple[str, str], tuple[str, ...]] = {}
-    for row in await conn.fetch(
-        "SELECT event_id, message_id, frame FROM changes WHERE event_id = ANY($1::text[])"
-        " ORDER BY seq",
-        event_ids,
-    ):
+    for row in await conn.fetch(_COMPLETE_AND_READ_EARLIER, TOPIC_STATUS, event_ids):
         key = (str(row["event_id"]), str(row["message_id"]))
         earlier[key] = (*earlier.get(key, ()), str(row["frame"]))
     results: list[ApplyResult] = []
@@ -1477,44 +1468,66 @@ async def _apply_batch(
         assert result.message is not None  # `applied` always answers with the message
         messages[message.id] = updated[message.id] = result.message
         results.append(result)
-    if changes:
-        await conn.executemany(
-            "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            changes,
+    if updated:
+        bumped = sorted({change[0] for change in changes})
+        states = [m.state for m in updated.values()]
+        await conn.execute(
+            _WRITE_APPLIED,
+            [c[0] for c in changes],
+            [c[1] for c in changes],
+            [c[2] for c in changes],
+            [c[3] for c in changes],
+            [c[4] for c in changes],
+            bumped,
+            [last_seq[cid] for cid in bumped],
+            list(updated),
+            [state.status.value for state in states],
+            [m.seq for m in updated.values()],
+            [state.sent_at for state in states],
+            [state.delivered_at for state in states],
+            [state.read_at for state in states],
+            [state.failed_at for state in states],
+            [state.error.code if state.error else None for state in states],
+            [state.error.title if state.error else None for state in states],
+            [m.updated_at for m in updated.values()],
         )
         hooked = [change for change in changes if change[2] in locked.hooked]
         if hooked:
             await _queue_webhooks(conn, hooked, messages)
-        await conn.executemany(
-            "UPDATE conversations SET last_seq = $2 WHERE id = $1",
-            [(cid, last_seq[cid]) for cid in sorted({change[0] for change in changes})],
-        )
-    if updated:
-        await conn.executemany(
-            "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
-            " read_at = $6, failed_at = $7, error_code = $8, error_title = $9,"
-            " updated_at = $10 WHERE id = $1",
-            [
-                (
-                    m.id,
-                    m.state.status.value,
-                    m.seq,
-                    m.state.sent_at,
-                    m.state.delivered_at,
-                    m.state.read_at,
-                    m.state.failed_at,
-                    m.state.error.code if m.state.error else None,
-                    m.state.error.title if m.state.error else None,
-                    m.updated_at,
-                )
-                for m in updated.values()
-            ],
-        )
         await _move_campaign_counts(
             conn, before, [m for m in updated.values() if m.id in locked.in_campaign]
         )
     return results
+
+
+#: A status batch's outbox entries completed, and the changes its events made before
+#: (a redelivery), in one round trip.
+_COMPLETE_AND_READ_EARLIER = """
+WITH completed AS (
+    DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])
+)
+SELECT event_id, message_id, frame FROM changes WHERE event_id = ANY($2::text[]) ORDER BY seq
+"""
+
+#: A status batch's writes in one statement: its changes, the conversations' last seqs
+#: and the messages' new states (three tables, each row written once).
+_WRITE_APPLIED = """
+WITH added AS (
+    INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+), bumped AS (
+    UPDATE conversations AS c SET last_seq = u.last_seq
+    FROM unnest($6::text[], $7::bigint[]) AS u(id, last_seq) WHERE c.id = u.id
+)
+UPDATE messages AS m SET status = u.status, seq = u.seq, sent_at = u.sent_at,
+    delivered_at = u.delivered_at, read_at = u.read_at, failed_at = u.failed_at,
+    error_code = u.error_code, error_title = u.error_title, updated_at = u.updated_at
+FROM unnest($8::text[], $9::text[], $10::bigint[], $11::timestamptz[], $12::timestamptz[],
+    $13::timestamptz[], $14::timestamptz[], $15::text[], $16::text[], $17::timestamptz[])
+    AS u(id, status, seq, sent_at, delivered_at, read_at, failed_at, error_code,
+        error_title, updated_at)
+WHERE m.id = u.id
+"""
 
 
 async def _move_campaign_counts(
