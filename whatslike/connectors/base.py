@@ -29,7 +29,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from whatslike.api.contract import Operation, Reply
-from whatslike.bus import PublishIncomplete
 from whatslike.bus.memory import backoff_delay
 from whatslike.clock import format_time, utcnow
 from whatslike.connectors.meta import (
@@ -56,7 +55,7 @@ from whatslike.events import (
 from whatslike.grouping import Grouped
 from whatslike.http_client import Answer, NotSent, OutcomeUnknown
 from whatslike.roles import Deps
-from whatslike.roles.relay import CLAIM_LEASE_S
+from whatslike.roles.relay import CLAIM_LEASE_S, ClaimedPublisher
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status, bounded
 from whatslike.store.base import InboundMessage, Message, OutboxEntry, ParkedStatus, SendClaim
@@ -196,8 +195,7 @@ class MetaConnector(ABC, Generic[T]):
         self._rng = random.Random()
         # Webhooks answered at the same time share one store transaction.
         self._webhook_handoffs = Grouped(self._hand_off_many, f"{self.name}-handoffs", 256)
-        # The deletes of the entries this process published itself share one statement.
-        self._published = Grouped(self._delete_published, f"{self.name}-published", 256)
+        self._publisher = ClaimedPublisher(deps)
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
         deps.bus.subscribe(receipt_topic(self.channel), self.name, self.send_receipt)
 
@@ -245,11 +243,11 @@ class MetaConnector(ABC, Generic[T]):
 
     async def start(self) -> None:
         self._webhook_handoffs.start()
-        self._published.start()
+        self._publisher.start()
 
     async def stop(self) -> None:
         await self._webhook_handoffs.stop()
-        await self._published.stop()
+        await self._publisher.stop()
 
     # -- channel specifics ------------------------------------------------------------
 
@@ -572,43 +570,22 @@ class MetaConnector(ABC, Generic[T]):
         return [None] * len(handoffs)
 
     async def _hand_on(self, entries: list[OutboxEntry], claimed: list[int]) -> None:
-        """Publish committed entries: on the in-process bus, entries added as relayed by
-        this run; on a durable bus, entries added claimed by this process (`claimed`, their
-        ids), deleted once the bus took them. Whatever the bus does not take is durable
-        already and left to the relay at once: on the in-process bus the relay's run is
-        renewed; on a durable one the claims are given back. Should this process die
-        before its publish, the claims lapse and any process's relay publishes them."""
+        """Publish committed entries. On a durable bus they were added claimed by this
+        process (`claimed`, their ids): the publisher publishes them in the background
+        (see `ClaimedPublisher`). On the in-process bus they were added as relayed by this
+        run; if the bus does not take them, the relay's run is renewed, so the relay
+        hands them on again."""
+        if claimed:
+            await self._publisher.submit(entries, claimed)
+            return
         try:
             await self._bus.publish_many([(e.topic, e.key, e.payload) for e in entries])
         except Exception as exc:
             log.warning("%s: hand-offs left to the outbox relay: %s", self.name, exc)
-            taken = exc.taken if isinstance(exc, PublishIncomplete) else 0
-            if claimed:
-                await self._settle_claims(claimed[:taken], claimed[taken:])
-            else:
-                self._relay_run.renew()
+            self._relay_run.renew()
             self._handoffs.set()
             return
         self._metrics.outbox_relayed.inc(len(entries))
-        if claimed:
-            await self._settle_claims(claimed, [])
-
-    async def _settle_claims(self, published: list[int], left: list[int]) -> None:
-        """Delete the claimed entries the bus took (the deletes of concurrent sends and
-        webhooks share one statement), give the others back to the relays. A failure here
-        only makes the relays publish an entry again once its claim lapses (consumers are
-        idempotent), so it is logged, not raised."""
-        try:
-            if published:
-                await self._published(published)
-            if left:
-                await self._store.unclaim_outbox(left)
-        except WhatslikeError as exc:
-            log.warning("%s: published hand-offs left in the outbox: %s", self.name, exc)
-
-    async def _delete_published(self, batches: list[list[int]]) -> list[None]:
-        await self._store.delete_outbox([i for batch in batches for i in batch])
-        return [None] * len(batches)
 
     async def _hand_off(self, handoff: Handoff, done: Sequence[tuple[str, str]] = ()) -> None:
         """One send's hand-off: on a durable bus its entries are published from here,
