@@ -471,6 +471,7 @@ async def one_run(args: argparse.Namespace, extra: dict[str, str]) -> Run:
                     int(args.latency_rate * args.latency_seconds),
                     inflight=args.inflight,
                     rate=args.latency_rate,
+                    profile=args.profile_latency,
                 )
                 print_phase(f"at {args.latency_rate:g}/s", latency, deployment)
                 if args.trace:
@@ -574,6 +575,9 @@ def main() -> None:
     parser.add_argument("--store", choices=("postgres", "cassandra"), default="postgres")
     parser.add_argument("--cassandra-url", default="", help="default: WHATSLIKE_TEST_CASSANDRA_URL")
     parser.add_argument("--profile", type=Path, help="py-spy profiles of the throughput phase")
+    parser.add_argument(
+        "--profile-latency", type=Path, help="py-spy profiles of the latency phase (80/s)"
+    )
     parser.add_argument(
         "--trace",
         action="store_true",

@@ -6,6 +6,7 @@ secrets (issue 8's attack matrix, HTTP side)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import socket
@@ -23,7 +24,13 @@ import uvicorn
 from whatslike.app import Runtime
 from whatslike.connectors.meta import sign
 from whatslike.connectors.whatsapp import WhatsAppConnector
-from whatslike.serving import REDACTED, RedactSecrets, server_config
+from whatslike.serving import (
+    REDACTED,
+    DeferredFlush,
+    RedactSecrets,
+    defer_access_flush,
+    server_config,
+)
 from whatslike.settings import DEV_SECRETS, load_settings, resolve_jwt_secret
 
 TIMEOUT_S = 10.0
@@ -446,3 +453,60 @@ async def test_the_simulator_control_needs_its_own_token(tmp_path: Path) -> None
             headers={"Authorization": f"Bearer {DEV_SECRETS['meta_access_token']}"},
         )
         assert send.status_code == 401  # the development access token opens nothing
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def access_record(path: str) -> logging.LogRecord:
+    return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", (path,), None)
+
+
+async def test_access_lines_are_flushed_together_within_the_delay() -> None:
+    stream = CountingStream()
+    handler = DeferredFlush(stream, 0.05)
+    for n in range(3):
+        handler.handle(access_record(f"/api/{n}"))
+    assert stream.getvalue() == "/api/0\n/api/1\n/api/2\n"
+    assert stream.flushes == 0  # one flush for the three, after the delay
+    deadline = time.monotonic() + 5
+    while stream.flushes == 0:
+        assert time.monotonic() < deadline, "never flushed"
+        await asyncio.sleep(0.01)
+    assert stream.flushes == 1
+    handler.handle(access_record("/api/3"))  # a new delay
+    handler.close()  # flushed on close, its timer dropped
+    assert stream.flushes == 2 and stream.getvalue().endswith("/api/3\n")
+    await asyncio.sleep(0.1)
+    assert stream.flushes == 2
+
+
+def test_outside_an_event_loop_a_line_is_flushed_at_once() -> None:
+    stream = CountingStream()
+    DeferredFlush(stream, 60).handle(access_record("/x"))
+    assert (stream.getvalue(), stream.flushes) == ("/x\n", 1)
+
+
+def test_the_access_log_moves_to_a_deferred_handler_with_its_filters() -> None:
+    stream = CountingStream()
+    access = logging.getLogger("uvicorn.access")
+    plain = logging.StreamHandler(stream)
+    plain.addFilter(RedactSecrets(["s3cr3t-value"]))
+    saved = access.handlers[:]
+    access.handlers[:] = [plain]
+    try:
+        defer_access_flush(60)
+        [handler] = access.handlers
+        assert isinstance(handler, DeferredFlush)
+        handler.handle(access_record("/x?token=abc s3cr3t-value"))
+        handler.flush()
+        assert stream.getvalue() == f"/x?token={REDACTED} {REDACTED}\n"
+    finally:
+        access.handlers[:] = saved

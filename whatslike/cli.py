@@ -244,6 +244,7 @@ async def _serve(
         config = serving.server_config(runtime.app, settings, log_level, runtime.ws_protocol)
         # On the handlers that write from now on: the root's, and uvicorn's own, which
         # its configuration has just made.
+        serving.defer_access_flush()
         serving.redact_logs(secrets)
         server = _Server(config, runtime)
         await server.serve(sockets=[sock])

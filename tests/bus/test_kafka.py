@@ -30,7 +30,7 @@ from tests.e2e.conftest import (
 )
 from whatslike.bus import BusFull, PublishIncomplete
 from whatslike.bus.factory import open_bus
-from whatslike.bus.kafka import KafkaBus, bootstrap_servers
+from whatslike.bus.kafka import BACKGROUND_FETCH_WAIT_MS, KafkaBus, bootstrap_servers
 from whatslike.bus.memory import MemoryBus
 from whatslike.errors import BackendUnavailable, ConfigError, MalformedEvent
 from whatslike.events import TOPIC_STATUS, dlq_topic
@@ -772,3 +772,21 @@ async def test_a_batch_that_never_returns_is_not_committed(kafka_url: str, prefi
         await bus.publish(TOPIC, "c1", b"end")
         await again.until(lambda items: b"end" in items)
     assert again.items == [*sent[len(alone.items) :], b"end"]
+
+
+async def test_a_background_group_gets_its_events_with_the_long_fetch_wait(
+    kafka_url: str, prefix: str
+) -> None:
+    """The dead-letter recorder's group is idle nearly always: its fetches wait Kafka's
+    500 ms, not the latency path's 20 ms, and its events still come."""
+    got = Collector()
+    urgent = Collector()
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), Metrics())
+    bus.subscribe_background(TOPIC, "slow", got)
+    bus.subscribe(TOPIC, "fast", urgent)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"e1")
+        await got.until(lambda items: items == [b"e1"])
+        await urgent.until(lambda items: items == [b"e1"])
+        waits = {g: bus._groups[g].consumer._fetcher._fetch_max_wait_ms for g in ("slow", "fast")}
+    assert waits == {"slow": BACKGROUND_FETCH_WAIT_MS, "fast": 20}

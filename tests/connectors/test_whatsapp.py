@@ -3,6 +3,7 @@ parking statuses that beat the send answer, and sending through the Graph API.""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
 import json
@@ -51,6 +52,7 @@ from whatslike.media.inbound import MediaFetchFailed
 from whatslike.media.store import MediaRecord
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
+from whatslike.roles.relay import OutboxRelay
 from whatslike.settings import load_settings
 from whatslike.status.rules import PROVIDER_CLOCK_SKEW, ProviderError, Status
 from whatslike.store.base import Conversation, InboundMedia, Message, OutboxEntry, ParkedStatus
@@ -91,11 +93,13 @@ class RecordingBus:
     """Keeps what subscribed and what was published (a webhook's statuses, after their
     commit); `refuse` makes publishing fail, as a full in-process bus does."""
 
-    durable = False
-
     def __init__(self) -> None:
+        self.durable = False
         self.published: list[tuple[str, str, bytes]] = []
         self.refuse = False
+        #: While set, a publish waits (for ever, unless cleared): a process stalled or
+        #: dying between its commit and its publish.
+        self.stalled = asyncio.Event()
         self.subscribed: list[tuple[str, str]] = []
 
     def subscribe(self, topic: str, group: str, handler: Callable[[bytes], Any]) -> None:
@@ -113,6 +117,8 @@ class RecordingBus:
     async def publish(self, topic: str, key: str, value: bytes) -> None:
         if self.refuse:
             raise BusFull("full")
+        if self.stalled.is_set():
+            await asyncio.Future()
         self.published.append((topic, key, value))
 
     async def publish_many(self, events: Sequence[Event]) -> None:
@@ -728,6 +734,109 @@ async def test_statuses_the_bus_refuses_are_left_to_the_relay(harness: Harness) 
     assert harness.deps.handoffs.is_set()
     [item] = await harness.store.outbox_batch(harness.deps.relay_run.id, 10)
     assert StatusEvent.from_json(item.payload).status is Status.READ
+
+
+async def test_on_a_durable_bus_the_connector_publishes_its_hand_offs_once(
+    harness: Harness,
+) -> None:
+    """On Kafka the connector publishes a send's and a webhook's hand-offs itself, right
+    after their commit (added claimed, so no relay takes them meanwhile), and deletes
+    them once published: the relay finds nothing to publish a second time."""
+    harness.bus.durable = True
+    message = await harness.message()
+    # Before the send answer: parked, then handed off by the send.
+    assert (await harness.post(status_webhook(status(WAMID, "sent")))).status_code == 200
+    harness.send_handler = answer_with(WAMID)
+    await harness.send(message)
+    assert (await harness.post(status_webhook(status(WAMID, "read")))).status_code == 200
+    published = [StatusEvent.from_json(value) for _, _, value in harness.bus.published]
+    assert [(e.message_id, e.status) for e in published] == [
+        (message.id, Status.SENT),
+        (message.id, Status.READ),
+    ]
+    assert await OutboxRelay(harness.deps).relay_once() == 0
+    assert len(harness.bus.published) == 2
+    assert await harness.store.outbox_size() == 0
+
+
+async def test_on_a_durable_bus_a_send_whose_statuses_came_first_stores_nothing_more(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Meta's webhooks can beat its send answer (the simulator's do at no delay): they
+    link the provider id by callback data and hand the statuses off. The send answer
+    then only checks the link: on a durable bus there is no hand-off left to store (the
+    send's own entry left the outbox when the bus took it)."""
+    harness.bus.durable = True
+    message = await harness.message()
+    await harness.clear()  # the send's own entry: the relay took it
+    handoffs: list[int] = []
+    handoff = harness.store.handoff
+
+    async def counted(*args: Any, **kwargs: Any) -> list[int]:
+        handoffs.append(len(args[0]) if args else 0)
+        return await handoff(*args, **kwargs)
+
+    monkeypatch.setattr(harness.store, "handoff", counted)
+    sent_at = str(int(time.time()) + 1)
+
+    async def webhook_first(request: httpx.Request) -> httpx.Response:
+        early = status_webhook(status(WAMID, "sent", callback=message.id, at=sent_at))
+        assert (await harness.post(early)).status_code == 200
+        return send_answer(WAMID)
+
+    harness.send_handler = webhook_first
+    await harness.send(message)
+    assert handoffs == [1]  # the webhook's SENT; nothing after the send answer
+    [(_, _, value)] = harness.bus.published
+    assert StatusEvent.from_json(value).status is Status.SENT
+    linked = await harness.store.find_by_provider_id("whatsapp", WAMID)
+    assert linked is not None and linked.id == message.id
+
+
+async def test_on_a_durable_bus_what_the_bus_refuses_goes_to_the_relay_at_once(
+    harness: Harness,
+) -> None:
+    harness.bus.durable = True
+    message = await harness.message()
+    assert (await harness.post(status_webhook(status(WAMID, "sent")))).status_code == 200
+    harness.send_handler = answer_with(WAMID)
+    harness.bus.refuse = True
+    await harness.send(message)  # the send is done: its SENT is stored
+    assert harness.deps.handoffs.is_set()
+    harness.bus.refuse = False
+    assert await OutboxRelay(harness.deps).relay_once() == 1
+    [(_, _, value)] = harness.bus.published
+    assert StatusEvent.from_json(value).status is Status.SENT
+    assert await harness.store.outbox_size() == 0
+
+
+async def test_a_connector_dying_between_commit_and_publish_leaves_its_hand_offs_to_the_relay(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-off is committed claimed; the process stops before it publishes: once
+    the claim lapses, a relay (of any process) publishes it."""
+    monkeypatch.setattr("whatslike.connectors.base.CLAIM_LEASE_S", 0.2)
+    harness.bus.durable = True
+    message = await harness.message()
+    assert (await harness.post(status_webhook(status(WAMID, "sent")))).status_code == 200
+    await harness.clear()  # the message's own entry: the relay took it
+    harness.send_handler = answer_with(WAMID)
+    harness.bus.stalled.set()
+    sending = asyncio.create_task(harness.send(message))
+    relay = OutboxRelay(harness.deps)
+    deadline = time.monotonic() + 10
+    while not await harness.statuses():  # until the SENT is committed
+        assert time.monotonic() < deadline, "the SENT was not committed"
+        await asyncio.sleep(0.01)
+    assert await relay.relay_once() == 0  # claimed by the connector
+    sending.cancel()  # it dies before its publish
+    harness.bus.stalled.clear()
+    while not await relay.relay_once():
+        assert time.monotonic() < deadline, "the relay never took the lapsed claim"
+        await asyncio.sleep(0.05)
+    [(_, _, value)] = harness.bus.published
+    assert StatusEvent.from_json(value).status is Status.SENT
+    assert await harness.store.outbox_size() == 0
 
 
 # -- sending ---------------------------------------------------------------------------

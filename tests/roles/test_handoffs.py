@@ -5,23 +5,26 @@ are noticed."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.store.test_contract import at, status_event
 from whatslike.bus import BusFull, Event, Handler, publish_in_turn
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, OutboundMessage, StatusEvent
 from whatslike.fanout.memory import MemoryFanout
 from whatslike.http_client import AiohttpClient
 from whatslike.metrics import Metrics
 from whatslike.roles import Deps
-from whatslike.roles.relay import OutboxRelay
+from whatslike.roles.relay import CLAIM_LEASE_S, ClaimedPublisher, OutboxRelay
 from whatslike.roles.watchdog import Watchdog
 from whatslike.settings import load_settings
 from whatslike.status.rules import Status
-from whatslike.store.base import Message, OutboxItem
+from whatslike.store.base import Message, OutboxEntry, OutboxItem
+from whatslike.store.common import status_entry
 from whatslike.store.sqlite import SQLiteStore
 
 
@@ -215,3 +218,86 @@ async def test_a_stop_that_meets_a_wake_up_still_stops_the_relay(
             await asyncio.sleep(0)
         await asyncio.wait_for(relay.stop(), 5)
     await wiring.http.close()
+
+
+async def claimed(
+    store: SQLiteStore, bus: ScriptedBus, n: int
+) -> tuple[list[OutboxEntry], list[int]]:
+    """A hand-off of `n` statuses committed claimed by its writer, as a connector on a
+    durable bus makes one."""
+    message = await new_message(store)
+    await store.handoff(done=[(TOPIC_MESSAGES, message.id)])
+    entries = [status_entry(status_event(message, Status.SENT, at(k))) for k in range(n)]
+    return entries, await store.handoff(entries, claim_s=CLAIM_LEASE_S)
+
+
+def published_events(bus: ScriptedBus) -> list[str]:
+    return [StatusEvent.from_json(v).event_id for _, _, v in bus.published]
+
+
+def event_ids(entries: list[OutboxEntry]) -> list[str]:
+    return [StatusEvent.from_json(e.payload).event_id for e in entries]
+
+
+async def test_claimed_hand_offs_are_published_in_order_then_deleted(
+    store: SQLiteStore,
+) -> None:
+    bus = ScriptedBus(durable=True)
+    wiring = deps(store, bus)
+    publisher = ClaimedPublisher(wiring)
+    publisher.start()
+    try:
+        first, second = await claimed(store, bus, 2), await claimed(store, bus, 1)
+        await publisher.submit(*first)
+        await publisher.submit(*second)
+        deadline = time.monotonic() + 10
+        while await store.outbox_size():
+            assert time.monotonic() < deadline, "not deleted after their publish"
+            await asyncio.sleep(0.01)
+    finally:
+        await publisher.stop()
+    assert published_events(bus) == event_ids(first[0] + second[0])
+    assert await OutboxRelay(wiring).relay_once() == 0  # nothing published twice
+
+
+async def test_claimed_hand_offs_the_bus_refuses_go_to_the_relay_at_once(
+    store: SQLiteStore,
+) -> None:
+    bus = ScriptedBus(durable=True)
+    wiring = deps(store, bus)
+    entries, ids = await claimed(store, bus, 3)
+    bus.full = 1  # the bus refuses the first, so takes none of them
+    await ClaimedPublisher(wiring).submit(entries, ids)
+    assert wiring.handoffs.is_set()
+    assert bus.published == []
+    assert await OutboxRelay(wiring).relay_once() == 3  # given back: no wait for a lapse
+    assert published_events(bus) == event_ids(entries)
+    assert await store.outbox_size() == 0
+
+
+class StallingBus(ScriptedBus):
+    """A durable bus whose publishes never return (a broker that hangs)."""
+
+    def __init__(self) -> None:
+        super().__init__(durable=True)
+        self.stalled = asyncio.Event()
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        self.stalled.set()
+        await asyncio.Event().wait()
+
+
+async def test_claimed_hand_offs_still_queued_at_stop_are_given_back(store: SQLiteStore) -> None:
+    """At a stop, the hand-off being published stays claimed (a relay takes it once the
+    claim lapses); those still queued behind it are given back to the relays at once."""
+    bus = StallingBus()
+    wiring = deps(store, bus)
+    publisher = ClaimedPublisher(wiring)
+    publisher.start()
+    in_flight, queued = await claimed(store, bus, 1), await claimed(store, bus, 2)
+    await publisher.submit(*in_flight)
+    await asyncio.wait_for(bus.stalled.wait(), 10)
+    await publisher.submit(*queued)
+    await publisher.stop()
+    given_back = await store.claim_outbox(10, lease_s=60)
+    assert [item.id for item in given_back] == queued[1]

@@ -719,6 +719,32 @@ async def test_relays_share_the_outbox_by_claims_that_lapse(
     assert OutboundMessage.from_json(again.payload).message_id == lapsing.id
 
 
+async def test_a_hand_off_added_claimed_is_its_writers_to_publish(store: Store) -> None:
+    """A hand-off its writer publishes to a durable bus itself is added claimed: the
+    relays pass it by while the claim holds, and the writer deletes it once published
+    (or gives it back). Should the writer die between its commit and its publish, the
+    claim lapses and a relay publishes the entries."""
+    message = await new_message(store)
+    [waiting] = await store.claim_outbox(10, lease_s=60)  # the message's own entry
+    events = [status_event(message, Status.SENT, at(n)) for n in range(1, 6)]
+    ids = await store.handoff([status_entry(e) for e in events[:2]], claim_s=60)
+    assert len(ids) == 2 and ids[0] < ids[1] and waiting.id not in ids
+    assert await store.claim_outbox(10, lease_s=60) == []  # nobody else publishes them
+    await store.delete_outbox(ids)
+    assert await store.outbox_size() == 1  # only the message's entry, still claimed
+    # Without a claim no id is answered; the entry is free for the relays at once.
+    assert await store.handoff([status_entry(events[2])]) == []
+    [free] = await store.claim_outbox(10, lease_s=60)
+    assert outbox_json([free])[0]["event_id"] == events[2].event_id
+    # A writer that died before its publish: the relays take its entries once the
+    # claim lapses, in order.
+    crashed = await store.handoff([status_entry(e) for e in events[3:]], claim_s=0.01)
+    await asyncio.sleep(0.05)
+    relayed = await store.claim_outbox(10, lease_s=60)
+    assert [item.id for item in relayed] == crashed
+    assert [j["event_id"] for j in outbox_json(relayed)] == [e.event_id for e in events[3:]]
+
+
 async def test_applying_a_status_completes_its_hand_off(store: Store) -> None:
     message = await new_message(store)
     await store.handoff(done=[(TOPIC_MESSAGES, message.id)])

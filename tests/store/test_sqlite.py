@@ -34,7 +34,7 @@ async def test_writes_at_the_same_time_commit_together_and_fail_alone(tmp_path: 
             store.handoff(done=[(TOPIC_MESSAGES, message.id)]),
             return_exceptions=True,
         )
-        assert outcomes[0] is None and outcomes[2] is None
+        assert outcomes[0] == [] and outcomes[2] == []  # (no claim: no ids)
         assert isinstance(outcomes[1], sqlite3.ProgrammingError)
         assert commits == ["COMMIT"]
         [item] = await store.outbox_batch("run", 10)

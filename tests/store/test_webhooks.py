@@ -4,8 +4,9 @@ conversation, leased per endpoint, parked and replayed."""
 
 from __future__ import annotations
 
+import importlib
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -14,7 +15,7 @@ from tests.store.test_inbound import CONTACT, inbound
 from whatslike.clock import utcnow
 from whatslike.status.rules import Status
 from whatslike.store.base import Store, WebhookEndpoint, WebhookStore
-from whatslike.webhooks.core import new_secret
+from whatslike.webhooks.core import event_body, new_secret
 
 #: The stores that keep webhooks (the tests below run on these only, not skipped on
 #: Cassandra, where the API answers 501: see the first test).
@@ -191,3 +192,38 @@ async def test_a_customers_message_is_a_message_received_event(store: Store) -> 
         kinds.append((body["type"], body["data"]["type"], body["data"]["seq"]))
         await hooks.webhook_delivered(due.id)
     assert kinds == [("message.received", "message", 1), ("message.status", "status", 2)]
+
+
+@WEBHOOK_STORES
+async def test_no_body_is_made_for_an_organization_without_an_endpoint(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A status change of an organization with no endpoint makes no webhook body (the
+    JSON of one per change was a cost of every status on the hot path), one of an
+    organization with an endpoint still does."""
+    hooks = webhooks_of(store)
+    hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
+    assert hook is not None
+    module = importlib.import_module(type(store).__module__)
+    made: list[str] = []
+
+    def counted(kind: str, frame: str, when: datetime) -> bytes:
+        made.append(json.loads(frame)["conversation_id"])
+        return event_body(kind, frame, when)
+
+    monkeypatch.setattr(module, "event_body", counted)
+    hooked = await store.create_conversation("org-a", "whatsapp", "+1")
+    quiet = await store.create_conversation("org-b", "whatsapp", "+1")
+    mine, _ = await store.create_message(hooked, "hi", "")
+    theirs, _ = await store.create_message(quiet, "hi", "")
+    await applied(
+        store,
+        [
+            status_event(theirs, Status.SENT, at(1)),
+            status_event(mine, Status.SENT, at(1)),
+            status_event(theirs, Status.READ, at(2)),
+        ],
+    )
+    assert made == [hooked.id]
+    [due] = await hooks.due_webhook_deliveries(hook.id, utcnow() + timedelta(days=1), 10)
+    assert due.conversation_id == hooked.id and json.loads(due.body)["data"]["seq"] == 1

@@ -78,6 +78,15 @@ class Bus(Protocol):
 
 
 @runtime_checkable
+class Background(Protocol):
+    """A bus that can fetch a group's events less eagerly (Kafka)."""
+
+    def subscribe_background(self, topic: str, group: str, handler: Handler) -> None:
+        """Like `subscribe`, for a group on no latency path (dead letters): its events
+        may wait longer before they are fetched, so that an idle group costs little."""
+
+
+@runtime_checkable
 class Batching(Protocol):
     """A bus that fetches many events at once (Kafka) and can hand them over together."""
 

@@ -104,6 +104,8 @@ _END = object()
 #: How long the broker keeps a silent member (aiokafka's default, said here because the
 #: join bound depends on it).
 SESSION_TIMEOUT_MS = 10_000
+#: How long a fetch of a group in the background waits for records (Kafka's default).
+BACKGROUND_FETCH_WAIT_MS = 500
 #: The rebalance timeout beyond the handler grace: the broker waits that long for
 #: members to rejoin.
 REBALANCE_MARGIN_MS = 30_000
@@ -163,6 +165,8 @@ class _Group:
     poller: asyncio.Task[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)
     releasing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Its fetch wait, when not `kafka_fetch_max_wait_ms` (a group in the background).
+    fetch_wait_ms: int | None = None
 
 
 class KafkaBus:
@@ -193,6 +197,15 @@ class KafkaBus:
         if name in entry.handlers:
             raise RuntimeError(f"group {group!r} already consumes {topic!r}")
         entry.handlers[name] = handler
+
+    def subscribe_background(self, topic: str, group: str, handler: Handler) -> None:
+        """Like `subscribe`; the group's fetches wait up to `BACKGROUND_FETCH_WAIT_MS`
+        (Kafka's default) when there is nothing to fetch. aiokafka keeps one fetch in
+        flight per broker for all of a group's partitions, so an idle group with the
+        short wait of the latency path sends a fetch of all its partitions every 20 ms:
+        the dead-letter recorder's idle topics were most of a status worker's fetches."""
+        self.subscribe(topic, group, handler)
+        self._groups[group].fetch_wait_ms = BACKGROUND_FETCH_WAIT_MS
 
     def subscribe_batch(
         self, topic: str, group: str, handler: Handler, batch: BatchHandler
@@ -407,7 +420,7 @@ class KafkaBus:
             rebalance_timeout_ms=grace_ms + REBALANCE_MARGIN_MS,
             session_timeout_ms=SESSION_TIMEOUT_MS,
             max_poll_records=self._settings.kafka_partition_buffer,
-            fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
+            fetch_max_wait_ms=group.fetch_wait_ms or self._settings.kafka_fetch_max_wait_ms,
             fetch_min_bytes=self._settings.kafka_fetch_min_bytes,
         )
         group.consumer.subscribe(list(group.handlers), listener=_Listener(self, group))

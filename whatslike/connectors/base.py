@@ -61,6 +61,7 @@ from whatslike.media.factory import open_media_store
 from whatslike.media.inbound import MediaFetchFailed
 from whatslike.media.store import MediaRecord
 from whatslike.roles import Deps
+from whatslike.roles.relay import CLAIM_LEASE_S, ClaimedPublisher
 from whatslike.settings import Settings
 from whatslike.status.rules import ProviderError, Status, bounded
 from whatslike.store.base import (
@@ -211,6 +212,7 @@ class MetaConnector(ABC, Generic[T]):
         self._rng = random.Random()
         # Webhooks answered at the same time share one store transaction.
         self._webhook_handoffs = Grouped(self._hand_off_many, f"{self.name}-handoffs", 256)
+        self._publisher = ClaimedPublisher(deps)
         deps.bus.subscribe(outbound_topic(self.channel), self.name, self.send)
         deps.bus.subscribe(receipt_topic(self.channel), self.name, self.send_receipt)
         deps.bus.subscribe(media_topic(self.channel), self.name, self.fetch_media)
@@ -263,9 +265,11 @@ class MetaConnector(ABC, Generic[T]):
             connector=aiohttp.TCPConnector(limit=self._settings.media_fetch_concurrency)
         )
         self._webhook_handoffs.start()
+        self._publisher.start()
 
     async def stop(self) -> None:
         await self._webhook_handoffs.stop()
+        await self._publisher.stop()
         if self._downloads is not None:
             await self._downloads.close()
             self._downloads = None
@@ -565,7 +569,12 @@ class MetaConnector(ABC, Generic[T]):
             await self.collect_parked(item, stored, handoff)
         if parked:
             handoff.parked.append((self.channel, provider_id))
-        await self._retrying(lambda: self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)]))
+        if handoff.entries or handoff.parked or not self._bus.durable:
+            await self._retrying(
+                lambda: self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)])
+            )
+        # Else nothing is left to store: on a durable bus the relay deleted the send's
+        # entry once the bus took it (a redelivery finds the link and comes back here).
 
     async def _retrying(self, step: Callable[[], Awaitable[R]]) -> R:
         """Run a store step, riding out an outage with back-off (bounded by the consumer
@@ -663,27 +672,32 @@ class MetaConnector(ABC, Generic[T]):
         await self._hand_off(handoff, done=[(TOPIC_MESSAGES, stored.id)])
 
     async def _hand_off_many(self, handoffs: list[Handoff]) -> list[None]:
-        """Several webhooks' hand-offs in one transaction: all of them, or none. On the
-        in-process bus the entries are then handed to it from here (added as relayed by
-        this run), rather than by a second pass of the relay over the outbox."""
+        """Several webhooks' hand-offs in one transaction: all of them, or none. The
+        entries are then handed to the bus from here (`_hand_on`) rather than by a pass
+        of the relay over the outbox."""
         started = time.perf_counter()
         entries = [entry for handoff in handoffs for entry in handoff.entries]
-        direct = bool(entries) and not self._bus.durable
-        await self._store.handoff(
+        durable = self._bus.durable
+        claimed = await self._store.handoff(
             entries,
             parked=[key for handoff in handoffs for key in handoff.parked],
-            relayed_run=self._relay_run.id if direct else None,
+            relayed_run=self._relay_run.id if entries and not durable else None,
+            claim_s=CLAIM_LEASE_S if entries and durable else None,
         )
         self._handoff_seconds.observe(time.perf_counter() - started)
-        if direct:
-            await self._hand_on(entries)
-        elif entries:
-            self._handoffs.set()
+        if entries:
+            await self._hand_on(entries, claimed)
         return [None] * len(handoffs)
 
-    async def _hand_on(self, entries: list[OutboxEntry]) -> None:
-        """Publish committed entries. If the bus does not take them, they are durable
-        already: the relay's run is renewed, so the relay hands them on again."""
+    async def _hand_on(self, entries: list[OutboxEntry], claimed: list[int]) -> None:
+        """Publish committed entries. On a durable bus they were added claimed by this
+        process (`claimed`, their ids): the publisher publishes them in the background
+        (see `ClaimedPublisher`). On the in-process bus they were added as relayed by this
+        run; if the bus does not take them, the relay's run is renewed, so the relay
+        hands them on again."""
+        if claimed:
+            await self._publisher.submit(entries, claimed)
+            return
         try:
             await self._bus.publish_many([(e.topic, e.key, e.payload) for e in entries])
         except Exception as exc:
@@ -694,8 +708,19 @@ class MetaConnector(ABC, Generic[T]):
         self._metrics.outbox_relayed.inc(len(entries))
 
     async def _hand_off(self, handoff: Handoff, done: Sequence[tuple[str, str]] = ()) -> None:
-        await self._store.handoff(handoff.entries, done=done, parked=handoff.parked)
-        if handoff.entries:
+        """One send's hand-off: on a durable bus its entries are published from here,
+        right after the commit (`_hand_on`); on the in-process bus the relay is woken."""
+        entries = handoff.entries
+        durable = self._bus.durable
+        claimed = await self._store.handoff(
+            entries,
+            done=done,
+            parked=handoff.parked,
+            claim_s=CLAIM_LEASE_S if entries and durable else None,
+        )
+        if entries and durable:
+            await self._hand_on(entries, claimed)
+        elif entries:
             self._handoffs.set()
 
     # -- webhooks ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ from whatslike.bus import BusFull, PublishIncomplete
 from whatslike.bus.memory import backoff_delay
 from whatslike.errors import WhatslikeError
 from whatslike.roles import BackgroundRole, Deps
+from whatslike.store.base import OutboxEntry
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +99,84 @@ class OutboxRelay(BackgroundRole):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._settings.relay_poll_s):
                         await self._wake.wait()
+
+
+#: Hand-offs (one webhook's or one send's) queued for `ClaimedPublisher` at most.
+CLAIMED_QUEUE = 1024
+#: Hand-offs published together at most (one `publish_many`, one delete).
+CLAIMED_BATCH = 256
+
+
+class ClaimedPublisher:
+    """Publishes, in the background, hand-offs this process committed claimed
+    (`Store.handoff(claim_s=CLAIM_LEASE_S)`) on a durable bus: right after their commit,
+    without waiting for the relay's claim or turn, and without holding up the webhook's
+    200 or the send's completion, which the commit alone allows. The hand-offs queued at
+    once go out in order in one `publish_many`; those the bus took are then deleted in
+    one statement, the others given back at once (the relay publishes them). A hand-off
+    not published when this process stops or dies stays claimed until the claim lapses,
+    then a relay (of any process) publishes it: nothing committed is lost.
+
+    Bounded: while `CLAIMED_QUEUE` hand-offs wait, `submit` waits (backpressure onto the
+    webhook or the send that hands off)."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._store = deps.store
+        self._bus = deps.bus
+        self._metrics = deps.metrics
+        self._wake = deps.handoffs
+        self._queue: asyncio.Queue[tuple[list[OutboxEntry], list[int]]] = asyncio.Queue(
+            CLAIMED_QUEUE
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="claimed-publisher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        left: list[int] = []
+        while not self._queue.empty():
+            left += self._queue.get_nowait()[1]
+        if left:  # the relays take them at once rather than after the lapse
+            with contextlib.suppress(WhatslikeError):
+                await self._store.unclaim_outbox(left)
+
+    async def submit(self, entries: list[OutboxEntry], ids: list[int]) -> None:
+        """Publish committed `entries`, claimed under `ids` (same order)."""
+        if self._task is None:  # not started (a bare role in a test): at once
+            await self._publish([(entries, ids)])
+            return
+        await self._queue.put((entries, ids))
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < CLAIMED_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._publish(batch)
+
+    async def _publish(self, batch: list[tuple[list[OutboxEntry], list[int]]]) -> None:
+        entries = [entry for handed, _ in batch for entry in handed]
+        ids = [outbox_id for _, claimed in batch for outbox_id in claimed]
+        taken = len(ids)
+        try:
+            await self._bus.publish_many([(e.topic, e.key, e.payload) for e in entries])
+        except Exception as exc:
+            taken = exc.taken if isinstance(exc, PublishIncomplete) else 0
+            log.warning("hand-offs left to the outbox relay: %s", exc)
+        if taken:
+            self._metrics.outbox_relayed.inc(taken)
+        try:
+            # A delete or give-back that fails leaves the entries claimed: a relay
+            # publishes them again once the claim lapses (consumers are idempotent).
+            if taken:
+                await self._store.delete_outbox(ids[:taken])
+            if taken < len(ids):
+                await self._store.unclaim_outbox(ids[taken:])
+                self._wake.set()
+        except WhatslikeError as exc:
+            log.warning("published hand-offs left in the outbox: %s", exc)

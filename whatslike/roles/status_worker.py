@@ -37,7 +37,7 @@ import logging
 import time
 from datetime import datetime
 
-from whatslike.bus import Batching
+from whatslike.bus import Background, Batching
 from whatslike.campaigns import campaign_of
 from whatslike.clock import utcnow
 from whatslike.errors import BackendUnavailable, MalformedEvent
@@ -91,7 +91,12 @@ class StatusWorker(RoleDefaults):
         else:
             deps.bus.subscribe(TOPIC_STATUS, "status-worker", self.apply)
         for topic in DEAD_LETTER_SOURCES:
-            deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
+            if isinstance(deps.bus, Background):
+                deps.bus.subscribe_background(
+                    dlq_topic(topic), "dlq-recorder", self.record_dead_letter
+                )
+            else:
+                deps.bus.subscribe(dlq_topic(topic), "dlq-recorder", self.record_dead_letter)
 
     async def start(self) -> None:
         self._commit.start()

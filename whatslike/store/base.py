@@ -441,12 +441,19 @@ class Store(Protocol):
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
         relayed_run: str | None = None,
-    ) -> None:
+        claim_s: float | None = None,
+    ) -> list[int]:
         """In one transaction: add `entries` to the outbox, complete the entries that
         `done` names as (topic, done_key), and forget the statuses parked for each of
         `parked` (channel, provider id) — they are in `entries` now. With `relayed_run`
         the entries are added as already relayed by that run (`mark_relayed`): the caller
-        hands them to a bus that keeps nothing itself, right after this commit."""
+        hands them to a bus that keeps nothing itself, right after this commit.
+
+        With `claim_s` the entries are added claimed for that long, as `claim_outbox`
+        would claim them, and their ids are answered in order (else none are): the caller
+        publishes them to a durable bus right after this commit and then deletes them
+        (`delete_outbox`), or gives them back (`unclaim_outbox`). A caller that dies in
+        between leaves them to the relays once the claim lapses."""
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         """Outbox entries not yet relayed by the relay run `run` (a process's lifetime),

@@ -66,7 +66,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -146,6 +146,8 @@ _PRUNE_GRACE = timedelta(minutes=10)
 _OUTBOX_PAGE = 500
 #: Outbox entries claimed by one lightweight transaction (a conditional batch).
 _CLAIM_BATCH = 100
+#: Claimed entries whose topic and done key are kept for their delete (`_claimed`).
+_CLAIMS_KEPT = 10_000
 
 #: Failures that mean the cluster is out of reach or cannot answer now (too few replicas
 #: up, a timeout), not a bug: the caller may retry. A timed-out write may have applied.
@@ -408,6 +410,10 @@ _CQL = {
         "INSERT INTO outbox (bucket, id, topic, key, payload, done_key, relayed_run)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)"
     ),
+    "add_outbox_claimed": (
+        "INSERT INTO outbox (bucket, id, topic, key, payload, done_key, claimed_until)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ),
     "add_outbox_done": "INSERT INTO outbox_done (done_key, topic, id) VALUES (?, ?, ?)",
     "add_outbox_bucket": "INSERT INTO outbox_buckets (one, bucket) VALUES (0, ?)",
     "outbox_buckets": "SELECT bucket FROM outbox_buckets WHERE one = 0",
@@ -655,7 +661,8 @@ class CassandraStore:
         self._session: Session | None = None
         self._prepared: dict[str, PreparedStatement] = {}
         self._serial = _SERIAL_CONSISTENCY[self.address.serial_consistency]
-        # The outbox entries of the last `claim_outbox`: id -> (topic, done key).
+        # The outbox entries this process claimed (`claim_outbox`, `handoff` with a
+        # claim) and has not deleted or given back yet: id -> (topic, done key).
         self._claimed: dict[int, tuple[str, str]] = {}
 
     # -- connection and schema ----------------------------------------------------------
@@ -1409,21 +1416,37 @@ class CassandraStore:
         return now_us * _NODES + self._node
 
     def _outbox_inserts(
-        self, entries: Sequence[OutboxEntry], relayed_run: str | None = None
+        self,
+        entries: Sequence[OutboxEntry],
+        relayed_run: str | None = None,
+        claimed_until: datetime | None = None,
     ) -> list[Step]:
         steps: list[Step] = []
         for entry in entries:
             outbox_id = self._next_outbox_id()
             bucket = self._outbox_bucket(outbox_id)
             row = (bucket, outbox_id, entry.topic, entry.key, entry.payload, entry.done_key)
+            if claimed_until is not None:
+                add: Step = ("add_outbox_claimed", (*row, claimed_until))
+                self._remember_claims([(outbox_id, (entry.topic, entry.done_key))])
+            elif relayed_run is not None:
+                add = ("add_outbox_relayed", (*row, relayed_run))
+            else:
+                add = ("add_outbox", row)
             steps += [
-                ("add_outbox", row)
-                if relayed_run is None
-                else ("add_outbox_relayed", (*row, relayed_run)),
+                add,
                 ("add_outbox_done", (entry.done_key, entry.topic, outbox_id)),
                 ("add_outbox_bucket", (bucket,)),
             ]
         return steps
+
+    def _remember_claims(self, claims: Iterable[tuple[int, tuple[str, str]]]) -> None:
+        """Keep what `delete_outbox` needs of claimed entries, so it need not read them.
+        Only a cache: one claimed here but deleted by another process (its claim lapsed)
+        would stay, so it is emptied past a bound, and a forgotten entry is read again."""
+        if len(self._claimed) >= _CLAIMS_KEPT:
+            self._claimed.clear()
+        self._claimed.update(claims)
 
     def _outbox_deletes(self, outbox_id: int, topic: str, done_key: str) -> list[Step]:
         return [
@@ -1452,8 +1475,11 @@ class CassandraStore:
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
         relayed_run: str | None = None,
-    ) -> None:
-        steps = self._outbox_inserts(entries, relayed_run) + await self._done_deletes(done)
+        claim_s: float | None = None,
+    ) -> list[int]:
+        until = None if claim_s is None else _ms(utcnow() + timedelta(seconds=claim_s))
+        inserts = self._outbox_inserts(entries, relayed_run, until)
+        steps = inserts + await self._done_deletes(done)
         # No status is parked for a provider id once it is linked: these are all of them.
         found = await asyncio.gather(*(self._run("parked", *key) for key in parked))
         for (channel, provider_message_id), rows in zip(parked, found, strict=True):
@@ -1462,7 +1488,14 @@ class CassandraStore:
                 for row in rows
                 if row["parked_id"] is not None
             ]
-        await self._batch(steps)
+        added = [int(params[1]) for name, params in inserts if name == "add_outbox_claimed"]
+        try:
+            await self._batch(steps)
+        except BaseException:
+            for outbox_id in added:
+                self._claimed.pop(outbox_id, None)
+            raise
+        return added
 
     async def _outbox_rows(self, wanted: Callable[[Row], bool], limit: int) -> list[Row]:
         """Up to `limit` outbox rows that are `wanted`, oldest first. Buckets found empty,
@@ -1525,7 +1558,7 @@ class CassandraStore:
             if all(all(outcomes) for outcomes in claimed):
                 break
         # What `delete_outbox` needs of them, so that it need not read them again.
-        self._claimed = {int(row["id"]): (row["topic"], row["done_key"]) for row in won}
+        self._remember_claims((int(row["id"]), (row["topic"], row["done_key"])) for row in won)
         return sorted(common.outbox_items(won), key=lambda item: item.id)
 
     def _claim_step(self, until: datetime, row: Row) -> Step:
@@ -1555,6 +1588,8 @@ class CassandraStore:
         return [applied for applied, _ in outcomes]
 
     async def unclaim_outbox(self, ids: Sequence[int]) -> None:
+        for outbox_id in ids:
+            self._claimed.pop(outbox_id, None)
         await asyncio.gather(*(self._lwt("unclaim_outbox", self._outbox_bucket(i), i) for i in ids))
 
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
@@ -1563,7 +1598,7 @@ class CassandraStore:
         )
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
-        claimed, self._claimed = self._claimed, {}
+        claimed = {i: self._claimed.pop(i) for i in ids if i in self._claimed}
         unknown = [i for i in ids if i not in claimed]
         found = await asyncio.gather(
             *(self._run("outbox_row", self._outbox_bucket(i), i) for i in unknown)

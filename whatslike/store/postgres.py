@@ -803,18 +803,20 @@ class PostgresStore:
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
         relayed_run: str | None = None,
-    ) -> None:
-        if entries or done or parked:
-            await _one(
-                self._handoffs, _Handoff(tuple(entries), tuple(done), tuple(parked), relayed_run)
-            )
+        claim_s: float | None = None,
+    ) -> list[int]:
+        if not (entries or done or parked):
+            return []
+        item = _Handoff(tuple(entries), tuple(done), tuple(parked), relayed_run, claim_s)
+        return await _one(self._handoffs, item)
 
-    async def _handoff_many(self, items: list[_Handoff]) -> list[None]:
+    async def _handoff_many(self, items: list[_Handoff]) -> list[list[int]]:
         """`handoff` of each item in one transaction: the entries added in the items'
         order, then the completed entries and the parked statuses deleted. Deleting after
         adding is what the items one after another would do, unless an item completes
         an entry that an item after it adds: such a group goes one by one."""
-        added = [(e, item.relayed_run) for item in items for e in item.entries]
+        added = [(e, item) for item in items for e in item.entries]
+        ids: dict[int, int] = {}  # the position of an entry in `added`: its id
         done = [key for item in items for key in item.done]
         parked = [key for item in items for key in item.parked]
         if len(items) > 1 and done and added:
@@ -827,19 +829,17 @@ class PostgresStore:
                     raise _OneByOne("an entry completed before it is added")
         async with self._connection() as conn, conn.transaction():
             if added:
-                await conn.execute(
-                    "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run)"
-                    " SELECT e.topic, e.key, e.payload, e.done_key, $6, e.relayed_run"
-                    " FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[])"
-                    " WITH ORDINALITY AS e(topic, key, payload, done_key, relayed_run, n)"
-                    " ORDER BY e.n",
+                rows = await conn.fetch(
+                    _ADD_OUTBOX,
                     [e.topic for e, _ in added],
                     [e.key for e, _ in added],
                     [e.payload for e, _ in added],
                     [e.done_key for e, _ in added],
-                    [run for _, run in added],
+                    [item.relayed_run for _, item in added],
                     utcnow(),
+                    [item.claim_s for _, item in added],
                 )
+                ids = {int(row["n"]) - 1: int(row["id"]) for row in rows}
             if done:
                 await conn.execute(
                     "DELETE FROM outbox AS o USING unnest($1::text[], $2::text[])"
@@ -855,7 +855,13 @@ class PostgresStore:
                     [channel for channel, _ in parked],
                     [provider_message_id for _, provider_message_id in parked],
                 )
-        return [None] * len(items)
+        answers: list[list[int]] = []
+        start = 0
+        for item in items:
+            end = start + len(item.entries)
+            answers.append([ids[n] for n in range(start, end)] if item.claim_s is not None else [])
+            start = end
+        return answers
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         async with self._connection() as conn:
@@ -1388,20 +1394,36 @@ def _dead_letter_of(row: asyncpg.Record) -> DeadLetter:
     return DeadLetter(str(row["id"]), row["topic"], row["reason"], row["at"], row["payload"])
 
 
-async def _lock(
-    conn: _Connection, events: Sequence[StatusEvent], *, skip_locked: bool
-) -> tuple[dict[str, Message], dict[str, int], set[str]]:
-    """Lock the rows of the events' messages and conversations (see `_apply_batch`):
-    the messages by id, the last seq of their conversations, and the ids of the messages
-    passed over (only with `skip_locked`), with every other of their conversations'."""
+@dataclass(frozen=True, slots=True)
+class _Locked:
+    """What `_lock` read: the messages by id, the last seq of their conversations, the
+    ids of the messages passed over (`busy`), and of those whose organization has a
+    webhook endpoint (`hooked`) or that are in a campaign (`in_campaign`)."""
+
+    messages: dict[str, Message]
+    last_seq: dict[str, int]
+    busy: set[str]
+    hooked: set[str]
+    in_campaign: set[str]
+
+
+async def _lock(conn: _Connection, events: Sequence[StatusEvent], *, skip_locked: bool) -> _Locked:
+    """Lock the rows of the events' messages and conversations (see `_apply_batch`);
+    the messages passed over (only with `skip_locked`) are `busy`, with every other of
+    their conversations'. The same read tells which messages have a webhook endpoint or
+    a campaign to update, so that a change with neither costs no statement for them."""
     lock = "FOR NO KEY UPDATE SKIP LOCKED" if skip_locked else "FOR NO KEY UPDATE"
     wanted = sorted({e.message_id for e in events})
     rows = await conn.fetch(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ANY($1::text[])"
-        f" ORDER BY m.id {lock}",
+        f"SELECT {MESSAGE_COLUMNS}, EXISTS (SELECT 1 FROM webhook_endpoints e"
+        " WHERE e.org_id = m.org_id) AS hooked, EXISTS (SELECT 1 FROM campaign_recipients r"
+        " WHERE r.message_id = m.id) AS in_campaign"
+        f" FROM messages m WHERE m.id = ANY($1::text[]) ORDER BY m.id {lock}",
         wanted,
     )
     messages = {str(row["id"]): _message(row) for row in rows}
+    hooked = {str(row["id"]) for row in rows if row["hooked"]}
+    in_campaign = {str(row["id"]) for row in rows if row["in_campaign"]}
     #: The conversation of each message passed over (held by another transaction).
     passed: dict[str, str] = {}
     if skip_locked and len(messages) < len(wanted):
@@ -1424,7 +1446,7 @@ async def _lock(
     }
     held.update(c for c in conversations if c not in last_seq)
     busy = set(passed) | {m.id for m in messages.values() if m.conversation_id in held}
-    return messages, last_seq, busy
+    return _Locked(messages, last_seq, busy, hooked, in_campaign)
 
 
 async def _apply_batch(
@@ -1440,20 +1462,12 @@ async def _apply_batch(
     message, a change) do not block. With `skip_locked`, rows another transaction holds
     are passed over: every event of a conversation with such a row is `busy` (none is
     applied, so their order is kept) and touches nothing, the others are applied."""
-    messages, last_seq, busy = await _lock(conn, events, skip_locked=skip_locked)
+    locked = await _lock(conn, events, skip_locked=skip_locked)
+    messages, last_seq, busy = locked.messages, locked.last_seq, locked.busy
     before = {message_id: m.state for message_id, m in messages.items()}
     event_ids = [e.event_id for e in events if e.message_id not in busy]
-    await conn.execute(
-        "DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])",
-        TOPIC_STATUS,
-        event_ids,
-    )
     earlier: dict[tuple[str, str], tuple[str, ...]] = {}
-    for row in await conn.fetch(
-        "SELECT event_id, message_id, frame FROM changes WHERE event_id = ANY($1::text[])"
-        " ORDER BY seq",
-        event_ids,
-    ):
+    for row in await conn.fetch(_COMPLETE_AND_READ_EARLIER, TOPIC_STATUS, event_ids):
         key = (str(row["event_id"]), str(row["message_id"]))
         earlier[key] = (*earlier.get(key, ()), str(row["frame"]))
     results: list[ApplyResult] = []
@@ -1485,40 +1499,66 @@ async def _apply_batch(
         assert result.message is not None  # `applied` always answers with the message
         messages[message.id] = updated[message.id] = result.message
         results.append(result)
-    if changes:
-        await conn.executemany(
-            "INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            changes,
-        )
-        await _queue_webhooks(conn, changes, messages)
-        await conn.executemany(
-            "UPDATE conversations SET last_seq = $2 WHERE id = $1",
-            [(cid, last_seq[cid]) for cid in sorted({change[0] for change in changes})],
-        )
     if updated:
-        await conn.executemany(
-            "UPDATE messages SET status = $2, seq = $3, sent_at = $4, delivered_at = $5,"
-            " read_at = $6, failed_at = $7, error_code = $8, error_title = $9,"
-            " updated_at = $10 WHERE id = $1",
-            [
-                (
-                    m.id,
-                    m.state.status.value,
-                    m.seq,
-                    m.state.sent_at,
-                    m.state.delivered_at,
-                    m.state.read_at,
-                    m.state.failed_at,
-                    m.state.error.code if m.state.error else None,
-                    m.state.error.title if m.state.error else None,
-                    m.updated_at,
-                )
-                for m in updated.values()
-            ],
+        bumped = sorted({change[0] for change in changes})
+        states = [m.state for m in updated.values()]
+        await conn.execute(
+            _WRITE_APPLIED,
+            [c[0] for c in changes],
+            [c[1] for c in changes],
+            [c[2] for c in changes],
+            [c[3] for c in changes],
+            [c[4] for c in changes],
+            bumped,
+            [last_seq[cid] for cid in bumped],
+            list(updated),
+            [state.status.value for state in states],
+            [m.seq for m in updated.values()],
+            [state.sent_at for state in states],
+            [state.delivered_at for state in states],
+            [state.read_at for state in states],
+            [state.failed_at for state in states],
+            [state.error.code if state.error else None for state in states],
+            [state.error.title if state.error else None for state in states],
+            [m.updated_at for m in updated.values()],
         )
-        await _move_campaign_counts(conn, before, updated.values())
+        hooked = [change for change in changes if change[2] in locked.hooked]
+        if hooked:
+            await _queue_webhooks(conn, hooked, messages)
+        await _move_campaign_counts(
+            conn, before, [m for m in updated.values() if m.id in locked.in_campaign]
+        )
     return results
+
+
+#: A status batch's outbox entries completed, and the changes its events made before
+#: (a redelivery), in one round trip.
+_COMPLETE_AND_READ_EARLIER = """
+WITH completed AS (
+    DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])
+)
+SELECT event_id, message_id, frame FROM changes WHERE event_id = ANY($2::text[]) ORDER BY seq
+"""
+
+#: A status batch's writes in one statement: its changes, the conversations' last seqs
+#: and the messages' new states (three tables, each row written once).
+_WRITE_APPLIED = """
+WITH added AS (
+    INSERT INTO changes (conversation_id, seq, message_id, event_id, frame)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+), bumped AS (
+    UPDATE conversations AS c SET last_seq = u.last_seq
+    FROM unnest($6::text[], $7::bigint[]) AS u(id, last_seq) WHERE c.id = u.id
+)
+UPDATE messages AS m SET status = u.status, seq = u.seq, sent_at = u.sent_at,
+    delivered_at = u.delivered_at, read_at = u.read_at, failed_at = u.failed_at,
+    error_code = u.error_code, error_title = u.error_title, updated_at = u.updated_at
+FROM unnest($8::text[], $9::text[], $10::bigint[], $11::timestamptz[], $12::timestamptz[],
+    $13::timestamptz[], $14::timestamptz[], $15::text[], $16::text[], $17::timestamptz[])
+    AS u(id, status, seq, sent_at, delivered_at, read_at, failed_at, error_code,
+        error_title, updated_at)
+WHERE m.id = u.id
+"""
 
 
 async def _move_campaign_counts(
@@ -1707,6 +1747,25 @@ class _Handoff:
     done: tuple[tuple[str, str], ...]
     parked: tuple[tuple[str, str], ...]
     relayed_run: str | None
+    claim_s: float | None
+
+
+#: The outbox entries of a group of hand-offs, in order (a claim with `claim_s`), and
+#: their ids by position (n): each id is drawn once (the CTE is materialized), in order.
+_ADD_OUTBOX = """
+WITH e AS MATERIALIZED (
+    SELECT nextval('outbox_id_seq') AS id, e.*
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[], $7::float8[])
+        WITH ORDINALITY AS e(topic, key, payload, done_key, relayed_run, claim_s, n)
+), added AS (
+    INSERT INTO outbox (id, topic, key, payload, done_key, created_at, relayed_run,
+        claimed_until)
+    SELECT id, topic, key, payload, done_key, $6, relayed_run,
+        now() + make_interval(secs => claim_s)
+    FROM e ORDER BY n
+)
+SELECT id, n FROM e
+"""
 
 
 class _OneByOne(Exception):

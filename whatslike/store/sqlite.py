@@ -639,9 +639,18 @@ class SQLiteStore:
         done: Sequence[tuple[str, str]] = (),
         parked: Sequence[tuple[str, str]] = (),
         relayed_run: str | None = None,
-    ) -> None:
-        def work(conn: sqlite3.Connection) -> None:
-            _add_outbox(conn, entries, relayed_run)
+        claim_s: float | None = None,
+    ) -> list[int]:
+        def work(conn: sqlite3.Connection) -> list[int]:
+            if claim_s is None:
+                _add_outbox(conn, entries, relayed_run)
+                added: list[int] = []
+            else:
+                until = format_time(utcnow() + timedelta(seconds=claim_s))
+                added = [
+                    int(conn.execute(_CLAIMED_OUTBOX, (*row, until)).fetchall()[0]["id"])
+                    for row in _outbox_rows(entries, relayed_run)
+                ]
             conn.executemany(
                 "DELETE FROM outbox WHERE done_key = ? AND topic = ?",
                 [(done_key, topic) for topic, done_key in done],
@@ -650,8 +659,9 @@ class SQLiteStore:
                 "DELETE FROM parked_statuses WHERE channel = ? AND provider_message_id = ?",
                 parked,
             )
+            return added
 
-        await self._in_thread(work, write=True)
+        return await self._in_thread(work, write=True)
 
     async def outbox_batch(self, run: str, limit: int) -> list[OutboxItem]:
         rows = await self._read(
@@ -1227,6 +1237,11 @@ _INSERT_OUTBOX = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 
+_CLAIMED_OUTBOX = (
+    "INSERT INTO outbox (topic, key, payload, done_key, created_at, relayed_run, claimed_until)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"
+)
+
 
 def _add_outbox(
     conn: sqlite3.Connection, entries: Iterable[OutboxEntry], relayed_run: str | None
@@ -1415,22 +1430,22 @@ def _parked(conn: sqlite3.Connection, channel: str, provider_message_id: str) ->
 
 def _queue_webhooks(conn: sqlite3.Connection, message: Message, seq: int, frame: str) -> None:
     """The outbound webhook hook of a change: one delivery per endpoint of the message's
-    organization, in the transaction that applies it (see whatslike/webhooks)."""
+    organization, in the transaction that applies it (see whatslike/webhooks). The body
+    is made only for an organization that has an endpoint (one indexed read otherwise)."""
+    endpoints = conn.execute(
+        "SELECT id FROM webhook_endpoints WHERE org_id = ? ORDER BY created_at, id",
+        (message.org_id,),
+    ).fetchall()
+    if not endpoints:
+        return
     now = utcnow()
     at = format_time(now)
     kind = event_type(frame)
-    conn.execute(
+    body = event_body(kind, frame, now)
+    conn.executemany(
         "INSERT INTO webhook_deliveries (endpoint_id, conversation_id, seq, event_type, body,"
-        " created_at, next_at) SELECT id, ?, ?, ?, ?, ?, ? FROM webhook_endpoints WHERE org_id = ?",
-        (
-            message.conversation_id,
-            seq,
-            kind,
-            event_body(kind, frame, now),
-            at,
-            at,
-            message.org_id,
-        ),
+        " created_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(row["id"], message.conversation_id, seq, kind, body, at, at) for row in endpoints],
     )
 
 
