@@ -8,7 +8,7 @@ A payload that cannot be decoded raises `MalformedEvent`, which the bus dead-let
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +55,18 @@ CAMPAIGN_HINT = b""
 def campaign_channel(campaign_id: str) -> str:
     """The fan-out channel of one campaign's counts (protocol.md §3)."""
     return f"campaign:{campaign_id}"
+
+
+def _flat(event: ReadReceipt | MediaFetch) -> bytes:
+    """An event of text fields only, as compact JSON in its fields' order."""
+    return json.dumps(asdict(event), separators=(",", ":")).encode()
+
+
+def _channel(data: dict[str, Any]) -> str:
+    channel = _text(data, "channel")
+    if channel not in CHANNELS:
+        raise MalformedEvent(f"unknown channel {channel!r}")
+    return channel
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -141,9 +153,7 @@ class OutboundMessage:
     @classmethod
     def from_json(cls, raw: bytes) -> OutboundMessage:
         data = _load(raw)
-        channel = _text(data, "channel")
-        if channel not in CHANNELS:
-            raise MalformedEvent(f"unknown channel {channel!r}")
+        channel = _channel(data)
         media_id = _text(data, "media_id", optional=True) or None
         template = _template(data)
         return cls(
@@ -262,24 +272,12 @@ class ReadReceipt:
     provider_message_id: str
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "message_id": self.message_id,
-                "conversation_id": self.conversation_id,
-                "org_id": self.org_id,
-                "channel": self.channel,
-                "contact": self.contact,
-                "provider_message_id": self.provider_message_id,
-            },
-            separators=(",", ":"),
-        ).encode()
+        return _flat(self)
 
     @classmethod
     def from_json(cls, raw: bytes) -> ReadReceipt:
         data = _load(raw)
-        channel = _text(data, "channel")
-        if channel not in CHANNELS:
-            raise MalformedEvent(f"unknown channel {channel!r}")
+        channel = _channel(data)
         return cls(
             message_id=_text(data, "message_id"),
             conversation_id=_text(data, "conversation_id"),
@@ -302,22 +300,12 @@ class MediaFetch:
     channel: str
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "message_id": self.message_id,
-                "conversation_id": self.conversation_id,
-                "org_id": self.org_id,
-                "channel": self.channel,
-            },
-            separators=(",", ":"),
-        ).encode()
+        return _flat(self)
 
     @classmethod
     def from_json(cls, raw: bytes) -> MediaFetch:
         data = _load(raw)
-        channel = _text(data, "channel")
-        if channel not in CHANNELS:
-            raise MalformedEvent(f"unknown channel {channel!r}")
+        channel = _channel(data)
         return cls(
             message_id=_text(data, "message_id"),
             conversation_id=_text(data, "conversation_id"),
