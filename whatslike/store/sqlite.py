@@ -1188,10 +1188,12 @@ class SQLiteStore:
 
 def _latest_conversation(conn: sqlite3.Connection, inbound: InboundMessage) -> Conversation:
     """The organization's latest conversation with the contact on the channel, or a new
-    one (inside the caller's transaction)."""
+    one (inside the caller's transaction). Two made in the same millisecond are told
+    apart by their rowid, the order they were inserted in (conversations are never
+    deleted, so a rowid is never reused)."""
     rows = conn.execute(
         "SELECT * FROM conversations WHERE channel = ? AND contact = ? AND org_id = ?"
-        " ORDER BY created_at DESC, id DESC LIMIT 1",
+        " ORDER BY created_at DESC, rowid DESC LIMIT 1",
         (inbound.channel, inbound.contact, inbound.account_org_id),
     ).fetchall()
     if rows:
