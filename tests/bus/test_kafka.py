@@ -20,6 +20,7 @@ import pytest_asyncio
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
 
 from tests.e2e.conftest import (
     OWN_SECRETS,
@@ -305,6 +306,55 @@ async def test_a_failing_handler_is_retried_until_it_succeeds(kafka_url: str, pr
     assert calls == [b"e1"] * 3
     assert metrics.bus_retries.labels(TOPIC, "g")._value.get() == 2
     assert metrics.bus_dead_letters.labels(TOPIC, "g")._value.get() == 0
+
+
+async def test_a_consumer_whose_fetch_fails_unexpectedly_keeps_consuming(
+    kafka_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error aiokafka does not type as a Kafka error (an assertion of its own, a bug of
+    ours) used to end the group's fetch loop for good: the process stayed up, so nothing
+    restarted it, and its partitions were never read again."""
+    seen = Collector()
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), Metrics())
+    bus.subscribe(TOPIC, "g", seen)
+    async with running(bus):
+        await bus.publish(TOPIC, "c1", b"c1/0")
+        await seen.until(lambda items: items == [b"c1/0"])
+        consumer = bus._groups["g"].consumer
+        fetch = consumer.getmany
+        failures = 0
+
+        async def fails_twice(*partitions: object, **options: object) -> object:
+            nonlocal failures
+            if failures < 2:
+                failures += 1
+                raise AssertionError("Partition is not assigned")
+            return await fetch(*partitions, **options)
+
+        consumer.getmany = fails_twice
+        await eventually(lambda: failures == 2)
+        await bus.publish(TOPIC, "c1", b"c1/1")
+        await seen.until(lambda items: items == [b"c1/0", b"c1/1"])
+        await bus.ping()  # the consumer is alive: /readyz stays ready
+    failed = [r for r in caplog.records if "Kafka consumer of group g failed" in r.getMessage()]
+    assert len(failed) == 2 and all(r.exc_info for r in failed)
+
+
+async def test_lag_is_not_asked_of_a_partition_that_left_the_assignment(
+    kafka_url: str, prefix: str
+) -> None:
+    """aiokafka asserts a partition is assigned before it gives its high watermark; a
+    partition still held here while a rebalance takes it away is skipped."""
+    seen = Collector()
+    bus = KafkaBus(kafka_settings(kafka_url, prefix), Metrics())
+    bus.subscribe(TOPIC, "g", seen)
+    async with running(bus):
+        await wait_assigned(bus, "g")
+        group = bus._groups["g"]
+        gone = TopicPartition(bus.topic_name(TOPIC), 99)
+        bus._assign(group, [gone])
+        bus._report_lag(group)
+        await bus._release(group, [gone])
 
 
 async def test_dead_letters_after_max_attempts_and_at_once_when_malformed(

@@ -441,38 +441,58 @@ class KafkaBus:
         group.poller.add_done_callback(_report_poller_end)
 
     async def _poll(self, group: _Group) -> None:
+        """Fetch into the partitions' buffers and commit what is done, until cancelled.
+        A broker's error is retried after a pause; so is any other error (a bug of ours
+        or of aiokafka's, logged with its traceback): a consumer that stopped for good
+        would leave its partitions unread while the process, alive, is never restarted."""
+        last_commit = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                last_commit = await self._fetch_and_commit(group, last_commit)
+                failures = 0
+            except KafkaError as exc:
+                log.warning("Kafka fetch for group %s failed: %r", group.name, exc)
+                await asyncio.sleep(self._settings.consumer_backoff_base_s)
+            except Exception:
+                failures += 1
+                delay = self._delay(failures)
+                log.critical(
+                    "Kafka consumer of group %s failed; fetching again in %.1f s",
+                    group.name,
+                    delay,
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
+
+    async def _fetch_and_commit(self, group: _Group, last_commit: float) -> float:
+        """One turn of `_poll`: answer when the group's offsets were last committed."""
         settings = self._settings
         limit = settings.kafka_partition_buffer
-        last_commit = time.monotonic()
         consumer = group.consumer
-        while True:
-            ready = [p for p in group.partitions.values() if p.buffer.qsize() < limit]
-            if group.partitions and not ready:
-                # Every partition's buffer is full: fetch nothing until a handler takes one.
-                group.room.clear()
-                try:
-                    async with asyncio.timeout(settings.kafka_commit_interval_s):
-                        await group.room.wait()
-                except TimeoutError:
-                    await self._refresh_lag(group)  # no fetch: ask the broker instead
-            else:
-                room = min((limit - p.buffer.qsize() for p in ready), default=limit)
-                try:
-                    batches = await consumer.getmany(
-                        *(p.tp for p in ready), timeout_ms=200, max_records=room
-                    )
-                except KafkaError as exc:
-                    log.warning("Kafka fetch for group %s failed: %r", group.name, exc)
-                    await asyncio.sleep(settings.consumer_backoff_base_s)
-                    continue
-                # aiokafka returns records of the current assignment only (none while a
-                # rebalance is under way), and `_feed` runs before anything else can.
-                for tp, records in batches.items():
-                    self._feed(group, tp, records)
-                self._report_lag(group)
-            if time.monotonic() - last_commit >= settings.kafka_commit_interval_s:
-                await self._commit(group, list(group.partitions.values()))
-                last_commit = time.monotonic()
+        ready = [p for p in group.partitions.values() if p.buffer.qsize() < limit]
+        if group.partitions and not ready:
+            # Every partition's buffer is full: fetch nothing until a handler takes one.
+            group.room.clear()
+            try:
+                async with asyncio.timeout(settings.kafka_commit_interval_s):
+                    await group.room.wait()
+            except TimeoutError:
+                await self._refresh_lag(group)  # no fetch: ask the broker instead
+        else:
+            room = min((limit - p.buffer.qsize() for p in ready), default=limit)
+            batches = await consumer.getmany(
+                *(p.tp for p in ready), timeout_ms=200, max_records=room
+            )
+            # aiokafka returns records of the current assignment only (none while a
+            # rebalance is under way), and `_feed` runs before anything else can.
+            for tp, records in batches.items():
+                self._feed(group, tp, records)
+            self._report_lag(group)
+        if time.monotonic() - last_commit >= settings.kafka_commit_interval_s:
+            await self._commit(group, list(group.partitions.values()))
+            last_commit = time.monotonic()
+        return last_commit
 
     def _feed(self, group: _Group, tp: TopicPartition, records: list[Any]) -> None:
         # A partition's records may come before aiokafka calls on_partitions_assigned.
@@ -495,7 +515,13 @@ class KafkaBus:
         self._report_lag(group, ends)
 
     def _report_lag(self, group: _Group, ends: dict[TopicPartition, int] | None = None) -> None:
+        # aiokafka asserts that a partition whose high watermark is asked is assigned; a
+        # partition held here may have left its assignment in a rebalance under way (its
+        # release comes with aiokafka's callback).
+        assigned = group.consumer.assignment()
         for partition in group.partitions.values():
+            if partition.tp not in assigned:
+                continue
             if ends is None:
                 highwater = group.consumer.highwater(partition.tp)
             else:
