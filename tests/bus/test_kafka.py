@@ -177,6 +177,29 @@ async def test_the_producer_is_idempotent_with_acks_all(kafka_url: str, prefix: 
     assert config.producer_id >= 0  # the broker granted an idempotent producer id
 
 
+async def test_a_producer_replaced_while_its_close_hangs_leaves_publishing_free(
+    kafka_url: str, prefix: str
+) -> None:
+    """The producer put aside (out of step with the broker) is closed within the publish
+    timeout: a close hanging on a broker still away held the replacement's lock, and
+    with it every publisher whose producer broke next."""
+    settings = kafka_settings(kafka_url, prefix, bus_publish_timeout_s=1.0)
+    async with running(KafkaBus(settings, Metrics())) as bus:
+        dead = bus._producer
+        closing = asyncio.Event()
+        close = dead.stop
+
+        async def hangs() -> None:
+            closing.set()
+            await asyncio.Event().wait()
+
+        dead.stop = hangs
+        await asyncio.wait_for(bus._replace_producer(dead), 10 * settings.bus_publish_timeout_s)
+        assert closing.is_set() and bus._producer is not dead
+        await bus.publish(TOPIC, "c1", b"e1")  # on the new producer
+        await close()
+
+
 async def test_a_committed_event_is_not_seen_again_and_an_unfinished_one_is(
     kafka_url: str, prefix: str
 ) -> None:

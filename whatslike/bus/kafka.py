@@ -345,8 +345,9 @@ class KafkaBus:
                 log.warning("no new Kafka producer yet: %r", exc)
                 return  # the next failing publish tries again
             self._producer = fresh
-            with contextlib.suppress(KafkaError):
-                await dead.stop()
+        # Bounded and outside the lock: a close that hangs on a broker still away must
+        # hold up neither this publisher nor the next replacement.
+        await self._bounded("close of the replaced producer", dead.stop())
 
     def assignment(self, group: str) -> list[tuple[str, int]]:
         """The partitions this process consumes for `group` now, as (topic, partition)."""
