@@ -52,7 +52,8 @@ lock: | $(BIN)/python
 run: install
 	$(BIN)/whatslike serve
 
-## Install what the tests need, start the local servers they use, run every check.
+## Install what the tests need, start the local servers they use, run every check: the
+## whole suite, then the fault tests on the clusters (`test-cluster`, which starts them).
 test: install-test
 	./scripts/services.sh
 	./scripts/browser.sh
@@ -61,10 +62,11 @@ test: install-test
 	$(BIN)/mypy
 	node --test tests/js/
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-cluster
 
 ## The fault tests on a three-node Cassandra cluster and three Kafka brokers (127.0.0.2-4;
 ## JVMs of up to 1 GB and 384 MB each, started on demand and left running): a Cassandra
-## node, and the broker leading a partition, killed under load.
+## node, and the broker leading a partition, killed under load. Part of `make test`.
 test-cluster: install-test
 	./scripts/services.sh redis cassandra-cluster kafka-cluster
 	$(BIN)/pytest -m cluster tests/cluster
