@@ -1,5 +1,5 @@
 """Fault tests on the three-node Cassandra cluster (`make test-cluster`, which starts it
-with `scripts/services.sh cassandra-cluster`; not part of `make test`): the store with
+with `scripts/services.sh cassandra-cluster`; `make test` runs it last): the store with
 replication factor 3, QUORUM writes and SERIAL lightweight transactions loses a node
 under load and nothing else."""
 

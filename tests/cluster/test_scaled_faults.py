@@ -1,5 +1,5 @@
 """Fault tests of the scaled layout on the clusters (`make test-cluster`, which starts
-them with `scripts/services.sh cassandra-cluster kafka-cluster`; not part of `make test`):
+them with `scripts/services.sh cassandra-cluster kafka-cluster`; `make test` runs it last):
 api, router, connector and status worker as processes of their own on three Kafka brokers
 (topics of 3 replicas, min.insync.replicas=2, acks=all), Redis and three Cassandra nodes
 (replication factor 3, QUORUM, SERIAL), while messages flow, the broker that leads a
