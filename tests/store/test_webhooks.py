@@ -15,12 +15,8 @@ from tests.store.test_contract import applied, at, status_event
 from tests.store.test_inbound import CONTACT, inbound
 from whatslike.clock import utcnow
 from whatslike.status.rules import Status
-from whatslike.store.base import Store, WebhookEndpoint, WebhookStore
+from whatslike.store.base import Store, WebhookEndpoint
 from whatslike.webhooks.core import event_body, new_secret
-
-def webhooks_of(store: Store) -> WebhookStore:
-    assert isinstance(store, WebhookStore)
-    return store
 
 
 def endpoint(org_id: str, name: str) -> WebhookEndpoint:
@@ -36,7 +32,7 @@ def endpoint(org_id: str, name: str) -> WebhookEndpoint:
 async def test_each_change_queues_one_delivery_per_endpoint_of_its_organization(
     store: Store,
 ) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     first = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     second = await hooks.add_webhook_endpoint(endpoint("org-a", "two"), 5)
     other = await hooks.add_webhook_endpoint(endpoint("org-b", "one"), 5)
@@ -67,7 +63,7 @@ async def test_each_change_queues_one_delivery_per_endpoint_of_its_organization(
 
 
 async def test_an_organization_has_at_most_the_limit_of_endpoints(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     for n in range(2):
         assert await hooks.add_webhook_endpoint(endpoint("org-a", str(n)), 2) is not None
     assert await hooks.add_webhook_endpoint(endpoint("org-a", "x"), 2) is None
@@ -84,7 +80,7 @@ async def test_an_organization_has_at_most_the_limit_of_endpoints(store: Store) 
 
 
 async def test_endpoints_added_at_once_never_pass_the_limit(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     added = await asyncio.gather(
         *(hooks.add_webhook_endpoint(endpoint("org-a", str(n)), 2) for n in range(5))
     )
@@ -93,7 +89,7 @@ async def test_endpoints_added_at_once_never_pass_the_limit(store: Store) -> Non
 
 
 async def test_of_senders_claiming_at_once_one_leases_the_endpoint(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     conversation = await store.create_conversation("org-a", "whatsapp", "+1")
@@ -107,7 +103,7 @@ async def test_of_senders_claiming_at_once_one_leases_the_endpoint(store: Store)
 
 
 async def test_a_lease_keeps_other_senders_off_an_endpoint(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     now = utcnow()
@@ -129,7 +125,7 @@ async def test_a_lease_keeps_other_senders_off_an_endpoint(store: Store) -> None
 
 
 async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     assert await hooks.oldest_pending_webhook() is None
@@ -165,7 +161,7 @@ async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None
 
 
 async def test_rotation_keeps_the_previous_secret_for_a_while(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     until = utcnow() + timedelta(hours=24)
@@ -177,7 +173,7 @@ async def test_rotation_keeps_the_previous_secret_for_a_while(store: Store) -> N
 
 
 async def test_a_customers_message_is_a_message_received_event(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org_a", "one"), 5)
     assert hook is not None
     conversation = await store.create_conversation("org_a", "whatsapp", CONTACT)
@@ -207,7 +203,7 @@ async def test_no_body_is_made_for_an_organization_without_an_endpoint(
     """A status change of an organization with no endpoint makes no webhook body (the
     JSON of one per change was a cost of every status on the hot path), one of an
     organization with an endpoint still does."""
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     module = importlib.import_module(type(store).__module__)

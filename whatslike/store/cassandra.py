@@ -571,8 +571,7 @@ _CQL = {
     ),
     "unindex_delivery": "DELETE FROM webhook_delivery_ids WHERE id = ?",
     "delivery": (
-        "SELECT * FROM webhook_deliveries WHERE endpoint_id = ? AND conversation_id = ?"
-        " AND seq = ?"
+        "SELECT * FROM webhook_deliveries WHERE endpoint_id = ? AND conversation_id = ? AND seq = ?"
     ),
     # The first (lowest seq) row of each conversation: the heads of its queues.
     "delivery_heads": (
@@ -2044,11 +2043,7 @@ class CassandraStore:
             endpoint_id = str(row["id"])
             leases = await self._run("hook_lease", endpoint_id)
             held_until = leases[0]["until"] if leases else None
-            if (
-                held_until is not None
-                and leases[0]["owner"] != owner
-                and _time(held_until) >= now
-            ):
+            if held_until is not None and leases[0]["owner"] != owner and _time(held_until) >= now:
                 return None
             heads = await self._run("delivery_heads", endpoint_id)
             if not any(_time(head["next_at"]) <= now for head in heads):
