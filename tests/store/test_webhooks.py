@@ -102,6 +102,22 @@ async def test_of_senders_claiming_at_once_one_leases_the_endpoint(store: Store)
     assert sorted(len(claimed) for claimed in claims) == [0, 0, 0, 1]
 
 
+async def test_a_sender_leases_at_most_its_limit_and_another_takes_the_rest(
+    store: Store,
+) -> None:
+    hooks = store
+    for org in ("org-a", "org-b", "org-c"):
+        assert await hooks.add_webhook_endpoint(endpoint(org, "one"), 5) is not None
+        conversation = await store.create_conversation(org, "whatsapp", "+1")
+        message, _ = await store.create_message(conversation, "hi", "")
+        await applied(store, [status_event(message, Status.SENT, at(1))])
+    now = utcnow()
+    first = await hooks.claim_webhook_endpoints("s1", 2, 30, now)
+    second = await hooks.claim_webhook_endpoints("s2", 2, 30, now)
+    assert (len(first), len(second)) == (2, 1)
+    assert {e.org_id for e in [*first, *second]} == {"org-a", "org-b", "org-c"}
+
+
 async def test_a_lease_keeps_other_senders_off_an_endpoint(store: Store) -> None:
     hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)

@@ -37,11 +37,38 @@ redelivery is a replay (found by event id) that completes it. The watchdog's ind
 (kind, time bucket) is written before each change of a message and its old entry
 removed after; an entry whose message moved on is dropped when the watchdog reads it.
 
+Outbound webhooks (whatslike/webhooks), where PostgreSQL has one transaction:
+
+- A change's deliveries (one per endpoint of its organization, read beside the seq claim)
+  go in ONE logged batch with the record that completes the change (`message_changes`):
+  the change is complete with its deliveries or not at all, and it is complete before
+  `apply_status` returns, so before the status worker completes the event (outbox entry,
+  bus offset). A change left incomplete by a crash is completed by its event's
+  redelivery, which writes the same rows again: a delivery's key is (endpoint,
+  conversation, seq) and its id a hash of that key, so nothing is queued twice. An
+  endpoint added or deleted while a change is applied is seen by it or not, as if it
+  came before or after; a delivery written for an endpoint deleted meanwhile is never
+  leased (the endpoint is gone from the senders' list) nor measured.
+- An endpoint's deliveries are one partition keyed (conversation, seq), so the first row
+  of each conversation (``GROUP BY``) is its head: per-conversation order. Parked ones
+  are moved to a partition of their own (a logged batch), so heads are never parked.
+- A sender leases an endpoint by a lightweight transaction on its lease row, conditional
+  on the lease as read: of two senders one wins, and only the holder writes the
+  endpoint's deliveries (delivered: deleted; failed: written whole, or moved to parked),
+  so those writes need no condition. A lease that lapses is taken over as on PostgreSQL.
+- The limit of endpoints per organization: an add is a lightweight transaction on the
+  organization's partition, conditional on its add count (a static column) read with the
+  endpoints; a delete and a rotation are lightweight transactions too, so their write
+  times are ordered with the adds' (Paxos ballots), not by the clients' clocks.
+
 Partitions are bounded: messages, provider ids and conversations are one row each; a
 conversation's message list is bucketed by month, its changes by `bucket_size` seqs, its
 unread (accepted, not READ) messages are removed when READ; dead letters by day; the
 outbox and the watchdog's index by `index_bucket` of time (their lists of buckets lose
-the buckets found empty).
+the buckets found empty). Not bounded by time: an endpoint's queued deliveries (what
+waits for it: at most the retry period's worth, `WEBHOOK_RETRY_FOR_S`) and its parked
+ones (until replayed or the endpoint deleted); the senders' list of endpoints (one
+partition, `WEBHOOK_ENDPOINTS_PER_ORG` per organization).
 
 Reads are at the consistency of writes, not SERIAL (a serial read is a Paxos round):
 they see every lightweight transaction that answered, and a read that missed one still
@@ -2054,10 +2081,10 @@ class CassandraStore:
             applied, _ = await self._lwt("take_hook_lease", owner, until, endpoint_id, held_until)
             return endpoint if applied else None
 
-        for start in range(0, len(listed), max(limit, 1)):
-            if len(won) >= limit:
-                break
+        start = 0
+        while start < len(listed) and len(won) < limit:
             chunk = listed[start : start + limit - len(won)]
+            start += len(chunk)
             won += [e for e in await asyncio.gather(*(claim(r) for r in chunk)) if e is not None]
         return won
 
