@@ -40,7 +40,7 @@ from whatslike.settings import (
     unknown_variables,
 )
 from whatslike.store import open_store
-from whatslike.store.base import Store, WebhookStore
+from whatslike.store.base import Store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -381,8 +381,6 @@ def webhooks(args: argparse.Namespace) -> int:
 
 async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
     async with _opened_store(settings) as store:
-        if not isinstance(store, WebhookStore):
-            raise ConfigError("this store (Cassandra) keeps no outbound webhooks")
         rows: list[dict[str, Any]]
         if args.hooks_command == "list":
             rows = [endpoint_json(e) for e in await store.webhook_endpoints(args.org)]

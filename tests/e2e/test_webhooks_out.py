@@ -23,7 +23,8 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import OWN_SECRETS, Server, start_server, stop_server
+from tests.store.conftest import fresh_cassandra_keyspace
 
 WAIT_S = 60
 #: Fast retries and polls, so the test's outages are short; a long retry period.
@@ -360,3 +361,32 @@ def test_nothing_is_lost_across_a_kill_9(tmp_path: Path, receiver: Receiver) -> 
     finally:
         restarted.secrets |= running.secrets
         stop_server(restarted)
+
+
+@pytest.mark.cassandra
+async def test_on_cassandra_every_change_arrives_in_order_after_an_outage(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The same pipeline with the store on Cassandra: deliveries queued with the changes,
+    retried while the receiver answers 503, then all delivered, in seq order."""
+    async with fresh_cassandra_keyspace() as url:
+        env = {
+            **ENV,
+            **OWN_SECRETS,
+            "WHATSLIKE_ROLES": "api,router,connector,status-worker,simulator,webhook-sender",
+            "WHATSLIKE_DATABASE_URL": url,
+        }
+        running = start_server(tmp_path, env)
+        try:
+            org = Org(running, "org-cassandra")
+            target_url, target = receiver.target("/cassandra")
+            target.answer = 503
+            endpoint = org.add_endpoint(target_url)
+            conversations = org.send(conversations=2, messages=3)
+            until(lambda: org.all_read(conversations), "the statuses")
+            until(lambda: target.attempts >= 4, "retries")
+            assert target.delivered == []
+            target.answer = 200
+            until(lambda: complete(org, target, conversations, endpoint["secret"]), "every change")
+        finally:
+            stop_server(running)

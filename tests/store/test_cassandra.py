@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ from tests.api.test_http import client_for, messages_url
 from tests.e2e.conftest import OWN_SECRETS, Server, one_message_to_read, start_server, stop_server
 from tests.store.conftest import _admin_cluster, fresh_cassandra_keyspace
 from tests.store.test_contract import at, current, decoded, new_message, seqs, status_event
+from tests.store.test_webhooks import endpoint
 from whatslike.app import Runtime
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
@@ -195,6 +197,34 @@ async def test_the_redelivered_event_completes_a_change_its_dead_worker_left(
     assert (seqs(changes.frames), changes.last_seq) == ([1, 2], 2)
     stored = await current(store, message)
     assert (stored.status, stored.seq) == (Status.DELIVERED, 2)
+
+
+@pytest.mark.parametrize("numbered", [False, True], ids=["before-numbering", "after-numbering"])
+async def test_a_change_completed_for_its_dead_worker_queues_its_webhook_deliveries_once(
+    store: CassandraStore, numbered: bool
+) -> None:
+    """The deliveries are written with the record that completes a change: the
+    redelivered event that completes it queues them, and a replay queues nothing more."""
+    message = await new_message(store)
+    hook = await store.add_webhook_endpoint(endpoint(message.org_id, "one"), 5)
+    assert hook is not None
+    await store.apply_status(status_event(message, Status.SENT, at(1000)))
+    event = status_event(message, Status.DELIVERED, at(2000), event_id=new_id("evt"))
+    await _crash_after_begin(store, message, event.event_id)
+    if numbered:
+        await _claimed_by_dead_worker(store, message, event.event_id, 2)
+    far = utcnow() + timedelta(days=1)
+    [first] = await store.due_webhook_deliveries(hook.id, far, 10)
+    await store.webhook_delivered(first.id)
+    assert await store.due_webhook_deliveries(hook.id, far, 10) == []  # not complete yet
+    await store.apply_status(event)
+    await store.apply_status(event)  # a replay
+    [second] = await store.due_webhook_deliveries(hook.id, far, 10)
+    assert (first.seq, second.seq) == (1, 2)
+    assert json.loads(second.body)["data"]["status"] == "DELIVERED"
+    await store.webhook_delivered(second.id)
+    assert await store.due_webhook_deliveries(hook.id, far, 10) == []
+    assert await store.oldest_pending_webhook() is None
 
 
 async def test_another_status_waits_for_a_pending_change_then_completes_it_after_the_lease(

@@ -1,9 +1,10 @@
-"""The outbound webhooks' part of the stores (SQLite and PostgreSQL; Cassandra keeps
-none): a delivery per endpoint written with each status change, due in seq order per
-conversation, leased per endpoint, parked and replayed."""
+"""The outbound webhooks' part of the stores (every one): a delivery per endpoint written
+with each status change, due in seq order per conversation, leased per endpoint, parked
+and replayed."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 from datetime import datetime, timedelta
@@ -14,19 +15,8 @@ from tests.store.test_contract import applied, at, status_event
 from tests.store.test_inbound import CONTACT, inbound
 from whatslike.clock import utcnow
 from whatslike.status.rules import Status
-from whatslike.store.base import Store, WebhookEndpoint, WebhookStore
+from whatslike.store.base import Store, WebhookEndpoint
 from whatslike.webhooks.core import event_body, new_secret
-
-#: The stores that keep webhooks (the tests below run on these only, not skipped on
-#: Cassandra, where the API answers 501: see the first test).
-WEBHOOK_STORES = pytest.mark.parametrize(
-    "store_factory", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)
-
-
-def webhooks_of(store: Store) -> WebhookStore:
-    assert isinstance(store, WebhookStore)
-    return store
 
 
 def endpoint(org_id: str, name: str) -> WebhookEndpoint:
@@ -39,15 +29,10 @@ def endpoint(org_id: str, name: str) -> WebhookEndpoint:
     )
 
 
-async def test_cassandra_is_not_a_webhook_store(store: Store) -> None:
-    assert isinstance(store, WebhookStore) == (type(store).__name__ != "CassandraStore")
-
-
-@WEBHOOK_STORES
 async def test_each_change_queues_one_delivery_per_endpoint_of_its_organization(
     store: Store,
 ) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     first = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     second = await hooks.add_webhook_endpoint(endpoint("org-a", "two"), 5)
     other = await hooks.add_webhook_endpoint(endpoint("org-b", "one"), 5)
@@ -77,9 +62,8 @@ async def test_each_change_queues_one_delivery_per_endpoint_of_its_organization(
     assert await hooks.due_webhook_deliveries(other.id, far, 10) == []
 
 
-@WEBHOOK_STORES
 async def test_an_organization_has_at_most_the_limit_of_endpoints(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     for n in range(2):
         assert await hooks.add_webhook_endpoint(endpoint("org-a", str(n)), 2) is not None
     assert await hooks.add_webhook_endpoint(endpoint("org-a", "x"), 2) is None
@@ -95,9 +79,47 @@ async def test_an_organization_has_at_most_the_limit_of_endpoints(store: Store) 
     assert [e.id for e in await hooks.webhook_endpoints("org-a")] == ["whe_org-a_1"]
 
 
-@WEBHOOK_STORES
+async def test_endpoints_added_at_once_never_pass_the_limit(store: Store) -> None:
+    hooks = store
+    added = await asyncio.gather(
+        *(hooks.add_webhook_endpoint(endpoint("org-a", str(n)), 2) for n in range(5))
+    )
+    assert len([e for e in added if e is not None]) == 2
+    assert len(await hooks.webhook_endpoints("org-a")) == 2
+
+
+async def test_of_senders_claiming_at_once_one_leases_the_endpoint(store: Store) -> None:
+    hooks = store
+    hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
+    assert hook is not None
+    conversation = await store.create_conversation("org-a", "whatsapp", "+1")
+    message, _ = await store.create_message(conversation, "hi", "")
+    await applied(store, [status_event(message, Status.SENT, at(1))])
+    now = utcnow()
+    claims = await asyncio.gather(
+        *(hooks.claim_webhook_endpoints(f"s{n}", 10, 30, now) for n in range(4))
+    )
+    assert sorted(len(claimed) for claimed in claims) == [0, 0, 0, 1]
+
+
+async def test_a_sender_leases_at_most_its_limit_and_another_takes_the_rest(
+    store: Store,
+) -> None:
+    hooks = store
+    for org in ("org-a", "org-b", "org-c"):
+        assert await hooks.add_webhook_endpoint(endpoint(org, "one"), 5) is not None
+        conversation = await store.create_conversation(org, "whatsapp", "+1")
+        message, _ = await store.create_message(conversation, "hi", "")
+        await applied(store, [status_event(message, Status.SENT, at(1))])
+    now = utcnow()
+    first = await hooks.claim_webhook_endpoints("s1", 2, 30, now)
+    second = await hooks.claim_webhook_endpoints("s2", 2, 30, now)
+    assert (len(first), len(second)) == (2, 1)
+    assert {e.org_id for e in [*first, *second]} == {"org-a", "org-b", "org-c"}
+
+
 async def test_a_lease_keeps_other_senders_off_an_endpoint(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     now = utcnow()
@@ -118,9 +140,8 @@ async def test_a_lease_keeps_other_senders_off_an_endpoint(store: Store) -> None
     assert [e.id for e in await hooks.claim_webhook_endpoints("s1", 10, 30, later)] == [hook.id]
 
 
-@WEBHOOK_STORES
 async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     assert await hooks.oldest_pending_webhook() is None
@@ -155,9 +176,8 @@ async def test_failed_deliveries_wait_then_park_and_replay(store: Store) -> None
     assert head.seq == 1 and head.attempts == 0
 
 
-@WEBHOOK_STORES
 async def test_rotation_keeps_the_previous_secret_for_a_while(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     until = utcnow() + timedelta(hours=24)
@@ -168,9 +188,8 @@ async def test_rotation_keeps_the_previous_secret_for_a_while(store: Store) -> N
     assert await hooks.rotate_webhook_secret("org-b", hook.id, "whsec_x", until) is None
 
 
-@WEBHOOK_STORES
 async def test_a_customers_message_is_a_message_received_event(store: Store) -> None:
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org_a", "one"), 5)
     assert hook is not None
     conversation = await store.create_conversation("org_a", "whatsapp", CONTACT)
@@ -194,14 +213,13 @@ async def test_a_customers_message_is_a_message_received_event(store: Store) -> 
     assert kinds == [("message.received", "message", 1), ("message.status", "status", 2)]
 
 
-@WEBHOOK_STORES
 async def test_no_body_is_made_for_an_organization_without_an_endpoint(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A status change of an organization with no endpoint makes no webhook body (the
     JSON of one per change was a cost of every status on the hot path), one of an
     organization with an endpoint still does."""
-    hooks = webhooks_of(store)
+    hooks = store
     hook = await hooks.add_webhook_endpoint(endpoint("org-a", "one"), 5)
     assert hook is not None
     module = importlib.import_module(type(store).__module__)

@@ -2,7 +2,7 @@
 their secrets, and the deliveries parked after the retry period.
 
 A secret is answered once, when it is made (create, rotate); it is never listed nor
-logged. On a store that keeps no webhooks (Cassandra) every operation answers 501.
+logged.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from whatslike.auth import Identity
 from whatslike.clock import format_time, new_id, utcnow
 from whatslike.hub.frames import valid_id
 from whatslike.roles import Deps, RoleDefaults
-from whatslike.store.base import WebhookDelivery, WebhookEndpoint, WebhookStore
+from whatslike.store.base import Store, WebhookDelivery, WebhookEndpoint
 from whatslike.webhooks.core import TargetRefused, check_url, new_secret
 
 #: How long the secret before a rotation still signs.
@@ -125,16 +125,14 @@ class WebhookApi(RoleDefaults):
     name = "api-webhooks"
 
     def __init__(self, deps: Deps, identify: Callable[[Request], Identity]) -> None:
-        store = deps.store
-        self._store = store if isinstance(store, WebhookStore) else None
+        self._store = deps.store
         self._settings = deps.settings
         self._identify = identify
 
     def operations(self) -> list[Operation]:
         # No links from the create to the others: past the organization's limit a create
         # answers 409 with no id, so a stateful run's chains would depend on its history.
-        unsupported = {501: "This deployment's store (Cassandra) keeps no outbound webhooks."}
-        no_endpoint = {404: "No such webhook endpoint in the caller's organization."} | unsupported
+        no_endpoint = {404: "No such webhook endpoint in the caller's organization."}
         return [
             Operation(
                 "POST",
@@ -150,8 +148,7 @@ class WebhookApi(RoleDefaults):
                     409: "The organization has its maximum of endpoints already.",
                     403: "The URL may not be called (plain http, a private or loopback "
                     "address, a port out of range); the message says why.",
-                }
-                | unsupported,
+                },
             ),
             Operation(
                 "GET",
@@ -162,7 +159,6 @@ class WebhookApi(RoleDefaults):
                 "webhooks",
                 200,
                 Reply("The endpoints, oldest first (no secrets).", EndpointList),
-                errors=unsupported,
             ),
             Operation(
                 "DELETE",
@@ -214,13 +210,11 @@ class WebhookApi(RoleDefaults):
             ),
         ]
 
-    def _begin(self, request: Request) -> tuple[WebhookStore, Identity]:
+    def _begin(self, request: Request) -> tuple[Store, Identity]:
         identity = self._identify(request)
         endpoint_id = request.path_params.get("endpoint_id")
         if endpoint_id is not None and not valid_id(endpoint_id):
             raise ApiError(400, "bad_request", "an endpoint id is 1-128 of A-Z a-z 0-9 _ . : -")
-        if self._store is None:
-            raise ApiError(501, "not_implemented", "this store keeps no outbound webhooks")
         return self._store, identity
 
     async def create(self, request: Request) -> Response:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol
 
 from whatslike.events import StatusEvent
 from whatslike.status.rules import Effect, MessageState, ProviderError, Status
@@ -545,23 +545,10 @@ class Store(Protocol):
         count them queued, in one transaction; answer how many. A recipient's message is
         created once: its position is passed in the same transaction."""
 
-    async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None: ...
-
-    async def dead_letter_count(self) -> int: ...
-
-    async def dead_letters(self, limit: int) -> list[DeadLetter]:
-        """The newest dead letters, newest first, at most `limit` (for operators)."""
-
-    async def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
-        """One dead letter by the id `dead_letters` gave; None for no such (or a
-        malformed) id."""
-
-
-@runtime_checkable
-class WebhookStore(Protocol):
-    """The stores that keep outbound webhooks (SQLite and PostgreSQL; not Cassandra).
-    Their `apply_status`/`apply_statuses` add, in the same transaction as a status
-    change, one delivery per endpoint of the message's organization."""
+    # -- outbound webhooks (whatslike/webhooks) -----------------------------------------
+    # `apply_status`/`apply_statuses` add, with each status change (in its transaction;
+    # on Cassandra in the logged batch that completes it), one delivery per endpoint of
+    # the message's organization.
 
     async def add_webhook_endpoint(
         self, endpoint: WebhookEndpoint, limit: int
@@ -623,6 +610,17 @@ class WebhookStore(Protocol):
         """Make every parked delivery of the endpoint due again (a fresh retry period);
         answer how many, or None for no such endpoint."""
 
+    async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None: ...
+
+    async def dead_letter_count(self) -> int: ...
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """The newest dead letters, newest first, at most `limit` (for operators)."""
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter by the id `dead_letters` gave; None for no such (or a
+        malformed) id."""
+
 
 __all__ = [
     "ApplyResult",
@@ -646,5 +644,4 @@ __all__ = [
     "SubscriptionRead",
     "WebhookDelivery",
     "WebhookEndpoint",
-    "WebhookStore",
 ]

@@ -37,11 +37,38 @@ redelivery is a replay (found by event id) that completes it. The watchdog's ind
 (kind, time bucket) is written before each change of a message and its old entry
 removed after; an entry whose message moved on is dropped when the watchdog reads it.
 
+Outbound webhooks (whatslike/webhooks), where PostgreSQL has one transaction:
+
+- A change's deliveries (one per endpoint of its organization, read beside the seq claim)
+  go in ONE logged batch with the record that completes the change (`message_changes`):
+  the change is complete with its deliveries or not at all, and it is complete before
+  `apply_status` returns, so before the status worker completes the event (outbox entry,
+  bus offset). A change left incomplete by a crash is completed by its event's
+  redelivery, which writes the same rows again: a delivery's key is (endpoint,
+  conversation, seq) and its id a hash of that key, so nothing is queued twice. An
+  endpoint added or deleted while a change is applied is seen by it or not, as if it
+  came before or after; a delivery written for an endpoint deleted meanwhile is never
+  leased (the endpoint is gone from the senders' list) nor measured.
+- An endpoint's deliveries are one partition keyed (conversation, seq), so the first row
+  of each conversation (``GROUP BY``) is its head: per-conversation order. Parked ones
+  are moved to a partition of their own (a logged batch), so heads are never parked.
+- A sender leases an endpoint by a lightweight transaction on its lease row, conditional
+  on the lease as read: of two senders one wins, and only the holder writes the
+  endpoint's deliveries (delivered: deleted; failed: written whole, or moved to parked),
+  so those writes need no condition. A lease that lapses is taken over as on PostgreSQL.
+- The limit of endpoints per organization: an add is a lightweight transaction on the
+  organization's partition, conditional on its add count (a static column) read with the
+  endpoints; a delete and a rotation are lightweight transactions too, so their write
+  times are ordered with the adds' (Paxos ballots), not by the clients' clocks.
+
 Partitions are bounded: messages, provider ids and conversations are one row each; a
 conversation's message list is bucketed by month, its changes by `bucket_size` seqs, its
 unread (accepted, not READ) messages are removed when READ; dead letters by day; the
 outbox and the watchdog's index by `index_bucket` of time (their lists of buckets lose
-the buckets found empty).
+the buckets found empty). Not bounded by time: an endpoint's queued deliveries (what
+waits for it: at most the retry period's worth, `WEBHOOK_RETRY_FOR_S`) and its parked
+ones (until replayed or the endpoint deleted); the senders' list of endpoints (one
+partition, `WEBHOOK_ENDPOINTS_PER_ORG` per organization).
 
 Reads are at the consistency of writes, not SERIAL (a serial read is a Paxos round):
 they see every lightweight transaction that answered, and a read that missed one still
@@ -61,6 +88,7 @@ every `_RECONNECT_S`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import re
@@ -127,7 +155,10 @@ from whatslike.store.base import (
     SendClaim,
     Stuck,
     SubscriptionRead,
+    WebhookDelivery,
+    WebhookEndpoint,
 )
+from whatslike.webhooks.core import event_body, event_type
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +305,30 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # inbound-media: a customer's medium as Meta described it, and its fetch's state.
     ("ALTER TABLE messages ADD IF NOT EXISTS inbound_media text",),
+    # Outbound webhooks (whatslike/webhooks): an organization's endpoints in its one
+    # partition (`version` counts its adds: the limit's lightweight transaction), every
+    # endpoint in one list for the senders, their leases, and the deliveries of each
+    # endpoint in its partition (parked ones apart), found by id through an index.
+    (
+        """CREATE TABLE IF NOT EXISTS org_webhook_endpoints (
+            org_id text, id text, version bigint STATIC, url text, secret text,
+            previous_secret text, previous_until timestamp, created_at timestamp,
+            PRIMARY KEY (org_id, id))""",
+        """CREATE TABLE IF NOT EXISTS webhook_endpoint_list (
+            one int, id text, org_id text, PRIMARY KEY (one, id))""",
+        """CREATE TABLE IF NOT EXISTS webhook_leases (
+            endpoint_id text PRIMARY KEY, owner text, until timestamp)""",
+        """CREATE TABLE IF NOT EXISTS webhook_deliveries (
+            endpoint_id text, conversation_id text, seq bigint, id bigint, event_type text,
+            body blob, attempts int, created_at timestamp, next_at timestamp, last_error text,
+            PRIMARY KEY (endpoint_id, conversation_id, seq))""",
+        """CREATE TABLE IF NOT EXISTS webhook_parked (
+            endpoint_id text, conversation_id text, seq bigint, id bigint, event_type text,
+            body blob, attempts int, created_at timestamp, next_at timestamp, last_error text,
+            parked_at timestamp, PRIMARY KEY (endpoint_id, conversation_id, seq))""",
+        """CREATE TABLE IF NOT EXISTS webhook_delivery_ids (
+            id bigint PRIMARY KEY, endpoint_id text, conversation_id text, seq bigint)""",
+    ),
 )
 
 _PENDING_COLUMNS = ("pending_event", "pending_at", "pending_floor", "pending_since")
@@ -499,6 +554,75 @@ _CQL = {
         "SELECT day, id, topic, payload, reason FROM dead_letters WHERE day = ? AND id = ?"
     ),
     "ping": "SELECT release_version FROM system.local",
+    # -- outbound webhooks
+    "org_hooks": (
+        "SELECT id, version, org_id, url, secret, previous_secret, previous_until, created_at"
+        " FROM org_webhook_endpoints WHERE org_id = ?"
+    ),
+    "org_hook_ids": "SELECT id FROM org_webhook_endpoints WHERE org_id = ?",
+    "org_hook": (
+        "SELECT id, org_id, url, secret, previous_secret, previous_until, created_at"
+        " FROM org_webhook_endpoints WHERE org_id = ? AND id = ?"
+    ),
+    "add_org_hook": (
+        "UPDATE org_webhook_endpoints SET version = ?, url = ?, secret = ?, created_at = ?"
+        " WHERE org_id = ? AND id = ? IF version = ?"
+    ),
+    "drop_org_hook": "DELETE FROM org_webhook_endpoints WHERE org_id = ? AND id = ? IF EXISTS",
+    "rotate_hook": (
+        "UPDATE org_webhook_endpoints SET secret = ?, previous_secret = ?, previous_until = ?"
+        " WHERE org_id = ? AND id = ? IF secret = ?"
+    ),
+    "list_hook": "INSERT INTO webhook_endpoint_list (one, id, org_id) VALUES (0, ?, ?)",
+    "unlist_hook": "DELETE FROM webhook_endpoint_list WHERE one = 0 AND id = ?",
+    "hook_list": "SELECT id, org_id FROM webhook_endpoint_list WHERE one = 0",
+    "hook_lease": "SELECT owner, until FROM webhook_leases WHERE endpoint_id = ?",
+    "take_hook_lease": (
+        "UPDATE webhook_leases SET owner = ?, until = ? WHERE endpoint_id = ? IF until = ?"
+    ),
+    "renew_hook_lease": "UPDATE webhook_leases SET until = ? WHERE endpoint_id = ? IF owner = ?",
+    "release_hook_lease": (
+        "UPDATE webhook_leases SET owner = null, until = null WHERE endpoint_id = ? IF owner = ?"
+    ),
+    "drop_hook_lease": "DELETE FROM webhook_leases WHERE endpoint_id = ? IF EXISTS",
+    "queue_delivery": (
+        "INSERT INTO webhook_deliveries (endpoint_id, conversation_id, seq, id, event_type,"
+        " body, attempts, created_at, next_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "index_delivery": (
+        "INSERT INTO webhook_delivery_ids (id, endpoint_id, conversation_id, seq)"
+        " VALUES (?, ?, ?, ?)"
+    ),
+    "delivery_key": (
+        "SELECT endpoint_id, conversation_id, seq FROM webhook_delivery_ids WHERE id = ?"
+    ),
+    "unindex_delivery": "DELETE FROM webhook_delivery_ids WHERE id = ?",
+    "delivery": (
+        "SELECT * FROM webhook_deliveries WHERE endpoint_id = ? AND conversation_id = ? AND seq = ?"
+    ),
+    # The first (lowest seq) row of each conversation: the heads of its queues.
+    "delivery_heads": (
+        "SELECT * FROM webhook_deliveries WHERE endpoint_id = ? GROUP BY endpoint_id,"
+        " conversation_id"
+    ),
+    "drop_delivery": (
+        "DELETE FROM webhook_deliveries WHERE endpoint_id = ? AND conversation_id = ? AND seq = ?"
+    ),
+    "oldest_delivery": (
+        "SELECT min(created_at) AS oldest FROM webhook_deliveries WHERE endpoint_id = ?"
+    ),
+    "delivery_ids": "SELECT id FROM webhook_deliveries WHERE endpoint_id = ?",
+    "drop_deliveries": "DELETE FROM webhook_deliveries WHERE endpoint_id = ?",
+    "park_delivery": (
+        "INSERT INTO webhook_parked (endpoint_id, conversation_id, seq, id, event_type, body,"
+        " attempts, created_at, next_at, last_error, parked_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "parked_deliveries": "SELECT * FROM webhook_parked WHERE endpoint_id = ?",
+    "unpark_delivery": (
+        "DELETE FROM webhook_parked WHERE endpoint_id = ? AND conversation_id = ? AND seq = ?"
+    ),
+    "drop_parked_deliveries": "DELETE FROM webhook_parked WHERE endpoint_id = ?",
 }
 
 #: Reads that complete a lightweight transaction whose answer may have been lost (its
@@ -1328,12 +1452,27 @@ class CassandraStore:
     ) -> tuple[int, str]:
         """Claim the seq of the pending change (or, `recovering`, find the one claimed
         before a crash) and record it for redeliveries: the record completes the change
-        (see `_settled`)."""
-        claimed = await self._claimed_change(message, pending) if recovering else None
-        if claimed is None:
-            claimed = await self._claim_seq(message, pending)
-        seq, frame = claimed
-        await self._run("record_change", message.id, pending.event_id, seq, frame)
+        (see `_settled`). The change's outbound webhook deliveries, one per endpoint of
+        the message's organization, go in one logged batch with the record: a change is
+        complete only with them, and one left incomplete by a crash is completed by the
+        redelivery of its event (`_take_over`), which writes them again (the same rows:
+        a delivery's key is its endpoint, conversation and seq)."""
+
+        async def claim() -> tuple[int, str]:
+            claimed = await self._claimed_change(message, pending) if recovering else None
+            return claimed if claimed is not None else await self._claim_seq(message, pending)
+
+        (seq, frame), hooks = await asyncio.gather(
+            claim(), self._run("org_hook_ids", message.org_id)
+        )
+        endpoint_ids = [str(row["id"]) for row in hooks if row["id"] is not None]
+        record: Step = ("record_change", (message.id, pending.event_id, seq, frame))
+        if endpoint_ids:
+            await self._batch(
+                [record, *_delivery_inserts(message.conversation_id, seq, frame, endpoint_ids)]
+            )
+        else:
+            await self._run(record[0], *record[1])
         await self._run("set_hint", seq, seq, message.conversation_id)
         return seq, frame
 
@@ -1825,6 +1964,308 @@ class CassandraStore:
             return None
         rows = await self._run("one_dead_letter", *key)
         return _dead_letter_of(rows[0]) if rows else None
+
+    # -- outbound webhooks (WebhookStore) --------------------------------------------------
+
+    async def add_webhook_endpoint(
+        self, endpoint: WebhookEndpoint, limit: int
+    ) -> WebhookEndpoint | None:
+        """Listed for the senders first (an entry whose add then fails or dies is skipped:
+        no endpoint answers it), then added by a lightweight transaction on the
+        organization's partition, conditional on its `version` as read with the count:
+        two adds at once cannot both pass the limit."""
+        added = replace(endpoint, created_at=_ms(endpoint.created_at))
+        await self._run("list_hook", added.id, added.org_id)
+        while True:
+            rows = await self._run("org_hooks", added.org_id)
+            version = rows[0]["version"] if rows else None
+            if sum(row["id"] is not None for row in rows) >= limit:
+                await self._run("unlist_hook", added.id)
+                return None
+            applied, _ = await self._lwt(
+                "add_org_hook",
+                (version or 0) + 1,
+                added.url,
+                added.secret,
+                added.created_at,
+                added.org_id,
+                added.id,
+                version,
+            )
+            if applied:
+                return added
+
+    async def webhook_endpoints(self, org_id: str) -> list[WebhookEndpoint]:
+        rows = await self._run("org_hooks", org_id)
+        found = [_endpoint_of(row) for row in rows if row["id"] is not None]
+        return sorted(found, key=lambda endpoint: (endpoint.created_at, endpoint.id))
+
+    async def webhook_endpoint(self, org_id: str, endpoint_id: str) -> WebhookEndpoint | None:
+        rows = await self._run("org_hook", org_id, endpoint_id)
+        return _endpoint_of(rows[0]) if rows else None
+
+    async def delete_webhook_endpoint(self, org_id: str, endpoint_id: str) -> bool:
+        """Deleted from its organization (a lightweight transaction: no delivery is
+        queued for it after), then its deliveries, its lease and its place in the list.
+        A crash in between leaves them unreachable (a listed id whose endpoint is gone is
+        never leased, nor measured), not sent."""
+        applied, _ = await self._lwt("drop_org_hook", org_id, endpoint_id)
+        if not applied:
+            return False
+        queued, parked = await asyncio.gather(
+            self._run("delivery_ids", endpoint_id), self._run("parked_deliveries", endpoint_id)
+        )
+        await self._batch(
+            [
+                ("drop_deliveries", (endpoint_id,)),
+                ("drop_parked_deliveries", (endpoint_id,)),
+                ("unlist_hook", (endpoint_id,)),
+            ]
+        )
+        ids = [int(row["id"]) for row in [*queued, *parked]]
+        for start in range(0, len(ids), _CLAIM_BATCH):
+            chunk = ids[start : start + _CLAIM_BATCH]
+            await self._batch([("unindex_delivery", (i,)) for i in chunk], logged=False)
+        await self._lwt("drop_hook_lease", endpoint_id)
+        return True
+
+    async def rotate_webhook_secret(
+        self, org_id: str, endpoint_id: str, secret: str, previous_until: datetime
+    ) -> WebhookEndpoint | None:
+        while True:
+            endpoint = await self.webhook_endpoint(org_id, endpoint_id)
+            if endpoint is None:
+                return None
+            # Conditional on the secret as read: of two rotations at once, each keeps the
+            # secret it replaced as the previous one.
+            applied, _ = await self._lwt(
+                "rotate_hook",
+                secret,
+                endpoint.secret,
+                previous_until,
+                org_id,
+                endpoint_id,
+                endpoint.secret,
+            )
+            if applied:
+                return replace(
+                    endpoint,
+                    secret=secret,
+                    previous_secret=endpoint.secret,
+                    previous_until=previous_until,
+                )
+
+    async def claim_webhook_endpoints(
+        self, owner: str, limit: int, lease_s: float, now: datetime
+    ) -> list[WebhookEndpoint]:
+        """Each listed endpoint that is free (or `owner`'s) and has a delivery due is
+        leased by a lightweight transaction conditional on its lease as read: of two
+        senders one wins it. A scan of the list (at most the endpoints per organization
+        times the organizations), a `limit` of them at a time."""
+        until = _ms(now + timedelta(seconds=lease_s))
+        listed = await self._run("hook_list")
+        won: list[WebhookEndpoint] = []
+
+        async def claim(row: Row) -> WebhookEndpoint | None:
+            endpoint_id = str(row["id"])
+            leases = await self._run("hook_lease", endpoint_id)
+            held_until = leases[0]["until"] if leases else None
+            if held_until is not None and leases[0]["owner"] != owner and _time(held_until) >= now:
+                return None
+            heads = await self._run("delivery_heads", endpoint_id)
+            if not any(_time(head["next_at"]) <= now for head in heads):
+                return None
+            endpoint = await self.webhook_endpoint(str(row["org_id"]), endpoint_id)
+            if endpoint is None:
+                return None
+            applied, _ = await self._lwt("take_hook_lease", owner, until, endpoint_id, held_until)
+            return endpoint if applied else None
+
+        start = 0
+        while start < len(listed) and len(won) < limit:
+            chunk = listed[start : start + limit - len(won)]
+            start += len(chunk)
+            won += [e for e in await asyncio.gather(*(claim(r) for r in chunk)) if e is not None]
+        return won
+
+    async def renew_webhook_lease(self, owner: str, endpoint_id: str, lease_s: float) -> bool:
+        until = _ms(utcnow() + timedelta(seconds=lease_s))
+        applied, _ = await self._lwt("renew_hook_lease", until, endpoint_id, owner)
+        return applied
+
+    async def release_webhook_lease(self, owner: str, endpoint_id: str) -> None:
+        await self._lwt("release_hook_lease", endpoint_id, owner)
+
+    async def due_webhook_deliveries(
+        self, endpoint_id: str, now: datetime, limit: int
+    ) -> list[WebhookDelivery]:
+        # Parked deliveries are in another table: the first row of each conversation is
+        # its oldest unparked one.
+        heads = await self._run("delivery_heads", endpoint_id)
+        due = [_delivery_of(row) for row in heads if _time(row["next_at"]) <= now]
+        due.sort(key=_delivery_order)
+        return due[:limit]
+
+    async def _delivery_row(self, delivery_id: int) -> Row | None:
+        keys = await self._run("delivery_key", delivery_id)
+        if not keys:
+            return None
+        key = keys[0]
+        rows = await self._run("delivery", key["endpoint_id"], key["conversation_id"], key["seq"])
+        return rows[0] if rows else None
+
+    async def webhook_delivered(self, delivery_id: int) -> None:
+        keys = await self._run("delivery_key", delivery_id)
+        if keys:
+            key = keys[0]
+            # Unlogged: an index row left by a failure names no delivery, and is skipped.
+            await self._batch(
+                [
+                    (
+                        "drop_delivery",
+                        (key["endpoint_id"], key["conversation_id"], key["seq"]),
+                    ),
+                    ("unindex_delivery", (delivery_id,)),
+                ],
+                logged=False,
+            )
+
+    async def webhook_failed(
+        self, delivery_id: int, next_at: datetime | None, error: str, now: datetime
+    ) -> None:
+        """Written whole (not updated: an update of a delivery deleted meanwhile would
+        leave a partial row). The endpoint's lease holder is its deliveries' only writer."""
+        row = await self._delivery_row(delivery_id)
+        if row is None:
+            return
+        failed = {**row, "attempts": int(row["attempts"]) + 1, "last_error": error}
+        if next_at is not None:
+            await self._run("queue_delivery", *_delivery_values({**failed, "next_at": next_at}))
+            return
+        key = (row["endpoint_id"], row["conversation_id"], row["seq"])
+        await self._batch(
+            [("drop_delivery", key), ("park_delivery", (*_delivery_values(failed), _ms(now)))]
+        )
+
+    async def parked_webhook_deliveries(
+        self, org_id: str, endpoint_id: str, limit: int
+    ) -> list[WebhookDelivery] | None:
+        if await self.webhook_endpoint(org_id, endpoint_id) is None:
+            return None
+        rows = await self._run("parked_deliveries", endpoint_id)
+        return sorted((_delivery_of(row) for row in rows), key=_delivery_order)[:limit]
+
+    async def oldest_pending_webhook(self) -> datetime | None:
+        """A scan: the oldest queued delivery of each listed endpoint that exists."""
+
+        async def oldest(row: Row) -> datetime | None:
+            found, endpoint = await asyncio.gather(
+                self._run("oldest_delivery", row["id"]),
+                self._run("org_hook", row["org_id"], row["id"]),
+            )
+            at = found[0]["oldest"] if found else None
+            return _time(at) if at is not None and endpoint else None
+
+        listed = await self._run("hook_list")
+        ages = [at for at in await asyncio.gather(*map(oldest, listed)) if at is not None]
+        return min(ages, default=None)
+
+    async def replay_parked_webhooks(
+        self, org_id: str, endpoint_id: str, now: datetime
+    ) -> int | None:
+        """Each parked delivery back in the queue, in logged batches (each moves its
+        deliveries, or none: a crash between two leaves the rest parked, to replay)."""
+        if await self.webhook_endpoint(org_id, endpoint_id) is None:
+            return None
+        rows = await self._run("parked_deliveries", endpoint_id)
+        again = _ms(now)
+        for start in range(0, len(rows), _CLAIM_BATCH):
+            steps: list[Step] = []
+            for row in rows[start : start + _CLAIM_BATCH]:
+                fresh = {**row, "attempts": 0, "created_at": again, "next_at": again}
+                key = (row["endpoint_id"], row["conversation_id"], row["seq"])
+                steps += [("queue_delivery", _delivery_values(fresh)), ("unpark_delivery", key)]
+            await self._batch(steps)
+        return len(rows)
+
+
+def _delivery_id(endpoint_id: str, conversation_id: str, seq: int) -> int:
+    """A delivery's id, of its key: a change's deliveries written twice (a change
+    completed again after a crash) are the same rows."""
+    digest = hashlib.blake2b(
+        f"{endpoint_id}\0{conversation_id}\0{seq}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest) >> 1
+
+
+def _delivery_inserts(
+    conversation_id: str, seq: int, frame: str, endpoint_ids: Sequence[str]
+) -> list[Step]:
+    """A change's delivery to each endpoint, and its place in the index by id."""
+    now = _ms(utcnow())
+    kind = event_type(frame)
+    body = event_body(kind, frame, now)
+    steps: list[Step] = []
+    for endpoint_id in endpoint_ids:
+        delivery_id = _delivery_id(endpoint_id, conversation_id, seq)
+        steps += [
+            (
+                "queue_delivery",
+                (endpoint_id, conversation_id, seq, delivery_id, kind, body, 0, now, now, ""),
+            ),
+            ("index_delivery", (delivery_id, endpoint_id, conversation_id, seq)),
+        ]
+    return steps
+
+
+def _delivery_values(row: Row) -> tuple[Any, ...]:
+    return (
+        row["endpoint_id"],
+        row["conversation_id"],
+        row["seq"],
+        row["id"],
+        row["event_type"],
+        row["body"],
+        row["attempts"],
+        row["created_at"],
+        row["next_at"],
+        row["last_error"],
+    )
+
+
+def _delivery_of(row: Row) -> WebhookDelivery:
+    parked_at = row.get("parked_at")
+    return WebhookDelivery(
+        id=int(row["id"]),
+        endpoint_id=row["endpoint_id"],
+        conversation_id=row["conversation_id"],
+        seq=int(row["seq"]),
+        event_type=row["event_type"],
+        body=bytes(row["body"]),
+        attempts=int(row["attempts"]),
+        created_at=_time(row["created_at"]),
+        next_at=_time(row["next_at"]),
+        parked_at=_time(parked_at) if parked_at is not None else None,
+        last_error=row["last_error"] or "",
+    )
+
+
+def _delivery_order(delivery: WebhookDelivery) -> tuple[datetime, str, int]:
+    """Oldest first (by the time each was queued)."""
+    return delivery.created_at, delivery.conversation_id, delivery.seq
+
+
+def _endpoint_of(row: Row) -> WebhookEndpoint:
+    until = row["previous_until"]
+    return WebhookEndpoint(
+        id=row["id"],
+        org_id=row["org_id"],
+        url=row["url"],
+        secret=row["secret"],
+        created_at=_time(row["created_at"]),
+        previous_secret=row["previous_secret"],
+        previous_until=_time(until) if until is not None else None,
+    )
 
 
 #: The most dead letters `dead_letters` reads (newest first among them).

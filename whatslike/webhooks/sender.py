@@ -41,7 +41,7 @@ from aiohttp.resolver import DefaultResolver
 from whatslike.clock import new_id, utcnow
 from whatslike.errors import WhatslikeError
 from whatslike.roles import BackgroundRole, Deps
-from whatslike.store.base import WebhookDelivery, WebhookEndpoint, WebhookStore
+from whatslike.store.base import Store, WebhookDelivery, WebhookEndpoint
 from whatslike.webhooks.core import TargetRefused, check_url, checked_addresses, headers
 from whatslike.webhooks.core import next_attempt as retry_at
 
@@ -93,8 +93,7 @@ class WebhookSender(BackgroundRole):
 
     def __init__(self, deps: Deps) -> None:
         self._settings = deps.settings
-        store = deps.store
-        self._store = store if isinstance(store, WebhookStore) else None
+        self._store = deps.store
         self._owner = new_id("sender")
         self._running: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -121,9 +120,6 @@ class WebhookSender(BackgroundRole):
         return self._session
 
     async def run_forever(self) -> None:
-        if self._store is None:
-            log.warning("webhook-sender: this store keeps no outbound webhooks (Cassandra)")
-            return
         while True:
             try:
                 await self.round(self._store)
@@ -132,7 +128,7 @@ class WebhookSender(BackgroundRole):
                 log.warning("webhook-sender: %s", exc)
             await asyncio.sleep(self._settings.webhook_poll_s)
 
-    async def _measure(self, store: WebhookStore) -> None:
+    async def _measure(self, store: Store) -> None:
         if time.monotonic() - self._oldest_read < OLDEST_EVERY_S:
             return
         self._oldest_read = time.monotonic()
@@ -140,7 +136,7 @@ class WebhookSender(BackgroundRole):
         age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         self._oldest.set(max(0.0, age))
 
-    async def round(self, store: WebhookStore) -> None:
+    async def round(self, store: Store) -> None:
         """Lease the endpoints with a delivery due and start a task for each new one."""
         settings = self._settings
         free = settings.webhook_endpoints_at_once - len(self._running)
@@ -160,7 +156,7 @@ class WebhookSender(BackgroundRole):
                 self._deliver_endpoint(store, endpoint), name=f"webhooks-{endpoint.id}"
             )
 
-    async def _deliver_endpoint(self, store: WebhookStore, claimed: WebhookEndpoint) -> None:
+    async def _deliver_endpoint(self, store: Store, claimed: WebhookEndpoint) -> None:
         settings = self._settings
         renewed = time.monotonic()  # the claim, just made, leased it
         try:
@@ -197,7 +193,7 @@ class WebhookSender(BackgroundRole):
 
     async def _attempt(
         self,
-        store: WebhookStore,
+        store: Store,
         endpoint: WebhookEndpoint,
         delivery: WebhookDelivery,
     ) -> None:
