@@ -83,9 +83,11 @@ async def test_both_hubs_show_each_org_its_own_statuses_in_seq_order(
         await run.load.run(messages=60, rate=30)
         await settle(run.load, run.watchers)
         verdict = await oracle(run.cluster, run.load, run.watchers, exact=True)
-    # Every message READ (a DELIVERED overtaken by its READ is not applied after it).
+    # Every message READ. How many of its SENT and DELIVERED a message shows depends on
+    # the order its webhooks landed: one overtaken by the READ is not applied after it
+    # (the oracle checked that no status went backwards), so a message shows 1 to 3.
     assert verdict.finals == {"READ": 60}
-    assert verdict.statuses >= 2 * 60
+    assert 60 <= verdict.statuses <= 3 * 60
 
 
 async def test_a_status_worker_killed_mid_stream_loses_nothing(
