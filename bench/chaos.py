@@ -59,6 +59,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from whatslike.auth import TokenService
+from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES
 from whatslike.store.cassandra import CassandraStore
 
@@ -85,6 +86,8 @@ RANK = {"PENDING": 0, "SENT": 1, "DELIVERED": 2, "READ": 3}
 #: Seconds between two process kills at least, so each restart finishes before the next.
 MIN_FAULT_SPACING_S = 2.5
 START_DEADLINE_S = 60.0
+#: How long a new keyspace's tables may take to be made (a busy three-node cluster).
+KEYSPACE_SETUP_S = 120.0
 REQUEST_TIMEOUT_S = 5.0
 EXAMPLES = 5
 ORG = "chaos-org"
@@ -1172,13 +1175,27 @@ async def fresh_keyspace(cassandra_url: str) -> str:
             "cassandra writes it to .services/cassandra.env) or give --cassandra-url"
         )
     url = urlsplit(cassandra_url)._replace(path=f"/chaos_{uuid.uuid4().hex[:12]}").geturl()
-    store = CassandraStore(url)
-    try:
-        await store.open()
-    except Exception as exc:
-        raise ChaosSetupError(f"Cassandra at {cassandra_url} is unreachable ({exc})") from None
-    await store.close()
-    return url
+    # On a busy machine a schema change or the schema version's lightweight transaction can
+    # time out on three replicas (WriteTimeout); the migrations are idempotent and the
+    # version only moves forward, so making them again is safe.
+    deadline = time.monotonic() + KEYSPACE_SETUP_S
+    while True:
+        store = CassandraStore(url)
+        try:
+            await store.open()
+            return url
+        except BackendUnavailable as exc:
+            if time.monotonic() >= deadline:
+                raise ChaosSetupError(
+                    f"Cassandra at {cassandra_url} is unreachable ({exc}), "
+                    f"tried for {KEYSPACE_SETUP_S:.0f} s"
+                ) from None
+            print(f"chaos: keyspace not made yet ({exc}); trying again", file=sys.stderr)
+        except Exception as exc:
+            raise ChaosSetupError(f"Cassandra at {cassandra_url} refused ({exc})") from None
+        finally:
+            await store.close()
+        await asyncio.sleep(2)
 
 
 async def _run(config: ChaosConfig, workdir: Path, out: Output, database: str) -> ChaosResult:
