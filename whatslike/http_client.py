@@ -10,18 +10,25 @@ connections (aiohttp costs a fraction of the CPU per request that httpx does, wh
 send path measured as its largest single cost). Idle connections are closed after
 `keepalive_s`, below the servers' own idle timeout (uvicorn's is 5 s), so a request is
 not written on a connection the server is closing at that very moment — which would make
-its outcome unknown for no reason.
+its outcome unknown for no reason. A server may still close one earlier:
+`_CheckedConnector` does not hand such a connection out again.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from aiohttp.client_reqrep import ConnectionKey
+    from aiohttp.connector import Connection
+    from aiohttp.tracing import Trace
 
 
 class NotSent(Exception):
@@ -73,7 +80,7 @@ class AiohttpClient:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
+            connector = _CheckedConnector(
                 limit=self._connections, keepalive_timeout=self._keepalive_s
             )
             # No cookies, no automatic headers beyond the protocol's: a server-to-server
@@ -117,3 +124,43 @@ async def _written(
     params: aiohttp.TraceRequestHeadersSentParams,
 ) -> None:
     context.trace_request_ctx.written = True
+
+
+class _CheckedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, except that it does not hand out a pooled connection whose
+    server has closed it.
+
+    aiohttp reuses an idle connection unless its protocol has seen it closed, that is
+    unless the event loop has already read the server's FIN. Under load it often has not:
+    the FIN waits in the socket, the request is handed to a dead connection, and it fails
+    after aiohttp's headers-sent trace fired (the trace fires before anything is written),
+    so its outcome looks unknown although the server never read a byte of it."""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while (conn := await super()._get(key, traces)) is not None:
+            if not _peer_closed(conn):
+                return conn
+            conn.close()  # not reusable: dropped, as aiohttp drops one it saw closed
+        return None  # none left in the pool: the caller makes a new connection
+
+
+def _peer_closed(conn: Connection) -> bool:
+    """Whether the idle `conn` is closed (or reset) by its server as far as its socket
+    already tells, before the event loop has read it: one non-blocking peek."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return True
+    # asyncio's transport offers no recv of its own; a duplicate descriptor of the same
+    # socket reads the same queue (a peek consumes nothing) and closing it leaves the
+    # connection open.
+    with sock.dup() as own:
+        try:
+            own.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # nothing to read: open and idle
+        except OSError:
+            return True  # reset
+    # b"" (the server's FIN), or bytes no request asked for (a close_notify ahead of a
+    # TLS close, say): either way a request written now would meet a closing connection.
+    return True
