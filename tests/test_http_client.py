@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 
+from whatslike import http_client
 from whatslike.http_client import AiohttpClient, NotSent, OutcomeUnknown
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -183,3 +184,23 @@ async def test_a_pooled_connection_its_server_closed_is_not_used() -> None:
     await client.close()
     assert served.bodies == [b"first", b"second"]
     assert served.accepted == 2
+
+
+async def test_a_request_refused_by_a_connection_closed_under_it_is_never_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The FIN comes after the connector's check (here: the check sees nothing) and the
+    loop reads it before the request is written: aiohttp refuses to write it."""
+    monkeypatch.setattr(http_client, "_peer_closed", lambda conn: False)
+    client = AiohttpClient(connections=4, keepalive_s=30.0)
+    with closing_server() as served:
+        assert (await client.post(served.url, b"first", {}, 5)).status == 200
+        served.close_idle()
+        # The post takes the pooled connection in the loop's next turn, the one that
+        # also reads the FIN (after it): its write, due in the turn after, is refused.
+        post = asyncio.create_task(client.post(served.url, b"second", {}, 5))
+        await asyncio.sleep(0)
+        with pytest.raises(NotSent):
+            await post
+    await client.close()
+    assert served.bodies == [b"first"]

@@ -2,8 +2,9 @@
 
 A narrow port (`HttpClient.post`: bytes in, status and bytes out) whose failures say what
 the caller must know to send exactly once: `NotSent` (the request certainly never reached
-the server: it failed before its first byte was written — no connection, or none free in
-time) or `OutcomeUnknown` (it was written, and no answer came).
+the server: it failed before its first byte was written — no connection, none free in
+time, or one that closed before the request was written) or `OutcomeUnknown` (it was
+written, and no answer came).
 
 `AiohttpClient` is the adapter: one aiohttp session per process, a pool of keep-alive
 connections (aiohttp costs a fraction of the CPU per request that httpx does, which the
@@ -11,7 +12,8 @@ send path measured as its largest single cost). Idle connections are closed afte
 `keepalive_s`, below the servers' own idle timeout (uvicorn's is 5 s), so a request is
 not written on a connection the server is closing at that very moment — which would make
 its outcome unknown for no reason. A server may still close one earlier:
-`_CheckedConnector` does not hand such a connection out again.
+`_CheckedConnector` does not hand such a connection out again, and a request that a
+connection closed under it refused to write is `NotSent` (`_refused_unwritten`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class AiohttpClient:
         self._session: aiohttp.ClientSession | None = None
         # Whether a request's head was written is what tells the two failures apart:
         # aiohttp's exceptions alone do not (a wait for a pooled connection and a wait
-        # for the answer both end in TimeoutError).
+        # for the answer both end in TimeoutError). The trace fires as the head is
+        # ready, just before it is written: a write refused after it is told apart by
+        # `_refused_unwritten`.
         self._trace = aiohttp.TraceConfig()
         self._trace.on_request_headers_sent.append(_written)
 
@@ -109,7 +113,7 @@ class AiohttpClient:
                 payload = await response.read()
                 return Answer(response.status, payload, response.reason or "")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            failure = OutcomeUnknown if state.written else NotSent
+            failure = OutcomeUnknown if state.written and not _refused_unwritten(exc) else NotSent
             raise failure(f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
@@ -164,3 +168,22 @@ def _peer_closed(conn: Connection) -> bool:
     # b"" (the server's FIN), or bytes no request asked for (a close_notify ahead of a
     # TLS close, say): either way a request written now would meet a closing connection.
     return True
+
+
+def _refused_unwritten(exc: BaseException) -> bool:
+    """Whether `exc` is aiohttp refusing to write the request at all, the connection
+    being already closing (its server closed it after it was handed out): nothing of the
+    request left, so it is safe to send again.
+
+    That holds because the request goes out in one write: aiohttp buffers the head and
+    writes it with the body, `post` sends a body of bytes (one piece), and no caller asks
+    for 100-continue (which would write the head first). Any other failure after the
+    head was "sent" may have reached the server."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and exc.strerror is not None
+        and exc.strerror.startswith("Can not write request body")
+        and isinstance(cause, aiohttp.ClientConnectionResetError)
+        and cause.args == ("Cannot write to closing transport",)
+    )
