@@ -9,11 +9,12 @@ written, and no answer came).
 `AiohttpClient` is the adapter: one aiohttp session per process, a pool of keep-alive
 connections (aiohttp costs a fraction of the CPU per request that httpx does, which the
 send path measured as its largest single cost). Idle connections are closed after
-`keepalive_s`, below the servers' own idle timeout (uvicorn's is 5 s), so a request is
-not written on a connection the server is closing at that very moment — which would make
-its outcome unknown for no reason. A server may still close one earlier:
-`_CheckedConnector` does not hand such a connection out again, and a request that a
-connection closed under it refused to write is `NotSent` (`_refused_unwritten`).
+`keepalive_s`, below the servers' own idle timeout (ours closes one after 10 s: see
+whatslike.serving), so a request is not written on a connection the server is closing at
+that very moment — which would make its outcome unknown for no reason. A server may still
+close one earlier: `_CheckedConnector` does not hand such a connection out again, and a
+request that a connection closed under it refused to write is `NotSent`
+(`_refused_unwritten`).
 """
 
 from __future__ import annotations
