@@ -218,7 +218,7 @@ class Sender:
             writer.close()
 
     async def reopen(self) -> None:
-        """Fresh connections: the server closes idle keep-alive ones (after 5 s)."""
+        """Fresh connections: the server closes idle keep-alive ones (after 10 s)."""
         await self.close()
         await self.open()
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 
+from whatslike import http_client
 from whatslike.http_client import AiohttpClient, NotSent, OutcomeUnknown
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -106,3 +109,98 @@ async def test_a_request_written_and_not_answered_has_an_unknown_outcome(how: st
         with pytest.raises(OutcomeUnknown):
             await client.post(url, b"{}", {}, 0.5)
     await client.close()
+
+
+class ClosingServer:
+    """A blocking HTTP/1.1 server on threads of its own, answering 200 to every request
+    and keeping the connection; `close_idle` closes its connections as a server's idle
+    timeout does. Being blocking, it can close them while the client's event loop is
+    held in the call: the FIN is in the client's socket and the loop has not read it,
+    as under load."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.bodies: list[bytes] = []
+        self.accepted = 0
+        self.connections: list[tuple[socket.socket, threading.Thread]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # the listener closed
+                return
+            self.accepted += 1
+            serving = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.connections.append((conn, serving))
+            serving.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn.makefile("rb") as stream:
+            while stream.readline():  # the request line; b"" once the connection is shut
+                length = 0
+                while (line := stream.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.bodies.append(stream.read(length))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close_idle(self) -> None:
+        """Close every connection, returning once the client's side has acknowledged
+        each FIN (it is in the client's socket)."""
+        for conn, serving in self.connections:
+            conn.shutdown(socket.SHUT_RDWR)
+            deadline = time.monotonic() + 5
+            while conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_FIN_WAIT2:
+                assert time.monotonic() < deadline, "the FIN was not acknowledged"
+                time.sleep(0.001)
+            serving.join()
+            conn.close()
+        self.connections.clear()
+
+
+#: The TCP state (linux/tcp_states.h) of a socket whose FIN its peer acknowledged.
+TCP_FIN_WAIT2 = 5
+
+
+@contextmanager
+def closing_server() -> Iterator[ClosingServer]:
+    served = ClosingServer()
+    try:
+        yield served
+    finally:
+        served.listener.close()
+        served.close_idle()
+
+
+async def test_a_pooled_connection_its_server_closed_is_not_used() -> None:
+    client = AiohttpClient(connections=4, keepalive_s=30.0)
+    with closing_server() as served:
+        assert (await client.post(served.url, b"first", {}, 5)).status == 200
+        served.close_idle()  # the loop is held: the FIN waits unread in the socket
+        assert (await client.post(served.url, b"second", {}, 5)).status == 200
+    await client.close()
+    assert served.bodies == [b"first", b"second"]
+    assert served.accepted == 2
+
+
+async def test_a_request_refused_by_a_connection_closed_under_it_is_never_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The FIN comes after the connector's check (here: the check sees nothing) and the
+    loop reads it before the request is written: aiohttp refuses to write it."""
+    monkeypatch.setattr(http_client, "_peer_closed", lambda conn: False)
+    client = AiohttpClient(connections=4, keepalive_s=30.0)
+    with closing_server() as served:
+        assert (await client.post(served.url, b"first", {}, 5)).status == 200
+        served.close_idle()
+        # The post takes the pooled connection in the loop's next turn, the one that
+        # also reads the FIN (after it): its write, due in the turn after, is refused.
+        post = asyncio.create_task(client.post(served.url, b"second", {}, 5))
+        await asyncio.sleep(0)
+        with pytest.raises(NotSent):
+            await post
+    await client.close()
+    assert served.bodies == [b"first"]

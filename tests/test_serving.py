@@ -26,6 +26,7 @@ from whatslike.connectors.meta import sign
 from whatslike.connectors.whatsapp import WhatsAppConnector
 from whatslike.serving import (
     REDACTED,
+    SERVER_KEEPALIVE_S,
     DeferredFlush,
     RedactSecrets,
     defer_access_flush,
@@ -65,6 +66,20 @@ async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[str, 
         server.should_exit = True
         await task
         sock.close()
+
+
+def test_an_idle_connection_is_kept_well_past_the_time_our_client_keeps_it() -> None:
+    """Our outbound client gives an idle connection up (http_keepalive_s) with as long again
+    to spare before our server (the simulator's too) closes it: by its keep-alive or by
+    the head timeout, whichever is first."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    settings = load_settings()
+    config = server_config(app, settings, "warning", None)
+    assert config.timeout_keep_alive == SERVER_KEEPALIVE_S
+    server_closes_after = min(config.timeout_keep_alive, settings.header_timeout_s)
+    assert server_closes_after >= 2 * settings.http_keepalive_s
 
 
 async def _exchange(host: str, port: int, *chunks: bytes, pause_s: float = 0) -> bytes:

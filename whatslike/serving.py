@@ -404,6 +404,13 @@ def body_limit(settings: Settings) -> Callable[[str], int]:
 
 # -- the server ----------------------------------------------------------------------
 
+#: How long uvicorn keeps an idle keep-alive connection (its default is 5 s): well past
+#: our outbound client's `http_keepalive_s` (4 s), which must give a connection up before
+#: its server closes it, even with its event loop late by seconds under load; else a
+#: request meets a connection being closed and its outcome is unknown for no reason. The
+#: head timeout (`header_timeout_s`, 10 s) closes an idle connection first, with a 408.
+SERVER_KEEPALIVE_S = 15
+
 
 def server_config(
     app: ASGIApp, settings: Settings, log_level: str, ws: Callable[..., Any] | None
@@ -425,4 +432,5 @@ def server_config(
         ws=cast(Any, ws) if ws is not None else "websockets-sansio",
         ws_per_message_deflate=False,
         ws_max_size=settings.max_frame_bytes,
+        timeout_keep_alive=SERVER_KEEPALIVE_S,
     )
