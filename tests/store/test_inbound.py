@@ -7,9 +7,12 @@ import asyncio
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
+
 from tests.store.test_contract import T0, at, decoded, status_event
 from whatslike.clock import utcnow
 from whatslike.status.rules import Status
+from whatslike.store import common
 from whatslike.store.base import InboundMedia, InboundMessage, Message, Store
 
 CONTACT = "+5511988877665"
@@ -50,6 +53,22 @@ async def test_a_customers_message_goes_once_into_its_organizations_latest_conve
     assert await store.get_message(message.id) == message
     assert [m.id for m in await listed(store, "org_a", latest.id)] == [message.id]
     assert await listed(store, "org_b", other.id) == []
+
+
+async def test_of_two_conversations_made_in_one_millisecond_the_later_gets_the_message(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Times are kept to the millisecond; ids are random: the second conversation is given
+    # the smaller id, so a tie broken by id would pick the first.
+    ids = iter(["conv_2", "conv_1"])
+    monkeypatch.setattr(common, "utcnow", lambda: T0)
+    monkeypatch.setattr(common, "new_id", lambda prefix: next(ids))
+    first = await store.create_conversation("org_a", "whatsapp", CONTACT)
+    later = await store.create_conversation("org_a", "whatsapp", CONTACT)
+    assert (first.id, later.id, first.created_at) == ("conv_2", "conv_1", later.created_at)
+
+    message = await store.receive_message(inbound("wamid.tie"))
+    assert message.conversation_id == later.id
 
 
 async def test_a_contacts_first_messages_at_once_open_one_conversation(store: Store) -> None:

@@ -329,6 +329,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE IF NOT EXISTS webhook_delivery_ids (
             id bigint PRIMARY KEY, endpoint_id text, conversation_id text, seq bigint)""",
     ),
+    # When a conversation was made, to a tenth of a microsecond (a version-1 UUID, in
+    # the order one process made them): which of two made in the same millisecond is
+    # the later. Conversations made before it have none and tie as before, by id.
+    ("ALTER TABLE conversations ADD IF NOT EXISTS made timeuuid",),
 )
 
 _PENDING_COLUMNS = ("pending_event", "pending_at", "pending_floor", "pending_since")
@@ -348,8 +352,8 @@ _STATE = (
 _CQL = {
     "conversation": "SELECT * FROM conversations WHERE id = ?",
     "insert_conversation": (
-        "INSERT INTO conversations (id, org_id, channel, contact, created_at)"
-        " VALUES (?, ?, ?, ?, ?)"
+        "INSERT INTO conversations (id, org_id, channel, contact, created_at, made)"
+        " VALUES (?, ?, ?, ?, ?, ?)"
     ),
     "index_contact": (
         "INSERT INTO contact_conversations (channel, contact, conversation_id) VALUES (?, ?, ?)"
@@ -358,8 +362,8 @@ _CQL = {
         "SELECT conversation_id FROM contact_conversations WHERE channel = ? AND contact = ?"
     ),
     "open_conversation": (
-        "INSERT INTO conversations (id, org_id, channel, contact, created_at)"
-        " VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
+        "INSERT INTO conversations (id, org_id, channel, contact, created_at, made)"
+        " VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
     ),
     "receive_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
@@ -712,6 +716,21 @@ def _ms(at: datetime) -> datetime:
     return at.replace(microsecond=at.microsecond // 1000 * 1000)
 
 
+def _made() -> uuid.UUID:
+    """A conversation's `made`: a version-1 UUID, whose time (in tenths of a
+    microsecond) grows with each one this process makes. With a `clock_seq` given,
+    `uuid.uuid1` makes it itself and keeps its times increasing; without, it may use
+    the system's generator, which does not say it does."""
+    return uuid.uuid1(clock_seq=random.getrandbits(14))
+
+
+def _made_order(row: Row) -> tuple[datetime, int, str]:
+    """Conversations in the order they were made: by time, then (within a millisecond)
+    by `made`; those without one (made before it was kept) first, then by id."""
+    made = row["made"]
+    return row["created_at"], made.time if made is not None else -1, row["id"]
+
+
 def _month(at: datetime) -> int:
     return at.year * 100 + at.month
 
@@ -990,7 +1009,7 @@ class CassandraStore:
                 ("index_contact", (channel, contact, conversation.id)),
                 (
                     "insert_conversation",
-                    (conversation.id, org_id, channel, contact, conversation.created_at),
+                    (conversation.id, org_id, channel, contact, conversation.created_at, _made()),
                 ),
             ]
         )
@@ -1156,7 +1175,7 @@ class CassandraStore:
             found[0] for found in rows if found and found[0]["org_id"] == inbound.account_org_id
         ]
         if owned:
-            row = max(owned, key=lambda row: (row["created_at"], row["id"]))
+            row = max(owned, key=_made_order)
             return Conversation(
                 row["id"],
                 row["org_id"],
@@ -1169,7 +1188,13 @@ class CassandraStore:
         new = replace(new, created_at=_ms(new.created_at))
         await self._run("index_contact", new.channel, new.contact, new.id)
         applied, row = await self._lwt(
-            "open_conversation", new.id, new.org_id, new.channel, new.contact, new.created_at
+            "open_conversation",
+            new.id,
+            new.org_id,
+            new.channel,
+            new.contact,
+            new.created_at,
+            _made(),
         )
         return new if applied else replace(new, created_at=_time(row["created_at"]))
 

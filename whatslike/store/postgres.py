@@ -233,6 +233,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # inbound-media: a customer's medium as Meta described it, and its fetch's state.
     ("ALTER TABLE messages ADD COLUMN inbound_media text",),
+    # The order conversations were made in (times are kept to the millisecond): which of
+    # two made in the same millisecond is the later. Existing rows are numbered as stored.
+    ("ALTER TABLE conversations ADD COLUMN made bigint GENERATED ALWAYS AS IDENTITY",),
 )
 
 #: Ids compare byte-wise, as in SQLite, whatever the database's collation.
@@ -1603,10 +1606,11 @@ async def _add_outbox(
 
 async def _latest_conversation(conn: _Connection, inbound: InboundMessage) -> Conversation:
     """The organization's latest conversation with the contact on the channel, or a new
-    one (inside the caller's transaction)."""
+    one (inside the caller's transaction). Two made in the same millisecond are told
+    apart by the order they were made in (`made`)."""
     select = (
         "SELECT * FROM conversations WHERE channel = $1 AND contact = $2 AND org_id = $3"
-        ' ORDER BY created_at DESC, id COLLATE "C" DESC LIMIT 1'
+        " ORDER BY created_at DESC, made DESC LIMIT 1"
     )
     keys = (inbound.channel, inbound.contact, inbound.account_org_id)
     row = await conn.fetchrow(select, *keys)
@@ -1644,7 +1648,7 @@ async def _conversations_with(
         for row in await conn.fetch(
             "SELECT DISTINCT ON (contact) * FROM conversations WHERE channel = $1"
             " AND contact = ANY($2::text[]) AND org_id = $3"
-            ' ORDER BY contact, created_at, id COLLATE "C"',
+            " ORDER BY contact, created_at, made",
             campaign.channel,
             contacts,
             campaign.org_id,

@@ -1378,11 +1378,11 @@ def _campaign(conn: sqlite3.Connection, row: sqlite3.Row) -> Campaign:
 
 
 def _conversation_with(conn: sqlite3.Connection, campaign: Campaign, contact: str) -> Conversation:
-    """The organization's oldest conversation with the contact on the campaign's channel,
-    or a new one."""
+    """The organization's oldest conversation with the contact on the campaign's channel
+    (of two made in the same millisecond, the first inserted), or a new one."""
     rows = conn.execute(
         "SELECT * FROM conversations WHERE channel = ? AND contact = ? AND org_id = ?"
-        " ORDER BY created_at, id LIMIT 1",
+        " ORDER BY created_at, rowid LIMIT 1",
         (campaign.channel, contact, campaign.org_id),
     ).fetchall()
     if rows:
