@@ -61,6 +61,37 @@ Outbound webhooks (whatslike/webhooks), where PostgreSQL has one transaction:
   endpoints; a delete and a rotation are lightweight transactions too, so their write
   times are ordered with the adds' (Paxos ballots), not by the clients' clocks.
 
+Campaigns (whatslike/campaigns), where PostgreSQL has one transaction:
+
+- A create writes the recipients first (under a fresh id: nothing names them yet), then
+  claims the organization's key by a lightweight transaction carrying the campaign's
+  definition, then writes the campaign's row and its place among the running ones. Of
+  concurrent creates one claims the key; the others drop their recipients and answer its
+  campaign. A create that died after its claim is completed by the next with the key.
+- A step claims its recipients (up to its limit, from the campaign's `created`) by one
+  conditional batch on the recipients' partition, ``IF message_id = null`` each: of
+  concurrent steps one wins, the others do nothing. The claim records each message's id,
+  conversation and time, so its message — one logged batch with its hand-off (an outbox
+  id made of its time and id), its list and watchdog entries, its row of the counts and
+  its channel's backlog — is the same rows whoever writes it; a claim left by a step that
+  died is completed after `pending_lease` by the next (messages that exist are left
+  alone), and `created` moves on by a lightweight transaction. A conversation the
+  organization lacks with a contact is made with an id of (organization, channel,
+  contact), as for a customer's first message: concurrent steps make one.
+- The counts are not counters (a counter is not idempotent): each campaign message has one
+  row in its campaign's partition (``campaign_buckets``: its bucket), written with a
+  write time of its version at that state plus one (`moved`), so the latest state wins
+  whatever the order of the writes, and writing it again changes nothing. A status change
+  writes it before the record that completes the change (a change completed after a crash
+  writes it again); a silent change (FILLED: a FAILED message's error) after its write,
+  repaired by the event's redelivery (a NOOP that finds its row stale). The counts are
+  counted on read (a campaign's partition: at most `MAX_CONTACTS` rows); the version is
+  the sum of the rows' `moved`, which grows with every row written anew.
+- The backlog (PENDING campaign messages of a channel): a row per message in a partition
+  of (channel, `index_bucket` of its creation), deleted (with the move's write time, so a
+  completed step's batch never brings it back) when it leaves PENDING; a count of each
+  listed bucket, the buckets found empty leaving the list.
+
 Partitions are bounded: messages, provider ids and conversations are one row each; a
 conversation's message list is bucketed by month, its changes by `bucket_size` seqs, its
 unread (accepted, not READ) messages are removed when READ; dead letters by day; the
@@ -68,7 +99,9 @@ outbox and the watchdog's index by `index_bucket` of time (their lists of bucket
 the buckets found empty). Not bounded by time: an endpoint's queued deliveries (what
 waits for it: at most the retry period's worth, `WEBHOOK_RETRY_FOR_S`) and its parked
 ones (until replayed or the endpoint deleted); the senders' list of endpoints (one
-partition, `WEBHOOK_ENDPOINTS_PER_ORG` per organization).
+partition, `WEBHOOK_ENDPOINTS_PER_ORG` per organization); the running campaigns (one
+partition, the campaigns with messages still to create). A campaign's recipients and
+counts are `MAX_CONTACTS` rows at most; a channel's backlog is bucketed by time.
 
 Reads are at the consistency of writes, not SERIAL (a serial read is a Paxos round):
 they see every lightweight transaction that answered, and a read that missed one still
