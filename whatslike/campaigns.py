@@ -27,7 +27,6 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from whatslike.errors import WhatslikeError
 from whatslike.settings import Settings
 from whatslike.status.rules import MessageState, Status
 
@@ -41,10 +40,6 @@ CHANGES = "changes"
 #: A campaign's id starts so (`whatslike.clock.new_id`); its messages carry it as their
 #: `client_message_id` (the store's `campaign_step` makes them so).
 _ID_PREFIX = "cmp_"
-
-
-class CampaignsUnsupported(WhatslikeError):
-    """The store has no campaigns (Cassandra, for now)."""
 
 
 def bucket_of(state: MessageState) -> str:

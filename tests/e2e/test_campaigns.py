@@ -1,6 +1,6 @@
 """Campaigns through a real `whatslike serve` (the embedded default: SQLite, in-process bus,
-the simulator as Meta): counts against the messages under disorder and across a kill -9,
-the caller's key, and agents' messages not starved by a campaign."""
+the simulator as Meta; and once on Cassandra): counts against the messages under disorder
+and across a kill -9, the caller's key, and agents' messages not starved by a campaign."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from tests.e2e.campaign_checks import (
     start_campaign,
     wait_quiescent,
 )
-from tests.e2e.conftest import Server, Socket, api, start_server, stop_server
+from tests.e2e.conftest import OWN_SECRETS, Server, Socket, api, start_server, stop_server
+from tests.store.conftest import fresh_cassandra_keyspace
 
 #: Disorder on (duplicates, reordering, batches, a skipped DELIVERED), and failures.
 DISORDER = {
@@ -181,6 +182,36 @@ async def test_a_kill_9_mid_campaign_sends_no_contact_twice_and_counts_stay_exac
                 assert len(messages.json()["messages"]) == 1
     finally:
         stop_server(server)
+
+
+@pytest.mark.cassandra
+async def test_on_cassandra_a_campaigns_counts_are_exactly_its_messages(
+    tmp_path: Path, open_socket: Any
+) -> None:
+    """The same pipeline with the store on Cassandra, under the simulator's disorder
+    (duplicates, reordering, failures): the counts, live and over HTTP, end equal to the
+    messages' statuses, each contact with one message; the key answers the campaign again."""
+    recipients = contacts(200, first=5000)
+    async with fresh_cassandra_keyspace() as url:
+        env = {
+            **DISORDER,
+            **OWN_SECRETS,
+            "WHATSLIKE_ROLES": "api,router,connector,status-worker,simulator",
+            "WHATSLIKE_DATABASE_URL": url,
+        }
+        running = start_server(tmp_path, env)
+        try:
+            socket: Socket = await open_socket(running, running.token("acme"))
+            async with api(running, running.token("acme")) as client:
+                accepted = await start_campaign(client, recipients, "on-cassandra")
+                again = await start_campaign(client, recipients, "on-cassandra")
+                assert again["id"] == accepted["id"]
+                seen = await follow_live(socket, accepted["id"], within_s=120)
+                campaign = await wait_quiescent(client, accepted["id"], within_s=30)
+                await check_counts(client, campaign, recipients)
+            assert seen[-1]["counts"] == campaign["counts"] and seen[-1]["finished"]
+        finally:
+            stop_server(running)
 
 
 @pytest.mark.parametrize(("queue_s", "starved"), [(1.25, False), (1000.0, True)])

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -27,7 +27,6 @@ from whatslike.api.contract import Link, Operation, Reply
 from whatslike.api.errors import ApiError
 from whatslike.api.http import Channel, Contact, MessageOut, _body, _query, message_json
 from whatslike.auth import Identity
-from whatslike.campaigns import CampaignsUnsupported
 from whatslike.clock import format_time
 from whatslike.errors import BackendUnavailable
 from whatslike.events import CAMPAIGN_HINT, campaign_channel
@@ -184,7 +183,6 @@ class Campaigns(BackgroundRole):
 
     def operations(self) -> list[Operation]:
         no_campaign = {404: "No such campaign in the caller's organization."}
-        unsupported = {501: "The store has no campaigns (Cassandra)."}
         to_campaign = {"campaign_id": "$response.body#/id"}
         return [
             Operation(
@@ -204,8 +202,7 @@ class Campaigns(BackgroundRole):
                 errors={
                     409: "The key names a campaign made with another request.",
                     422: "`template_unsupported`: a template on Instagram.",
-                }
-                | unsupported,
+                },
                 links=[
                     Link("getCampaign", to_campaign),
                     Link("listCampaignMessages", to_campaign),
@@ -222,7 +219,7 @@ class Campaigns(BackgroundRole):
                 200,
                 Reply("The campaign.", CampaignOut),
                 path_params=CampaignPath,
-                errors=no_campaign | unsupported,
+                errors=no_campaign,
             ),
             Operation(
                 "GET",
@@ -235,7 +232,7 @@ class Campaigns(BackgroundRole):
                 Reply("The recipients after `after`, in order.", RecipientList),
                 path_params=CampaignPath,
                 query=RecipientsQuery,
-                errors=no_campaign | unsupported,
+                errors=no_campaign,
             ),
         ]
 
@@ -257,8 +254,7 @@ class Campaigns(BackgroundRole):
             contacts=campaigns.distinct(body.contacts),
             template=canonical(message.template) if isinstance(message, TemplateContent) else None,
         )
-        with _unsupported():
-            campaign, created = await self._store.create_campaign(new)
+        campaign, created = await self._store.create_campaign(new)
         if not created and campaign.fingerprint != new.fingerprint:
             raise ApiError(
                 409, "conflict", "client_campaign_id names a campaign made with another request"
@@ -269,8 +265,7 @@ class Campaigns(BackgroundRole):
 
     async def get(self, request: Request) -> Response:
         identity = self._identity(request)
-        with _unsupported():
-            campaign = await self._store.get_campaign(identity.org_id, _campaign_id(request))
+        campaign = await self._store.get_campaign(identity.org_id, _campaign_id(request))
         if campaign is None:
             raise ApiError(404, "not_found", "no such campaign")
         return JSONResponse(campaign_json(campaign))
@@ -279,10 +274,9 @@ class Campaigns(BackgroundRole):
         identity = self._identity(request)
         campaign_id = _campaign_id(request)
         query = _query(request, RecipientsQuery)
-        with _unsupported():
-            found = await self._store.campaign_recipients(
-                identity.org_id, campaign_id, query.after, query.limit
-            )
+        found = await self._store.campaign_recipients(
+            identity.org_id, campaign_id, query.after, query.limit
+        )
         if found is None:
             raise ApiError(404, "not_found", "no such campaign")
         return JSONResponse(
@@ -349,11 +343,3 @@ def _campaign_id(request: Request) -> str:
     if not valid_id(campaign_id):
         raise ApiError(400, "bad_request", "a campaign id is 1-128 of A-Z a-z 0-9 _ . : -")
     return campaign_id
-
-
-@contextlib.contextmanager
-def _unsupported() -> Iterator[None]:
-    try:
-        yield
-    except CampaignsUnsupported as exc:
-        raise ApiError(501, "not_implemented", str(exc)) from exc

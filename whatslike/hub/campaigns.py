@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from whatslike import campaigns
-from whatslike.campaigns import CampaignsUnsupported
 from whatslike.events import campaign_channel
 from whatslike.hub import frames
 from whatslike.hub.coalesce import Coalescer
@@ -102,12 +101,7 @@ class CampaignFeeds:
         # Heard before the snapshot is read: a change committed during the read makes the
         # feed read again, and its frame follows the snapshot.
         await self._hub.fanout.add(campaign_channel(campaign_id))
-        try:
-            campaign = await self._hub.store.get_campaign(conn.identity.org_id, campaign_id)
-        except CampaignsUnsupported as exc:
-            self._drop(conn, campaign_id)
-            self._hub.refuse_request(conn, "not_implemented", str(exc), frame.ref)
-            return
+        campaign = await self._hub.store.get_campaign(conn.identity.org_id, campaign_id)
         if conn.campaigns.get(campaign_id) != _SNAPSHOT:
             return  # unsubscribed or evicted meanwhile
         if campaign is None:

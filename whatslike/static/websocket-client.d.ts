@@ -70,8 +70,7 @@ export interface CampaignFrame {
 }
 
 export interface ClientError {
-  /** The server's code (`forbidden`, `bad_request`, `rate_limited`, `too_many_subscriptions`,
-   * `not_implemented`)
+  /** The server's code (`forbidden`, `bad_request`, `rate_limited`, `too_many_subscriptions`)
    * or the client's own: `token_expired`, `token_renewal_failed` (getToken rejected; not
    * terminal, see `getToken`), `reconnect_failed`, `heartbeat_timeout` (no frame after a
    * ping, or no `connected` within `heartbeat.timeoutMs` of an attempt's start), `protocol`

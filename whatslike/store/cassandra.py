@@ -61,6 +61,37 @@ Outbound webhooks (whatslike/webhooks), where PostgreSQL has one transaction:
   endpoints; a delete and a rotation are lightweight transactions too, so their write
   times are ordered with the adds' (Paxos ballots), not by the clients' clocks.
 
+Campaigns (whatslike/campaigns), where PostgreSQL has one transaction:
+
+- A create writes the recipients first (under a fresh id: nothing names them yet), then
+  claims the organization's key by a lightweight transaction carrying the campaign's
+  definition, then writes the campaign's row and its place among the running ones. Of
+  concurrent creates one claims the key; the others drop their recipients and answer its
+  campaign. A create that died after its claim is completed by the next with the key.
+- A step claims its recipients (up to its limit, from the campaign's `created`) by one
+  conditional batch on the recipients' partition, ``IF message_id = null`` each: of
+  concurrent steps one wins, the others do nothing. The claim records each message's id,
+  conversation and time, so its message — one logged batch with its hand-off (an outbox
+  id made of its time and id), its list and watchdog entries, its row of the counts and
+  its channel's backlog — is the same rows whoever writes it; a claim left by a step that
+  died is completed after `pending_lease` by the next (messages that exist are left
+  alone), and `created` moves on by a lightweight transaction. A conversation the
+  organization lacks with a contact is made with an id of (organization, channel,
+  contact), as for a customer's first message: concurrent steps make one.
+- The counts are not counters (a counter is not idempotent): each campaign message has one
+  row in its campaign's partition (``campaign_buckets``: its bucket), written with a
+  write time of its version at that state plus one (`moved`), so the latest state wins
+  whatever the order of the writes, and writing it again changes nothing. A status change
+  writes it before the record that completes the change (a change completed after a crash
+  writes it again); a silent change (FILLED: a FAILED message's error) after its write,
+  repaired by the event's redelivery (a NOOP that finds its row stale). The counts are
+  counted on read (a campaign's partition: at most `MAX_CONTACTS` rows); the version is
+  the sum of the rows' `moved`, which grows with every row written anew.
+- The backlog (PENDING campaign messages of a channel): a row per message in a partition
+  of (channel, `index_bucket` of its creation), deleted (with the move's write time, so a
+  completed step's batch never brings it back) when it leaves PENDING; a count of each
+  listed bucket, the buckets found empty leaving the list.
+
 Partitions are bounded: messages, provider ids and conversations are one row each; a
 conversation's message list is bucketed by month, its changes by `bucket_size` seqs, its
 unread (accepted, not READ) messages are removed when READ; dead letters by day; the
@@ -68,7 +99,9 @@ outbox and the watchdog's index by `index_bucket` of time (their lists of bucket
 the buckets found empty). Not bounded by time: an endpoint's queued deliveries (what
 waits for it: at most the retry period's worth, `WEBHOOK_RETRY_FOR_S`) and its parked
 ones (until replayed or the endpoint deleted); the senders' list of endpoints (one
-partition, `WEBHOOK_ENDPOINTS_PER_ORG` per organization).
+partition, `WEBHOOK_ENDPOINTS_PER_ORG` per organization); the running campaigns (one
+partition, the campaigns with messages still to create). A campaign's recipients and
+counts are `MAX_CONTACTS` rows at most; a channel's backlog is bucketed by time.
 
 Reads are at the consistency of writes, not SERIAL (a serial read is a Paxos round):
 they see every lightweight transaction that answered, and a read that missed one still
@@ -131,8 +164,8 @@ from cassandra.query import (
 )
 from cassandra.util import datetime_from_uuid1
 
-from whatslike.campaigns import CampaignsUnsupported
-from whatslike.clock import utcnow
+from whatslike.campaigns import CHANGES, bucket_of
+from whatslike.clock import new_id, utcnow
 from whatslike.errors import BackendUnavailable, ConfigError
 from whatslike.events import TOPIC_MESSAGES, TOPIC_STATUS, StatusEvent
 from whatslike.status import rules
@@ -179,6 +212,9 @@ _OUTBOX_PAGE = 500
 _CLAIM_BATCH = 100
 #: Claimed entries whose topic and done key are kept for their delete (`_claimed`).
 _CLAIMS_KEPT = 10_000
+#: A campaign's recipients written per batch (one partition; well below the server's
+#: batch size limits).
+_RECIPIENTS_BATCH = 100
 
 #: Failures that mean the cluster is out of reach or cannot answer now (too few replicas
 #: up, a timeout), not a bug: the caller may retry. A timed-out write may have applied.
@@ -329,6 +365,35 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE IF NOT EXISTS webhook_delivery_ids (
             id bigint PRIMARY KEY, endpoint_id text, conversation_id text, seq bigint)""",
     ),
+    # Campaigns (whatslike/campaigns): a campaign's definition under its key (the
+    # idempotency claim) and its id, its recipients in its partition (each claimed with
+    # its message id), the campaigns with messages still to create, the bucket of each of
+    # its messages (counted on read), and the PENDING campaign messages of each channel
+    # by `index_bucket` of their creation. A campaign message names its campaign.
+    (
+        "ALTER TABLE messages ADD IF NOT EXISTS campaign_id text",
+        """CREATE TABLE IF NOT EXISTS campaign_keys (
+            org_id text, client_campaign_id text, campaign_id text, fingerprint text,
+            channel text, text text, template text, total int, created_at timestamp,
+            PRIMARY KEY ((org_id, client_campaign_id)))""",
+        """CREATE TABLE IF NOT EXISTS campaigns (
+            id text PRIMARY KEY, org_id text, client_campaign_id text, fingerprint text,
+            channel text, text text, template text, total int, created int,
+            created_at timestamp)""",
+        """CREATE TABLE IF NOT EXISTS campaigns_running (
+            one int, created_at timestamp, id text, PRIMARY KEY (one, created_at, id))""",
+        """CREATE TABLE IF NOT EXISTS campaign_recipients (
+            campaign_id text, position int, contact text, message_id text,
+            conversation_id text, claimed_at timestamp, PRIMARY KEY (campaign_id, position))""",
+        """CREATE TABLE IF NOT EXISTS campaign_buckets (
+            campaign_id text, message_id text, bucket text, moved bigint,
+            PRIMARY KEY (campaign_id, message_id))""",
+        """CREATE TABLE IF NOT EXISTS campaign_pending (
+            channel text, bucket bigint, message_id text,
+            PRIMARY KEY ((channel, bucket), message_id))""",
+        """CREATE TABLE IF NOT EXISTS campaign_pending_buckets (
+            channel text, bucket bigint, PRIMARY KEY (channel, bucket))""",
+    ),
     # When a conversation was made, to a tenth of a microsecond (a version-1 UUID, in
     # the order one process made them): which of two made in the same millisecond is
     # the later. Conversations made before it have none and tie as before, by id.
@@ -341,7 +406,7 @@ _MESSAGE_COLUMNS = (
     " seq, sent_at, delivered_at, read_at, failed_at, error_code, error_title,"
     " provider_message_id, version, pending_event, pending_at, pending_floor, pending_since,"
     " send_started_at, updated_at, send_claim, direction, media_id,"
-    " template, message_tag, inbound_media"
+    " template, message_tag, inbound_media, campaign_id"
 )
 _STATE = (
     "status = ?, sent_at = ?, delivered_at = ?, read_at = ?, failed_at = ?,"
@@ -627,6 +692,72 @@ _CQL = {
         "DELETE FROM webhook_parked WHERE endpoint_id = ? AND conversation_id = ? AND seq = ?"
     ),
     "drop_parked_deliveries": "DELETE FROM webhook_parked WHERE endpoint_id = ?",
+    # -- campaigns
+    "campaign_key": ("SELECT * FROM campaign_keys WHERE org_id = ? AND client_campaign_id = ?"),
+    "claim_campaign_key": (
+        "INSERT INTO campaign_keys (org_id, client_campaign_id, campaign_id, fingerprint,"
+        " channel, text, template, total, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " IF NOT EXISTS"
+    ),
+    # Written with a time of its creation, so that writing it again (a create completing
+    # one whose writer died) never undoes the steps' moves of `created`.
+    "add_campaign": (
+        "INSERT INTO campaigns (id, org_id, client_campaign_id, fingerprint, channel, text,"
+        " template, total, created, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
+        " USING TIMESTAMP ?"
+    ),
+    "campaign": "SELECT * FROM campaigns WHERE id = ?",
+    "advance_campaign": "UPDATE campaigns SET created = ? WHERE id = ? IF created = ?",
+    "run_campaign": "INSERT INTO campaigns_running (one, created_at, id) VALUES (0, ?, ?)",
+    "running_campaigns": "SELECT created_at, id FROM campaigns_running WHERE one = 0",
+    "ran_campaign": "DELETE FROM campaigns_running WHERE one = 0 AND created_at = ? AND id = ?",
+    "add_recipient": (
+        "INSERT INTO campaign_recipients (campaign_id, position, contact) VALUES (?, ?, ?)"
+    ),
+    "drop_recipients": "DELETE FROM campaign_recipients WHERE campaign_id = ?",
+    "recipients_after": (
+        "SELECT position, contact, message_id FROM campaign_recipients"
+        " WHERE campaign_id = ? AND position > ? LIMIT ?"
+    ),
+    "recipients_from": (
+        "SELECT position, contact, message_id, conversation_id, claimed_at"
+        " FROM campaign_recipients WHERE campaign_id = ? AND position >= ? LIMIT ?"
+    ),
+    "claim_recipient": (
+        "UPDATE campaign_recipients SET message_id = ?, conversation_id = ?, claimed_at = ?"
+        " WHERE campaign_id = ? AND position = ? IF message_id = null"
+    ),
+    "add_campaign_message": (
+        "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
+        " created_at, status, updated_at, template, campaign_id, version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) USING TIMESTAMP ?"
+    ),
+    # A message's bucket, written with its `moved` (the message's version at the state,
+    # plus one) as its write time: the latest state wins whatever the order of writes.
+    "move_campaign": (
+        "INSERT INTO campaign_buckets (campaign_id, message_id, bucket, moved)"
+        " VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+    ),
+    "campaign_bucket": (
+        "SELECT bucket FROM campaign_buckets WHERE campaign_id = ? AND message_id = ?"
+    ),
+    "campaign_buckets": "SELECT bucket, moved FROM campaign_buckets WHERE campaign_id = ?",
+    "queue_campaign": (
+        "INSERT INTO campaign_pending (channel, bucket, message_id) VALUES (?, ?, ?)"
+        " USING TIMESTAMP 1"
+    ),
+    "unqueue_campaign": (
+        "DELETE FROM campaign_pending USING TIMESTAMP ? WHERE channel = ? AND bucket = ?"
+        " AND message_id = ?"
+    ),
+    "add_pending_bucket": ("INSERT INTO campaign_pending_buckets (channel, bucket) VALUES (?, ?)"),
+    "pending_buckets": "SELECT bucket FROM campaign_pending_buckets WHERE channel = ?",
+    "drop_pending_bucket": (
+        "DELETE FROM campaign_pending_buckets WHERE channel = ? AND bucket = ?"
+    ),
+    "pending_count": (
+        "SELECT count(*) AS n FROM campaign_pending WHERE channel = ? AND bucket = ?"
+    ),
 }
 
 #: Reads that complete a lightweight transaction whose answer may have been lost (its
@@ -1086,14 +1217,17 @@ class CassandraStore:
             message.tag,
         ]
 
-    def _indexed_message(self, conversation: Conversation, message: Message) -> list[Step]:
+    def _indexed_message(
+        self, conversation: Conversation, message: Message, outbox_id: int | None = None
+    ) -> list[Step]:
         """What goes with a new message: its place in the conversation's list, the work
-        of sending it (the outbox entry) and its watchdog entry."""
+        of sending it (the outbox entry, `outbox_id` if given) and its watchdog entry."""
         month = _month(message.created_at)
+        entry = common.outbound_entry(conversation, message)
         return [
             ("add_month", (message.conversation_id, month)),
             ("list_entry", (message.conversation_id, month, message.created_at, message.id)),
-            *self._outbox_inserts([common.outbound_entry(conversation, message)]),
+            *self._outbox_inserts([entry], ids=None if outbox_id is None else [outbox_id]),
             *self._stuck_inserts(message),
         ]
 
@@ -1165,15 +1299,10 @@ class CassandraStore:
 
     async def _latest_conversation(self, inbound: InboundMessage) -> Conversation:
         """The organization's latest conversation with the contact on the channel (of
-        those in the contact index), or a new one, made once however many webhooks
-        open it at once."""
-        indexed = await self._run("contact_conversations", inbound.channel, inbound.contact)
-        rows = await asyncio.gather(
-            *(self._run("conversation", row["conversation_id"]) for row in indexed)
+        those in the contact index), or a new one (`_open_conversation`)."""
+        owned = await self._owned_conversations(
+            inbound.account_org_id, inbound.channel, inbound.contact
         )
-        owned = [
-            found[0] for found in rows if found and found[0]["org_id"] == inbound.account_org_id
-        ]
         if owned:
             row = max(owned, key=_made_order)
             return Conversation(
@@ -1184,7 +1313,23 @@ class CassandraStore:
                 await self._last_seq(row["id"]),
                 _time(row["created_at"]),
             )
-        new = common.inbound_conversation(inbound)
+        return await self._open_conversation(
+            inbound.account_org_id, inbound.channel, inbound.contact
+        )
+
+    async def _owned_conversations(self, org_id: str, channel: str, contact: str) -> list[Row]:
+        """The rows of the organization's conversations with the contact on the channel
+        (those in the contact index)."""
+        indexed = await self._run("contact_conversations", channel, contact)
+        rows = await asyncio.gather(
+            *(self._run("conversation", row["conversation_id"]) for row in indexed)
+        )
+        return [found[0] for found in rows if found and found[0]["org_id"] == org_id]
+
+    async def _open_conversation(self, org_id: str, channel: str, contact: str) -> Conversation:
+        """The organization's new conversation with the contact: its id is made from
+        them, so it is made once however many callers open it at once."""
+        new = common.contact_conversation(org_id, channel, contact)
         new = replace(new, created_at=_ms(new.created_at))
         await self._run("index_contact", new.channel, new.contact, new.id)
         applied, row = await self._lwt(
@@ -1403,6 +1548,7 @@ class CassandraStore:
                 return common.UNKNOWN_MESSAGE
             row = await self._settled(rows[0])
             message, version = _message(row), int(row["version"])
+            campaign_id: str | None = row["campaign_id"]
             if row["pending_event"] is not None:
                 if row["pending_event"] == event.event_id or self._lease_over(row):
                     await self._take_over(row)
@@ -1414,6 +1560,8 @@ class CassandraStore:
                 return common.replayed(message, common.frames_of(earlier))
             transition = rules.apply(message.state, observation)
             if transition.effect is Effect.NOOP:
+                if campaign_id is not None:
+                    await self._repair_campaign_move(campaign_id, message, version)
                 return ApplyResult(effect=Effect.NOOP, message=message)
             now = _ms(utcnow())
             updated = replace(message, state=transition.state, updated_at=now)
@@ -1430,6 +1578,14 @@ class CassandraStore:
                     version,
                 )
                 if applied:
+                    if campaign_id is not None and bucket_of(message.state) != bucket_of(
+                        updated.state
+                    ):
+                        # A FAILED message's error replaced by an earlier one. A crash
+                        # before this write: the event's redelivery repairs it (NOOP).
+                        await self._move_campaign(
+                            campaign_id, updated, version + 2, was_pending=False
+                        )
                     await self._after_state(updated)
                     await self._stuck_moved(message, updated)
                     return common.applied(message, transition, message.seq, (), now)
@@ -1450,7 +1606,8 @@ class CassandraStore:
             if not applied:
                 continue
             pending = _Pending(event.event_id, observation.occurred_at, floor)
-            seq, frame = await self._complete(updated, pending, recovering=False)
+            moved = None if campaign_id is None else (campaign_id, version + 2)
+            seq, frame = await self._complete(updated, pending, recovering=False, moved=moved)
             await self._after_state(updated)
             await self._stuck_moved(message, updated)
             return common.applied(message, transition, seq, (frame,), now)
@@ -1469,11 +1626,19 @@ class CassandraStore:
             pending = _Pending(
                 row["pending_event"], _time(row["pending_at"]), int(row["pending_floor"])
             )
-            await self._complete(message, pending, recovering=True)
+            # The state was written at the row's version or before it.
+            campaign_id = row["campaign_id"]
+            moved = None if campaign_id is None else (campaign_id, version + 1)
+            await self._complete(message, pending, recovering=True, moved=moved)
             await self._after_state(message)
 
     async def _complete(
-        self, message: Message, pending: _Pending, *, recovering: bool
+        self,
+        message: Message,
+        pending: _Pending,
+        *,
+        recovering: bool,
+        moved: tuple[str, int] | None = None,
     ) -> tuple[int, str]:
         """Claim the seq of the pending change (or, `recovering`, find the one claimed
         before a crash) and record it for redeliveries: the record completes the change
@@ -1481,7 +1646,9 @@ class CassandraStore:
         the message's organization, go in one logged batch with the record: a change is
         complete only with them, and one left incomplete by a crash is completed by the
         redelivery of its event (`_take_over`), which writes them again (the same rows:
-        a delivery's key is its endpoint, conversation and seq)."""
+        a delivery's key is its endpoint, conversation and seq). A campaign message's
+        move, `moved` (its campaign and the move's `moved`), is written before the
+        record, so a change is complete only once its campaign's counts have it."""
 
         async def claim() -> tuple[int, str]:
             claimed = await self._claimed_change(message, pending) if recovering else None
@@ -1491,6 +1658,9 @@ class CassandraStore:
             claim(), self._run("org_hook_ids", message.org_id)
         )
         endpoint_ids = [str(row["id"]) for row in hooks if row["id"] is not None]
+        if moved is not None:
+            campaign_id, at = moved
+            await self._move_campaign(campaign_id, message, at, was_pending=True)
         record: Step = ("record_change", (message.id, pending.event_id, seq, frame))
         if endpoint_ids:
             await self._batch(
@@ -1533,6 +1703,33 @@ class CassandraStore:
             if applied:
                 return seq, frame
             last = max(seq, await self._last_seq(conversation_id))
+
+    async def _move_campaign(
+        self, campaign_id: str, message: Message, moved: int, *, was_pending: bool
+    ) -> None:
+        """Put the campaign message in the bucket of its state: its row of the campaign's
+        counts, written with `moved` (the message's version at that state, plus one) as
+        its write time, so that the latest state wins however late an earlier write lands
+        and a write made again is the same row. A message that was (or may have been)
+        PENDING first leaves its channel's backlog: a crash between the two leaves the
+        bucket's row to write, which the event's redelivery does."""
+        if was_pending and message.status is not Status.PENDING:
+            await self._run(
+                "unqueue_campaign",
+                moved,
+                message.channel,
+                self._index_bucket(message.created_at),
+                message.id,
+            )
+        bucket = bucket_of(message.state)
+        await self._run("move_campaign", campaign_id, message.id, bucket, moved, moved)
+
+    async def _repair_campaign_move(self, campaign_id: str, message: Message, version: int) -> None:
+        """A campaign message's status changed nothing: if its move was lost by a crash
+        (after a FILLED change's write), make it now."""
+        rows = await self._run("campaign_bucket", campaign_id, message.id)
+        if not rows or rows[0]["bucket"] != bucket_of(message.state):
+            await self._move_campaign(campaign_id, message, version + 1, was_pending=True)
 
     async def _after_state(self, message: Message) -> None:
         """Keep the unread index: a READ message leaves it."""
@@ -1584,10 +1781,14 @@ class CassandraStore:
         entries: Sequence[OutboxEntry],
         relayed_run: str | None = None,
         claimed_until: datetime | None = None,
+        *,
+        ids: Sequence[int] | None = None,
     ) -> list[Step]:
+        """The rows of new outbox entries, with fresh ids or, when given, `ids` (one per
+        entry: an entry written again with its id is the same row)."""
         steps: list[Step] = []
-        for entry in entries:
-            outbox_id = self._next_outbox_id()
+        for index, entry in enumerate(entries):
+            outbox_id = self._next_outbox_id() if ids is None else ids[index]
             bucket = self._outbox_bucket(outbox_id)
             row = (bucket, outbox_id, entry.topic, entry.key, entry.payload, entry.done_key)
             if claimed_until is not None:
@@ -1943,27 +2144,286 @@ class CassandraStore:
 
     # -- dead letters -------------------------------------------------------------------
 
-    # -- campaigns: not on Cassandra yet (the API answers 501) -------------------------
+    # -- campaigns ------------------------------------------------------------------------
 
     async def create_campaign(self, new: NewCampaign) -> tuple[Campaign, bool]:
-        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
+        """The recipients are written first, under a fresh id; then the key is claimed by
+        a lightweight transaction that carries the campaign's definition; then the
+        campaign's row and its place among the running ones. A crash before the claim
+        leaves recipients nothing names; one after it is completed by the next create with
+        the key, from the claim (the same rows again). The losers of a race for the key
+        drop their recipients and answer the winner's campaign."""
+        found = await self._run("campaign_key", new.org_id, new.client_campaign_id)
+        if found:
+            return await self._keyed_campaign(found[0]), False
+        campaign = common.new_campaign(new)
+        chunks = [
+            new.contacts[n : n + _RECIPIENTS_BATCH]
+            for n in range(0, campaign.total, _RECIPIENTS_BATCH)
+        ]
+        # One partition: each chunk is a batch applied whole, small enough for the
+        # server's batch size limits.
+        await asyncio.gather(
+            *(
+                self._batch(
+                    [
+                        ("add_recipient", (campaign.id, start * _RECIPIENTS_BATCH + n, contact))
+                        for n, contact in enumerate(chunk)
+                    ],
+                    logged=False,
+                )
+                for start, chunk in enumerate(chunks)
+            )
+        )
+        applied, row = await self._lwt(
+            "claim_campaign_key",
+            new.org_id,
+            new.client_campaign_id,
+            campaign.id,
+            new.fingerprint,
+            new.channel,
+            new.text,
+            new.template,
+            campaign.total,
+            campaign.created_at,
+        )
+        if not applied:
+            await self._run("drop_recipients", campaign.id)
+            return await self._keyed_campaign(row), False
+        await self._add_campaign(
+            {
+                "campaign_id": campaign.id,
+                "org_id": new.org_id,
+                "client_campaign_id": new.client_campaign_id,
+                "fingerprint": new.fingerprint,
+                "channel": new.channel,
+                "text": new.text,
+                "template": new.template,
+                "total": campaign.total,
+                "created_at": campaign.created_at,
+            }
+        )
+        return campaign, True
+
+    async def _keyed_campaign(self, key: Row) -> Campaign:
+        """The campaign a key names, its row written first if its writer died before."""
+        campaign = await self._campaign_with_counts(key["campaign_id"])
+        if campaign is not None:
+            return campaign
+        await self._add_campaign(key)
+        campaign = await self._campaign_with_counts(key["campaign_id"])
+        assert campaign is not None  # just written
+        return campaign
+
+    async def _add_campaign(self, key: Row) -> None:
+        created_at = _time(key["created_at"])
+        written_at = int(created_at.timestamp() * 1_000_000) - _INSERT_SKEW_US
+        await self._batch(
+            [
+                (
+                    "add_campaign",
+                    (
+                        key["campaign_id"],
+                        key["org_id"],
+                        key["client_campaign_id"],
+                        key["fingerprint"],
+                        key["channel"],
+                        key["text"],
+                        key["template"],
+                        key["total"],
+                        created_at,
+                        written_at,
+                    ),
+                ),
+                ("run_campaign", (created_at, key["campaign_id"])),
+            ]
+        )
+
+    async def _campaign_with_counts(self, campaign_id: str) -> Campaign | None:
+        """The campaign and its counts, from the buckets of its messages: `created` is
+        how many there are, the version the sum of their `moved` (each grows with every
+        move of its message, and a new message adds one)."""
+        rows, buckets = await asyncio.gather(
+            self._run("campaign", campaign_id), self._run("campaign_buckets", campaign_id)
+        )
+        if not rows:
+            return None
+        counts: dict[str, int] = {CHANGES: sum(int(b["moved"]) for b in buckets)}
+        for b in buckets:
+            counts[b["bucket"]] = counts.get(b["bucket"], 0) + 1
+        return common.campaign_of({**rows[0], "created": len(buckets)}, _time, counts)
 
     async def get_campaign(self, org_id: str, campaign_id: str) -> Campaign | None:
-        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
+        campaign = await self._campaign_with_counts(campaign_id)
+        return campaign if campaign is not None and campaign.org_id == org_id else None
 
     async def campaign_recipients(
         self, org_id: str, campaign_id: str, after: int, limit: int
     ) -> list[CampaignRecipient] | None:
-        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
+        rows = await self._run("campaign", campaign_id)
+        if not rows or rows[0]["org_id"] != org_id:
+            return None
+        recipients = await self._run("recipients_after", campaign_id, after, limit)
+        messages = await self.get_messages(
+            [r["message_id"] for r in recipients if r["message_id"] is not None]
+        )
+        by_id = {message.id: message for message in messages}
+        return [
+            CampaignRecipient(int(r["position"]), r["contact"], by_id.get(r["message_id"]))
+            for r in recipients
+        ]
 
     async def campaigns_to_run(self, limit: int) -> list[Campaign]:
-        return []  # none can have been created
+        """The running list, oldest first; a campaign found with every message created
+        leaves it. Their counts are not read (the runner needs their ids and channels)."""
+        found: list[Campaign] = []
+        for entry in await self._run("running_campaigns"):
+            if len(found) >= limit:
+                break
+            rows = await self._run("campaign", entry["id"])
+            if rows and int(rows[0]["created"]) < int(rows[0]["total"]):
+                found.append(common.campaign_of(rows[0], _time, {}))
+            elif rows:
+                await self._run("ran_campaign", entry["created_at"], entry["id"])
+        return found
 
     async def campaign_backlog(self, channel: str) -> int:
-        return 0
+        """A count of each of the channel's buckets of PENDING campaign messages (a
+        message leaves its bucket when it leaves PENDING); buckets found empty, past the
+        time a late write could still land in them, leave the list."""
+        old = self._index_bucket(utcnow() - self._prune_after)
+        backlog = 0
+        for row in await self._run("pending_buckets", channel):
+            bucket = int(row["bucket"])
+            [count] = await self._run("pending_count", channel, bucket)
+            backlog += int(count["n"])
+            if not count["n"] and bucket < old:
+                await self._run("drop_pending_bucket", channel, bucket)
+        return backlog
 
     async def campaign_step(self, campaign_id: str, limit: int) -> int:
-        raise CampaignsUnsupported("campaigns are not available on the Cassandra store")
+        """The next `limit` recipients are claimed together by one conditional batch on
+        the campaign's recipients partition (`IF message_id = null` each): of concurrent
+        steps one wins, the others do nothing (like SKIP LOCKED). The claim records each
+        message's id, conversation and time, so its message, written in one logged batch
+        with its hand-off, is the same rows whoever writes it: a claim a crashed step
+        left for longer than `pending_lease` is completed by the next step (the messages
+        that exist are left alone). Then `created` moves on by a lightweight transaction."""
+        rows = await self._run("campaign", campaign_id)
+        if not rows:
+            return 0
+        row = rows[0]
+        created, total = int(row["created"]), int(row["total"])
+        if created >= total:
+            return 0
+        recipients = await self._run("recipients_from", campaign_id, created, limit)
+        if not recipients:
+            return 0
+        now = _ms(utcnow())
+        left = [r for r in recipients if r["message_id"] is not None]
+        if any(_time(r["claimed_at"]) + self._lease > now for r in left):
+            return 0  # another step is creating these messages
+        free = [r for r in recipients if r["message_id"] is None]
+        org_id, channel = row["org_id"], row["channel"]
+        opened = await asyncio.gather(
+            *(self._campaign_conversation(org_id, channel, r["contact"]) for r in free)
+        )
+        claims = [
+            {**r, "message_id": new_id("msg"), "conversation_id": c, "claimed_at": now}
+            for r, c in zip(free, opened, strict=True)
+        ]
+        if claims and not await self._claim_recipients(campaign_id, claims):
+            return 0
+        campaign = common.campaign_of(row, _time, {})
+        await asyncio.gather(
+            *(self._campaign_message(campaign, r, fresh=False) for r in left),
+            *(self._campaign_message(campaign, r, fresh=True) for r in claims),
+        )
+        made = len(recipients)
+        applied, _ = await self._lwt("advance_campaign", created + made, campaign_id, created)
+        if applied and created + made >= total:
+            await self._run("ran_campaign", row["created_at"], campaign_id)
+        return made
+
+    async def _campaign_conversation(self, org_id: str, channel: str, contact: str) -> str:
+        """The organization's oldest conversation with the contact, or a new one."""
+        owned = await self._owned_conversations(org_id, channel, contact)
+        if owned:
+            return str(min(owned, key=_made_order)["id"])
+        return (await self._open_conversation(org_id, channel, contact)).id
+
+    async def _claim_recipients(self, campaign_id: str, claims: Sequence[Row]) -> bool:
+        """Claim them all, or none (one partition: one conditional batch)."""
+        batch = BatchStatement(BatchType.UNLOGGED, serial_consistency_level=self._serial)
+        for r in claims:
+            batch.add(
+                self._prepared["claim_recipient"],
+                (
+                    r["message_id"],
+                    r["conversation_id"],
+                    r["claimed_at"],
+                    campaign_id,
+                    r["position"],
+                ),
+            )
+        answer = await self._execute(self._live().execute_async(batch))
+        return bool(answer and answer[0]["[applied]"])
+
+    async def _campaign_message(self, campaign: Campaign, recipient: Row, *, fresh: bool) -> None:
+        """Write a claimed recipient's message with its hand-off, its place in its
+        conversation, its watchdog entry, its campaign's count and its channel's backlog,
+        in one logged batch made only of what the claim recorded: written again, it is
+        the same rows (its outbox id too), each at the same write time or below the
+        message's later changes. Not `fresh` (a claim a crashed step left), a message
+        that exists is left alone: its batch was written."""
+        message_id = str(recipient["message_id"])
+        if not fresh and await self._run("message", message_id):
+            return
+        created_at = _time(recipient["claimed_at"])
+        conversation = Conversation(
+            recipient["conversation_id"],
+            campaign.org_id,
+            campaign.channel,
+            recipient["contact"],
+            0,
+            created_at,
+        )
+        message = replace(
+            common.new_message(
+                conversation, campaign.text, campaign.id, template=campaign.template
+            ),
+            id=message_id,
+            created_at=created_at,
+            updated_at=created_at,
+        )
+        node = int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=8).digest()) % _NODES
+        outbox_id = int(created_at.timestamp() * 1_000_000) * _NODES + node
+        bucket = self._index_bucket(created_at)
+        await self._batch(
+            [
+                (
+                    "add_campaign_message",
+                    (
+                        message.id,
+                        message.conversation_id,
+                        message.org_id,
+                        message.channel,
+                        message.text,
+                        message.client_message_id,
+                        created_at,
+                        message.status.value,
+                        created_at,
+                        message.template,
+                        campaign.id,
+                        self._written_at(message),
+                    ),
+                ),
+                *self._indexed_message(conversation, message, outbox_id),
+                ("move_campaign", (campaign.id, message.id, bucket_of(message.state), 1, 1)),
+                ("queue_campaign", (campaign.channel, bucket, message.id)),
+                ("add_pending_bucket", (campaign.channel, bucket)),
+            ]
+        )
 
     async def record_dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         day: date = utcnow().date()

@@ -95,13 +95,18 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def inbound_conversation(inbound: InboundMessage) -> Conversation:
-    """The conversation a customer's first message opens. Its id is made from the
-    organization, channel and contact, so webhooks creating it at once make one."""
-    org, channel, contact = inbound.account_org_id, inbound.channel, inbound.contact
+def contact_conversation(org_id: str, channel: str, contact: str) -> Conversation:
+    """The conversation opened with a contact where the organization has none (Cassandra:
+    a customer's first message, a campaign's). Its id is made from the organization,
+    channel and contact, so callers opening it at once make one."""
     return Conversation(
-        f"conv_in_{_digest(org, channel, contact)}", org, channel, contact, 0, utcnow()
+        f"conv_in_{_digest(org_id, channel, contact)}", org_id, channel, contact, 0, utcnow()
     )
+
+
+def inbound_conversation(inbound: InboundMessage) -> Conversation:
+    """The conversation a customer's first message opens (`contact_conversation`)."""
+    return contact_conversation(inbound.account_org_id, inbound.channel, inbound.contact)
 
 
 def inbound_message_id(channel: str, provider_message_id: str) -> str:
