@@ -303,19 +303,26 @@ async def test_a_step_that_died_midway_is_completed_once_its_claim_lapses(
     after the lease, each once, with one hand-off each; the counts are exact."""
     campaign, _ = await cassandra.create_campaign(asked([f"+5511{n:07}" for n in range(10)]))
     batch = cassandra._batch
-    written = 0
+    begun = done = 0
+    three_written = asyncio.Event()
 
     async def partly(steps: Any, *, logged: bool = True) -> None:
-        nonlocal written
-        written += 1
-        if written > 3:
+        nonlocal begun, done
+        begun += 1
+        if begun > 3:
             raise BackendUnavailable("the process died here")
         await batch(steps, logged=logged)
+        done += 1
+        if done == 3:
+            three_written.set()
 
     with monkeypatch.context() as patch:
         patch.setattr(cassandra, "_batch", partly)
         with pytest.raises(BackendUnavailable):
             await cassandra.campaign_step(campaign.id, 10)
+        # The step's messages are written side by side: its first failure is raised
+        # while the three that got through may still be on their way.
+        await asyncio.wait_for(three_written.wait(), 30)
     assert len(await messages_of(cassandra, campaign)) == 3
     assert await cassandra.campaign_step(campaign.id, 10) == 0  # its claim still holds
     await asyncio.sleep(LEASE.total_seconds())
