@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.store.conftest import fresh_cassandra_keyspace, fresh_postgres_database
-from tests.store.test_contract import ERROR, OBSERVATIONS, TEMPLATE, at, status_event
+from tests.store.test_contract import ERROR, OBSERVATIONS, T0, TEMPLATE, at, status_event
 from whatslike.campaigns import bucket_of, fingerprint
 from whatslike.clock import new_id
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage
 from whatslike.status.rules import ProviderError, Status
-from whatslike.store import CassandraStore, PostgresStore, SQLiteStore
+from whatslike.store import CassandraStore, PostgresStore, SQLiteStore, common
 from whatslike.store.base import Campaign, Message, NewCampaign, Store
 
 
@@ -158,6 +158,24 @@ async def test_steps_create_each_recipients_message_once_through_the_outbox(
     assert stored == tally == {"PENDING": 7}
     got = await store.get_campaign("acme", campaign.id)
     assert got is not None and got.created == 7
+
+
+async def test_a_campaign_message_goes_to_the_first_made_of_two_conversations_made_at_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Times are kept to the millisecond; ids are random: the first conversation is given
+    # the larger id, so a tie broken by id would pick the second.
+    with monkeypatch.context() as patch:
+        ids = iter(["conv_2", "conv_1"])
+        patch.setattr(common, "utcnow", lambda: T0)
+        patch.setattr(common, "new_id", lambda prefix: next(ids))
+        first = await store.create_conversation("acme", "whatsapp", "5511900000001")
+        second = await store.create_conversation("acme", "whatsapp", "5511900000001")
+    assert (first.id, second.id, first.created_at) == ("conv_2", "conv_1", second.created_at)
+    campaign, _ = await store.create_campaign(asked(["5511900000001"]))
+    assert await store.campaign_step(campaign.id, 10) == 1
+    [message] = await messages_of(store, campaign)
+    assert message.conversation_id == first.id
 
 
 async def test_concurrent_steps_never_give_a_recipient_two_messages(store: Store) -> None:
