@@ -47,7 +47,7 @@ import aiohttp
 import httpx
 
 from bench.chaos import fresh_database, fresh_keyspace
-from bench.timeline import hops, print_hops
+from bench.timeline import print_hops, print_slowest, timeline
 from tests.e2e.conftest import OWN_SECRETS, Server, free_port, start_server, stop_server
 from tests.scale.harness import Watcher, percentile
 from whatslike.auth import TokenService
@@ -435,6 +435,19 @@ def profiled(deployment: Deployment, where: Path | None) -> Iterator[None]:
             watcher.wait(timeout=60)
 
 
+@contextmanager
+def kept_logs(deployment: Deployment, where: Path | None) -> Iterator[None]:
+    """Each process's output so far in `<where>/<process>.log` when the block ends (the
+    run's directory is removed after it)."""
+    try:
+        yield
+    finally:
+        if where is not None:
+            where.mkdir(parents=True, exist_ok=True)
+            for name, server in deployment.servers.items():
+                (where / f"{name}.log").write_text("".join(server.output))
+
+
 @dataclass
 class Run:
     throughput: Phase
@@ -450,40 +463,44 @@ async def one_run(args: argparse.Namespace, extra: dict[str, str]) -> Run:
             embedded(workdir, extra) if args.layout == "embedded" else scaled(workdir, args, extra)
         )
         async with context as deployment:
-            conversations = await create_conversations(deployment, args.conversations)
-            watchers = await open_watchers(deployment, conversations)
-            try:
-                print(f"  ready: {len(conversations)} conversations, {len(watchers)} sockets")
-                throughput = await phase(
-                    deployment,
-                    conversations,
-                    watchers,
-                    args.messages,
-                    inflight=args.inflight,
-                    rate=None,
-                    profile=args.profile,
-                )
-                print_phase("throughput", throughput, deployment)
-                latency = await phase(
-                    deployment,
-                    conversations,
-                    watchers,
-                    int(args.latency_rate * args.latency_seconds),
-                    inflight=args.inflight,
-                    rate=args.latency_rate,
-                    profile=args.profile_latency,
-                )
-                print_phase(f"at {args.latency_rate:g}/s", latency, deployment)
-                if args.trace:
-                    kafka = os.environ["WHATSLIKE_TEST_KAFKA_URL"]
-                    found = await hops(kafka, deployment.topic_prefix, latency.posted, latency.read)
-                    print_hops(found, print)
-            finally:
-                for watcher in watchers:
-                    await watcher.close()
-                sends = await send_outcomes(deployment)
-                print(f"  provider sends by outcome: {sends}")
-            return Run(throughput, latency, sends)
+            with kept_logs(deployment, args.logs):
+                conversations = await create_conversations(deployment, args.conversations)
+                watchers = await open_watchers(deployment, conversations)
+                try:
+                    print(f"  ready: {len(conversations)} conversations, {len(watchers)} sockets")
+                    throughput = await phase(
+                        deployment,
+                        conversations,
+                        watchers,
+                        args.messages,
+                        inflight=args.inflight,
+                        rate=None,
+                        profile=args.profile,
+                    )
+                    print_phase("throughput", throughput, deployment)
+                    latency = await phase(
+                        deployment,
+                        conversations,
+                        watchers,
+                        int(args.latency_rate * args.latency_seconds),
+                        inflight=args.inflight,
+                        rate=args.latency_rate,
+                        profile=args.profile_latency,
+                    )
+                    print_phase(f"at {args.latency_rate:g}/s", latency, deployment)
+                    if args.trace:
+                        kafka = os.environ["WHATSLIKE_TEST_KAFKA_URL"]
+                        found = await timeline(
+                            kafka, deployment.topic_prefix, latency.posted, latency.read
+                        )
+                        print_hops(found.hops(latency.posted), print)
+                        print_slowest(found, 10, print)
+                finally:
+                    for watcher in watchers:
+                        await watcher.close()
+                    sends = await send_outcomes(deployment)
+                    print(f"  provider sends by outcome: {sends}")
+                return Run(throughput, latency, sends)
 
 
 def ours(deployment_cpu: dict[str, float]) -> list[str]:
@@ -583,6 +600,7 @@ def main() -> None:
         action="store_true",
         help="scaled: the latency phase's messages hop by hop (bench/timeline.py)",
     )
+    parser.add_argument("--logs", type=Path, help="each process's output, DIR/<process>.log")
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for our processes (repeatable)"
     )

@@ -14,7 +14,9 @@ one machine, so they compare.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer
 
@@ -31,6 +33,17 @@ HOPS = (
     ("SENT → READ webhook", "the stand-in's DELIVERED and READ webhooks"),
     ("READ webhook → msg.status", "webhook hand-off, commit, the connector relay's publish"),
     ("msg.status → READ frame", "status worker: fetch, apply, Redis fan-out, hub, socket"),
+)
+#: The stamps the hops go between, in order.
+STAMPS = (
+    "POST",
+    "created",
+    "messages",
+    "outbound",
+    "SENT",
+    "READ webhook",
+    "msg.status",
+    "READ frame",
 )
 
 
@@ -62,10 +75,32 @@ def _when(text: object) -> float:
     return parse_time(str(text)).timestamp()
 
 
-async def hops(
+@dataclass
+class Timeline:
+    """Each stamp of `STAMPS` by message id (wall-clock seconds), for the messages seen."""
+
+    stamps: list[dict[str, float]]
+
+    def hops(self, messages: Iterable[str]) -> list[tuple[str, str, list[float]]]:
+        """Per hop, its duration (seconds) for every message of `messages` seen on it."""
+        wanted = list(messages)
+        result = []
+        for n, (name, covers) in enumerate(HOPS):
+            start, end = self.stamps[n], self.stamps[n + 1]
+            durations = sorted(end[m] - start[m] for m in wanted if m in start and m in end)
+            result.append((name, covers, durations))
+        return result
+
+    def offsets(self, message: str) -> list[float | None]:
+        """Each stamp of `message` in seconds after its POST (None: not seen)."""
+        posted = self.stamps[0][message]
+        return [s[message] - posted if message in s else None for s in self.stamps]
+
+
+async def timeline(
     kafka_url: str, prefix: str, posted: dict[str, float], read: dict[str, float]
-) -> list[tuple[str, str, list[float]]]:
-    """Per hop, its duration (seconds) for every message of `posted` seen on each hop."""
+) -> Timeline:
+    """The stamps of every message of `posted`, from its POST to its READ frame."""
     created: dict[str, float] = {}
     accepted: dict[str, float] = {}
     routed: dict[str, float] = {}
@@ -84,23 +119,7 @@ async def hops(
         if status == "READ" and received:
             read_hook.setdefault(message, _when(received))
             read_status.setdefault(message, at)
-    stamps: list[dict[str, float]] = [
-        posted,
-        created,
-        accepted,
-        routed,
-        sent,
-        read_hook,
-        read_status,
-        read,
-    ]
-    result = []
-    for n, (name, covers) in enumerate(HOPS):
-        start, end = stamps[n], stamps[n + 1]
-        result.append(
-            (name, covers, sorted(end[m] - start[m] for m in posted if m in start and m in end))
-        )
-    return result
+    return Timeline([posted, created, accepted, routed, sent, read_hook, read_status, read])
 
 
 def print_hops(found: list[tuple[str, str, list[float]]], say: Callable[[str], None]) -> None:
@@ -114,3 +133,17 @@ def print_hops(found: list[tuple[str, str, list[float]]], say: Callable[[str], N
             f"  {name:<28} {p50:6.1f}  {p99:6.1f}  {durations[-1] * 1000:6.1f}"
             f"  {len(durations):4d}  ({covers})"
         )
+
+
+def print_slowest(found: Timeline, count: int, say: Callable[[str], None]) -> None:
+    """The `count` messages slowest from POST to READ frame, each stamp in ms after the
+    POST, and the POST's wall-clock time (to find the moment in the processes' logs)."""
+    posted, read = found.stamps[0], found.stamps[-1]
+    slowest = sorted((m for m in posted if m in read), key=lambda m: posted[m] - read[m])
+    say(f"  slowest {count}, ms after the POST: " + " | ".join(STAMPS[1:]))
+    for message in slowest[:count]:
+        offsets = " ".join(
+            "-" if at is None else f"{at * 1000:.0f}" for at in found.offsets(message)[1:]
+        )
+        when = datetime.fromtimestamp(posted[message], UTC).strftime("%H:%M:%S.%f")[:-3]
+        say(f"  {message} POST {when} UTC: {offsets}")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.store.test_contract import at, status_event
@@ -273,6 +274,44 @@ async def test_claimed_hand_offs_the_bus_refuses_go_to_the_relay_at_once(
     assert await OutboxRelay(wiring).relay_once() == 3  # given back: no wait for a lapse
     assert published_events(bus) == event_ids(entries)
     assert await store.outbox_size() == 0
+
+
+async def test_the_claimed_publisher_outlives_a_store_error_of_any_kind(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL's deadlock error (the delete of published hand-offs against a status
+    batch completing the same entries) is not one of ours: it ended the publisher's task,
+    silently, and from then on every hand-off of the process waited for its claim to
+    lapse (30 s) before a relay published it."""
+    bus = ScriptedBus(durable=True)
+    wiring = deps(store, bus)
+    delete_outbox = store.delete_outbox
+    failed = asyncio.Event()
+
+    async def deleting(ids: Sequence[int]) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        await delete_outbox(ids)
+
+    monkeypatch.setattr(store, "delete_outbox", deleting)
+    publisher = ClaimedPublisher(wiring)
+    publisher.start()
+    try:
+        first, second = await claimed(store, bus, 2), await claimed(store, bus, 1)
+        await publisher.submit(*first)
+        await asyncio.wait_for(failed.wait(), 10)
+        await publisher.submit(*second)
+        deadline = time.monotonic() + 10
+        while len(bus.published) < 3 or await store.outbox_size() > 2:
+            assert time.monotonic() < deadline, "the second hand-off waits for its lapse"
+            await asyncio.sleep(0.01)
+    finally:
+        await publisher.stop()
+    assert published_events(bus) == event_ids(first[0] + second[0])
+    # The first stays claimed: published already, a relay publishes it again at the lapse.
+    assert await store.claim_outbox(10, lease_s=60) == []
+    assert "DeadlockDetectedError" in caplog.text
 
 
 class StallingBus(ScriptedBus):

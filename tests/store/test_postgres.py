@@ -14,6 +14,7 @@ import zlib
 from asyncio.subprocess import PIPE
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -30,6 +31,7 @@ from whatslike.roles.status_worker import StatusWorker
 from whatslike.settings import load_settings
 from whatslike.status.rules import Effect, Status
 from whatslike.store.base import Message, OutboxEntry, SendClaim
+from whatslike.store.common import status_entry
 from whatslike.store.postgres import SERVER_SETTINGS, PostgresStore
 
 from .conftest import fresh_postgres_database
@@ -226,6 +228,57 @@ async def test_a_held_conversation_is_busy_and_the_others_are_applied(
     [again] = await store.apply_statuses([sent(stuck)])
     assert (again.busy, again.effect) == (False, Effect.CHANGED)
     assert json.loads(again.frames[0])["seq"] == 1
+
+
+async def waiting_for_a_lock(conn: asyncpg.Connection[asyncpg.Record], query: str) -> None:
+    """Until a session of this database whose statement is like `query` waits for a lock
+    (`conn` outside a transaction: pg_stat_activity is read once per transaction)."""
+    deadline = time.monotonic() + 10
+    while not await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE $1",
+        query,
+    ):
+        assert time.monotonic() < deadline, f"no session waits for a lock in {query!r}"
+        await asyncio.sleep(0.01)
+
+
+async def test_published_hand_offs_and_their_statuses_applied_at_once_do_not_deadlock(
+    url: str,
+) -> None:
+    """The publisher deletes the hand-offs Kafka took (`delete_outbox`, by id) while the
+    status worker, which may have consumed them already, completes the same entries (by
+    event id, in the status batch's transaction). Locked in two orders, the two
+    deadlocked, and the deadlock error ended the connector's publisher (issue 13's ~30 s
+    tails). A third session holds the first entry so the two meet as they did."""
+    # Index scans, as on a busy outbox (on this tiny one the planner would scan it
+    # whole); the session holding the entry is let to hold it past the usual 2 s.
+    store = PostgresStore(f"{url}?enable_seqscan=off&lock_timeout=60s")
+    await store.open()
+    blocker, watcher = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        message = await new_message(store)
+        await store.handoff(done=[(TOPIC_MESSAGES, message.id)])
+        # The first entry's event id sorts after the second's.
+        first = replace(sent(message), event_id="evt_2")
+        second = replace(sent(message), event_id="evt_1", status=Status.DELIVERED)
+        ids = await store.handoff([status_entry(first), status_entry(second)], claim_s=30.0)
+        await blocker.execute("BEGIN")
+        await blocker.execute("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE", ids[0])
+        publishing = asyncio.create_task(store.delete_outbox(ids))
+        await waiting_for_a_lock(watcher, "DELETE FROM outbox%")
+        applying = asyncio.create_task(store.apply_statuses([first, second]))
+        await waiting_for_a_lock(watcher, "%completed AS%")
+        await blocker.execute("ROLLBACK")
+        async with asyncio.timeout(10):
+            await publishing
+            applied = await applying
+        assert [result.effect for result in applied] == [Effect.CHANGED, Effect.CHANGED]
+        assert await store.outbox_size() == 0
+    finally:
+        await blocker.close()
+        await watcher.close()
+        await store.close()
 
 
 async def test_a_paused_holder_loses_its_rows_when_its_session_times_out(

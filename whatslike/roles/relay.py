@@ -178,5 +178,7 @@ class ClaimedPublisher:
             if taken < len(ids):
                 await self._store.unclaim_outbox(ids[taken:])
                 self._wake.set()
-        except WhatslikeError as exc:
-            log.warning("published hand-offs left in the outbox: %s", exc)
+        except Exception as exc:
+            # Any error, not only ours (PostgreSQL's deadlock error is not mapped): this
+            # task ending would leave every later hand-off of the process to the lapse.
+            log.warning("hand-offs left in the outbox, claimed: %r", exc)

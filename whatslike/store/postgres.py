@@ -314,6 +314,12 @@ SERVER_SETTINGS = {
     "statement_timeout": "10s",
 }
 
+#: How a statement that changes several outbox rows locks them: in one order, so two
+#: such statements cannot deadlock. Without it the status batch, completing its entries
+#: (by event id, so in their order), and the publisher or relay, deleting the same
+#: entries once Kafka took them (by id), did; PostgreSQL then failed one of them.
+_IN_ID_ORDER = "ORDER BY id FOR UPDATE"
+
 #: How long the status group commit waits, once, for a conversation another
 #: transaction holds (a send being linked holds a message for a few milliseconds), before
 #: answering `busy` for its events.
@@ -845,8 +851,10 @@ class PostgresStore:
                 ids = {int(row["n"]) - 1: int(row["id"]) for row in rows}
             if done:
                 await conn.execute(
-                    "DELETE FROM outbox AS o USING unnest($1::text[], $2::text[])"
-                    " AS d(topic, done_key) WHERE o.done_key = d.done_key AND o.topic = d.topic",
+                    "DELETE FROM outbox WHERE id IN (SELECT o.id FROM outbox AS o"
+                    " JOIN unnest($1::text[], $2::text[]) AS d(topic, done_key)"
+                    " ON o.done_key = d.done_key AND o.topic = d.topic"
+                    f" {_IN_ID_ORDER} OF o)",
                     [topic for topic, _ in done],
                     [done_key for _, done_key in done],
                 )
@@ -892,18 +900,27 @@ class PostgresStore:
     async def unclaim_outbox(self, ids: Sequence[int]) -> None:
         async with self._connection() as conn:
             await conn.execute(
-                "UPDATE outbox SET claimed_until = NULL WHERE id = ANY($1::bigint[])", list(ids)
+                "UPDATE outbox SET claimed_until = NULL WHERE id IN (SELECT id FROM outbox"
+                f" WHERE id = ANY($1::bigint[]) {_IN_ID_ORDER})",
+                list(ids),
             )
 
     async def mark_relayed(self, ids: Sequence[int], run: str) -> None:
         async with self._connection() as conn:
             await conn.execute(
-                "UPDATE outbox SET relayed_run = $2 WHERE id = ANY($1::bigint[])", list(ids), run
+                "UPDATE outbox SET relayed_run = $2 WHERE id IN (SELECT id FROM outbox"
+                f" WHERE id = ANY($1::bigint[]) {_IN_ID_ORDER})",
+                list(ids),
+                run,
             )
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         async with self._connection() as conn:
-            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
+            await conn.execute(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox"
+                f" WHERE id = ANY($1::bigint[]) {_IN_ID_ORDER})",
+                list(ids),
+            )
 
     async def outbox_size(self) -> int:
         async with self._connection() as conn:
@@ -1536,9 +1553,11 @@ async def _apply_batch(
 
 #: A status batch's outbox entries completed, and the changes its events made before
 #: (a redelivery), in one round trip.
-_COMPLETE_AND_READ_EARLIER = """
+_COMPLETE_AND_READ_EARLIER = f"""
 WITH completed AS (
-    DELETE FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[])
+    DELETE FROM outbox WHERE id IN (
+        SELECT id FROM outbox WHERE topic = $1 AND done_key = ANY($2::text[]) {_IN_ID_ORDER}
+    )
 )
 SELECT event_id, message_id, frame FROM changes WHERE event_id = ANY($2::text[]) ORDER BY seq
 """
