@@ -32,9 +32,11 @@ from whatslike.settings import load_settings
 from whatslike.status.rules import Effect, Status
 from whatslike.store.base import Message, OutboxEntry, SendClaim
 from whatslike.store.common import status_entry
-from whatslike.store.postgres import SERVER_SETTINGS, PostgresStore
+from whatslike.store.postgres import _CAMPAIGN_STEP_LOCK, SERVER_SETTINGS, PostgresStore
 
 from .conftest import fresh_postgres_database
+from .test_campaigns import asked, messages_of, tallied
+from .test_contract import at, status_event
 
 pytestmark = pytest.mark.postgres
 
@@ -372,3 +374,39 @@ async def test_the_status_worker_retries_a_held_conversation_and_applies_the_oth
         await wiring.http.close()
     assert await store.dead_letter_count() == 0
     assert (await store.get_message(stuck.id)).status is Status.SENT  # type: ignore[union-attr]
+
+
+async def test_a_campaign_step_in_progress_holds_up_no_status_change_of_its_messages(
+    store: PostgresStore, url: str
+) -> None:
+    """A status change moves its campaign's counts, whose rows reference the campaign; a
+    step holds the campaign's row for its whole transaction. The step's lock must not
+    exclude the reference's key-share lock: with FOR UPDATE the change waited for the
+    step (then failed after `lock_timeout`), and the two deadlocked when the step went on
+    to move the same counts."""
+    campaign, _ = await store.create_campaign(asked(["5511900000001", "5511900000002"]))
+    assert await store.campaign_step(campaign.id, 1) == 1
+    [message] = await messages_of(store, campaign)
+    step = await asyncpg.connect(url)
+    try:
+        async with step.transaction():
+            assert await step.fetchrow(_CAMPAIGN_STEP_LOCK, campaign.id) is not None
+            [result] = await asyncio.wait_for(
+                store.apply_statuses([status_event(message, Status.SENT, at(1))]), 30
+            )
+            assert result.effect is Effect.CHANGED
+    finally:
+        await step.close()
+    stored, tally = await tallied(store, campaign)
+    assert stored == tally == {"SENT": 1}
+
+
+async def test_a_deadlock_is_answered_as_an_outage_to_retry(store: PostgresStore) -> None:
+    """PostgreSQL rolls back one transaction of a deadlock (or a serialization failure) so
+    that the other goes on: the same work done again succeeds, so the caller retries it
+    (a status event waits, never counts toward a dead letter) as for an outage."""
+    with pytest.raises(BackendUnavailable, match="DeadlockDetectedError"):
+        async with store._connection() as conn:
+            await conn.execute(
+                "DO $$ BEGIN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; END $$"
+            )

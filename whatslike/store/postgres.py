@@ -320,6 +320,12 @@ SERVER_SETTINGS = {
 #: entries once Kafka took them (by id), did; PostgreSQL then failed one of them.
 _IN_ID_ORDER = "ORDER BY id FOR UPDATE"
 
+#: A campaign step's hold on its campaign: NO KEY UPDATE, like its update of `created`,
+#: excludes another step but not the key-share lock of a status change moving the
+#: campaign's counts (`campaign_counts` references the campaign): with FOR UPDATE the two
+#: waited on each other and PostgreSQL failed one as a deadlock.
+_CAMPAIGN_STEP_LOCK = "SELECT * FROM campaigns WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED"
+
 #: How long the status group commit waits, once, for a conversation another
 #: transaction holds (a send being linked holds a message for a few milliseconds), before
 #: answering `busy` for its events.
@@ -336,6 +342,9 @@ _OUTAGES = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+    # A deadlock or serialization failure: PostgreSQL rolled the transaction back so that
+    # another could go on; the same work done again succeeds.
+    asyncpg.exceptions.TransactionRollbackError,
 )
 
 
@@ -1141,9 +1150,7 @@ class PostgresStore:
     async def campaign_step(self, campaign_id: str, limit: int) -> int:
         async with self._connection() as conn, conn.transaction():
             # Another process's step of the same campaign holds the row: it does this one.
-            row = await conn.fetchrow(
-                "SELECT * FROM campaigns WHERE id = $1 FOR UPDATE SKIP LOCKED", campaign_id
-            )
+            row = await conn.fetchrow(_CAMPAIGN_STEP_LOCK, campaign_id)
             if row is None:
                 return 0
             campaign = common.campaign_of(row, _time, {})
