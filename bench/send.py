@@ -38,7 +38,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,6 +47,7 @@ import aiohttp
 import httpx
 
 from bench.chaos import fresh_database, fresh_keyspace
+from bench.cpucap import capped, parse_caps
 from bench.timeline import print_hops, print_slowest, timeline
 from tests.e2e.conftest import OWN_SECRETS, Server, free_port, start_server, stop_server
 from tests.scale.harness import Watcher, percentile
@@ -200,7 +201,8 @@ async def scaled(
     async with store_url(args.store, args.cassandra_url) as database:
         connector_ports = [free_port() for _ in range(connectors)]
         servers: dict[str, Server] = {}
-        with servers_stopped(servers):
+        # The caps' groups are removed once the servers in them have stopped.
+        with ExitStack() as caps, servers_stopped(servers):
             servers["simulator"] = start_server(
                 workdir / "simulator",
                 simulator_env([f"http://127.0.0.1:{p}" for p in connector_ports]),
@@ -220,6 +222,11 @@ async def scaled(
             for process_name, roles, port in plans:
                 own = {**env, "WHATSLIKE_ROLES": roles}
                 servers[process_name] = start_server(workdir / process_name, own, port)
+                if roles in args.cpu_cap:
+                    caps.enter_context(
+                        capped(servers[process_name].process.pid, args.cpu_cap[roles])
+                    )
+                    print(f"  {process_name}: capped at {args.cpu_cap[roles]:g} of a core")
             ours = {n: s.process.pid for n, s in servers.items() if n != "simulator"}
             store_name, store_pattern = STORE_PROCESSES[args.store]
             processes = Processes(
@@ -602,12 +609,28 @@ def main() -> None:
     )
     parser.add_argument("--logs", type=Path, help="each process's output, DIR/<process>.log")
     parser.add_argument(
+        "--cpu-cap",
+        action="append",
+        default=[],
+        metavar="ROLE=CORES",
+        help="scaled: each process of ROLE (api, router, connector, status-worker) limited"
+        " to CORES of one core, in a cgroup of its own (bench/cpucap.py; needs root)",
+    )
+    parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for our processes (repeatable)"
     )
     args = parser.parse_args()
     if args.trace and args.layout != "scaled":
         parser.error("--trace needs --layout scaled (it reads the Kafka topics)")
     extra = dict(item.split("=", 1) for item in args.env)
+    try:
+        args.cpu_cap = parse_caps(args.cpu_cap)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.cpu_cap and args.layout != "scaled":
+        parser.error("--cpu-cap needs --layout scaled (one process per role)")
+    if unknown := set(args.cpu_cap) - {"api", "router", "connector", "status-worker"}:
+        parser.error(f"--cpu-cap: no such role {', '.join(sorted(unknown))}")
     if args.layout == "scaled":
         load_services()
     runs = []
