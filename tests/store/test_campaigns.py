@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,50 +16,15 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.store.conftest import fresh_cassandra_keyspace, fresh_postgres_database
+from tests.store.conftest import fresh_cassandra_keyspace
 from tests.store.test_contract import ERROR, OBSERVATIONS, T0, TEMPLATE, at, status_event
 from whatslike.campaigns import bucket_of, fingerprint
 from whatslike.clock import new_id
 from whatslike.errors import BackendUnavailable
 from whatslike.events import TOPIC_MESSAGES, OutboundMessage
 from whatslike.status.rules import ProviderError, Status
-from whatslike.store import CassandraStore, PostgresStore, SQLiteStore, common
+from whatslike.store import CassandraStore, common
 from whatslike.store.base import Campaign, Message, NewCampaign, Store
-
-
-@pytest_asyncio.fixture(
-    params=[
-        "sqlite",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("cassandra", marks=pytest.mark.cassandra),
-    ]
-)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened: Store
-    if request.param == "cassandra":
-        async with fresh_cassandra_keyspace() as url:
-            opened = CassandraStore(url)
-            await opened.open()
-            try:
-                yield opened
-            finally:
-                await opened.close()
-        return
-    if request.param == "sqlite":
-        opened = SQLiteStore(tmp_path / "data" / "whatslike.db")
-        await opened.open()
-        try:
-            yield opened
-        finally:
-            await opened.close()
-        return
-    async with fresh_postgres_database() as url:
-        opened = PostgresStore(url)
-        await opened.open()
-        try:
-            yield opened
-        finally:
-            await opened.close()
 
 
 def asked(
