@@ -729,8 +729,8 @@ _CQL = {
     ),
     "add_campaign_message": (
         "INSERT INTO messages (id, conversation_id, org_id, channel, text, client_message_id,"
-        " created_at, status, updated_at, template, campaign_id, version)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) USING TIMESTAMP ?"
+        " created_at, status, updated_at, media_id, template, message_tag, campaign_id, version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) USING TIMESTAMP ?"
     ),
     # A message's bucket, written with its `moved` (the message's version at the state,
     # plus one) as its write time: the latest state wins whatever the order of writes.
@@ -2292,14 +2292,16 @@ class CassandraStore:
         message leaves its bucket when it leaves PENDING); buckets found empty, past the
         time a late write could still land in them, leave the list."""
         old = self._index_bucket(utcnow() - self._prune_after)
-        backlog = 0
-        for row in await self._run("pending_buckets", channel):
-            bucket = int(row["bucket"])
+
+        async def counted(bucket: int) -> int:
             [count] = await self._run("pending_count", channel, bucket)
-            backlog += int(count["n"])
             if not count["n"] and bucket < old:
                 await self._run("drop_pending_bucket", channel, bucket)
-        return backlog
+            return int(count["n"])
+
+        # One partition per bucket: counted side by side, one round trip for all.
+        buckets = await self._run("pending_buckets", channel)
+        return sum(await asyncio.gather(*(counted(int(row["bucket"])) for row in buckets)))
 
     async def campaign_step(self, campaign_id: str, limit: int) -> int:
         """The next `limit` recipients are claimed together by one conditional batch on
@@ -2403,20 +2405,7 @@ class CassandraStore:
             [
                 (
                     "add_campaign_message",
-                    (
-                        message.id,
-                        message.conversation_id,
-                        message.org_id,
-                        message.channel,
-                        message.text,
-                        message.client_message_id,
-                        created_at,
-                        message.status.value,
-                        created_at,
-                        message.template,
-                        campaign.id,
-                        self._written_at(message),
-                    ),
+                    [*self._message_values(message), campaign.id, self._written_at(message)],
                 ),
                 *self._indexed_message(conversation, message, outbox_id),
                 ("move_campaign", (campaign.id, message.id, bucket_of(message.state), 1, 1)),
