@@ -179,6 +179,10 @@ class ClaimedPublisher:
                 await self._store.unclaim_outbox(ids[taken:])
                 self._wake.set()
         except Exception as exc:
-            # Any error, not only ours (PostgreSQL's deadlock error is not mapped): this
-            # task ending would leave every later hand-off of the process to the lapse.
-            log.warning("hand-offs left in the outbox, claimed: %r", exc)
+            # Any error, not only ours: this task ending would leave every later hand-off
+            # of the process to the lapse. One the store did not map (a bug) is logged with
+            # its traceback, as the relay does.
+            if not isinstance(exc, WhatslikeError):
+                log.exception("hand-offs left in the outbox, claimed")
+            else:
+                log.warning("hand-offs left in the outbox, claimed: %s", exc)
